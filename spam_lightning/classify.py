@@ -1,0 +1,218 @@
+"""Classify messages with a trained run (chapter 6.8): a Python API and the ``spam-classify`` CLI.
+
+Preprocessing is the training run's: the GPT-2 tokenizer, truncation to the training
+``max_length`` (and the context length), the same padding and token position. Where the pooled
+token cannot see padding (a causal model pooling ``first``, ``flexible`` or ``mean``), messages are
+grouped by length and padded per batch, which gives identical outputs at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from spam_lightning.bundle import BundleError, load_bundle
+from spam_lightning.data.tokens import collate, encode_texts
+from spam_lightning.module import SpamClassifier
+
+CHUNK = 1024  # messages read ahead and sorted by length; bounds memory for any input size
+
+
+@dataclass
+class Prediction:
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+    text: str
+
+
+class Classifier:
+    """A trained classifier with its preprocessing, loaded from a run folder's bundle."""
+
+    def __init__(
+        self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64
+    ) -> None:
+        if precision not in ("32", "bf16"):
+            raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
+        model, config = load_bundle(run_dir, map_location="cpu")
+        self.config = config
+        self.class_names: list[str] = config["class_names"]
+        self.max_length = min(int(config["max_length"]), int(config["model"]["context_length"]))
+        self.token = config["token"]
+        self.padding = config["padding"]
+        self.pad_token_id = int(config["pad_token_id"])
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        # unpadded training (padding=none) pools each message's own last token
+        pooled = "flexible" if self.padding == "none" and self.token == "last" else self.token
+        self.module = SpamClassifier(
+            model,
+            num_classes=len(self.class_names),
+            token=pooled,
+            trainable="all",
+            cache_trunk=False,
+            class_names=self.class_names,
+        )
+        self.module.to(device=self.device, dtype=self.dtype).eval()
+        # per-batch padding is exact when the pooled position never sees padding
+        self.dynamic = self.module.causal and pooled != "last"
+        if self.padding == "none" and not self.dynamic:
+            self.batch_size = 1  # no padding at all: one message per forward pass
+
+    # -------------------------------------------------------------- core
+    def _encode(self, texts: list[str], offset: int = 0) -> list[list[int]]:
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"message {offset + i + 1} is {type(text).__name__}, not text")
+            if not text.strip():
+                raise ValueError(
+                    f"message {offset + i + 1} is empty or only whitespace; nothing to classify"
+                )
+        return encode_texts(
+            texts, max_length=self.max_length, context_length=self.max_length
+        )
+
+    @torch.inference_mode()
+    def _probs(self, token_ids: list[list[int]]) -> torch.Tensor:
+        if self.dynamic:
+            padding, max_length = "batch", None
+        elif self.padding == "longest":
+            padding, max_length = "longest", self.max_length
+        else:
+            padding, max_length = "batch", None
+        batch = collate(
+            token_ids, padding=padding, max_length=max_length, pad_token_id=self.pad_token_id
+        )
+        ids = batch["input_ids"].to(self.device)
+        lengths = batch["lengths"].to(self.device)
+        logits = self.module(ids, lengths)
+        return torch.softmax(logits.float(), dim=-1).cpu()
+
+    def predict_proba(self, texts: Iterable[str]) -> torch.Tensor:
+        """Class probabilities ``[N, num_classes]``, in input order."""
+        rows = [p for p in self._iter_probs(texts)]
+        if not rows:
+            return torch.empty(0, len(self.class_names))
+        return torch.stack([r[1] for r in rows])
+
+    def _iter_probs(self, texts: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages."""
+        it = iter(texts)
+        offset = 0
+        while chunk := list(itertools.islice(it, CHUNK)):
+            ids = self._encode(chunk, offset)
+            order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if self.dynamic else list(
+                range(len(ids))
+            )
+            probs: list[torch.Tensor | None] = [None] * len(ids)
+            for start in range(0, len(order), self.batch_size):
+                sel = order[start : start + self.batch_size]
+                out = self._probs([ids[i] for i in sel])
+                for j, i in enumerate(sel):
+                    probs[i] = out[j]
+            yield from zip(chunk, probs, strict=True)
+            offset += len(chunk)
+
+    def iter_predict(self, texts: Iterable[str]) -> Iterator[Prediction]:
+        """Predictions one by one, streaming: works for inputs of any length."""
+        for text, p in self._iter_probs(texts):
+            k = int(p.argmax())
+            yield Prediction(
+                label=self.class_names[k],
+                probability=float(p[k]),
+                probabilities={n: float(v) for n, v in zip(self.class_names, p, strict=True)},
+                text=text,
+            )
+
+    def predict(self, texts: str | Iterable[str]) -> list[Prediction]:
+        """Predictions for one text or many."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return list(self.iter_predict(texts))
+
+
+def classify_review(text: str, run_dir: str | Path) -> str:
+    """The chapter's ``classify_review``: the label of one message."""
+    return Classifier(run_dir).predict(text)[0].label
+
+
+# ------------------------------------------------------------------ CLI
+def _read_texts(path: Path, text_column: str) -> Iterator[str]:
+    """Messages from a CSV (``text_column``) or from a text file, one per line (blank lines skipped)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--file {path}: no such file")
+    try:
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                if not reader.fieldnames or text_column not in reader.fieldnames:
+                    raise ValueError(
+                        f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); "
+                        "use --text-column NAME"
+                    )
+                for row in reader:
+                    yield row[text_column] or ""
+        else:
+            with path.open(encoding="utf-8") as fh:
+                for line in fh:
+                    line = line.rstrip("\r\n")
+                    if line.strip():
+                        yield line
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spam-classify",
+        description="Classify messages with a trained spam-lightning run.",
+    )
+    p.add_argument("run_dir", help="a training run folder (outputs/runs/...) or its bundle/ folder")
+    p.add_argument("texts", nargs="*", help="messages to classify")
+    p.add_argument("--file", type=Path, help="a text file (one message per line) or a CSV")
+    p.add_argument("--text-column", default="Text", help="CSV column with the messages (Text)")
+    p.add_argument("--json", action="store_true", help="print JSON Lines, one object per message")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="32", choices=["32", "bf16"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.texts and args.file is None:
+        print("spam-classify: give messages as arguments or --file PATH", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("spam-classify: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        clf = Classifier(
+            args.run_dir, device=args.device, precision=args.precision, batch_size=args.batch_size
+        )
+        texts: Iterable[str] = args.texts
+        if args.file is not None:
+            texts = itertools.chain(args.texts, _read_texts(args.file, args.text_column))
+        for pred in clf.iter_predict(texts):
+            if args.json:
+                print(json.dumps(asdict(pred), ensure_ascii=False))
+            else:
+                snippet = pred.text if len(pred.text) <= 60 else pred.text[:57] + "..."
+                print(f"{pred.label}\t{pred.probability:.4f}\t{snippet}")
+    except (BundleError, ValueError, TypeError, FileNotFoundError) as err:
+        print(f"spam-classify: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""GPT-2 in plain PyTorch, as built in chapters 3-5 of "Build a Large Language Model (From Scratch)".
+
+The module names follow the book (`tok_emb`, `trf_blocks`, `att.W_query`, `ff.layers`, ...) so
+that `print(model)` reads like the chapter's listing and the book's code snippets apply as-is.
+Two deliberate departures, both numerically equivalent:
+
+- attention runs through `F.scaled_dot_product_attention` (fused kernels, no [T, T] mask buffer);
+  `causal_mask=False` turns the mask off for the "no causal mask" experiment;
+- the book's `drop_shortcut` is called `drop_resid` (it drops the residual branch).
+
+`forward` is split into `embed` -> `run_blocks` -> `head` so a frozen trunk can be run once and
+cached (see `trunk_cache.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The four released GPT-2 sizes (the book's `model_configs`) plus a tiny one for tests.
+_GPT2_BASE: dict[str, Any] = {
+    "vocab_size": 50257,
+    "context_length": 1024,
+    "drop_rate": 0.0,
+    "qkv_bias": True,
+}
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2-small": {**_GPT2_BASE, "emb_dim": 768, "n_layers": 12, "n_heads": 12},
+    "gpt2-medium": {**_GPT2_BASE, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
+    "gpt2-large": {**_GPT2_BASE, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},
+    "gpt2-xl": {**_GPT2_BASE, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
+    # Random weights only: small enough for unit tests and CPU smoke runs.
+    "gpt2-tiny": {**_GPT2_BASE, "emb_dim": 64, "n_layers": 2, "n_heads": 4},
+}
+
+CFG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+
+
+def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The book's keys (+ `causal_mask`) as a plain dict; extra keys such as `name` are dropped."""
+    missing = [k for k in CFG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"model config is missing {missing}; it needs {list(CFG_KEYS)}")
+    out = {k: cfg[k] for k in CFG_KEYS}
+    out["causal_mask"] = bool(cfg.get("causal_mask", True))
+    if out["emb_dim"] % out["n_heads"] != 0:
+        raise ValueError(f"emb_dim={out['emb_dim']} is not divisible by n_heads={out['n_heads']}")
+    return out
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention (chapter 3), computed by PyTorch's fused SDPA kernel."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        causal: bool = True,
+    ) -> None:
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.dropout = dropout
+        self.causal = causal
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, num_tokens, _ = x.shape
+        # [b, T, d_out] -> [b, n_heads, T, head_dim]
+        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        # Same maths as the book's masked softmax(QK^T / sqrt(d)) V, with dropout on the weights.
+        context = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal,
+        )
+        context = context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
+        return self.out_proj(context)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, causal={self.causal}"
+
+
+class LayerNorm(nn.Module):
+    """The book's LayerNorm (`scale`, `shift`, biased variance), via the fused `F.layer_norm`."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation GPT-2 was trained with (HF's "gelu_new")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand 4x, GELU, project back."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            GELU(),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"],
+            d_out=cfg["emb_dim"],
+            context_length=cfg["context_length"],
+            dropout=cfg["drop_rate"],
+            num_heads=cfg["n_heads"],
+            qkv_bias=cfg["qkv_bias"],
+            causal=cfg.get("causal_mask", True),
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_resid = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_resid(self.att(self.norm1(x)))
+        x = x + self.drop_resid(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """GPT-2: token + position embeddings, `n_layers` transformer blocks, final norm, LM head."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        cfg = model_config(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def embed(self, in_idx: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> input of the first block [B, T, emb_dim]."""
+        _, seq_len = in_idx.shape
+        if seq_len > self.cfg["context_length"]:
+            raise ValueError(
+                f"sequence of {seq_len} tokens exceeds context_length={self.cfg['context_length']}"
+            )
+        tok_embeds = self.tok_emb(in_idx)
+        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))
+        return self.drop_emb(tok_embeds + pos_embeds)
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run blocks `start:end` (Python slice semantics), so the trunk can be split anywhere."""
+        for block in self.trf_blocks[start:end]:
+            x = block(x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Last block's output -> logits (`final_norm` then `out_head`)."""
+        return self.out_head(self.final_norm(x))
+
+    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.run_blocks(self.embed(in_idx)))
+
+
+def generate_text_simple(
+    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int
+) -> torch.Tensor:
+    """The chapter's greedy decoding: append the argmax token `max_new_tokens` times."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]  # crop to the supported context
+        with torch.no_grad():
+            logits = model(idx_cond)
+        logits = logits[:, -1, :]  # only the last position predicts the next token
+        idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # argmax(softmax) == argmax
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+def _gpt2_tokenizer() -> Any:
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+def text_to_token_ids(text: str, tokenizer: Any = None) -> torch.Tensor:
+    """Text -> [1, T] tensor of GPT-2 ids (tiktoken's gpt2 encoding by default)."""
+    tokenizer = tokenizer or _gpt2_tokenizer()
+    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    return torch.tensor(encoded).unsqueeze(0)
+
+
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer: Any = None) -> str:
+    """[1, T] (or [T]) tensor of ids -> text."""
+    tokenizer = tokenizer or _gpt2_tokenizer()
+    return tokenizer.decode(token_ids.reshape(-1).tolist())

@@ -1,0 +1,277 @@
+"""The LightningModule: chapter 6.6-6.7 (loss on one token position, AdamW, accuracy)."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from spam_lightning.classifier import first_trainable_block, pool_logits
+from spam_lightning.trunk_cache import TrunkCache
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def make_metrics(num_classes: int) -> MetricCollection:
+    """Accuracy, plus precision/recall/F1 of the positive class (binary) or macro (multi-class)."""
+    if num_classes == 2:
+        # positive class = index 1 ("spam"): average=None then pick class 1
+        kw = {"num_classes": 2, "average": None}
+        per_class = {
+            "precision": MulticlassPrecision(**kw),
+            "recall": MulticlassRecall(**kw),
+            "f1": MulticlassF1Score(**kw),
+        }
+    else:
+        kw = {"num_classes": num_classes, "average": "macro"}
+        per_class = {
+            "precision": MulticlassPrecision(**kw),
+            "recall": MulticlassRecall(**kw),
+            "f1": MulticlassF1Score(**kw),
+        }
+    return MetricCollection(
+        {"accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"), **per_class}
+    )
+
+
+def _dataset(datamodule, split: str):
+    """The tokenized dataset of a split (``train|val|test``) of a prepared datamodule."""
+    return getattr(datamodule, f"{split}_dataset")
+
+
+def _positive(value: torch.Tensor) -> torch.Tensor:
+    """Reduce a per-class metric to the positive class; leave scalars alone."""
+    return value[1] if value.ndim == 1 else value
+
+
+class SpamClassifier(L.LightningModule):
+    """GPT-2 with a class head, trained on the logits of one token position.
+
+    ``model`` is a GPTModel already turned into a classifier (see
+    ``classifier.make_classifier``); this module owns the loss, the optimizer, the metrics and
+    the optional frozen-trunk cache, nothing about data or configuration.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_classes: int = 2,
+        token: str = "last",
+        trainable: str = "last_block",
+        lr: float = 5e-5,
+        weight_decay: float = 0.1,
+        ignore_index: int = -100,
+        cache_trunk: str | bool = "auto",
+        cache_memory_budget_gb: float = 4.0,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.token = token
+        self.num_classes = num_classes
+        self.loss_fn = nn.CrossEntropyLoss(ignore_index=ignore_index)
+        self.causal = bool(getattr(model, "causal_mask", True))
+        self.metrics = nn.ModuleDict({s: make_metrics(num_classes) for s in SPLITS})
+        # the final full-set evaluation runs through trainer.test with one loader per split
+        self.final_metrics = nn.ModuleDict({s: make_metrics(num_classes) for s in SPLITS})
+        self.final_splits: tuple[str, ...] = ("test",)
+        self._final_loss: dict[str, list[torch.Tensor]] = {}
+        self.final_results: dict[str, float] = {}
+        start = first_trainable_block(trainable, len(model.trf_blocks))
+        self.trunk_cache: TrunkCache | None = None
+        self._cache_setting = cache_trunk
+        self._cache_budget = cache_memory_budget_gb
+        self._trunk_end = start
+
+    # ------------------------------------------------------------------ forward
+    def needed_length(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> int:
+        """How many leading positions the pooled token depends on.
+
+        With a causal mask, position t sees only positions <= t, so `first` needs 1 position and
+        `flexible`/`mean` need the longest real length: the rest is padding whose outputs are never
+        read. Cutting it is exact and makes the cost follow the real lengths.
+        """
+        full = input_ids.shape[1]
+        if not self.causal or self.token == "last":
+            return full
+        if self.token == "first":
+            return 1
+        return min(full, int(lengths.max()))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        split: str | None = None,
+    ) -> torch.Tensor:
+        """Class logits ``[B, num_classes]`` for a batch of token ids."""
+        if lengths is None:
+            lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+        width = self.needed_length(input_ids, lengths)
+        cache = self.trunk_cache
+        if cache is not None and split is not None and index is not None and cache.has(split):
+            x = cache.lookup(split, index, width, device=input_ids.device)
+            x = self.model.run_blocks(x, start=cache.start_block)
+        else:
+            x = self.model.run_blocks(self.model.embed(input_ids[:, :width]))
+        x = self.model.final_norm(x)
+        # pool before the (affine) head: identical result, computed on B rows instead of B*T
+        return self.model.out_head(pool_logits(x, lengths, self.token))
+
+    def batch_logits(self, batch: dict, split: str | None = None) -> torch.Tensor:
+        return self(batch["input_ids"], batch["lengths"], batch.get("index"), split)
+
+    def batch_loss(self, batch: dict, split: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.batch_logits(batch, split)
+        return self.loss_fn(logits.float(), batch["labels"]), logits
+
+    # ------------------------------------------------------------------ cache
+    def _maybe_build_cache(self, splits: tuple[str, ...]) -> None:
+        """Compute the frozen trunk once per example for the given splits (when allowed)."""
+        if self._cache_setting in (False, "false", "off") or self.trainer is None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        reason = None
+        if self._trunk_end is None:
+            reason = "the whole model trains (trainable=all or lora)"
+        elif dm is None:
+            reason = "no datamodule"
+        elif self.model.drop_emb.p > 0 or any(
+            m.p > 0 for b in self.model.trf_blocks[: self._trunk_end] for m in b.modules()
+            if isinstance(m, nn.Dropout)
+        ):
+            reason = "dropout in the frozen trunk makes it non-deterministic"
+        elif not self.causal and getattr(dm, "padding", "longest") != "longest":
+            reason = "without a causal mask, padding changes every position"
+        if reason is None:
+            if self.trunk_cache is None:
+                self.trunk_cache = TrunkCache(self._trunk_end, token=self.token, causal=self.causal)
+            todo = [s for s in splits if not self.trunk_cache.has(s)]
+            need = sum(
+                self.trunk_cache.estimate_bytes(_dataset(dm, s), self.model, dm.max_length)
+                for s in todo
+            )
+            need += self.trunk_cache.nbytes
+            budget = float(self._cache_budget) * 2**30
+            if need > budget:
+                reason = (
+                    f"the cache would need {need / 2**30:.2f} GiB, over "
+                    f"cache.memory_budget_gb={self._cache_budget}"
+                )
+        if reason is not None:
+            if self._cache_setting in (True, "true", "on"):
+                raise ValueError(f"cache.trunk=true but caching is not possible: {reason}.")
+            if self.trunk_cache is None:
+                log.info("Frozen-trunk cache off: %s.", reason)
+            return
+        with self.trainer.precision_plugin.forward_context():
+            for split in todo:
+                self.trunk_cache.build(
+                    split, self.model, _dataset(dm, split), dm.max_length, dm.pad_token_id, self.device
+                )
+        log.info(
+            "Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
+            self._trunk_end - 1, ", ".join(todo), self.trunk_cache.nbytes / 2**20,
+        )
+
+    def on_fit_start(self) -> None:
+        self._maybe_build_cache(("train", "val"))
+
+    def on_test_start(self) -> None:
+        self._maybe_build_cache(self.final_splits)
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.training:
+            self._maybe_build_cache(("val",))
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logits = self.batch_loss(batch, "train")
+        bs = batch["labels"].shape[0]
+        self.metrics["train"].update(logits.detach().float(), batch["labels"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs, prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics(self.metrics["train"], "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, logits = self.batch_loss(batch, "val")
+        bs = batch["labels"].shape[0]
+        self.metrics["val"].update(logits.float(), batch["labels"])
+        self.log("val/loss", loss, on_epoch=True, batch_size=bs, prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.metrics["val"], "val", prog_bar=True)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = self.final_splits[dataloader_idx]
+        loss, logits = self.batch_loss(batch, split)
+        n = batch["labels"].shape[0]
+        self.final_metrics[split].update(logits.float(), batch["labels"])
+        # sum of per-example losses so the mean is over examples, not batches
+        self._final_loss.setdefault(split, []).append(
+            torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device)])
+        )
+
+    def on_test_epoch_start(self) -> None:
+        self._final_loss = {}
+        for split in self.final_splits:
+            self.final_metrics[split].reset()
+
+    def on_test_epoch_end(self) -> None:
+        results: dict[str, float] = {}
+        for split in self.final_splits:
+            values = {k: _positive(v) for k, v in self.final_metrics[split].compute().items()}
+            parts = self._final_loss.get(split)
+            total = torch.stack(parts).sum(0) if parts else torch.zeros(2, device=self.device)
+            total = self.all_gather(total)
+            if total.ndim == 2:
+                total = total.sum(0)
+            values["loss"] = total[0] / total[1].clamp(min=1)
+            values["count"] = total[1]
+            for name, value in values.items():
+                results[f"{split}_{name}"] = float(value)
+            self.final_metrics[split].reset()
+        for key, value in results.items():
+            if not key.endswith("_count"):
+                self.log(f"final/{key}", value, add_dataloader_idx=False, rank_zero_only=True)
+        self.final_results = results
+
+    def _log_metrics(self, metrics: MetricCollection, split: str, prog_bar: bool = False) -> None:
+        values = metrics.compute()
+        short = {"accuracy": "acc"}
+        for name, value in values.items():
+            self.log(
+                f"{split}/{short.get(name, name)}",
+                _positive(value),
+                prog_bar=prog_bar and name == "accuracy",
+            )
+        metrics.reset()
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("No trainable parameters: check the `trainable` option.")
+        return torch.optim.AdamW(
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return F.softmax(self.batch_logits(batch).float(), dim=-1)
