@@ -37,7 +37,15 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2-tiny": {**_GPT2_BASE, "emb_dim": 64, "n_layers": 2, "n_heads": 4},
 }
 
-CFG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+CFG_KEYS = (
+    "vocab_size",
+    "context_length",
+    "emb_dim",
+    "n_heads",
+    "n_layers",
+    "drop_rate",
+    "qkv_bias",
+)
 
 
 def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,6 +180,11 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    @property
+    def causal_mask(self) -> bool:
+        """Whether attention is causal (the trunk cache and pooling shortcuts rely on it)."""
+        return self.cfg["causal_mask"]
 
     def embed(self, in_idx: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> input of the first block [B, T, emb_dim]."""

@@ -1,0 +1,169 @@
+"""Sweep summaries: one row per configuration with the book's columns, seeds as mean ± std.
+
+Written into the sweep folder as ``summary.md`` and ``summary.csv`` by a Hydra callback at the
+end of every multirun, and on demand by ``python scripts/summarize.py SWEEP_DIR``. A job without
+``metrics.json`` (crashed, killed, still running) shows as a failed row instead of breaking the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from spam_lightning.io_utils import atomic_write
+
+log = logging.getLogger(__name__)
+
+BOOK_COLUMNS = [
+    "Model", "Weights", "Trainable token", "Trainable layers", "Context length",
+    "Training acc", "Validation acc", "Test acc", "Training time", "Device",
+]
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _context_label(max_length: Any, resolved: int | None) -> str:
+    if max_length in (None, "null", "None"):
+        return f"longest train ex. ({resolved})" if resolved else "longest train ex."
+    if str(max_length) == "model":
+        return f"context length ({resolved})" if resolved else "context length"
+    return str(resolved or max_length)
+
+
+def _job_record(job_dir: Path) -> dict[str, Any]:
+    """What one job folder says about its configuration and results."""
+    overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or []
+    config = _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
+    key = ",".join(sorted(o for o in overrides if not o.split("=")[0].lstrip("+~") == "seed"))
+    model = config.get("model", {}) or {}
+    data = config.get("data", {}) or {}
+    record: dict[str, Any] = {
+        "job": job_dir.name,
+        "config": key or "(defaults)",
+        "Model": model.get("name"),
+        "Weights": model.get("weights"),
+        "Trainable token": (config.get("token") or {}).get("name"),
+        "Trainable layers": (config.get("trainable") or {}).get("name"),
+        "Context length": _context_label(data.get("max_length"), None),
+        "padding": data.get("padding"),
+        "seed": config.get("seed"),
+        "status": "failed",
+        "reference": (config.get("reference") or {}).get("test_acc"),
+    }
+    metrics_path = job_dir / "metrics.json"
+    if metrics_path.is_file():
+        try:
+            m = json.loads(metrics_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            m = None
+        if m:
+            record.update(
+                {
+                    "Model": m.get("model", record["Model"]),
+                    "Weights": m.get("weights", record["Weights"]),
+                    "Trainable token": m.get("token", record["Trainable token"]),
+                    "Trainable layers": m.get("trainable", record["Trainable layers"]),
+                    "Context length": _context_label(data.get("max_length"), m.get("max_length")),
+                    "train_acc": m.get("train_accuracy"),
+                    "val_acc": m.get("val_accuracy"),
+                    "test_acc": m.get("test_accuracy"),
+                    "minutes": (m.get("training_seconds") or 0) / 60,
+                    "Device": m.get("device"),
+                    "seed": m.get("seed", record["seed"]),
+                    "status": "ok",
+                }
+            )
+    return record
+
+
+def _fmt(values: list[float], percent: bool) -> str:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "—"
+    scale = 100 if percent else 1
+    mean = sum(vals) / len(vals) * scale
+    unit = "%" if percent else " min"
+    if len(vals) == 1:
+        return f"{mean:.2f}{unit}"
+    std = pd.Series(vals).std(ddof=1) * scale
+    return f"{mean:.2f} ± {std:.2f}{unit}"
+
+
+def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
+    """Build (and write) the summary table of a Hydra multirun folder."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"Sweep folder not found: {sweep_dir}")
+    jobs = sorted(
+        (p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
+        key=lambda p: (len(p.name), p.name),
+    )
+    records = [_job_record(j) for j in jobs]
+    rows = []
+    for key in dict.fromkeys(r["config"] for r in records):  # keeps sweep order
+        group = [r for r in records if r["config"] == key]
+        ok = [r for r in group if r["status"] == "ok"]
+        first = (ok or group)[0]
+        failed = len(group) - len(ok)
+        rows.append(
+            {
+                "Config": key,
+                "Model": first["Model"],
+                "Weights": first["Weights"],
+                "Trainable token": first["Trainable token"],
+                "Trainable layers": first["Trainable layers"],
+                "Context length": first["Context length"],
+                "Training acc": _fmt([r["train_acc"] for r in ok], True),
+                "Validation acc": _fmt([r["val_acc"] for r in ok], True),
+                "Test acc": _fmt([r["test_acc"] for r in ok], True),
+                "Training time": _fmt([r["minutes"] for r in ok], False),
+                "Device": first.get("Device") or "—",
+                "Reference test acc": (
+                    f"{first['reference']:.2f}%" if first["reference"] is not None else "—"
+                ),
+                "Seeds": len(ok),
+                "Status": "ok" if not failed else (f"failed ({failed}/{len(group)})"),
+            }
+        )
+    table = pd.DataFrame(rows, columns=["Config", *BOOK_COLUMNS, "Reference test acc", "Seeds", "Status"])
+    if write:
+        atomic_write(sweep_dir / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))
+        md = _markdown(table)
+        atomic_write(sweep_dir / "summary.md", lambda tmp: tmp.write_text(md + "\n", encoding="utf-8"))
+    return table
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table (pandas' to_markdown needs the optional tabulate)."""
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(str(row[c]).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+class SweepSummaryCallback(Callback):
+    """Hydra callback: writes the summary into the sweep folder when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            table = summarize(sweep_dir)
+        except Exception as err:  # a summary must never turn a finished sweep into a failure
+            log.warning("Could not write the sweep summary for %s: %s", sweep_dir, err)
+            return
+        log.info("Sweep summary (%d rows): %s", len(table), sweep_dir / "summary.md")
+        print(_markdown(table))

@@ -1,0 +1,351 @@
+"""Build GPT-2 models: random init, or OpenAI's pretrained weights in Hugging Face format.
+
+The book loads TensorFlow checkpoints; we read the Hub's `model.safetensors` instead (no
+TensorFlow, memory-mapped, no pickle). Hugging Face's GPT-2 stores linear layers as `Conv1D`
+([in, out], the transpose of `nn.Linear`) and fuses query/key/value into one `c_attn`, so each
+tensor is transposed and split on its way into the book's `GPTModel`.
+
+Memory: gpt2-xl is 6 GB. The model is built on the meta device (no storage), materialised once
+with `to_empty`, and every tensor is copied straight from the memory-mapped file into its
+parameter, so at most one copy of the weights is ever allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import safe_open
+
+from spam_lightning.model import CFG_KEYS, MODEL_CONFIGS, GPTModel
+
+HUB_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+# Used when a checkpoint comes without config.json: the released sizes fix n_heads by width.
+HEADS_BY_EMB_DIM = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+SAFETENSORS_SUFFIXES = (".safetensors",)
+# Plain tensor state dicts only, read with torch.load(weights_only=True).
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # looked for inside a folder
+
+# Non-parameter tensors found in GPT-2 files: the causal-mask buffers of old `transformers`
+# versions (the Hub's files carry them) and the LM head, which is tied to `wte`.
+_IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
+_BLOCK = re.compile(r"^h\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: unsafe, unreadable, or not the expected tensors."""
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither in the Hugging Face cache nor downloadable."""
+
+
+def build_gpt(
+    name: str,
+    weights: str = "pretrained",
+    checkpoint: str | Path | None = None,
+    causal_mask: bool = True,
+    drop_rate: float = 0.0,
+    compile: bool = False,
+    **size_overrides: Any,
+) -> GPTModel:
+    """The model the `model` config group describes; `build_gpt(**cfg.model)` works.
+
+    `weights="random"` keeps torch's default init (seed before calling). `"pretrained"` loads
+    `checkpoint` if given, else downloads `name` from the Hub; the checkpoint must have the
+    sizes of `name` (plus `size_overrides`), otherwise a CheckpointError names the differences.
+    `compile` is accepted so the whole config group can be splatted in; compiling is the
+    trainer's job.
+    """
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_CONFIGS)}")
+    unknown = sorted(set(size_overrides) - set(CFG_KEYS))
+    if unknown:
+        raise TypeError(f"build_gpt got unknown model options {unknown}; allowed: {list(CFG_KEYS)}")
+    cfg = {**MODEL_CONFIGS[name], **{k: v for k, v in size_overrides.items() if v is not None}}
+    cfg.update(drop_rate=drop_rate, causal_mask=causal_mask)
+    if weights == "random":
+        return GPTModel(cfg)
+    if weights != "pretrained":
+        raise ValueError(f"unknown model.weights={weights!r}; allowed: pretrained, random")
+    if checkpoint is None and name not in HUB_REPOS:
+        raise ValueError(
+            f"{name} has no pretrained weights; use model.weights=random "
+            "or model.checkpoint=/path/to/model.safetensors"
+        )
+    source = checkpoint if checkpoint is not None else name
+    return load_gpt2(source, causal_mask=causal_mask, drop_rate=drop_rate, config=cfg)
+
+
+def load_gpt2(
+    source: str | Path,
+    *,
+    causal_mask: bool = True,
+    drop_rate: float = 0.0,
+    config: Mapping[str, Any] | None = None,
+) -> GPTModel:
+    """GPT-2 with pretrained weights from a size name (Hub), an HF folder or a weights file.
+
+    `config` gives the sizes to expect; by default they come from the size name, or are inferred
+    from the tensor shapes of a local checkpoint.
+    """
+    path = resolve_weights_file(source)
+    if config is None and str(source) in MODEL_CONFIGS:
+        config = MODEL_CONFIGS[str(source)]
+    with open_tensors(path) as tensors:
+        shapes = tensors.shapes()
+        layout = _normalise_keys(shapes)
+        hub_shapes = {key: shapes[orig] for key, orig in layout.items()}
+        found = infer_config(hub_shapes, path, strict=config is None)
+        expected = dict(config if config is not None else found)
+        expected.update(drop_rate=drop_rate, causal_mask=causal_mask)
+        plan = _hf_plan(expected)
+        _check_tensors(path, plan, shapes, layout, expected, found)
+
+        # Build without storage, then allocate each parameter once; the head is tied to
+        # tok_emb, so it never gets storage of its own.
+        with torch.device("meta"):
+            model = GPTModel(expected)
+        for child_name, child in model.named_children():
+            if child_name != "out_head":
+                child.to_empty(device="cpu")
+        model.out_head.weight = model.tok_emb.weight
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, entry in plan.items():
+                tensor = tensors.get(layout[key])
+                if entry.transpose:  # Conv1D [in, out] -> Linear [out, in]
+                    tensor = tensor.T
+                parts = tensor.chunk(len(entry.targets), dim=0)  # c_attn -> query, key, value
+                for target, part in zip(entry.targets, parts, strict=True):
+                    params[target].copy_(part)
+    return model
+
+
+def resolve_weights_file(source: str | Path) -> Path:
+    """Size name -> cached Hub download; folder -> its weights file; file -> itself."""
+    if str(source) in HUB_REPOS:
+        return _download(str(source))
+    path = Path(source).expanduser()
+    if path.is_dir():
+        for filename in WEIGHT_FILES:
+            if (path / filename).is_file():
+                return path / filename
+        raise CheckpointError(f"{path} contains none of {', '.join(WEIGHT_FILES)}")
+    if path.is_file():
+        return path
+    raise ValueError(
+        f"{str(source)!r} is neither a model name (allowed: {', '.join(HUB_REPOS)}) "
+        "nor an existing checkpoint file or folder"
+    )
+
+
+def _download(name: str) -> Path:
+    """Fetch `model.safetensors` via huggingface_hub (its cache, HF_HOME, HF_HUB_OFFLINE)."""
+    from huggingface_hub import hf_hub_download
+
+    repo = HUB_REPOS[name]
+    try:
+        return Path(hf_hub_download(repo, "model.safetensors"))
+    except OSError as err:  # offline mode, not cached, connection and HTTP errors
+        raise WeightsUnavailableError(
+            f"cannot get the pretrained weights of {name} ({repo}/model.safetensors): they are "
+            f"not in the Hugging Face cache and downloading failed ({type(err).__name__}). "
+            "Either download the file elsewhere and pass "
+            "model.checkpoint=/path/to/model.safetensors, or train from scratch with "
+            "model.weights=random."
+        ) from err
+
+
+class _Tensors:
+    """Read-only view of a checkpoint's tensors: names, shapes and one tensor at a time."""
+
+    def __init__(self, handle: Any = None, state: Mapping[str, torch.Tensor] | None = None):
+        self._handle, self._state = handle, state
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._state is not None:
+            return {k: tuple(v.shape) for k, v in self._state.items()}
+        return {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._state[key]
+        return self._handle.get_tensor(key)  # a view of the memory map, not a copy
+
+
+@contextmanager
+def open_tensors(path: Path) -> Iterator[_Tensors]:
+    """Open a weights file without running any code from it (safetensors, or a weights-only
+    `torch.load`); anything else is refused with a CheckpointError naming the file."""
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")  # memory-mapped
+        except Exception as err:  # SafetensorError, OSError: truncated or not safetensors
+            raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
+        with handle:
+            yield _Tensors(handle=handle)
+        return
+    if suffix in TORCH_SUFFIXES:
+        yield _Tensors(state=_torch_load_weights_only(path))
+        return
+    raise CheckpointError(
+        f"refusing to load {path}: unsupported file type {suffix or '(none)'}; use "
+        f"{', '.join(SAFETENSORS_SUFFIXES)} (preferred) or a tensor-only state dict "
+        f"({', '.join(TORCH_SUFFIXES)})"
+    )
+
+
+def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    """`torch.load(weights_only=True)`: its unpickler only rebuilds tensors and plain
+    containers, so a crafted pickle fails before any of its code can run."""
+    try:
+        state = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except Exception as err:  # UnpicklingError for forbidden globals, anything for junk
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain tensor state dict that "
+            f"torch.load(weights_only=True) accepts, and arbitrary pickles can run code. "
+            f"Convert it to .safetensors. ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path} does not hold a flat {{name: tensor}} state dict")
+    return dict(state)
+
+
+def _normalise_keys(shapes: Mapping[str, Any]) -> dict[str, str]:
+    """Hub key (`h.0.attn.c_attn.weight`) -> key in the file, for both the Hub's layout and
+    the `transformer.`-prefixed one `transformers` writes today."""
+    return {key.removeprefix("transformer."): key for key in shapes}
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    config_file = path.parent / "config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def infer_config(
+    shapes: Mapping[str, tuple[int, ...]], path: Path, strict: bool = True
+) -> dict[str, Any]:
+    """Sizes of a GPT-2 checkpoint from its tensor shapes (Hub keys); config.json fills gaps.
+
+    With `strict=False` sizes that cannot be inferred stay None instead of raising (the caller
+    already knows what to expect and will report the missing tensors)."""
+    meta = _read_config_json(path)
+    blocks = [int(m.group(1)) for key in shapes if (m := _BLOCK.match(key))]
+    wte, wpe = shapes.get("wte.weight", ()), shapes.get("wpe.weight", ())
+    sizes = {
+        "vocab_size": wte[0] if len(wte) == 2 else meta.get("vocab_size"),
+        "context_length": wpe[0] if len(wpe) == 2 else meta.get("n_positions"),
+        "emb_dim": wte[1] if len(wte) == 2 else meta.get("n_embd"),
+        "n_layers": max(blocks) + 1 if blocks else meta.get("n_layer"),
+        "n_heads": meta.get("n_head"),
+    }
+    if sizes["n_heads"] is None:
+        sizes["n_heads"] = HEADS_BY_EMB_DIM.get(sizes["emb_dim"])  # type: ignore[arg-type]
+    unknown = [k for k, v in sizes.items() if not isinstance(v, int)]
+    if strict and unknown:
+        if unknown == ["n_heads"]:
+            raise CheckpointError(
+                f"cannot infer n_heads of {path} (emb_dim={sizes['emb_dim']} is not a released "
+                "GPT-2 width); put the Hugging Face config.json (with n_head) next to it"
+            )
+        raise CheckpointError(
+            f"cannot infer {unknown} of {path}: it lacks wte.weight / wpe.weight / h.N.* "
+            "tensors and has no config.json; is this a GPT-2 checkpoint?"
+        )
+    return {**sizes, "drop_rate": 0.0, "qkv_bias": True}
+
+
+class _Entry(NamedTuple):
+    shape: tuple[int, ...]  # shape in the file
+    targets: tuple[str, ...]  # GPTModel parameters it fills, in order along dim 0
+    transpose: bool = False
+
+
+def _hf_plan(cfg: Mapping[str, Any]) -> dict[str, _Entry]:
+    """Every tensor a GPT-2 checkpoint of size `cfg` must hold, keyed by its Hub name."""
+    V, C, E = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"]
+    plan = {
+        "wte.weight": _Entry((V, E), ("tok_emb.weight",)),
+        "wpe.weight": _Entry((C, E), ("pos_emb.weight",)),
+        "ln_f.weight": _Entry((E,), ("final_norm.scale",)),
+        "ln_f.bias": _Entry((E,), ("final_norm.shift",)),
+    }
+    for i in range(cfg["n_layers"]):
+        src, dst = f"h.{i}.", f"trf_blocks.{i}."
+        qkv = [f"{dst}att.{name}" for name in ("W_query", "W_key", "W_value")]
+        plan |= {
+            f"{src}ln_1.weight": _Entry((E,), (f"{dst}norm1.scale",)),
+            f"{src}ln_1.bias": _Entry((E,), (f"{dst}norm1.shift",)),
+            f"{src}attn.c_attn.weight": _Entry((E, 3 * E), tuple(f"{q}.weight" for q in qkv), True),
+            f"{src}attn.c_proj.weight": _Entry((E, E), (f"{dst}att.out_proj.weight",), True),
+            f"{src}attn.c_proj.bias": _Entry((E,), (f"{dst}att.out_proj.bias",)),
+            f"{src}ln_2.weight": _Entry((E,), (f"{dst}norm2.scale",)),
+            f"{src}ln_2.bias": _Entry((E,), (f"{dst}norm2.shift",)),
+            f"{src}mlp.c_fc.weight": _Entry((E, 4 * E), (f"{dst}ff.layers.0.weight",), True),
+            f"{src}mlp.c_fc.bias": _Entry((4 * E,), (f"{dst}ff.layers.0.bias",)),
+            f"{src}mlp.c_proj.weight": _Entry((4 * E, E), (f"{dst}ff.layers.2.weight",), True),
+            f"{src}mlp.c_proj.bias": _Entry((E,), (f"{dst}ff.layers.2.bias",)),
+        }
+        if cfg["qkv_bias"]:
+            plan[f"{src}attn.c_attn.bias"] = _Entry((3 * E,), tuple(f"{q}.bias" for q in qkv))
+    return plan
+
+
+def _describe(cfg: Mapping[str, Any]) -> str:
+    keys = ("emb_dim", "n_layers", "n_heads", "context_length", "vocab_size")
+    return ", ".join(f"{k}={cfg[k]}" for k in keys)
+
+
+def _check_tensors(
+    path: Path,
+    plan: Mapping[str, _Entry],
+    shapes: Mapping[str, tuple[int, ...]],
+    layout: Mapping[str, str],
+    expected: Mapping[str, Any],
+    found: Mapping[str, Any],
+) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
+    missing = [key for key in plan if key not in layout]
+    unexpected = [layout[k] for k in layout if k not in plan and not _IGNORED.match(k)]
+    unexpected += [k for k in shapes if k not in layout.values()]  # both layouts at once
+    wrong = [
+        f"{layout[k]} expected {list(entry.shape)} found {list(shapes[layout[k]])}"
+        for k, entry in plan.items()
+        if k in layout and shapes[layout[k]] != entry.shape
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"checkpoint {path} does not match GPT-2 ({_describe(expected)}):"]
+    for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            lines.append(f"  {title} ({len(names)}): " + ", ".join(names))
+    sizes = ("emb_dim", "n_layers", "context_length", "vocab_size")
+    if all(isinstance(found[k], int) for k in sizes) and any(
+        found[k] != expected[k] for k in sizes
+    ):
+        lines.append(f"  the checkpoint looks like: {_describe(found)}")
+    raise CheckpointError("\n".join(lines))
