@@ -77,6 +77,11 @@ def build_gpt(
     cfg = {**MODEL_CONFIGS[name], **{k: v for k, v in size_overrides.items() if v is not None}}
     cfg.update(drop_rate=drop_rate, causal_mask=causal_mask)
     if weights == "random":
+        if checkpoint is not None:
+            raise ValueError(
+                f"model.checkpoint={checkpoint} is ignored with model.weights=random; "
+                "drop one of them (checkpoints need model.weights=pretrained)"
+            )
         return GPTModel(cfg)
     if weights != "pretrained":
         raise ValueError(f"unknown model.weights={weights!r}; allowed: pretrained, random")

@@ -1,0 +1,182 @@
+"""End-to-end: `python train.py` on the tiny model, its run folder, the classify CLI (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from spam_lightning.bundle import load_bundle
+from spam_lightning.classify import Classifier
+from spam_lightning.data.tokens import collate, encode_texts
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model=gpt2-tiny",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=12",
+    "eval_freq=5",
+    "eval_iter=2",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def run_train(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"train.py failed:\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, sms_file) -> tuple[Path, str]:
+    """One real training run of the tiny model on the real SMS data, shared by the tests below."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    run_dir = work / "run"
+    proc = run_train(
+        [*TINY, f"data.source={sms_file}", f"paths.data_dir={work / 'data'}", f"hydra.run.dir={run_dir}"],
+        cwd=work,
+    )
+    return run_dir, proc.stdout
+
+
+def test_run_folder_has_every_artifact(tiny_run):
+    run_dir, _ = tiny_run
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for split in ("train", "val", "test"):
+        assert 0.0 <= m[f"{split}_accuracy"] <= 1.0
+        assert torch.isfinite(torch.tensor(m[f"{split}_loss"]))
+    # the full sets, each example once
+    assert (m["train_count"], m["val_count"], m["test_count"]) == (1045, 149, 300)
+    assert m["examples_seen"] == m["global_step"] * 8 == 12 * 8
+    assert m["max_length"] == 120
+    assert m["num_batches"] == {"train": 130, "val": 19, "test": 38}
+    assert (m["model"], m["weights"], m["trainable"], m["token"], m["seed"]) == (
+        "gpt2-tiny", "random", "last_block", "last", 123,
+    )
+    assert m["training_seconds"] > 0
+    assert (run_dir / "config.yaml").read_text().count("gpt2-tiny") >= 1
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    for name in ("loss-plot", "accuracy-plot"):
+        for ext in ("pdf", "png"):
+            assert (run_dir / f"{name}.{ext}").stat().st_size > 1000
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "bundle" / "model.safetensors").is_file()
+    cfg = json.loads((run_dir / "bundle" / "bundle.json").read_text())
+    assert cfg["max_length"] == 120 and cfg["token"] == "last" and cfg["class_names"] == ["ham", "spam"]
+
+
+def test_tensorboard_events(tiny_run):
+    run_dir, _ = tiny_run
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    tags: set[str] = set()
+    for ev in events:
+        acc = EventAccumulator(str(ev), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["tensors"])
+    for tag in (
+        "train/loss_step", "val/loss", "val/acc", "train/acc", "examples_seen",
+        "chapter/train_loss", "chapter/val_acc", "final/test_accuracy",
+    ):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert any(t.startswith("lr-") for t in tags)
+    assert any("hparams" in t for t in tags) or any(
+        p.name.startswith("events") for p in (run_dir / "tensorboard").rglob("*")
+    )
+
+
+def test_chapter_printouts(tiny_run):
+    _, stdout = tiny_run
+    assert re.search(r"^Ep 1 \(Step 000000\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}$", stdout, re.M)
+    assert re.search(r"^Ep 1 \(Step 000005\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}$", stdout, re.M)
+    assert re.search(
+        r"^Training accuracy: \d+\.\d\d% \| Validation accuracy: \d+\.\d\d%$", stdout, re.M
+    )
+    for title in ("Training", "Validation", "Test"):
+        assert re.search(rf"^{title} accuracy: \d+\.\d\d%$", stdout, re.M)
+        assert re.search(rf"^{title} loss: \d+\.\d{{3}}$", stdout, re.M)
+    assert re.search(r"^Training completed in \d+\.\d\d minutes\.$", stdout, re.M)
+
+
+MESSAGES = [
+    "You are a winner you have been specially selected to receive $1000 cash or a $2000 award.",
+    "Hey, just wanted to check if we're still on for dinner tonight? Let me know!",
+    "URGENT! Call 09061701461 to claim your prize",
+]
+
+
+def test_classify_cli_agrees_with_module(tiny_run):
+    run_dir, _ = tiny_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "spam_lightning.classify", str(run_dir), *MESSAGES, "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["text"] for r in rows] == MESSAGES
+    # the module's own predictions: the last checkpoint's weights, the chapter's preprocessing
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    model, cfg = load_bundle(run_dir)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    ids = encode_texts(MESSAGES, max_length=120, context_length=1024)
+    batch = collate(ids, padding="longest", max_length=120, pad_token_id=50256)
+    with torch.no_grad():
+        probs = torch.softmax(model(batch["input_ids"])[:, -1, :], dim=-1)
+    expected = [cfg["class_names"][i] for i in probs.argmax(-1).tolist()]
+    assert [r["label"] for r in rows] == expected
+    for r, p in zip(rows, probs, strict=True):
+        assert r["label"] in ("ham", "spam")
+        assert abs(r["probability"] - float(p.max())) < 1e-4
+
+
+def test_classify_plain_output_and_file(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    f = tmp_path / "msgs.txt"
+    f.write_text("\n".join(MESSAGES) + "\n\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "spam_lightning.classify", str(run_dir), "--file", str(f)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3  # the blank line is not a message
+    for line in lines:
+        label, prob, _ = line.split("\t")
+        assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1.0
+    csv_file = tmp_path / "msgs.csv"
+    csv_file.write_text("id,Text\n1,hello there\n2,\"WIN cash, now\"\n")
+    clf = Classifier(run_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spam_lightning.classify", str(run_dir), "--file", str(csv_file), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(x)["label"] for x in proc.stdout.splitlines()]
+    assert got == [p.label for p in clf.predict(["hello there", "WIN cash, now"])]
+
+
+def test_classify_missing_run_folder(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "spam_lightning.classify", str(tmp_path / "nope"), "hi"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1 and "Run folder not found" in proc.stderr
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "bundle.json").write_text("{}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "spam_lightning.classify", str(tmp_path), "hi"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1 and "model.safetensors is missing" in proc.stderr
