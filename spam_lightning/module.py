@@ -85,9 +85,10 @@ class SpamClassifier(L.LightningModule):
         self.num_classes = num_classes
         self.loss_fn = nn.CrossEntropyLoss(ignore_index=ignore_index)
         self.causal = bool(getattr(model, "causal_mask", True))
-        self.metrics = nn.ModuleDict({s: make_metrics(num_classes) for s in SPLITS})
+        # ModuleDict keys may not shadow nn.Module attributes such as `train`: suffix them
+        self.metrics = nn.ModuleDict({f"{s}_split": make_metrics(num_classes) for s in SPLITS})
         # the final full-set evaluation runs through trainer.test with one loader per split
-        self.final_metrics = nn.ModuleDict({s: make_metrics(num_classes) for s in SPLITS})
+        self.final_metrics = nn.ModuleDict({f"{s}_split": make_metrics(num_classes) for s in SPLITS})
         self.final_splits: tuple[str, ...] = ("test",)
         self._final_loss: dict[str, list[torch.Tensor]] = {}
         self.final_results: dict[str, float] = {}
@@ -179,6 +180,8 @@ class SpamClassifier(L.LightningModule):
             if self.trunk_cache is None:
                 log.info("Frozen-trunk cache off: %s.", reason)
             return
+        if not todo:
+            return
         with self.trainer.precision_plugin.forward_context():
             for split in todo:
                 self.trunk_cache.build(
@@ -203,27 +206,27 @@ class SpamClassifier(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logits = self.batch_loss(batch, "train")
         bs = batch["labels"].shape[0]
-        self.metrics["train"].update(logits.detach().float(), batch["labels"])
+        self.metrics["train_split"].update(logits.detach().float(), batch["labels"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs, prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self._log_metrics(self.metrics["train"], "train")
+        self._log_metrics(self.metrics["train_split"], "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, logits = self.batch_loss(batch, "val")
         bs = batch["labels"].shape[0]
-        self.metrics["val"].update(logits.float(), batch["labels"])
+        self.metrics["val_split"].update(logits.float(), batch["labels"])
         self.log("val/loss", loss, on_epoch=True, batch_size=bs, prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.metrics["val"], "val", prog_bar=True)
+        self._log_metrics(self.metrics["val_split"], "val", prog_bar=True)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         split = self.final_splits[dataloader_idx]
         loss, logits = self.batch_loss(batch, split)
         n = batch["labels"].shape[0]
-        self.final_metrics[split].update(logits.float(), batch["labels"])
+        self.final_metrics[f"{split}_split"].update(logits.float(), batch["labels"])
         # sum of per-example losses so the mean is over examples, not batches
         self._final_loss.setdefault(split, []).append(
             torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device)])
@@ -232,12 +235,12 @@ class SpamClassifier(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._final_loss = {}
         for split in self.final_splits:
-            self.final_metrics[split].reset()
+            self.final_metrics[f"{split}_split"].reset()
 
     def on_test_epoch_end(self) -> None:
         results: dict[str, float] = {}
         for split in self.final_splits:
-            values = {k: _positive(v) for k, v in self.final_metrics[split].compute().items()}
+            values = {k: _positive(v) for k, v in self.final_metrics[f"{split}_split"].compute().items()}
             parts = self._final_loss.get(split)
             total = torch.stack(parts).sum(0) if parts else torch.zeros(2, device=self.device)
             total = self.all_gather(total)
@@ -247,7 +250,7 @@ class SpamClassifier(L.LightningModule):
             values["count"] = total[1]
             for name, value in values.items():
                 results[f"{split}_{name}"] = float(value)
-            self.final_metrics[split].reset()
+            self.final_metrics[f"{split}_split"].reset()
         for key, value in results.items():
             if not key.endswith("_count"):
                 self.log(f"final/{key}", value, add_dataloader_idx=False, rank_zero_only=True)

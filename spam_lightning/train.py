@@ -15,7 +15,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from spam_lightning.bundle import save_bundle
@@ -28,6 +28,8 @@ from spam_lightning.weights import build_gpt
 
 log = logging.getLogger(__name__)
 
+# conf/ sits beside the package in the checkout (install with `pip install -e .`)
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 FINAL_SPLITS = ("train", "val", "test")
 SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
 
@@ -124,6 +126,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not loggers:  # nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if cfg.trainer.get("enable_progress_bar") is False:  # the flag wins over the callbacks group
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
@@ -201,7 +205,8 @@ def _print_final(metrics: dict[str, Any]) -> None:
 def _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trainer) -> None:
     """metrics.json, the resolved config, plots, the bundle and the hparams dashboard."""
     write_json(output_dir / "metrics.json", metrics)
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    resolved = OmegaConf.to_yaml(job_cfg, resolve=True)
     (output_dir / "config.yaml").write_text(resolved, encoding="utf-8")
     if monitor is not None and monitor.history["train_losses"]:
         h = monitor.history
@@ -235,7 +240,7 @@ def _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trai
         lg.save()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train, and return the metric an Optuna sweep optimizes."""
     metrics = train(cfg)

@@ -222,10 +222,12 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
             path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
         )
     except Exception as err:  # UnpicklingError for forbidden globals, anything for junk
+        found = re.search(r"WeightsUnpickler error: (.+?)(?:\. Please|\n|$)", str(err))
+        reason = found.group(1) if found else type(err).__name__
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain tensor state dict that "
-            f"torch.load(weights_only=True) accepts, and arbitrary pickles can run code. "
-            f"Convert it to .safetensors. ({type(err).__name__}: {str(err).splitlines()[0]})"
+            f"refusing to load {path}: it is not a plain tensor state dict ({reason}). Weights "
+            "are read only from safetensors or with torch.load(weights_only=True), because a "
+            "pickle can run arbitrary code; convert the file to .safetensors."
         ) from err
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -337,6 +339,7 @@ def _check_tensors(
     missing = [key for key in plan if key not in layout]
     unexpected = [layout[k] for k in layout if k not in plan and not _IGNORED.match(k)]
     unexpected += [k for k in shapes if k not in layout.values()]  # both layouts at once
+    unexpected.sort()
     wrong = [
         f"{layout[k]} expected {list(entry.shape)} found {list(shapes[layout[k]])}"
         for k, entry in plan.items()

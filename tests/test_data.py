@@ -1,0 +1,417 @@
+"""The data layer against chapter 6: counts, splits, tokens, loaders, downloads, bad sources."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from spam_lightning.data import (
+    DataError,
+    DownloadError,
+    LengthGroupedSampler,
+    SpamDataModule,
+    collate,
+    encode_texts,
+    get_tokenizer,
+    read_table,
+)
+from spam_lightning.data.source import EXPECTED_SHA256, EXPECTED_SIZE, sha256_bytes
+from spam_lightning.data.table import prepare
+from spam_lightning.data.tokens import Collator
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_zip(member: bytes, name: str = "SMSSpamCollection") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("readme", "SMS Spam Collection v.1\n")
+        zf.writestr(name, member)
+    return buf.getvalue()
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def data_dir(sms_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sms_spam")
+    SpamDataModule(source=str(sms_file), data_dir=str(folder)).prepare_data()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dm(sms_file: Path, data_dir: Path) -> SpamDataModule:
+    module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir))
+    module.prepare_data()
+    module.setup("fit")
+    return module
+
+
+def chapter_splits(sms_file: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Chapter 6's own steps, written out with plain pandas."""
+    df = pd.read_csv(sms_file, sep="\t", header=None, names=["Label", "Text"])
+    num_spam = df[df["Label"] == "spam"].shape[0]
+    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
+    balanced_df = pd.concat([ham_subset, df[df["Label"] == "spam"]])
+    balanced_df["Label"] = balanced_df["Label"].map({"ham": 0, "spam": 1})
+    df = balanced_df.sample(frac=1, random_state=123).reset_index(drop=True)
+    train_end = int(len(df) * 0.7)
+    validation_end = train_end + int(len(df) * 0.1)
+    return df[:train_end], df[train_end:validation_end], df[validation_end:]
+
+
+# ------------------------------------------------------------------ the chapter, to the row
+
+def test_real_file_reads_as_the_chapter(sms_file: Path) -> None:
+    table = read_table(sms_file.read_bytes(), str(sms_file))
+    assert len(table.frame) == 5572
+    assert table.frame["Label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
+    chapter = pd.read_csv(sms_file, sep="\t", header=None, names=["Label", "Text"])
+    pd.testing.assert_frame_equal(table.frame, chapter)
+    # rows map back to source lines although quotes merge lines 5082-5084 into one row
+    assert table.lines[:3] == [1, 2, 3]
+    assert table.lines[5081] == 5082 and table.lines[5082] == 5085
+    assert table.lines[-1] == 5574
+
+
+def test_split_sizes_and_csvs_equal_the_chapter(sms_file: Path, data_dir: Path) -> None:
+    expected = chapter_splits(sms_file)
+    for name, frame in zip(("train", "validation", "test"), expected, strict=True):
+        path = data_dir / f"{name}.csv"
+        assert path.read_bytes() == frame.to_csv(index=None).encode()  # the chapter's to_csv
+        pd.testing.assert_frame_equal(pd.read_csv(path), pd.read_csv(io.StringIO(frame.to_csv(index=None))))
+    assert [len(f) for f in expected] == [1045, 149, 300]
+
+
+def test_datamodule_matches_the_chapter(dm: SpamDataModule, sms_file: Path) -> None:
+    assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (1045, 149, 300)
+    assert dm.max_length == 120
+    assert (len(dm.train_dataloader()), len(dm.val_dataloader()), len(dm.test_dataloader())) == (130, 19, 38)
+    assert dm.num_classes == 2 and dm.class_names == ["ham", "spam"] and dm.pad_token_id == 50256
+    train, val, _ = chapter_splits(sms_file)
+    assert dm.train_dataset.texts == train["Text"].tolist()
+    assert dm.train_dataset.labels == train["Label"].tolist()
+    # the chapter's SpamDataset: encode, truncate val/test to the train max_length
+    tok = get_tokenizer()
+    assert dm.train_dataset.token_ids == [tok.encode(t) for t in train["Text"]]
+    assert dm.val_dataset.token_ids == [tok.encode(t)[:120] for t in val["Text"]]
+
+
+def test_tokenizer_ids() -> None:
+    tok = get_tokenizer()
+    assert tok.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
+    assert tok.encode("Do you have time") == [5211, 345, 423, 640]
+    assert get_tokenizer() is tok  # cached
+
+
+# ------------------------------------------------------------------ batches
+
+def test_batch_contract_longest(dm: SpamDataModule) -> None:
+    ds = dm.val_dataset
+    seen = []
+    for batch in dm.val_dataloader():
+        assert set(batch) == {"input_ids", "labels", "lengths", "index"}
+        assert all(v.dtype == torch.long for v in batch.values())
+        assert batch["input_ids"].shape[1] == 120
+        for row, i in enumerate(batch["index"].tolist()):
+            ids = ds.token_ids[i]
+            n = int(batch["lengths"][row])
+            assert n == len(ids) >= 1
+            assert batch["input_ids"][row, :n].tolist() == ids
+            assert (batch["input_ids"][row, n:] == 50256).all()
+            assert int(batch["labels"][row]) == ds.labels[i]
+        seen += batch["index"].tolist()
+    assert seen == list(range(149))  # unshuffled, nothing dropped
+
+
+def test_train_order_equals_plain_seeded_dataloader(dm: SpamDataModule, sms_file: Path, data_dir: Path) -> None:
+    fresh = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), seed=7)
+    fresh.setup("fit")
+    g = torch.Generator().manual_seed(7)
+    plain = DataLoader(fresh.train_dataset, batch_size=8, shuffle=True, drop_last=True, generator=g,
+                       collate_fn=Collator("longest", 120))
+    for _ in range(3):  # epochs: Lightning iterates the same loader again
+        loader = fresh.train_dataloader()
+        ours = [b["index"].tolist() for b in loader]
+        theirs = [b["index"].tolist() for b in plain]
+        assert ours == theirs
+    assert len(ours) == 130 and len({i for b in ours for i in b}) == 1040
+
+
+def test_setup_tokenizes_once(dm: SpamDataModule) -> None:
+    train = dm.train_dataset
+    dm.setup("validate")
+    dm.setup("test")
+    assert dm.train_dataset is train
+
+
+def test_eval_dataloader(dm: SpamDataModule) -> None:
+    for split, n, batches in (("train", 1045, 131), ("val", 149, 19), ("test", 300, 38)):
+        loader = dm.eval_dataloader(split)
+        idx = [i for b in loader for i in b["index"].tolist()]
+        assert idx == list(range(n)) and len(loader) == batches
+    with pytest.raises(ValueError, match="train, val, test"):
+        dm.eval_dataloader("dev")
+
+
+def test_padding_batch_and_none(sms_file: Path, data_dir: Path) -> None:
+    batch_dm = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), padding="batch")
+    batch_dm.setup()
+    for batch in batch_dm.val_dataloader():
+        assert batch["input_ids"].shape[1] == int(batch["lengths"].max())
+    none_dm = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), padding="none", batch_size=1)
+    none_dm.setup()
+    batch = next(iter(none_dm.test_dataloader()))
+    assert batch["input_ids"].tolist() == [none_dm.test_dataset.token_ids[0]]
+    assert len(none_dm.train_dataloader()) == 1045
+
+
+@pytest.mark.parametrize(("option", "width", "truncated"), [("model", 1024, False), (50, 50, True)])
+def test_max_length_options(sms_file: Path, data_dir: Path, option: int | str, width: int, truncated: bool) -> None:
+    module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), max_length=option)
+    assert module.max_length == width  # known before setup for model / int
+    module.setup()
+    batch = next(iter(module.train_dataloader()))
+    assert batch["input_ids"].shape == (8, width)
+    longest = max(max(ds.lengths) for ds in (module.train_dataset, module.val_dataset, module.test_dataset))
+    assert (longest == 50) if truncated else (longest <= 1024)
+
+
+def test_max_length_null_beyond_context_is_an_error(sms_file: Path, data_dir: Path) -> None:
+    module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), context_length=100)
+    with pytest.raises(AttributeError, match="after setup"):
+        _ = module.max_length
+    with pytest.raises(ValueError, match=r"120 tokens.*context length 100.*data\.max_length"):
+        module.setup()
+
+
+def test_bucketing_loader(sms_file: Path, data_dir: Path) -> None:
+    module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), padding="batch", bucketing=True)
+    module.setup()
+    loader = module.train_dataloader()
+    epochs = [[b["index"].tolist() for b in loader] for _ in range(2)]
+    for batches in epochs:
+        flat = [i for b in batches for i in b]
+        assert len(batches) == 130 and len(flat) == len(set(flat)) == 1040
+    assert epochs[0] != epochs[1]
+    padded = sum(b["input_ids"].numel() for b in loader)
+    assert padded < 0.6 * 1040 * 120  # far less padding than the chapter's 120 per message
+
+
+def test_length_grouped_sampler() -> None:
+    lengths = [(i * 37) % 101 + 1 for i in range(1003)]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, drop_last=False, mega_batch_mult=10, seed=1)
+    epochs = [list(sampler) for _ in range(3)]
+    for batches in epochs:
+        flat = sorted(i for b in batches for i in b)
+        assert flat == list(range(1003))  # every example exactly once
+        assert len(batches) == len(sampler) == 126
+        order = [i for b in batches for i in b]
+        assert order != sorted(order, key=lengths.__getitem__)  # still shuffled
+    assert epochs[0] != epochs[1] != epochs[2]
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0]) / 126
+    assert spread < 10  # batches group similar lengths (random batches: ~70)
+    dropped = LengthGroupedSampler(lengths, batch_size=8, drop_last=True, seed=1)
+    batches = list(dropped)
+    flat = [i for b in batches for i in b]
+    assert len(batches) == len(dropped) == 125 and all(len(b) == 8 for b in batches)
+    assert len(set(flat)) == 1000
+    again = LengthGroupedSampler(lengths, batch_size=8, drop_last=True, seed=1)
+    assert list(again) == batches  # reproducible from the seed
+
+
+def test_num_workers(sms_file: Path, data_dir: Path, dm: SpamDataModule) -> None:
+    module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), num_workers=2)
+    module.setup()
+    loader = module.val_dataloader()
+    assert loader.persistent_workers
+    ref = list(dm.val_dataloader())
+    for _ in range(2):
+        got = list(loader)
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref, strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    pickle.loads(pickle.dumps(module.train_dataset))
+    assert len(list(module.train_dataloader())) == 130
+
+
+def test_state_dict_and_hparams(sms_file: Path, data_dir: Path) -> None:
+    module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), seed=3)
+    module.setup()
+    loader = module.train_dataloader()
+    list(loader)
+    state = module.state_dict()
+    after_one = [b["index"].tolist() for b in loader]
+    resumed = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), seed=3)
+    resumed.setup()
+    resumed.load_state_dict(state)
+    assert [b["index"].tolist() for b in resumed.train_dataloader()] == after_one
+    assert module.hparams["seed"] == 3 and module.hparams["padding"] == "longest"
+    assert state["max_length"] == 120
+
+
+# ------------------------------------------------------------------ tokens helpers
+
+def test_encode_texts_and_collate() -> None:
+    ids = encode_texts(["Do you have time", "<|endoftext|>", "a " * 50], max_length=10, context_length=1024)
+    assert ids[0] == [5211, 345, 423, 640]
+    assert 50256 not in ids[1]  # special-token text is plain text, never a pad id
+    assert len(ids[2]) == 10
+    assert len(encode_texts(["a " * 50], max_length=None, context_length=5)[0]) == 5
+    batch = collate(ids, padding="batch")
+    assert batch["input_ids"].shape == (3, 10) and "labels" not in batch
+    assert batch["lengths"].tolist() == [4, len(ids[1]), 10]
+    batch = collate(ids, [0, 1, 1], padding="longest", max_length=12, indices=[5, 6, 7])
+    assert batch["input_ids"].shape == (3, 12) and batch["index"].tolist() == [5, 6, 7]
+    with pytest.raises(ValueError, match="batch size 1"):
+        collate(ids, padding="none")
+    with pytest.raises(ValueError, match="empty"):
+        collate([[1], []], padding="batch")
+    with pytest.raises(ValueError, match="truncate"):
+        collate(ids, padding="longest", max_length=5)
+    with pytest.raises(ValueError, match="longest, batch, none"):
+        collate(ids, padding="dynamic")
+
+
+# ------------------------------------------------------------------ config validation
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"padding": "dynamic"}, "data.padding='dynamic': allowed values are longest, batch, none"),
+        ({"batch_size": 0}, "data.batch_size=0"),
+        ({"padding": "none"}, "data.batch_size=1 and trainer.accumulate_grad_batches=8"),
+        ({"max_length": 2048}, "data.max_length=2048 exceeds the model's context length 1024"),
+        ({"max_length": "longest"}, "data.max_length='longest': allowed values are null"),
+        ({"on_bad_rows": "ignore"}, "data.on_bad_rows='ignore': allowed values are error, skip"),
+        ({"bucketing": True}, "data.padding=batch"),
+        ({"train_frac": 0.95}, "> 1"),
+        ({"source": "/no/such/SMSSpamCollection"}, "/no/such/SMSSpamCollection: no such file"),
+        ({"urls": []}, "data.urls is empty"),
+    ],
+)
+def test_bad_config_fails_in_init(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SpamDataModule(**kwargs)
+
+
+def test_config_file_lists_every_argument() -> None:
+    cfg = OmegaConf.load(REPO / "conf" / "data" / "sms_spam.yaml")
+    params = inspect.signature(SpamDataModule.__init__).parameters
+    assert set(cfg) - {"_target_"} == set(params) - {"self"}
+    assert cfg["_target_"] == "spam_lightning.data.SpamDataModule"
+    for key in ("batch_size", "padding", "on_bad_rows", "split_seed", "bucketing", "max_length"):
+        assert cfg[key] == params[key].default
+    assert list(cfg["urls"]) == list(params["urls"].default)
+
+
+# ------------------------------------------------------------------ sources and downloads
+
+def test_download_tries_urls_in_turn(sms_file: Path, tmp_path: Path, http_serve) -> None:
+    base = http_serve({"/sms.zip": make_zip(sms_file.read_bytes())})
+    urls = [f"{base}/missing.zip", f"{base}/sms.zip"]
+    prepared = prepare(None, tmp_path, urls)
+    raw = tmp_path / "SMSSpamCollection"
+    assert sha256_bytes(raw.read_bytes()) == EXPECTED_SHA256
+    assert prepared.meta["source"]["url"] == urls[1]
+    assert files_in(tmp_path) == {".prepare.lock", "SMSSpamCollection", "meta.json",
+                                  "train.csv", "validation.csv", "test.csv"}
+    assert (tmp_path / "train.csv").read_bytes() == chapter_splits(sms_file)[0].to_csv(index=None).encode()
+    # next time: no network needed
+    again = prepare(None, tmp_path, ["http://127.0.0.1:9/unreachable.zip"])
+    assert again.reused
+
+
+def test_download_failure_lists_every_url(tmp_path: Path, http_serve) -> None:
+    base = http_serve({"/bad.zip": b"PK\x03\x04 this is not a zip"})
+    urls = [f"{base}/nothing.zip", f"{base}/bad.zip", "http://127.0.0.1:9/refused.zip"]
+    with pytest.raises(DownloadError) as info:
+        prepare(None, tmp_path, urls)
+    message = str(info.value)
+    for url in urls:
+        assert url in message
+    assert "404" in message and "corrupt or truncated" in message
+    assert "data.source=/path/to/SMSSpamCollection" in message
+    assert files_in(tmp_path) == {".prepare.lock"}
+
+
+def test_truncated_download_leaves_nothing(sms_file: Path, tmp_path: Path, http_serve) -> None:
+    payload = make_zip(sms_file.read_bytes())
+    base = http_serve({"/cut.zip": payload[: len(payload) // 2],
+                       "/short.zip": (len(payload), payload[:1000])})
+    with pytest.raises(DownloadError, match="corrupt or truncated") as info:
+        prepare(None, tmp_path, [f"{base}/cut.zip", f"{base}/short.zip"])
+    assert "truncated: got 1,000 of" in str(info.value)
+    assert files_in(tmp_path) == {".prepare.lock"}
+
+
+def test_local_zip_source(sms_file: Path, tmp_path: Path) -> None:
+    zpath = tmp_path / "sms+spam+collection.zip"
+    zpath.write_bytes(make_zip(sms_file.read_bytes()))
+    out = tmp_path / "out"
+    prepared = prepare(str(zpath), out)
+    assert prepared.meta["source"]["kind"] == "zip"
+    assert prepared.meta["source"]["sha256"] == EXPECTED_SHA256 and prepared.meta["source"]["bytes"] == EXPECTED_SIZE
+    assert (out / "test.csv").read_bytes() == chapter_splits(sms_file)[2].to_csv(index=None).encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"PK\x03\x04\x14\x00\x00\x00", "not a valid zip file (corrupt or truncated)"),
+        ("zip-without-member", "has no SMSSpamCollection member"),
+    ],
+)
+def test_bad_local_zip(tmp_path: Path, content: bytes | str, message: str) -> None:
+    zpath = tmp_path / "data.zip"
+    if content == "zip-without-member":
+        content = make_zip(b"ham\thi\n", name="other.txt")
+    zpath.write_bytes(content)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=re.escape(message)) as info:
+        prepare(str(zpath), out)
+    assert str(zpath) in str(info.value)
+    assert files_in(out) == {".prepare.lock"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        (b"", "line 1: the file is empty"),
+        (b"ham Hello there\nspam\tWin\n", "line 1: malformed line: expected 2 fields"),
+        (b"ham\tHello\nspam\tWin\nbacon\tTasty\n", "line 3: unknown label 'bacon' (allowed: ham, spam)"),
+    ],
+    ids=["missing", "empty", "wrong-columns", "unknown-label"],
+)
+def test_bad_sources_name_file_and_problem(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "SMSSpamCollection"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(message)) as info:
+        prepare(str(path), tmp_path / "out")
+    assert str(path) in str(info.value)
+
+
+def test_prepare_script(sms_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "scripts" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--source", str(sms_file), "--data-dir", str(tmp_path)]) == 0
+    assert '"rows": 1045' in capsys.readouterr().out
+    assert module.main(["--source", str(tmp_path / "nope"), "--data-dir", str(tmp_path)]) == 1
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,308 @@
+"""Reliability of the data layer (issue 7, points 1 and 4): bad data, verified downloads,
+atomic and locked preparation, and fuzzed readers. Runs alone: pytest tests/test_data_reliability.py
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import multiprocessing as mp
+import re
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spam_lightning.data.source import (
+    EXPECTED_SHA256,
+    EXPECTED_SIZE,
+    DataError,
+    DownloadError,
+    atomic_write_bytes,
+    sha256_bytes,
+)
+from spam_lightning.data.table import (
+    csv_bytes,
+    parse_split_csv,
+    prepare,
+    read_split_csv,
+    read_table,
+    split_records,
+)
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def make_zip(member: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("SMSSpamCollection", member)
+    return buf.getvalue()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
+
+
+def chapter_csvs(sms_file: Path, folder: Path) -> dict[str, bytes]:
+    prepare(str(sms_file), folder)
+    return {n: (folder / n).read_bytes() for n in ("train.csv", "validation.csv", "test.csv")}
+
+
+# ------------------------------------------------------------------ 1. bad data
+
+BAD_DATA = {
+    "no-tab": (b"ham\tHi\nspam\tWin\nno tab on this line\n", 3, "malformed line: expected 2 fields (Label\tText) separated by a tab, found 1 (no tab)"),
+    "too-many-fields": (b"ham\tHi\tthere\nspam\tWin\n", 1, "found 3 (a tab inside the text?)"),
+    "unknown-label": (b"ham\tHi\nspam\tWin\nHam\tHello\n", 3, "unknown label 'Ham' (allowed: ham, spam)"),
+    "empty-text": (b"ham\tHi\nspam\tWin\nham\t\n", 3, "empty text"),
+    "blank-text": (b"ham\tHi\nspam\t   \nspam\tWin\n", 2, "text is only whitespace"),
+    "non-utf8": (b"ham\tHi\nspam\tWin \xff\xfe now\n", 2, "bytes that are not valid UTF-8 (first: 0xff on line 2)"),
+    "empty-file": (b"", 1, "the file is empty"),
+    "one-class": (b"ham\tHi\nham\tHello\n", 1, "a class with no examples: no 'spam' rows"),
+    "unclosed-quote": (b'ham\tHi\nspam\t"Win\nham\tok\n', 2, "never closed"),
+    "after-merged-lines": (b'ham\t"two\nlines" here\nspam\tWin\nham\t\n', 4, "empty text"),
+    "crlf": (b"ham\tHi\r\nspam\tWin\r\nbacon\tx\r\n", 3, "unknown label 'bacon'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_names_file_line_problem(case: str, tmp_path: Path) -> None:
+    content, line, problem = BAD_DATA[case]
+    path = tmp_path / "SMSSpamCollection"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        prepare(str(path), tmp_path / "out")
+    message = str(info.value)
+    assert f"{path}, line {line}" in message or f"{path}, lines {line}" in message
+    assert problem in message
+    assert not (tmp_path / "out" / "train.csv").exists()
+
+
+def test_bad_csv_columns_and_labels(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_text("label,text\n0,hi\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 1: missing columns")):
+        read_split_csv(path)
+    path.write_text('Label,Text\n0,hi\n1,"a, b"\n2,three\n1\n')
+    with pytest.raises(DataError) as info:
+        read_split_csv(path)
+    assert f"{path}, line 4: unknown label '2' (allowed: 0, 1)" in str(info.value)
+    assert f"{path}, line 5: malformed line" in str(info.value)
+
+
+def _with_bad_rows(sms_file: Path, tmp_path: Path) -> Path:
+    lines = sms_file.read_bytes().split(b"\n")
+    lines[100:100] = [b"no tab here", b"spam\t", b"eggs\tspam spam spam", b"ham\t\xff\xfe"]
+    path = tmp_path / "dirty" / "SMSSpamCollection"
+    path.parent.mkdir()
+    path.write_bytes(b"\n".join(lines))
+    return path
+
+
+def test_skip_bad_rows_logs_count(sms_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dirty = _with_bad_rows(sms_file, tmp_path)
+    with pytest.raises(DataError) as info:
+        prepare(str(dirty), tmp_path / "strict")
+    message = str(info.value)
+    for line in (101, 102, 103, 104):
+        assert f"{dirty}, line {line}:" in message
+    assert "data.on_bad_rows=skip" in message
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare(str(dirty), tmp_path / "skip", on_bad_rows="skip")
+    assert "skipped 4 bad row(s)" in caplog.text and "line 101" in caplog.text
+    assert prepared.meta["rows"] == {"read": 5572, "skipped": 4, "ham": 4825, "spam": 747}
+    clean = chapter_csvs(sms_file, tmp_path / "clean")
+    for name, payload in clean.items():  # skipping the bad rows gives the chapter's data
+        assert (tmp_path / "skip" / name).read_bytes() == payload
+
+
+def test_datamodule_skip(sms_file: Path, tmp_path: Path) -> None:
+    from spam_lightning.data import SpamDataModule
+
+    dm = SpamDataModule(source=str(_with_bad_rows(sms_file, tmp_path)), data_dir=str(tmp_path / "d"),
+                        on_bad_rows="skip")
+    dm.prepare_data()
+    dm.setup()
+    assert len(dm.train_dataset) == 1045 and dm.max_length == 120
+
+
+# ------------------------------------------------------------------ 4. downloads, atomic writes, lock
+
+def test_download_refuses_wrong_sha256_or_size(sms_file: Path, tmp_path: Path, http_serve) -> None:
+    good = sms_file.read_bytes()
+    tampered = good.replace(b"Go until jurong point", b"Go until JURONG point", 1)
+    assert len(tampered) == EXPECTED_SIZE
+    base = http_serve({"/tampered.zip": make_zip(tampered), "/longer.zip": make_zip(good + b"ham\tx\n"),
+                       "/raw-tampered": tampered})
+    urls = [f"{base}/tampered.zip", f"{base}/longer.zip", f"{base}/raw-tampered"]
+    with pytest.raises(DownloadError) as info:
+        prepare(None, tmp_path, urls)
+    message = str(info.value)
+    assert f"{urls[0]}: the downloaded file: SMSSpamCollection does not match" in message
+    assert f"expected 477,907 bytes sha256 {EXPECTED_SHA256}, got 477,907 bytes sha256 {sha256_bytes(tampered)}" in message
+    assert f"{urls[1]}: the downloaded zip: SMSSpamCollection has size 477,913 bytes, expected 477,907" in message
+    assert f"{urls[2]}: the downloaded file" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepare.lock"]  # nothing kept
+
+
+def test_download_bare_file(sms_file: Path, tmp_path: Path, http_serve) -> None:
+    base = http_serve({"/SMSSpamCollection": sms_file.read_bytes()})
+    assert not prepare(None, tmp_path, [f"{base}/SMSSpamCollection"]).reused
+    # a corrupted local copy is not trusted: fetched again
+    (tmp_path / "SMSSpamCollection").write_bytes(b"ham\tx\nspam\ty\n")
+    prepared = prepare(None, tmp_path, [f"{base}/SMSSpamCollection"])
+    assert prepared.reused and sha256_bytes((tmp_path / "SMSSpamCollection").read_bytes()) == EXPECTED_SHA256
+
+
+def test_meta_change_triggers_prepare(sms_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert not prepare(str(sms_file), out).reused
+    first = (out / "train.csv").read_bytes()
+    assert prepare(str(sms_file), out).reused
+    assert not prepare(str(sms_file), out, split_seed=1).reused  # split settings changed
+    assert (out / "train.csv").read_bytes() != first
+    assert json.loads((out / "meta.json").read_text())["settings"]["split_seed"] == 1
+    assert not prepare(str(sms_file), out).reused
+    assert (out / "train.csv").read_bytes() == first
+    (out / "test.csv").write_bytes(b"Label,Text\n0,tampered\n")  # CSV changed behind our back
+    assert not prepare(str(sms_file), out).reused
+    edited = tmp_path / "edited"
+    edited.write_bytes(sms_file.read_bytes().replace(b"ham\tOk lar... Joking wif u oni...\n", b"", 1))
+    prepared = prepare(str(edited), out)  # the source changed
+    assert not prepared.reused and prepared.meta["rows"]["read"] == 5571
+    assert prepared.meta["source"]["path"] == str(edited)
+
+
+def test_stale_temporaries_are_cleaned(sms_file: Path, tmp_path: Path) -> None:
+    tmp_path.joinpath(".tmp-train.csv-deadbeef").write_bytes(b"half")  # from a killed process
+    prepare(str(sms_file), tmp_path)
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_write_leaves_no_temp_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "train.csv"
+    target.mkdir()  # os.replace onto a folder fails
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"data")
+    assert leftovers(tmp_path) == []
+    atomic_write_bytes(tmp_path / "ok.csv", b"data")
+    assert (tmp_path / "ok.csv").read_bytes() == b"data" and leftovers(tmp_path) == []
+
+
+def _race_worker(barrier, results, source: str, data_dir: str) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait(timeout=60)
+    results.put(prepare(source, data_dir).reused)
+
+
+def test_concurrent_prepare(sms_file: Path, tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    data_dir = tmp_path / "shared"
+    procs = [ctx.Process(target=_race_worker, args=(barrier, results, str(sms_file), str(data_dir)))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    reused = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert reused == [False, True, True, True]  # prepared once, reused three times
+    assert sorted(p.name for p in data_dir.iterdir()) == [
+        ".prepare.lock", "meta.json", "test.csv", "train.csv", "validation.csv"]
+    for name, payload in chapter_csvs(sms_file, tmp_path / "alone").items():
+        assert (data_dir / name).read_bytes() == payload
+
+
+# ------------------------------------------------------------------ fuzzing the readers
+
+texts = st.text(max_size=30)
+rows = st.lists(st.tuples(st.sampled_from(["ham", "spam"]), texts), min_size=1, max_size=6)
+
+
+@FUZZ
+@given(rows=rows)
+def test_fuzz_written_tsv_reads_exactly_or_is_rejected(rows: list[tuple[str, str]]) -> None:
+    """Any text, written as a TSV writer quotes it, reads back exactly or is clearly rejected."""
+    buf = io.StringIO()
+    csv.writer(buf, delimiter="\t").writerows(rows)
+    try:
+        table = read_table(buf.getvalue().encode("utf-8"), "fuzz.tsv")
+    except DataError as e:
+        assert re.search(r"fuzz\.tsv, lines? \d+", str(e))
+        blank = any(not text.strip() for _, text in rows)
+        assert blank or {label for label, _ in rows} != {"ham", "spam"}, str(e)
+        return
+    assert table.frame.values.tolist() == [list(r) for r in rows]
+
+
+raw_pieces = st.sampled_from(["ham\t", "spam\t", "ham", "\t", "\n", "\r", "\r\n", '"', '""', " ", "a",
+                              "é", "\x00", "NA", "\ufeff"])
+
+
+@FUZZ
+@given(pieces=st.lists(raw_pieces, max_size=25))
+def test_fuzz_raw_tsv_matches_pandas_or_is_rejected(pieces: list[str]) -> None:
+    """Raw, quote-heavy input: read as pandas reads it (with line numbers), or a clear error."""
+    data = ("ham\tx\nspam\ty\n" + "".join(pieces)).encode("utf-8")
+    try:
+        table = read_table(data, "raw.tsv")
+    except DataError as e:
+        assert re.search(r"raw\.tsv, lines? \d+: ", str(e))
+        return
+    expected = pd.read_csv(io.BytesIO(data), sep="\t", header=None, names=["Label", "Text"],
+                           dtype=str, keep_default_na=False, na_filter=False)
+    assert table.frame.values.tolist() == expected.values.tolist()
+    assert table.lines[:2] == [1, 2] and table.lines == sorted(table.lines)
+
+
+@FUZZ
+@given(pieces=st.lists(raw_pieces, max_size=25), sep=st.sampled_from(["\t", ","]))
+def test_fuzz_split_records_is_pandas_tokenizer(pieces: list[str], sep: str) -> None:
+    """The line-tracking tokenizer splits records and fields exactly as pandas' C engine."""
+    text = "".join(pieces).replace("\ufeff", "")
+    records, unterminated = split_records(text, sep)
+    width = max((len(r.fields) for r in records), default=1)
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=sep, header=None, names=list(range(width)),
+                            dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        assert not records and unterminated is None
+        return
+    except pd.errors.ParserError as e:
+        assert unterminated is not None and "EOF inside string" in str(e)
+        return
+    assert unterminated is None
+    padded = [list(r.fields) + [""] * (width - len(r.fields)) for r in records]
+    assert frame.values.tolist() == padded
+
+
+@FUZZ
+@given(tail=st.binary(max_size=30))
+def test_fuzz_bytes_are_read_or_rejected(tail: bytes) -> None:
+    data = b"ham\tx\nspam\ty\nham\t" + tail
+    try:
+        table = read_table(data, "bytes.tsv")
+    except DataError as e:
+        assert re.search(r"bytes\.tsv, lines? \d+: ", str(e))
+        return
+    expected = pd.read_csv(io.BytesIO(data), sep="\t", header=None, names=["Label", "Text"],
+                           dtype=str, keep_default_na=False, na_filter=False)
+    assert table.frame.values.tolist() == expected.values.tolist()
+
+
+@FUZZ
+@given(texts=st.lists(texts.filter(lambda t: t.strip() != ""), max_size=6))
+def test_fuzz_split_csv_round_trip(texts: list[str]) -> None:
+    """What we write (the chapter's ``to_csv`` where it is lossless) reads back unchanged."""
+    labels = [i % 2 for i in range(len(texts))]
+    frame = pd.DataFrame({"Label": labels, "Text": pd.Series(texts, dtype="str")})
+    payload = csv_bytes(frame)
+    assert parse_split_csv(payload, "train.csv") == (texts, labels)
+    if not any("\r" in t for t in texts):
+        assert payload == frame.to_csv(index=None).encode("utf-8")
