@@ -1,7 +1,7 @@
 """Prepare train/validation/test.csv for the SMS spam data without training.
 
-    python scripts/prepare_data.py --data-dir data/sms_spam
-    python scripts/prepare_data.py --source /path/to/SMSSpamCollection  # or the zip, offline
+python scripts/prepare_data.py --data-dir data/sms_spam
+python scripts/prepare_data.py --source /path/to/SMSSpamCollection  # or the zip, offline
 """
 
 from __future__ import annotations

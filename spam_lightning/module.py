@@ -17,6 +17,7 @@ from torchmetrics.classification import (
 )
 
 from spam_lightning.classifier import first_trainable_block, pool_logits
+from spam_lightning.model import TransformerBlock
 from spam_lightning.trunk_cache import TrunkCache
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,11 @@ class SpamClassifier(L.LightningModule):
         self.causal = bool(getattr(model, "causal_mask", True))
         # ModuleDict keys may not shadow nn.Module attributes such as `train`: suffix them
         self.metrics = nn.ModuleDict({f"{s}_split": make_metrics(num_classes) for s in SPLITS})
-        # the final full-set evaluation runs through trainer.test with one loader per split
-        self.final_metrics = nn.ModuleDict({f"{s}_split": make_metrics(num_classes) for s in SPLITS})
         self.final_splits: tuple[str, ...] = ("test",)
-        self._final_loss: dict[str, list[torch.Tensor]] = {}
+        self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
+        # filled by the final trainer.test: metrics and per-example outputs of each split
         self.final_results: dict[str, float] = {}
+        self.final_outputs: dict[str, dict[str, torch.Tensor]] = {}
         start = first_trainable_block(trainable, len(model.trf_blocks))
         self.trunk_cache: TrunkCache | None = None
         self._cache_setting = cache_trunk
@@ -113,6 +114,22 @@ class SpamClassifier(L.LightningModule):
             return 1
         return min(full, int(lengths.max()))
 
+    def pooled_positions(self, width: int, lengths: torch.Tensor) -> torch.Tensor | None:
+        """The one position per row that the pooled token reads, or None for ``mean``.
+
+        ``last`` -> width-1, ``first`` -> 0, ``flexible`` -> lengths-1 (inputs already cut to
+        ``width`` positions). Only these rows of the last block's output are ever used, which
+        is what lets ``forward`` prune that block.
+        """
+        batch = lengths.shape[0]
+        if self.token == "last":
+            return torch.full((batch,), width - 1, dtype=torch.long, device=lengths.device)
+        if self.token == "first":
+            return torch.zeros(batch, dtype=torch.long, device=lengths.device)
+        if self.token == "flexible":
+            return (lengths.long() - 1).clamp(min=0, max=width - 1)
+        return None
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -120,17 +137,33 @@ class SpamClassifier(L.LightningModule):
         index: torch.Tensor | None = None,
         split: str | None = None,
     ) -> torch.Tensor:
-        """Class logits ``[B, num_classes]`` for a batch of token ids."""
+        """Class logits ``[B, num_classes]`` for a batch of token ids.
+
+        Three exact shortcuts, each equal to the full forward within float rounding: the
+        frozen trunk's states come from the cache when it holds this split; inputs are cut to
+        the positions the pooled token can see (``needed_length``); and the last block runs
+        only at the pooled position (``TransformerBlock.forward_at``) unless pooling is
+        ``mean``, which reads every position.
+        """
         if lengths is None:
             lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
         width = self.needed_length(input_ids, lengths)
         cache = self.trunk_cache
         if cache is not None and split is not None and index is not None and cache.has(split):
             x = cache.lookup(split, index, width, device=input_ids.device)
-            x = self.model.run_blocks(x, start=cache.start_block)
+            start = cache.start_block
         else:
-            x = self.model.run_blocks(self.model.embed(input_ids[:, :width]))
-        x = self.model.final_norm(x)
+            x = self.model.embed(input_ids[:, :width])
+            start = 0
+        n_blocks = len(self.model.trf_blocks)
+        positions = self.pooled_positions(width, lengths.to(input_ids.device))
+        last_block = self.model.trf_blocks[n_blocks - 1] if start < n_blocks else None
+        # an FSDP-wrapped block must go through its own forward (which gathers its weights)
+        if positions is not None and isinstance(last_block, TransformerBlock):
+            x = self.model.run_blocks(x, start=start, end=n_blocks - 1)
+            x = last_block.forward_at(x, positions)
+            return self.model.out_head(self.model.final_norm(x))
+        x = self.model.final_norm(self.model.run_blocks(x, start=start))
         # pool before the (affine) head: identical result, computed on B rows instead of B*T
         return self.model.out_head(pool_logits(x, lengths, self.token))
 
@@ -223,34 +256,60 @@ class SpamClassifier(L.LightningModule):
         self._log_metrics(self.metrics["val_split"], "val", prog_bar=True)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Keep per-example results: the final metrics count every example exactly once."""
         split = self.final_splits[dataloader_idx]
-        loss, logits = self.batch_loss(batch, split)
-        n = batch["labels"].shape[0]
-        self.final_metrics[f"{split}_split"].update(logits.float(), batch["labels"])
-        # sum of per-example losses so the mean is over examples, not batches
-        self._final_loss.setdefault(split, []).append(
-            torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device)])
+        logits = self.batch_logits(batch, split).float()
+        losses = F.cross_entropy(
+            logits, batch["labels"], ignore_index=self.loss_fn.ignore_index, reduction="none"
+        )
+        self._outputs.setdefault(split, []).append(
+            {
+                "index": batch["index"],
+                "labels": batch["labels"],
+                "probs": torch.softmax(logits, dim=-1),
+                "losses": losses,
+            }
         )
 
     def on_test_epoch_start(self) -> None:
-        self._final_loss = {}
-        for split in self.final_splits:
-            self.final_metrics[f"{split}_split"].reset()
+        self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
+
+    def _gather_split(self, split: str) -> dict[str, torch.Tensor]:
+        """All ranks' outputs for one split, de-duplicated by example index.
+
+        A distributed sampler pads the last rank with repeated examples; de-duplicating makes
+        the full-set metrics cover each example exactly once whatever the world size.
+        """
+        parts = self._outputs.get(split, [])
+        local = {
+            k: torch.cat([p[k] for p in parts]) if parts else torch.empty(0, device=self.device)
+            for k in ("index", "labels", "probs", "losses")
+        }
+        if self.trainer is not None and self.trainer.world_size > 1:
+            gathered = self.all_gather(local)
+            local = {k: v.flatten(0, 1) for k, v in gathered.items()}
+        order = torch.argsort(local["index"], stable=True)
+        local = {k: v[order] for k, v in local.items()}
+        keep = torch.ones_like(local["index"], dtype=torch.bool)
+        keep[1:] = local["index"][1:] != local["index"][:-1]
+        return {k: v[keep] for k, v in local.items()}
 
     def on_test_epoch_end(self) -> None:
         results: dict[str, float] = {}
+        self.final_outputs = {}
         for split in self.final_splits:
-            values = {k: _positive(v) for k, v in self.final_metrics[f"{split}_split"].compute().items()}
-            parts = self._final_loss.get(split)
-            total = torch.stack(parts).sum(0) if parts else torch.zeros(2, device=self.device)
-            total = self.all_gather(total)
-            if total.ndim == 2:
-                total = total.sum(0)
-            values["loss"] = total[0] / total[1].clamp(min=1)
-            values["count"] = total[1]
+            out = self._gather_split(split)
+            self.final_outputs[split] = {k: v.cpu() for k, v in out.items()}
+            metrics = make_metrics(self.num_classes).to(out["probs"].device)
+            metrics.sync_on_compute = False  # already gathered: every rank holds the full split
+            for m in metrics.values():
+                m.sync_on_compute = False
+            values = {k: _positive(v) for k, v in metrics(out["probs"], out["labels"]).items()}
+            counted = out["labels"] != self.loss_fn.ignore_index
+            values["loss"] = out["losses"][counted].mean() if counted.any() else torch.tensor(0.0)
+            values["count"] = torch.tensor(float(len(out["labels"])))
             for name, value in values.items():
                 results[f"{split}_{name}"] = float(value)
-            self.final_metrics[f"{split}_split"].reset()
         for key, value in results.items():
             if not key.endswith("_count"):
                 self.log(f"final/{key}", value, add_dataloader_idx=False, rank_zero_only=True)

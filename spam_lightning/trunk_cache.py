@@ -4,14 +4,22 @@ When only blocks k.. train and blocks 0..k-1 are frozen and deterministic (no dr
 forward pass through 0..k-1 returns the same states for the same example. The chapter recomputes
 them for every batch of every epoch and every evaluation; here they are computed once.
 
-Exactness: an example is run through the trunk padded to the split's full ``max_length``, as in
-the chapter. With a causal mask position t depends only on positions <= t, so the prefix of those
-states is also exactly what a shorter (per-batch) padding would give. How much of each example is
-stored depends on which positions the pooled token can read:
+Exactness: with a causal mask position t depends only on positions <= t, so the states of a
+prefix do not depend on how far the sequence is padded. How much of each example is stored
+depends on which positions the pooled token can read:
 
-- ``last``: every position (the pooled position may be padding);
-- ``flexible`` / ``mean`` (causal): only the real tokens;
-- ``first`` (causal): only position 0.
+- ``last``: every position up to the split's ``max_length`` (the pooled position may be
+  padding), computed padded to ``max_length`` as in the chapter;
+- ``flexible`` / ``mean`` (causal): only the real tokens, computed in length-sorted batches
+  padded to each batch's longest example (same states, a fraction of the work);
+- ``first`` (causal): only position 0, computed from position 0 alone;
+- without a causal mask every position sees every other one, so examples are padded to
+  ``max_length`` and stored whole (the module only caches then under ``longest`` padding).
+
+States are packed per split as ``[sum(stored lengths), emb_dim]`` with per-example offsets, so
+``lookup`` is one gather whatever the batch. Indices are the examples' row numbers in their
+split, which is also what a distributed sampler hands each rank: every rank builds the whole
+cache and any rank can look up any example.
 """
 
 from __future__ import annotations
@@ -21,14 +29,28 @@ from torch import nn
 
 
 class TrunkCache:
-    """Per-split packed hidden states of ``embed`` + ``trf_blocks[:start_block]``."""
+    """Per-split packed hidden states of ``embed`` + ``trf_blocks[:start_block]``.
 
-    def __init__(self, start_block: int, token: str = "last", causal: bool = True) -> None:
+    ``dtype`` is the storage type (float32 by default: the residual stream is float32 even under
+    bf16-mixed autocast, so storing it in bf16 would change the results of the cached run).
+    """
+
+    def __init__(
+        self,
+        start_block: int,
+        token: str = "last",
+        causal: bool = True,
+        dtype: torch.dtype = torch.float32,
+        max_batch_tokens: int = 4096,
+    ) -> None:
         self.start_block = start_block
         self.token = token
         self.causal = causal
+        self.dtype = dtype
+        self.max_batch_tokens = max_batch_tokens
         self._states: dict[str, torch.Tensor] = {}  # split -> [sum(stored), D]
-        self._offsets: dict[str, torch.Tensor] = {}  # split -> [N + 1]
+        self._offsets: dict[str, torch.Tensor] = {}  # split -> [N + 1], on the states' device
+        self._stored: dict[str, torch.Tensor] = {}  # split -> [N] stored positions per example
 
     def has(self, split: str) -> bool:
         return split in self._states
@@ -48,7 +70,26 @@ class TrunkCache:
     def estimate_bytes(self, dataset, model: nn.Module, max_length: int) -> int:
         emb_dim = model.tok_emb.weight.shape[1]
         stored = sum(self._stored_lengths(dataset.token_ids, max_length))
-        return stored * emb_dim * 4
+        return stored * emb_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def _batches(self, stored: list[int]) -> list[list[int]]:
+        """Example indices grouped into trunk batches, shortest first.
+
+        Sorting by stored length makes each batch nearly free of padding; a token budget
+        (rather than a fixed count) keeps every batch a similar amount of work.
+        """
+        order = sorted(range(len(stored)), key=stored.__getitem__)
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            width = max(stored[i], stored[current[-1]] if current else 0)
+            if current and width * (len(current) + 1) > self.max_batch_tokens:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
 
     @torch.no_grad()
     def build(
@@ -59,39 +100,62 @@ class TrunkCache:
         max_length: int,
         pad_token_id: int,
         device: torch.device,
-        batch_size: int = 32,
     ) -> None:
-        """Run the trunk over ``dataset`` (in order, padded to ``max_length``) and keep its states."""
+        """Run the trunk over ``dataset`` and keep, per example, the states the pooled token can read.
+
+        Each example is computed padded to the width it stores (``max_length`` for ``last`` or
+        a non-causal model, else its batch's longest stored length): exactly the states the
+        uncached forward computes for those positions.
+        """
         was_training = model.training
         model.eval()
         token_ids = dataset.token_ids
         stored = self._stored_lengths(token_ids, max_length)
-        chunks = []
-        for start in range(0, len(token_ids), batch_size):
-            rows = token_ids[start : start + batch_size]
-            ids = torch.full((len(rows), max_length), pad_token_id, dtype=torch.long)
-            for i, row in enumerate(rows):
-                row = row[:max_length]
-                ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            x = model.run_blocks(model.embed(ids.to(device)), start=0, end=self.start_block)
-            x = x.float()
-            for i in range(len(rows)):
-                chunks.append(x[i, : stored[start + i]])
-        model.train(was_training)
-        self._states[split] = torch.cat(chunks) if chunks else torch.empty(0)
+        emb_dim = model.tok_emb.weight.shape[1]
+        stored_t = torch.tensor(stored, dtype=torch.long)
         offsets = torch.zeros(len(stored) + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(torch.tensor(stored, dtype=torch.long), 0)
-        self._offsets[split] = offsets
+        offsets[1:] = torch.cumsum(stored_t, 0)
+        states = torch.empty((int(offsets[-1]), emb_dim), dtype=self.dtype, device=device)
+        for rows in self._batches(stored):
+            width = max(stored[i] for i in rows)
+            ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+            for r, i in enumerate(rows):
+                seq = token_ids[i][:width]
+                ids[r, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            x = model.run_blocks(model.embed(ids.to(device)), start=0, end=self.start_block)
+            n = stored_t[rows]  # [b] positions kept per row (all of them for `last`)
+            keep = torch.arange(width)[None, :] < n[:, None]  # [b, width]
+            dest = torch.repeat_interleave(offsets[rows], n) + (
+                torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            )
+            states.index_copy_(0, dest.to(device), x[keep.to(device)].to(self.dtype))
+        model.train(was_training)
+        self._states[split] = states
+        self._offsets[split] = offsets.to(device)
+        self._stored[split] = stored_t.to(device)
 
     def lookup(
         self, split: str, index: torch.Tensor, width: int, device: torch.device | None = None
     ) -> torch.Tensor:
-        """States ``[B, width, D]`` for examples ``index`` of ``split``; unread tail positions are 0."""
-        states, offsets = self._states[split], self._offsets[split]
-        idx = index.cpu()
-        out = states.new_zeros((len(idx), width, states.shape[-1]))
-        for row, i in enumerate(idx.tolist()):
-            begin, end = int(offsets[i]), int(offsets[i + 1])
-            n = min(end - begin, width)
-            out[row, :n] = states[begin : begin + n]
+        """States ``[B, width, D]`` for examples ``index`` of ``split``; unread tail positions are 0.
+
+        One vectorised gather (no per-row Python loop); positions past an example's stored
+        length are zero (the pooled token never reads them).
+        """
+        states = self._states[split]
+        idx = index.to(states.device, torch.long)
+        begin = self._offsets[split][idx]  # [B]
+        count = self._stored[split][idx].clamp(max=width)  # [B]
+        pos = torch.arange(width, device=states.device)
+        valid = pos[None, :] < count[:, None]  # [B, width]
+        flat = torch.where(valid, begin[:, None] + pos[None, :], 0)
+        out = states[flat] * valid.unsqueeze(-1).to(states.dtype)
+        out = out.to(torch.float32) if out.dtype != torch.float32 and out.is_floating_point() else out
         return out.to(device) if device is not None else out
+
+    def to(self, device: torch.device | str) -> TrunkCache:
+        """Move every split's states to ``device`` (e.g. after the module moved); returns self."""
+        for table in (self._states, self._offsets, self._stored):
+            for split, tensor in table.items():
+                table[split] = tensor.to(device)
+        return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,7 +56,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def http_serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+def http_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[dict[str, bytes | tuple[int, bytes]]], str]]:
     """``serve({"/path": bytes})`` -> base URL of a server on 127.0.0.1 (no proxy).
 
     A value ``(n, body)`` claims ``Content-Length: n`` but sends ``body`` (a truncated download).

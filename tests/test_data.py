@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
 import pickle
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from spam_lightning.data import (
     DataError,
@@ -74,6 +77,7 @@ def chapter_splits(sms_file: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
 
 # ------------------------------------------------------------------ the chapter, to the row
 
+
 def test_real_file_reads_as_the_chapter(sms_file: Path) -> None:
     table = read_table(sms_file.read_bytes(), str(sms_file))
     assert len(table.frame) == 5572
@@ -91,14 +95,20 @@ def test_split_sizes_and_csvs_equal_the_chapter(sms_file: Path, data_dir: Path) 
     for name, frame in zip(("train", "validation", "test"), expected, strict=True):
         path = data_dir / f"{name}.csv"
         assert path.read_bytes() == frame.to_csv(index=None).encode()  # the chapter's to_csv
-        pd.testing.assert_frame_equal(pd.read_csv(path), pd.read_csv(io.StringIO(frame.to_csv(index=None))))
+        pd.testing.assert_frame_equal(
+            pd.read_csv(path), pd.read_csv(io.StringIO(frame.to_csv(index=None)))
+        )
     assert [len(f) for f in expected] == [1045, 149, 300]
 
 
 def test_datamodule_matches_the_chapter(dm: SpamDataModule, sms_file: Path) -> None:
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (1045, 149, 300)
     assert dm.max_length == 120
-    assert (len(dm.train_dataloader()), len(dm.val_dataloader()), len(dm.test_dataloader())) == (130, 19, 38)
+    assert (len(dm.train_dataloader()), len(dm.val_dataloader()), len(dm.test_dataloader())) == (
+        130,
+        19,
+        38,
+    )
     assert dm.num_classes == 2 and dm.class_names == ["ham", "spam"] and dm.pad_token_id == 50256
     train, val, _ = chapter_splits(sms_file)
     assert dm.train_dataset.texts == train["Text"].tolist()
@@ -118,6 +128,7 @@ def test_tokenizer_ids() -> None:
 
 # ------------------------------------------------------------------ batches
 
+
 def test_batch_contract_longest(dm: SpamDataModule) -> None:
     ds = dm.val_dataset
     seen = []
@@ -136,12 +147,20 @@ def test_batch_contract_longest(dm: SpamDataModule) -> None:
     assert seen == list(range(149))  # unshuffled, nothing dropped
 
 
-def test_train_order_equals_plain_seeded_dataloader(dm: SpamDataModule, sms_file: Path, data_dir: Path) -> None:
+def test_train_order_equals_plain_seeded_dataloader(
+    dm: SpamDataModule, sms_file: Path, data_dir: Path
+) -> None:
     fresh = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), seed=7)
     fresh.setup("fit")
     g = torch.Generator().manual_seed(7)
-    plain = DataLoader(fresh.train_dataset, batch_size=8, shuffle=True, drop_last=True, generator=g,
-                       collate_fn=Collator("longest", 120))
+    plain = DataLoader(
+        fresh.train_dataset,
+        batch_size=8,
+        shuffle=True,
+        drop_last=True,
+        generator=g,
+        collate_fn=Collator("longest", 120),
+    )
     for _ in range(3):  # epochs: Lightning iterates the same loader again
         loader = fresh.train_dataloader()
         ours = [b["index"].tolist() for b in loader]
@@ -171,7 +190,9 @@ def test_padding_batch_and_none(sms_file: Path, data_dir: Path) -> None:
     batch_dm.setup()
     for batch in batch_dm.val_dataloader():
         assert batch["input_ids"].shape[1] == int(batch["lengths"].max())
-    none_dm = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), padding="none", batch_size=1)
+    none_dm = SpamDataModule(
+        source=str(sms_file), data_dir=str(data_dir), padding="none", batch_size=1
+    )
     none_dm.setup()
     batch = next(iter(none_dm.test_dataloader()))
     assert batch["input_ids"].tolist() == [none_dm.test_dataset.token_ids[0]]
@@ -179,13 +200,17 @@ def test_padding_batch_and_none(sms_file: Path, data_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(("option", "width", "truncated"), [("model", 1024, False), (50, 50, True)])
-def test_max_length_options(sms_file: Path, data_dir: Path, option: int | str, width: int, truncated: bool) -> None:
+def test_max_length_options(
+    sms_file: Path, data_dir: Path, option: int | str, width: int, truncated: bool
+) -> None:
     module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), max_length=option)
     assert module.max_length == width  # known before setup for model / int
     module.setup()
     batch = next(iter(module.train_dataloader()))
     assert batch["input_ids"].shape == (8, width)
-    longest = max(max(ds.lengths) for ds in (module.train_dataset, module.val_dataset, module.test_dataset))
+    longest = max(
+        max(ds.lengths) for ds in (module.train_dataset, module.val_dataset, module.test_dataset)
+    )
     assert (longest == 50) if truncated else (longest <= 1024)
 
 
@@ -198,7 +223,9 @@ def test_max_length_null_beyond_context_is_an_error(sms_file: Path, data_dir: Pa
 
 
 def test_bucketing_loader(sms_file: Path, data_dir: Path) -> None:
-    module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), padding="batch", bucketing=True)
+    module = SpamDataModule(
+        source=str(sms_file), data_dir=str(data_dir), padding="batch", bucketing=True
+    )
     module.setup()
     loader = module.train_dataloader()
     epochs = [[b["index"].tolist() for b in loader] for _ in range(2)]
@@ -212,7 +239,10 @@ def test_bucketing_loader(sms_file: Path, data_dir: Path) -> None:
 
 def test_length_grouped_sampler() -> None:
     lengths = [(i * 37) % 101 + 1 for i in range(1003)]
-    sampler = LengthGroupedSampler(lengths, batch_size=8, drop_last=False, mega_batch_mult=10, seed=1)
+    g = torch.Generator().manual_seed(1)
+    sampler = LengthGroupedSampler(
+        RandomSampler(range(1003), generator=g), 8, False, lengths, mega_batch_mult=10, generator=g
+    )
     epochs = [list(sampler) for _ in range(3)]
     for batches in epochs:
         flat = sorted(i for b in batches for i in b)
@@ -223,13 +253,30 @@ def test_length_grouped_sampler() -> None:
     assert epochs[0] != epochs[1] != epochs[2]
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0]) / 126
     assert spread < 10  # batches group similar lengths (random batches: ~70)
-    dropped = LengthGroupedSampler(lengths, batch_size=8, drop_last=True, seed=1)
-    batches = list(dropped)
+
+    def dropping() -> LengthGroupedSampler:
+        g = torch.Generator().manual_seed(1)
+        return LengthGroupedSampler(
+            RandomSampler(range(1003), generator=g), 8, True, lengths, generator=g
+        )
+
+    batches = list(dropping())
     flat = [i for b in batches for i in b]
-    assert len(batches) == len(dropped) == 125 and all(len(b) == 8 for b in batches)
+    assert len(batches) == len(dropping()) == 125 and all(len(b) == 8 for b in batches)
     assert len(set(flat)) == 1000
-    again = LengthGroupedSampler(lengths, batch_size=8, drop_last=True, seed=1)
-    assert list(again) == batches  # reproducible from the seed
+    assert list(dropping()) == batches  # reproducible from the seed
+
+
+def test_length_grouped_sampler_under_ddp() -> None:
+    """Lightning swaps a DistributedSampler in as ``sampler``: ranks get disjoint shards."""
+    lengths = [i % 50 + 1 for i in range(100)]
+    shards = []
+    for rank in (0, 1):
+        dist = DistributedSampler(range(100), num_replicas=2, rank=rank, shuffle=True, seed=5)
+        sampler = LengthGroupedSampler(dist, 8, True, lengths)
+        shards.append({i for b in sampler for i in b})
+        assert len(list(sampler)) == len(sampler) == 6
+    assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == 48
 
 
 def test_num_workers(sms_file: Path, data_dir: Path, dm: SpamDataModule) -> None:
@@ -264,8 +311,11 @@ def test_state_dict_and_hparams(sms_file: Path, data_dir: Path) -> None:
 
 # ------------------------------------------------------------------ tokens helpers
 
+
 def test_encode_texts_and_collate() -> None:
-    ids = encode_texts(["Do you have time", "<|endoftext|>", "a " * 50], max_length=10, context_length=1024)
+    ids = encode_texts(
+        ["Do you have time", "<|endoftext|>", "a " * 50], max_length=10, context_length=1024
+    )
     assert ids[0] == [5211, 345, 423, 640]
     assert 50256 not in ids[1]  # special-token text is plain text, never a pad id
     assert len(ids[2]) == 10
@@ -286,6 +336,7 @@ def test_encode_texts_and_collate() -> None:
 
 
 # ------------------------------------------------------------------ config validation
+
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -319,6 +370,7 @@ def test_config_file_lists_every_argument() -> None:
 
 # ------------------------------------------------------------------ sources and downloads
 
+
 def test_download_tries_urls_in_turn(sms_file: Path, tmp_path: Path, http_serve) -> None:
     base = http_serve({"/sms.zip": make_zip(sms_file.read_bytes())})
     urls = [f"{base}/missing.zip", f"{base}/sms.zip"]
@@ -326,9 +378,17 @@ def test_download_tries_urls_in_turn(sms_file: Path, tmp_path: Path, http_serve)
     raw = tmp_path / "SMSSpamCollection"
     assert sha256_bytes(raw.read_bytes()) == EXPECTED_SHA256
     assert prepared.meta["source"]["url"] == urls[1]
-    assert files_in(tmp_path) == {".prepare.lock", "SMSSpamCollection", "meta.json",
-                                  "train.csv", "validation.csv", "test.csv"}
-    assert (tmp_path / "train.csv").read_bytes() == chapter_splits(sms_file)[0].to_csv(index=None).encode()
+    assert files_in(tmp_path) == {
+        ".prepare.lock",
+        "SMSSpamCollection",
+        "meta.json",
+        "train.csv",
+        "validation.csv",
+        "test.csv",
+    }
+    assert (tmp_path / "train.csv").read_bytes() == chapter_splits(sms_file)[0].to_csv(
+        index=None
+    ).encode()
     # next time: no network needed
     again = prepare(None, tmp_path, ["http://127.0.0.1:9/unreachable.zip"])
     assert again.reused
@@ -349,8 +409,9 @@ def test_download_failure_lists_every_url(tmp_path: Path, http_serve) -> None:
 
 def test_truncated_download_leaves_nothing(sms_file: Path, tmp_path: Path, http_serve) -> None:
     payload = make_zip(sms_file.read_bytes())
-    base = http_serve({"/cut.zip": payload[: len(payload) // 2],
-                       "/short.zip": (len(payload), payload[:1000])})
+    base = http_serve(
+        {"/cut.zip": payload[: len(payload) // 2], "/short.zip": (len(payload), payload[:1000])}
+    )
     with pytest.raises(DownloadError, match="corrupt or truncated") as info:
         prepare(None, tmp_path, [f"{base}/cut.zip", f"{base}/short.zip"])
     assert "truncated: got 1,000 of" in str(info.value)
@@ -363,8 +424,13 @@ def test_local_zip_source(sms_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     prepared = prepare(str(zpath), out)
     assert prepared.meta["source"]["kind"] == "zip"
-    assert prepared.meta["source"]["sha256"] == EXPECTED_SHA256 and prepared.meta["source"]["bytes"] == EXPECTED_SIZE
-    assert (out / "test.csv").read_bytes() == chapter_splits(sms_file)[2].to_csv(index=None).encode()
+    assert (
+        prepared.meta["source"]["sha256"] == EXPECTED_SHA256
+        and prepared.meta["source"]["bytes"] == EXPECTED_SIZE
+    )
+    assert (out / "test.csv").read_bytes() == chapter_splits(sms_file)[2].to_csv(
+        index=None
+    ).encode()
 
 
 @pytest.mark.parametrize(
@@ -392,11 +458,16 @@ def test_bad_local_zip(tmp_path: Path, content: bytes | str, message: str) -> No
         (None, "no such file"),
         (b"", "line 1: the file is empty"),
         (b"ham Hello there\nspam\tWin\n", "line 1: malformed line: expected 2 fields"),
-        (b"ham\tHello\nspam\tWin\nbacon\tTasty\n", "line 3: unknown label 'bacon' (allowed: ham, spam)"),
+        (
+            b"ham\tHello\nspam\tWin\nbacon\tTasty\n",
+            "line 3: unknown label 'bacon' (allowed: ham, spam)",
+        ),
     ],
     ids=["missing", "empty", "wrong-columns", "unknown-label"],
 )
-def test_bad_sources_name_file_and_problem(tmp_path: Path, content: bytes | None, message: str) -> None:
+def test_bad_sources_name_file_and_problem(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
     path = tmp_path / "SMSSpamCollection"
     if content is not None:
         path.write_bytes(content)
@@ -408,10 +479,41 @@ def test_bad_sources_name_file_and_problem(tmp_path: Path, content: bytes | None
 def test_prepare_script(sms_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "scripts" / "prepare_data.py")
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data", REPO / "scripts" / "prepare_data.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--source", str(sms_file), "--data-dir", str(tmp_path)]) == 0
     assert '"rows": 1045' in capsys.readouterr().out
     assert module.main(["--source", str(tmp_path / "nope"), "--data-dir", str(tmp_path)]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_setup_before_prepare_is_a_clear_error(tmp_path: Path) -> None:
+    module = SpamDataModule(data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"call prepare_data\(\) first"):
+        module.setup()
+    with pytest.raises(RuntimeError, match="before asking for dataloaders"):
+        module.train_dataloader()
+
+
+def test_tokenizer_offline_error_names_the_fix(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "TIKTOKEN_CACHE_DIR": str(tmp_path),
+        "PYTHONPATH": str(REPO),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+    code = "from spam_lightning.data.tokens import get_tokenizer; get_tokenizer()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert (
+        "export TIKTOKEN_CACHE_DIR=" in done.stderr
+        and "could not load tiktoken's 'gpt2'" in done.stderr
+    )

@@ -57,12 +57,24 @@ def chapter_csvs(sms_file: Path, folder: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------ 1. bad data
 
 BAD_DATA = {
-    "no-tab": (b"ham\tHi\nspam\tWin\nno tab on this line\n", 3, "malformed line: expected 2 fields (Label\tText) separated by a tab, found 1 (no tab)"),
+    "no-tab": (
+        b"ham\tHi\nspam\tWin\nno tab on this line\n",
+        3,
+        "malformed line: expected 2 fields (Label\tText) separated by a tab, found 1 (no tab)",
+    ),
     "too-many-fields": (b"ham\tHi\tthere\nspam\tWin\n", 1, "found 3 (a tab inside the text?)"),
-    "unknown-label": (b"ham\tHi\nspam\tWin\nHam\tHello\n", 3, "unknown label 'Ham' (allowed: ham, spam)"),
+    "unknown-label": (
+        b"ham\tHi\nspam\tWin\nHam\tHello\n",
+        3,
+        "unknown label 'Ham' (allowed: ham, spam)",
+    ),
     "empty-text": (b"ham\tHi\nspam\tWin\nham\t\n", 3, "empty text"),
     "blank-text": (b"ham\tHi\nspam\t   \nspam\tWin\n", 2, "text is only whitespace"),
-    "non-utf8": (b"ham\tHi\nspam\tWin \xff\xfe now\n", 2, "bytes that are not valid UTF-8 (first: 0xff on line 2)"),
+    "non-utf8": (
+        b"ham\tHi\nspam\tWin \xff\xfe now\n",
+        2,
+        "bytes that are not valid UTF-8 (first: 0xff on line 2)",
+    ),
     "empty-file": (b"", 1, "the file is empty"),
     "one-class": (b"ham\tHi\nham\tHello\n", 1, "a class with no examples: no 'spam' rows"),
     "unclosed-quote": (b'ham\tHi\nspam\t"Win\nham\tok\n', 2, "never closed"),
@@ -105,7 +117,9 @@ def _with_bad_rows(sms_file: Path, tmp_path: Path) -> Path:
     return path
 
 
-def test_skip_bad_rows_logs_count(sms_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_skip_bad_rows_logs_count(
+    sms_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     dirty = _with_bad_rows(sms_file, tmp_path)
     with pytest.raises(DataError) as info:
         prepare(str(dirty), tmp_path / "strict")
@@ -125,8 +139,11 @@ def test_skip_bad_rows_logs_count(sms_file: Path, tmp_path: Path, caplog: pytest
 def test_datamodule_skip(sms_file: Path, tmp_path: Path) -> None:
     from spam_lightning.data import SpamDataModule
 
-    dm = SpamDataModule(source=str(_with_bad_rows(sms_file, tmp_path)), data_dir=str(tmp_path / "d"),
-                        on_bad_rows="skip")
+    dm = SpamDataModule(
+        source=str(_with_bad_rows(sms_file, tmp_path)),
+        data_dir=str(tmp_path / "d"),
+        on_bad_rows="skip",
+    )
     dm.prepare_data()
     dm.setup()
     assert len(dm.train_dataset) == 1045 and dm.max_length == 120
@@ -134,19 +151,31 @@ def test_datamodule_skip(sms_file: Path, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ 4. downloads, atomic writes, lock
 
+
 def test_download_refuses_wrong_sha256_or_size(sms_file: Path, tmp_path: Path, http_serve) -> None:
     good = sms_file.read_bytes()
     tampered = good.replace(b"Go until jurong point", b"Go until JURONG point", 1)
     assert len(tampered) == EXPECTED_SIZE
-    base = http_serve({"/tampered.zip": make_zip(tampered), "/longer.zip": make_zip(good + b"ham\tx\n"),
-                       "/raw-tampered": tampered})
+    base = http_serve(
+        {
+            "/tampered.zip": make_zip(tampered),
+            "/longer.zip": make_zip(good + b"ham\tx\n"),
+            "/raw-tampered": tampered,
+        }
+    )
     urls = [f"{base}/tampered.zip", f"{base}/longer.zip", f"{base}/raw-tampered"]
     with pytest.raises(DownloadError) as info:
         prepare(None, tmp_path, urls)
     message = str(info.value)
     assert f"{urls[0]}: the downloaded file: SMSSpamCollection does not match" in message
-    assert f"expected 477,907 bytes sha256 {EXPECTED_SHA256}, got 477,907 bytes sha256 {sha256_bytes(tampered)}" in message
-    assert f"{urls[1]}: the downloaded zip: SMSSpamCollection has size 477,913 bytes, expected 477,907" in message
+    assert (
+        f"expected 477,907 bytes sha256 {EXPECTED_SHA256}, got 477,907 bytes sha256 {sha256_bytes(tampered)}"
+        in message
+    )
+    assert (
+        f"{urls[1]}: the downloaded zip: SMSSpamCollection has size 477,913 bytes, expected 477,907"
+        in message
+    )
     assert f"{urls[2]}: the downloaded file" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == [".prepare.lock"]  # nothing kept
 
@@ -157,7 +186,10 @@ def test_download_bare_file(sms_file: Path, tmp_path: Path, http_serve) -> None:
     # a corrupted local copy is not trusted: fetched again
     (tmp_path / "SMSSpamCollection").write_bytes(b"ham\tx\nspam\ty\n")
     prepared = prepare(None, tmp_path, [f"{base}/SMSSpamCollection"])
-    assert prepared.reused and sha256_bytes((tmp_path / "SMSSpamCollection").read_bytes()) == EXPECTED_SHA256
+    assert (
+        prepared.reused
+        and sha256_bytes((tmp_path / "SMSSpamCollection").read_bytes()) == EXPECTED_SHA256
+    )
 
 
 def test_meta_change_triggers_prepare(sms_file: Path, tmp_path: Path) -> None:
@@ -173,7 +205,9 @@ def test_meta_change_triggers_prepare(sms_file: Path, tmp_path: Path) -> None:
     (out / "test.csv").write_bytes(b"Label,Text\n0,tampered\n")  # CSV changed behind our back
     assert not prepare(str(sms_file), out).reused
     edited = tmp_path / "edited"
-    edited.write_bytes(sms_file.read_bytes().replace(b"ham\tOk lar... Joking wif u oni...\n", b"", 1))
+    edited.write_bytes(
+        sms_file.read_bytes().replace(b"ham\tOk lar... Joking wif u oni...\n", b"", 1)
+    )
     prepared = prepare(str(edited), out)  # the source changed
     assert not prepared.reused and prepared.meta["rows"]["read"] == 5571
     assert prepared.meta["source"]["path"] == str(edited)
@@ -204,8 +238,10 @@ def test_concurrent_prepare(sms_file: Path, tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(4), ctx.Queue()
     data_dir = tmp_path / "shared"
-    procs = [ctx.Process(target=_race_worker, args=(barrier, results, str(sms_file), str(data_dir)))
-             for _ in range(4)]
+    procs = [
+        ctx.Process(target=_race_worker, args=(barrier, results, str(sms_file), str(data_dir)))
+        for _ in range(4)
+    ]
     for p in procs:
         p.start()
     reused = sorted(results.get(timeout=120) for _ in procs)
@@ -214,7 +250,12 @@ def test_concurrent_prepare(sms_file: Path, tmp_path: Path) -> None:
         assert p.exitcode == 0
     assert reused == [False, True, True, True]  # prepared once, reused three times
     assert sorted(p.name for p in data_dir.iterdir()) == [
-        ".prepare.lock", "meta.json", "test.csv", "train.csv", "validation.csv"]
+        ".prepare.lock",
+        "meta.json",
+        "test.csv",
+        "train.csv",
+        "validation.csv",
+    ]
     for name, payload in chapter_csvs(sms_file, tmp_path / "alone").items():
         assert (data_dir / name).read_bytes() == payload
 
@@ -241,8 +282,25 @@ def test_fuzz_written_tsv_reads_exactly_or_is_rejected(rows: list[tuple[str, str
     assert table.frame.values.tolist() == [list(r) for r in rows]
 
 
-raw_pieces = st.sampled_from(["ham\t", "spam\t", "ham", "\t", "\n", "\r", "\r\n", '"', '""', " ", "a",
-                              "é", "\x00", "NA", "\ufeff"])
+raw_pieces = st.sampled_from(
+    [
+        "ham\t",
+        "spam\t",
+        "ham",
+        "\t",
+        "\n",
+        "\r",
+        "\r\n",
+        '"',
+        '""',
+        " ",
+        "a",
+        "é",
+        "\x00",
+        "NA",
+        "\ufeff",
+    ]
+)
 
 
 @FUZZ
@@ -255,8 +313,15 @@ def test_fuzz_raw_tsv_matches_pandas_or_is_rejected(pieces: list[str]) -> None:
     except DataError as e:
         assert re.search(r"raw\.tsv, lines? \d+: ", str(e))
         return
-    expected = pd.read_csv(io.BytesIO(data), sep="\t", header=None, names=["Label", "Text"],
-                           dtype=str, keep_default_na=False, na_filter=False)
+    expected = pd.read_csv(
+        io.BytesIO(data),
+        sep="\t",
+        header=None,
+        names=["Label", "Text"],
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+    )
     assert table.frame.values.tolist() == expected.values.tolist()
     assert table.lines[:2] == [1, 2] and table.lines == sorted(table.lines)
 
@@ -269,8 +334,15 @@ def test_fuzz_split_records_is_pandas_tokenizer(pieces: list[str], sep: str) -> 
     records, unterminated = split_records(text, sep)
     width = max((len(r.fields) for r in records), default=1)
     try:
-        frame = pd.read_csv(io.StringIO(text), sep=sep, header=None, names=list(range(width)),
-                            dtype=str, keep_default_na=False, na_filter=False)
+        frame = pd.read_csv(
+            io.StringIO(text),
+            sep=sep,
+            header=None,
+            names=list(range(width)),
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+        )
     except pd.errors.EmptyDataError:
         assert not records and unterminated is None
         return
@@ -291,8 +363,15 @@ def test_fuzz_bytes_are_read_or_rejected(tail: bytes) -> None:
     except DataError as e:
         assert re.search(r"bytes\.tsv, lines? \d+: ", str(e))
         return
-    expected = pd.read_csv(io.BytesIO(data), sep="\t", header=None, names=["Label", "Text"],
-                           dtype=str, keep_default_na=False, na_filter=False)
+    expected = pd.read_csv(
+        io.BytesIO(data),
+        sep="\t",
+        header=None,
+        names=["Label", "Text"],
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+    )
     assert table.frame.values.tolist() == expected.values.tolist()
 
 
