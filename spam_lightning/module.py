@@ -194,7 +194,15 @@ class SpamClassifier(L.LightningModule):
             reason = "without a causal mask, padding changes every position"
         if reason is None:
             if self.trunk_cache is None:
-                self.trunk_cache = TrunkCache(self._trunk_end, token=self.token, causal=self.causal)
+                # store what the uncached forward feeds the first trainable block: float32,
+                # unless the weights themselves are half precision (bf16-true / 16-true)
+                dtype = next(self.model.parameters()).dtype
+                self.trunk_cache = TrunkCache(
+                    self._trunk_end,
+                    token=self.token,
+                    causal=self.causal,
+                    dtype=dtype if dtype.is_floating_point else torch.float32,
+                )
             todo = [s for s in splits if not self.trunk_cache.has(s)]
             need = sum(
                 self.trunk_cache.estimate_bytes(_dataset(dm, s), self.model, dm.max_length)

@@ -149,8 +149,7 @@ class TrunkCache:
         pos = torch.arange(width, device=states.device)
         valid = pos[None, :] < count[:, None]  # [B, width]
         flat = torch.where(valid, begin[:, None] + pos[None, :], 0)
-        out = states[flat] * valid.unsqueeze(-1).to(states.dtype)
-        out = out.to(torch.float32) if out.dtype != torch.float32 and out.is_floating_point() else out
+        out = states[flat].masked_fill_(~valid.unsqueeze(-1), 0)
         return out.to(device) if device is not None else out
 
     def to(self, device: torch.device | str) -> TrunkCache:

@@ -1,0 +1,331 @@
+"""``SpamDataModule``: chapter 6's SMS spam train / validation / test loaders for Lightning."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from spam_lightning.data.sampler import LengthGroupedSampler
+from spam_lightning.data.source import DEFAULT_URLS, DataError
+from spam_lightning.data.table import (
+    ON_BAD_ROWS,
+    load_prepared,
+    prepare,
+    read_split_csv,
+    split_settings,
+)
+from spam_lightning.data.tokens import (
+    PAD_TOKEN_ID,
+    PADDING_MODES,
+    Collator,
+    encode_texts,
+    get_tokenizer,
+    resolve_max_length,
+)
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+
+
+class TokenDataset(Dataset):
+    """One tokenized split; items are ``(token_ids, label, index)``. Plain lists: picklable."""
+
+    def __init__(self, token_ids: list[list[int]], labels: list[int], texts: list[str]) -> None:
+        if not (len(token_ids) == len(labels) == len(texts)):
+            raise ValueError("token_ids, labels and texts must have the same length")
+        self.token_ids = token_ids
+        self.labels = labels
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int, int]:
+        return self.token_ids[index], self.labels[index], index
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
+
+
+def _choice(option: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
+
+
+def _int_at_least(option: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{option}={value!r}: must be an integer >= {low}")
+    return value
+
+
+class SpamDataModule(L.LightningDataModule):
+    """The UCI SMS Spam Collection, balanced and split as in chapter 6, as GPT-2 token batches.
+
+    ``prepare_data`` gets the source and writes the CSVs (once per node, locked);
+    ``setup`` reads and tokenizes them once. Batches are dicts with ``input_ids``, ``labels``,
+    ``lengths`` and ``index`` (see docs/ARCHITECTURE.md).
+    """
+
+    def __init__(
+        self,
+        source: str | None = None,
+        urls: Sequence[str] = DEFAULT_URLS,
+        data_dir: str = "data/sms_spam",
+        max_length: int | str | None = None,
+        context_length: int = 1024,
+        padding: str = "longest",
+        bucketing: bool = False,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 123,
+        pad_token_id: int = PAD_TOKEN_ID,
+        on_bad_rows: str = "error",
+        split_seed: int = 123,
+        train_frac: float = 0.7,
+        val_frac: float = 0.1,
+    ) -> None:
+        super().__init__()
+        # Validate everything here: cheap, and before any download, tokenizing or training.
+        _choice("data.padding", padding, PADDING_MODES)
+        _choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
+        _int_at_least("data.batch_size", batch_size, 1)
+        _int_at_least("data.num_workers", num_workers, 0)
+        _int_at_least("data.context_length", context_length, 1)
+        _int_at_least("data.pad_token_id", pad_token_id, 0)
+        _int_at_least("data.seed", seed, 0)
+        _int_at_least("data.split_seed", split_seed, 0)
+        if padding == "none" and batch_size > 1:
+            raise ValueError(
+                f"data.padding=none cannot batch sequences of different lengths, but "
+                f"data.batch_size={batch_size}: use data.batch_size=1 and "
+                f"trainer.accumulate_grad_batches={batch_size} for an effective batch of "
+                f"{batch_size}"
+            )
+        if bucketing and padding != "batch":
+            raise ValueError(
+                f"data.bucketing=true groups examples of similar length, which only saves "
+                f"work with data.padding=batch (got data.padding={padding})"
+            )
+        if max_length is not None and max_length != "model":
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+                raise ValueError(
+                    f"data.max_length={max_length!r}: allowed values are null (the longest "
+                    f"training sequence), model (the context length) or an integer >= 1"
+                )
+            if max_length > context_length:
+                raise ValueError(
+                    f"data.max_length={max_length} exceeds the model's context length "
+                    f"{context_length}; use an integer <= {context_length}, or model"
+                )
+        if not (0.0 < float(train_frac) <= 1.0 and 0.0 <= float(val_frac) <= 1.0):
+            raise ValueError(
+                f"data.train_frac={train_frac}, data.val_frac={val_frac}: need "
+                f"0 < train_frac <= 1 and 0 <= val_frac <= 1"
+            )
+        if float(train_frac) + float(val_frac) > 1.0:
+            raise ValueError(
+                f"data.train_frac + data.val_frac = {float(train_frac) + float(val_frac)} > 1"
+            )
+        urls = [str(u) for u in (urls or ())]
+        if source is None and not urls:
+            raise ValueError("data.source is null and data.urls is empty: nothing to read")
+        if source is not None:
+            src = Path(str(source)).expanduser()
+            if not src.exists():
+                raise DataError(
+                    f"data.source: {src.resolve()}: no such file (expected the "
+                    f"SMSSpamCollection file or the zip holding it)"
+                )
+        self.save_hyperparameters()
+
+        self.source = None if source is None else str(Path(str(source)).expanduser().resolve())
+        self.urls = urls
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.max_length_option = max_length
+        self.context_length = int(context_length)
+        self.padding = padding
+        self.bucketing = bool(bucketing)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.pad_token_id = int(pad_token_id)
+        self.on_bad_rows = on_bad_rows
+        self.split_seed = int(split_seed)
+        self.train_frac = float(train_frac)
+        self.val_frac = float(val_frac)
+
+        self.num_classes = 2
+        self.class_names = ["ham", "spam"]
+        self._max_length: int | None = None
+        if max_length is not None:
+            self._max_length = resolve_max_length(max_length, [], self.context_length)
+        # One generator for the whole fit: epoch k's order equals that of a plain
+        # DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed)) in epoch k.
+        self._train_generator = torch.Generator().manual_seed(self.seed)
+        self.train_dataset: TokenDataset | None = None
+        self.val_dataset: TokenDataset | None = None
+        self.test_dataset: TokenDataset | None = None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def max_length(self) -> int:
+        """The resolved padding / truncation length (after ``setup`` when ``max_length=null``)."""
+        if self._max_length is None:
+            raise AttributeError(
+                "max_length is known after setup(): data.max_length=null means the longest "
+                "training sequence"
+            )
+        return self._max_length
+
+    def _settings(self) -> dict[str, Any]:
+        return split_settings(self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows)
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def prepare_data(self) -> None:
+        """Download / extract / split into ``data_dir`` (locked; no state set: once per node)."""
+        prepare(
+            self.source,
+            self.data_dir,
+            self.urls,
+            split_seed=self.split_seed,
+            train_frac=self.train_frac,
+            val_frac=self.val_frac,
+            on_bad_rows=self.on_bad_rows,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the CSVs and tokenize all splits once; later calls (other stages) reuse them."""
+        if self.train_dataset is not None:
+            return
+        paths = load_prepared(self.data_dir, self._settings())
+        tokenizer = get_tokenizer()
+        raw: dict[str, tuple[list[list[int]], list[int], list[str]]] = {}
+        for split in SPLITS:
+            texts, labels = read_split_csv(paths[split])
+            raw[split] = (encode_texts(texts, tokenizer=tokenizer), labels, texts)
+        max_length = resolve_max_length(
+            self.max_length_option, raw["train"][0], self.context_length
+        )
+        datasets = {}
+        for split, (ids, labels, texts) in raw.items():
+            ids = [seq[:max_length] for seq in ids]  # val/test use the train max_length
+            for i, seq in enumerate(ids):
+                if not seq:
+                    raise DataError(f"{paths[split]}, line {i + 2}: empty text")
+            datasets[split] = TokenDataset(ids, labels, texts)
+        if len(datasets["train"]) < self.batch_size:
+            raise DataError(
+                f"{paths['train']}: {len(datasets['train'])} training rows < data.batch_size="
+                f"{self.batch_size}, so drop_last leaves no training batch"
+            )
+        self._max_length = max_length
+        self.train_dataset = datasets["train"]
+        self.val_dataset = datasets["validation"]
+        self.test_dataset = datasets["test"]
+        logger.info(
+            "data: train %d, validation %d, test %d rows; max_length %d; padding %s",
+            len(self.train_dataset),
+            len(self.val_dataset),
+            len(self.test_dataset),
+            max_length,
+            self.padding,
+        )
+
+    # ---------------------------------------------------------------- loaders
+    def _collator(self) -> Collator:
+        return Collator(self.padding, self.max_length, self.pad_token_id)
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "collate_fn": self._collator(),
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def _dataset(self, split: str) -> TokenDataset:
+        name = _SPLIT_ALIASES.get(split)
+        if name is None:
+            raise ValueError(f"split={split!r}: allowed values are train, val, test")
+        ds = {
+            "train": self.train_dataset,
+            "validation": self.val_dataset,
+            "test": self.test_dataset,
+        }[name]
+        if ds is None:
+            raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
+        return ds
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, ``drop_last=True`` (the chapter); bucketed when ``data.bucketing``."""
+        ds = self._dataset("train")
+        if self.bucketing:
+            batch_sampler = LengthGroupedSampler(
+                RandomSampler(ds, generator=self._train_generator),
+                self.batch_size,
+                drop_last=True,
+                lengths=ds.lengths,
+                generator=self._train_generator,
+            )
+            return DataLoader(
+                ds,
+                batch_sampler=batch_sampler,
+                generator=self._train_generator,
+                **self._loader_kwargs(),
+            )
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=self._train_generator,
+            **self._loader_kwargs(),
+        )
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Any split in order with ``drop_last=False`` (full-set evaluation, trunk cache).
+
+        Its own fixed generator keeps data loading off the global RNG, so extra evaluations
+        never shift the model's random stream.
+        """
+        return DataLoader(
+            self._dataset(split),
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            generator=torch.Generator().manual_seed(self.seed),
+            **self._loader_kwargs(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    # ---------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffling generator's state, so a resumed fit continues the same epoch order."""
+        return {
+            "train_generator_state": self._train_generator.get_state(),
+            "max_length": self._max_length,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_generator_state" in state_dict:
+            self._train_generator.set_state(state_dict["train_generator_state"])
+        saved = state_dict.get("max_length")
+        if saved is not None and self._max_length is not None and saved != self._max_length:
+            logger.warning(
+                "checkpoint was trained with max_length %d, this data gives %d",
+                saved,
+                self._max_length,
+            )
