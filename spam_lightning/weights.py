@@ -130,12 +130,13 @@ def load_gpt2(
         params = dict(model.named_parameters())
         with torch.no_grad():
             for key, entry in plan.items():
-                tensor = tensors.get(layout[key])
-                if entry.transpose:  # Conv1D [in, out] -> Linear [out, in]
-                    tensor = tensor.T
-                parts = tensor.chunk(len(entry.targets), dim=0)  # c_attn -> query, key, value
-                for target, part in zip(entry.targets, parts, strict=True):
-                    params[target].copy_(part)
+                with tensors.get(layout[key]) as tensor:
+                    if entry.transpose:  # Conv1D [in, out] -> Linear [out, in]
+                        tensor = tensor.T
+                    parts = tensor.chunk(len(entry.targets), dim=0)  # c_attn -> q, k, v
+                    for target, part in zip(entry.targets, parts, strict=True):
+                        params[target].copy_(part)
+                    del tensor, parts
     return model
 
 
@@ -175,20 +176,30 @@ def _download(name: str) -> Path:
 
 
 class _Tensors:
-    """Read-only view of a checkpoint's tensors: names, shapes and one tensor at a time."""
+    """Read-only view of a checkpoint's tensors: names, shapes and one tensor at a time.
 
-    def __init__(self, handle: Any = None, state: Mapping[str, torch.Tensor] | None = None):
-        self._handle, self._state = handle, state
+    For safetensors, each tensor is read through its own short-lived memory map: the pages of a
+    tensor are released as soon as it has been copied into the model, so loading peaks at about
+    the model's size plus one tensor (one full map held open would add the whole file to RSS).
+    """
+
+    def __init__(self, path: Path | None = None, state: Mapping[str, torch.Tensor] | None = None):
+        self._path, self._state = path, state
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         if self._state is not None:
             return {k: tuple(v.shape) for k, v in self._state.items()}
-        return {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}
+        with safe_open(str(self._path), framework="pt", device="cpu") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
 
-    def get(self, key: str) -> torch.Tensor:
+    @contextmanager
+    def get(self, key: str) -> Iterator[torch.Tensor]:
+        """The tensor, valid inside the ``with`` block only (its memory map closes after)."""
         if self._state is not None:
-            return self._state[key]
-        return self._handle.get_tensor(key)  # a view of the memory map, not a copy
+            yield self._state[key]
+            return
+        with safe_open(str(self._path), framework="pt", device="cpu") as handle:
+            yield handle.get_tensor(key)
 
 
 @contextmanager
@@ -198,11 +209,11 @@ def open_tensors(path: Path) -> Iterator[_Tensors]:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")  # memory-mapped
+            with safe_open(str(path), framework="pt", device="cpu"):  # validates the header
+                pass
         except Exception as err:  # SafetensorError, OSError: truncated or not safetensors
             raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
-        with handle:
-            yield _Tensors(handle=handle)
+        yield _Tensors(path=path)
         return
     if suffix in TORCH_SUFFIXES:
         yield _Tensors(state=_torch_load_weights_only(path))

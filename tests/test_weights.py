@@ -288,9 +288,10 @@ print((peak() - before) / os.path.getsize(sys.argv[1]))
 
 
 def test_loading_holds_one_copy_of_the_weights(tmp_path: Path) -> None:
-    """A ~50 MB checkpoint raises the loader process's peak RSS by the model itself plus the
-    memory-mapped file pages it read (~1.9x the file); building a state dict first, or
-    initialising the model and then copying into it, needs >= 2.6x."""
+    """A ~50 MB checkpoint raises the loader process's peak RSS by about the model itself: each
+    tensor is read through its own short-lived memory map (one map held open for the whole load
+    measured ~1.9x the file; building a state dict first, or initialising the model and then
+    copying into it, >= 2.6x). The target for gpt2-xl-sized files is below 1.3x."""
     cfg = {**MODEL_CONFIGS["gpt2-tiny"], "emb_dim": 192, "n_layers": 4}
     torch.manual_seed(0)
     save_file(
@@ -306,7 +307,7 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path: Path) -> None:
         check=True,
     )
     ratio = float(out.stdout.strip().splitlines()[-1])
-    assert 0.9 < ratio < 2.3, ratio
+    assert 0.9 < ratio < 1.3, ratio
 
 
 def test_offline_without_checkpoint_names_both_fixes(tmp_path: Path) -> None:
