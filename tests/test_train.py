@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from spam_lightning.bundle import load_bundle
 from spam_lightning.classify import Classifier
+from spam_lightning.classify import main as classify_main
 from spam_lightning.data.tokens import collate, encode_texts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,8 +126,9 @@ MESSAGES = [
 
 def test_classify_cli_agrees_with_module(tiny_run):
     run_dir, _ = tiny_run
+    # the installed console script, as a user runs it
     proc = subprocess.run(
-        [sys.executable, "-m", "spam_lightning.classify", str(run_dir), *MESSAGES, "--json"],
+        [str(Path(sys.executable).parent / "spam-classify"), str(run_dir), *MESSAGES, "--json"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -148,42 +150,27 @@ def test_classify_cli_agrees_with_module(tiny_run):
         assert abs(r["probability"] - float(p.max())) < 1e-4
 
 
-def test_classify_plain_output_and_file(tiny_run, tmp_path):
+def test_classify_plain_output_and_file(tiny_run, tmp_path, capsys):
     run_dir, _ = tiny_run
     f = tmp_path / "msgs.txt"
     f.write_text("\n".join(MESSAGES) + "\n\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "spam_lightning.classify", str(run_dir), "--file", str(f)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    assert classify_main([str(run_dir), "--file", str(f)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3  # the blank line is not a message
     for line in lines:
         label, prob, _ = line.split("\t")
         assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1.0
     csv_file = tmp_path / "msgs.csv"
-    csv_file.write_text("id,Text\n1,hello there\n2,\"WIN cash, now\"\n")
-    clf = Classifier(run_dir)
-    proc = subprocess.run(
-        [sys.executable, "-m", "spam_lightning.classify", str(run_dir), "--file", str(csv_file), "--json"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    got = [json.loads(x)["label"] for x in proc.stdout.splitlines()]
-    assert got == [p.label for p in clf.predict(["hello there", "WIN cash, now"])]
+    csv_file.write_text('id,Text\n1,hello there\n2,"WIN cash, now"\n')
+    assert classify_main([str(run_dir), "--file", str(csv_file), "--json"]) == 0
+    got = [json.loads(x)["label"] for x in capsys.readouterr().out.splitlines()]
+    assert got == [p.label for p in Classifier(run_dir).predict(["hello there", "WIN cash, now"])]
 
 
-def test_classify_missing_run_folder(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "spam_lightning.classify", str(tmp_path / "nope"), "hi"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 1 and "Run folder not found" in proc.stderr
+def test_classify_missing_run_folder(tmp_path, capsys):
+    assert classify_main([str(tmp_path / "nope"), "hi"]) == 1
+    assert "Run folder not found" in capsys.readouterr().err
     (tmp_path / "bundle").mkdir()
     (tmp_path / "bundle" / "bundle.json").write_text("{}")
-    proc = subprocess.run(
-        [sys.executable, "-m", "spam_lightning.classify", str(tmp_path), "hi"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 1 and "model.safetensors is missing" in proc.stderr
+    assert classify_main([str(tmp_path), "hi"]) == 1
+    assert "model.safetensors is missing" in capsys.readouterr().err
