@@ -7,6 +7,7 @@ checkpoints, TensorBoard events).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -240,11 +241,47 @@ def _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trai
         lg.save()
 
 
+def nested_options(group: str, config_dir: str = CONFIG_DIR) -> list[str]:
+    """Every config of a group, sub-folders included (`table/row01`), as `group=` accepts them."""
+    root = Path(config_dir) / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[str]:
+    """Expand `group=glob(...)` over sub-folders too, e.g. `experiment=glob(table/*)`.
+
+    Hydra's own glob lists only the top level of a config group; the pattern is parsed by
+    Hydra's override parser and matched against the nested names, then handed back as a list.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+
+    out = []
+    parser = OverridesParser.create()
+    for arg in argv:
+        if "=glob(" in arg and not arg.startswith("-"):
+            override = parser.parse_override(arg)
+            group = override.key_or_group
+            if isinstance(override._value, Glob) and (Path(config_dir) / group).is_dir():
+                names = override._value.filter(nested_options(group, config_dir))
+                if not names:
+                    raise SystemExit(f"{arg}: no config in conf/{group} matches")
+                arg = f"{override.get_key_element()}={','.join(names)}"
+        out.append(arg)
+    return out
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     """Train, and return the metric an Optuna sweep optimizes."""
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric", "val_accuracy"))
+
+
+def main() -> None:
+    """`python train.py` / `spam-train`: Hydra's command line, with nested config globs."""
+    sys.argv = [sys.argv[0], *expand_nested_globs(sys.argv[1:])]
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -150,3 +150,17 @@ def test_multirun_writes_summary_with_mean_and_std(tmp_path, sms_file):
     )
     assert proc.returncode == 0, proc.stderr
     assert "failed (1/2)" in proc.stdout
+
+
+def test_glob_over_nested_experiments():
+    from spam_lightning.train import expand_nested_globs
+
+    (arg,) = expand_nested_globs(["experiment=glob(table/*)"])
+    assert arg == "experiment=" + ",".join(f"table/row{i:02d}" for i in range(1, 20))
+    (arg,) = expand_nested_globs(["experiment=glob([table/row0*,fast],exclude=table/row05)"])
+    assert arg.split("=")[1].split(",") == ["fast"] + [
+        f"table/row{i:02d}" for i in range(1, 10) if i != 5
+    ]
+    assert expand_nested_globs(["seed=1,2", "trainable=glob(*)"]) == ["seed=1,2", "trainable=all,last_block,last_layer,last_two_blocks,lora"]
+    with pytest.raises(SystemExit, match="no config"):
+        expand_nested_globs(["experiment=glob(nothing*)"])
