@@ -24,6 +24,7 @@ BUNDLE_DIR = "bundle"
 WEIGHTS = "model.safetensors"
 CONFIG = "bundle.json"
 GPT_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+REQUIRED_KEYS = ("model", "num_classes", "class_names", "token", "max_length", "padding", "pad_token_id")
 
 
 class BundleError(RuntimeError):
@@ -97,13 +98,27 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> t
         config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise BundleError(f"{folder / CONFIG} is not valid JSON: {err}") from err
-    if config.get("format") != BUNDLE_FORMAT:
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise BundleError(
-            f"{folder / CONFIG}: unknown format {config.get('format')!r}, expected {BUNDLE_FORMAT!r}."
+            f"{folder / CONFIG}: unknown format {found!r}, expected {BUNDLE_FORMAT!r}."
         )
-    model = GPTModel(config["model"])
-    model.out_head = nn.Linear(config["model"]["emb_dim"], config["num_classes"])
-    state = load_file(str(folder / WEIGHTS), device=str(map_location))
+    missing_keys = [k for k in REQUIRED_KEYS if k not in config]
+    if missing_keys:
+        raise BundleError(f"{folder / CONFIG} lacks {missing_keys}; re-create the bundle.")
+    try:
+        model = GPTModel(config["model"])
+        model.out_head = nn.Linear(config["model"]["emb_dim"], config["num_classes"])
+    except (KeyError, TypeError, ValueError, AssertionError) as err:
+        raise BundleError(f"{folder / CONFIG}: invalid model settings ({err!r}).") from err
+    try:
+        # safetensors only: a bundle is never unpickled, so a crafted file cannot run code
+        state = load_file(str(folder / WEIGHTS), device=str(map_location))
+    except Exception as err:  # SafetensorError (bad header, truncated), OSError
+        raise BundleError(
+            f"{folder / WEIGHTS} is not a readable safetensors file ({err}). Bundles hold "
+            "weights only as safetensors, never pickles; re-create it with a training run."
+        ) from err
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

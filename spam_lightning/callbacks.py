@@ -4,21 +4,32 @@ Every ``eval_freq`` batches: the loss on ``eval_iter`` train and validation batc
 epoch: the accuracy on ``eval_iter`` train and validation batches. Both print in the chapter's
 format and are kept (with examples seen) for the plots and the checkpoint, so a resumed run
 continues the same history.
+
+Resuming also needs what no callback above holds: the random number generators (``RNGState``)
+and checkpoints that are never half-written nor unpickled unsafely (``SafeCheckpointIO``).
 """
 
 from __future__ import annotations
 
 import itertools
+import random
+import re
 import time
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from spam_lightning.io_utils import atomic_write
 from spam_lightning.plots import plt
+from spam_lightning.weights import CheckpointError
 
 
 @torch.no_grad()
@@ -123,6 +134,92 @@ class ChapterMonitor(L.Callback):
     @rank_zero_only
     def _print(self, line: str) -> None:
         print(line, flush=True)
+
+
+class RNGState(L.Callback):
+    """Saves the global random generators (torch, CUDA, numpy, ``random``) in each checkpoint and
+    restores them on resume, so dropout and any other draw continue exactly as in an
+    uninterrupted run (Lightning restores weights, optimizer and loops, but not these)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            # plain tensors and numbers: the checkpoint stays loadable with weights_only=True
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        random.setstate(state_dict["python"])
+        n = state_dict["numpy"]
+        np.random.set_state(
+            (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        )
+        cuda = state_dict.get("cuda")
+        if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of a Lightning checkpoint, or a CheckpointError.
+
+    Its unpickler rebuilds only tensors and plain containers, so a crafted pickle fails before
+    any of its code runs; the error says why instead of torch's long unpickling message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+        )
+    except Exception as err:  # UnpicklingError for forbidden globals, anything for junk
+        found = re.search(r"WeightsUnpickler error: (.+?)(?:\. Please|\n|$)", str(err))
+        reason = found.group(1) if found else f"{type(err).__name__}: {str(err)[:200]}"
+        raise CheckpointError(
+            f"refusing to load checkpoint {path}: it is not a plain checkpoint of tensors and "
+            f"containers ({reason}). Checkpoints are read only with torch.load(weights_only=True), "
+            "because a pickle can run arbitrary code; resume only from checkpoints a training run "
+            "wrote."
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(
+            f"checkpoint {path} is not a Lightning training checkpoint (no 'state_dict'); pass "
+            "the checkpoints/last.ckpt of a run, or use model.checkpoint= for pretrained weights"
+        )
+    return checkpoint
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written atomically and read safely.
+
+    Lightning's writer fills a temporary file in the system temp folder and then moves it,
+    which is a copy when that folder is another file system: a SIGKILL can leave a truncated
+    ``last.ckpt`` (and a stray multi-GB temp file). Here the temporary file sits next to the
+    target and is renamed onto it, so a kill leaves the previous checkpoint intact. Reading is
+    always ``weights_only=True``.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):  # remote or custom: Lightning's way
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, weights_only=True)
+        return load_checkpoint_safely(path)
 
 
 class TestDashboard(L.Callback):

@@ -152,23 +152,33 @@ def _read_texts(path: Path, text_column: str) -> Iterator[str]:
         raise FileNotFoundError(f"--file {path}: no such file")
     try:
         if path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as fh:
+            # long messages are truncated later, as in training; csv's 128 KiB cap would refuse them
+            csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+            # utf-8-sig: a spreadsheet's byte-order mark must not rename the first column
+            with path.open(newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh)
-                if not reader.fieldnames or text_column not in reader.fieldnames:
-                    raise ValueError(
-                        f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); "
-                        "use --text-column NAME"
-                    )
-                for row in reader:
-                    yield row[text_column] or ""
+                try:
+                    if not reader.fieldnames or text_column not in reader.fieldnames:
+                        raise ValueError(
+                            f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); "
+                            "use --text-column NAME"
+                        )
+                    for row in reader:
+                        yield row[text_column] or ""
+                except csv.Error as err:
+                    raise ValueError(f"{path}, line {reader.line_num}: bad CSV ({err})") from err
         else:
-            with path.open(encoding="utf-8") as fh:
+            with path.open(encoding="utf-8-sig") as fh:
                 for line in fh:
                     line = line.rstrip("\r\n")
                     if line.strip():
                         yield line
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+# characters that would split one prediction over several output lines or TSV columns
+_ONE_LINE = str.maketrans(dict.fromkeys("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(asdict(pred), ensure_ascii=False))
             else:
-                snippet = pred.text if len(pred.text) <= 60 else pred.text[:57] + "..."
+                text = pred.text.translate(_ONE_LINE)
+                snippet = text if len(text) <= 60 else text[:57] + "..."
                 print(f"{pred.label}\t{pred.probability:.4f}\t{snippet}")
     except (BundleError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"spam-classify: error: {err}", file=sys.stderr)

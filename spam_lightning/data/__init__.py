@@ -1,4 +1,5 @@
-"""Data layer: the SMS Spam Collection as GPT-2 token batches (chapter 6).
+"""Data layer: the SMS Spam Collection (chapter 6), any text-classification CSV and IMDB as GPT-2
+token batches.
 
 Submodules import lazily, so that ``spam_lightning.data.table`` (used by preparation workers and
 scripts) does not pay for importing Lightning.
@@ -11,6 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "SpamDataModule": "datamodule",
+    "SplitData": "datamodule",
+    "TextClassificationDataModule": "datamodule",
+    "CSVDataModule": "csv_data",
+    "read_text_table": "csv_data",
+    "IMDBDataModule": "imdb",
+    "IMDB_URLS": "imdb",
+    "prepare_imdb": "imdb",
     "TokenDataset": "datamodule",
     "LengthGroupedSampler": "sampler",
     "DEFAULT_URLS": "source",
@@ -31,28 +39,42 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "CSVDataModule",
     "Collator",
     "DEFAULT_URLS",
     "DataError",
     "DownloadError",
     "EXPECTED_SHA256",
     "EXPECTED_SIZE",
+    "IMDBDataModule",
+    "IMDB_URLS",
     "LengthGroupedSampler",
     "PADDING_MODES",
     "PAD_TOKEN_ID",
     "SpamDataModule",
+    "SplitData",
+    "TextClassificationDataModule",
     "TokenDataset",
     "collate",
     "encode_texts",
     "get_tokenizer",
     "prepare",
+    "prepare_imdb",
     "read_split_csv",
     "read_table",
+    "read_text_table",
     "resolve_max_length",
 ]
 
 if TYPE_CHECKING:
-    from spam_lightning.data.datamodule import SpamDataModule, TokenDataset
+    from spam_lightning.data.csv_data import CSVDataModule, read_text_table
+    from spam_lightning.data.datamodule import (
+        SpamDataModule,
+        SplitData,
+        TextClassificationDataModule,
+        TokenDataset,
+    )
+    from spam_lightning.data.imdb import IMDB_URLS, IMDBDataModule, prepare_imdb
     from spam_lightning.data.sampler import LengthGroupedSampler
     from spam_lightning.data.source import (
         DEFAULT_URLS,

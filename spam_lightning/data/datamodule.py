@@ -1,9 +1,16 @@
-"""``SpamDataModule``: chapter 6's SMS spam train / validation / test loaders for Lightning."""
+"""Train / validation / test loaders for Lightning: chapter 6's SMS spam, and the shared base.
+
+``TextClassificationDataModule`` owns what every text-classification dataset shares (option checks,
+tokenizing, truncation, padding, bucketing, loaders, resumable shuffling); a subclass only says
+how to prepare its files and read its splits (``SpamDataModule`` here, ``CSVDataModule`` and
+``IMDBDataModule`` in ``csv_data`` / ``imdb``).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +74,88 @@ def _int_at_least(option: str, value: Any, low: int) -> int:
     return value
 
 
-class SpamDataModule(L.LightningDataModule):
-    """The UCI SMS Spam Collection, balanced and split as in chapter 6, as GPT-2 token batches.
+@dataclass
+class SplitData:
+    """One split as read from disk: texts, class indices, and where they came from (for errors).
 
-    ``prepare_data`` gets the source and writes the CSVs (once per node, locked);
-    ``setup`` reads and tokenizes them once. Batches are dicts with ``input_ids``, ``labels``,
-    ``lengths`` and ``index`` (see docs/ARCHITECTURE.md).
+    ``lines`` holds each row's 1-based start line when known; otherwise row ``i`` is reported as
+    line ``i + 2`` (a header, then one line per row).
+    """
+
+    texts: list[str]
+    labels: list[int]
+    name: str
+    lines: list[int] | None = None
+
+    def line(self, row: int) -> int:
+        return self.lines[row] if self.lines is not None else row + 2
+
+
+def check_loader_options(
+    max_length: int | str | None,
+    context_length: int,
+    padding: str,
+    bucketing: bool,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    pad_token_id: int,
+) -> None:
+    """Fail on impossible loader options at construction: before any download or tokenizing."""
+    _choice("data.padding", padding, PADDING_MODES)
+    _int_at_least("data.batch_size", batch_size, 1)
+    _int_at_least("data.num_workers", num_workers, 0)
+    _int_at_least("data.context_length", context_length, 1)
+    _int_at_least("data.pad_token_id", pad_token_id, 0)
+    _int_at_least("data.seed", seed, 0)
+    if padding == "none" and batch_size > 1:
+        raise ValueError(
+            f"data.padding=none cannot batch sequences of different lengths, but "
+            f"data.batch_size={batch_size}: use data.batch_size=1 and "
+            f"trainer.accumulate_grad_batches={batch_size} for an effective batch of "
+            f"{batch_size}"
+        )
+    if bucketing and padding != "batch":
+        raise ValueError(
+            f"data.bucketing=true groups examples of similar length, which only saves "
+            f"work with data.padding=batch (got data.padding={padding})"
+        )
+    if max_length is not None and max_length != "model":
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(
+                f"data.max_length={max_length!r}: allowed values are null (the longest "
+                f"training sequence), model (the context length) or an integer >= 1"
+            )
+        if max_length > context_length:
+            raise ValueError(
+                f"data.max_length={max_length} exceeds the model's context length "
+                f"{context_length}; use an integer <= {context_length}, or model"
+            )
+
+
+def check_split_fractions(train_frac: float, val_frac: float) -> None:
+    if not (0.0 < float(train_frac) <= 1.0 and 0.0 <= float(val_frac) <= 1.0):
+        raise ValueError(
+            f"data.train_frac={train_frac}, data.val_frac={val_frac}: need "
+            f"0 < train_frac <= 1 and 0 <= val_frac <= 1"
+        )
+    if float(train_frac) + float(val_frac) > 1.0:
+        raise ValueError(
+            f"data.train_frac + data.val_frac = {float(train_frac) + float(val_frac)} > 1"
+        )
+
+
+class TextClassificationDataModule(L.LightningDataModule):
+    """Any labelled text dataset as GPT-2 token batches (see docs/ARCHITECTURE.md).
+
+    Subclasses implement ``prepare_data`` (files on disk, once per node, no state) and
+    ``load_splits`` (read the three splits, set ``class_names``); ``setup`` then tokenizes them
+    once. Batches are dicts with ``input_ids``, ``labels``, ``lengths`` and ``index``.
     """
 
     def __init__(
         self,
-        source: str | None = None,
-        urls: Sequence[str] = DEFAULT_URLS,
-        data_dir: str = "data/sms_spam",
+        data_dir: str = "data",
         max_length: int | str | None = None,
         context_length: int = 1024,
         padding: str = "longest",
@@ -88,67 +164,18 @@ class SpamDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID,
-        on_bad_rows: str = "error",
-        split_seed: int = 123,
-        train_frac: float = 0.7,
-        val_frac: float = 0.1,
     ) -> None:
         super().__init__()
-        # Validate everything here: cheap, and before any download, tokenizing or training.
-        _choice("data.padding", padding, PADDING_MODES)
-        _choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
-        _int_at_least("data.batch_size", batch_size, 1)
-        _int_at_least("data.num_workers", num_workers, 0)
-        _int_at_least("data.context_length", context_length, 1)
-        _int_at_least("data.pad_token_id", pad_token_id, 0)
-        _int_at_least("data.seed", seed, 0)
-        _int_at_least("data.split_seed", split_seed, 0)
-        if padding == "none" and batch_size > 1:
-            raise ValueError(
-                f"data.padding=none cannot batch sequences of different lengths, but "
-                f"data.batch_size={batch_size}: use data.batch_size=1 and "
-                f"trainer.accumulate_grad_batches={batch_size} for an effective batch of "
-                f"{batch_size}"
-            )
-        if bucketing and padding != "batch":
-            raise ValueError(
-                f"data.bucketing=true groups examples of similar length, which only saves "
-                f"work with data.padding=batch (got data.padding={padding})"
-            )
-        if max_length is not None and max_length != "model":
-            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-                raise ValueError(
-                    f"data.max_length={max_length!r}: allowed values are null (the longest "
-                    f"training sequence), model (the context length) or an integer >= 1"
-                )
-            if max_length > context_length:
-                raise ValueError(
-                    f"data.max_length={max_length} exceeds the model's context length "
-                    f"{context_length}; use an integer <= {context_length}, or model"
-                )
-        if not (0.0 < float(train_frac) <= 1.0 and 0.0 <= float(val_frac) <= 1.0):
-            raise ValueError(
-                f"data.train_frac={train_frac}, data.val_frac={val_frac}: need "
-                f"0 < train_frac <= 1 and 0 <= val_frac <= 1"
-            )
-        if float(train_frac) + float(val_frac) > 1.0:
-            raise ValueError(
-                f"data.train_frac + data.val_frac = {float(train_frac) + float(val_frac)} > 1"
-            )
-        urls = [str(u) for u in (urls or ())]
-        if source is None and not urls:
-            raise ValueError("data.source is null and data.urls is empty: nothing to read")
-        if source is not None:
-            src = Path(str(source)).expanduser()
-            if not src.exists():
-                raise DataError(
-                    f"data.source: {src.resolve()}: no such file (expected the "
-                    f"SMSSpamCollection file or the zip holding it)"
-                )
-        self.save_hyperparameters()
-
-        self.source = None if source is None else str(Path(str(source)).expanduser().resolve())
-        self.urls = urls
+        check_loader_options(
+            max_length,
+            context_length,
+            padding,
+            bucketing,
+            batch_size,
+            num_workers,
+            seed,
+            pad_token_id,
+        )
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.max_length_option = max_length
         self.context_length = int(context_length)
@@ -158,13 +185,7 @@ class SpamDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.pad_token_id = int(pad_token_id)
-        self.on_bad_rows = on_bad_rows
-        self.split_seed = int(split_seed)
-        self.train_frac = float(train_frac)
-        self.val_frac = float(val_frac)
-
-        self.num_classes = 2
-        self.class_names = ["ham", "spam"]
+        self.class_names: list[str] = []
         self._max_length: int | None = None
         if max_length is not None:
             self._max_length = resolve_max_length(max_length, [], self.context_length)
@@ -174,6 +195,19 @@ class SpamDataModule(L.LightningDataModule):
         self.train_dataset: TokenDataset | None = None
         self.val_dataset: TokenDataset | None = None
         self.test_dataset: TokenDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """The head size: the number of class names (known after ``setup`` for data-named classes)."""
+        if not self.class_names:
+            raise AttributeError(
+                "num_classes is known after setup(): the classes come from the data"
+            )
+        return len(self.class_names)
+
+    def load_splits(self) -> dict[str, SplitData]:
+        """Read ``train``, ``validation`` and ``test`` (prepared by ``prepare_data``)."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- properties
     @property
@@ -186,56 +220,38 @@ class SpamDataModule(L.LightningDataModule):
             )
         return self._max_length
 
-    def _settings(self) -> dict[str, Any]:
-        return split_settings(self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows)
-
     # ---------------------------------------------------------------- Lightning hooks
-    def prepare_data(self) -> None:
-        """Download / extract / split into ``data_dir`` (locked; no state set: once per node)."""
-        prepare(
-            self.source,
-            self.data_dir,
-            self.urls,
-            split_seed=self.split_seed,
-            train_frac=self.train_frac,
-            val_frac=self.val_frac,
-            on_bad_rows=self.on_bad_rows,
-        )
-
     def setup(self, stage: str | None = None) -> None:
-        """Read the CSVs and tokenize all splits once; later calls (other stages) reuse them."""
+        """Read the splits and tokenize them once; later calls (other stages) reuse them."""
         if self.train_dataset is not None:
             return
-        paths = load_prepared(self.data_dir, self._settings())
+        splits = self.load_splits()
         tokenizer = get_tokenizer()
-        raw: dict[str, tuple[list[list[int]], list[int], list[str]]] = {}
-        for split in SPLITS:
-            texts, labels = read_split_csv(paths[split])
-            raw[split] = (encode_texts(texts, tokenizer=tokenizer), labels, texts)
-        max_length = resolve_max_length(
-            self.max_length_option, raw["train"][0], self.context_length
-        )
+        raw = {split: encode_texts(splits[split].texts, tokenizer=tokenizer) for split in SPLITS}
+        max_length = resolve_max_length(self.max_length_option, raw["train"], self.context_length)
         datasets = {}
-        for split, (ids, labels, texts) in raw.items():
-            ids = [seq[:max_length] for seq in ids]  # val/test use the train max_length
+        for split in SPLITS:
+            data = splits[split]
+            ids = [seq[:max_length] for seq in raw[split]]  # val/test use the train max_length
             for i, seq in enumerate(ids):
                 if not seq:
-                    raise DataError(f"{paths[split]}, line {i + 2}: empty text")
-            datasets[split] = TokenDataset(ids, labels, texts)
+                    raise DataError(f"{data.name}, line {data.line(i)}: empty text")
+            datasets[split] = TokenDataset(ids, data.labels, data.texts)
         if len(datasets["train"]) < self.batch_size:
             raise DataError(
-                f"{paths['train']}: {len(datasets['train'])} training rows < data.batch_size="
-                f"{self.batch_size}, so drop_last leaves no training batch"
+                f"{splits['train'].name}: {len(datasets['train'])} training rows < "
+                f"data.batch_size={self.batch_size}, so drop_last leaves no training batch"
             )
         self._max_length = max_length
         self.train_dataset = datasets["train"]
         self.val_dataset = datasets["validation"]
         self.test_dataset = datasets["test"]
         logger.info(
-            "data: train %d, validation %d, test %d rows; max_length %d; padding %s",
+            "data: train %d, validation %d, test %d rows; %d classes; max_length %d; padding %s",
             len(self.train_dataset),
             len(self.val_dataset),
             len(self.test_dataset),
+            len(self.class_names),
             max_length,
             self.padding,
         )
@@ -329,3 +345,88 @@ class SpamDataModule(L.LightningDataModule):
                 saved,
                 self._max_length,
             )
+
+
+class SpamDataModule(TextClassificationDataModule):
+    """The UCI SMS Spam Collection, balanced and split as in chapter 6, as GPT-2 token batches.
+
+    ``prepare_data`` gets the source and writes the CSVs (once per node, locked);
+    ``setup`` reads and tokenizes them once.
+    """
+
+    def __init__(
+        self,
+        source: str | None = None,
+        urls: Sequence[str] = DEFAULT_URLS,
+        data_dir: str = "data/sms_spam",
+        max_length: int | str | None = None,
+        context_length: int = 1024,
+        padding: str = "longest",
+        bucketing: bool = False,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 123,
+        pad_token_id: int = PAD_TOKEN_ID,
+        on_bad_rows: str = "error",
+        split_seed: int = 123,
+        train_frac: float = 0.7,
+        val_frac: float = 0.1,
+    ) -> None:
+        # Validate everything here: cheap, and before any download, tokenizing or training.
+        _choice("data.padding", padding, PADDING_MODES)
+        _choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
+        super().__init__(
+            data_dir,
+            max_length,
+            context_length,
+            padding,
+            bucketing,
+            batch_size,
+            num_workers,
+            seed,
+            pad_token_id,
+        )
+        _int_at_least("data.split_seed", split_seed, 0)
+        check_split_fractions(train_frac, val_frac)
+        urls = [str(u) for u in (urls or ())]
+        if source is None and not urls:
+            raise ValueError("data.source is null and data.urls is empty: nothing to read")
+        if source is not None:
+            src = Path(str(source)).expanduser()
+            if not src.exists():
+                raise DataError(
+                    f"data.source: {src.resolve()}: no such file (expected the "
+                    f"SMSSpamCollection file or the zip holding it)"
+                )
+        self.save_hyperparameters()
+
+        self.source = None if source is None else str(Path(str(source)).expanduser().resolve())
+        self.urls = urls
+        self.on_bad_rows = on_bad_rows
+        self.split_seed = int(split_seed)
+        self.train_frac = float(train_frac)
+        self.val_frac = float(val_frac)
+        self.class_names = ["ham", "spam"]
+
+    def _settings(self) -> dict[str, Any]:
+        return split_settings(self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows)
+
+    def prepare_data(self) -> None:
+        """Download / extract / split into ``data_dir`` (locked; no state set: once per node)."""
+        prepare(
+            self.source,
+            self.data_dir,
+            self.urls,
+            split_seed=self.split_seed,
+            train_frac=self.train_frac,
+            val_frac=self.val_frac,
+            on_bad_rows=self.on_bad_rows,
+        )
+
+    def load_splits(self) -> dict[str, SplitData]:
+        paths = load_prepared(self.data_dir, self._settings())
+        out = {}
+        for split in SPLITS:
+            texts, labels = read_split_csv(paths[split])
+            out[split] = SplitData(texts, labels, str(paths[split]))
+        return out

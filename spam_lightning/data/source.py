@@ -165,13 +165,14 @@ def _verify(data: bytes, where: str) -> None:
         )
 
 
-def _fetch(url: str, dest: Path, timeout: float) -> None:
+def _fetch(url: str, dest: Path, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+    """Stream ``url`` into ``dest``; refuse more than ``max_bytes`` and short transfers."""
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as f:
         total = 0
         while chunk := resp.read(1 << 16):
             total += len(chunk)
-            if total > MAX_DOWNLOAD_BYTES:
-                raise DataError(f"download larger than {MAX_DOWNLOAD_BYTES:,} bytes; refused")
+            if total > max_bytes:
+                raise DataError(f"download larger than {max_bytes:,} bytes; refused")
             f.write(chunk)
         expected = resp.headers.get("Content-Length")
         if expected is not None and expected.isdigit() and total != int(expected):

@@ -1,0 +1,110 @@
+"""Parallel and cluster sweeps: joblib, submitit (composition only) and Optuna (issue 8)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from _compose import compose_train
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = [
+    "model=gpt2-tiny",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "eval_freq=100",
+    "eval_iter=1",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def sweep(args: list[str], work: Path, sms_file: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *args,
+            *FAST,
+            f"data.source={sms_file}",
+            f"paths.data_dir={work / 'data'}",
+            f"hydra.sweep.dir={work / 'sweep'}",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"STDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def test_joblib_runs_two_jobs_in_parallel(tmp_path: Path, sms_file: Path) -> None:
+    proc = sweep(
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2"], tmp_path, sms_file
+    )
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    root = tmp_path / "sweep"
+    for job, seed in (("0", 1), ("1", 2)):
+        m = json.loads((root / job / "metrics.json").read_text())
+        assert m["seed"] == seed and m["test_count"] == 300
+        assert (root / job / "bundle" / "model.safetensors").is_file()
+    # our Hydra callback summarised the sweep in the main process: one config, two seeds
+    rows = list(csv.DictReader((root / "summary.csv").open()))
+    assert len(rows) == 1 and rows[0]["Seeds"] == "2" and rows[0]["Status"] == "ok"
+    assert "±" in (root / "summary.md").read_text()
+
+
+def test_optuna_two_trials_maximize_val_accuracy(tmp_path: Path, sms_file: Path) -> None:
+    sweep(["hparams_search=optuna", "hydra.sweeper.n_trials=2"], tmp_path, sms_file)
+    root = tmp_path / "sweep"
+    results = yaml.safe_load((root / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {
+        "optimizer.lr",
+        "optimizer.weight_decay",
+        "trainable",
+        "token",
+    }
+    trials = [json.loads((root / job / "metrics.json").read_text()) for job in ("0", "1")]
+    assert results["best_value"] == max(t["val_accuracy"] for t in trials)
+    best = max(trials, key=lambda t: t["val_accuracy"])
+    assert (best["trainable"], best["token"]) == (
+        results["best_params"]["trainable"],
+        results["best_params"]["token"],
+    )
+    assert 1e-5 <= results["best_params"]["optimizer.lr"] <= 1e-3
+    assert (root / "summary.md").is_file()
+
+
+def test_optuna_search_space(tmp_path: Path) -> None:
+    cfg = compose_train(["hparams_search=optuna"], tmp_path)
+    assert cfg.optimized_metric == "val_accuracy"
+    sweeper = cfg.hydra.sweeper
+    assert sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "trainable", "token"}
+
+
+def test_submitit_slurm_config_composes(tmp_path: Path) -> None:
+    cfg = compose_train(
+        [
+            "hydra/launcher=submitit_slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.gpus_per_node=2",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.timeout_min=60",
+            "trainer=ddp",
+            "trainer.devices=2",
+        ],
+        tmp_path,
+    )
+    launcher = cfg.hydra.launcher
+    assert (
+        launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    )
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 2)
+    assert launcher.timeout_min == 60 and cfg.trainer.strategy == "ddp"
