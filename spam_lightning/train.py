@@ -251,7 +251,11 @@ def _resolve_ckpt_path(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
         return Path(str(value))
     path = _last_checkpoint(cfg, callbacks)
     if path is None:
-        log.warning("ckpt_path=last: no checkpoint in this run folder yet; training starts anew.")
+        log.warning(
+            "ckpt_path=last: no last.ckpt in %s yet, so training starts anew. To continue "
+            "another run, add hydra.run.dir=<its folder> or pass ckpt_path=<its last.ckpt>.",
+            Path(cfg.paths.output_dir) / "checkpoints",
+        )
     return path
 
 
@@ -359,7 +363,8 @@ def preflight(
         return None, None
     checkpoint = load_checkpoint_safely(path, mmap=True)
     if num_classes is None:  # compare everything but the head now, the head after setup()
-        head = checkpoint["state_dict"].get("model.out_head.weight")
+        state = checkpoint["state_dict"]
+        head = state.get("model.out_head.weight", state.get("model.out_head.linear.weight"))
         num_classes = int(head.shape[0]) if head is not None else 2
     check_resume_checkpoint(cfg, path, checkpoint, _expected_shapes(cfg, num_classes))
     return path, checkpoint

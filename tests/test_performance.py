@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -32,6 +33,16 @@ from spam_lightning.trunk_cache import TrunkCache
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ("last", "first", "flexible", "mean")
 PAD = 50256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matmuls are far too small to split across threads; on a busy 2-core
+    machine two OpenMP threads make a run 5-10x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny(causal: bool = True, trainable: str = "last_block", seed: int = 0) -> GPTModel:
@@ -173,6 +184,7 @@ BASE = [
     "optimizer.lr=1e-3",
 ]
 _RUNS: dict[tuple[str, ...], tuple[dict, dict]] = {}
+_WORK: dict[tuple[str, ...], Path] = {}
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +205,7 @@ def run(tmp_path_factory, easy_source):
             metrics = train(cfg)
             history = json.loads((work / "run" / "history.json").read_text())
             _RUNS[overrides] = (history, metrics)
+            _WORK[overrides] = work
         return _RUNS[overrides]
 
     return _run
@@ -238,7 +251,10 @@ def test_flexible_and_mean_do_not_depend_on_padding(run, token: str) -> None:
 
 def test_cache_with_worker_processes(run) -> None:
     # batches collated in worker processes carry the examples' split indices the cache needs
-    opts = ("trainable=last_block", "token=flexible", "data.padding=batch", "data.num_workers=2")
+    opts = (
+        "trainable=last_block", "token=flexible", "data.padding=batch", "data.num_workers=2",
+        "trainer.max_epochs=1",
+    )
     cached = run(*opts, "cache.trunk=true")
     assert cached[1]["trunk_cache"] is True
     assert_same_run(cached, run(*opts, "cache.trunk=false"))
@@ -273,6 +289,47 @@ def test_fast_experiment_uses_the_cache(run) -> None:
     assert all(math.isfinite(metrics[f"{s}_loss"]) for s in ("train", "val", "test"))
 
 
+def load_benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chapter_config_replays_the_chapters_loop(run) -> None:
+    """Our default config (cached, pruned, Lightning) against the book's own loop on the same
+    CSVs and weights: equal losses and accuracies at every evaluation, over several epochs
+    (so the shuffling generator must advance exactly as the book's loop makes it advance)."""
+    import tiktoken
+
+    opts = ("trainable=last_block", "token=last", "data.padding=longest", "cache.trunk=true")
+    history, metrics = run(*opts)
+    bench = load_benchmark_module()
+    data_dir = _WORK[opts] / "data" / "sms_spam"
+    tok = tiktoken.get_encoding("gpt2")
+    train_ds = bench.SpamDataset(data_dir / "train.csv", tok)
+    val_ds = bench.SpamDataset(data_dir / "validation.csv", tok, train_ds.max_length)
+    loader = torch.utils.data.DataLoader
+    train_loader = loader(
+        train_ds, batch_size=8, shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(123),
+    )
+    val_loader = loader(val_ds, batch_size=8, drop_last=False)
+    model = bench.random_classifier("gpt2-tiny", 123)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    book = bench.train_classifier_simple(
+        model, train_loader, val_loader, optimizer, torch.device("cpu"),
+        num_epochs=2, eval_freq=3, eval_iter=2,
+    )
+    assert len(train_ds) % 8 != 0  # the epoch ends with a partial, dropped batch
+    names = ("train_losses", "val_losses", "train_accs", "val_accs")
+    for name, values in zip(names, book[:4], strict=True):
+        assert len(values) == len(history[name]) > 1
+        for x, y in zip(values, history[name], strict=True):
+            assert abs(x - y) <= 1e-5, (name, values, history[name])
+    assert book[4] == metrics["examples_seen"]
+
+
 # ----------------------------------------------------------------------------- compile
 def test_compile_builds_and_a_compiled_block_equals_eager(tmp_path) -> None:
     cfg = compose_train(["model=gpt2-tiny", "model.compile=true"], tmp_path)
@@ -300,7 +357,7 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
     proc = subprocess.run(
         [
             sys.executable, str(REPO / "scripts" / "benchmark.py"), "--model", "gpt2-tiny",
-            "--quick", "--source", str(sms_file), "--out", str(out),
+            "--quick", "--epochs", "2", "--in-process", "--threads", "1", "--source", str(sms_file), "--out", str(out),
         ],
         cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
@@ -316,6 +373,9 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
         assert phases[name]["msgs_per_s"] > 0
     checks = results["checks"]
     assert checks["weights_identical"] is True
+    # our chapter config replays the chapter's loop: same losses, accuracies, data order
+    assert checks["a_vs_b_history_max_abs_diff"] <= 1e-5
+    assert checks["a_vs_b_val_test_accuracy_equal"] is True
     assert checks["d_vs_e_fp32_agreement"] == 1.0
     assert checks["d_bf16_vs_fp32_agreement"] >= 0.9
     assert results["peak_gflops"]["fp32"] > 0

@@ -1,0 +1,109 @@
+"""DDP inside Hydra multiruns (joblib, Optuna, ``-m`` sweeps): a Hydra callback.
+
+Lightning's ``trainer=ddp`` starts ranks 1..N-1 by re-running the script with ``sys.argv`` plus
+``hydra.run.dir=<this run>``. For a single run that is right (and our ``hydra.run.dir``, with its
+``${now:...}``, reaches the children already resolved). In a multirun it is wrong twice over:
+``sys.argv`` holds ``-m`` and the sweep, so every child would start the *whole sweep* again, and
+after the first job the parent keeps a process group whose peers have exited, so the next job's
+ranks never meet (Lightning-AI/pytorch-lightning#11300, open PR #18175).
+
+``HydraDDPCallback`` fixes both per job: the children re-run *this job* (its own overrides, its
+sweep sub-folder as ``hydra.run.dir``, ``hydra.mode=RUN``), and when a job ends its process group
+is destroyed and the rank variables Lightning exported are restored, so the next job in the same
+process (basic launcher, Optuna, a joblib worker) starts its own ranks cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+# what Lightning's subprocess launcher exports for the ranks of one job
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_LAUNCHER_MODULES = (
+    "lightning.pytorch.strategies.launchers.subprocess_script",
+    "lightning.fabric.strategies.launchers.subprocess_script",
+)
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value that stays one string whatever the path holds."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def job_command(local_rank: int) -> tuple[list[str], str]:
+    """The command that re-runs the current Hydra job (not its sweep) as DDP rank ``local_rank``.
+
+    Same signature as Lightning's ``_hydra_subprocess_cmd``; in RUN mode it defers to it.
+    """
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        from lightning.fabric.strategies.launchers.subprocess_script import _hydra_subprocess_cmd
+
+        command, cwd = _hydra_subprocess_cmd(local_rank=local_rank)
+        return list(command), cwd
+    command = [sys.executable, "-m", "spam_lightning.train", f"--config-name={hc.job.config_name}"]
+    for source in hc.runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            command.append(f"--config-dir={source.path}")
+    command += list(hc.overrides.task)
+    command += [
+        f"hydra.run.dir={_quote(hc.runtime.output_dir)}",
+        f"hydra.job.name=train_ddp_process_{local_rank}",
+        "hydra.output_subdir=null",  # the parent job already wrote .hydra/
+        "hydra.mode=RUN",  # e.g. hparams_search=optuna sets MULTIRUN in the config
+    ]
+    return command, hc.runtime.cwd
+
+
+def install_job_command() -> bool:
+    """Point Lightning's subprocess launcher at ``job_command`` (False if Lightning changed)."""
+    installed = False
+    for name in _LAUNCHER_MODULES:
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = __import__(name, fromlist=["_hydra_subprocess_cmd"])
+            except ImportError:
+                continue
+        if hasattr(module, "_hydra_subprocess_cmd"):
+            module._hydra_subprocess_cmd = job_command
+            installed = True
+    return installed
+
+
+class HydraDDPCallback(Callback):
+    """Per job: DDP children re-run this job only; afterwards its process group is torn down."""
+
+    def __init__(self) -> None:
+        self._env: dict[str, str | None] = {}
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._env = {name: os.environ.get(name) for name in DDP_ENV}
+        if HydraConfig.get().mode == RunMode.MULTIRUN and not install_job_command():
+            log.warning(
+                "could not adapt Lightning's DDP launcher to Hydra multiruns (Lightning changed?); "
+                "trainer=ddp inside a sweep may start the whole sweep in every rank"
+            )
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.distributed.is_available():
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        # Lightning's launcher exported these for this job's ranks; left set, the next job in
+        # this process would believe an outside launcher started it and wait for ranks forever
+        for name, value in self._env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
