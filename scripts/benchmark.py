@@ -508,10 +508,19 @@ def phase_hf(ctx: dict[str, Any]) -> dict[str, Any]:
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
         num_labels=2, pad_token_id=PAD,
     )
-    model = GPT2ForSequenceClassification(config)
-    missing, unexpected = model.load_state_dict(hf_state_dict(ours, cfg["n_layers"]), strict=False)
+    digest = weights_digest(ours)
+    with torch.device("meta"):  # no second copy of the weights: ours are assigned, not copied
+        model = GPT2ForSequenceClassification(config)
+    state = hf_state_dict(ours, cfg["n_layers"])
+    del ours
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
+    del state
+    leftover = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                if t.is_meta]
+    if leftover:
+        raise ValueError(f"HF tensors left without values: {leftover}")
     model.eval()
     meter = FlopMeter()
     meter.attach_hf(model)
@@ -538,7 +547,7 @@ def phase_hf(ctx: dict[str, Any]) -> dict[str, Any]:
         "msgs_per_s": len(texts) / seconds,
         "flops": meter.flops,
         "precision": "fp32",
-        "weights": weights_digest(ours),
+        "weights": digest,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "predictions": logits.argmax(-1).tolist(),
         "spam_fraction": float(logits.argmax(-1).float().mean()),

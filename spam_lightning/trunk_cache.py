@@ -75,18 +75,25 @@ class TrunkCache:
     def _batches(self, stored: list[int]) -> list[list[int]]:
         """Example indices grouped into trunk batches, shortest first.
 
-        Sorting by stored length makes each batch nearly free of padding; a token budget
-        (rather than a fixed count) keeps every batch a similar amount of work.
+        Sorting by stored length makes each batch nearly free of padding. A batch closes when
+        it would exceed ``max_batch_tokens`` padded positions (every batch a similar amount of
+        work) or when padding would grow past ~15% of its real tokens (sparse length ranges).
         """
         order = sorted(range(len(stored)), key=stored.__getitem__)
         batches: list[list[int]] = []
         current: list[int] = []
+        real = 0
         for i in order:
-            width = max(stored[i], stored[current[-1]] if current else 0)
-            if current and width * (len(current) + 1) > self.max_batch_tokens:
+            width = stored[i]  # ascending: the new row is the widest
+            padded = width * (len(current) + 1)
+            if current and (
+                padded > self.max_batch_tokens
+                or (padded > 1.15 * (real + width) and width * len(current) >= 512)
+            ):
                 batches.append(current)
-                current = []
+                current, real = [], 0
             current.append(i)
+            real += width
         if current:
             batches.append(current)
         return batches

@@ -209,9 +209,8 @@ def map_labels(
         by_index = not set(every) & set(names) and all(
             _INT_RE.fullmatch(v) and 0 <= int(v) < len(names) for v in set(every)
         )
-        lookup = {str(i): i for i in range(len(names))} if by_index else {}
-        if not by_index:
-            lookup = {n: i for i, n in enumerate(names)}
+        keys = [str(i) for i in range(len(names))] if by_index else names
+        lookup = {key: i for i, key in enumerate(keys)}
         for table in tables.values():
             for row, label in enumerate(table.labels):
                 if label not in lookup:
