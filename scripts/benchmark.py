@@ -194,7 +194,9 @@ def compose(overrides: list[str], work: Path) -> Any:
 class SpamDataset(torch.utils.data.Dataset):
     """The chapter's ``SpamDataset`` (section 6.3), unchanged."""
 
-    def __init__(self, csv_file: Path, tokenizer: Any, max_length: int | None = None, pad_token_id: int = PAD):
+    def __init__(
+        self, csv_file: Path, tokenizer: Any, max_length: int | None = None, pad_token_id: int = PAD
+    ):
         import pandas as pd
 
         self.data = pd.read_csv(csv_file)
@@ -266,7 +268,14 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter) -> tuple[
 
 
 def train_classifier_simple(
-    model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
+    model,
+    train_loader,
+    val_loader,
+    optimizer,
+    device,
+    num_epochs,
+    eval_freq,
+    eval_iter,
     max_batches: int | None = None,
 ):
     """The chapter's loop; ``max_batches`` (``--quick`` only) cuts each epoch short."""
@@ -316,7 +325,11 @@ def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
     test_dataset = SpamDataset(data_dir / "test.csv", tokenizer, train_dataset.max_length)
     loader = torch.utils.data.DataLoader
     train_loader = loader(
-        train_dataset, batch_size=8, shuffle=True, num_workers=0, drop_last=True,
+        train_dataset,
+        batch_size=8,
+        shuffle=True,
+        num_workers=0,
+        drop_last=True,
         generator=torch.Generator().manual_seed(ctx["seed"]),
     )
     val_loader = loader(val_dataset, batch_size=8, num_workers=0, drop_last=False)
@@ -332,8 +345,15 @@ def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     history = train_classifier_simple(
-        model, train_loader, val_loader, optimizer, device,
-        num_epochs=ctx["epochs"], eval_freq=50, eval_iter=5, max_batches=limit,
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        device,
+        num_epochs=ctx["epochs"],
+        eval_freq=50,
+        eval_iter=5,
+        max_batches=limit,
     )
     training_seconds = time.perf_counter() - start
     train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=limit)
@@ -352,8 +372,10 @@ def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
         "test_accuracy": test_accuracy,
         "examples_seen": examples_seen,
         "history": {
-            "train_losses": train_losses, "val_losses": val_losses,
-            "train_accs": train_accs, "val_accs": val_accs,
+            "train_losses": train_losses,
+            "val_losses": val_losses,
+            "train_accs": train_accs,
+            "val_accs": val_accs,
         },
     }
 
@@ -381,7 +403,8 @@ def phase_train(ctx: dict[str, Any], experiment: str) -> dict[str, Any]:
     if ctx["limit_batches"] is not None:
         n = ctx["limit_batches"]
         overrides += [
-            f"trainer.limit_train_batches={n}", f"trainer.limit_val_batches={n}",
+            f"trainer.limit_train_batches={n}",
+            f"trainer.limit_val_batches={n}",
             f"trainer.limit_test_batches={n}",
         ]
     cfg = compose(overrides, work)
@@ -416,7 +439,9 @@ def phase_train(ctx: dict[str, Any], experiment: str) -> dict[str, Any]:
         "trunk_cache": metrics["trunk_cache"],
         "token": metrics["token"],
         "padding": metrics["padding"],
-        "history": {k: history[k] for k in ("train_losses", "val_losses", "train_accs", "val_accs")},
+        "history": {
+            k: history[k] for k in ("train_losses", "val_losses", "train_accs", "val_accs")
+        },
     }
 
 
@@ -436,7 +461,9 @@ def phase_engine(ctx: dict[str, Any], precision: str) -> dict[str, Any]:
     from spam_lightning.classify import Classifier
 
     texts = load_texts(ctx)
-    digest = weights_digest(load_file(str(Path(ctx["bundle_run"]) / "bundle" / "model.safetensors")))
+    digest = weights_digest(
+        load_file(str(Path(ctx["bundle_run"]) / "bundle" / "model.safetensors"))
+    )
     clf = Classifier(ctx["bundle_run"], precision=precision, batch_size=ctx["batch_size"])
     meter = FlopMeter()
     meter.attach_gpt(clf.module.model)
@@ -503,10 +530,18 @@ def phase_hf(ctx: dict[str, Any]) -> dict[str, Any]:
     if float(ours["out_head.bias"].abs().max()) != 0.0:
         raise ValueError("the bundle's head has a bias; HF's score has none")
     config = GPT2Config(
-        vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
-        n_layer=cfg["n_layers"], n_head=cfg["n_heads"], activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        num_labels=2, pad_token_id=PAD,
+        vocab_size=cfg["vocab_size"],
+        n_positions=cfg["context_length"],
+        n_embd=cfg["emb_dim"],
+        n_layer=cfg["n_layers"],
+        n_head=cfg["n_heads"],
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        num_labels=2,
+        pad_token_id=PAD,
     )
     digest = weights_digest(ours)
     with torch.device("meta"):  # no second copy of the weights: ours are assigned, not copied
@@ -517,8 +552,9 @@ def phase_hf(ctx: dict[str, Any]) -> dict[str, Any]:
     if missing or unexpected:
         raise ValueError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
     del state
-    leftover = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
-                if t.is_meta]
+    leftover = [
+        n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta
+    ]
     if leftover:
         raise ValueError(f"HF tensors left without values: {leftover}")
     model.eval()
@@ -566,19 +602,29 @@ def write_random_hf_safetensors(path: Path, model_name: str, seed: int = 0) -> i
     for i in range(cfg["n_layers"]):
         p = f"h.{i}."
         shapes |= {
-            p + "ln_1.weight": (e,), p + "ln_1.bias": (e,),
-            p + "attn.c_attn.weight": (e, 3 * e), p + "attn.c_attn.bias": (3 * e,),
-            p + "attn.c_proj.weight": (e, e), p + "attn.c_proj.bias": (e,),
-            p + "ln_2.weight": (e,), p + "ln_2.bias": (e,),
-            p + "mlp.c_fc.weight": (e, 4 * e), p + "mlp.c_fc.bias": (4 * e,),
-            p + "mlp.c_proj.weight": (4 * e, e), p + "mlp.c_proj.bias": (e,),
+            p + "ln_1.weight": (e,),
+            p + "ln_1.bias": (e,),
+            p + "attn.c_attn.weight": (e, 3 * e),
+            p + "attn.c_attn.bias": (3 * e,),
+            p + "attn.c_proj.weight": (e, e),
+            p + "attn.c_proj.bias": (e,),
+            p + "ln_2.weight": (e,),
+            p + "ln_2.bias": (e,),
+            p + "mlp.c_fc.weight": (e, 4 * e),
+            p + "mlp.c_fc.bias": (4 * e,),
+            p + "mlp.c_proj.weight": (4 * e, e),
+            p + "mlp.c_proj.bias": (e,),
         }
     shapes |= {"ln_f.weight": (e,), "ln_f.bias": (e,)}
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, shape in shapes.items():
         size = 4 * int(torch.tensor(shape).prod())
-        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[key] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -604,19 +650,30 @@ def phase_load(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 # ============================================================================ orchestration
-def run_phase(name: str, ctx_file: Path, result_file: Path) -> dict[str, Any]:
-    """Run one phase in a fresh interpreter (so ``VmHWM`` is that phase's peak)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name,
-           "--ctx", str(ctx_file), "--result", str(result_file)]
-    print(f"--- phase {name}", flush=True)
-    proc = subprocess.run(cmd, text=True, capture_output=True)
-    log_file = result_file.with_suffix(".log")
-    log_file.write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
+def run_phase(name: str, ctx_file: Path, result_file: Path, log_file: Path) -> dict[str, Any]:
+    """Run one phase in a fresh interpreter (so ``VmHWM`` is that phase's peak); its output
+    goes to ``log_file`` as it runs (the chapter's prints show the progress of long phases)."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--phase",
+        name,
+        "--ctx",
+        str(ctx_file),
+        "--result",
+        str(result_file),
+    ]
+    print(f"--- phase {name} (log: {log_file})", flush=True)
+    with log_file.open("w") as log:
+        proc = subprocess.run(cmd, text=True, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise RuntimeError(f"phase {name} failed (log: {log_file}):\n{proc.stderr[-4000:]}")
+        tail = log_file.read_text()[-4000:]
+        raise RuntimeError(f"phase {name} failed (log: {log_file}):\n{tail}")
     result = json.loads(result_file.read_text())
-    print(f"    {name}: {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MiB",
-          flush=True)
+    print(
+        f"    {name}: {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MiB",
+        flush=True,
+    )
     return result
 
 
@@ -666,8 +723,10 @@ def run_in_process(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     print(f"--- phase {name} (in process)", flush=True)
     result = execute(name, ctx)
     gc.collect()
-    print(f"    {name}: {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MiB",
-          flush=True)
+    print(
+        f"    {name}: {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MiB",
+        flush=True,
+    )
     return result
 
 
@@ -689,8 +748,11 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data_dir = work / "data" / "sms_spam"
     from spam_lightning.model import MODEL_CONFIGS
 
-    dm = SpamDataModule(source=str(source), data_dir=str(data_dir),
-                        context_length=MODEL_CONFIGS[args.model]["context_length"])
+    dm = SpamDataModule(
+        source=str(source),
+        data_dir=str(data_dir),
+        context_length=MODEL_CONFIGS[args.model]["context_length"],
+    )
     dm.prepare_data()
     dm.setup("fit")
     texts = [t for ds in (dm.train_dataset, dm.val_dataset, dm.test_dataset) for t in ds.texts]
@@ -699,8 +761,15 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with torch.no_grad():
         model.out_head.bias.zero_()  # HF's score has no bias
     bundle_run = work / "bundle_run"
-    save_bundle(bundle_run, model, class_names=["ham", "spam"], token="flexible",
-                max_length=dm.max_length, padding="longest", pad_token_id=PAD)
+    save_bundle(
+        bundle_run,
+        model,
+        class_names=["ham", "spam"],
+        token="flexible",
+        max_length=dm.max_length,
+        padding="longest",
+        pad_token_id=PAD,
+    )
     return {
         "model": args.model,
         "seed": args.seed,
@@ -764,7 +833,9 @@ def summarize(ctx: dict[str, Any], peak: dict[str, float], phases: dict[str, dic
             if name in phases:
                 phases[name]["speedup_vs_e"] = ratio(phases[name]["msgs_per_s"], e["msgs_per_s"])
         if "d_fp32" in phases:
-            checks["d_vs_e_fp32_agreement"] = agreement(phases["d_fp32"]["predictions"], e["predictions"])
+            checks["d_vs_e_fp32_agreement"] = agreement(
+                phases["d_fp32"]["predictions"], e["predictions"]
+            )
     if "d_fp32" in phases and "d_bf16" in phases:
         checks["d_bf16_vs_fp32_agreement"] = agreement(
             phases["d_bf16"]["predictions"], phases["d_fp32"]["predictions"]
@@ -773,7 +844,12 @@ def summarize(ctx: dict[str, Any], peak: dict[str, float], phases: dict[str, dic
 
 
 def markdown(results: dict[str, Any]) -> str:
-    ctx, phases, checks, peak = results["context"], results["phases"], results["checks"], results["peak_gflops"]
+    ctx, phases, checks, peak = (
+        results["context"],
+        results["phases"],
+        results["checks"],
+        results["peak_gflops"],
+    )
     lines = [
         f"Model {ctx['model']} (random weights, seed {ctx['seed']}), {ctx['epochs']} epoch(s), "
         f"{ctx['num_texts']} messages; {results['machine']}; torch threads {results['threads']}; "
@@ -833,20 +909,37 @@ def markdown(results: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2-small", help="gpt2-small (default), gpt2-tiny, ...")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 5; 1 with --quick)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (default 5; 1 with --quick)"
+    )
     p.add_argument("--quick", action="store_true", help="600 data lines and 1 epoch: a smoke run")
-    p.add_argument("--source", default=os.environ.get("SPAM_SMS_FILE", str(REPO.parent / "shared" / "data" / "SMSSpamCollection")),
-                   help="the SMSSpamCollection file")
+    p.add_argument(
+        "--source",
+        default=os.environ.get(
+            "SPAM_SMS_FILE", str(REPO.parent / "shared" / "data" / "SMSSpamCollection")
+        ),
+        help="the SMSSpamCollection file",
+    )
     p.add_argument("--out", default="benchmark-results", help="folder for benchmark.json/.md")
-    p.add_argument("--phases", default="a,b,c,d_fp32,d_bf16,e_fp32",
-                   help="comma-separated subset of a,b,c,d_fp32,d_bf16,e_fp32")
+    p.add_argument(
+        "--phases",
+        default="a,b,c,d_fp32,d_bf16,e_fp32",
+        help="comma-separated subset of a,b,c,d_fp32,d_bf16,e_fp32",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every phase")
     p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--in-process", action="store_true",
-                   help="run every phase in this process (faster start; peak RSS less clean)")
-    p.add_argument("--load-test", default=None, metavar="MODEL",
-                   help="also measure loading a random MODEL-shaped safetensors (e.g. gpt2-xl)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every phase in this process (faster start; peak RSS less clean)",
+    )
+    p.add_argument(
+        "--load-test",
+        default=None,
+        metavar="MODEL",
+        help="also measure loading a random MODEL-shaped safetensors (e.g. gpt2-xl)",
+    )
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--ctx", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -871,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = prepare(args, work)
         ctx_file = work / "ctx.json"
         ctx_file.write_text(json.dumps(ctx))
-        print(f"matmul peak ... ", end="", flush=True)
+        print("matmul peak ... ", end="", flush=True)
         peak = measure_peak(1.0 if args.quick else 3.0)
         print(f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s", flush=True)
         phases: dict[str, dict] = {}
@@ -881,8 +974,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.in_process:
                 phases[name] = run_in_process(name, ctx)
             else:
-                phases[name] = run_phase(name, ctx_file, work / f"{name}.json")
-                (out / f"{name}.log").write_text((work / f"{name}.log").read_text())
+                phases[name] = run_phase(name, ctx_file, work / f"{name}.json", out / f"{name}.log")
         if args.load_test:
             file = work / "load" / "model.safetensors"
             file.parent.mkdir()
@@ -890,19 +982,23 @@ def main(argv: list[str] | None = None) -> int:
             size = write_random_hf_safetensors(file, args.load_test)
             ctx_load = {**ctx, "load_file": str(file), "load_model": args.load_test}
             ctx_file.write_text(json.dumps(ctx_load))
-            phases["load"] = run_phase("load", ctx_file, work / "load.json")
+            phases["load"] = run_phase("load", ctx_file, work / "load.json", out / "load.log")
             phases["load"] |= {"model": args.load_test, "file_mb": size / 2**20}
             file.unlink()
     checks = summarize(ctx, peak, phases)
     results = {
-        "context": {k: v for k, v in ctx.items() if k not in ("work", "texts", "bundle_run", "data_dir")},
+        "context": {
+            k: v for k, v in ctx.items() if k not in ("work", "texts", "bundle_run", "data_dir")
+        },
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "threads": args.threads or torch.get_num_threads(),
         "isolation": "in-process" if args.in_process else "one subprocess per phase",
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "torch": torch.__version__,
         "peak_gflops": peak,
-        "phases": {k: {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in phases.items()},
+        "phases": {
+            k: {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in phases.items()
+        },
         "checks": checks,
     }
     (out / "benchmark.json").write_text(json.dumps(results, indent=2))

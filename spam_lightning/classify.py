@@ -148,8 +148,10 @@ def classify_review(text: str, run_dir: str | Path) -> str:
 # ------------------------------------------------------------------ CLI
 def _read_texts(path: Path, text_column: str) -> Iterator[str]:
     """Messages from a CSV (``text_column``) or from a text file, one per line (blank lines skipped)."""
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"--file {path}: no such file")
+    if path.is_dir():  # pipes are fine: --file /dev/stdin, --file <(zcat messages.gz)
+        raise ValueError(f"--file {path} is a folder; pass a text file or a CSV")
     try:
         if path.suffix.lower() == ".csv":
             # long messages are truncated later, as in training; csv's 128 KiB cap would refuse them

@@ -51,7 +51,9 @@ def tiny(causal: bool = True, trainable: str = "last_block", seed: int = 0) -> G
     return make_classifier(model, 2, trainable, rank=4, alpha=2.0, seed=seed)
 
 
-def padded_batch(seed: int = 1, batch: int = 6, width: int = 13) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_batch(
+    seed: int = 1, batch: int = 6, width: int = 13
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ids right-padded with 50256; lengths include 1 and the full width."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, width + 1, (batch,), generator=g)
@@ -61,7 +63,9 @@ def padded_batch(seed: int = 1, batch: int = 6, width: int = 13) -> tuple[torch.
     return ids, lengths
 
 
-def full_logits(model: GPTModel, ids: torch.Tensor, lengths: torch.Tensor, token: str) -> torch.Tensor:
+def full_logits(
+    model: GPTModel, ids: torch.Tensor, lengths: torch.Tensor, token: str
+) -> torch.Tensor:
     """The unpruned, uncut reference: every block on every position, then pool."""
     hidden = model.final_norm(model.run_blocks(model.embed(ids)))
     return model.out_head(pool_logits(hidden, lengths, token))
@@ -134,7 +138,9 @@ def test_cache_lookup_equals_uncached(token: str, causal: bool, start: int) -> N
     model = tiny(causal).eval()
     module = SpamClassifier(model, token=token, trainable="last_block", cache_trunk=False)
     ids, lengths = padded_batch(seed=3, batch=9, width=12)
-    data = SimpleNamespace(token_ids=[row[:n].tolist() for row, n in zip(ids, lengths, strict=True)])
+    data = SimpleNamespace(
+        token_ids=[row[:n].tolist() for row, n in zip(ids, lengths, strict=True)]
+    )
     cache = TrunkCache(start, token=token, causal=causal, max_batch_tokens=30)  # several batches
     cache.build("train", model, data, 12, PAD, torch.device("cpu"))
     assert cache.nbytes == cache.estimate_bytes(data, model, 12)
@@ -172,15 +178,22 @@ def test_cache_on_gpu_matches_cpu() -> None:
     torch.testing.assert_close(
         gpu.lookup("val", index.cuda(), 5, device=torch.device("cpu")),
         cpu.lookup("val", index, 5),
-        atol=1e-4, rtol=1e-4,
+        atol=1e-4,
+        rtol=1e-4,
     )
 
 
 # ----------------------------------------------------------------------------- whole runs
 BASE = [
-    "model=gpt2-tiny", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false", "trainer.enable_checkpointing=false",
-    "callbacks.model_checkpoint=null", "logger=none", "eval_freq=3", "eval_iter=2",
+    "model=gpt2-tiny",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.enable_checkpointing=false",
+    "callbacks.model_checkpoint=null",
+    "logger=none",
+    "eval_freq=3",
+    "eval_iter=2",
     "optimizer.lr=1e-3",
 ]
 _RUNS: dict[tuple[str, ...], tuple[dict, dict]] = {}
@@ -244,15 +257,22 @@ def test_cached_run_equals_uncached_run(run, trainable: str, token: str, padding
 @pytest.mark.parametrize("token", ["flexible", "mean"])
 def test_flexible_and_mean_do_not_depend_on_padding(run, token: str) -> None:
     for cache in ("true", "false"):
-        longest = run("trainable=last_block", f"token={token}", "data.padding=longest", f"cache.trunk={cache}")
-        batch = run("trainable=last_block", f"token={token}", "data.padding=batch", f"cache.trunk={cache}")
+        longest = run(
+            "trainable=last_block", f"token={token}", "data.padding=longest", f"cache.trunk={cache}"
+        )
+        batch = run(
+            "trainable=last_block", f"token={token}", "data.padding=batch", f"cache.trunk={cache}"
+        )
         assert_same_run(longest, batch)
 
 
 def test_cache_with_worker_processes(run) -> None:
     # batches collated in worker processes carry the examples' split indices the cache needs
     opts = (
-        "trainable=last_block", "token=flexible", "data.padding=batch", "data.num_workers=2",
+        "trainable=last_block",
+        "token=flexible",
+        "data.padding=batch",
+        "data.num_workers=2",
         "trainer.max_epochs=1",
     )
     cached = run(*opts, "cache.trunk=true")
@@ -262,21 +282,29 @@ def test_cache_with_worker_processes(run) -> None:
 
 def test_cache_budget(run, tmp_path, easy_source) -> None:
     # auto over budget: falls back to the (equal) uncached computation
-    small = run("trainable=last_block", "token=last", "data.padding=longest", "cache.memory_budget_gb=1e-6")
+    small = run(
+        "trainable=last_block", "token=last", "data.padding=longest", "cache.memory_budget_gb=1e-6"
+    )
     assert small[1]["trunk_cache"] is False
     # required but over budget: a clear error before training
     cfg = compose_train(
         [*BASE, f"data.source={easy_source}", "cache.trunk=true", "cache.memory_budget_gb=1e-6"],
         tmp_path,
     )
-    with pytest.raises(ValueError, match=r"cache.trunk=true but caching is not possible.*memory_budget_gb"):
+    with pytest.raises(
+        ValueError, match=r"cache.trunk=true but caching is not possible.*memory_budget_gb"
+    ):
         train(cfg)
 
 
 def test_bf16_run_learns(run) -> None:
     history, metrics = run(
-        "experiment=fast", "trainable=all", "optimizer.lr=2e-3", "optimizer.weight_decay=0.0",
-        "trainer.max_epochs=4", "eval_freq=1000",
+        "experiment=fast",
+        "trainable=all",
+        "optimizer.lr=2e-3",
+        "optimizer.weight_decay=0.0",
+        "trainer.max_epochs=4",
+        "eval_freq=1000",
     )
     assert metrics["precision"] == "bf16-mixed" and metrics["padding"] == "batch"
     assert metrics["train_accuracy"] >= 0.95 and metrics["test_accuracy"] >= 0.9
@@ -311,15 +339,24 @@ def test_chapter_config_replays_the_chapters_loop(run) -> None:
     val_ds = bench.SpamDataset(data_dir / "validation.csv", tok, train_ds.max_length)
     loader = torch.utils.data.DataLoader
     train_loader = loader(
-        train_ds, batch_size=8, shuffle=True, drop_last=True,
+        train_ds,
+        batch_size=8,
+        shuffle=True,
+        drop_last=True,
         generator=torch.Generator().manual_seed(123),
     )
     val_loader = loader(val_ds, batch_size=8, drop_last=False)
     model = bench.random_classifier("gpt2-tiny", 123)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     book = bench.train_classifier_simple(
-        model, train_loader, val_loader, optimizer, torch.device("cpu"),
-        num_epochs=2, eval_freq=3, eval_iter=2,
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        torch.device("cpu"),
+        num_epochs=2,
+        eval_freq=3,
+        eval_iter=2,
     )
     assert len(train_ds) % 8 != 0  # the epoch ends with a partial, dropped batch
     names = ("train_losses", "val_losses", "train_accs", "val_accs")
@@ -334,7 +371,9 @@ def test_chapter_config_replays_the_chapters_loop(run) -> None:
 def test_compile_builds_and_a_compiled_block_equals_eager(tmp_path) -> None:
     cfg = compose_train(["model=gpt2-tiny", "model.compile=true"], tmp_path)
     model = build_model(cfg, 2)
-    assert all(b._compiled_call_impl is not None for b in model.trf_blocks)  # what compile=true does
+    assert all(
+        b._compiled_call_impl is not None for b in model.trf_blocks
+    )  # what compile=true does
     # inductor needs a C++ toolchain and ~40 s cold on this CPU: trace with dynamo + AOTAutograd,
     # which is where a model usually breaks, and keep the test fast
     eager = tiny().eval()
@@ -347,7 +386,10 @@ def test_compile_builds_and_a_compiled_block_equals_eager(tmp_path) -> None:
     ids, lengths = padded_batch(seed=4)
     with torch.no_grad():
         torch.testing.assert_close(
-            module(ids, lengths), full_logits(tiny().eval(), ids, lengths, "flexible"), atol=1e-5, rtol=0
+            module(ids, lengths),
+            full_logits(tiny().eval(), ids, lengths, "flexible"),
+            atol=1e-5,
+            rtol=0,
         )
 
 
@@ -356,10 +398,25 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run(
         [
-            sys.executable, str(REPO / "scripts" / "benchmark.py"), "--model", "gpt2-tiny",
-            "--quick", "--epochs", "2", "--in-process", "--threads", "1", "--source", str(sms_file), "--out", str(out),
+            sys.executable,
+            str(REPO / "scripts" / "benchmark.py"),
+            "--model",
+            "gpt2-tiny",
+            "--quick",
+            "--epochs",
+            "2",
+            "--in-process",
+            "--threads",
+            "1",
+            "--source",
+            str(sms_file),
+            "--out",
+            str(out),
         ],
-        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((out / "benchmark.json").read_text())
