@@ -150,8 +150,8 @@ class RNGState(L.Callback):
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
         }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_initialized():  # this process's device only: no context on the others
+            state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -162,8 +162,8 @@ class RNGState(L.Callback):
             (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
         )
         cuda = state_dict.get("cuda")
-        if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+        if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)
 
 
 def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> dict[str, Any]:
