@@ -94,7 +94,8 @@ class ChapterMonitor(L.Callback):
         return trainer.train_dataloader, trainer.datamodule.val_dataloader()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n = int(batch["labels"].shape[0])
+        # every rank trains on its own batch of the same size: count the whole step
+        n = int(batch["labels"].shape[0]) * trainer.world_size
         self.examples_seen += n
         self.batches_seen += 1
         pl_module.log("examples_seen", float(self.examples_seen), on_step=True, on_epoch=False)

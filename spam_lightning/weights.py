@@ -140,6 +140,17 @@ def load_gpt2(
     return model
 
 
+def check_checkpoint(source: str | Path, sizes: Mapping[str, Any]) -> None:
+    """Raise a CheckpointError naming every missing, unexpected or mis-shaped tensor if the
+    checkpoint at ``source`` is not GPT-2 of ``sizes``; reads only the file's header."""
+    path = resolve_weights_file(source)
+    with open_tensors(path) as tensors:
+        shapes = tensors.shapes()
+    layout = _normalise_keys(shapes)
+    found = infer_config({k: shapes[orig] for k, orig in layout.items()}, path, strict=False)
+    _check_tensors(path, _hf_plan(sizes), shapes, layout, dict(sizes), found)
+
+
 def resolve_weights_file(source: str | Path) -> Path:
     """Size name -> cached Hub download; folder -> its weights file; file -> itself."""
     if str(source) in HUB_REPOS:
