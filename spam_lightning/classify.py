@@ -12,6 +12,7 @@ import argparse
 import csv
 import itertools
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -224,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"spam-classify: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `spam-classify ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
