@@ -93,6 +93,15 @@ class ChapterMonitor(L.Callback):
         # the same loader objects training uses: the chapter iterates its shuffled train loader
         return trainer.train_dataloader, trainer.datamodule.val_dataloader()
 
+    def _evaluate_both(self, trainer, pl_module) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(loss, accuracy) on the first ``eval_iter`` train and validation batches, in eval mode."""
+        train_loader, val_loader = self._loaders(trainer)
+        pl_module.eval()
+        train = _evaluate(pl_module, trainer, train_loader, "train", self.eval_iter)
+        val = _evaluate(pl_module, trainer, val_loader, "val", self.eval_iter)
+        pl_module.train()
+        return train, val
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # every rank trains on its own batch of the same size: count the whole step
         n = int(batch["labels"].shape[0]) * trainer.world_size
@@ -101,11 +110,7 @@ class ChapterMonitor(L.Callback):
         pl_module.log("examples_seen", float(self.examples_seen), on_step=True, on_epoch=False)
         if (self.batches_seen - 1) % self.eval_freq != 0:
             return
-        train_loader, val_loader = self._loaders(trainer)
-        pl_module.eval()
-        train_loss, _ = _evaluate(pl_module, trainer, train_loader, "train", self.eval_iter)
-        val_loss, _ = _evaluate(pl_module, trainer, val_loader, "val", self.eval_iter)
-        pl_module.train()
+        (train_loss, _), (val_loss, _) = self._evaluate_both(trainer, pl_module)
         self.history["train_losses"].append(train_loss)
         self.history["val_losses"].append(val_loss)
         self.history["loss_examples_seen"].append(self.examples_seen)
@@ -119,11 +124,7 @@ class ChapterMonitor(L.Callback):
         )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        train_loader, val_loader = self._loaders(trainer)
-        pl_module.eval()
-        _, train_acc = _evaluate(pl_module, trainer, train_loader, "train", self.eval_iter)
-        _, val_acc = _evaluate(pl_module, trainer, val_loader, "val", self.eval_iter)
-        pl_module.train()
+        (_, train_acc), (_, val_acc) = self._evaluate_both(trainer, pl_module)
         self.history["train_accs"].append(train_acc)
         self.history["val_accs"].append(val_acc)
         self.history["acc_examples_seen"].append(self.examples_seen)
