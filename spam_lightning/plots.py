@@ -8,6 +8,39 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs headless
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+# Up to this many points per series are drawn with markers: one or a few points (a 1-epoch
+# accuracy plot has one per series) are invisible as a bare line; hundreds are a line.
+MAX_MARKED_POINTS = 60
+
+
+def draw_values(
+    num_epochs: int,
+    examples_seen: int,
+    train_values: list[float],
+    val_values: list[float],
+    label: str,
+) -> Figure:
+    """The figure of ``plot_values``: the values spread evenly over ``num_epochs``."""
+    n = len(train_values)
+    epochs = [i * num_epochs / (n - 1) for i in range(n)] if n > 1 else [0.0]
+    style = {"marker": "o", "markersize": 6 if n <= 10 else 3} if n <= MAX_MARKED_POINTS else {}
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs, train_values, label=f"Training {label}", **style)
+    ax1.plot(epochs, val_values, linestyle="-.", label=f"Validation {label}", **style)
+    if n == 1:  # a single point: give the axis a width so it sits in the middle
+        ax1.set_xlim(-0.5, 0.5)
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend()
+    ax2 = ax1.twiny()  # the second x axis: examples seen, aligned with the epochs
+    per_epoch = examples_seen / max(num_epochs, 1)
+    low, high = ax1.get_xlim()
+    ax2.set_xlim(low * per_epoch, high * per_epoch)
+    ax2.set_xlabel("Examples seen")
+    fig.tight_layout()
+    return fig
 
 
 def plot_values(
@@ -19,24 +52,10 @@ def plot_values(
     out_dir: str | Path,
 ) -> list[Path]:
     """Write ``{label}-plot.pdf`` and ``.png`` as the chapter's ``plot_values`` draws them."""
-    out_dir = Path(out_dir)
-    n = len(train_values)
-    step = num_epochs / (n - 1) if n > 1 else 0.0
-    epochs = [i * step for i in range(n)]
-    seen = [examples_seen * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-    fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs, train_values, label=f"Training {label}")
-    ax1.plot(epochs, val_values, linestyle="-.", label=f"Validation {label}")
-    ax1.set_xlabel("Epochs")
-    ax1.set_ylabel(label.capitalize())
-    ax1.legend()
-    ax2 = ax1.twiny()  # the second x axis: examples seen, aligned with the epochs
-    ax2.plot(seen, train_values, alpha=0)
-    ax2.set_xlabel("Examples seen")
-    fig.tight_layout()
+    fig = draw_values(num_epochs, examples_seen, train_values, val_values, label)
     paths = []
     for ext in ("pdf", "png"):
-        path = out_dir / f"{label}-plot.{ext}"
+        path = Path(out_dir) / f"{label}-plot.{ext}"
         fig.savefig(path, dpi=120 if ext == "png" else None)
         paths.append(path)
     plt.close(fig)
