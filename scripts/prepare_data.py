@@ -1,7 +1,8 @@
 """Prepare train/validation/test.csv for the SMS spam data without training.
 
-python scripts/prepare_data.py --data-dir data/sms_spam
-python scripts/prepare_data.py --source /path/to/SMSSpamCollection  # or the zip, offline
+python scripts/prepare_data.py --data-dir data/sms_spam       # the copy bundled in the package
+python scripts/prepare_data.py --source download               # fetch from --url / the UCI URLs
+python scripts/prepare_data.py --source /path/to/SMSSpamCollection  # or the zip
 """
 
 from __future__ import annotations
@@ -14,14 +15,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spam_lightning.data.source import DEFAULT_URLS, DataError
+from spam_lightning.data.source import BUNDLED, DEFAULT_URLS, DataError
 from spam_lightning.data.table import prepare
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", help="local SMSSpamCollection file or zip (no download)")
-    p.add_argument("--url", action="append", dest="urls", help="download URL (repeatable)")
+    p.add_argument(
+        "--source",
+        default=BUNDLED,
+        help="bundled (default: the copy in the package), download (from --url), or a local "
+        "SMSSpamCollection file or zip",
+    )
+    p.add_argument(
+        "--url",
+        action="append",
+        dest="urls",
+        help="download URL for --source download (repeatable)",
+    )
     p.add_argument("--data-dir", default="data/sms_spam")
     p.add_argument("--split-seed", type=int, default=123)
     p.add_argument("--train-frac", type=float, default=0.7)

@@ -1,4 +1,7 @@
-"""Shared fixtures: the offline data under ``shared/`` and a tiny local HTTP server."""
+"""Shared fixtures: the offline data under ``shared/`` and a tiny local HTTP server.
+
+Nothing here sets ``TIKTOKEN_CACHE_DIR``: the GPT-2 BPE files ship inside the package.
+"""
 
 from __future__ import annotations
 
@@ -19,19 +22,21 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared() -> Path:
+    """The shared fixtures folder (``shared_dir()``), which must exist."""
+    path = shared_dir()
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing: set SPAM_SHARED_DIR to the shared fixtures folder")
+    return path
+
+
+@pytest.fixture(scope="session")
 def sms_file() -> Path:
     """The real UCI ``SMSSpamCollection`` (477,907 bytes)."""
     path = shared_dir() / "data" / "SMSSpamCollection"
     if not path.is_file():
         pytest.fail(f"{path} is missing: set SPAM_SHARED_DIR to the shared fixtures folder")
     return path
-
-
-@pytest.fixture(scope="session", autouse=True)
-def tiktoken_cache() -> str:
-    """Point tiktoken at the offline GPT-2 BPE files unless the caller already did."""
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(shared_dir() / "tiktoken_cache"))
-    return os.environ["TIKTOKEN_CACHE_DIR"]
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

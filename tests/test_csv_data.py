@@ -161,6 +161,44 @@ def test_one_file_split_seeded_70_10_20_and_reused(tmp_path: Path) -> None:
     assert counts.nunique() == 1 and counts.iloc[0] == 30
 
 
+@pytest.mark.parametrize("balance", [False, True])
+def test_meta_counts_equal_the_split_files(tmp_path: Path, balance: bool) -> None:
+    """meta.json's per-split label counts are those of the written CSVs (the rows are sorted by
+    label, so counting by the unshuffled row numbers would give other numbers)."""
+    labels = ["a"] * 30 + ["b"] * 15 + [" c "] * 5  # labels are stripped: " c " is class c
+    frame = pd.DataFrame({"text": [f"message {i}" for i in range(50)], "label": labels})
+    source = tmp_path / "all.csv"
+    frame.to_csv(source, index=False)
+    data_dir = tmp_path / "prep"
+    dm = CSVDataModule(source=str(source), balance=balance, data_dir=str(data_dir))
+    dm.prepare_data()
+    meta = json.loads((data_dir / "meta.json").read_text())
+    total: dict[str, int] = {}
+    for split in ("train", "validation", "test"):
+        written = pd.read_csv(data_dir / f"{split}.csv", dtype=str, keep_default_na=False)
+        counts = written["label"].str.strip().value_counts().sort_index().to_dict()
+        assert meta["splits"][split] == {"rows": len(written), "labels": counts}
+        for label, n in counts.items():
+            total[label] = total.get(label, 0) + n
+    assert total == ({"a": 5, "b": 5, "c": 5} if balance else {"a": 30, "b": 15, "c": 5})
+    assert meta["rows"] == {"read": 50, "used": 15 if balance else 50}
+    dm.setup()
+    names = dm.class_names
+    train_counts = pd.Series([names[i] for i in dm.train_dataset.labels]).value_counts()
+    assert train_counts.sort_index().to_dict() == meta["splits"]["train"]["labels"]
+
+
+def test_empty_split_of_one_file_is_refused(tmp_path: Path) -> None:
+    source = _write(
+        tmp_path / "all.csv", "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(8))
+    )
+    dm = CSVDataModule(source=str(source), data_dir=str(tmp_path / "prep"))
+    with pytest.raises(DataError) as info:
+        dm.prepare_data()  # int(8 * 0.1) = 0 validation rows
+    assert str(info.value).startswith(f"{source}: the validation split is empty: 8 rows split")
+    assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == [".prepare.lock"]
+
+
 # ------------------------------------------------------------------ errors name file, line, problem
 
 
@@ -224,6 +262,17 @@ def test_not_utf8_names_the_line(three_files, tmp_path) -> None:
             "needs data.source",
         ),
         ({"source": "a.csv", "sep": "::"}, "data.sep='::'"),
+        (
+            {"source": "a.csv", "val_frac": 0},
+            "data.val_frac=0: must be a number with 0 < value < 1",
+        ),
+        ({"source": "a.csv", "train_frac": 0.0}, "data.train_frac=0.0: must be a number with 0 <"),
+        ({"source": "a.csv", "train_frac": "x"}, "data.train_frac='x': must be a number with 0 <"),
+        (
+            {"source": "a.csv", "train_frac": 0.8, "val_frac": 0.2},
+            "data.train_frac=0.8 + data.val_frac=0.2 = 1: must be < 1 (the test split gets the rest",
+        ),
+        ({"train": "a.csv", "val_frac": 1.5}, "data.val_frac=1.5: must be a number with 0 < value"),
     ],
 )
 def test_bad_options_fail_in_init(tmp_path, monkeypatch, kwargs: dict, message: str) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import io
+import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,8 +31,14 @@ from spam_lightning.data import (
     get_tokenizer,
     read_table,
 )
-from spam_lightning.data.source import EXPECTED_SHA256, EXPECTED_SIZE, sha256_bytes
-from spam_lightning.data.table import prepare
+from spam_lightning.data.source import (
+    BUNDLED_PATH,
+    EXPECTED_SHA256,
+    EXPECTED_SIZE,
+    load_bundled,
+    sha256_bytes,
+)
+from spam_lightning.data.table import SPLIT_FILES, prepare
 from spam_lightning.data.tokens import Collator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,15 +57,16 @@ def files_in(folder: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(sms_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared from the default source: the copy bundled in the package."""
     folder = tmp_path_factory.mktemp("sms_spam")
-    SpamDataModule(source=str(sms_file), data_dir=str(folder)).prepare_data()
+    SpamDataModule(data_dir=str(folder)).prepare_data()
     return folder
 
 
 @pytest.fixture(scope="module")
-def dm(sms_file: Path, data_dir: Path) -> SpamDataModule:
-    module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir))
+def dm(data_dir: Path) -> SpamDataModule:
+    module = SpamDataModule(data_dir=str(data_dir))
     module.prepare_data()
     module.setup("fit")
     return module
@@ -117,13 +127,6 @@ def test_datamodule_matches_the_chapter(dm: SpamDataModule, sms_file: Path) -> N
     tok = get_tokenizer()
     assert dm.train_dataset.token_ids == [tok.encode(t) for t in train["Text"]]
     assert dm.val_dataset.token_ids == [tok.encode(t)[:120] for t in val["Text"]]
-
-
-def test_tokenizer_ids() -> None:
-    tok = get_tokenizer()
-    assert tok.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
-    assert tok.encode("Do you have time") == [5211, 345, 423, 640]
-    assert get_tokenizer() is tok  # cached
 
 
 # ------------------------------------------------------------------ batches
@@ -348,9 +351,25 @@ def test_encode_texts_and_collate() -> None:
         ({"max_length": "longest"}, "data.max_length='longest': allowed values are null"),
         ({"on_bad_rows": "ignore"}, "data.on_bad_rows='ignore': allowed values are error, skip"),
         ({"bucketing": True}, "data.padding=batch"),
-        ({"train_frac": 0.95}, "> 1"),
-        ({"source": "/no/such/SMSSpamCollection"}, "/no/such/SMSSpamCollection: no such file"),
-        ({"urls": []}, "data.urls is empty"),
+        ({"train_frac": 0.95}, "data.train_frac=0.95 + data.val_frac=0.1 = 1.05: must be < 1"),
+        ({"train_frac": 0.9}, "data.train_frac=0.9 + data.val_frac=0.1 = 1: must be < 1"),
+        ({"val_frac": 0}, "data.val_frac=0: must be a number with 0 < value < 1"),
+        ({"val_frac": 0.0}, "data.val_frac=0.0: must be a number with 0 < value < 1"),
+        ({"val_frac": -0.1}, "data.val_frac=-0.1: must be a number with 0 < value < 1"),
+        ({"train_frac": 0}, "data.train_frac=0: must be a number with 0 < value < 1"),
+        ({"train_frac": 1.0}, "data.train_frac=1.0: must be a number with 0 < value < 1"),
+        ({"train_frac": float("nan")}, "data.train_frac=nan: must be a number"),
+        (
+            {"train_frac": "abc"},
+            "data.train_frac='abc': must be a number with 0 < value < 1 (got str)",
+        ),
+        ({"val_frac": None}, "data.val_frac=None: must be a number with 0 < value < 1"),
+        ({"val_frac": True}, "data.val_frac=True: must be a number with 0 < value < 1 (got bool)"),
+        (
+            {"source": "/no/such/SMSSpamCollection"},
+            "/no/such/SMSSpamCollection: no such file (expected bundled, download, or the path",
+        ),
+        ({"source": "download", "urls": []}, "data.source=download, but data.urls is empty"),
     ],
 )
 def test_bad_config_fails_in_init(kwargs: dict, message: str) -> None:
@@ -363,7 +382,8 @@ def test_config_file_lists_every_argument() -> None:
     params = inspect.signature(SpamDataModule.__init__).parameters
     assert set(cfg) - {"_target_"} == set(params) - {"self"}
     assert cfg["_target_"] == "spam_lightning.data.SpamDataModule"
-    for key in ("batch_size", "padding", "on_bad_rows", "split_seed", "bucketing", "max_length"):
+    keys = ("source", "batch_size", "padding", "on_bad_rows", "split_seed", "bucketing")
+    for key in (*keys, "max_length", "train_frac", "val_frac"):
         assert cfg[key] == params[key].default
     assert list(cfg["urls"]) == list(params["urls"].default)
 
@@ -374,7 +394,7 @@ def test_config_file_lists_every_argument() -> None:
 def test_download_tries_urls_in_turn(sms_file: Path, tmp_path: Path, http_serve) -> None:
     base = http_serve({"/sms.zip": make_zip(sms_file.read_bytes())})
     urls = [f"{base}/missing.zip", f"{base}/sms.zip"]
-    prepared = prepare(None, tmp_path, urls)
+    prepared = prepare("download", tmp_path, urls)
     raw = tmp_path / "SMSSpamCollection"
     assert sha256_bytes(raw.read_bytes()) == EXPECTED_SHA256
     assert prepared.meta["source"]["url"] == urls[1]
@@ -390,7 +410,7 @@ def test_download_tries_urls_in_turn(sms_file: Path, tmp_path: Path, http_serve)
         index=None
     ).encode()
     # next time: no network needed
-    again = prepare(None, tmp_path, ["http://127.0.0.1:9/unreachable.zip"])
+    again = prepare("download", tmp_path, ["http://127.0.0.1:9/unreachable.zip"])
     assert again.reused
 
 
@@ -398,7 +418,7 @@ def test_download_failure_lists_every_url(tmp_path: Path, http_serve) -> None:
     base = http_serve({"/bad.zip": b"PK\x03\x04 this is not a zip"})
     urls = [f"{base}/nothing.zip", f"{base}/bad.zip", "http://127.0.0.1:9/refused.zip"]
     with pytest.raises(DownloadError) as info:
-        prepare(None, tmp_path, urls)
+        prepare("download", tmp_path, urls)
     message = str(info.value)
     for url in urls:
         assert url in message
@@ -413,7 +433,7 @@ def test_truncated_download_leaves_nothing(sms_file: Path, tmp_path: Path, http_
         {"/cut.zip": payload[: len(payload) // 2], "/short.zip": (len(payload), payload[:1000])}
     )
     with pytest.raises(DownloadError, match="corrupt or truncated") as info:
-        prepare(None, tmp_path, [f"{base}/cut.zip", f"{base}/short.zip"])
+        prepare("download", tmp_path, [f"{base}/cut.zip", f"{base}/short.zip"])
     assert "truncated: got 1,000 of" in str(info.value)
     assert files_in(tmp_path) == {".prepare.lock"}
 
@@ -477,8 +497,6 @@ def test_bad_sources_name_file_and_problem(
 
 
 def test_prepare_script(sms_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(
         "prepare_data", REPO / "scripts" / "prepare_data.py"
     )
@@ -488,6 +506,10 @@ def test_prepare_script(sms_file: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert '"rows": 1045' in capsys.readouterr().out
     assert module.main(["--source", str(tmp_path / "nope"), "--data-dir", str(tmp_path)]) == 1
     assert "no such file" in capsys.readouterr().err
+    assert module.main(["--data-dir", str(tmp_path / "bundled")]) == 0  # the default: bundled
+    assert capsys.readouterr().out.startswith(f"prepared {tmp_path / 'bundled'}\n")
+    meta = json.loads((tmp_path / "bundled" / "meta.json").read_text())
+    assert meta["source"]["kind"] == "bundled" and meta["splits"]["train"]["rows"] == 1045
 
 
 def test_setup_before_prepare_is_a_clear_error(tmp_path: Path) -> None:
@@ -498,22 +520,113 @@ def test_setup_before_prepare_is_a_clear_error(tmp_path: Path) -> None:
         module.train_dataloader()
 
 
-def test_tokenizer_offline_error_names_the_fix(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "TIKTOKEN_CACHE_DIR": str(tmp_path),
-        "PYTHONPATH": str(REPO),
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "https_proxy": "http://127.0.0.1:9",
-        "NO_PROXY": "",
-        "no_proxy": "",
-    }
-    code = "from spam_lightning.data.tokens import get_tokenizer; get_tokenizer()"
+# ------------------------------------------------------------------ the bundled copy (the default)
+
+
+def test_default_source_is_the_bundled_copy(sms_file: Path, data_dir: Path) -> None:
+    assert BUNDLED_PATH.read_bytes() == sms_file.read_bytes()  # the UCI file, byte for byte
+    meta = json.loads((data_dir / "meta.json").read_text())
+    assert meta["source"]["kind"] == "bundled" and meta["source"]["path"] == str(BUNDLED_PATH)
+    assert (meta["source"]["sha256"], meta["source"]["bytes"]) == (EXPECTED_SHA256, EXPECTED_SIZE)
+    assert files_in(data_dir) == {".prepare.lock", "meta.json", *SPLIT_FILES.values()}
+    assert SpamDataModule().source == "bundled" and SpamDataModule(source=None).source == "bundled"
+    with pytest.raises(DataError, match="data.urls is empty"):
+        prepare("download", data_dir / "dl", [])
+
+
+def test_bundled_copy_is_verified_when_read(tmp_path: Path) -> None:
+    assert load_bundled().sha256 == EXPECTED_SHA256
+    good = BUNDLED_PATH.read_bytes()
+    damaged = tmp_path / "SMSSpamCollection"
+    damaged.write_bytes(good.replace(b"Go until jurong", b"Go until JURONG", 1))
+    with pytest.raises(DataError) as info:
+        load_bundled(damaged)
+    assert str(info.value) == (
+        f"data.source=bundled: {damaged} is damaged: 477,907 bytes sha256 "
+        f"{sha256_bytes(damaged.read_bytes())}, expected 477,907 bytes sha256 {EXPECTED_SHA256}; "
+        f"reinstall spam-lightning, or pass data.source=download or a path"
+    )
+    damaged.write_bytes(good[:1000])
+    with pytest.raises(DataError, match="is damaged: 1,000 bytes"):
+        load_bundled(damaged)
+    with pytest.raises(DataError, match=r"cannot read .*nope.*reinstall spam-lightning"):
+        load_bundled(tmp_path / "nope")
+
+
+def test_download_through_the_datamodule(sms_file: Path, tmp_path: Path, http_serve) -> None:
+    base = http_serve({"/sms.zip": make_zip(sms_file.read_bytes())})
+    module = SpamDataModule(source="download", urls=[f"{base}/sms.zip"], data_dir=str(tmp_path))
+    module.prepare_data()
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["source"]["kind"] == "download" and meta["source"]["url"] == f"{base}/sms.zip"
+    assert (tmp_path / "SMSSpamCollection").read_bytes() == sms_file.read_bytes()
+    module.setup()
+    assert (len(module.train_dataset), len(module.val_dataset)) == (1045, 149)
+
+
+def test_empty_split_is_refused_before_writing(tmp_path: Path) -> None:
+    rows = b"".join(b"ham\tHello number %d\nspam\tWin prize %d\n" % (i, i) for i in range(4))
+    source = tmp_path / "SMSSpamCollection"
+    source.write_bytes(rows)  # 8 rows: int(8 * 0.1) = 0 validation rows
+    with pytest.raises(DataError) as info:
+        prepare(str(source), tmp_path / "out")
+    assert str(info.value).startswith(
+        f"{source}: the validation split is empty: 8 rows split with data.train_frac=0.7, "
+        f"data.val_frac=0.1"
+    )
+    assert files_in(tmp_path / "out") == {".prepare.lock"}
+    assert not prepare(str(source), tmp_path / "ok", train_frac=0.5, val_frac=0.25).reused
+
+
+def test_wheel_ships_the_assets(tmp_path: Path) -> None:
+    """A non-editable wheel holds the data files, and works from outside the checkout."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(
+        REPO / "spam_lightning",
+        src / "spam_lightning",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    # the dev venv has setuptools (no registry needed); else pip fetches it for an isolated build
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            *isolation,
+            "-w",
+            "dist",
+            "./src",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("spam_lightning-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for asset in ("SMSSpamCollection", "README.md", "gpt2/vocab.bpe", "gpt2/encoder.json"):
+        assert f"spam_lightning/data/assets/{asset}" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        "import spam_lightning.data.source as s, spam_lightning.data.tokens as t; "
+        f"print(s.load_bundled().sha256, s.BUNDLED_PATH.is_relative_to({str(site)!r}), "
+        "t.get_tokenizer().encode('Do you have time'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
     done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert done.returncode != 0
-    assert (
-        "export TIKTOKEN_CACHE_DIR=" in done.stderr
-        and "could not load tiktoken's 'gpt2'" in done.stderr
-    )
+    assert done.stdout.split(maxsplit=1) == [EXPECTED_SHA256, "True [5211, 345, 423, 640]\n"]

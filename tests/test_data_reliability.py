@@ -165,7 +165,7 @@ def test_download_refuses_wrong_sha256_or_size(sms_file: Path, tmp_path: Path, h
     )
     urls = [f"{base}/tampered.zip", f"{base}/longer.zip", f"{base}/raw-tampered"]
     with pytest.raises(DownloadError) as info:
-        prepare(None, tmp_path, urls)
+        prepare("download", tmp_path, urls)
     message = str(info.value)
     assert f"{urls[0]}: the downloaded file: SMSSpamCollection does not match" in message
     assert (
@@ -182,10 +182,10 @@ def test_download_refuses_wrong_sha256_or_size(sms_file: Path, tmp_path: Path, h
 
 def test_download_bare_file(sms_file: Path, tmp_path: Path, http_serve) -> None:
     base = http_serve({"/SMSSpamCollection": sms_file.read_bytes()})
-    assert not prepare(None, tmp_path, [f"{base}/SMSSpamCollection"]).reused
+    assert not prepare("download", tmp_path, [f"{base}/SMSSpamCollection"]).reused
     # a corrupted local copy is not trusted: fetched again
     (tmp_path / "SMSSpamCollection").write_bytes(b"ham\tx\nspam\ty\n")
-    prepared = prepare(None, tmp_path, [f"{base}/SMSSpamCollection"])
+    prepared = prepare("download", tmp_path, [f"{base}/SMSSpamCollection"])
     assert (
         prepared.reused
         and sha256_bytes((tmp_path / "SMSSpamCollection").read_bytes()) == EXPECTED_SHA256

@@ -43,6 +43,7 @@ from spam_lightning.data.table import (
     META_NAME,
     SPLIT_FILES,
     Record,
+    check_splits_not_empty,
     files_match,
     random_split,
     read_meta,
@@ -343,6 +344,7 @@ class CSVDataModule(TextClassificationDataModule):
             seed=seed,
             pad_token_id=pad_token_id,
         )
+        train_frac, val_frac = check_split_fractions(train_frac, val_frac)
         files = {"train": train, "validation": validation, "test": test}
         given = {k: v for k, v in files.items() if v is not None}
         if source is not None and given:
@@ -371,7 +373,6 @@ class CSVDataModule(TextClassificationDataModule):
                 "data.balance=true balances one file before it is split: it needs data.source"
             )
         _int_at_least("data.split_seed", split_seed, 0)
-        check_split_fractions(train_frac, val_frac)
         self.fixed_class_names = _check_class_names(class_names)
         self.save_hyperparameters()
 
@@ -469,15 +470,18 @@ def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) ->
         splits = random_split(
             frame, settings["train_frac"], settings["val_frac"], settings["split_seed"]
         )
-        if len(splits[0]) == 0:
-            raise DataError(f"{source}: the train split is empty ({len(frame)} rows)")
+        check_splits_not_empty(
+            str(source), len(frame), splits, settings["train_frac"], settings["val_frac"]
+        )
         files: dict[str, str] = {}
         counts: dict[str, dict[str, Any]] = {}
         for (split, fname), part in zip(SPLIT_FILES.items(), splits, strict=True):
             payload = frame_csv_bytes(part)
             atomic_write_bytes(data_dir / fname, payload)
             files[fname] = sha256_bytes(payload)
-            part_labels = labels.loc[part.index]
+            # from the part itself: random_split renumbers the rows, so ``labels`` (indexed like
+            # the unsplit frame) would count the wrong rows
+            part_labels = part[settings["label_column"]].astype(str).str.strip()
             counts[split] = {
                 "rows": len(part),
                 "labels": {k: int(v) for k, v in part_labels.value_counts().sort_index().items()},

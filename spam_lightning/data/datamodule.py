@@ -19,7 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from spam_lightning.data.sampler import LengthGroupedSampler
-from spam_lightning.data.source import DEFAULT_URLS, DataError
+from spam_lightning.data.source import (
+    BUNDLED,
+    DEFAULT_URLS,
+    DOWNLOAD,
+    SOURCE_KEYWORDS,
+    DataError,
+)
 from spam_lightning.data.table import (
     ON_BAD_ROWS,
     load_prepared,
@@ -133,16 +139,29 @@ def check_loader_options(
             )
 
 
-def check_split_fractions(train_frac: float, val_frac: float) -> None:
-    if not (0.0 < float(train_frac) <= 1.0 and 0.0 <= float(val_frac) <= 1.0):
+def _fraction(option: str, value: Any) -> float:
+    """A split fraction as a float strictly between 0 and 1 (else one clear ValueError)."""
+    allowed = "a number with 0 < value < 1"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{option}={value!r}: must be {allowed} (got {type(value).__name__})")
+    if not 0.0 < float(value) < 1.0:  # also rejects nan
+        raise ValueError(f"{option}={value!r}: must be {allowed}")
+    return float(value)
+
+
+def check_split_fractions(train_frac: Any, val_frac: Any) -> tuple[float, float]:
+    """``train_frac`` and ``val_frac`` for a train / validation / test split; all three must be
+    non-empty (an empty validation split prints ``Val loss nan``, an empty test split crashes
+    the final evaluation), so ``0 < train_frac``, ``0 < val_frac``, ``train_frac + val_frac < 1``.
+    """
+    train = _fraction("data.train_frac", train_frac)
+    val = _fraction("data.val_frac", val_frac)
+    if train + val >= 1.0:
         raise ValueError(
-            f"data.train_frac={train_frac}, data.val_frac={val_frac}: need "
-            f"0 < train_frac <= 1 and 0 <= val_frac <= 1"
+            f"data.train_frac={train_frac!r} + data.val_frac={val_frac!r} = {train + val:g}: "
+            f"must be < 1 (the test split gets the rest, 1 - train_frac - val_frac)"
         )
-    if float(train_frac) + float(val_frac) > 1.0:
-        raise ValueError(
-            f"data.train_frac + data.val_frac = {float(train_frac) + float(val_frac)} > 1"
-        )
+    return train, val
 
 
 class TextClassificationDataModule(L.LightningDataModule):
@@ -350,13 +369,16 @@ class TextClassificationDataModule(L.LightningDataModule):
 class SpamDataModule(TextClassificationDataModule):
     """The UCI SMS Spam Collection, balanced and split as in chapter 6, as GPT-2 token batches.
 
+    ``source``: ``bundled`` (default; the verified copy in the package), ``download`` (from
+    ``urls`` into ``data_dir``), or a path to an ``SMSSpamCollection`` file or the UCI zip.
+
     ``prepare_data`` gets the source and writes the CSVs (once per node, locked);
     ``setup`` reads and tokenizes them once.
     """
 
     def __init__(
         self,
-        source: str | None = None,
+        source: str | None = BUNDLED,
         urls: Sequence[str] = DEFAULT_URLS,
         data_dir: str = "data/sms_spam",
         max_length: int | str | None = None,
@@ -387,32 +409,38 @@ class SpamDataModule(TextClassificationDataModule):
             pad_token_id,
         )
         _int_at_least("data.split_seed", split_seed, 0)
-        check_split_fractions(train_frac, val_frac)
+        train_frac, val_frac = check_split_fractions(train_frac, val_frac)
         urls = [str(u) for u in (urls or ())]
-        if source is None and not urls:
-            raise ValueError("data.source is null and data.urls is empty: nothing to read")
-        if source is not None:
-            src = Path(str(source)).expanduser()
+        source = BUNDLED if source is None else str(source)
+        if source == DOWNLOAD and not urls:
+            raise ValueError(
+                "data.source=download, but data.urls is empty: nothing to download from "
+                "(use data.source=bundled, the default, or a path)"
+            )
+        if source not in SOURCE_KEYWORDS:
+            src = Path(source).expanduser()
             if not src.exists():
                 raise DataError(
-                    f"data.source: {src.resolve()}: no such file (expected the "
-                    f"SMSSpamCollection file or the zip holding it)"
+                    f"data.source: {src.resolve()}: no such file (expected bundled, download, "
+                    f"or the path of an SMSSpamCollection file or the zip holding it)"
                 )
+            source = str(src.resolve())
         self.save_hyperparameters()
 
-        self.source = None if source is None else str(Path(str(source)).expanduser().resolve())
+        self.source = source
         self.urls = urls
         self.on_bad_rows = on_bad_rows
         self.split_seed = int(split_seed)
-        self.train_frac = float(train_frac)
-        self.val_frac = float(val_frac)
+        self.train_frac = train_frac
+        self.val_frac = val_frac
         self.class_names = ["ham", "spam"]
 
     def _settings(self) -> dict[str, Any]:
         return split_settings(self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows)
 
     def prepare_data(self) -> None:
-        """Download / extract / split into ``data_dir`` (locked; no state set: once per node)."""
+        """Read (or download / extract) and split into ``data_dir`` (locked; no state set: once
+        per node)."""
         prepare(
             self.source,
             self.data_dir,

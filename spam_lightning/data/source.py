@@ -1,4 +1,10 @@
-"""Where the raw ``SMSSpamCollection`` comes from: a local file or zip, else a verified download.
+"""Where the raw ``SMSSpamCollection`` comes from (``data.source``).
+
+- ``bundled`` (the default): the copy shipped in the package (``assets/SMSSpamCollection``),
+  checked against its sha256 on every read; no network.
+- ``download``: ``data_dir/SMSSpamCollection`` if it is the verified file, else a verified
+  download from ``data.urls`` (tried in order).
+- anything else: a path to a local ``SMSSpamCollection`` file or the UCI zip holding it.
 
 Everything written here goes to a temporary file in the target folder first and is renamed into
 place only when complete and verified, so an interrupted or failed download leaves nothing
@@ -34,8 +40,13 @@ EXPECTED_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c2
 DOWNLOAD_TIMEOUT = 30.0
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 TMP_PREFIX = ".tmp-"  # every temporary file we create starts with this (stale ones get cleaned)
+BUNDLED = "bundled"  # data.source keywords; any other value is a path
+DOWNLOAD = "download"
+SOURCE_KEYWORDS = (BUNDLED, DOWNLOAD)
+BUNDLED_PATH = Path(__file__).resolve().parent / "assets" / MEMBER_NAME
 FIX_HINT = (
-    "Fix: download the UCI 'SMS Spam Collection' zip by other means and pass "
+    "Fix: use the copy bundled with the package (data.source=bundled, the default), or download "
+    "the UCI 'SMS Spam Collection' zip by other means and pass "
     "data.source=/path/to/SMSSpamCollection (or data.source=/path/to/sms+spam+collection.zip)."
 )
 
@@ -155,6 +166,26 @@ def load_local(source: str | os.PathLike[str]) -> SourceData:
     return SourceData(data, str(path), {"kind": "file", "path": str(path)})
 
 
+def load_bundled(path: str | os.PathLike[str] = BUNDLED_PATH) -> SourceData:
+    """The ``SMSSpamCollection`` shipped in the package, verified by size and sha256."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(
+            f"data.source=bundled: cannot read {path} ({e.strerror or e}): the package is "
+            f"incomplete; reinstall spam-lightning, or pass data.source=download or a path"
+        ) from e
+    actual = sha256_bytes(data)
+    if len(data) != EXPECTED_SIZE or actual != EXPECTED_SHA256:
+        raise DataError(
+            f"data.source=bundled: {path} is damaged: {len(data):,} bytes sha256 {actual}, "
+            f"expected {EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}; reinstall "
+            f"spam-lightning, or pass data.source=download or a path"
+        )
+    return SourceData(data, str(path), {"kind": BUNDLED, "path": str(path)})
+
+
 def _verify(data: bytes, where: str) -> None:
     actual_sha = sha256_bytes(data)
     if len(data) != EXPECTED_SIZE or actual_sha != EXPECTED_SHA256:
@@ -186,7 +217,7 @@ def download(urls: Sequence[str], dest: Path, timeout: float = DOWNLOAD_TIMEOUT)
     DownloadError listing every URL with its failure (and the ``data.source=`` fix).
     """
     if not urls:
-        raise DownloadError(f"no data.source and no data.urls to download from. {FIX_HINT}")
+        raise DownloadError(f"data.source=download, but data.urls is empty. {FIX_HINT}")
     failures: list[str] = []
     for url in urls:
         try:
@@ -217,9 +248,12 @@ def load_source(
     data_dir: Path,
     timeout: float = DOWNLOAD_TIMEOUT,
 ) -> SourceData:
-    """Local ``source`` if given, else ``data_dir/SMSSpamCollection`` (downloaded if missing or
-    not the verified file). Call while holding the preparation lock."""
-    if source is not None:
+    """``bundled`` (or ``None``): the packaged copy; ``download``: ``data_dir/SMSSpamCollection``
+    (downloaded from ``urls`` if missing or not the verified file); else a local file or zip.
+    Call while holding the preparation lock."""
+    if source is None or str(source) == BUNDLED:
+        return load_bundled()
+    if str(source) != DOWNLOAD:
         return load_local(source)
     dest = data_dir / MEMBER_NAME
     if dest.is_file():

@@ -462,6 +462,20 @@ def random_split(
     return df[:train_end], df[train_end:validation_end], df[validation_end:]
 
 
+def check_splits_not_empty(
+    name: str, rows: int, splits: Sequence[pd.DataFrame], train_frac: float, val_frac: float
+) -> None:
+    """An empty split would train on nothing or evaluate to NaN: refuse it before writing."""
+    for split, part in zip(SPLIT_FILES, splits, strict=True):
+        if len(part) == 0:
+            raise DataError(
+                f"{name}: the {split} split is empty: {rows} rows split with "
+                f"data.train_frac={train_frac:g}, data.val_frac={val_frac:g} (train gets "
+                f"int(rows * train_frac), validation int(rows * val_frac), test the rest); "
+                f"use more rows or larger fractions"
+            )
+
+
 # --------------------------------------------------------------------------------------------
 # Preparing a data folder (locked, atomic, reused when meta.json matches)
 # --------------------------------------------------------------------------------------------
@@ -520,6 +534,9 @@ def prepare(
 ) -> Prepared:
     """Get the source, then write ``train/validation/test.csv`` + ``meta.json`` in ``data_dir``.
 
+    ``source``: ``bundled`` (or ``None``) for the packaged copy, ``download`` to fetch from
+    ``urls`` into ``data_dir``, or a local file / zip (see ``source.load_source``).
+
     Guarded by a file lock so that concurrent processes (joblib sweeps) prepare once; reuses the
     CSVs when ``meta.json`` records the same source sha256 and split settings.
     """
@@ -542,9 +559,9 @@ def prepare(
             return Prepared(data_dir, paths, meta, reused=True)
         (data_dir / META_NAME).unlink(missing_ok=True)  # no stale meta over half-new CSVs
         table = read_table(src.data, src.name, on_bad_rows=on_bad_rows)
-        splits = random_split(balance(table.frame, split_seed), train_frac, val_frac, split_seed)
-        if len(splits[0]) == 0:
-            raise DataError(f"{src.name}: the train split is empty ({len(table.frame)} rows)")
+        balanced = balance(table.frame, split_seed)
+        splits = random_split(balanced, train_frac, val_frac, split_seed)
+        check_splits_not_empty(src.name, len(balanced), splits, train_frac, val_frac)
         files: dict[str, str] = {}
         counts: dict[str, dict[str, int]] = {}
         for (split, path), frame in zip(paths.items(), splits, strict=True):

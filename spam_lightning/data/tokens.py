@@ -1,4 +1,5 @@
-"""GPT-2 tokens: the tiktoken encoder, encoding, ``max_length`` resolution and batch collation.
+"""GPT-2 tokens: the tiktoken encoder (built from the bundled BPE files), encoding,
+``max_length`` resolution and batch collation.
 
 ``encode_texts`` and ``collate`` are shared by training and inference (``spam-classify``), so a
 message is tokenized, truncated and padded the same way everywhere.
@@ -7,32 +8,106 @@ message is tokenized, truncated and padded the same way everywhere.
 from __future__ import annotations
 
 import functools
-import os
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from spam_lightning.data.source import DataError, sha256_bytes
 
 PAD_TOKEN_ID = 50256  # <|endoftext|>, the chapter's pad token
 PADDING_MODES = ("longest", "batch", "none")
 
 
-@functools.cache
-def get_tokenizer() -> Any:
-    """tiktoken's ``gpt2`` encoding, loaded once per process (offline via ``TIKTOKEN_CACHE_DIR``)."""
+# tiktoken_ext/openai_public.py's ``r50k_pat_str``: GPT-2's split pattern (same pieces, faster).
+GPT2_PAT_STR = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+GPT2_SPECIAL_TOKENS = {"<|endoftext|>": PAD_TOKEN_ID}
+GPT2_N_VOCAB = 50257
+# The bundled openai/gpt-2 BPE files (see assets/README.md), checked on every load.
+GPT2_ASSETS = Path(__file__).resolve().parent / "assets" / "gpt2"
+GPT2_FILES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+def _read_verified(path: Path, expected_sha256: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(
+            f"{path}: cannot read the bundled GPT-2 BPE file ({e.strerror or e}); the package "
+            f"is incomplete: reinstall spam-lightning"
+        ) from e
+    actual = sha256_bytes(data)
+    if actual != expected_sha256:
+        raise DataError(
+            f"{path}: the bundled GPT-2 BPE file is damaged: sha256 {actual}, expected "
+            f"{expected_sha256}; reinstall spam-lightning"
+        )
+    return data
+
+
+def gpt2_mergeable_ranks(folder: Path = GPT2_ASSETS) -> dict[bytes, int]:
+    """GPT-2's BPE ranks from ``vocab.bpe`` + ``encoder.json`` in ``folder``, read directly.
+
+    The same algorithm as ``tiktoken.load.data_gym_to_mergeable_bpe_ranks`` (which would copy
+    local files into tiktoken's cache dir): the 256 single bytes in GPT-2's byte-to-unicode order,
+    then every merge in ``vocab.bpe`` order; checked to equal ``encoder.json``'s table.
+    """
+    folder = Path(folder)
+    vocab = _read_verified(folder / "vocab.bpe", GPT2_FILES["vocab.bpe"]).decode("utf-8")
+    encoder = _read_verified(folder / "encoder.json", GPT2_FILES["encoder.json"])
+    # GPT-2 writes byte b as chr(b) if it is printable and not a space, else as chr(256 + n)
+    rank_to_byte = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    char_to_byte = {chr(b): b for b in rank_to_byte}
+    n = 0
+    printable = set(rank_to_byte)
+    for b in range(256):
+        if b not in printable:
+            rank_to_byte.append(b)
+            char_to_byte[chr(256 + n)] = b
+            n += 1
+
+    def decode(token: str) -> bytes:
+        return bytes(char_to_byte[c] for c in token)
+
+    ranks = {bytes([b]): i for i, b in enumerate(rank_to_byte)}
+    for line in vocab.split("\n")[1:-1]:  # a "#version" header, then "first second" per line
+        first, second = line.split()
+        ranks[decode(first) + decode(second)] = len(ranks)
+    table = {decode(k): v for k, v in json.loads(encoder).items()}
+    table.pop(b"<|endoftext|>", None)
+    if ranks != table:  # unreachable with the verified files; guards edits to this reader
+        raise DataError(f"{folder}: vocab.bpe and encoder.json disagree")
+    return ranks
+
+
+def load_gpt2_encoding(folder: Path = GPT2_ASSETS) -> Any:
+    """tiktoken's ``gpt2`` encoding built from the BPE files in ``folder`` (offline, no cache)."""
     import tiktoken
 
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # network errors come in many types (requests, urllib3, OSError)
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
-        raise RuntimeError(
-            "could not load tiktoken's 'gpt2' encoding (it downloads vocab.bpe and encoder.json "
-            f"on first use; TIKTOKEN_CACHE_DIR={cache}). Offline, set TIKTOKEN_CACHE_DIR to a "
-            "folder holding tiktoken's cached files, e.g. "
-            "export TIKTOKEN_CACHE_DIR=/path/to/shared/tiktoken_cache"
-            f" ({type(e).__name__}: {e})"
-        ) from e
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=gpt2_mergeable_ranks(folder),
+        special_tokens=dict(GPT2_SPECIAL_TOKENS),
+        explicit_n_vocab=GPT2_N_VOCAB,
+    )
+
+
+@functools.cache
+def get_tokenizer() -> Any:
+    """tiktoken's ``gpt2`` encoding from the bundled BPE files, loaded once per process.
+
+    Offline by construction: no download, no ``TIKTOKEN_CACHE_DIR``, nothing written anywhere.
+    The ids equal ``tiktoken.get_encoding("gpt2")``'s (tests/test_tokenizer.py).
+    """
+    return load_gpt2_encoding(GPT2_ASSETS)
 
 
 def encode_texts(
