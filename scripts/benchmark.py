@@ -322,10 +322,10 @@ def train_classifier_simple(
 
 
 def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
-    import tiktoken
+    from spam_lightning.data.tokens import get_tokenizer  # tiktoken's gpt2, from the package
 
     data_dir = Path(ctx["data_dir"])
-    tokenizer = tiktoken.get_encoding("gpt2")
+    tokenizer = get_tokenizer()
     train_dataset = SpamDataset(data_dir / "train.csv", tokenizer, max_length=None)
     val_dataset = SpamDataset(data_dir / "validation.csv", tokenizer, train_dataset.max_length)
     test_dataset = SpamDataset(data_dir / "test.csv", tokenizer, train_dataset.max_length)
@@ -966,9 +966,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    shared_bpe = REPO.parent / "shared" / "tiktoken_cache"
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared_bpe.is_dir():  # offline machines
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(shared_bpe)  # inherited by every phase
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     load_start = list(os.getloadavg())  # other work on the machine skews every timing

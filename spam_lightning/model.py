@@ -266,9 +266,9 @@ def generate_text_simple(
 
 
 def _gpt2_tokenizer() -> Any:
-    import tiktoken
+    from spam_lightning.data.tokens import get_tokenizer  # the bundled BPE files, offline
 
-    return tiktoken.get_encoding("gpt2")
+    return get_tokenizer()
 
 
 def text_to_token_ids(text: str, tokenizer: Any = None) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ from spam_lightning.model import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = MODEL_CONFIGS["gpt2-tiny"]
-
-
-@pytest.fixture
-def tiktoken_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """tiktoken's GPT-2 files ship in ../shared on machines without internet."""
-    cache = REPO.parent / "shared" / "tiktoken_cache"
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and cache.is_dir():
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
 
 
 def tiny(**overrides: object) -> GPTModel:
@@ -193,7 +184,7 @@ def test_generate_text_simple_is_greedy_and_crops_context() -> None:
         assert out[0, t] == logits[0, -1].argmax()
 
 
-def test_token_helpers_round_trip(tiktoken_offline: None) -> None:
+def test_token_helpers_round_trip() -> None:
     ids = text_to_token_ids("Every effort moves you<|endoftext|>")
     assert ids.tolist() == [[6109, 3626, 6100, 345, 50256]]
     assert token_ids_to_text(ids) == "Every effort moves you<|endoftext|>"

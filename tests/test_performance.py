@@ -25,6 +25,7 @@ from _compose import compose_train
 from test_learning import write_easy_tsv
 
 from spam_lightning.classifier import make_classifier, pool_logits
+from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model import MODEL_CONFIGS, GPTModel, TransformerBlock
 from spam_lightning.module import SpamClassifier
 from spam_lightning.train import build_model, train
@@ -331,13 +332,11 @@ def test_chapter_config_replays_the_chapters_loop(run) -> None:
     """Our default config (cached, pruned, Lightning) against the book's own loop on the same
     CSVs and weights: equal losses and accuracies at every evaluation, over several epochs
     (so the shuffling generator must advance exactly as the book's loop makes it advance)."""
-    import tiktoken
-
     opts = ("trainable=last_block", "token=last", "data.padding=longest", "cache.trunk=true")
     history, metrics = run(*opts)
     bench = load_benchmark_module()
     data_dir = _WORK[opts] / "data" / "sms_spam"
-    tok = tiktoken.get_encoding("gpt2")
+    tok = get_tokenizer()
     train_ds = bench.SpamDataset(data_dir / "train.csv", tok)
     val_ds = bench.SpamDataset(data_dir / "validation.csv", tok, train_ds.max_length)
     loader = torch.utils.data.DataLoader

@@ -374,7 +374,9 @@ class CSVDataModule(TextClassificationDataModule):
             )
         _int_at_least("data.split_seed", split_seed, 0)
         self.fixed_class_names = _check_class_names(class_names)
-        self.save_hyperparameters()
+        # class_names: the LightningModule records the resolved names under that key, and the
+        # logger merges both hparams (a null here, "from the data", would conflict with them)
+        self.save_hyperparameters(ignore=["class_names"])
 
         def resolve(p: str | None) -> Path | None:
             return None if p is None else Path(str(p)).expanduser().resolve()

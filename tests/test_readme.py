@@ -1,0 +1,372 @@
+"""The README is the test plan: every command in its shell code blocks runs here, as written.
+
+The commands run in README order, in one fresh copy of the checkout (what `git clone` gives a
+user) in a temporary folder, with an environment that holds only ``PATH`` (this interpreter's
+environment first, as after the README's install) and a fresh ``HOME``: no variable the README
+does not tell a user to set, no Hugging Face cache, no network.
+
+A command that needs what this machine lacks gets the smoke suffix of its row in ``ROWS``
+(random or tiny weights, one short epoch, a local file the test writes first); no row ever adds
+an override of paths, ``hydra.*``, logger or callbacks, since those would hide exactly the
+failures a user meets. A command no row matches fails the suite, and so does a row that matches
+no command: README and tests cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+# Random weights of a small GPT-2 (any `model=` keeps its name), one short epoch. The sizes only
+# shrink what pretrained weights would fill; the code path is the default one.
+TINY = (
+    "model.weights=random model.n_layers=2 model.emb_dim=32 model.n_heads=2 "
+    "trainer.max_epochs=1 trainer.limit_train_batches=3 trainer.limit_val_batches=2 eval_iter=1"
+)
+# IMDB from the test's small archive: the book's 35,000 / 5,000 / 10,000 need 50,000 reviews
+IMDB = TINY + " data.train_size=100 data.val_size=20 data.test_size=40"
+
+
+@dataclass
+class Row:
+    """How one README command runs here. ``how``:
+
+    - ``run``: the command + ``suffix``, must exit 0;
+    - ``compose``: the command + ``--cfg hydra`` (a launcher this machine has not: SLURM);
+    - ``ci``: not run (it is what CI does first); `.ci/run` must hold the same line;
+    - ``collect``: pytest inside pytest would recurse: ``--collect-only`` checks the selection;
+    - ``server``: started in the background until the block ends; ``ready`` is polled first;
+    - ``define``: ``NAME=value`` evaluated once; later commands get ``$NAME`` in their environment.
+    """
+
+    pattern: str
+    how: str = "run"
+    suffix: str = ""
+    why: str = ""
+    ready: str = ""
+    check: Callable[[Path, subprocess.CompletedProcess], None] | None = None
+    slow: bool = False  # minutes rather than seconds: `pytest -m slow` (CI runs both)
+
+
+def _newest(work: Path, folder: str) -> Path:
+    runs = sorted(p for p in (work / folder).iterdir() if p.is_dir())
+    assert runs, f"no folder in {folder}"
+    return runs[-1]
+
+
+def _has_run_files(work: Path, _: subprocess.CompletedProcess) -> None:
+    run = _newest(work, "outputs/runs")
+    for name in ("metrics.json", "config.yaml", "train.log", "bundle/model.safetensors"):
+        assert (run / name).is_file(), f"{run} has no {name}"
+
+
+def _has_summary(work: Path, _: subprocess.CompletedProcess) -> None:
+    sweep = _newest(work, "outputs/multirun")
+    summary = sweep / "summary.csv"
+    assert summary.is_file(), f"{sweep} has no summary.csv"
+    text = summary.read_text(encoding="utf-8")
+    assert "failed" not in text, text
+
+
+def _prints_labels(_: Path, proc: subprocess.CompletedProcess) -> None:
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines and all(line.split("\t")[0] in ("ham", "spam") or line.startswith("{")
+                         for line in lines), proc.stdout
+
+
+def _prints_json_prediction(_: Path, proc: subprocess.CompletedProcess) -> None:
+    body = json.loads(proc.stdout)
+    assert body["predictions"][0]["label"] in ("ham", "spam"), body
+
+
+ROWS = [
+    Row(r"^pip install torch==", "ci", why="installing takes minutes; .ci/run does it first"),
+    Row(r"^pip install -e", "ci", why="installing takes minutes; .ci/run does it first"),
+    Row(r"^python train\.py$", suffix=TINY, check=_has_run_files),
+    Row(r"^python train\.py model\.weights=random$", suffix=TINY, check=_has_run_files),
+    Row(r"^python train\.py model=gpt2-tiny trainer\.max_epochs=1$",
+        suffix="trainer.limit_train_batches=3 trainer.limit_val_batches=2 eval_iter=1",
+        check=_has_run_files),
+    Row(r"^python train\.py model=gpt2-medium$", suffix=TINY),
+    Row(r"^python train\.py trainer\.max_epochs=1 trainer\.precision=bf16-mixed$", suffix=TINY),
+    Row(r"^python train\.py trainer=gpu$", "compose", why="no GPU here"),
+    Row(r"^python train\.py data\.source=SMSSpamCollection$", suffix=TINY,
+        why="the test copies the data file into the folder first"),
+    Row(r"^python train\.py model\.checkpoint=gpt2$",
+        suffix="model=gpt2-tiny model.weights=pretrained trainer.max_epochs=1 "
+        "trainer.limit_train_batches=3 trainer.limit_val_batches=2 eval_iter=1",
+        why="the test writes a random gpt2-tiny-sized Hugging Face folder gpt2/ first"),
+    Row(r"^pytest$", "collect", why="the suite is running it"),
+    Row(r"^pytest -m slow$", "collect", why="the suite is running it"),
+    Row(r"^pytest -m gpu$", "collect", why="no GPU here"),
+    Row(r"^RUN=", "define"),
+    Row(r"^SWEEP=", "define"),
+    Row(r'^spam-classify "\$RUN" ', check=_prints_labels),
+    Row(r"^python - <<", why="the README's Python example"),
+    Row(r"^python scripts/summarize\.py \"\$SWEEP\"$"),
+    Row(r"^python scripts/generate\.py", suffix="model.weights=random",
+        why="pretrained weights are unobtainable here"),
+    Row(r"^python scripts/prepare_data\.py"),
+    Row(r"^python scripts/benchmark\.py --quick", suffix="--model gpt2-tiny",
+        why="gpt2-small would take minutes", slow=True),
+    Row(r"^python train\.py -m hydra/launcher=submitit_slurm", "compose", why="no SLURM here"),
+    Row(r"^python train\.py -m 'experiment=glob", suffix=TINY, check=_has_summary, slow=True),
+    Row(r"^python train\.py -m hydra/launcher=joblib .* seed=1,2,3$", suffix=TINY,
+        check=_has_summary, slow=True),
+    Row(r"^python train\.py -m ", suffix=TINY, check=_has_summary),
+    Row(r"^python train\.py hparams_search=optuna", suffix=TINY, check=_has_summary, slow=True),
+    Row(r"^python train\.py trainer=ddp trainer\.accelerator=cpu", suffix=TINY, slow=True),
+    Row(r"^python train\.py trainer=(ddp|fsdp) trainer\.devices=4$", "compose", why="no GPUs here"),
+    Row(r"^python train\.py data=csv ", suffix=TINY, check=_has_run_files,
+        why="the test writes the CSV files first"),
+    Row(r"^python train\.py data=imdb data\.source=", suffix=IMDB, check=_has_run_files,
+        why="the test writes a small aclImdb_v1.tar.gz first", slow=True),
+    Row(r"^python train\.py data=imdb", suffix=IMDB + " data.urls=[{serve}/aclImdb_v1.tar.gz]",
+        check=_has_run_files, why="no network: a local server has the test's archive", slow=True),
+    Row(r"^python train\.py experiment=chapter seed=1$", suffix=TINY),
+    Row(r"^python train\.py experiment=chapter seed=1 hydra\.run\.dir=", suffix=TINY,
+        check=_has_run_files),
+    Row(r"^spam-serve \"\$RUN\"$", "server", ready="http://127.0.0.1:8000/api/health"),
+    Row(r"^curl -s localhost:8000/api/classify", check=_prints_json_prediction),
+    Row(r"^spam-serve \"\$RUN\" --port 8080", "server", ready="http://127.0.0.1:8080/api/health"),
+    Row(r"^tensorboard --logdir outputs$", "server", ready="http://localhost:6006/"),
+]
+
+
+@dataclass
+class Command:
+    block: int
+    text: str
+    lang: str
+
+
+def _strip_comment(line: str) -> str:
+    """The line without a trailing shell comment (a ``#`` after a blank, outside quotes)."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def readme_commands(text: str) -> list[Command]:
+    """Every shell command of the README's ```bash blocks (continuations joined, comments cut),
+    and every ```python block as one command."""
+    commands = []
+    blocks = re.findall(r"^```(\w+)\n(.*?)^```", text, flags=re.M | re.S)
+    for number, (lang, body) in enumerate(blocks):
+        if lang == "python":
+            commands.append(Command(number, f"python - <<'PYEOF'\n{body}PYEOF", lang))
+            continue
+        if lang not in ("bash", "sh", "shell"):
+            continue
+        pending = ""
+        for raw in body.splitlines():
+            line = _strip_comment(raw) if not pending else _strip_comment(" " + raw.strip())
+            if line.endswith("\\"):
+                pending += line[:-1].rstrip() + " "
+                continue
+            line = (pending + line.strip()).strip()
+            pending = ""
+            if line:
+                commands.append(Command(number, " ".join(line.split()), lang))
+    return commands
+
+
+COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+
+
+def _row_for(command: Command) -> Row:
+    rows = [row for row in ROWS if re.search(row.pattern, command.text)]
+    assert rows, f"README command has no row in tests/test_readme.py ROWS: {command.text}"
+    return rows[0]
+
+
+def test_every_readme_command_has_a_row_and_every_row_a_command() -> None:
+    assert len(COMMANDS) > 20, "the README's shell blocks were not found"
+    used = {id(_row_for(c)) for c in COMMANDS}
+    unused = [row.pattern for row in ROWS if id(row) not in used]
+    assert not unused, f"rows that match no README command (remove them): {unused}"
+
+
+def _readme_env(home: Path) -> dict[str, str]:
+    """What a user has after the README's install: the environment's bin first, a HOME."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "HOME": str(home)}
+
+
+def _write_inputs(work: Path, sms_file: Path) -> None:
+    """The local files some commands name instead of a download (see the rows' ``why``)."""
+    shutil.copy(sms_file, work / "SMSSpamCollection")
+    (work / "messages.txt").write_text(
+        "Hey, are we still on for dinner?\nWIN a FREE prize! Call 0800 now\n", encoding="utf-8")
+    (work / "messages.csv").write_text(
+        "id,Text\n1,See you at 8\n2,\"URGENT! You have won a 1 week FREE membership\"\n",
+        encoding="utf-8")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=50257)
+    GPT2LMHeadModel(config).save_pretrained(work / "gpt2")
+    topics = {
+        "sports": ["the match ended in a draw", "a late goal won the cup", "the team signed a striker"],
+        "politics": ["the vote was delayed again", "parliament passed the bill", "a new minister"],
+        "tech": ["the phone got a faster chip", "a bug in the new update", "the app now syncs"],
+    }
+    for name, copies in (("train", 8), ("val", 2), ("test", 2)):
+        rows = ["review,topic"] + [
+            f'"{text} {i}",{label}' for i in range(copies)
+            for label, texts in topics.items() for text in texts
+        ]
+        (work / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (work / "all.csv").write_text(
+        "text,label\n" + "".join(f"message number {i},{'ab'[i % 2]}\n" for i in range(60)),
+        encoding="utf-8",
+    )
+    with tarfile.open(work / "aclImdb_v1.tar.gz", "w:gz") as tar:
+        for split in ("train", "test"):
+            for label in ("pos", "neg"):
+                folder = work / "_imdb" / "aclImdb" / split / label
+                folder.mkdir(parents=True)
+                for i in range(40):
+                    word = "great" if label == "pos" else "awful"
+                    (folder / f"{i}_{7 if label == 'pos' else 2}.txt").write_text(
+                        f"a {word} film, number {i}", encoding="utf-8")
+        tar.add(work / "_imdb" / "aclImdb", arcname="aclImdb")
+    shutil.rmtree(work / "_imdb")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Path:
+    """A fresh copy of the checkout: what a user has after `git clone`, nothing generated."""
+    root = tmp_path_factory.mktemp("readme") / "spam-lightning"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    _write_inputs(root, sms_file)
+    return root
+
+
+class Servers:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+
+@pytest.fixture(scope="module")
+def state(work: Path) -> Iterator[dict]:
+    """The user's shell session: environment, variables defined so far, servers running."""
+    servers = Servers()
+    files = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(work)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    yield {"env": _readme_env(work.parent / "home"), "block": None, "servers": servers,
+           "serve": f"http://127.0.0.1:{files.server_address[1]}"}
+    servers.stop()
+    files.shutdown()
+    files.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"server exited with {proc.returncode} before {url} answered:\n{out}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _run(text: str, work: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", "-c", text], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (
+        f"`{text}` exited with {proc.returncode}\nSTDOUT\n{proc.stdout[-4000:]}\n"
+        f"STDERR\n{proc.stderr[-6000:]}"
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.parametrize(
+    "command",
+    [pytest.param(c, marks=[pytest.mark.slow] if _row_for(c).slow else [],
+                  id=f"{c.block}:{c.text.splitlines()[0][:60]}") for c in COMMANDS],
+)
+def test_readme_command(command: Command, work: Path, state: dict) -> None:
+    row = _row_for(command)
+    env = state["env"]
+    if state["block"] != command.block:  # servers live until their block ends
+        state["servers"].stop()
+        state["block"] = command.block
+    text = command.text
+    if row.how == "ci":
+        assert text in (REPO / ".ci" / "run").read_text(encoding="utf-8"), (
+            f"README says `{text}`, .ci/run does not")
+    elif row.how == "collect":
+        proc = _run(f"{text} --collect-only -q -p no:cacheprovider", work, env)
+        assert re.search(r"\d+ tests? collected|no tests collected", proc.stdout), proc.stdout[-2000:]
+    elif row.how == "compose":
+        proc = _run(f"{text} --cfg hydra", work, env, timeout=120)
+        assert "launcher" in proc.stdout, proc.stdout[-2000:]
+    elif row.how == "define":
+        name, _, _ = text.partition("=")
+        value = _run(f'{text}; printf %s "${name}"', work, env).stdout
+        assert value, f"`{text}` gave an empty ${name}"
+        env[name] = value
+    elif row.how == "server":
+        proc = subprocess.Popen(["bash", "-c", f"exec {text}"], cwd=work, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        state["servers"].procs.append(proc)
+        _wait_for(row.ready, proc)
+    else:
+        suffix = row.suffix.replace("{serve}", state["serve"])
+        proc = _run(f"{text} {suffix}".strip(), work, env)
+        if row.check is not None:
+            row.check(work, proc)
