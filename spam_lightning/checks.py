@@ -7,6 +7,7 @@ mismatched checkpoint fails in a second with one message that lists every proble
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,45 @@ from omegaconf import DictConfig
 
 from spam_lightning.callbacks import load_checkpoint_safely
 from spam_lightning.classifier import TOKENS, TRAINABLE, make_classifier
-from spam_lightning.data.tokens import PADDING_MODES
+from spam_lightning.data.tokens import PADDING_MODES, get_tokenizer
 from spam_lightning.model import MODEL_CONFIGS, GPTModel
-from spam_lightning.weights import HUB_REPOS, CheckpointError, check_checkpoint
+from spam_lightning.weights import (
+    HUB_REPOS,
+    CheckpointError,
+    check_checkpoint,
+    check_weights_available,
+)
 
 log = logging.getLogger(__name__)
 
 SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
 
 
+class ConfigError(ValueError):
+    """A bad option or an impossible combination; the message names each option, its value and
+    what is allowed."""
+
+
+class TokenizerError(RuntimeError):
+    """The GPT-2 tokenizer cannot be loaded (its files are missing or unreadable)."""
+
+
 def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, not a string such as ``fast``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number_problems(node: DictConfig, prefix: str, rules: dict[str, tuple[str, Any]]) -> list[str]:
+    """``key -> (what is allowed, test)`` for the keys of ``node`` that are present."""
+    problems = []
+    for key, (allowed, ok) in rules.items():
+        if key in node and not ok(node.get(key)):
+            problems.append(f"{prefix}{key}={node.get(key)!r}: must be {allowed}")
+    return problems
 
 
 def model_sizes(cfg: DictConfig) -> dict[str, Any]:
@@ -80,6 +109,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"model.checkpoint={m.checkpoint} is ignored with model.weights=random; drop one of "
             "them (checkpoints need model.weights=pretrained)"
         )
+    problems += _training_problems(cfg)
     problems += _data_problems(cfg.data, sizes["context_length"])
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and "spawn" in strategy:
@@ -89,6 +119,9 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if str(cfg.cache.trunk).lower() not in ("auto", "true", "false"):
         problems.append(f"cache.trunk={cfg.cache.trunk!r}; allowed: auto, true, false")
+    problems += _number_problems(
+        cfg.cache, "cache.", {"memory_budget_gb": ("a number >= 0 (GiB)", lambda v: _is_number(v) and v >= 0)}
+    )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path != "last" and not Path(str(ckpt_path)).is_file():
         problems.append(
@@ -96,7 +129,56 @@ def validate_config(cfg: DictConfig) -> None:
             "ckpt_path=last with hydra.run.dir=<the run folder>"
         )
     if problems:
-        raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _training_problems(cfg: DictConfig) -> list[str]:
+    """Optimizer, dropout, LoRA, monitoring and trainer numbers: each a clear line instead of a
+    torch error (or silent nonsense) after the data is prepared."""
+    positive = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
+    problems = _number_problems(
+        cfg.optimizer,
+        "optimizer.",
+        {"lr": positive, "weight_decay": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)},
+    )
+    problems += _number_problems(
+        cfg.model, "model.", {"drop_rate": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)}
+    )
+    if cfg.trainable.name == "lora":
+        for key, allowed, ok in (
+            ("rank", "an integer >= 1", lambda v: _is_int(v, 1)),
+            ("alpha", "a finite number > 0", positive[1]),
+        ):
+            value = cfg.trainable.get(key)
+            if not ok(value):
+                problems.append(f"trainable.{key}={value!r}: must be {allowed} for trainable=lora")
+    at_least_one = ("an integer >= 1", lambda v: _is_int(v, 1))
+    problems += _number_problems(cfg, "", {"eval_freq": at_least_one, "eval_iter": at_least_one})
+    problems += _number_problems(cfg, "", {"seed": ("an integer >= 0", lambda v: _is_int(v, 0))})
+    t = cfg.trainer
+    problems += _number_problems(
+        t,
+        "trainer.",
+        {
+            "max_epochs": (
+                "an integer >= 1, or -1 (no limit, with trainer.max_steps)",
+                lambda v: _is_int(v, 1) or (v == -1 and _is_int(t.get("max_steps"), 1)),
+            ),
+            "max_steps": ("an integer >= 1, or -1 (no limit)", lambda v: _is_int(v, 1) or v == -1),
+            "accumulate_grad_batches": at_least_one,
+            "check_val_every_n_epoch": (
+                "an integer >= 1, or null", lambda v: v is None or _is_int(v, 1)
+            ),
+            **{
+                f"limit_{split}_batches": (
+                    "null, an integer >= 0 (batches) or a fraction in [0, 1]",
+                    lambda v: v is None or _is_int(v, 0) or (isinstance(v, float) and 0 <= v <= 1),
+                )
+                for split in ("train", "val", "test")
+            },
+        },
+    )
+    return problems
 
 
 def _pretrained_problems(cfg: DictConfig, sizes: dict[str, Any]) -> list[str]:
@@ -128,6 +210,8 @@ def _data_problems(d: DictConfig, context_length: Any) -> list[str]:
     batch_size, padding, max_length = d.get("batch_size"), d.get("padding"), d.get("max_length")
     if "batch_size" in d and not _is_int(batch_size, 1):
         problems.append(f"data.batch_size={batch_size!r}: must be an integer >= 1")
+    if "num_workers" in d and not _is_int(d.get("num_workers"), 0):
+        problems.append(f"data.num_workers={d.get('num_workers')!r}: must be an integer >= 0")
     if "padding" in d and padding not in PADDING_MODES:
         problems.append(f"data.padding={padding!r}; allowed: {', '.join(PADDING_MODES)}")
     if padding == "none" and _is_int(batch_size, 2):
@@ -147,6 +231,30 @@ def _data_problems(d: DictConfig, context_length: Any) -> list[str]:
                 f"data.max_length={max_length} exceeds the model's context length "
                 f"{context_length}; use an integer <= {context_length}, or data.max_length=model"
             )
+    return problems + _split_problems(d)
+
+
+def _split_problems(d: DictConfig) -> list[str]:
+    """Split fractions (``data.source`` split into train / validation / rest) and split sizes
+    (IMDB): every split must get examples."""
+    fraction = ("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)
+    problems = _number_problems(d, "data.", {"train_frac": fraction, "val_frac": fraction})
+    train_frac, val_frac = d.get("train_frac"), d.get("val_frac")
+    if not problems and _is_number(train_frac) and _is_number(val_frac) and train_frac + val_frac >= 1:
+        problems.append(
+            f"data.train_frac={train_frac} + data.val_frac={val_frac} = {train_frac + val_frac:g}: "
+            "must be < 1 (the rest is the test split)"
+        )
+    at_least_one = ("an integer >= 1", lambda v: _is_int(v, 1))
+    problems += _number_problems(
+        d,
+        "data.",
+        {
+            "train_size": at_least_one,
+            "val_size": at_least_one,
+            "test_size": ("null (the rest) or an integer >= 1", lambda v: v is None or _is_int(v, 1)),
+        },
+    )
     return problems
 
 
@@ -187,6 +295,15 @@ def _check_pretrained_checkpoint(cfg: DictConfig) -> None:
     check_checkpoint(cfg.model.checkpoint, model_sizes(cfg))
 
 
+def classifier_options(cfg: DictConfig) -> dict[str, Any]:
+    """``make_classifier``'s ``trainable`` (and, for LoRA, ``rank`` and ``alpha``) exactly as
+    configured: validate_config has checked them, nothing falls back to a default."""
+    options: dict[str, Any] = {"trainable": cfg.trainable.name}
+    if cfg.trainable.name == "lora":
+        options.update(rank=cfg.trainable.rank, alpha=cfg.trainable.alpha)
+    return options
+
+
 def _expected_shapes(cfg: DictConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the classifier this config builds, from a storage-less (meta) model."""
     gpt_cfg = {
@@ -198,10 +315,8 @@ def _expected_shapes(cfg: DictConfig, num_classes: int) -> dict[str, tuple[int, 
         model = make_classifier(
             GPTModel(gpt_cfg),
             num_classes=num_classes,
-            trainable=cfg.trainable.name,
-            rank=cfg.trainable.get("rank", 16),
-            alpha=cfg.trainable.get("alpha", 16),
             seed=cfg.seed,
+            **classifier_options(cfg),
         )
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -265,15 +380,28 @@ def known_num_classes(datamodule: Any) -> int | None:
         return None
 
 
+def check_tokenizer() -> None:
+    """Load the GPT-2 tokenizer now (it is cached per process), so a missing or damaged
+    tokenizer fails before the data is prepared, with its own message."""
+    try:
+        get_tokenizer()
+    except (RuntimeError, OSError) as err:  # what loading its files raises (DataError passes)
+        raise TokenizerError(str(err)) from err
+
+
 def preflight(
     cfg: DictConfig, callbacks: list[Any], num_classes: int | None
 ) -> tuple[Path | None, dict[str, Any] | None]:
-    """Checkpoint checks before any download, tokenizing or training.
+    """Checkpoint, weights and tokenizer checks before any download, tokenizing or training.
 
     Returns the resolved ``ckpt_path`` and its safely loaded (memory-mapped) contents.
     """
-    if cfg.model.weights == "pretrained" and cfg.model.get("checkpoint") is not None:
-        _check_pretrained_checkpoint(cfg)
+    if cfg.model.weights == "pretrained":
+        if cfg.model.get("checkpoint") is not None:
+            _check_pretrained_checkpoint(cfg)
+        else:  # cache or a quick Hub check, before minutes of data work and tokenizing
+            check_weights_available(cfg.model.name)
+    check_tokenizer()
     path = _resolve_ckpt_path(cfg, callbacks)
     if path is None:
         return None, None

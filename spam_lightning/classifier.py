@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from spam_lightning.lora import replace_linear_with_lora
+from spam_lightning.lora import check_lora_options, replace_linear_with_lora
 from spam_lightning.model import GPTModel
 
 TRAINABLE = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
@@ -42,15 +42,18 @@ def make_classifier(
     model: GPTModel,
     num_classes: int = 2,
     trainable: str = "last_block",
-    rank: int | None = 16,
-    alpha: float | None = 16,
+    rank: int = 16,
+    alpha: float = 16,
     seed: int = 123,
 ) -> GPTModel:
     """Chapter 6.5, in the book's order: freeze everything, seed, swap `out_head` for a
     `Linear(emb_dim, num_classes)`, then unfreeze what `trainable` names. In place; returns
-    `model`. The seed makes the new head (and LoRA's A) the same for every run."""
+    `model`. The seed makes the new head (and LoRA's A) the same for every run. `rank` and
+    `alpha` are LoRA's (used as given: a rank < 1 or a non-positive alpha is an error)."""
     n_layers = len(model.trf_blocks)
     first = first_trainable_block(trainable, n_layers)  # validates the name and depth
+    if trainable == "lora":
+        check_lora_options(rank, alpha)
     model.requires_grad_(False)
     torch.manual_seed(seed)
     emb_dim = model.tok_emb.embedding_dim
@@ -58,7 +61,7 @@ def make_classifier(
     if trainable == "all":
         model.requires_grad_(True)
     elif trainable == "lora":
-        replace_linear_with_lora(model, rank=rank or 16, alpha=alpha if alpha is not None else 16)
+        replace_linear_with_lora(model, rank=rank, alpha=alpha)
         model.out_head.linear.requires_grad_(True)  # the new head is not pretrained: train it
     else:
         assert first is not None

@@ -13,13 +13,25 @@ import torch
 from torch import nn
 
 
+def check_lora_options(rank: object, alpha: object) -> None:
+    """Raise a ValueError unless ``rank`` is an integer >= 1 and ``alpha`` a finite number > 0."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
+
+
 class LoRALayer(nn.Module):
     """The low-rank update `alpha * (x @ A @ B)`; A is [in, rank], B is [rank, out]."""
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        check_lora_options(rank, alpha)
         self.A = nn.Parameter(torch.empty(in_dim, rank))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.B = nn.Parameter(torch.zeros(rank, out_dim))  # zero: the update starts as a no-op

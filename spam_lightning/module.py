@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning as L
 import torch
@@ -18,7 +19,7 @@ from torchmetrics.classification import (
 
 from spam_lightning.classifier import first_trainable_block, pool_logits
 from spam_lightning.model import TransformerBlock
-from spam_lightning.trunk_cache import TrunkCache
+from spam_lightning.trunk_cache import TrunkCache, TrunkCacheError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ def make_metrics(num_classes: int) -> MetricCollection:
 def _dataset(datamodule, split: str):
     """The tokenized dataset of a split (``train|val|test``) of a prepared datamodule."""
     return getattr(datamodule, f"{split}_dataset")
+
+
+def _split_names(splits: list[str]) -> str:
+    return ", ".join(splits[:-1]) + f" and {splits[-1]}" if len(splits) > 1 else "".join(splits)
 
 
 def _positive(value: torch.Tensor) -> torch.Tensor:
@@ -175,8 +180,12 @@ class SpamClassifier(L.LightningModule):
         return self.loss_fn(logits.float(), batch["labels"]), logits
 
     # ------------------------------------------------------------------ cache
-    def _maybe_build_cache(self, splits: tuple[str, ...]) -> None:
-        """Compute the frozen trunk once per example for the given splits (when allowed)."""
+    def _maybe_build_cache(self, splits: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
+        """Compute the frozen trunk once per example for ``splits`` (when allowed).
+
+        ``planned`` are splits cached later (the final test's): with ``cache.trunk=true`` the
+        memory budget must hold them too, which is checked now, before any training.
+        """
         if self._cache_setting in (False, "false", "off") or self.trainer is None:
             return
         dm = getattr(self.trainer, "datamodule", None)
@@ -206,17 +215,33 @@ class SpamClassifier(L.LightningModule):
                     dtype=dtype if dtype.is_floating_point else torch.float32,
                 )
             todo = [s for s in splits if not cache.has(s)]
-            need = cache.nbytes + sum(
-                cache.estimate_bytes(_dataset(dm, s), self.model, dm.max_length) for s in todo
-            )
-            if need > float(self._cache_budget) * 2**30:
+            later = [
+                s for s in dict.fromkeys(planned)
+                if s not in todo and not cache.has(s) and getattr(dm, f"{s}_dataset", None) is not None
+            ]
+            sizes = {
+                s: cache.estimate_bytes(_dataset(dm, s), self.model, dm.max_length)
+                for s in (*todo, *later)
+            }
+            budget = float(self._cache_budget) * 2**30
+            need = cache.nbytes + sum(sizes[s] for s in todo)
+            need_all = need + sum(sizes[s] for s in later)
+            if self._cache_setting in (True, "true", "on") and need_all > budget:
+                cached = [s for s in SPLITS if cache.has(s) or s in sizes]
+                reason = (
+                    f"the cache of {_split_names(cached)} would need {need_all / 2**30:.3f} GiB, "
+                    f"over cache.memory_budget_gb={self._cache_budget}; raise "
+                    f"cache.memory_budget_gb to {math.ceil(need_all / 2**30 * 1000) / 1000:g} or "
+                    "more, or use cache.trunk=auto (caches what fits)"
+                )
+            elif need > budget:
                 reason = (
                     f"the cache would need {need / 2**30:.2f} GiB, over "
                     f"cache.memory_budget_gb={self._cache_budget}"
                 )
         if reason is not None:
             if self._cache_setting in (True, "true", "on"):
-                raise ValueError(f"cache.trunk=true but caching is not possible: {reason}.")
+                raise TrunkCacheError(f"cache.trunk=true but caching is not possible: {reason}.")
             log.info("Frozen-trunk cache off for %s: %s.", ", ".join(splits), reason)
             return
         assert cache is not None
@@ -234,7 +259,8 @@ class SpamClassifier(L.LightningModule):
         )
 
     def on_fit_start(self) -> None:
-        self._maybe_build_cache(("train", "val"))
+        # the final test caches its splits too: budget for them now, not after training
+        self._maybe_build_cache(("train", "val"), planned=self.final_splits)
 
     def on_test_start(self) -> None:
         self._maybe_build_cache(self.final_splits)

@@ -17,28 +17,36 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from spam_lightning.bundle import save_bundle
+from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:} before Hydra composes)
+from spam_lightning.bundle import BundleError, save_bundle
 from spam_lightning.callbacks import RNGState, SafeCheckpointIO
 from spam_lightning.checks import (
+    ConfigError,
+    TokenizerError,
     check_resume_checkpoint,
+    classifier_options,
     known_num_classes,
     last_checkpoint,
     model_sizes,
     preflight,
     validate_config,
 )
-from spam_lightning.classifier import make_classifier
+from spam_lightning.classifier import ClassifierStateError, make_classifier
+from spam_lightning.data.source import DataError
 from spam_lightning.io_utils import write_json
 from spam_lightning.model import CFG_KEYS
 from spam_lightning.module import SpamClassifier
 from spam_lightning.plots import plot_values
+from spam_lightning.trunk_cache import TrunkCacheError
 from spam_lightning.weights import (
+    CheckpointError,
+    WeightsUnavailableError,
     build_gpt,
 )
 
@@ -49,6 +57,19 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 FINAL_SPLITS = ("train", "val", "test")
 SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
+
+
+# Failures with a message that says what to fix: printed without a traceback by `train.py`.
+KNOWN_ERRORS = (
+    ConfigError,
+    DataError,
+    TokenizerError,
+    WeightsUnavailableError,
+    CheckpointError,
+    ClassifierStateError,
+    TrunkCacheError,
+    BundleError,
+)
 
 
 class TrainingInterrupted(SystemExit):
@@ -77,10 +98,8 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     model = make_classifier(
         model,
         num_classes=num_classes,
-        trainable=cfg.trainable.name,
-        rank=cfg.trainable.get("rank", 16),
-        alpha=cfg.trainable.get("alpha", 16),
         seed=cfg.seed,
+        **classifier_options(cfg),
     )
     if m.get("compile", False):
         for block in model.trf_blocks:
@@ -102,8 +121,13 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, Exception):
-            raise err.__cause__ from err
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, MisconfigurationException)) and not isinstance(
+            cause, KNOWN_ERRORS
+        ):  # a constructor refusing a configured option, e.g. trainer.accelerator=gpu on a CPU
+            raise ConfigError(str(cause)) from err
+        if isinstance(cause, Exception):
+            raise cause from err
         raise
 
 
@@ -322,10 +346,30 @@ def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[s
     return out
 
 
+class RunFailed(CompactHydraException):
+    """A known failure (bad config, data, tokenizer, weights, checkpoint): Hydra prints only
+    this message, without a traceback, and exits with status 1 (``HYDRA_FULL_ERROR=1`` shows the
+    traceback of the original error, chained as ``__cause__``)."""
+
+
+def _log_to_files(message: str) -> None:
+    """Write an error into the run's log files (Hydra's ``train.log``) but not to the console,
+    where Hydra prints the same message once when the job exits."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for logger in (log, logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Train, and return the metric an Optuna sweep optimizes."""
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except KNOWN_ERRORS as err:  # bugs (anything else) keep their traceback
+        _log_to_files(f"{type(err).__name__}: {err}")
+        raise RunFailed(f"Error: {err}") from err
     return metrics.get(cfg.get("optimized_metric", "val_accuracy"))
 
 

@@ -28,6 +28,10 @@ import torch
 from torch import nn
 
 
+class TrunkCacheError(ValueError):
+    """``cache.trunk=true`` asks for a cache that is impossible (or over the memory budget)."""
+
+
 class TrunkCache:
     """Per-split packed hidden states of ``embed`` + ``trf_blocks[:start_block]``.
 

@@ -13,7 +13,11 @@ parameter, so at most one copy of the weights is ever allocated.
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
+import urllib.error
+import urllib.request
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +41,14 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 # Plain tensor state dicts only, read with torch.load(weights_only=True).
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # looked for inside a folder
+HUB_FILE = "model.safetensors"  # what is downloaded for a size name
+# The whole availability check (DNS, connection, answer), once, without retries: offline is
+# known in about a second instead of after the Hub client's retries.
+HUB_CHECK_TIMEOUT = 1.0
+WEIGHTS_FIX = (
+    "Fix: train from scratch with model.weights=random, or pass a copy downloaded elsewhere with "
+    "model.checkpoint=/path/to/model.safetensors, or go online once to download them into the cache."
+)
 
 # Non-parameter tensors found in GPT-2 files: the causal-mask buffers of old `transformers`
 # versions (the Hub's files carry them) and the LM head, which is tied to `wte`.
@@ -169,20 +181,113 @@ def resolve_weights_file(source: str | Path) -> Path:
     )
 
 
+def _env_flag(*names: str) -> bool:
+    return any(os.environ.get(n, "").strip().upper() in ("1", "ON", "YES", "TRUE") for n in names)
+
+
+def hub_settings() -> tuple[str, str, bool]:
+    """(cache folder, endpoint, offline) as huggingface_hub reads them from the environment:
+    read now, not when huggingface_hub was imported (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT,
+    HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not cache and os.environ.get("HF_HOME"):
+        cache = os.path.join(os.environ["HF_HOME"], "hub")
+    cache = os.path.expandvars(os.path.expanduser(cache)) if cache else constants.HF_HUB_CACHE
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    offline = _env_flag("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return cache, endpoint, offline
+
+
+def cached_weights(name: str) -> Path | None:
+    """The Hub file of size ``name`` in the Hugging Face cache, or None; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache, _, _ = hub_settings()
+    found = try_to_load_from_cache(HUB_REPOS[name], HUB_FILE, cache_dir=cache)
+    return Path(found) if isinstance(found, str) else None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a redirect (to the file's storage) is the answer itself
+
+
+def _probe(url: str, timeout: float) -> str | None:
+    """None if the Hub serves ``url``, else why not: one HEAD request, no retries, and a hard
+    deadline of ``timeout`` seconds whatever DNS or the network do (the standard library's
+    urllib, so any huggingface_hub version will do)."""
+    answer: dict[str, str | None] = {}
+
+    def head() -> None:
+        request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "spam-lightning"})
+        try:
+            with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout):
+                answer["reason"] = None
+        except urllib.error.HTTPError as err:
+            if err.code < 400:  # a redirect to the file's storage: it exists
+                answer["reason"] = None
+            elif err.code == 404:
+                answer["reason"] = "it has no such file (HTTP 404)"
+            else:
+                answer["reason"] = f"it answered HTTP {err.code}"
+        except (OSError, ValueError) as err:  # URLError, timeouts, refused connections, bad URL
+            cause = getattr(err, "reason", err)
+            if isinstance(cause, TimeoutError):
+                answer["reason"] = silent
+            else:
+                answer["reason"] = f"it is unreachable ({type(cause).__name__}: {cause})"
+
+    silent = f"it did not answer within {timeout:g} s"
+    thread = threading.Thread(target=head, name="hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout)  # the deadline, whatever DNS or a stalled connection do
+    return answer.get("reason", silent)
+
+
+def check_weights_available(name: str, timeout: float = HUB_CHECK_TIMEOUT) -> str:
+    """Where the pretrained weights of ``name`` will come from: ``"cache"`` or ``"hub"``.
+
+    The cache is looked up first (no network); else, unless HF_HUB_OFFLINE is set, one quick
+    request asks the Hub whether it serves the file. Anything else raises a
+    WeightsUnavailableError that names the fixes, in about ``timeout`` seconds at most.
+    """
+    if name not in HUB_REPOS:
+        raise ValueError(f"{name} has no pretrained weights; allowed: {', '.join(HUB_REPOS)}")
+    if cached_weights(name) is not None:
+        return "cache"
+    cache, endpoint, offline = hub_settings()
+    repo = HUB_REPOS[name]
+    if offline:
+        reason = "HF_HUB_OFFLINE is set: only the cache may be used"
+    else:
+        reason = _probe(f"{endpoint}/{repo}/resolve/main/{HUB_FILE}", timeout)
+        if reason is None:
+            return "hub"
+        reason = f"the Hub ({endpoint}) cannot serve them: {reason}"
+    raise WeightsUnavailableError(
+        f"model.weights=pretrained needs the weights of {name} ({repo}/{HUB_FILE}): they are "
+        f"not in the Hugging Face cache ({cache}) and {reason}. {WEIGHTS_FIX}"
+    )
+
+
 def _download(name: str) -> Path:
-    """Fetch `model.safetensors` via huggingface_hub (its cache, HF_HOME, HF_HUB_OFFLINE)."""
+    """The cached `model.safetensors` (no network), else a download via huggingface_hub."""
     from huggingface_hub import hf_hub_download
 
+    cached = cached_weights(name)
+    if cached is not None:
+        return cached
+    cache, endpoint, _ = hub_settings()
     repo = HUB_REPOS[name]
     try:
-        return Path(hf_hub_download(repo, "model.safetensors"))
+        return Path(hf_hub_download(repo, HUB_FILE, cache_dir=cache, endpoint=endpoint))
     except OSError as err:  # offline mode, not cached, connection and HTTP errors
         raise WeightsUnavailableError(
-            f"cannot get the pretrained weights of {name} ({repo}/model.safetensors): they are "
-            f"not in the Hugging Face cache and downloading failed ({type(err).__name__}). "
-            "Either download the file elsewhere and pass "
-            "model.checkpoint=/path/to/model.safetensors, or train from scratch with "
-            "model.weights=random."
+            f"cannot get the pretrained weights of {name} ({repo}/{HUB_FILE}): they are "
+            f"not in the Hugging Face cache ({cache}) and downloading failed "
+            f"({type(err).__name__}: {err}). {WEIGHTS_FIX}"
         ) from err
 
 

@@ -223,6 +223,64 @@ def test_merged_lora_equals_unmerged() -> None:
     assert not torch.allclose(unmerged, classifier("last_block")(ids), atol=1e-3)  # B mattered
 
 
+def lora_ranks_and_alphas(model: nn.Module) -> set[tuple[int, float]]:
+    return {(m.A.shape[1], m.alpha) for m in model.modules() if isinstance(m, LoRALayer)}
+
+
+def test_configured_lora_rank_and_alpha_are_the_ones_built(tmp_path: Path) -> None:
+    """`trainable=lora trainable.rank=R trainable.alpha=A` builds adapters of rank R, scale A
+    (issue 11: the rank used to fall back to 16 when it was 0)."""
+    from _compose import compose_train
+
+    from spam_lightning.train import build_model
+
+    for rank, alpha in ((1, 0.5), (3, 8)):
+        cfg = compose_train(
+            ["model=gpt2-tiny", "trainable=lora", f"trainable.rank={rank}", f"trainable.alpha={alpha}"],
+            tmp_path,
+        )
+        model = build_model(cfg, num_classes=2)
+        assert lora_ranks_and_alphas(model) == {(rank, alpha)}
+        assert sum(isinstance(m, LinearWithLoRA) for m in model.modules()) == 13
+
+
+@pytest.mark.parametrize(
+    ("rank", "alpha", "message"),
+    [
+        (0, 16, "LoRA rank must be an integer >= 1, got 0"),
+        (-4, 16, "LoRA rank must be an integer >= 1, got -4"),
+        (None, 16, "LoRA rank must be an integer >= 1, got None"),
+        (2.5, 16, "LoRA rank must be an integer >= 1, got 2.5"),
+        (4, 0, "LoRA alpha must be a finite number > 0, got 0"),
+        (4, None, "LoRA alpha must be a finite number > 0, got None"),
+    ],
+)
+def test_lora_rank_and_alpha_are_never_replaced_by_a_default(rank, alpha, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_classifier(tiny(), trainable="lora", rank=rank, alpha=alpha)
+    with pytest.raises(ValueError, match=message):
+        LoRALayer(8, 8, rank=rank, alpha=alpha)
+
+
+def test_rank_zero_is_refused_in_preflight(tmp_path: Path, sms_file: Path, monkeypatch) -> None:
+    from _compose import compose_train
+
+    from spam_lightning.checks import ConfigError
+    from spam_lightning.train import train
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built before the configuration error")
+
+    monkeypatch.setattr("spam_lightning.train.build_gpt", no_model)
+    cfg = compose_train(
+        ["model=gpt2-tiny", "trainable=lora", "trainable.rank=0", f"data.source={sms_file}"],
+        tmp_path,
+    )
+    with pytest.raises(ConfigError, match=r"trainable.rank=0: must be an integer >= 1 for trainable=lora"):
+        train(cfg)
+    assert not (tmp_path / "data").exists()
+
+
 # ----------------------------------------------------------------------------- fine-tuned state
 
 

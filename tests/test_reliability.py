@@ -337,6 +337,14 @@ BAD_CONFIGS = {
         ["data.padding=none"],
         "data.padding=none cannot batch sequences of different lengths, but data.batch_size=8",
     ),
+    "learning rate": (["optimizer.lr=-1"], "optimizer.lr=-1: must be a finite number > 0"),
+    "learning rate word": (["optimizer.lr=fast"], "optimizer.lr='fast': must be a finite number > 0"),
+    "dropout": (["model.drop_rate=1.5"], "model.drop_rate=1.5: must be a number in [0, 1)"),
+    "lora rank": (
+        ["trainable=lora", "trainable.rank=-4"],
+        "trainable.rank=-4: must be an integer >= 1 for trainable=lora",
+    ),
+    "val fraction": (["data.val_frac=0"], "data.val_frac=0: must be a number in (0, 1)"),
     "one block": (
         ["trainable=last_two_blocks", "model.n_layers=1"],
         "trainable=last_two_blocks needs at least 2 transformer blocks; model gpt2-tiny has "
