@@ -747,8 +747,9 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Data splits, the message list for (d)/(e) and the inference bundle, made once."""
     from spam_lightning.bundle import save_bundle
     from spam_lightning.data import SpamDataModule
+    from spam_lightning.data.source import BUNDLED_PATH
 
-    source = Path(args.source).expanduser().resolve()
+    source = Path(args.source or BUNDLED_PATH).expanduser().resolve()
     if args.quick:
         source = quick_source(source, work / "SMSSpamCollection")
     data_dir = work / "data" / "sms_spam"
@@ -928,10 +929,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="600 data lines and 1 epoch: a smoke run")
     p.add_argument(
         "--source",
-        default=os.environ.get(
-            "SPAM_SMS_FILE", str(REPO.parent / "shared" / "data" / "SMSSpamCollection")
-        ),
-        help="the SMSSpamCollection file",
+        default=None,
+        help="the SMSSpamCollection file (default: the copy bundled in the package)",
     )
     p.add_argument("--out", default="benchmark-results", help="folder for benchmark.json/.md")
     p.add_argument(

@@ -19,6 +19,7 @@ import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -51,7 +52,8 @@ class Row:
     """How one README command runs here. ``how``:
 
     - ``run``: the command + ``suffix``, must exit 0;
-    - ``compose``: the command + ``--cfg hydra`` (a launcher this machine has not: SLURM);
+    - ``compose``: composed, not run, by ``--cfg all`` (hardware or a launcher this machine has
+      not: GPUs, SLURM); a sweep's first job is composed, since Hydra composes one job at a time;
     - ``ci``: not run (it is what CI does first); `.ci/run` must hold the same line;
     - ``collect``: pytest inside pytest would recurse: ``--collect-only`` checks the selection;
     - ``server``: started in the background until the block ends; ``ready`` is polled first;
@@ -65,6 +67,7 @@ class Row:
     ready: str = ""
     check: Callable[[Path, subprocess.CompletedProcess], None] | None = None
     slow: bool = False  # minutes rather than seconds: `pytest -m slow` (CI runs both)
+    expect: str = ""  # ``compose``: a line the composed config must hold
 
 
 def _newest(work: Path, folder: str) -> Path:
@@ -108,7 +111,7 @@ ROWS = [
         check=_has_run_files),
     Row(r"^python train\.py model=gpt2-medium$", suffix=TINY),
     Row(r"^python train\.py trainer\.max_epochs=1 trainer\.precision=bf16-mixed$", suffix=TINY),
-    Row(r"^python train\.py trainer=gpu$", "compose", why="no GPU here"),
+    Row(r"^python train\.py trainer=gpu$", "compose", why="no GPU here", expect="accelerator: gpu"),
     Row(r"^python train\.py data\.source=SMSSpamCollection$", suffix=TINY,
         why="the test copies the data file into the folder first"),
     Row(r"^python train\.py model\.checkpoint=gpt2$",
@@ -128,14 +131,16 @@ ROWS = [
     Row(r"^python scripts/prepare_data\.py"),
     Row(r"^python scripts/benchmark\.py --quick", suffix="--model gpt2-tiny",
         why="gpt2-small would take minutes", slow=True),
-    Row(r"^python train\.py -m hydra/launcher=submitit_slurm", "compose", why="no SLURM here"),
+    Row(r"^python train\.py -m hydra/launcher=submitit_slurm", "compose", why="no SLURM here",
+        expect="submitit_launcher.SlurmLauncher"),
     Row(r"^python train\.py -m 'experiment=glob", suffix=TINY, check=_has_summary, slow=True),
     Row(r"^python train\.py -m hydra/launcher=joblib .* seed=1,2,3$", suffix=TINY,
         check=_has_summary, slow=True),
     Row(r"^python train\.py -m ", suffix=TINY, check=_has_summary),
     Row(r"^python train\.py hparams_search=optuna", suffix=TINY, check=_has_summary, slow=True),
     Row(r"^python train\.py trainer=ddp trainer\.accelerator=cpu", suffix=TINY, slow=True),
-    Row(r"^python train\.py trainer=(ddp|fsdp) trainer\.devices=4$", "compose", why="no GPUs here"),
+    Row(r"^python train\.py trainer=(ddp|fsdp) trainer\.devices=4$", "compose", why="no GPUs here",
+        expect="devices: 4"),
     Row(r"^python train\.py data=csv ", suffix=TINY, check=_has_run_files,
         why="the test writes the CSV files first"),
     Row(r"^python train\.py data=imdb data\.source=", suffix=IMDB, check=_has_run_files,
@@ -211,6 +216,16 @@ def test_every_readme_command_has_a_row_and_every_row_a_command() -> None:
     used = {id(_row_for(c)) for c in COMMANDS}
     unused = [row.pattern for row in ROWS if id(row) not in used]
     assert not unused, f"rows that match no README command (remove them): {unused}"
+
+
+def _first_job(command: str) -> str:
+    """A multirun command as its first job: without ``-m``, each swept value its first one."""
+    from spam_lightning.train import expand_nested_globs
+
+    argv = shlex.split(command)
+    head, args = argv[:2], [a for a in argv[2:] if a not in ("-m", "--multirun")]
+    args = [re.sub(r"^([^=\[]+)=([^\[\]]*?),.*$", r"\1=\2", a) for a in expand_nested_globs(args)]
+    return shlex.join(head + args)
 
 
 def _readme_env(home: Path) -> dict[str, str]:
@@ -353,8 +368,8 @@ def test_readme_command(command: Command, work: Path, state: dict) -> None:
         proc = _run(f"{text} --collect-only -q -p no:cacheprovider", work, env)
         assert re.search(r"\d+ tests? collected|no tests collected", proc.stdout), proc.stdout[-2000:]
     elif row.how == "compose":
-        proc = _run(f"{text} --cfg hydra", work, env, timeout=120)
-        assert "launcher" in proc.stdout, proc.stdout[-2000:]
+        proc = _run(f"{_first_job(text)} --cfg all", work, env, timeout=120)
+        assert row.expect in proc.stdout, proc.stdout[-3000:]
     elif row.how == "define":
         name, _, _ = text.partition("=")
         value = _run(f'{text}; printf %s "${name}"', work, env).stdout

@@ -332,7 +332,8 @@ class IMDBDataModule(TextClassificationDataModule):
                 f"data.source: {Path(str(source)).expanduser().resolve()}: no such file or folder "
                 f"(expected {ARCHIVE_NAME} or the extracted aclImdb folder)"
             )
-        self.save_hyperparameters()
+        # class_names: recorded (resolved) by the LightningModule under the same key
+        self.save_hyperparameters(ignore=["class_names"])
         self.source = None if source is None else Path(str(source)).expanduser().resolve()
         self.urls = urls
         self.sizes = (int(train_size), int(val_size), None if test_size is None else int(test_size))
