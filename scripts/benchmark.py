@@ -23,7 +23,7 @@ train), so MFU says how well the hardware is used and the ratios say how much wo
 
 ``--quick`` trims everything for smoke use: the first 600 lines of the data file, 1 epoch.
 ``--load-test gpt2-xl`` also writes a random gpt2-xl-shaped ``model.safetensors`` to a temporary
-folder and measures the peak RSS of loading it with ``spam_lightning.weights`` (vs file size).
+folder and measures the peak RSS of loading it with ``spam_lightning.model.weights`` (vs file size).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def random_classifier(model_name: str, seed: int, trainable: str = "last_block")
     Written out in the chapter's order (section 6.5): seed, build, freeze, seed, new head,
     unfreeze the last block and the final norm.
     """
-    from spam_lightning.model import MODEL_CONFIGS, GPTModel
+    from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 
     torch.manual_seed(seed)
     model = GPTModel({**MODEL_CONFIGS[model_name], "drop_rate": 0.0})
@@ -464,7 +464,7 @@ def timed_batches(texts: list[str], batch_size: int) -> Iterator[list[str]]:
 def phase_engine(ctx: dict[str, Any], precision: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from spam_lightning.classify import Classifier
+    from spam_lightning.inference.classify import Classifier
 
     texts = load_texts(ctx)
     digest = weights_digest(
@@ -528,7 +528,7 @@ def phase_hf(ctx: dict[str, Any]) -> dict[str, Any]:
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     from spam_lightning.data.tokens import encode_texts
-    from spam_lightning.model import MODEL_CONFIGS
+    from spam_lightning.model.gpt import MODEL_CONFIGS
 
     texts = load_texts(ctx)
     cfg = MODEL_CONFIGS[ctx["model"]]
@@ -600,7 +600,7 @@ def phase_hf(ctx: dict[str, Any]) -> dict[str, Any]:
 def write_random_hf_safetensors(path: Path, model_name: str, seed: int = 0) -> int:
     """A random GPT-2 checkpoint in the Hub's layout, streamed tensor by tensor (never the whole
     model in memory); returns the file size."""
-    from spam_lightning.model import MODEL_CONFIGS
+    from spam_lightning.model.gpt import MODEL_CONFIGS
 
     cfg = MODEL_CONFIGS[model_name]
     e, v, c = cfg["emb_dim"], cfg["vocab_size"], cfg["context_length"]
@@ -644,7 +644,7 @@ def write_random_hf_safetensors(path: Path, model_name: str, seed: int = 0) -> i
 
 
 def phase_load(ctx: dict[str, Any]) -> dict[str, Any]:
-    from spam_lightning.weights import build_gpt
+    from spam_lightning.model.weights import build_gpt
 
     path = Path(ctx["load_file"])
     baseline = proc_status_mb("VmRSS")
@@ -745,15 +745,15 @@ def quick_source(source: Path, dest: Path) -> Path:
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Data splits, the message list for (d)/(e) and the inference bundle, made once."""
-    from spam_lightning.bundle import save_bundle
     from spam_lightning.data import SpamDataModule
     from spam_lightning.data.source import BUNDLED_PATH
+    from spam_lightning.inference.bundle import save_bundle
 
     source = Path(args.source or BUNDLED_PATH).expanduser().resolve()
     if args.quick:
         source = quick_source(source, work / "SMSSpamCollection")
     data_dir = work / "data" / "sms_spam"
-    from spam_lightning.model import MODEL_CONFIGS
+    from spam_lightning.model.gpt import MODEL_CONFIGS
 
     dm = SpamDataModule(
         source=str(source),

@@ -17,8 +17,8 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
-from spam_lightning.model import generate_text_simple, text_to_token_ids, token_ids_to_text
-from spam_lightning.weights import CheckpointError, WeightsUnavailableError, build_gpt
+from spam_lightning.model.gpt import generate_text_simple, text_to_token_ids, token_ids_to_text
+from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError, build_gpt
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")

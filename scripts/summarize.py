@@ -2,7 +2,7 @@
 
 import argparse
 
-from spam_lightning.summary import _markdown, summarize
+from spam_lightning.sweeps.summary import _markdown, summarize
 
 
 def main() -> None:

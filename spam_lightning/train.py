@@ -24,9 +24,19 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from omegaconf import DictConfig, OmegaConf
 
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:} before Hydra composes)
-from spam_lightning.bundle import BundleError, save_bundle
-from spam_lightning.callbacks import RNGState, SafeCheckpointIO
-from spam_lightning.checks import (
+from spam_lightning.data.source import DataError
+from spam_lightning.inference.bundle import BundleError, save_bundle
+from spam_lightning.io_utils import write_json
+from spam_lightning.model.classifier import ClassifierStateError, make_classifier
+from spam_lightning.model.gpt import CFG_KEYS
+from spam_lightning.model.trunk_cache import TrunkCacheError
+from spam_lightning.model.weights import (
+    CheckpointError,
+    WeightsUnavailableError,
+    build_gpt,
+)
+from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO
+from spam_lightning.training.checks import (
     ConfigError,
     TokenizerError,
     check_resume_checkpoint,
@@ -37,18 +47,8 @@ from spam_lightning.checks import (
     preflight,
     validate_config,
 )
-from spam_lightning.classifier import ClassifierStateError, make_classifier
-from spam_lightning.data.source import DataError
-from spam_lightning.io_utils import write_json
-from spam_lightning.model import CFG_KEYS
-from spam_lightning.module import SpamClassifier
-from spam_lightning.plots import plot_values
-from spam_lightning.trunk_cache import TrunkCacheError
-from spam_lightning.weights import (
-    CheckpointError,
-    WeightsUnavailableError,
-    build_gpt,
-)
+from spam_lightning.training.module import SpamClassifier
+from spam_lightning.training.plots import plot_values
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import pytest
 from _compose import compose_train
 from omegaconf import OmegaConf
 
-from spam_lightning.classify import Classifier
-from spam_lightning.classify import main as classify_main
 from spam_lightning.data import CSVDataModule, DataError, IMDBDataModule
 from spam_lightning.data.source import DownloadError
+from spam_lightning.inference.classify import Classifier
+from spam_lightning.inference.classify import main as classify_main
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = {

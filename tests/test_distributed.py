@@ -1,7 +1,7 @@
 """2-process CPU DDP (gloo) through `python train.py trainer=ddp`: every example counted once (issue 8).
 
 One real multirun of the tiny model: two DDP jobs in one process (the case Lightning's launcher
-gets wrong without ``spam_lightning.hydra_ddp``), the first with the bucketing sampler, both with
+gets wrong without ``spam_lightning.sweeps.hydra_ddp``), the first with the bucketing sampler, both with
 the frozen-trunk cache. A probe callback (this module, imported by every rank through PYTHONPATH)
 records what each rank's train loader yields, so the test can check that Lightning kept our batch
 sampler and sharded it.
@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict, read_write
 
-from spam_lightning.hydra_ddp import job_command
+from spam_lightning.sweeps.hydra_ddp import job_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,6 +104,7 @@ def ddp_sweep(tmp_path_factory, sms_file) -> Path:
     return work
 
 
+@pytest.mark.slow  # a 2-rank DDP sweep: half a minute
 @pytest.mark.parametrize("job", JOBS)
 def test_ddp_counts_every_example_once(ddp_sweep: Path, job: str) -> None:
     run = ddp_sweep / "sweep" / job
@@ -117,10 +118,11 @@ def test_ddp_counts_every_example_once(ddp_sweep: Path, job: str) -> None:
     assert sorted(p.name for p in (ddp_sweep / "sweep").iterdir() if p.is_dir()) == list(JOBS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", JOBS)
 def test_ddp_metrics_equal_a_single_process_evaluation(ddp_sweep: Path, job: str) -> None:
     """The bundle's weights, evaluated in this process on each full split, give the same numbers."""
-    from spam_lightning.classify import Classifier
+    from spam_lightning.inference.classify import Classifier
 
     run = ddp_sweep / "sweep" / job
     m = json.loads((run / "metrics.json").read_text())
@@ -135,6 +137,7 @@ def test_ddp_metrics_equal_a_single_process_evaluation(ddp_sweep: Path, job: str
         assert m[f"{split}_loss"] == pytest.approx(loss, abs=1e-4), split
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("job", "batch_sampler"), [("0", "LengthGroupedSampler"), ("1", "BatchSampler")]
 )
@@ -196,7 +199,7 @@ def test_fsdp_config_builds_a_strategy_that_wraps_each_block(tmp_path: Path) -> 
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from spam_lightning.model import TransformerBlock
+    from spam_lightning.model.gpt import TransformerBlock
 
     cfg = compose_train(["trainer=fsdp"], tmp_path)
     strategy = instantiate(cfg.trainer.strategy)

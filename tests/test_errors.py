@@ -25,18 +25,18 @@ import pytest
 import torch
 from _compose import compose_train
 
-from spam_lightning.checks import ConfigError, validate_config
 from spam_lightning.data import SpamDataModule
-from spam_lightning.summary import summarize
-from spam_lightning.train import train
-from spam_lightning.trunk_cache import TrunkCacheError
-from spam_lightning.weights import (
+from spam_lightning.model.trunk_cache import TrunkCacheError
+from spam_lightning.model.weights import (
     HUB_CHECK_TIMEOUT,
     HUB_REPOS,
     WeightsUnavailableError,
     check_weights_available,
     resolve_weights_file,
 )
+from spam_lightning.sweeps.summary import summarize
+from spam_lightning.train import train
+from spam_lightning.training.checks import ConfigError, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -330,7 +330,7 @@ def test_trunk_cache_over_budget_on_the_test_split_fails_before_training(
          "cache.trunk=true", f"cache.memory_budget_gb={needed}"],
         tmp_path / "again",
     )
-    caplog.set_level(logging.INFO, logger="spam_lightning.module")
+    caplog.set_level(logging.INFO, logger="spam_lightning.training.module")
     assert train(cfg)["trunk_cache"] is True
     built = [r.getMessage() for r in caplog.records if "computed once for" in r.getMessage()]
     assert [m.split("computed once for ")[1].split(" (")[0] for m in built] == ["train, val", "test"]

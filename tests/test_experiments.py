@@ -11,7 +11,7 @@ import pytest
 from _compose import compose_train
 from omegaconf import OmegaConf
 
-from spam_lightning.summary import summarize
+from spam_lightning.sweeps.summary import summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,6 +104,7 @@ def test_max_length_model_means_context_length(tmp_path):
     assert dm.hparams.max_length == "model"
 
 
+@pytest.mark.slow  # a 4-job sweep in a subprocess
 def test_multirun_writes_summary_with_mean_and_std(tmp_path, sms_file):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(

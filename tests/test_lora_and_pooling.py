@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from spam_lightning.classifier import (
+from spam_lightning.model.classifier import (
     TOKENS,
     TRAINABLE,
     ClassifierStateError,
@@ -19,8 +19,13 @@ from spam_lightning.classifier import (
     make_classifier,
     pool_logits,
 )
-from spam_lightning.lora import LinearWithLoRA, LoRALayer, merge_lora, replace_linear_with_lora
-from spam_lightning.model import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.lora import (
+    LinearWithLoRA,
+    LoRALayer,
+    merge_lora,
+    replace_linear_with_lora,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = MODEL_CONFIGS["gpt2-tiny"]
@@ -265,8 +270,8 @@ def test_lora_rank_and_alpha_are_never_replaced_by_a_default(rank, alpha, messag
 def test_rank_zero_is_refused_in_preflight(tmp_path: Path, sms_file: Path, monkeypatch) -> None:
     from _compose import compose_train
 
-    from spam_lightning.checks import ConfigError
     from spam_lightning.train import train
+    from spam_lightning.training.checks import ConfigError
 
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before the configuration error")

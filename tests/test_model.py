@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from spam_lightning.model import (
+from spam_lightning.model.gpt import (
     GELU,
     MODEL_CONFIGS,
     GPTModel,

@@ -24,12 +24,12 @@ import torch
 from _compose import compose_train
 from test_learning import write_easy_tsv
 
-from spam_lightning.classifier import make_classifier, pool_logits
 from spam_lightning.data.tokens import get_tokenizer
-from spam_lightning.model import MODEL_CONFIGS, GPTModel, TransformerBlock
-from spam_lightning.module import SpamClassifier
+from spam_lightning.model.classifier import make_classifier, pool_logits
+from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, TransformerBlock
+from spam_lightning.model.trunk_cache import TrunkCache
 from spam_lightning.train import build_model, train
-from spam_lightning.trunk_cache import TrunkCache
+from spam_lightning.training.module import SpamClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ("last", "first", "flexible", "mean")
@@ -396,6 +396,7 @@ def test_compile_builds_and_a_compiled_block_equals_eager(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- benchmark
+@pytest.mark.slow  # every benchmark phase in its own interpreter
 def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run(

@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from spam_lightning.plots import MAX_MARKED_POINTS, draw_values, plot_values
+from spam_lightning.training.plots import MAX_MARKED_POINTS, draw_values, plot_values
 
 
 @pytest.mark.parametrize("n", [1, 2, 6, MAX_MARKED_POINTS, MAX_MARKED_POINTS + 1, 1000])

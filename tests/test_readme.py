@@ -66,7 +66,6 @@ class Row:
     why: str = ""
     ready: str = ""
     check: Callable[[Path, subprocess.CompletedProcess], None] | None = None
-    slow: bool = False  # minutes rather than seconds: `pytest -m slow` (CI runs both)
     expect: str = ""  # ``compose``: a line the composed config must hold
 
 
@@ -130,23 +129,23 @@ ROWS = [
         why="pretrained weights are unobtainable here"),
     Row(r"^python scripts/prepare_data\.py"),
     Row(r"^python scripts/benchmark\.py --quick", suffix="--model gpt2-tiny",
-        why="gpt2-small would take minutes", slow=True),
+        why="gpt2-small would take minutes"),
     Row(r"^python train\.py -m hydra/launcher=submitit_slurm", "compose", why="no SLURM here",
         expect="submitit_launcher.SlurmLauncher"),
-    Row(r"^python train\.py -m 'experiment=glob", suffix=TINY, check=_has_summary, slow=True),
+    Row(r"^python train\.py -m 'experiment=glob", suffix=TINY, check=_has_summary),
     Row(r"^python train\.py -m hydra/launcher=joblib .* seed=1,2,3$", suffix=TINY,
-        check=_has_summary, slow=True),
+        check=_has_summary),
     Row(r"^python train\.py -m ", suffix=TINY, check=_has_summary),
-    Row(r"^python train\.py hparams_search=optuna", suffix=TINY, check=_has_summary, slow=True),
-    Row(r"^python train\.py trainer=ddp trainer\.accelerator=cpu", suffix=TINY, slow=True),
+    Row(r"^python train\.py hparams_search=optuna", suffix=TINY, check=_has_summary),
+    Row(r"^python train\.py trainer=ddp trainer\.accelerator=cpu", suffix=TINY),
     Row(r"^python train\.py trainer=(ddp|fsdp) trainer\.devices=4$", "compose", why="no GPUs here",
         expect="devices: 4"),
     Row(r"^python train\.py data=csv ", suffix=TINY, check=_has_run_files,
         why="the test writes the CSV files first"),
     Row(r"^python train\.py data=imdb data\.source=", suffix=IMDB, check=_has_run_files,
-        why="the test writes a small aclImdb_v1.tar.gz first", slow=True),
+        why="the test writes a small aclImdb_v1.tar.gz first"),
     Row(r"^python train\.py data=imdb", suffix=IMDB + " data.urls=[{serve}/aclImdb_v1.tar.gz]",
-        check=_has_run_files, why="no network: a local server has the test's archive", slow=True),
+        check=_has_run_files, why="no network: a local server has the test's archive"),
     Row(r"^python train\.py experiment=chapter seed=1$", suffix=TINY),
     Row(r"^python train\.py experiment=chapter seed=1 hydra\.run\.dir=", suffix=TINY,
         check=_has_run_files),
@@ -155,6 +154,25 @@ ROWS = [
     Row(r"^spam-serve \"\$RUN\" --port 8080", "server", ready="http://127.0.0.1:8080/api/health"),
     Row(r"^tensorboard --logdir outputs$", "server", ready="http://localhost:6006/"),
 ]
+
+
+# The README commands the default `pytest` runs: one path through the README (train, classify,
+# the Python example, a sweep and its summary, a CSV with text labels, the web demo). Every other
+# command runs under `pytest -m slow` (CI runs both), in the same order and the same folder.
+DEFAULT_RUN = {
+    "pip install torch==2.13.0",
+    'pip install -e ".[dev]"',
+    "python train.py",
+    "RUN=$(ls -d outputs/runs/* | tail -n 1)",
+    'spam-classify "$RUN" "first message" "second message" --json',
+    "python train.py -m trainable=last_layer,last_block token=last,flexible",
+    "SWEEP=$(ls -d outputs/multirun/* | tail -n 1)",
+    'python scripts/summarize.py "$SWEEP"',
+    "python scripts/prepare_data.py --data-dir data/sms_spam",
+    "python train.py data=csv data.train=train.csv data.validation=val.csv data.test=test.csv "
+    "data.text_column=review data.label_column=topic",
+    'spam-serve "$RUN"',
+}
 
 
 @dataclass
@@ -211,11 +229,20 @@ def _row_for(command: Command) -> Row:
     return rows[0]
 
 
+def _is_default(command: Command) -> bool:
+    """In the default run: named in DEFAULT_RUN, the README's Python example, or a request to a
+    server that a default command started."""
+    return command.text in DEFAULT_RUN or command.lang == "python" or command.text.startswith("curl")
+
+
 def test_every_readme_command_has_a_row_and_every_row_a_command() -> None:
     assert len(COMMANDS) > 20, "the README's shell blocks were not found"
     used = {id(_row_for(c)) for c in COMMANDS}
     unused = [row.pattern for row in ROWS if id(row) not in used]
     assert not unused, f"rows that match no README command (remove them): {unused}"
+    texts = {c.text for c in COMMANDS}
+    missing = sorted(DEFAULT_RUN - texts)
+    assert not missing, f"DEFAULT_RUN names commands the README no longer has: {missing}"
 
 
 def _first_job(command: str) -> str:
@@ -275,10 +302,8 @@ def _write_inputs(work: Path, sms_file: Path) -> None:
     shutil.rmtree(work / "_imdb")
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Path:
+def _fresh_checkout(root: Path, sms_file: Path) -> Path:
     """A fresh copy of the checkout: what a user has after `git clone`, nothing generated."""
-    root = tmp_path_factory.mktemp("readme") / "spam-lightning"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -304,18 +329,38 @@ class Servers:
         self.procs.clear()
 
 
+class Session:
+    """The user's shell session in one fresh checkout: environment, variables defined so far,
+    servers running, and a local file server for the commands that would download."""
+
+    def __init__(self, root: Path, sms_file: Path) -> None:
+        self.work = _fresh_checkout(root / "spam-lightning", sms_file)
+        self.env = _readme_env(root / "home")
+        self.block: int | None = None
+        self.servers = Servers()
+        self.files = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(self.work)))
+        threading.Thread(target=self.files.serve_forever, daemon=True).start()
+        self.serve = f"http://127.0.0.1:{self.files.server_address[1]}"
+
+    def close(self) -> None:
+        self.servers.stop()
+        self.files.shutdown()
+        self.files.server_close()
+
+
 @pytest.fixture(scope="module")
-def state(work: Path) -> Iterator[dict]:
-    """The user's shell session: environment, variables defined so far, servers running."""
-    servers = Servers()
-    files = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(work)))
-    threading.Thread(target=files.serve_forever, daemon=True).start()
-    yield {"env": _readme_env(work.parent / "home"), "block": None, "servers": servers,
-           "serve": f"http://127.0.0.1:{files.server_address[1]}"}
-    servers.stop()
-    files.shutdown()
-    files.server_close()
+def default_session(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Iterator[Session]:
+    session = Session(tmp_path_factory.mktemp("readme-default"), sms_file)
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def full_session(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Iterator[Session]:
+    session = Session(tmp_path_factory.mktemp("readme-all"), sms_file)
+    yield session
+    session.close()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -349,17 +394,32 @@ def _run(text: str, work: Path, env: dict[str, str], timeout: float = 600) -> su
     return proc
 
 
-@pytest.mark.parametrize(
-    "command",
-    [pytest.param(c, marks=[pytest.mark.slow] if _row_for(c).slow else [],
-                  id=f"{c.block}:{c.text.splitlines()[0][:60]}") for c in COMMANDS],
-)
-def test_readme_command(command: Command, work: Path, state: dict) -> None:
+def _ids(commands: list[Command]) -> list[str]:
+    return [f"{c.block}:{c.text.splitlines()[0][:60]}" for c in commands]
+
+
+DEFAULT_COMMANDS = [c for c in COMMANDS if _is_default(c)]
+
+
+@pytest.mark.parametrize("command", DEFAULT_COMMANDS, ids=_ids(DEFAULT_COMMANDS))
+def test_readme_default_path(command: Command, default_session: Session) -> None:
+    """One path through the README, in the default `pytest`."""
+    _execute(command, default_session)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS, ids=_ids(COMMANDS))
+def test_readme_every_command(command: Command, full_session: Session) -> None:
+    """Every README command in order, in a checkout of its own (`pytest -m slow`)."""
+    _execute(command, full_session)
+
+
+def _execute(command: Command, session: Session) -> None:
     row = _row_for(command)
-    env = state["env"]
-    if state["block"] != command.block:  # servers live until their block ends
-        state["servers"].stop()
-        state["block"] = command.block
+    work, env = session.work, session.env
+    if session.block != command.block:  # servers live until their block ends
+        session.servers.stop()
+        session.block = command.block
     text = command.text
     if row.how == "ci":
         assert text in (REPO / ".ci" / "run").read_text(encoding="utf-8"), (
@@ -378,10 +438,10 @@ def test_readme_command(command: Command, work: Path, state: dict) -> None:
     elif row.how == "server":
         proc = subprocess.Popen(["bash", "-c", f"exec {text}"], cwd=work, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        state["servers"].procs.append(proc)
+        session.servers.procs.append(proc)
         _wait_for(row.ready, proc)
     else:
-        suffix = row.suffix.replace("{serve}", state["serve"])
+        suffix = row.suffix.replace("{serve}", session.serve)
         proc = _run(f"{text} {suffix}".strip(), work, env)
         if row.check is not None:
             row.check(work, proc)

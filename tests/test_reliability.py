@@ -37,15 +37,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from spam_lightning.bundle import BundleError, load_bundle, save_bundle
-from spam_lightning.callbacks import RNGState, SafeCheckpointIO
-from spam_lightning.classifier import make_classifier
-from spam_lightning.classify import Classifier
-from spam_lightning.classify import main as classify_main
 from spam_lightning.data.tokens import encode_texts
-from spam_lightning.model import MODEL_CONFIGS, GPTModel
+from spam_lightning.inference.bundle import BundleError, load_bundle, save_bundle
+from spam_lightning.inference.classify import Classifier
+from spam_lightning.inference.classify import main as classify_main
+from spam_lightning.model.classifier import make_classifier
+from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.weights import CheckpointError, _hf_plan
 from spam_lightning.train import train
-from spam_lightning.weights import CheckpointError, _hf_plan
+from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 # One intra-op thread everywhere: the tiny model gains nothing from more, several processes share
@@ -161,7 +161,7 @@ class StreamedClassify:
         self.fifo, self.out, self.err = work / "in.fifo", work / "out.txt", work / "err.txt"
         os.mkfifo(self.fifo)
         exe = Path(sys.executable).with_name("spam-classify")
-        cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "spam_lightning.classify"]
+        cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "spam_lightning.inference.classify"]
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen(
                 [*cmd, str(bundle), "--file", str(self.fifo), "--batch-size", "1024"],
@@ -591,7 +591,7 @@ def run_cli(args: list[str], clf: Classifier) -> tuple[int, list[dict], str]:
     """
     out, err = io.StringIO(), io.StringIO()
     with (
-        mock.patch("spam_lightning.classify.Classifier", lambda *a, **k: clf),
+        mock.patch("spam_lightning.inference.classify.Classifier", lambda *a, **k: clf),
         contextlib.redirect_stdout(out),
         contextlib.redirect_stderr(err),
     ):

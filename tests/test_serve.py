@@ -17,11 +17,11 @@ import pytest
 import torch
 import uvicorn
 
-from spam_lightning.bundle import save_bundle
-from spam_lightning.classifier import make_classifier
-from spam_lightning.classify import Classifier
-from spam_lightning.model import MODEL_CONFIGS, GPTModel
-from spam_lightning.serve import build_parser, create_app, main
+from spam_lightning.inference.bundle import save_bundle
+from spam_lightning.inference.classify import Classifier
+from spam_lightning.inference.serve import build_parser, create_app, main
+from spam_lightning.model.classifier import make_classifier
+from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_CHARS = 2_000
@@ -218,7 +218,7 @@ def test_default_host_is_loopback() -> None:
 def test_cli_missing_folder_exits_1() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
-        [sys.executable, "-m", "spam_lightning.serve", "/nonexistent/run"],
+        [sys.executable, "-m", "spam_lightning.inference.serve", "/nonexistent/run"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr

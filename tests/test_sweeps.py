@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from _compose import compose_train
 
@@ -44,6 +45,7 @@ def sweep(args: list[str], work: Path, sms_file: Path) -> subprocess.CompletedPr
     return proc
 
 
+@pytest.mark.slow  # Optuna + joblib workers: imports in every worker
 def test_optuna_trials_run_in_parallel_through_joblib(tmp_path: Path, sms_file: Path) -> None:
     """Both features in one sweep (each job costs seconds of imports): Optuna asks for 2 trials,
     the joblib launcher runs them as 2 parallel jobs, our Hydra callback summarises them."""

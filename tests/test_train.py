@@ -12,10 +12,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from spam_lightning.bundle import load_bundle
-from spam_lightning.classify import Classifier
-from spam_lightning.classify import main as classify_main
 from spam_lightning.data.tokens import collate, encode_texts
+from spam_lightning.inference.bundle import load_bundle
+from spam_lightning.inference.classify import Classifier
+from spam_lightning.inference.classify import main as classify_main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from spam_lightning.model import MODEL_CONFIGS, GPTModel, generate_text_simple
-from spam_lightning.weights import (
+from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, generate_text_simple
+from spam_lightning.model.weights import (
     CheckpointError,
     _hf_plan,
     build_gpt,
@@ -271,7 +271,7 @@ def test_crafted_pickle_is_refused_without_running_code(kind: str, tmp_path: Pat
 
 MEMORY_PROBE = r"""
 import os, sys, torch
-from spam_lightning.weights import load_gpt2
+from spam_lightning.model.weights import load_gpt2
 
 def peak() -> int:
     for line in open("/proc/self/status"):

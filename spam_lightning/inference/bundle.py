@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spam_lightning.io_utils import atomic_write, write_json
-from spam_lightning.model import GPTModel
+from spam_lightning.model.gpt import GPTModel
 
 BUNDLE_FORMAT = "spam-lightning-bundle/1"
 BUNDLE_DIR = "bundle"
@@ -33,7 +33,7 @@ class BundleError(RuntimeError):
 
 def _plain_model(model: nn.Module) -> nn.Module:
     """A copy of the model with any LoRA adapters merged into plain Linear layers."""
-    from spam_lightning.lora import LinearWithLoRA, merge_lora
+    from spam_lightning.model.lora import LinearWithLoRA, merge_lora
 
     if not any(isinstance(m, LinearWithLoRA) for m in model.modules()):
         return model

@@ -28,8 +28,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from spam_lightning.io_utils import atomic_write
-from spam_lightning.plots import plt
-from spam_lightning.weights import CheckpointError
+from spam_lightning.model.weights import CheckpointError
+from spam_lightning.training.plots import plt
 
 
 @torch.no_grad()

@@ -15,16 +15,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from spam_lightning.callbacks import load_checkpoint_safely
-from spam_lightning.classifier import TOKENS, TRAINABLE, make_classifier
 from spam_lightning.data.tokens import PADDING_MODES, get_tokenizer
-from spam_lightning.model import MODEL_CONFIGS, GPTModel
-from spam_lightning.weights import (
+from spam_lightning.model.classifier import TOKENS, TRAINABLE, make_classifier
+from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.weights import (
     HUB_REPOS,
     CheckpointError,
     check_checkpoint,
     check_weights_available,
 )
+from spam_lightning.training.callbacks import load_checkpoint_safely
 
 log = logging.getLogger(__name__)
 

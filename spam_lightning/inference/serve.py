@@ -20,10 +20,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from spam_lightning.bundle import BundleError, find_bundle
+from spam_lightning.inference.bundle import BundleError, find_bundle
 
 if TYPE_CHECKING:
-    from spam_lightning.classify import Classifier
+    from spam_lightning.inference.classify import Classifier
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -218,7 +218,7 @@ def create_app(
     if max_chars < 1 or max_batch < 1:
         raise ValueError(f"max_chars and max_batch must be >= 1, got {max_chars} and {max_batch}")
     find_bundle(run_dir)  # a bad folder fails fast, before the (slow) Lightning import
-    from spam_lightning.classify import Classifier
+    from spam_lightning.inference.classify import Classifier
 
     clf: Classifier = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch)
     lock = threading.Lock()

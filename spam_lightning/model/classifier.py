@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from spam_lightning.lora import check_lora_options, replace_linear_with_lora
-from spam_lightning.model import GPTModel
+from spam_lightning.model.gpt import GPTModel
+from spam_lightning.model.lora import check_lora_options, replace_linear_with_lora
 
 TRAINABLE = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
 TOKENS = ("last", "first", "flexible", "mean")

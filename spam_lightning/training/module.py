@@ -17,9 +17,9 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from spam_lightning.classifier import first_trainable_block, pool_logits
-from spam_lightning.model import TransformerBlock
-from spam_lightning.trunk_cache import TrunkCache, TrunkCacheError
+from spam_lightning.model.classifier import first_trainable_block, pool_logits
+from spam_lightning.model.gpt import TransformerBlock
+from spam_lightning.model.trunk_cache import TrunkCache, TrunkCacheError
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from spam_lightning.bundle import BundleError, load_bundle
 from spam_lightning.data.tokens import collate, encode_texts
-from spam_lightning.module import SpamClassifier
+from spam_lightning.inference.bundle import BundleError, load_bundle
+from spam_lightning.training.module import SpamClassifier
 
 CHUNK = 1024  # messages read ahead and sorted by length; bounds memory for any input size
 

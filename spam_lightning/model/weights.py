@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import safe_open
 
-from spam_lightning.model import CFG_KEYS, MODEL_CONFIGS, GPTModel
+from spam_lightning.model.gpt import CFG_KEYS, MODEL_CONFIGS, GPTModel
 
 HUB_REPOS = {
     "gpt2-small": "openai-community/gpt2",

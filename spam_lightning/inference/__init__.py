@@ -1,0 +1,1 @@
+"""Inference without training: the bundle, `spam-classify` and `spam-serve`."""

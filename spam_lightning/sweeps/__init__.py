@@ -1,0 +1,1 @@
+"""Sweeps: the results table of a multirun and DDP inside Hydra multiruns."""

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its callbacks, pre-run checks and plots."""
