@@ -21,7 +21,7 @@ from spam_lightning.model.gpt import generate_text_simple, text_to_token_ids, to
 from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError, build_gpt
 
 
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+@hydra.main(config_path="pkg://spam_lightning.conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     options = {k: v for k, v in cfg.model.items() if k != "checkpoint"}

@@ -52,8 +52,9 @@ from spam_lightning.training.plots import plot_values
 
 log = logging.getLogger(__name__)
 
-# conf/ sits beside the package in the checkout (install with `pip install -e .`)
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# spam_lightning/conf/ ships in the package (wheels too): Hydra reads pkg://spam_lightning.conf
+CONFIG_PATH = "pkg://spam_lightning.conf"
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # the same folder, for nested globs
 FINAL_SPLITS = ("train", "val", "test")
 SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
@@ -340,7 +341,7 @@ def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[s
             if isinstance(override._value, Glob) and (Path(config_dir) / group).is_dir():
                 names = override._value.filter(nested_options(group, config_dir))
                 if not names:
-                    raise SystemExit(f"{arg}: no config in conf/{group} matches")
+                    raise SystemExit(f"{arg}: no config in spam_lightning/conf/{group} matches")
                 arg = f"{override.get_key_element()}={','.join(names)}"
         out.append(arg)
     return out
@@ -362,7 +363,7 @@ def _log_to_files(message: str) -> None:
                 handler.handle(record)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Train, and return the metric an Optuna sweep optimizes."""
     try:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _compose import compose_train
+from _compose import CONF, compose_train
 from omegaconf import OmegaConf
 
 from spam_lightning.sweeps.summary import summarize
@@ -76,8 +76,8 @@ EXPECTED: dict[str, dict] = {
 
 def test_every_experiment_config_is_tested():
     on_disk = {
-        str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
-        for p in (REPO / "conf" / "experiment").rglob("*.yaml")
+        str(p.relative_to(CONF / "experiment").with_suffix(""))
+        for p in (CONF / "experiment").rglob("*.yaml")
     }
     assert on_disk == set(EXPECTED)
     assert len([k for k in EXPECTED if k.startswith("table/")]) == 19
