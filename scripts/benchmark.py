@@ -4,10 +4,10 @@
 All phases use the same random-initialised weights (``torch.manual_seed(seed)`` then the book's
 ``GPTModel``: the compute of the pretrained model without a download) and the real SMS data:
 
-- (a) a plain-PyTorch re-implementation of the chapter's ``train_classifier_simple`` with its
-  ``calc_loss_batch`` / ``calc_loss_loader`` / ``calc_accuracy_loader`` / ``evaluate_model``
-  (full forward on every batch, everything padded to 120 tokens, float32), then the chapter's
-  final accuracies on the full loaders;
+- (a) the chapter's ``train_classifier_simple`` with its ``calc_loss_batch`` /
+  ``calc_loss_loader`` / ``calc_accuracy_loader`` / ``evaluate_model`` from
+  ``spam_lightning.reference`` (full forward on every batch, everything padded to 120 tokens,
+  float32), then the chapter's final accuracies on the full loaders;
 - (b) our ``experiment=chapter`` and (c) our ``experiment=fast`` through
   ``spam_lightning.train.train`` (the whole call: cache build, fit, final evaluation, bundle);
 - (d) the ``spam-classify`` engine (``Classifier``) on the 1,494 messages, batch 64, float32
@@ -45,8 +45,15 @@ from typing import Any
 
 import torch
 
+from spam_lightning.reference import (
+    SpamDataset,
+    add_classification_head,
+    calc_accuracy_loader,
+    create_dataloaders,
+    train_classifier_simple,
+)
+
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 PAD = 50256
 TRAIN_PHASES = ("a", "b", "c")
 INFER_PHASES = ("d_fp32", "d_bf16", "e_fp32")
@@ -156,38 +163,29 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 # ============================================================================ model helpers
-def random_classifier(model_name: str, seed: int, trainable: str = "last_block") -> torch.nn.Module:
+def random_classifier(model_name: str, seed: int) -> torch.nn.Module:
     """The weights every phase shares: what ``train.build_model`` builds for ``model.weights=random``.
 
-    Written out in the chapter's order (section 6.5): seed, build, freeze, seed, new head,
-    unfreeze the last block and the final norm.
+    In the chapter's order (section 6.5): seed, build, then ``add_classification_head`` (freeze,
+    seed, new head, unfreeze the last block and the final norm).
     """
     from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 
     torch.manual_seed(seed)
     model = GPTModel({**MODEL_CONFIGS[model_name], "drop_rate": 0.0})
-    for param in model.parameters():
-        param.requires_grad = False
-    torch.manual_seed(seed)
-    model.out_head = torch.nn.Linear(model.cfg["emb_dim"], 2)
-    if trainable == "last_block":
-        for param in model.trf_blocks[-1].parameters():
-            param.requires_grad = True
-        for param in model.final_norm.parameters():
-            param.requires_grad = True
-    return model
+    return add_classification_head(model, num_classes=2, seed=seed)
 
 
 def compose(overrides: list[str], work: Path) -> Any:
-    """``conf/train.yaml`` composed in-process with run paths under ``work`` (no Hydra run dir)."""
+    """``spam_lightning/conf/train.yaml`` composed in-process, run paths under ``work``."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_module(config_module="spam_lightning.conf", version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
@@ -197,130 +195,6 @@ def compose(overrides: list[str], work: Path) -> Any:
 
 
 # ============================================================================ (a) the chapter
-class SpamDataset(torch.utils.data.Dataset):
-    """The chapter's ``SpamDataset`` (section 6.3), unchanged."""
-
-    def __init__(
-        self, csv_file: Path, tokenizer: Any, max_length: int | None = None, pad_token_id: int = PAD
-    ):
-        import pandas as pd
-
-        self.data = pd.read_csv(csv_file)
-        self.encoded_texts = [tokenizer.encode(text) for text in self.data["Text"]]
-        if max_length is None:
-            self.max_length = self._longest_encoded_length()
-        else:
-            self.max_length = max_length
-            self.encoded_texts = [t[: self.max_length] for t in self.encoded_texts]
-        self.encoded_texts = [
-            t + [pad_token_id] * (self.max_length - len(t)) for t in self.encoded_texts
-        ]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.encoded_texts[index]
-        label = self.data.iloc[index]["Label"]
-        return torch.tensor(encoded, dtype=torch.long), torch.tensor(label, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def _longest_encoded_length(self) -> int:
-        return max(len(t) for t in self.encoded_texts)
-
-
-def calc_accuracy_loader(data_loader, model, device, num_batches=None) -> float:
-    model.eval()
-    correct_predictions, num_examples = 0, 0
-    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i < num_batches:
-            input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-            with torch.no_grad():
-                logits = model(input_batch)[:, -1, :]  # logits of the last output token
-            predicted_labels = torch.argmax(logits, dim=-1)
-            num_examples += predicted_labels.shape[0]
-            correct_predictions += (predicted_labels == target_batch).sum().item()
-        else:
-            break
-    return correct_predictions / num_examples
-
-
-def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)[:, -1, :]  # logits of the last output token
-    return torch.nn.functional.cross_entropy(logits, target_batch)
-
-
-def calc_loss_loader(data_loader, model, device, num_batches=None) -> float:
-    total_loss = 0.0
-    if len(data_loader) == 0:
-        return float("nan")
-    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i < num_batches:
-            total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
-        else:
-            break
-    return total_loss / num_batches
-
-
-def evaluate_model(model, train_loader, val_loader, device, eval_iter) -> tuple[float, float]:
-    model.eval()
-    with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
-
-
-def train_classifier_simple(
-    model,
-    train_loader,
-    val_loader,
-    optimizer,
-    device,
-    num_epochs,
-    eval_freq,
-    eval_iter,
-    max_batches: int | None = None,
-):
-    """The chapter's loop; ``max_batches`` (``--quick`` only) cuts each epoch short."""
-    train_losses, val_losses, train_accs, val_accs = [], [], [], []
-    examples_seen, global_step = 0, -1
-    for epoch in range(num_epochs):
-        model.train()
-        for batch_no, (input_batch, target_batch) in enumerate(train_loader):
-            if max_batches is not None and batch_no >= max_batches:
-                break
-            optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
-            optimizer.step()
-            examples_seen += input_batch.shape[0]
-            global_step += 1
-            if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(
-                    model, train_loader, val_loader, device, eval_iter
-                )
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                print(
-                    f"Ep {epoch + 1} (Step {global_step:06d}): "
-                    f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}",
-                    flush=True,
-                )
-        train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
-        val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
-        print(
-            f"Training accuracy: {train_accuracy * 100:.2f}% | "
-            f"Validation accuracy: {val_accuracy * 100:.2f}%",
-            flush=True,
-        )
-        train_accs.append(train_accuracy)
-        val_accs.append(val_accuracy)
-    return train_losses, val_losses, train_accs, val_accs, examples_seen
-
-
 def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
     from spam_lightning.data.tokens import get_tokenizer  # tiktoken's gpt2, from the package
 
@@ -329,17 +203,15 @@ def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
     train_dataset = SpamDataset(data_dir / "train.csv", tokenizer, max_length=None)
     val_dataset = SpamDataset(data_dir / "validation.csv", tokenizer, train_dataset.max_length)
     test_dataset = SpamDataset(data_dir / "test.csv", tokenizer, train_dataset.max_length)
-    loader = torch.utils.data.DataLoader
-    train_loader = loader(
+    # the book shuffles from the global RNG; a generator seeded as the datamodule seeds its own
+    # gives (b) the same epoch orders, so the a-vs-b check compares like with like
+    train_loader, val_loader, test_loader = create_dataloaders(
         train_dataset,
+        val_dataset,
+        test_dataset,
         batch_size=8,
-        shuffle=True,
-        num_workers=0,
-        drop_last=True,
         generator=torch.Generator().manual_seed(ctx["seed"]),
     )
-    val_loader = loader(val_dataset, batch_size=8, num_workers=0, drop_last=False)
-    test_loader = loader(test_dataset, batch_size=8, num_workers=0, drop_last=False)
 
     device = torch.device("cpu")
     model = random_classifier(ctx["model"], ctx["seed"]).to(device)
@@ -347,7 +219,6 @@ def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
     meter = FlopMeter()
     meter.attach_gpt(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
-    limit = ctx["limit_batches"]
 
     start = time.perf_counter()
     history = train_classifier_simple(
@@ -359,12 +230,11 @@ def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
         num_epochs=ctx["epochs"],
         eval_freq=50,
         eval_iter=5,
-        max_batches=limit,
     )
     training_seconds = time.perf_counter() - start
-    train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=limit)
-    val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=limit)
-    test_accuracy = calc_accuracy_loader(test_loader, model, device, num_batches=limit)
+    train_accuracy = calc_accuracy_loader(train_loader, model, device)
+    val_accuracy = calc_accuracy_loader(val_loader, model, device)
+    test_accuracy = calc_accuracy_loader(test_loader, model, device)
     seconds = time.perf_counter() - start
     train_losses, val_losses, train_accs, val_accs, examples_seen = history
     return {
@@ -406,13 +276,6 @@ def phase_train(ctx: dict[str, Any], experiment: str) -> dict[str, Any]:
         "callbacks.model_checkpoint=null",
         "logger=none",
     ]
-    if ctx["limit_batches"] is not None:
-        n = ctx["limit_batches"]
-        overrides += [
-            f"trainer.limit_train_batches={n}",
-            f"trainer.limit_val_batches={n}",
-            f"trainer.limit_test_batches={n}",
-        ]
     cfg = compose(overrides, work)
     digest = weights_digest(train_mod.build_model(cfg, 2).state_dict())
 
@@ -781,7 +644,6 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "model": args.model,
         "seed": args.seed,
         "epochs": 1 if args.quick and args.epochs is None else (args.epochs or 5),
-        "limit_batches": None,
         "source": str(source),
         "data_dir": str(data_dir),
         "work": str(work),
