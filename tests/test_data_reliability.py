@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from spam_lightning.data.csv_data import read_text_table
 from spam_lightning.data.source import (
     EXPECTED_SHA256,
     EXPECTED_SIZE,
@@ -32,7 +33,6 @@ from spam_lightning.data.table import (
     prepare,
     read_split_csv,
     read_table,
-    split_records,
 )
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -328,30 +328,20 @@ def test_fuzz_raw_tsv_matches_pandas_or_is_rejected(pieces: list[str]) -> None:
 
 @FUZZ
 @given(pieces=st.lists(raw_pieces, max_size=25), sep=st.sampled_from(["\t", ","]))
-def test_fuzz_split_records_is_pandas_tokenizer(pieces: list[str], sep: str) -> None:
-    """The line-tracking tokenizer splits records and fields exactly as pandas' C engine."""
-    text = "".join(pieces).replace("\ufeff", "")
-    records, unterminated = split_records(text, sep)
-    width = max((len(r.fields) for r in records), default=1)
+def test_fuzz_csv_reader_is_pandas_or_names_the_line(pieces: list[str], sep: str) -> None:
+    """A user's CSV, read once by the ``csv`` module with line numbers: exactly the rows and
+    fields pandas' C engine reads, or a clear error naming the line."""
+    data = f"Label{sep}Text\n{''.join(pieces)}".encode()
     try:
-        frame = pd.read_csv(
-            io.StringIO(text),
-            sep=sep,
-            header=None,
-            names=list(range(width)),
-            dtype=str,
-            keep_default_na=False,
-            na_filter=False,
-        )
-    except pd.errors.EmptyDataError:
-        assert not records and unterminated is None
+        table = read_text_table(data, "raw.csv", "Text", "Label", sep)
+    except DataError as e:
+        assert re.search(r"raw\.csv, line \d+: ", str(e))
         return
-    except pd.errors.ParserError as e:
-        assert unterminated is not None and "EOF inside string" in str(e)
-        return
-    assert unterminated is None
-    padded = [list(r.fields) + [""] * (width - len(r.fields)) for r in records]
-    assert frame.values.tolist() == padded
+    expected = pd.read_csv(
+        io.BytesIO(data), sep=sep, dtype=str, keep_default_na=False, na_filter=False
+    )
+    assert table.frame.values.tolist() == expected.values.tolist()
+    assert table.lines == sorted(table.lines) and table.lines[0] >= 2
 
 
 @FUZZ

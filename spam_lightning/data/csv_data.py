@@ -1,53 +1,46 @@
-"""``CSVDataModule``: any text-classification CSV (two or more classes) through the same pipeline.
+"""Any text-classification CSV (``CSVDataModule``) and IMDB (``IMDBDataModule``), same pipeline.
 
-Either three split files (``data.train``, ``data.validation``, ``data.test``) or one file
-(``data.source``) that is shuffled with a fixed seed and split 70/10/20 like the chapter, optionally
+A CSV comes as three split files (``data.train``, ``data.validation``, ``data.test``) or one file
+(``data.source``) shuffled with a fixed seed and split 70/10/20 like the chapter, optionally
 balanced first. Class names come from the data (the sorted training labels) unless
-``data.class_names`` fixes them; the model's head follows ``num_classes``.
+``data.class_names`` fixes them. IMDB is prepared as the book's bonus script
+``ch06/03_bonus_imdb-classification/download_prepare_dataset.py`` does, then read as a CSV.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
-import io
-import json
+import hashlib
 import logging
 import os
 import re
-import warnings
-from collections.abc import Callable, Sequence
+import tarfile
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from filelock import FileLock
 
 from spam_lightning.data.datamodule import (
-    SPLITS,
     SplitData,
     TextClassificationDataModule,
     _int_at_least,
     check_split_fractions,
 )
-from spam_lightning.data.source import (
-    DataError,
-    atomic_write_bytes,
-    clean_stale_temps,
-    sha256_bytes,
-)
+from spam_lightning.data.source import DOWNLOAD_TIMEOUT, DataError, DownloadError, download_first
 from spam_lightning.data.table import (
-    LOCK_NAME,
-    MAX_LISTED,
-    META_NAME,
     SPLIT_FILES,
-    Record,
+    bad_rows_error,
     check_splits_not_empty,
-    files_match,
+    locked,
+    matching_meta,
+    prepared_paths,
     random_split,
-    read_meta,
-    split_records,
+    read_rows,
+    write_prepared,
 )
 from spam_lightning.data.tokens import PAD_TOKEN_ID
 
@@ -60,238 +53,156 @@ _INT_RE = re.compile(r"[+-]?\d+")
 
 @dataclass(frozen=True)
 class TextTable:
-    """One CSV read as strings: every column (``frame``), and its texts and stripped labels."""
+    """One CSV as strings: every column (``frame``), its texts, stripped labels and row lines."""
 
     texts: list[str]
     labels: list[str]
     name: str
     frame: pd.DataFrame
+    lines: list[int] | None = None  # None for our own prepared CSVs (read unchecked)
+
+    def line(self, row: int) -> int | str:
+        return self.lines[row] if self.lines is not None else f"? (data row {row + 1})"
 
 
 def resolve_sep(sep: str | None, path: str | os.PathLike[str] | None) -> str:
     """``null`` -> tab for ``.tsv`` / ``.tab`` files, else comma; ``tab`` is an alias for ``\\t``."""
     if sep is None:
-        suffix = Path(str(path or "")).suffix.lower()
-        return "\t" if suffix in (".tsv", ".tab") else ","
+        return "\t" if Path(str(path or "")).suffix.lower() in (".tsv", ".tab") else ","
     sep = _SEP_ALIASES.get(str(sep), str(sep))
     if len(sep) != 1 or sep in ('"', "\n", "\r"):
         raise ValueError(f"data.sep={sep!r}: need one character (or tab, comma, semicolon)")
     return sep
 
 
-def row_lines(text: str, sep: str) -> tuple[list[Record], int | None]:
-    """The data records (after the header) with their start lines, as pandas splits them.
-
-    Only called to name the line of a problem: a second pass over the text costs about a
-    second per 60 MB, which a valid file never pays.
-    """
-    records, unterminated = split_records(text, sep)
-    return records[1:], unterminated
-
-
-def _decode(data: bytes, name: str) -> str:
+def read_text_table(
+    data: bytes, name: str, text_column: str, label_column: str, sep: str = ","
+) -> TextTable:
+    """Read a user's CSV with a header and check it (the standard library's ``csv`` reader, which
+    knows each row's line); every error names the file, the line and the problem. Cells stay
+    strings (a text "NA" stays "NA"); labels are stripped."""
     if not data:
         raise DataError(f"{name}, line 1: the file is empty (0 bytes)")
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
     try:
-        return data.decode("utf-8")
+        text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(
             f"{name}, line {line}: bytes that are not valid UTF-8 (first: 0x{data[e.start]:02x}); "
             f"save the file as UTF-8"
         ) from e
-
-
-def _malformed(name: str, text: str, sep: str, detail: str) -> DataError:
-    """The first rows whose field count differs from the header's, by line (pandas' wording aside)."""
-    records, unterminated = split_records(text, sep)
-    width = len(records[0].fields) if records else 0
-    problems = [
-        f"  {name}, line {r.line}: expected {width} fields like the header, found {len(r.fields)}"
-        for r in records[1:]
-        if len(r.fields) != width
-    ]
-    if unterminated is not None:
-        problems.append(f'  {name}, line {unterminated}: a quote (") that is never closed')
-    listed = "\n".join(problems[:MAX_LISTED]) or f"  {name}: {detail}"
-    return DataError(
-        f"{name}: malformed CSV:\n{listed}\n(quote texts that contain {sep!r}, quotes or line "
-        f"breaks; set data.sep if the file is not {'tab' if sep == chr(9) else repr(sep)}-separated)"
-    )
-
-
-def read_text_table(
-    data: bytes, name: str, text_column: str, label_column: str, sep: str = ","
-) -> TextTable:
-    """Read a CSV with a header and check it; every error names the file, the line and the problem.
-
-    All cells are read as strings (no NA guessing: a text "NA" stays "NA"); labels are stripped.
-    """
-    text = _decode(data, name)
-    try:
-        with warnings.catch_warnings():
-            # a row with an extra field must not silently shift every column (pandas' index guess)
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            frame = pd.read_csv(
-                io.StringIO(text),
-                sep=sep,
-                dtype=str,
-                keep_default_na=False,
-                na_filter=False,
-                index_col=False,
-            )
-    except pd.errors.EmptyDataError as e:
-        raise DataError(f"{name}, line 1: no header line (the file is blank)") from e
-    except (pd.errors.ParserError, pd.errors.ParserWarning) as e:
-        raise _malformed(name, text, sep, str(e).strip()) from e
-    columns = [str(c) for c in frame.columns]
+    rows, unterminated = read_rows(text, sep, name)
+    if not rows:
+        raise DataError(f"{name}, line 1: no header line (the file is blank)")
+    header, rows = rows[0].fields, rows[1:]
     for option, column in (("data.text_column", text_column), ("data.label_column", label_column)):
-        if column not in columns:
+        if column not in header:
             raise DataError(
                 f"{name}, line 1: missing column {column!r} ({option}); the header has: "
-                f"{', '.join(map(repr, columns))[:200]}"
+                f"{', '.join(map(repr, header))[:200]}"
             )
-    if frame.empty:
+    if len(set(header)) != len(header):
+        raise DataError(f"{name}, line 1: duplicate column names in the header {header}")
+    if not rows and unterminated is None:
         raise DataError(f"{name}, line 2: no data rows (only a header)")
-    texts = frame[text_column].astype(str)
-    labels = frame[label_column].astype(str).str.strip()
-    bad_text = texts.str.strip() == ""
-    bad_label = labels == ""
-    if bad_text.any() or bad_label.any():
-        records, _ = row_lines(text, sep)
-        aligned = len(records) == len(frame)
-        problems = []
-        for row in frame.index[bad_text | bad_label]:
-            what = []
-            short = aligned and len(records[row].fields) < len(columns)
-            if short:  # pandas fills a short row's missing cells with ""
-                found = len(records[row].fields)
-                what.append(f"expected {len(columns)} fields like the header, found {found}")
-            if bad_text[row] and not short:
-                what.append("empty text" if texts[row] == "" else "text is only whitespace")
-            if bad_label[row] and not short:
+    ti, li = header.index(text_column), header.index(label_column)
+    problems, shape = [], False
+    for r in rows:
+        what = []
+        if len(r.fields) != len(header):
+            what.append(f"expected {len(header)} fields like the header, found {len(r.fields)}")
+            shape = True
+        else:
+            if not r.fields[ti].strip():
+                what.append("empty text" if not r.fields[ti] else "text is only whitespace")
+            if not r.fields[li].strip():
                 what.append(f"empty label (column {label_column!r})")
-            where = f"line {records[row].line}" if aligned else f"data row {row + 1}"
-            problems.append(f"  {name}, {where}: {'; '.join(what)}")
-        more = (
-            f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        if what:
+            problems.append(f"{name}, line {r.line}: {'; '.join(what)}")
+    if unterminated is not None:
+        problems.append(f'{name}, line {unterminated}: a quote (") that is never closed')
+        shape = True
+    if problems:
+        sep_name = "tab" if sep == "\t" else repr(sep)
+        hint = (
+            f"(quote texts that contain {sep!r}, quotes or line breaks; set data.sep if the file "
+            f"is not {sep_name}-separated)" if shape else "(fix the file)"
         )
-        raise DataError(
-            f"{name}: {len(problems)} bad row(s):\n" + "\n".join(problems[:MAX_LISTED]) + more
-        )
-    return TextTable(texts.tolist(), labels.tolist(), name, frame)
+        raise bad_rows_error(name, problems, hint)
+    frame = pd.DataFrame([r.fields for r in rows], columns=header, dtype=str)
+    labels = [r.fields[li].strip() for r in rows]
+    return TextTable([r.fields[ti] for r in rows], labels, name, frame, [r.line for r in rows])
+
+
+def read_prepared_table(path: Path, text_column: str, label_column: str) -> TextTable:
+    """One of our own split CSVs: checked when written (sha256 in meta.json), so a plain read."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    labels = frame[label_column].str.strip().tolist()
+    return TextTable(frame[text_column].tolist(), labels, str(path), frame)
 
 
 def natural_sorted(labels: Sequence[str]) -> list[str]:
     """Unique labels, numerically when all are integers (2 before 10), else as strings."""
     unique = set(labels)
-    if all(_INT_RE.fullmatch(v) for v in unique):
-        return sorted(unique, key=int)
-    return sorted(unique)
+    return sorted(unique, key=int) if all(_INT_RE.fullmatch(v) for v in unique) else sorted(unique)
 
 
 def map_labels(
-    tables: dict[str, TextTable],
-    class_names: Sequence[str] | None,
-    line_of: Callable[[TextTable, int], int | str],
+    tables: dict[str, TextTable], class_names: Sequence[str] | None
 ) -> tuple[list[str], dict[str, list[int]]]:
     """Class names (given, or the sorted training labels) and each split's class indices.
 
-    With ``class_names`` given, labels match them by name, or are integer indices into them
-    (``0`` -> the first name) when no label is a name. Without, validation / test labels must
-    occur in training: the head could never predict a class it was not trained on.
+    Given names match labels by name, or as integer indices (``0`` -> the first name) when no
+    label is a name. Without, validation / test labels must occur in training: the head could
+    never predict a class it was not trained on.
     """
     train = tables["train"]
-    every = [lab for t in tables.values() for lab in t.labels]
+    every = {lab for t in tables.values() for lab in t.labels}
     if class_names:
         names = list(class_names)
-        by_index = not set(every) & set(names) and all(
-            _INT_RE.fullmatch(v) and 0 <= int(v) < len(names) for v in set(every)
+        by_index = not every & set(names) and all(
+            _INT_RE.fullmatch(v) and 0 <= int(v) < len(names) for v in every
         )
-        keys = [str(i) for i in range(len(names))] if by_index else names
-        lookup = {key: i for i, key in enumerate(keys)}
-        for table in tables.values():
-            for row, label in enumerate(table.labels):
-                if label not in lookup:
-                    raise DataError(
-                        f"{table.name}, line {line_of(table, row)}: unknown label {label!r}; "
-                        f"data.class_names={names} (labels must be one of these names, or "
-                        f"integer indices 0..{len(names) - 1} into them)"
-                    )
-        missing = set(range(len(names))) - {lookup[lab] for lab in train.labels}
-        if missing:
-            logger.warning(
-                "%s: no training examples of class(es) %s",
-                train.name,
-                ", ".join(names[i] for i in sorted(missing)),
-            )
+        lookup = {(str(i) if by_index else n): i for i, n in enumerate(names)}
+        checked = list(tables)
     else:
         names = natural_sorted(train.labels)
         lookup = {n: i for i, n in enumerate(names)}
-        for split in ("validation", "test"):
-            table = tables[split]
-            for row, label in enumerate(table.labels):
-                if label not in lookup:
-                    raise DataError(
-                        f"{table.name}, line {line_of(table, row)}: label {label!r} does not "
-                        f"occur in the training split ({train.name}), so the model could never "
-                        f"predict it; the training labels are: {', '.join(names)}. Fix the "
-                        f"label, or list every class in data.class_names=[...]"
-                    )
+        checked = ["validation", "test"]
+    for split in checked:
+        table = tables[split]
+        for row, label in enumerate(table.labels):
+            if label in lookup:
+                continue
+            if class_names:
+                raise DataError(
+                    f"{table.name}, line {table.line(row)}: unknown label {label!r}; "
+                    f"data.class_names={names} (labels must be one of these names, or "
+                    f"integer indices 0..{len(names) - 1} into them)"
+                )
+            raise DataError(
+                f"{table.name}, line {table.line(row)}: label {label!r} does not occur in the "
+                f"training split ({train.name}), so the model could never predict it; the "
+                f"training labels are: {', '.join(names)}. Fix the label, or list every class in "
+                f"data.class_names=[...]"
+            )
     if len(names) < 2:
         raise DataError(
             f"{train.name}: only one class ({names[0]!r}) in the training labels; a classifier "
             f"needs at least 2"
         )
+    missing = set(range(len(names))) - {lookup[lab] for lab in train.labels}
+    if missing:
+        missed = ", ".join(names[i] for i in sorted(missing))
+        logger.warning("%s: no training examples of class(es) %s", train.name, missed)
     return names, {s: [lookup[lab] for lab in t.labels] for s, t in tables.items()}
 
 
-def load_csv_splits(
-    paths: dict[str, Path],
-    text_column: str,
-    label_column: str,
-    sep: str,
-    class_names: Sequence[str] | None,
+def to_splits(
+    tables: dict[str, TextTable], class_names: Sequence[str] | None
 ) -> tuple[list[str], dict[str, SplitData]]:
-    """Read the three split files; returns the class names and each split's texts and indices."""
-    raw = {split: Path(paths[split]).read_bytes() for split in SPLITS}
-    tables = {
-        split: read_text_table(raw[split], str(paths[split]), text_column, label_column, sep)
-        for split in SPLITS
-    }
-    lines_cache: dict[str, list[int]] = {}
-
-    def line_of(table: TextTable, row: int) -> int | str:
-        """A row's line, found only when an error names it."""
-        split = next(s for s, t in tables.items() if t is table)
-        if split not in lines_cache:
-            records, _ = row_lines(_decode(raw[split], table.name), sep)
-            lines_cache[split] = [r.line for r in records]
-        lines = lines_cache[split]
-        return lines[row] if len(lines) == len(table.labels) else f"? (data row {row + 1})"
-
-    names, indices = map_labels(tables, class_names, line_of)
-    return names, {
-        split: SplitData(tables[split].texts, indices[split], tables[split].name)
-        for split in SPLITS
-    }
-
-
-def balance_classes(frame: pd.DataFrame, labels: pd.Series, seed: int) -> pd.DataFrame:
-    """Downsample every class to the rarest one's count (the chapter's balancing, for k classes)."""
-    smallest = int(labels.value_counts().min())
-    parts = [
-        frame[labels == label].sample(smallest, random_state=seed)
-        for label in natural_sorted(labels.tolist())
-    ]
-    return pd.concat(parts)
-
-
-def frame_csv_bytes(frame: pd.DataFrame) -> bytes:
-    """Every cell quoted: texts with quotes, separators or bare ``\\r`` read back unchanged."""
-    return frame.to_csv(index=False, quoting=csv.QUOTE_ALL).encode("utf-8")
+    names, indices = map_labels(tables, class_names)
+    return names, {s: SplitData(t.texts, indices[s], t.name, t.lines) for s, t in tables.items()}
 
 
 def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
@@ -304,6 +215,10 @@ def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
             f"take them from the data)"
         )
     return names
+
+
+def _path(p: str | os.PathLike[str] | None) -> Path | None:
+    return None if p is None else Path(str(p)).expanduser().resolve()
 
 
 class CSVDataModule(TextClassificationDataModule):
@@ -334,15 +249,8 @@ class CSVDataModule(TextClassificationDataModule):
         pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
         super().__init__(
-            data_dir=data_dir,
-            max_length=max_length,
-            context_length=context_length,
-            padding=padding,
-            bucketing=bucketing,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            pad_token_id=pad_token_id,
+            data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
+            seed, pad_token_id,
         )
         train_frac, val_frac = check_split_fractions(train_frac, val_frac)
         files = {"train": train, "validation": validation, "test": test}
@@ -360,9 +268,7 @@ class CSVDataModule(TextClassificationDataModule):
             )
         for option, path in {**given, **({"source": source} if source else {})}.items():
             if not Path(str(path)).expanduser().is_file():
-                raise DataError(
-                    f"data.{option}: {Path(str(path)).expanduser().resolve()}: no such file"
-                )
+                raise DataError(f"data.{option}: {_path(path)}: no such file")
         if not text_column or not label_column or text_column == label_column:
             raise ValueError(
                 f"data.text_column={text_column!r}, data.label_column={label_column!r}: need two "
@@ -377,131 +283,314 @@ class CSVDataModule(TextClassificationDataModule):
         # class_names: the LightningModule records the resolved names under that key, and the
         # logger merges both hparams (a null here, "from the data", would conflict with them)
         self.save_hyperparameters(ignore=["class_names"])
-
-        def resolve(p: str | None) -> Path | None:
-            return None if p is None else Path(str(p)).expanduser().resolve()
-
-        self.source = resolve(source)
-        self.files = {k: resolve(v) for k, v in files.items()}
-        self.text_column = str(text_column)
-        self.label_column = str(label_column)
+        self.source = _path(source)
+        self.files = {k: _path(v) for k, v in files.items()}
+        self.text_column, self.label_column = str(text_column), str(label_column)
         self.sep = resolve_sep(sep, source if source is not None else train)
         self.balance = bool(balance)
         self.split_seed = int(split_seed)
-        self.train_frac = float(train_frac)
-        self.val_frac = float(val_frac)
+        self.train_frac, self.val_frac = train_frac, val_frac
         self.class_names = list(self.fixed_class_names or [])
-
-    def _settings(self) -> dict[str, Any]:
-        return {
-            "format": CSV_FORMAT_VERSION,
-            "kind": "csv",
-            "text_column": self.text_column,
-            "label_column": self.label_column,
-            "sep": self.sep,
-            "balance": self.balance,
-            "split_seed": self.split_seed,
-            "train_frac": self.train_frac,
-            "val_frac": self.val_frac,
+        self.settings = {
+            "format": CSV_FORMAT_VERSION, "kind": "csv", "text_column": self.text_column,
+            "label_column": self.label_column, "sep": self.sep, "balance": self.balance,
+            "split_seed": self.split_seed, "train_frac": self.train_frac, "val_frac": self.val_frac,
         }
 
     def prepare_data(self) -> None:
         """Split ``data.source`` into ``data_dir`` (locked, atomic, reused); three files: nothing."""
         if self.source is not None:
-            prepare_csv_split(self.source, self.data_dir, self._settings())
+            prepare_csv_split(self.source, self.data_dir, self.settings)
 
     def load_splits(self) -> dict[str, SplitData]:
-        if self.source is None:
-            paths = {k: v for k, v in self.files.items() if v is not None}
-            sep = self.sep
+        cols = (self.text_column, self.label_column)
+        if self.source is None:  # the user's own files: checked
+            tables = {
+                s: read_text_table(p.read_bytes(), str(p), *cols, self.sep)
+                for s, p in self.files.items()
+                if p is not None
+            }
         else:
-            paths = prepared_paths(self.data_dir, self._settings(), self.source)
-            sep = ","
-        names, splits = load_csv_splits(
-            paths, self.text_column, self.label_column, sep, self.fixed_class_names
-        )
-        self.class_names = names
+            what = f"split of {self.source}"
+            paths = prepared_paths(self.data_dir, self.settings, {"path": str(self.source)}, what)
+            tables = {s: read_prepared_table(p, *cols) for s, p in paths.items()}
+        self.class_names, splits = to_splits(tables, self.fixed_class_names)
         return splits
 
 
-def prepared_paths(data_dir: Path, settings: dict[str, Any], source: Path) -> dict[str, Path]:
-    """The split files ``prepare_data`` wrote for these settings (a clear error if it has not)."""
-    meta = read_meta(data_dir)
-    if (
-        meta is None
-        or meta.get("settings") != settings
-        or meta.get("source", {}).get("path") != str(source)
-        or not files_match(data_dir, meta)
-    ):
-        raise DataError(
-            f"{data_dir}: no split of {source} with these settings (or it changed since); call "
-            f"prepare_data() first (the Trainer does)"
-        )
-    return {split: data_dir / fname for split, fname in SPLIT_FILES.items()}
+def balance_classes(frame: pd.DataFrame, labels: pd.Series, seed: int) -> pd.DataFrame:
+    """Downsample every class to the rarest one's count (the chapter's balancing, for k classes)."""
+    smallest = int(labels.value_counts().min())
+    return pd.concat(
+        frame[labels == label].sample(smallest, random_state=seed)
+        for label in natural_sorted(labels.tolist())
+    )
 
 
 def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Shuffle + split one CSV into ``train/validation/test.csv`` + ``meta.json`` (all columns kept).
-
-    Locked so that concurrent processes (DDP ranks, joblib jobs) split once; reused while the
-    source's sha256 and the settings match.
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(data_dir / LOCK_NAME)):
-        clean_stale_temps(data_dir)
+    """Shuffle + split one CSV into ``train/validation/test.csv`` + ``meta.json`` (every column
+    kept, every cell quoted so that any text reads back unchanged); locked, and reused while the
+    source's sha256 and the settings match."""
+    with locked(data_dir):
         data = source.read_bytes()
-        src_sha = sha256_bytes(data)
-        meta = read_meta(data_dir)
-        if (
-            meta is not None
-            and meta.get("settings") == settings
-            and meta.get("source", {}).get("sha256") == src_sha
-            and meta.get("source", {}).get("path") == str(source)
-            and files_match(data_dir, meta)
-        ):
+        identity = {"path": str(source), "sha256": hashlib.sha256(data).hexdigest()}
+        meta = matching_meta(data_dir, settings, identity)
+        if meta is not None:
             logger.info("reusing the split of %s in %s", source, data_dir)
             return meta
-        (data_dir / META_NAME).unlink(missing_ok=True)  # no stale meta over half-new CSVs
         table = read_text_table(
             data, str(source), settings["text_column"], settings["label_column"], settings["sep"]
         )
         frame = table.frame
-        labels = pd.Series(table.labels, index=frame.index)
         if settings["balance"]:
-            frame = balance_classes(frame, labels, settings["split_seed"])
-        splits = random_split(
-            frame, settings["train_frac"], settings["val_frac"], settings["split_seed"]
-        )
-        check_splits_not_empty(
-            str(source), len(frame), splits, settings["train_frac"], settings["val_frac"]
-        )
-        files: dict[str, str] = {}
-        counts: dict[str, dict[str, Any]] = {}
-        for (split, fname), part in zip(SPLIT_FILES.items(), splits, strict=True):
-            payload = frame_csv_bytes(part)
-            atomic_write_bytes(data_dir / fname, payload)
-            files[fname] = sha256_bytes(payload)
-            # from the part itself: random_split renumbers the rows, so ``labels`` (indexed like
-            # the unsplit frame) would count the wrong rows
-            part_labels = part[settings["label_column"]].astype(str).str.strip()
-            counts[split] = {
-                "rows": len(part),
-                "labels": {k: int(v) for k, v in part_labels.value_counts().sort_index().items()},
-            }
-        meta = {
-            "source": {"path": str(source), "sha256": src_sha, "bytes": len(data)},
+            frame = balance_classes(frame, pd.Series(table.labels, index=frame.index), settings["split_seed"])
+        train_frac, val_frac = settings["train_frac"], settings["val_frac"]
+        splits = random_split(frame, train_frac, val_frac, settings["split_seed"])
+        check_splits_not_empty(str(source), len(frame), splits, train_frac, val_frac)
+        counts = {}
+        for split, part in zip(SPLIT_FILES, splits, strict=True):
+            labels = part[settings["label_column"]].str.strip().value_counts().sort_index()
+            counts[split] = {"rows": len(part), "labels": {k: int(v) for k, v in labels.items()}}
+        parts = {
+            s: p.to_csv(index=False, quoting=csv.QUOTE_ALL).encode("utf-8")
+            for s, p in zip(SPLIT_FILES, splits, strict=True)
+        }
+        meta = write_prepared(data_dir, parts, {
+            "source": {**identity, "bytes": len(data)},
             "settings": settings,
             "rows": {"read": len(table.frame), "used": len(frame)},
             "splits": counts,
-            "files": files,
-        }
-        atomic_write_bytes(
-            data_dir / META_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8")
-        )
-        logger.info(
-            "split %s into %s: train %d, validation %d, test %d rows",
-            source,
-            data_dir,
-            *(c["rows"] for c in counts.values()),
-        )
+        })
+        logger.info("split %s into %s: %s", source, data_dir, {s: c["rows"] for s, c in counts.items()})
         return meta
+
+
+# ------------------------------------------------------------------ IMDB, as the book's bonus script
+
+IMDB_URLS: tuple[str, ...] = ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",)
+ARCHIVE_NAME = "aclImdb_v1.tar.gz"
+MAX_ARCHIVE_BYTES = 256 * 1024 * 1024  # the real archive is about 84 MB
+IMDB_FORMAT_VERSION = 1
+CLASS_NAMES = ("negative", "positive")
+# the book's reading order: subsets, then labels (1 = pos, 0 = neg), then files sorted by name
+ORDER = [(subset, label) for subset in ("test", "train") for label in ("pos", "neg")]
+IMDB_HINT = (
+    f"Fix: download {IMDB_URLS[0]} by other means and pass data.source=/path/to/{ARCHIVE_NAME} "
+    f"(or the extracted aclImdb folder)."
+)
+_MEMBER_RE = re.compile(r"^(?:\./)?(?:.*/)?aclImdb/(train|test)/(pos|neg)/([^/]+\.txt)$")
+
+Reviews = dict[tuple[str, str], list[tuple[str, str]]]  # (subset, label) -> [(file name, text)]
+
+
+def _review(raw: bytes, where: str) -> str:
+    """A review as the book's ``open(..., encoding="utf-8").read()`` gives it (universal newlines)."""
+    try:
+        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: bytes that are not valid UTF-8 at offset {e.start}") from e
+
+
+def imdb_root(folder: Path) -> Path:
+    """``folder`` itself when it holds ``train/`` and ``test/``, else ``folder/aclImdb``."""
+    for root in (folder, folder / "aclImdb"):
+        if all((root / subset / label).is_dir() for subset, label in ORDER):
+            return root
+    raise DataError(
+        f"data.source: {folder}: not an extracted IMDB folder (expected aclImdb/train/pos, "
+        f"train/neg, test/pos and test/neg holding *.txt reviews)"
+    )
+
+
+def read_reviews_from_folder(folder: Path) -> Reviews:
+    root = imdb_root(folder)
+    reviews: Reviews = {}
+    for subset, label in ORDER:
+        path = root / subset / label
+        names = sorted(n for n in os.listdir(path) if n.endswith(".txt"))
+        reviews[(subset, label)] = [(n, _review((path / n).read_bytes(), str(path / n))) for n in names]
+    return reviews
+
+
+def read_reviews_from_tar(archive: Path) -> Reviews:
+    """Stream the labelled reviews out of the ``.tar.gz``: nothing is extracted to disk."""
+    reviews: Reviews = {key: [] for key in ORDER}
+    try:
+        with tarfile.open(archive, mode="r:gz") as tar:
+            for member in tar:
+                match = _MEMBER_RE.match(member.name)
+                if match and member.isfile():
+                    subset, label, name = match.groups()
+                    raw = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    reviews[(subset, label)].append((name, _review(raw, f"{archive}!{member.name}")))
+    except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
+        raise DataError(f"{archive}: not a readable .tar.gz (corrupt or truncated): {e}") from e
+    empty = [f"{s}/{lab}" for (s, lab), rows in reviews.items() if not rows]
+    if empty:
+        raise DataError(
+            f"{archive}: no reviews under aclImdb/{', aclImdb/'.join(empty)} (is this the IMDB "
+            f"archive aclImdb_v1.tar.gz?)"
+        )
+    for rows in reviews.values():
+        rows.sort()  # the book's sorted(os.listdir(...))
+    return reviews
+
+
+def book_partition(
+    reviews: Reviews, sizes: Sequence[int | None], seed: int = 123
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``load_dataset_to_dataframe`` (the book's order, shuffled) + ``partition_and_save`` (shuffled
+    again, then the first / next / remaining rows; ``sizes[2]`` None takes all the rest)."""
+    texts = [text for key in ORDER for _, text in reviews[key]]
+    labels = [int(key[1] == "pos") for key in ORDER for _ in reviews[key]]
+    df = pd.DataFrame({"text": texts, "label": labels})
+    train_size, val_size, test_size = sizes
+    need = train_size + val_size + (test_size or 1)
+    if len(df) < need:
+        raise DataError(
+            f"the IMDB data has {len(df):,} reviews, fewer than data.train_size + data.val_size "
+            f"+ data.test_size = {need:,}"
+        )
+    for _ in range(2):
+        df = df.sample(frac=1, random_state=seed).reset_index(drop=True)
+    val_end = train_size + val_size
+    test_end = None if test_size is None else val_end + test_size
+    return df.iloc[:train_size], df.iloc[train_size:val_end], df.iloc[val_end:test_end]
+
+
+def _imdb_source(source: Path | None, urls: Sequence[str], data_dir: Path, timeout: float) -> dict:
+    """What identifies the source in ``meta.json`` (downloading the archive if needed); the
+    reviews themselves are read only when the CSVs cannot be reused."""
+    if source is not None and source.is_dir():
+        digest = hashlib.sha256()  # names, sizes and mtimes: a cheap change detector
+        root = imdb_root(source)
+        for subset, label in ORDER:
+            with os.scandir(root / subset / label) as entries:
+                for e in sorted(entries, key=lambda e: e.name):
+                    st = e.stat()
+                    digest.update(f"{subset}/{label}/{e.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return {"kind": "folder", "path": str(source), "fingerprint": digest.hexdigest()}
+    archive = source if source is not None else data_dir / ARCHIVE_NAME
+    origin: dict[str, Any] = {"kind": "archive", "path": str(archive)}
+    if source is None and not archive.is_file():
+        if not urls:
+            raise DownloadError(f"no data.source and no data.urls to download from. {IMDB_HINT}")
+
+        def keep(tmp: Path) -> None:
+            read_reviews_from_tar(tmp)  # verifies: complete gzip stream, the four folders
+            os.replace(tmp, archive)
+
+        origin["url"] = download_first(
+            urls, archive, keep, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES
+        )
+    digest = hashlib.sha256()
+    with open(archive, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {**origin, "sha256": digest.hexdigest()}
+
+
+def prepare_imdb(
+    source: Path | None,
+    data_dir: Path,
+    urls: Sequence[str] = IMDB_URLS,
+    sizes: Sequence[int | None] = (35_000, 5_000, 10_000),
+    seed: int = 123,
+    timeout: float = DOWNLOAD_TIMEOUT,
+) -> dict[str, Any]:
+    """Write the book's ``train/validation/test.csv`` (``text,label``) + ``meta.json``; locked,
+    atomic, and reused while the source and the settings match."""
+    settings = imdb_settings(sizes, seed)
+    with locked(data_dir):
+        origin = _imdb_source(source, urls, data_dir, timeout)
+        identity = {k: v for k, v in origin.items() if k != "url"}
+        meta = matching_meta(data_dir, settings, identity)
+        if meta is not None and set(meta["source"]) - {"url"} == set(identity):
+            logger.info("reusing prepared IMDB data in %s", data_dir)
+            return meta
+        if source is not None and source.is_dir():
+            reviews = read_reviews_from_folder(source)
+        else:
+            reviews = read_reviews_from_tar(Path(origin["path"]))
+        parts = book_partition(reviews, sizes, seed)
+        counts = {
+            split: {"rows": len(p), "negative": int((p["label"] == 0).sum()),
+                    "positive": int((p["label"] == 1).sum())}
+            for split, p in zip(SPLIT_FILES, parts, strict=True)
+        }
+        payloads = {s: p.to_csv(index=False).encode("utf-8") for s, p in zip(SPLIT_FILES, parts, strict=True)}
+        meta = write_prepared(data_dir, payloads, {
+            "source": origin,
+            "settings": settings,
+            "reviews": {f"{s}/{lab}": len(reviews[(s, lab)]) for s, lab in ORDER},
+            "splits": counts,
+        })
+        logger.info("prepared IMDB in %s: %s", data_dir, {s: c["rows"] for s, c in counts.items()})
+        return meta
+
+
+def imdb_settings(sizes: Sequence[int | None], seed: int) -> dict[str, Any]:
+    sizes = [None if s is None else int(s) for s in sizes]
+    return {"format": IMDB_FORMAT_VERSION, "kind": "imdb", "sizes": sizes, "seed": int(seed)}
+
+
+class IMDBDataModule(TextClassificationDataModule):
+    """IMDB sentiment (negative / positive) with the book's bonus split, through the CSV pipeline."""
+
+    def __init__(
+        self,
+        source: str | None = None,
+        urls: Sequence[str] = IMDB_URLS,
+        data_dir: str = "data/imdb",
+        train_size: int = 35_000,
+        val_size: int = 5_000,
+        test_size: int | None = 10_000,
+        shuffle_seed: int = 123,
+        class_names: Sequence[str] = CLASS_NAMES,
+        max_length: int | str | None = 256,
+        context_length: int = 1024,
+        padding: str = "longest",
+        bucketing: bool = False,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 123,
+        pad_token_id: int = PAD_TOKEN_ID,
+    ) -> None:
+        super().__init__(
+            data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
+            seed, pad_token_id,
+        )
+        _int_at_least("data.train_size", train_size, 1)
+        _int_at_least("data.val_size", val_size, 0)
+        if test_size is not None:
+            _int_at_least("data.test_size", test_size, 1)
+        _int_at_least("data.shuffle_seed", shuffle_seed, 0)
+        names = [str(n) for n in class_names]
+        if len(names) != 2 or len(set(names)) != 2:
+            raise ValueError(f"data.class_names={names}: IMDB has 2 classes (negative, positive)")
+        urls = [str(u) for u in (urls or ())]
+        if source is None and not urls:
+            raise ValueError("data.source is null and data.urls is empty: nothing to read")
+        if source is not None and not Path(str(source)).expanduser().exists():
+            raise DataError(
+                f"data.source: {_path(source)}: no such file or folder (expected {ARCHIVE_NAME} "
+                f"or the extracted aclImdb folder)"
+            )
+        # class_names: recorded (resolved) by the LightningModule under the same key
+        self.save_hyperparameters(ignore=["class_names"])
+        self.source = _path(source)
+        self.urls = urls
+        self.sizes = (int(train_size), int(val_size), None if test_size is None else int(test_size))
+        self.shuffle_seed = int(shuffle_seed)
+        self.class_names = names
+
+    def prepare_data(self) -> None:
+        """Download (or read ``data.source``) and write the book's split CSVs (locked, reused)."""
+        prepare_imdb(self.source, self.data_dir, self.urls, self.sizes, self.shuffle_seed)
+
+    def load_splits(self) -> dict[str, SplitData]:
+        settings = imdb_settings(self.sizes, self.shuffle_seed)
+        paths = prepared_paths(self.data_dir, settings, {}, "IMDB data")
+        tables = {s: read_prepared_table(p, "text", "label") for s, p in paths.items()}
+        self.class_names, splits = to_splits(tables, self.class_names)
+        return splits

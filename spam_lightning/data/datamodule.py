@@ -1,38 +1,26 @@
-"""Train / validation / test loaders for Lightning: chapter 6's SMS spam, and the shared base.
+"""Train / validation / test loaders for Lightning: the shared base, and chapter 6's SMS spam.
 
 ``TextClassificationDataModule`` owns what every text-classification dataset shares (option checks,
 tokenizing, truncation, padding, bucketing, loaders, resumable shuffling); a subclass only says
 how to prepare its files and read its splits (``SpamDataModule`` here, ``CSVDataModule`` and
-``IMDBDataModule`` in ``csv_data`` / ``imdb``).
+``IMDBDataModule`` in ``csv_data``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
-from spam_lightning.data.sampler import LengthGroupedSampler
-from spam_lightning.data.source import (
-    BUNDLED,
-    DEFAULT_URLS,
-    DOWNLOAD,
-    SOURCE_KEYWORDS,
-    DataError,
-)
-from spam_lightning.data.table import (
-    ON_BAD_ROWS,
-    load_prepared,
-    prepare,
-    read_split_csv,
-    split_settings,
-)
+from spam_lightning.data.source import BUNDLED, DEFAULT_URLS, DOWNLOAD, SOURCE_KEYWORDS, DataError
+from spam_lightning.data.table import ON_BAD_ROWS, prepare, prepared_paths, split_settings
 from spam_lightning.data.tokens import (
     PAD_TOKEN_ID,
     PADDING_MODES,
@@ -69,6 +57,48 @@ class TokenDataset(Dataset):
         return [len(ids) for ids in self.token_ids]
 
 
+class LengthGroupedSampler(BatchSampler):
+    """A ``batch_sampler`` for ``data.padding=batch`` that groups examples of similar length.
+
+    Each epoch: take ``sampler``'s order (a ``RandomSampler``, or the ``DistributedSampler``
+    Lightning swaps in under DDP), drop the tail of an incomplete batch when ``drop_last`` (random
+    examples, as ``DataLoader(shuffle=True, drop_last=True)`` does), sort mega-chunks of
+    ``mega_batch_mult * batch_size`` by length, cut them into batches and shuffle the batch order
+    with ``generator``: every kept example once per epoch, little padding, reproducible.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int] | Iterable[int],
+        batch_size: int,
+        drop_last: bool,
+        lengths: Sequence[int],
+        mega_batch_mult: int = 50,
+        generator: torch.Generator | None = None,
+        seed: int = 123,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        if mega_batch_mult < 1:
+            raise ValueError(f"mega_batch_mult={mega_batch_mult}: must be >= 1")
+        self.lengths = [int(n) for n in lengths]
+        self.mega_batch_mult = mega_batch_mult
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        bs = self.batch_size
+        order = list(self.sampler)
+        if self.drop_last:
+            order = order[: len(order) - len(order) % bs]
+        chunk = self.mega_batch_mult * bs
+        batches: list[list[int]] = []
+        for start in range(0, len(order), chunk):
+            group = sorted(order[start : start + chunk], key=self.lengths.__getitem__, reverse=True)
+            batches.extend(group[j : j + bs] for j in range(0, len(group), bs))
+        for k in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[k]
+
+
 def _choice(option: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
@@ -82,11 +112,8 @@ def _int_at_least(option: str, value: Any, low: int) -> int:
 
 @dataclass
 class SplitData:
-    """One split as read from disk: texts, class indices, and where they came from (for errors).
-
-    ``lines`` holds each row's 1-based start line when known; otherwise row ``i`` is reported as
-    line ``i + 2`` (a header, then one line per row).
-    """
+    """One split as read: texts, class indices, its file (for errors) and each row's start line
+    when known (else row ``i`` is reported as line ``i + 2``: a header, then a line per row)."""
 
     texts: list[str]
     labels: list[int]
@@ -435,12 +462,8 @@ class SpamDataModule(TextClassificationDataModule):
         self.val_frac = val_frac
         self.class_names = ["ham", "spam"]
 
-    def _settings(self) -> dict[str, Any]:
-        return split_settings(self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows)
-
     def prepare_data(self) -> None:
-        """Read (or download / extract) and split into ``data_dir`` (locked; no state set: once
-        per node)."""
+        """Read (or download / extract) and split into ``data_dir`` (locked; once per node)."""
         prepare(
             self.source,
             self.data_dir,
@@ -452,9 +475,11 @@ class SpamDataModule(TextClassificationDataModule):
         )
 
     def load_splits(self) -> dict[str, SplitData]:
-        paths = load_prepared(self.data_dir, self._settings())
+        """The prepared CSVs, a plain ``pd.read_csv`` (checked when written; sha256 in meta.json)."""
+        settings = split_settings(self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows)
+        paths = prepared_paths(self.data_dir, settings, {}, "data")
         out = {}
-        for split in SPLITS:
-            texts, labels = read_split_csv(paths[split])
-            out[split] = SplitData(texts, labels, str(paths[split]))
+        for split, path in paths.items():
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+            out[split] = SplitData(frame["Text"].tolist(), frame["Label"].astype(int).tolist(), str(path))
         return out

@@ -1,14 +1,9 @@
-"""Where the raw ``SMSSpamCollection`` comes from (``data.source``).
+"""Where the raw ``SMSSpamCollection`` comes from (``data.source``), and safe file writing.
 
-- ``bundled`` (the default): the copy shipped in the package (``assets/SMSSpamCollection``),
-  checked against its sha256 on every read; no network.
-- ``download``: ``data_dir/SMSSpamCollection`` if it is the verified file, else a verified
-  download from ``data.urls`` (tried in order).
-- anything else: a path to a local ``SMSSpamCollection`` file or the UCI zip holding it.
-
-Everything written here goes to a temporary file in the target folder first and is renamed into
-place only when complete and verified, so an interrupted or failed download leaves nothing
-half-written behind.
+``bundled`` (default): the copy in the package, checked by sha256; ``download``: a verified
+download from ``data.urls`` (tried in order) kept in ``data_dir``; anything else: a local file or
+the UCI zip holding it. Everything is written to a temporary file in the target folder and renamed
+into place only when complete, so a failed run leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ import secrets
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +29,12 @@ DEFAULT_URLS: tuple[str, ...] = (
     "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
 )
 MEMBER_NAME = "SMSSpamCollection"
-# The UCI zip's member, byte for byte: a download is accepted only if it matches both.
-EXPECTED_SIZE = 477_907
+EXPECTED_SIZE = 477_907  # the UCI zip's member, byte for byte
 EXPECTED_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 DOWNLOAD_TIMEOUT = 30.0
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
-TMP_PREFIX = ".tmp-"  # every temporary file we create starts with this (stale ones get cleaned)
-BUNDLED = "bundled"  # data.source keywords; any other value is a path
-DOWNLOAD = "download"
+TMP_PREFIX = ".tmp-"  # every temporary file starts with this (stale ones get cleaned)
+BUNDLED, DOWNLOAD = "bundled", "download"  # data.source keywords; any other value is a path
 SOURCE_KEYWORDS = (BUNDLED, DOWNLOAD)
 BUNDLED_PATH = Path(__file__).resolve().parent / "assets" / MEMBER_NAME
 FIX_HINT = (
@@ -56,34 +49,33 @@ class DataError(ValueError):
 
 
 class DownloadError(DataError):
-    """No URL gave a verified ``SMSSpamCollection``; the message lists every URL tried."""
-
-
-@dataclass(frozen=True)
-class SourceData:
-    """The raw table bytes plus what is needed to name them in errors and in ``meta.json``."""
-
-    data: bytes
-    name: str  # shown in error messages: a path, or ``zip_path!member``
-    origin: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+    """No URL gave a verified file; the message lists every URL tried."""
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@dataclass(frozen=True)
+class SourceData:
+    """The raw bytes, the name errors use (a path, or ``zip!member``) and their ``meta.json`` origin."""
+
+    data: bytes
+    name: str
+    origin: dict[str, Any] = field(default_factory=dict)
+    verified: bool = False  # the pinned file (sha256 checked): read as the chapter, unvalidated
+
+    @property
+    def sha256(self) -> str:
+        return sha256_bytes(self.data)
+
+
 @contextlib.contextmanager
 def temp_path(folder: Path, stem: str) -> Iterator[Path]:
-    """A temporary file path in ``folder`` (same file system, so ``os.replace`` is atomic).
-
-    The file is removed on exit unless it was renamed away.
-    """
+    """A new temporary file in ``folder`` (same file system: ``os.replace`` is atomic), removed
+    on exit unless renamed away. Unlike ``mkstemp`` it gets the usual ``0o666 & ~umask``."""
     folder.mkdir(parents=True, exist_ok=True)
-    while True:  # like mkstemp, but with the usual 0o666 & ~umask permissions (not 0o600)
+    while True:
         path = folder / f"{TMP_PREFIX}{stem}-{secrets.token_hex(6)}"
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
@@ -107,28 +99,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
 
 
-def clean_stale_temps(folder: Path) -> int:
+def clean_stale_temps(folder: Path) -> None:
     """Remove temporary files left by a killed process (call only while holding the lock)."""
-    removed = 0
-    if folder.is_dir():
-        for p in folder.glob(f"{TMP_PREFIX}*"):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                removed += 1
-    if removed:
-        logger.info("removed %d stale temporary file(s) from %s", removed, folder)
-    return removed
-
-
-def _looks_like_zip(path: Path, head: bytes) -> bool:
-    return path.suffix.lower() == ".zip" or head.startswith(b"PK\x03\x04")
+    for p in folder.glob(f"{TMP_PREFIX}*") if folder.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            logger.info("removed stale temporary file %s", p)
 
 
 def read_zip_member(zip_data: bytes, name: str, expected_size: int | None = None) -> bytes:
-    """Return the ``SMSSpamCollection`` member of a zip (raises DataError if corrupt/missing).
-
-    ``expected_size`` rejects a wrong member before decompressing it (no zip bombs).
-    """
+    """The ``SMSSpamCollection`` member of a zip; ``expected_size`` rejects a wrong member before
+    decompressing it (no zip bombs)."""
     try:
         with zipfile.ZipFile(io.BytesIO(zip_data)) as zf:
             members = [i for i in zf.infolist() if not i.is_dir()]
@@ -148,8 +129,8 @@ def read_zip_member(zip_data: bytes, name: str, expected_size: int | None = None
 
 
 def load_local(source: str | os.PathLike[str]) -> SourceData:
-    """Read a local ``SMSSpamCollection`` file or a zip holding it (no network, no verification:
-    a user may deliberately pass their own edited copy; its sha256 goes into ``meta.json``)."""
+    """A local ``SMSSpamCollection`` or zip: not verified (a user may pass an edited copy on
+    purpose), so it is validated row by row; its sha256 goes into ``meta.json``."""
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise DataError(f"data.source: {path}: no such file. {FIX_HINT}")
@@ -158,12 +139,14 @@ def load_local(source: str | os.PathLike[str]) -> SourceData:
             f"data.source: {path} is a folder; pass the {MEMBER_NAME} file or the zip holding it"
         )
     data = path.read_bytes()
-    if not data:
-        raise DataError(f"{path}, line 1: the file is empty (0 bytes)")
-    if _looks_like_zip(path, data[:4]):
+    if path.suffix.lower() == ".zip" or data.startswith(b"PK\x03\x04"):
         member = read_zip_member(data, str(path))
         return SourceData(member, f"{path}!{MEMBER_NAME}", {"kind": "zip", "path": str(path)})
     return SourceData(data, str(path), {"kind": "file", "path": str(path)})
+
+
+def _is_pinned(data: bytes) -> bool:
+    return len(data) == EXPECTED_SIZE and sha256_bytes(data) == EXPECTED_SHA256
 
 
 def load_bundled(path: str | os.PathLike[str] = BUNDLED_PATH) -> SourceData:
@@ -176,27 +159,16 @@ def load_bundled(path: str | os.PathLike[str] = BUNDLED_PATH) -> SourceData:
             f"data.source=bundled: cannot read {path} ({e.strerror or e}): the package is "
             f"incomplete; reinstall spam-lightning, or pass data.source=download or a path"
         ) from e
-    actual = sha256_bytes(data)
-    if len(data) != EXPECTED_SIZE or actual != EXPECTED_SHA256:
+    if not _is_pinned(data):
         raise DataError(
-            f"data.source=bundled: {path} is damaged: {len(data):,} bytes sha256 {actual}, "
-            f"expected {EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}; reinstall "
-            f"spam-lightning, or pass data.source=download or a path"
+            f"data.source=bundled: {path} is damaged: {len(data):,} bytes sha256 "
+            f"{sha256_bytes(data)}, expected {EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}; "
+            f"reinstall spam-lightning, or pass data.source=download or a path"
         )
-    return SourceData(data, str(path), {"kind": BUNDLED, "path": str(path)})
+    return SourceData(data, str(path), {"kind": BUNDLED, "path": str(path)}, verified=True)
 
 
-def _verify(data: bytes, where: str) -> None:
-    actual_sha = sha256_bytes(data)
-    if len(data) != EXPECTED_SIZE or actual_sha != EXPECTED_SHA256:
-        raise DataError(
-            f"{where}: {MEMBER_NAME} does not match the known file: expected "
-            f"{EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}, got {len(data):,} bytes "
-            f"sha256 {actual_sha}; not kept"
-        )
-
-
-def _fetch(url: str, dest: Path, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+def fetch(url: str, dest: Path, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
     """Stream ``url`` into ``dest``; refuse more than ``max_bytes`` and short transfers."""
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as f:
         total = 0
@@ -210,36 +182,53 @@ def _fetch(url: str, dest: Path, timeout: float, max_bytes: int = MAX_DOWNLOAD_B
             raise DataError(f"download truncated: got {total:,} of {int(expected):,} bytes")
 
 
-def download(urls: Sequence[str], dest: Path, timeout: float = DOWNLOAD_TIMEOUT) -> str:
-    """Try each URL in turn; write the verified ``SMSSpamCollection`` to ``dest`` atomically.
+def download_first(
+    urls: Sequence[str],
+    dest: Path,
+    keep: Callable[[Path], None],
+    what: str,
+    hint: str,
+    timeout: float = DOWNLOAD_TIMEOUT,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+) -> str:
+    """Try each URL in turn; ``keep(tmp)`` checks the download and moves it to ``dest``.
 
-    A URL may serve the zip or the bare file. Returns the URL that worked; raises
-    DownloadError listing every URL with its failure (and the ``data.source=`` fix).
-    """
-    if not urls:
-        raise DownloadError(f"data.source=download, but data.urls is empty. {FIX_HINT}")
+    Returns the URL that worked; raises DownloadError listing every URL with its failure."""
     failures: list[str] = []
     for url in urls:
         try:
             logger.info("downloading %s", url)
             with temp_path(dest.parent, "download") as tmp:
-                _fetch(url, tmp, timeout)
-                raw = tmp.read_bytes()
-            if raw.startswith(b"PK"):
-                data = read_zip_member(raw, "the downloaded zip", expected_size=EXPECTED_SIZE)
-            else:
-                data = raw
-            _verify(data, "the downloaded file")
-            atomic_write_bytes(dest, data)
-            logger.info("saved %s (%s bytes) from %s", dest, f"{len(data):,}", url)
+                fetch(url, tmp, timeout, max_bytes)
+                keep(tmp)
+            logger.info("saved %s from %s", dest, url)
             return url
         except Exception as e:  # every failure is reported below
             logger.warning("download failed: %s: %s", url, e)
             failures.append(f"  - {url}: {e if isinstance(e, DataError) else repr(e)}")
     tried = "\n".join(failures)
-    raise DownloadError(
-        f"could not get {MEMBER_NAME}; tried every URL in data.urls:\n{tried}\n{FIX_HINT}"
-    )
+    raise DownloadError(f"could not get {what}; tried every URL in data.urls:\n{tried}\n{hint}")
+
+
+def download(urls: Sequence[str], dest: Path, timeout: float = DOWNLOAD_TIMEOUT) -> str:
+    """A verified ``SMSSpamCollection`` (served as the zip or the bare file) to ``dest``."""
+    if not urls:
+        raise DownloadError(f"data.source=download, but data.urls is empty. {FIX_HINT}")
+
+    def keep(tmp: Path) -> None:
+        raw = tmp.read_bytes()
+        data = raw
+        if raw.startswith(b"PK"):
+            data = read_zip_member(raw, "the downloaded zip", expected_size=EXPECTED_SIZE)
+        if not _is_pinned(data):
+            raise DataError(
+                f"the downloaded file: {MEMBER_NAME} does not match the known file: expected "
+                f"{EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}, got {len(data):,} bytes "
+                f"sha256 {sha256_bytes(data)}; not kept"
+            )
+        atomic_write_bytes(dest, data)
+
+    return download_first(urls, dest, keep, MEMBER_NAME, FIX_HINT, timeout)
 
 
 def load_source(
@@ -248,18 +237,16 @@ def load_source(
     data_dir: Path,
     timeout: float = DOWNLOAD_TIMEOUT,
 ) -> SourceData:
-    """``bundled`` (or ``None``): the packaged copy; ``download``: ``data_dir/SMSSpamCollection``
-    (downloaded from ``urls`` if missing or not the verified file); else a local file or zip.
-    Call while holding the preparation lock."""
+    """``bundled``/``None``, ``download`` (reusing a verified ``data_dir/SMSSpamCollection``) or a
+    local path. Call while holding the preparation lock."""
     if source is None or str(source) == BUNDLED:
         return load_bundled()
     if str(source) != DOWNLOAD:
         return load_local(source)
     dest = data_dir / MEMBER_NAME
-    if dest.is_file():
-        data = dest.read_bytes()
-        if len(data) == EXPECTED_SIZE and sha256_bytes(data) == EXPECTED_SHA256:
-            return SourceData(data, str(dest), {"kind": "download", "path": str(dest)})
-        logger.warning("%s is not the verified file; downloading it again", dest)
-    url = download(urls, dest, timeout)
-    return SourceData(dest.read_bytes(), str(dest), {"kind": "download", "url": url})
+    origin: dict[str, Any] = {"kind": DOWNLOAD, "path": str(dest)}
+    if not (dest.is_file() and _is_pinned(dest.read_bytes())):
+        if dest.is_file():
+            logger.warning("%s is not the verified file; downloading it again", dest)
+        origin = {"kind": DOWNLOAD, "url": download(urls, dest, timeout)}
+    return SourceData(dest.read_bytes(), str(dest), origin, verified=True)
