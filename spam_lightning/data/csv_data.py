@@ -225,28 +225,13 @@ class CSVDataModule(TextClassificationDataModule):
     """Any text-classification CSV: three split files, or one file split 70/10/20 (seeded)."""
 
     def __init__(
-        self,
-        train: str | None = None,
-        validation: str | None = None,
-        test: str | None = None,
-        source: str | None = None,
-        text_column: str = "text",
-        label_column: str = "label",
-        class_names: Sequence[str] | None = None,
-        sep: str | None = None,
-        balance: bool = False,
-        data_dir: str = "data/csv",
-        split_seed: int = 123,
-        train_frac: float = 0.7,
-        val_frac: float = 0.1,
-        max_length: int | str | None = None,
-        context_length: int = 1024,
-        padding: str = "longest",
-        bucketing: bool = False,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 123,
-        pad_token_id: int = PAD_TOKEN_ID,
+        self, train: str | None = None, validation: str | None = None, test: str | None = None,
+        source: str | None = None, text_column: str = "text", label_column: str = "label",
+        class_names: Sequence[str] | None = None, sep: str | None = None, balance: bool = False,
+        data_dir: str = "data/csv", split_seed: int = 123, train_frac: float = 0.7,
+        val_frac: float = 0.1, max_length: int | str | None = None, context_length: int = 1024,
+        padding: str = "longest", bucketing: bool = False, batch_size: int = 8,
+        num_workers: int = 0, seed: int = 123, pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
         super().__init__(
             data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
@@ -402,38 +387,34 @@ def imdb_root(folder: Path) -> Path:
     )
 
 
-def read_reviews_from_folder(folder: Path) -> Reviews:
-    root = imdb_root(folder)
-    reviews: Reviews = {}
-    for subset, label in ORDER:
-        path = root / subset / label
-        names = sorted(n for n in os.listdir(path) if n.endswith(".txt"))
-        reviews[(subset, label)] = [(n, _review((path / n).read_bytes(), str(path / n))) for n in names]
-    return reviews
-
-
-def read_reviews_from_tar(archive: Path) -> Reviews:
-    """Stream the labelled reviews out of the ``.tar.gz``: nothing is extracted to disk."""
+def read_reviews(source: Path) -> Reviews:
+    """The labelled reviews of an extracted folder, or streamed out of the ``.tar.gz`` (nothing
+    is extracted to disk), each sorted by file name (the book's ``sorted(os.listdir(...))``)."""
     reviews: Reviews = {key: [] for key in ORDER}
+    if source.is_dir():
+        root = imdb_root(source)
+        for subset, label in ORDER:
+            for n in sorted(n for n in os.listdir(root / subset / label) if n.endswith(".txt")):
+                path = root / subset / label / n
+                reviews[(subset, label)].append((n, _review(path.read_bytes(), str(path))))
+        return reviews
     try:
-        with tarfile.open(archive, mode="r:gz") as tar:
+        with tarfile.open(source, mode="r:gz") as tar:
             for member in tar:
                 match = _MEMBER_RE.match(member.name)
                 if match and member.isfile():
                     subset, label, name = match.groups()
                     raw = tar.extractfile(member).read()  # type: ignore[union-attr]
-                    reviews[(subset, label)].append((name, _review(raw, f"{archive}!{member.name}")))
+                    reviews[(subset, label)].append((name, _review(raw, f"{source}!{member.name}")))
     except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
-        raise DataError(f"{archive}: not a readable .tar.gz (corrupt or truncated): {e}") from e
+        raise DataError(f"{source}: not a readable .tar.gz (corrupt or truncated): {e}") from e
     empty = [f"{s}/{lab}" for (s, lab), rows in reviews.items() if not rows]
     if empty:
         raise DataError(
-            f"{archive}: no reviews under aclImdb/{', aclImdb/'.join(empty)} (is this the IMDB "
+            f"{source}: no reviews under aclImdb/{', aclImdb/'.join(empty)} (is this the IMDB "
             f"archive aclImdb_v1.tar.gz?)"
         )
-    for rows in reviews.values():
-        rows.sort()  # the book's sorted(os.listdir(...))
-    return reviews
+    return {key: sorted(rows) for key, rows in reviews.items()}
 
 
 def book_partition(
@@ -477,7 +458,7 @@ def _imdb_source(source: Path | None, urls: Sequence[str], data_dir: Path, timeo
             raise DownloadError(f"no data.source and no data.urls to download from. {IMDB_HINT}")
 
         def keep(tmp: Path) -> None:
-            read_reviews_from_tar(tmp)  # verifies: complete gzip stream, the four folders
+            read_reviews(tmp)  # verifies: complete gzip stream, the four folders
             os.replace(tmp, archive)
 
         origin["url"] = download_first(
@@ -508,10 +489,7 @@ def prepare_imdb(
         if meta is not None and set(meta["source"]) - {"url"} == set(identity):
             logger.info("reusing prepared IMDB data in %s", data_dir)
             return meta
-        if source is not None and source.is_dir():
-            reviews = read_reviews_from_folder(source)
-        else:
-            reviews = read_reviews_from_tar(Path(origin["path"]))
+        reviews = read_reviews(Path(origin["path"]))
         parts = book_partition(reviews, sizes, seed)
         counts = {
             split: {"rows": len(p), "negative": int((p["label"] == 0).sum()),
@@ -538,22 +516,12 @@ class IMDBDataModule(TextClassificationDataModule):
     """IMDB sentiment (negative / positive) with the book's bonus split, through the CSV pipeline."""
 
     def __init__(
-        self,
-        source: str | None = None,
-        urls: Sequence[str] = IMDB_URLS,
-        data_dir: str = "data/imdb",
-        train_size: int = 35_000,
-        val_size: int = 5_000,
-        test_size: int | None = 10_000,
-        shuffle_seed: int = 123,
-        class_names: Sequence[str] = CLASS_NAMES,
-        max_length: int | str | None = 256,
-        context_length: int = 1024,
-        padding: str = "longest",
-        bucketing: bool = False,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 123,
+        self, source: str | None = None, urls: Sequence[str] = IMDB_URLS,
+        data_dir: str = "data/imdb", train_size: int = 35_000, val_size: int = 5_000,
+        test_size: int | None = 10_000, shuffle_seed: int = 123,
+        class_names: Sequence[str] = CLASS_NAMES, max_length: int | str | None = 256,
+        context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
+        batch_size: int = 8, num_workers: int = 0, seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
         super().__init__(

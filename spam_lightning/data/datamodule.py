@@ -42,9 +42,7 @@ class TokenDataset(Dataset):
     def __init__(self, token_ids: list[list[int]], labels: list[int], texts: list[str]) -> None:
         if not (len(token_ids) == len(labels) == len(texts)):
             raise ValueError("token_ids, labels and texts must have the same length")
-        self.token_ids = token_ids
-        self.labels = labels
-        self.texts = texts
+        self.token_ids, self.labels, self.texts = token_ids, labels, texts
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -125,28 +123,21 @@ class SplitData:
 
 
 def check_loader_options(
-    max_length: int | str | None,
-    context_length: int,
-    padding: str,
-    bucketing: bool,
-    batch_size: int,
-    num_workers: int,
-    seed: int,
-    pad_token_id: int,
+    max_length: int | str | None, context_length: int, padding: str, bucketing: bool,
+    batch_size: int, num_workers: int, seed: int, pad_token_id: int,
 ) -> None:
     """Fail on impossible loader options at construction: before any download or tokenizing."""
     _choice("data.padding", padding, PADDING_MODES)
-    _int_at_least("data.batch_size", batch_size, 1)
-    _int_at_least("data.num_workers", num_workers, 0)
-    _int_at_least("data.context_length", context_length, 1)
-    _int_at_least("data.pad_token_id", pad_token_id, 0)
-    _int_at_least("data.seed", seed, 0)
+    for option, value, low in (
+        ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+        ("context_length", context_length, 1), ("pad_token_id", pad_token_id, 0), ("seed", seed, 0),
+    ):
+        _int_at_least(f"data.{option}", value, low)
     if padding == "none" and batch_size > 1:
         raise ValueError(
             f"data.padding=none cannot batch sequences of different lengths, but "
             f"data.batch_size={batch_size}: use data.batch_size=1 and "
-            f"trainer.accumulate_grad_batches={batch_size} for an effective batch of "
-            f"{batch_size}"
+            f"trainer.accumulate_grad_batches={batch_size} for an effective batch of {batch_size}"
         )
     if bucketing and padding != "batch":
         raise ValueError(
@@ -166,29 +157,23 @@ def check_loader_options(
             )
 
 
-def _fraction(option: str, value: Any) -> float:
-    """A split fraction as a float strictly between 0 and 1 (else one clear ValueError)."""
-    allowed = "a number with 0 < value < 1"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{option}={value!r}: must be {allowed} (got {type(value).__name__})")
-    if not 0.0 < float(value) < 1.0:  # also rejects nan
-        raise ValueError(f"{option}={value!r}: must be {allowed}")
-    return float(value)
-
-
 def check_split_fractions(train_frac: Any, val_frac: Any) -> tuple[float, float]:
-    """``train_frac`` and ``val_frac`` for a train / validation / test split; all three must be
-    non-empty (an empty validation split prints ``Val loss nan``, an empty test split crashes
-    the final evaluation), so ``0 < train_frac``, ``0 < val_frac``, ``train_frac + val_frac < 1``.
-    """
-    train = _fraction("data.train_frac", train_frac)
-    val = _fraction("data.val_frac", val_frac)
-    if train + val >= 1.0:
+    """Fractions with ``0 < train_frac``, ``0 < val_frac``, ``train_frac + val_frac < 1``: an
+    empty validation split prints ``Val loss nan``, an empty test split crashes the final
+    evaluation."""
+    allowed = "a number with 0 < value < 1"
+    for option, value in (("data.train_frac", train_frac), ("data.val_frac", val_frac)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{option}={value!r}: must be {allowed} (got {type(value).__name__})")
+        if not 0.0 < float(value) < 1.0:  # also rejects nan
+            raise ValueError(f"{option}={value!r}: must be {allowed}")
+    if float(train_frac) + float(val_frac) >= 1.0:
         raise ValueError(
-            f"data.train_frac={train_frac!r} + data.val_frac={val_frac!r} = {train + val:g}: "
-            f"must be < 1 (the test split gets the rest, 1 - train_frac - val_frac)"
+            f"data.train_frac={train_frac!r} + data.val_frac={val_frac!r} = "
+            f"{float(train_frac) + float(val_frac):g}: must be < 1 (the test split gets the rest, "
+            f"1 - train_frac - val_frac)"
         )
-    return train, val
+    return float(train_frac), float(val_frac)
 
 
 class TextClassificationDataModule(L.LightningDataModule):
@@ -213,24 +198,14 @@ class TextClassificationDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_loader_options(
-            max_length,
-            context_length,
-            padding,
-            bucketing,
-            batch_size,
-            num_workers,
-            seed,
+            max_length, context_length, padding, bucketing, batch_size, num_workers, seed,
             pad_token_id,
         )
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.max_length_option = max_length
-        self.context_length = int(context_length)
-        self.padding = padding
-        self.bucketing = bool(bucketing)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.seed = int(seed)
-        self.pad_token_id = int(pad_token_id)
+        self.context_length, self.padding, self.bucketing = int(context_length), padding, bucketing
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.seed, self.pad_token_id = int(seed), int(pad_token_id)
         self.class_names: list[str] = []
         self._max_length: int | None = None
         if max_length is not None:
@@ -244,18 +219,11 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """The head size: the number of class names (known after ``setup`` for data-named classes)."""
+        """The head size (known after ``setup`` when the classes come from the data)."""
         if not self.class_names:
-            raise AttributeError(
-                "num_classes is known after setup(): the classes come from the data"
-            )
+            raise AttributeError("num_classes is known after setup(): the classes come from the data")
         return len(self.class_names)
 
-    def load_splits(self) -> dict[str, SplitData]:
-        """Read ``train``, ``validation`` and ``test`` (prepared by ``prepare_data``)."""
-        raise NotImplementedError
-
-    # ---------------------------------------------------------------- properties
     @property
     def max_length(self) -> int:
         """The resolved padding / truncation length (after ``setup`` when ``max_length=null``)."""
@@ -266,7 +234,10 @@ class TextClassificationDataModule(L.LightningDataModule):
             )
         return self._max_length
 
-    # ---------------------------------------------------------------- Lightning hooks
+    def load_splits(self) -> dict[str, SplitData]:
+        """Read ``train``, ``validation`` and ``test`` (prepared by ``prepare_data``)."""
+        raise NotImplementedError
+
     def setup(self, stage: str | None = None) -> None:
         """Read the splits and tokenize them once; later calls (other stages) reuse them."""
         if self.train_dataset is not None:
@@ -275,97 +246,59 @@ class TextClassificationDataModule(L.LightningDataModule):
         tokenizer = get_tokenizer()
         raw = {split: encode_texts(splits[split].texts, tokenizer=tokenizer) for split in SPLITS}
         max_length = resolve_max_length(self.max_length_option, raw["train"], self.context_length)
-        datasets = {}
+        datasets = []
         for split in SPLITS:
             data = splits[split]
             ids = [seq[:max_length] for seq in raw[split]]  # val/test use the train max_length
-            for i, seq in enumerate(ids):
-                if not seq:
-                    raise DataError(f"{data.name}, line {data.line(i)}: empty text")
-            datasets[split] = TokenDataset(ids, data.labels, data.texts)
-        if len(datasets["train"]) < self.batch_size:
+            if (empty := next((i for i, seq in enumerate(ids) if not seq), None)) is not None:
+                raise DataError(f"{data.name}, line {data.line(empty)}: empty text")
+            datasets.append(TokenDataset(ids, data.labels, data.texts))
+        if len(datasets[0]) < self.batch_size:
             raise DataError(
-                f"{splits['train'].name}: {len(datasets['train'])} training rows < "
+                f"{splits['train'].name}: {len(datasets[0])} training rows < "
                 f"data.batch_size={self.batch_size}, so drop_last leaves no training batch"
             )
         self._max_length = max_length
-        self.train_dataset = datasets["train"]
-        self.val_dataset = datasets["validation"]
-        self.test_dataset = datasets["test"]
+        self.train_dataset, self.val_dataset, self.test_dataset = datasets
         logger.info(
             "data: train %d, validation %d, test %d rows; %d classes; max_length %d; padding %s",
-            len(self.train_dataset),
-            len(self.val_dataset),
-            len(self.test_dataset),
-            len(self.class_names),
-            max_length,
-            self.padding,
+            *map(len, datasets), len(self.class_names), max_length, self.padding,
         )
 
-    # ---------------------------------------------------------------- loaders
-    def _collator(self) -> Collator:
-        return Collator(self.padding, self.max_length, self.pad_token_id)
-
-    def _loader_kwargs(self) -> dict[str, Any]:
-        return {
-            "collate_fn": self._collator(),
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-        }
-
-    def _dataset(self, split: str) -> TokenDataset:
+    def _loader(self, split: str, generator: torch.Generator, **kwargs: Any) -> DataLoader:
         name = _SPLIT_ALIASES.get(split)
         if name is None:
             raise ValueError(f"split={split!r}: allowed values are train, val, test")
-        ds = {
-            "train": self.train_dataset,
-            "validation": self.val_dataset,
-            "test": self.test_dataset,
-        }[name]
+        ds = {"train": self.train_dataset, "validation": self.val_dataset}.get(name, self.test_dataset)
         if ds is None:
             raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
-        return ds
+        if kwargs.pop("bucketing", False):
+            kwargs["batch_sampler"] = LengthGroupedSampler(
+                RandomSampler(ds, generator=generator), self.batch_size, drop_last=True,
+                lengths=ds.lengths, generator=generator,
+            )
+        else:
+            kwargs["batch_size"] = self.batch_size
+        return DataLoader(
+            ds,
+            generator=generator,
+            collate_fn=Collator(self.padding, self.max_length, self.pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, ``drop_last=True`` (the chapter); bucketed when ``data.bucketing``."""
-        ds = self._dataset("train")
         if self.bucketing:
-            batch_sampler = LengthGroupedSampler(
-                RandomSampler(ds, generator=self._train_generator),
-                self.batch_size,
-                drop_last=True,
-                lengths=ds.lengths,
-                generator=self._train_generator,
-            )
-            return DataLoader(
-                ds,
-                batch_sampler=batch_sampler,
-                generator=self._train_generator,
-                **self._loader_kwargs(),
-            )
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=self._train_generator,
-            **self._loader_kwargs(),
-        )
+            return self._loader("train", self._train_generator, bucketing=True)
+        return self._loader("train", self._train_generator, shuffle=True, drop_last=True)
 
     def eval_dataloader(self, split: str) -> DataLoader:
-        """Any split in order with ``drop_last=False`` (full-set evaluation, trunk cache).
-
-        Its own fixed generator keeps data loading off the global RNG, so extra evaluations
-        never shift the model's random stream.
-        """
-        return DataLoader(
-            self._dataset(split),
-            batch_size=self.batch_size,
-            shuffle=False,
-            drop_last=False,
-            generator=torch.Generator().manual_seed(self.seed),
-            **self._loader_kwargs(),
-        )
+        """Any split in order, nothing dropped (full-set evaluation, trunk cache); its own fixed
+        generator keeps loading off the global RNG, so extra evaluations never shift the model's
+        random stream."""
+        return self._loader(split, torch.Generator().manual_seed(self.seed), shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")
@@ -373,13 +306,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")
 
-    # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """The shuffling generator's state, so a resumed fit continues the same epoch order."""
-        return {
-            "train_generator_state": self._train_generator.get_state(),
-            "max_length": self._max_length,
-        }
+        return {"train_generator_state": self._train_generator.get_state(), "max_length": self._max_length}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_generator_state" in state_dict:
@@ -387,9 +316,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         saved = state_dict.get("max_length")
         if saved is not None and self._max_length is not None and saved != self._max_length:
             logger.warning(
-                "checkpoint was trained with max_length %d, this data gives %d",
-                saved,
-                self._max_length,
+                "checkpoint was trained with max_length %d, this data gives %d", saved, self._max_length
             )
 
 
@@ -398,9 +325,7 @@ class SpamDataModule(TextClassificationDataModule):
 
     ``source``: ``bundled`` (default; the verified copy in the package), ``download`` (from
     ``urls`` into ``data_dir``), or a path to an ``SMSSpamCollection`` file or the UCI zip.
-
-    ``prepare_data`` gets the source and writes the CSVs (once per node, locked);
-    ``setup`` reads and tokenizes them once.
+    ``prepare_data`` writes the CSVs (once per node, locked); ``setup`` reads and tokenizes them.
     """
 
     def __init__(
@@ -422,64 +347,45 @@ class SpamDataModule(TextClassificationDataModule):
         val_frac: float = 0.1,
     ) -> None:
         # Validate everything here: cheap, and before any download, tokenizing or training.
-        _choice("data.padding", padding, PADDING_MODES)
         _choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
         super().__init__(
-            data_dir,
-            max_length,
-            context_length,
-            padding,
-            bucketing,
-            batch_size,
-            num_workers,
-            seed,
-            pad_token_id,
+            data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
+            seed, pad_token_id,
         )
         _int_at_least("data.split_seed", split_seed, 0)
-        train_frac, val_frac = check_split_fractions(train_frac, val_frac)
-        urls = [str(u) for u in (urls or ())]
+        self.train_frac, self.val_frac = check_split_fractions(train_frac, val_frac)
+        self.urls = [str(u) for u in (urls or ())]
         source = BUNDLED if source is None else str(source)
-        if source == DOWNLOAD and not urls:
+        if source == DOWNLOAD and not self.urls:
             raise ValueError(
                 "data.source=download, but data.urls is empty: nothing to download from "
                 "(use data.source=bundled, the default, or a path)"
             )
         if source not in SOURCE_KEYWORDS:
-            src = Path(source).expanduser()
-            if not src.exists():
+            if not Path(source).expanduser().exists():
                 raise DataError(
-                    f"data.source: {src.resolve()}: no such file (expected bundled, download, "
-                    f"or the path of an SMSSpamCollection file or the zip holding it)"
+                    f"data.source: {Path(source).expanduser().resolve()}: no such file (expected "
+                    f"bundled, download, or the path of an SMSSpamCollection file or the zip "
+                    f"holding it)"
                 )
-            source = str(src.resolve())
+            source = str(Path(source).expanduser().resolve())
         self.save_hyperparameters()
-
-        self.source = source
-        self.urls = urls
-        self.on_bad_rows = on_bad_rows
-        self.split_seed = int(split_seed)
-        self.train_frac = train_frac
-        self.val_frac = val_frac
+        self.source, self.on_bad_rows, self.split_seed = source, on_bad_rows, int(split_seed)
         self.class_names = ["ham", "spam"]
 
     def prepare_data(self) -> None:
         """Read (or download / extract) and split into ``data_dir`` (locked; once per node)."""
         prepare(
-            self.source,
-            self.data_dir,
-            self.urls,
-            split_seed=self.split_seed,
-            train_frac=self.train_frac,
-            val_frac=self.val_frac,
-            on_bad_rows=self.on_bad_rows,
+            self.source, self.data_dir, self.urls, split_seed=self.split_seed,
+            train_frac=self.train_frac, val_frac=self.val_frac, on_bad_rows=self.on_bad_rows,
         )
 
     def load_splits(self) -> dict[str, SplitData]:
-        """The prepared CSVs, a plain ``pd.read_csv`` (checked when written; sha256 in meta.json)."""
+        """The prepared CSVs: a plain ``pd.read_csv`` (checked when written; sha256 in meta.json)."""
         settings = split_settings(self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows)
-        paths = prepared_paths(self.data_dir, settings, {}, "data")
         out = {}
-        for split, path in paths.items():
+        for split, path in prepared_paths(self.data_dir, settings, {}, "data").items():
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-            out[split] = SplitData(frame["Text"].tolist(), frame["Label"].astype(int).tolist(), str(path))
+            labels = frame["Label"].astype(int).tolist()
+            out[split] = SplitData(frame["Text"].tolist(), labels, str(path))
         return out
