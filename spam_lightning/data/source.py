@@ -18,7 +18,7 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +56,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _is_pinned(data: bytes) -> bool:
+    return len(data) == EXPECTED_SIZE and sha256_bytes(data) == EXPECTED_SHA256
+
+
 @dataclass(frozen=True)
 class SourceData:
-    """The raw bytes, the name errors use (a path, or ``zip!member``) and their ``meta.json`` origin."""
+    """The raw bytes, the name errors use (a path, or ``zip!member``) and their ``meta.json`` origin;
+    ``verified``: the pinned file (sha256 checked), read as the chapter does, unvalidated."""
 
     data: bytes
     name: str
-    origin: dict[str, Any] = field(default_factory=dict)
-    verified: bool = False  # the pinned file (sha256 checked): read as the chapter, unvalidated
+    origin: dict[str, Any]
+    verified: bool = False
 
     @property
     def sha256(self) -> str:
@@ -145,10 +150,6 @@ def load_local(source: str | os.PathLike[str]) -> SourceData:
     return SourceData(data, str(path), {"kind": "file", "path": str(path)})
 
 
-def _is_pinned(data: bytes) -> bool:
-    return len(data) == EXPECTED_SIZE and sha256_bytes(data) == EXPECTED_SHA256
-
-
 def load_bundled(path: str | os.PathLike[str] = BUNDLED_PATH) -> SourceData:
     """The ``SMSSpamCollection`` shipped in the package, verified by size and sha256."""
     path = Path(path)
@@ -201,8 +202,7 @@ def download_first(
             with temp_path(dest.parent, "download") as tmp:
                 fetch(url, tmp, timeout, max_bytes)
                 keep(tmp)
-            logger.info("saved %s from %s", dest, url)
-            return url
+                return url
         except Exception as e:  # every failure is reported below
             logger.warning("download failed: %s: %s", url, e)
             failures.append(f"  - {url}: {e if isinstance(e, DataError) else repr(e)}")
@@ -216,10 +216,9 @@ def download(urls: Sequence[str], dest: Path, timeout: float = DOWNLOAD_TIMEOUT)
         raise DownloadError(f"data.source=download, but data.urls is empty. {FIX_HINT}")
 
     def keep(tmp: Path) -> None:
-        raw = tmp.read_bytes()
-        data = raw
-        if raw.startswith(b"PK"):
-            data = read_zip_member(raw, "the downloaded zip", expected_size=EXPECTED_SIZE)
+        data = tmp.read_bytes()
+        if data.startswith(b"PK"):
+            data = read_zip_member(data, "the downloaded zip", expected_size=EXPECTED_SIZE)
         if not _is_pinned(data):
             raise DataError(
                 f"the downloaded file: {MEMBER_NAME} does not match the known file: expected "

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 from filelock import FileLock
@@ -53,8 +53,7 @@ _NON_UTF8_RE = re.compile("[\udc80-\udcff]")  # bytes decoded with errors="surro
 # ------------------------------------------------------------------ reading with line numbers
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     """One row as pandas would split it, with the 1-based lines it starts and ends on."""
 
     line: int
@@ -98,14 +97,6 @@ class Table:
     frame: pd.DataFrame
     lines: list[int]
     skipped: list[str]
-
-
-def decode(data: bytes) -> str:
-    """UTF-8 (a leading BOM dropped, as pandas does); bad bytes kept as lone surrogates so that
-    the row holding them can be named (and skipped)."""
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    return data.decode("utf-8", errors="surrogateescape")
 
 
 def _check_row(row: Row, sep: str, allowed: Sequence[str], lines: list[str]) -> str | None:
@@ -157,7 +148,9 @@ def read_labeled(
         raise ValueError(f"data.on_bad_rows={on_bad_rows!r}: allowed values are error, skip")
     if not data:
         raise DataError(f"{name}, line 1: the file is empty (0 bytes)")
-    text = decode(data)
+    # a leading BOM dropped (as pandas does); bad bytes kept as lone surrogates, so that the
+    # rows holding them can be named (and skipped)
+    text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
     rows, unterminated = read_rows(text, sep, name)
     lines = list(io.StringIO(text, newline="")) if _NON_UTF8_RE.search(text) else []
     if header:
@@ -213,10 +206,8 @@ def read_table(data: bytes, name: str, on_bad_rows: str = "error") -> Table:
 
 def parse_split_csv(data: bytes, name: str) -> tuple[list[str], list[int]]:
     """A split CSV's bytes (``Label,Text``, labels 0/1), checked -> texts, labels."""
-    table = read_labeled(
-        data, name, sep=",", header=True, allowed=("0", "1"), require_all_labels=False,
-        allow_empty=True,
-    )
+    kwargs = {"header": True, "allowed": ("0", "1"), "require_all_labels": False}
+    table = read_labeled(data, name, sep=",", allow_empty=True, **kwargs)
     return table.frame["Text"].tolist(), [int(v) for v in table.frame["Label"]]
 
 
@@ -341,24 +332,16 @@ def prepared_paths(
 # ------------------------------------------------------------------ preparing the SMS data
 
 
-@dataclass(frozen=True)
-class Prepared:
+class Prepared(NamedTuple):
     data_dir: Path
     paths: dict[str, Path]
     meta: dict[str, Any]
     reused: bool
 
 
-def split_settings(
-    split_seed: int, train_frac: float, val_frac: float, on_bad_rows: str
-) -> dict[str, Any]:
-    return {
-        "format": FORMAT_VERSION,
-        "split_seed": int(split_seed),
-        "train_frac": float(train_frac),
-        "val_frac": float(val_frac),
-        "on_bad_rows": on_bad_rows,
-    }
+def split_settings(seed: int, train_frac: float, val_frac: float, on_bad_rows: str) -> dict:
+    return {"format": FORMAT_VERSION, "split_seed": int(seed), "train_frac": float(train_frac),
+            "val_frac": float(val_frac), "on_bad_rows": on_bad_rows}
 
 
 def prepare(
@@ -392,31 +375,17 @@ def prepare(
         balanced = balance(table.frame, split_seed)
         splits = random_split(balanced, train_frac, val_frac, split_seed)
         check_splits_not_empty(src.name, len(balanced), splits, train_frac, val_frac)
-        labels = table.frame["Label"]
+        rows = {"read": len(table.frame), "skipped": len(table.skipped)}
+        counts = {
+            split: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
+            for split, f in zip(SPLIT_FILES, splits, strict=True)
+        }
+        source_meta = {**src.origin, "name": src.name, "sha256": src.sha256, "bytes": len(src.data)}
         meta = write_prepared(
             data_dir,
             {split: csv_bytes(frame) for split, frame in zip(SPLIT_FILES, splits, strict=True)},
-            {
-                "source": {
-                    **src.origin, "name": src.name, "sha256": src.sha256, "bytes": len(src.data)
-                },
-                "settings": settings,
-                "rows": {
-                    "read": len(table.frame),
-                    "skipped": len(table.skipped),
-                    "ham": int((labels == "ham").sum()),
-                    "spam": int((labels == "spam").sum()),
-                },
-                "splits": {
-                    split: {
-                        "rows": len(f),
-                        "ham": int((f["Label"] == 0).sum()),
-                        "spam": int((f["Label"] == 1).sum()),
-                    }
-                    for split, f in zip(SPLIT_FILES, splits, strict=True)
-                },
-            },
+            {"source": source_meta, "settings": settings, "splits": counts,
+             "rows": {**rows, **{k: int((table.frame["Label"] == k).sum()) for k in LABEL_IDS}}},
         )
-        logger.info("prepared %s: train %d, validation %d, test %d rows", data_dir,
-                    *(len(f) for f in splits))
+        logger.info("prepared %s: %s", data_dir, {s: c["rows"] for s, c in counts.items()})
         return Prepared(data_dir, paths, meta, reused=False)
