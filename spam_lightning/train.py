@@ -27,15 +27,20 @@ from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:} before Hy
 from spam_lightning.data.source import DataError
 from spam_lightning.inference.bundle import BundleError, save_bundle
 from spam_lightning.io_utils import write_json
-from spam_lightning.model.classifier import ClassifierStateError, make_classifier
-from spam_lightning.model.gpt import CFG_KEYS
+from spam_lightning.model.classifier import (
+    ClassifierStateError,
+    GPTClassifier,
+    first_trainable_block,
+    make_classifier,
+)
+from spam_lightning.model.sizes import CFG_KEYS
 from spam_lightning.model.trunk_cache import TrunkCacheError
 from spam_lightning.model.weights import (
     CheckpointError,
     WeightsUnavailableError,
     build_gpt,
 )
-from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO
+from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO, TrunkCaching
 from spam_lightning.training.checks import (
     ConfigError,
     TokenizerError,
@@ -83,8 +88,8 @@ def _cache_setting(value: Any) -> str | bool:
     return {"true": True, "false": False}.get(text, "auto")
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
-    """GPT-2 (pretrained or random) turned into a classifier per ``trainable``."""
+def build_model(cfg: DictConfig, num_classes: int) -> GPTClassifier:
+    """GPT-2 (pretrained or random) turned into a classifier per ``trainable`` and ``token``."""
     m = cfg.model
     torch.manual_seed(cfg.seed)  # random weights are reproducible too
     sizes = {k: v for k, v in model_sizes(cfg).items() if k in CFG_KEYS}
@@ -105,7 +110,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     if m.get("compile", False):
         for block in model.trf_blocks:
             block.compile(dynamic=True)
-    return model
+    return GPTClassifier(model, token=cfg.token.name)
 
 
 def _num_batches(datamodule) -> dict[str, int]:
@@ -188,14 +193,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = SpamClassifier(
         model,
         num_classes=datamodule.num_classes,
-        token=cfg.token.name,
         trainable=cfg.trainable.name,
         lr=cfg.optimizer.lr,
         weight_decay=cfg.optimizer.weight_decay,
         ignore_index=cfg.loss.ignore_index,
-        cache_trunk=_cache_setting(cfg.cache.trunk),
-        cache_memory_budget_gb=cfg.cache.memory_budget_gb,
         class_names=list(datamodule.class_names),
+        final_splits=FINAL_SPLITS,
+    )
+    # the datasets go to the cache builder; nothing reaches back into the datamodule
+    trainer.callbacks.append(
+        TrunkCaching(
+            first_trainable_block(cfg.trainable.name, len(model.trf_blocks)),
+            {s: getattr(datamodule, f"{s}_dataset", None) for s in FINAL_SPLITS},
+            max_length=datamodule.max_length,
+            pad_token_id=datamodule.pad_token_id,
+            padding=getattr(datamodule, "padding", "longest"),
+            setting=_cache_setting(cfg.cache.trunk),
+            budget_gb=cfg.cache.memory_budget_gb,
+        )
     )
     if checkpoint is not None:  # the head too, now that the data named the classes
         expected = {
@@ -211,7 +226,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # weights_only: a checkpoint is data, never code (SafeCheckpointIO enforces it as well)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         wall = time.perf_counter() - start
-        module.final_splits = FINAL_SPLITS
         datamodule.setup("test")
         trainer.test(
             module,
@@ -220,7 +234,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     except SIGTERMException as err:
         raise _interrupted(cfg, callbacks, trainer) from err
-    final = module.final_results
+    final = module.test_results.metrics
     monitor = next((c for c in trainer.callbacks if hasattr(c, "history")), None)
     training_seconds = monitor.training_seconds if monitor else wall
 
@@ -245,7 +259,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "global_step": int(trainer.global_step),
             "precision": str(trainer.precision),
             "device": _device_name(trainer),
-            "trunk_cache": module.trunk_cache is not None,
+            "trunk_cache": model.trunk_cache is not None,
             "experiment": _experiment_name(cfg),
         }
     )

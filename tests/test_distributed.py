@@ -44,7 +44,7 @@ class BatchProbe(L.Callback):
         self.record["world_size"] = trainer.world_size
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        cache = pl_module.trunk_cache
+        cache = pl_module.model.trunk_cache
         self.record["batches"].append(
             {
                 "index": batch["index"].tolist(),

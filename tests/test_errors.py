@@ -330,7 +330,7 @@ def test_trunk_cache_over_budget_on_the_test_split_fails_before_training(
          "cache.trunk=true", f"cache.memory_budget_gb={needed}"],
         tmp_path / "again",
     )
-    caplog.set_level(logging.INFO, logger="spam_lightning.training.module")
+    caplog.set_level(logging.INFO, logger="spam_lightning.training.callbacks.trunk_caching")
     assert train(cfg)["trunk_cache"] is True
     built = [r.getMessage() for r in caplog.records if "computed once for" in r.getMessage()]
     assert [m.split("computed once for ")[1].split(" (")[0] for m in built] == ["train, val", "test"]

@@ -25,11 +25,10 @@ from _compose import compose_train
 from test_learning import write_easy_tsv
 
 from spam_lightning.data.tokens import get_tokenizer
-from spam_lightning.model.classifier import make_classifier, pool_logits
+from spam_lightning.model.classifier import GPTClassifier, make_classifier, pool_logits
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, TransformerBlock
 from spam_lightning.model.trunk_cache import TrunkCache
 from spam_lightning.train import build_model, train
-from spam_lightning.training.module import SpamClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ("last", "first", "flexible", "mean")
@@ -96,7 +95,7 @@ def test_block_forward_at_equals_forward(causal: bool) -> None:
 @pytest.mark.parametrize("token", TOKENS)
 def test_pruned_forward_equals_full_forward(token: str, causal: bool) -> None:
     model = tiny(causal)
-    module = SpamClassifier(model, token=token, trainable="last_block", cache_trunk=False)
+    module = GPTClassifier(model, token=token)
     ids, lengths = padded_batch()
     out = module(ids, lengths)
     out.square().sum().backward()
@@ -117,7 +116,7 @@ def test_pruned_forward_with_other_trainables(trainable: str) -> None:
     for m in model.modules():  # LoRA's B starts at 0: move it so the adapters matter
         if hasattr(m, "B"):
             torch.nn.init.normal_(m.B, std=0.02)
-    module = SpamClassifier(model, token="flexible", trainable=trainable, cache_trunk=False)
+    module = GPTClassifier(model, token="flexible")
     ids, lengths = padded_batch(seed=2)
     out = module(ids, lengths)
     out.sum().backward()
@@ -137,7 +136,7 @@ def test_pruned_forward_with_other_trainables(trainable: str) -> None:
 @pytest.mark.parametrize("start", [1, 2])  # last_block, last_layer (the cache covers every block)
 def test_cache_lookup_equals_uncached(token: str, causal: bool, start: int) -> None:
     model = tiny(causal).eval()
-    module = SpamClassifier(model, token=token, trainable="last_block", cache_trunk=False)
+    module = GPTClassifier(model, token=token)
     ids, lengths = padded_batch(seed=3, batch=9, width=12)
     data = SimpleNamespace(
         token_ids=[row[:n].tolist() for row, n in zip(ids, lengths, strict=True)]
@@ -384,7 +383,7 @@ def test_compile_builds_and_a_compiled_block_equals_eager(tmp_path) -> None:
     block = eager.trf_blocks[0]
     block.compile(backend="aot_eager", dynamic=True)
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=0)
-    module = SpamClassifier(eager, token="flexible", cache_trunk=False)
+    module = GPTClassifier(eager, token="flexible")
     ids, lengths = padded_batch(seed=4)
     with torch.no_grad():
         torch.testing.assert_close(

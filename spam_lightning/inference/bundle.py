@@ -17,13 +17,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spam_lightning.io_utils import atomic_write, write_json
+from spam_lightning.model.classifier import ClassifierStateError, load_classifier_state
 from spam_lightning.model.gpt import GPTModel
+from spam_lightning.model.sizes import CFG_KEYS
 
 BUNDLE_FORMAT = "spam-lightning-bundle/1"
 BUNDLE_DIR = "bundle"
 WEIGHTS = "model.safetensors"
 CONFIG = "bundle.json"
-GPT_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
 REQUIRED_KEYS = ("model", "num_classes", "class_names", "token", "max_length", "padding", "pad_token_id")
 
 
@@ -56,7 +57,7 @@ def save_bundle(
     plain = _plain_model(model)
     state = {k: v.detach().to("cpu").contiguous() for k, v in plain.state_dict().items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    gpt_cfg = {k: plain.cfg[k] for k in GPT_KEYS}
+    gpt_cfg = {k: plain.cfg[k] for k in CFG_KEYS}
     gpt_cfg["causal_mask"] = bool(plain.cfg.get("causal_mask", True))
     config = {
         "format": BUNDLE_FORMAT,
@@ -119,19 +120,9 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> t
             f"{folder / WEIGHTS} is not a readable safetensors file ({err}). Bundles hold "
             "weights only as safetensors, never pickles; re-create it with a training run."
         ) from err
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong:
-        raise BundleError(
-            f"{folder / WEIGHTS} does not match {folder / CONFIG}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}."
-        )
-    model.load_state_dict(state)
+    try:
+        load_classifier_state(model, state)
+    except ClassifierStateError as err:
+        raise BundleError(f"{folder / WEIGHTS} does not match {folder / CONFIG}: {err}") from err
     model.eval()
     return model, config

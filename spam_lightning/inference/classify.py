@@ -17,13 +17,12 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from spam_lightning.data.tokens import collate, encode_texts
-from spam_lightning.inference.bundle import BundleError, load_bundle
-from spam_lightning.training.module import SpamClassifier
-
+# torch and the model load on first use, not at import: `spam-classify --help` answers at once
 CHUNK = 1024  # messages read ahead and sorted by length; bounds memory for any input size
 
 
@@ -41,9 +40,14 @@ class Classifier:
     def __init__(
         self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64
     ) -> None:
+        import torch
+
+        from spam_lightning.inference.bundle import load_bundle
+        from spam_lightning.model.classifier import GPTClassifier
+
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
-        model, config = load_bundle(run_dir, map_location="cpu")
+        gpt, config = load_bundle(run_dir, map_location="cpu")
         self.config = config
         self.class_names: list[str] = config["class_names"]
         self.max_length = min(int(config["max_length"]), int(config["model"]["context_length"]))
@@ -55,22 +59,15 @@ class Classifier:
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         # unpadded training (padding=none) pools each message's own last token
         pooled = "flexible" if self.padding == "none" and self.token == "last" else self.token
-        self.module = SpamClassifier(
-            model,
-            num_classes=len(self.class_names),
-            token=pooled,
-            trainable="all",
-            cache_trunk=False,
-            class_names=self.class_names,
-        )
-        self.module.to(device=self.device, dtype=self.dtype).eval()
+        self.model = GPTClassifier(gpt, token=pooled).to(device=self.device, dtype=self.dtype).eval()
         # per-batch padding is exact when the pooled position never sees padding
-        self.dynamic = self.module.causal and pooled != "last"
+        self.dynamic = self.model.causal_mask and pooled != "last"
         if self.padding == "none" and not self.dynamic:
             self.batch_size = 1  # no padding at all: one message per forward pass
 
-    # -------------------------------------------------------------- core
     def _encode(self, texts: list[str], offset: int = 0) -> list[list[int]]:
+        from spam_lightning.data.tokens import encode_texts
+
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"message {offset + i + 1} is {type(text).__name__}, not text")
@@ -78,32 +75,30 @@ class Classifier:
                 raise ValueError(
                     f"message {offset + i + 1} is empty or only whitespace; nothing to classify"
                 )
-        return encode_texts(
-            texts, max_length=self.max_length, context_length=self.max_length
-        )
+        return encode_texts(texts, max_length=self.max_length, context_length=self.max_length)
 
-    @torch.inference_mode()
     def _probs(self, token_ids: list[list[int]]) -> torch.Tensor:
-        if self.dynamic:
-            padding, max_length = "batch", None
-        elif self.padding == "longest":
-            padding, max_length = "longest", self.max_length
-        else:
-            padding, max_length = "batch", None
+        import torch
+
+        from spam_lightning.data.tokens import collate
+
+        longest = not self.dynamic and self.padding == "longest"
         batch = collate(
-            token_ids, padding=padding, max_length=max_length, pad_token_id=self.pad_token_id
+            token_ids,
+            padding="longest" if longest else "batch",
+            max_length=self.max_length if longest else None,
+            pad_token_id=self.pad_token_id,
         )
-        ids = batch["input_ids"].to(self.device)
-        lengths = batch["lengths"].to(self.device)
-        logits = self.module(ids, lengths)
+        with torch.inference_mode():
+            logits = self.model(batch["input_ids"].to(self.device), batch["lengths"].to(self.device))
         return torch.softmax(logits.float(), dim=-1).cpu()
 
     def predict_proba(self, texts: Iterable[str]) -> torch.Tensor:
         """Class probabilities ``[N, num_classes]``, in input order."""
-        rows = [p for p in self._iter_probs(texts)]
-        if not rows:
-            return torch.empty(0, len(self.class_names))
-        return torch.stack([r[1] for r in rows])
+        import torch
+
+        rows = [p for _, p in self._iter_probs(texts)]
+        return torch.stack(rows) if rows else torch.empty(0, len(self.class_names))
 
     def _iter_probs(self, texts: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages."""
@@ -111,15 +106,14 @@ class Classifier:
         offset = 0
         while chunk := list(itertools.islice(it, CHUNK)):
             ids = self._encode(chunk, offset)
-            order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if self.dynamic else list(
-                range(len(ids))
-            )
+            order = list(range(len(ids)))
+            if self.dynamic:
+                order.sort(key=lambda i: len(ids[i]))
             probs: list[torch.Tensor | None] = [None] * len(ids)
             for start in range(0, len(order), self.batch_size):
                 sel = order[start : start + self.batch_size]
-                out = self._probs([ids[i] for i in sel])
-                for j, i in enumerate(sel):
-                    probs[i] = out[j]
+                for i, p in zip(sel, self._probs([ids[i] for i in sel]), strict=True):
+                    probs[i] = p
             yield from zip(chunk, probs, strict=True)
             offset += len(chunk)
 
@@ -136,9 +130,7 @@ class Classifier:
 
     def predict(self, texts: str | Iterable[str]) -> list[Prediction]:
         """Predictions for one text or many."""
-        if isinstance(texts, str):
-            texts = [texts]
-        return list(self.iter_predict(texts))
+        return list(self.iter_predict([texts] if isinstance(texts, str) else texts))
 
 
 def classify_review(text: str, run_dir: str | Path) -> str:
@@ -202,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from spam_lightning.inference.bundle import BundleError  # after --help: it imports torch
+
     if not args.texts and args.file is None:
         print("spam-classify: give messages as arguments or --file PATH", file=sys.stderr)
         return 2

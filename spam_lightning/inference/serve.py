@@ -217,7 +217,7 @@ def create_app(
     """The demo app for a run folder; raises ``BundleError``/``ValueError`` for a bad run or option."""
     if max_chars < 1 or max_batch < 1:
         raise ValueError(f"max_chars and max_batch must be >= 1, got {max_chars} and {max_batch}")
-    find_bundle(run_dir)  # a bad folder fails fast, before the (slow) Lightning import
+    find_bundle(run_dir)  # a bad folder fails fast, before the (slow) torch import
     from spam_lightning.inference.classify import Classifier
 
     clf: Classifier = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch)

@@ -1,8 +1,6 @@
-"""Turn GPT-2 into a classifier (chapter 6.5) and pool its per-token outputs (exercise 6.3 and
-the follow-up experiments).
-
-`trainable` chooses what fine-tuning may change; `token` chooses which position's output is the
-sequence's prediction.
+"""GPT-2 as a classifier (chapter 6.5): `make_classifier` swaps the head and chooses what
+trains (`trainable`); `GPTClassifier` is the whole classification forward, shared by training
+and inference: trunk, optional frozen-trunk cache, pruned last block, pooling (`token`), head.
 """
 
 from __future__ import annotations
@@ -12,8 +10,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from spam_lightning.model.gpt import GPTModel
+from spam_lightning.model.gpt import GPTModel, TransformerBlock
 from spam_lightning.model.lora import check_lora_options, replace_linear_with_lora
+from spam_lightning.model.trunk_cache import TrunkCache
+from spam_lightning.model.weights import mismatch_lines
 
 TRAINABLE = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
 TOKENS = ("last", "first", "flexible", "mean")
@@ -96,35 +96,107 @@ def pool_logits(logits: torch.Tensor, lengths: torch.Tensor | None, token: str) 
     return summed / lengths.clamp(min=1).unsqueeze(-1).to(logits.dtype)
 
 
+class GPTClassifier(GPTModel):
+    """Class logits ``[B, num_classes]`` from token ids: the one classification forward.
+
+    Built around a GPTModel whose ``out_head`` is already a class head (``make_classifier``):
+    it takes over that model's modules under the same names, so its state dict is the GPTModel's
+    (the format of checkpoints and bundles) and no weights are copied. ``trunk_cache``, when
+    set (training's ``TrunkCaching`` callback builds it), holds the output of the frozen blocks
+    for examples identified by ``(split, index)``.
+    """
+
+    def __init__(self, gpt: GPTModel, token: str = "last") -> None:
+        nn.Module.__init__(self)
+        if token not in TOKENS:
+            raise ValueError(f"unknown token={token!r}; allowed: {', '.join(TOKENS)}")
+        self.cfg, self.token = gpt.cfg, token
+        self.tok_emb, self.pos_emb, self.drop_emb = gpt.tok_emb, gpt.pos_emb, gpt.drop_emb
+        self.trf_blocks, self.final_norm, self.out_head = gpt.trf_blocks, gpt.final_norm, gpt.out_head
+        self.trunk_cache: TrunkCache | None = None
+
+    def needed_length(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> int:
+        """How many leading positions the pooled token depends on.
+
+        With a causal mask, position t sees only positions <= t, so `first` needs 1 position and
+        `flexible`/`mean` need the longest real length: the rest is padding whose outputs are never
+        read. Cutting it is exact and makes the cost follow the real lengths.
+        """
+        full = input_ids.shape[1]
+        if not self.causal_mask or self.token == "last":
+            return full
+        if self.token == "first":
+            return 1
+        return min(full, int(lengths.max()))
+
+    def pooled_positions(self, width: int, lengths: torch.Tensor) -> torch.Tensor | None:
+        """The one position per row that the pooled token reads, or None for ``mean``:
+        ``last`` -> width-1, ``first`` -> 0, ``flexible`` -> lengths-1. Only these rows of the
+        last block's output are ever used, which is what lets ``forward`` prune that block."""
+        batch = lengths.shape[0]
+        if self.token == "last":
+            return torch.full((batch,), width - 1, dtype=torch.long, device=lengths.device)
+        if self.token == "first":
+            return torch.zeros(batch, dtype=torch.long, device=lengths.device)
+        if self.token == "flexible":
+            return (lengths.long() - 1).clamp(min=0, max=width - 1)
+        return None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        split: str | None = None,
+    ) -> torch.Tensor:
+        """Class logits ``[B, num_classes]``; ``lengths`` are the true lengths (right padding).
+
+        Three exact shortcuts, each equal to the full forward within float rounding: the
+        frozen trunk's states come from the cache when it holds ``split``; inputs are cut to
+        the positions the pooled token can see (``needed_length``); and the last block runs
+        only at the pooled position (``TransformerBlock.forward_at``) unless pooling is
+        ``mean``, which reads every position.
+        """
+        if lengths is None:
+            lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+        width = self.needed_length(input_ids, lengths)
+        cache = self.trunk_cache
+        if cache is not None and split is not None and index is not None and cache.has(split):
+            x, start = cache.lookup(split, index, width, device=input_ids.device), cache.start_block
+        else:
+            x, start = self.embed(input_ids[:, :width]), 0
+        n_blocks = len(self.trf_blocks)
+        positions = self.pooled_positions(width, lengths.to(input_ids.device))
+        last_block = self.trf_blocks[n_blocks - 1] if start < n_blocks else None
+        # an FSDP-wrapped block must go through its own forward (which gathers its weights)
+        if positions is not None and isinstance(last_block, TransformerBlock):
+            x = last_block.forward_at(self.run_blocks(x, start=start, end=n_blocks - 1), positions)
+            return self.out_head(self.final_norm(x))
+        x = self.final_norm(self.run_blocks(x, start=start))
+        # pool before the (affine) head: identical result, computed on B rows instead of B*T
+        return self.out_head(pool_logits(x, lengths, self.token))
+
+
 def load_classifier_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """`model.load_state_dict` for fine-tuned weights, with one readable error listing every
     missing, unexpected or mis-shaped tensor (expected vs found), and saying when the checkpoint
     was trained for another model size or number of classes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [
-        f"{k} expected {list(own[k].shape)} found {list(state_dict[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if not (missing or unexpected or wrong):
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    problems = mismatch_lines(own, found)
+    if not problems:
         model.load_state_dict(state_dict)
         return
     lines = ["the checkpoint does not fit this model:"]
     head = "out_head.linear.weight" if "out_head.linear.weight" in own else "out_head.weight"
-    if head in own and head in state_dict and state_dict[head].shape != own[head].shape:
-        found, expected = tuple(state_dict[head].shape), tuple(own[head].shape)
-        if found[0] != expected[0]:
-            lines.append(f"  it has {found[0]} classes, the model has {expected[0]}")
-        if found[1:] != expected[1:]:
-            lines.append(f"  its emb_dim is {found[1]}, the model's is {expected[1]}")
-    blocks = {k.split(".")[1] for k in state_dict if k.startswith("trf_blocks.")}
+    if head in own and head in found and found[head] != own[head]:
+        if found[head][0] != own[head][0]:
+            lines.append(f"  it has {found[head][0]} classes, the model has {own[head][0]}")
+        if found[head][1:] != own[head][1:]:
+            lines.append(f"  its emb_dim is {found[head][1]}, the model's is {own[head][1]}")
+    blocks = {k.split(".")[1] for k in found if k.startswith("trf_blocks.")}
     if blocks and len(blocks) != len(getattr(model, "trf_blocks", ())):
         lines.append(
             f"  it has {len(blocks)} transformer blocks, the model has {len(model.trf_blocks)}"
         )
-    for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if names:
-            lines.append(f"  {title} ({len(names)}): " + ", ".join(names))
-    raise ClassifierStateError("\n".join(lines))
+    raise ClassifierStateError("\n".join(lines + [f"  {line}" for line in problems]))

@@ -21,31 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The four released GPT-2 sizes (the book's `model_configs`) plus a tiny one for tests.
-_GPT2_BASE: dict[str, Any] = {
-    "vocab_size": 50257,
-    "context_length": 1024,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "gpt2-small": {**_GPT2_BASE, "emb_dim": 768, "n_layers": 12, "n_heads": 12},
-    "gpt2-medium": {**_GPT2_BASE, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
-    "gpt2-large": {**_GPT2_BASE, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},
-    "gpt2-xl": {**_GPT2_BASE, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
-    # Random weights only: small enough for unit tests and CPU smoke runs.
-    "gpt2-tiny": {**_GPT2_BASE, "emb_dim": 64, "n_layers": 2, "n_heads": 4},
-}
-
-CFG_KEYS = (
-    "vocab_size",
-    "context_length",
-    "emb_dim",
-    "n_heads",
-    "n_layers",
-    "drop_rate",
-    "qkv_bias",
-)
+from spam_lightning.model.sizes import CFG_KEYS, MODEL_CONFIGS  # noqa: F401  (re-exported)
 
 
 def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

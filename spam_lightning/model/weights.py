@@ -27,16 +27,11 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import safe_open
 
-from spam_lightning.model.gpt import CFG_KEYS, MODEL_CONFIGS, GPTModel
+from spam_lightning.model.gpt import GPTModel
+from spam_lightning.model.sizes import CFG_KEYS, HUB_REPOS, MODEL_CONFIGS
 
-HUB_REPOS = {
-    "gpt2-small": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
 # Used when a checkpoint comes without config.json: the released sizes fix n_heads by width.
-HEADS_BY_EMB_DIM = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+HEADS_BY_EMB_DIM = {MODEL_CONFIGS[n]["emb_dim"]: MODEL_CONFIGS[n]["n_heads"] for n in HUB_REPOS}
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # Plain tensor state dicts only, read with torch.load(weights_only=True).
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -341,21 +336,27 @@ def open_tensors(path: Path) -> Iterator[_Tensors]:
     )
 
 
-def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
+def torch_load_safely(path: Path, what: str, why: str, mmap: bool = True, noun: str = "") -> Any:
     """`torch.load(weights_only=True)`: its unpickler only rebuilds tensors and plain
-    containers, so a crafted pickle fails before any of its code can run."""
+    containers, so a crafted pickle fails before any of its code can run. The CheckpointError
+    names the file (after ``noun``), ``what`` it should have been and ``why`` only this loader is used."""
     try:
-        state = torch.load(
-            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        return torch.load(
+            path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
         )
     except Exception as err:  # UnpicklingError for forbidden globals, anything for junk
         found = re.search(r"WeightsUnpickler error: (.+?)(?:\. Please|\n|$)", str(err))
-        reason = found.group(1) if found else type(err).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it is not a plain tensor state dict ({reason}). Weights "
-            "are read only from safetensors or with torch.load(weights_only=True), because a "
-            "pickle can run arbitrary code; convert the file to .safetensors."
-        ) from err
+        reason = found.group(1) if found else f"{type(err).__name__}: {str(err)[:200]}"
+        raise CheckpointError(f"refusing to load {noun}{path}: it is not {what} ({reason}). {why}") from err
+
+
+def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    state = torch_load_safely(
+        path,
+        "a plain tensor state dict",
+        "Weights are read only from safetensors or with torch.load(weights_only=True), because "
+        "a pickle can run arbitrary code; convert the file to .safetensors.",
+    )
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -454,6 +455,27 @@ def _describe(cfg: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={cfg[k]}" for k in keys)
 
 
+def mismatch_lines(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], most: int | None = None
+) -> list[str]:
+    """``missing``, ``unexpected`` and ``wrong shape`` lines naming tensors (at most ``most`` of
+    each), or [] when names and shapes agree."""
+    groups = {
+        "missing": [k for k in expected if k not in found],
+        "unexpected": [k for k in found if k not in expected],
+        "wrong shape": [
+            f"{k} expected {list(expected[k])} found {list(found[k])}"
+            for k in expected if k in found and tuple(found[k]) != tuple(expected[k])
+        ],
+    }
+    lines = []
+    for title, names in groups.items():
+        if names:
+            more = f", ... ({len(names) - most} more)" if most and len(names) > most else ""
+            lines.append(f"{title} ({len(names)}): {', '.join(names[:most])}{more}")
+    return lines
+
+
 def _check_tensors(
     path: Path,
     plan: Mapping[str, _Entry],
@@ -463,21 +485,13 @@ def _check_tensors(
     found: Mapping[str, Any],
 ) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
-    missing = [key for key in plan if key not in layout]
-    unexpected = [layout[k] for k in layout if k not in plan and not _IGNORED.match(k)]
-    unexpected += [k for k in shapes if k not in layout.values()]  # both layouts at once
-    unexpected.sort()
-    wrong = [
-        f"{layout[k]} expected {list(entry.shape)} found {list(shapes[layout[k]])}"
-        for k, entry in plan.items()
-        if k in layout and shapes[layout[k]] != entry.shape
-    ]
-    if not (missing or unexpected or wrong):
+    want = {layout.get(k, k): entry.shape for k, entry in plan.items()}  # the file's names
+    have = {k: shapes[k] for k in sorted(shapes) if not _IGNORED.match(k.removeprefix("transformer."))}
+    problems = mismatch_lines(want, have)
+    if not problems:
         return
     lines = [f"checkpoint {path} does not match GPT-2 ({_describe(expected)}):"]
-    for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if names:
-            lines.append(f"  {title} ({len(names)}): " + ", ".join(names))
+    lines += [f"  {line}" for line in problems]
     sizes = ("emb_dim", "n_layers", "context_length", "vocab_size")
     if all(isinstance(found[k], int) for k in sizes) and any(
         found[k] != expected[k] for k in sizes

@@ -23,8 +23,9 @@ from spam_lightning.model.weights import (
     CheckpointError,
     check_checkpoint,
     check_weights_available,
+    mismatch_lines,
 )
-from spam_lightning.training.callbacks import load_checkpoint_safely
+from spam_lightning.training.callbacks.checkpoint_io import load_checkpoint_safely
 
 log = logging.getLogger(__name__)
 
@@ -352,19 +353,11 @@ def check_resume_checkpoint(
             f"it was trained with trainable={hparams['trainable']}, this run has "
             f"trainable={cfg.trainable.name} (its optimizer state holds other parameters)"
         )
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [
-        f"{k} expected {list(expected[k])} found {list(found[k])}"
-        for k in expected if k in found and found[k] != expected[k]
-    ]
-    if missing or unexpected or wrong:
+    problems = mismatch_lines(expected, found, most=5)
+    if problems:
         lines.append(f"expected (this run, model={cfg.model.name}): {_sizes_of(expected)}")
         lines.append(f"found (the checkpoint): {_sizes_of(found)}")
-        for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if names:
-                more = f", ... ({len(names) - 5} more)" if len(names) > 5 else ""
-                lines.append(f"{title} ({len(names)}): {', '.join(names[:5])}{more}")
+        lines += problems
     if lines:
         raise CheckpointError(
             f"ckpt_path={path} does not fit this run:\n  " + "\n  ".join(lines)

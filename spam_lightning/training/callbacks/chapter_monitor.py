@@ -1,0 +1,123 @@
+"""The chapter's monitoring (section 6.7) as a Lightning callback.
+
+Every ``eval_freq`` batches: the loss on ``eval_iter`` train and validation batches. After each
+epoch: the accuracy on ``eval_iter`` train and validation batches. Both print in the chapter's
+format and are kept (with examples seen) for the plots and the checkpoint, so a resumed run
+continues the same history.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+
+@torch.no_grad()
+def _evaluate(pl_module, trainer, loader, split: str, num_batches: int) -> tuple[float, float]:
+    """Mean loss and accuracy over the first ``num_batches`` batches of ``loader``."""
+    losses, correct, seen = [], 0, 0
+    with trainer.precision_plugin.forward_context():
+        for batch in itertools.islice(loader, num_batches):
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            loss, logits = pl_module.batch_loss(batch, split)
+            losses.append(float(loss))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            seen += int(batch["labels"].shape[0])
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    return mean_loss, (correct / seen if seen else float("nan"))
+
+
+class ChapterMonitor(L.Callback):
+    """Prints and records the chapter's periodic losses and per-epoch accuracies."""
+
+    def __init__(self, eval_freq: int = 50, eval_iter: int = 5) -> None:
+        if eval_freq < 1 or eval_iter < 1:
+            raise ValueError(f"eval_freq and eval_iter must be >= 1, got {eval_freq}, {eval_iter}")
+        self.eval_freq = eval_freq
+        self.eval_iter = eval_iter
+        self.examples_seen = 0
+        self.batches_seen = 0
+        self.training_seconds = 0.0
+        self.history: dict[str, list[float]] = {
+            "train_losses": [], "val_losses": [], "train_accs": [], "val_accs": [],
+            "loss_examples_seen": [], "acc_examples_seen": [],
+        }
+        self._t0: float | None = None
+
+    # Lightning saves callback state in checkpoints: a resumed run keeps its history.
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "examples_seen": self.examples_seen,
+            "batches_seen": self.batches_seen,
+            "training_seconds": self.training_seconds + self._elapsed(),
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.examples_seen = state_dict["examples_seen"]
+        self.batches_seen = state_dict["batches_seen"]
+        self.training_seconds = state_dict["training_seconds"]
+        self.history = state_dict["history"]
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.training_seconds += self._elapsed()
+        self._t0 = None
+
+    def _loaders(self, trainer):
+        # the same loader objects training uses: the chapter iterates its shuffled train loader
+        return trainer.train_dataloader, trainer.datamodule.val_dataloader()
+
+    def _evaluate_both(self, trainer, pl_module) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(loss, accuracy) on the first ``eval_iter`` train and validation batches, in eval mode."""
+        train_loader, val_loader = self._loaders(trainer)
+        pl_module.eval()
+        train = _evaluate(pl_module, trainer, train_loader, "train", self.eval_iter)
+        val = _evaluate(pl_module, trainer, val_loader, "val", self.eval_iter)
+        pl_module.train()
+        return train, val
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # every rank trains on its own batch of the same size: count the whole step
+        n = int(batch["labels"].shape[0]) * trainer.world_size
+        self.examples_seen += n
+        self.batches_seen += 1
+        pl_module.log("examples_seen", float(self.examples_seen), on_step=True, on_epoch=False)
+        if (self.batches_seen - 1) % self.eval_freq != 0:
+            return
+        (train_loss, _), (val_loss, _) = self._evaluate_both(trainer, pl_module)
+        self.history["train_losses"].append(train_loss)
+        self.history["val_losses"].append(val_loss)
+        self.history["loss_examples_seen"].append(self.examples_seen)
+        pl_module.log_dict(
+            {"chapter/train_loss": train_loss, "chapter/val_loss": val_loss},
+            on_step=True, on_epoch=False,
+        )
+        self._print(
+            f"Ep {trainer.current_epoch + 1} (Step {self.batches_seen - 1:06d}): "
+            f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+        )
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        (_, train_acc), (_, val_acc) = self._evaluate_both(trainer, pl_module)
+        self.history["train_accs"].append(train_acc)
+        self.history["val_accs"].append(val_acc)
+        self.history["acc_examples_seen"].append(self.examples_seen)
+        pl_module.log_dict({"chapter/train_acc": train_acc, "chapter/val_acc": val_acc})
+        self._print(
+            f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%"
+        )
+
+    @rank_zero_only
+    def _print(self, line: str) -> None:
+        print(line, flush=True)

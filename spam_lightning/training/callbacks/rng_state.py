@@ -1,0 +1,40 @@
+"""Random generators in the checkpoint, so a resumed run draws what an uninterrupted one would."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+
+class RNGState(L.Callback):
+    """Saves the global random generators (torch, CUDA, numpy, ``random``) in each checkpoint and
+    restores them on resume, so dropout and any other draw continue exactly as in an
+    uninterrupted run (Lightning restores weights, optimizer and loops, but not these)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            # plain tensors and numbers: the checkpoint stays loadable with weights_only=True
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        }
+        if torch.cuda.is_initialized():  # this process's device only: no context on the others
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        random.setstate(state_dict["python"])
+        n = state_dict["numpy"]
+        np.random.set_state(
+            (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        )
+        cuda = state_dict.get("cuda")
+        if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)

@@ -1,0 +1,138 @@
+"""Builds the classifier's frozen-trunk cache (``model/trunk_cache.py``) from the datasets that
+``train()`` hands it, at the start of fitting and of the final test, on each rank's device."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from spam_lightning.model.trunk_cache import TrunkCache, TrunkCacheError
+
+log = logging.getLogger(__name__)
+
+
+def _split_names(splits: list[str]) -> str:
+    return ", ".join(splits[:-1]) + f" and {splits[-1]}" if len(splits) > 1 else "".join(splits)
+
+
+class TrunkCaching(L.Callback):
+    """Computes blocks ``0..start_block-1`` once per example of each split it is given.
+
+    ``datasets`` maps split names (``train``, ``val``, ``test``) to tokenized datasets (with
+    ``token_ids``), whose row numbers are the batches' ``index``. ``setting`` is ``cache.trunk``:
+    ``"auto"`` caches what fits in ``budget_gb`` GiB, ``True`` fails if anything is impossible or
+    over budget (the final test's splits are budgeted before training), ``False`` never caches.
+    ``start_block`` None (``trainable=all|lora``) means nothing is frozen.
+    """
+
+    def __init__(
+        self,
+        start_block: int | None,
+        datasets: Mapping[str, Any],
+        *,
+        max_length: int,
+        pad_token_id: int,
+        padding: str = "longest",
+        setting: str | bool = "auto",
+        budget_gb: float = 4.0,
+    ) -> None:
+        self.start_block = start_block
+        self.datasets = {k: v for k, v in datasets.items() if v is not None}
+        self.max_length, self.pad_token_id, self.padding = max_length, pad_token_id, padding
+        self.setting, self.budget_gb = setting, budget_gb
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # the final test caches its splits too: budget for them now, not after training
+        self.build(trainer, pl_module, ("train", "val"), planned=pl_module.final_splits)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.build(trainer, pl_module, pl_module.final_splits)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.training:
+            self.build(trainer, pl_module, ("val",))
+
+    def _reason(self, model: nn.Module) -> str | None:
+        """Why no cache is possible, or None."""
+        if self.start_block is None:
+            return "the whole model trains (trainable=all or lora)"
+        frozen = [model.drop_emb, *model.trf_blocks[: self.start_block]]
+        if any(isinstance(m, nn.Dropout) and m.p > 0 for f in frozen for m in f.modules()):
+            return "dropout in the frozen trunk makes it non-deterministic"
+        if not model.causal_mask and self.padding != "longest":
+            return "without a causal mask, padding changes every position"
+        return None
+
+    def build(self, trainer, pl_module, splits: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
+        """Compute the frozen trunk once per example for ``splits`` (when allowed).
+
+        ``planned`` are splits cached later (the final test's): with ``cache.trunk=true`` the
+        memory budget must hold them too, which is checked now, before any training.
+        """
+        if self.setting in (False, "false", "off"):
+            return
+        model = pl_module.model
+        strict = self.setting in (True, "true", "on")
+        reason = self._reason(model)
+        cache = model.trunk_cache
+        todo: list[str] = []
+        if reason is None:
+            if cache is None:
+                # store what the uncached forward feeds the first trainable block: float32,
+                # unless the weights themselves are half precision (bf16-true / 16-true)
+                dtype = next(model.parameters()).dtype
+                cache = TrunkCache(
+                    self.start_block,
+                    token=model.token,
+                    causal=model.causal_mask,
+                    dtype=dtype if dtype.is_floating_point else torch.float32,
+                )
+            todo = [s for s in splits if not cache.has(s) and s in self.datasets]
+            later = [
+                s for s in dict.fromkeys(planned)
+                if s not in todo and not cache.has(s) and s in self.datasets
+            ]
+            sizes = {
+                s: cache.estimate_bytes(self.datasets[s], model, self.max_length)
+                for s in (*todo, *later)
+            }
+            budget = float(self.budget_gb) * 2**30
+            need = cache.nbytes + sum(sizes[s] for s in todo)
+            need_all = need + sum(sizes[s] for s in later)
+            if strict and need_all > budget:
+                cached = [s for s in ("train", "val", "test") if cache.has(s) or s in sizes]
+                reason = (
+                    f"the cache of {_split_names(cached)} would need {need_all / 2**30:.3f} GiB, "
+                    f"over cache.memory_budget_gb={self.budget_gb}; raise "
+                    f"cache.memory_budget_gb to {math.ceil(need_all / 2**30 * 1000) / 1000:g} or "
+                    "more, or use cache.trunk=auto (caches what fits)"
+                )
+            elif need > budget:
+                reason = (
+                    f"the cache would need {need / 2**30:.2f} GiB, over "
+                    f"cache.memory_budget_gb={self.budget_gb}"
+                )
+        if reason is not None:
+            if strict:
+                raise TrunkCacheError(f"cache.trunk=true but caching is not possible: {reason}.")
+            log.info("Frozen-trunk cache off for %s: %s.", ", ".join(splits), reason)
+            return
+        model.trunk_cache = cache  # only once it holds something: `trunk_cache` means "in use"
+        if not todo:
+            return
+        with trainer.precision_plugin.forward_context():
+            for split in todo:
+                cache.build(
+                    split, model, self.datasets[split], self.max_length, self.pad_token_id,
+                    pl_module.device,
+                )
+        log.info(
+            "Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
+            self.start_block - 1, ", ".join(todo), cache.nbytes / 2**20,
+        )
