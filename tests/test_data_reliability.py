@@ -18,7 +18,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spam_lightning.data.csv_data import read_text_table
 from spam_lightning.data.source import (
     EXPECTED_SHA256,
     EXPECTED_SIZE,
@@ -33,6 +32,7 @@ from spam_lightning.data.table import (
     prepare,
     read_split_csv,
     read_table,
+    read_text_table,
 )
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

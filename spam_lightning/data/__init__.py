@@ -13,10 +13,9 @@ from typing import Any
 _EXPORTS = {
     "datamodule": ["SpamDataModule", "SplitData", "TextClassificationDataModule", "TokenDataset",
                    "LengthGroupedSampler"],
-    "csv_data": ["CSVDataModule", "read_text_table", "IMDBDataModule", "IMDB_URLS",
-                 "prepare_imdb"],
+    "csv_data": ["CSVDataModule", "IMDBDataModule", "IMDB_URLS", "prepare_imdb"],
     "source": ["DEFAULT_URLS", "DataError", "DownloadError", "EXPECTED_SHA256", "EXPECTED_SIZE"],
-    "table": ["prepare", "read_table", "read_split_csv"],
+    "table": ["prepare", "read_table", "read_split_csv", "read_text_table"],
     "tokens": ["PAD_TOKEN_ID", "PADDING_MODES", "Collator", "collate", "encode_texts",
                "get_tokenizer", "resolve_max_length"],
 }

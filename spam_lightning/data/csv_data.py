@@ -9,7 +9,6 @@ balanced first. Class names come from the data (the sorted training labels) unle
 
 from __future__ import annotations
 
-import codecs
 import csv
 import hashlib
 import logging
@@ -18,7 +17,6 @@ import re
 import tarfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +31,13 @@ from spam_lightning.data.datamodule import (
 from spam_lightning.data.source import DOWNLOAD_TIMEOUT, DataError, DownloadError, download_first
 from spam_lightning.data.table import (
     SPLIT_FILES,
-    bad_rows_error,
+    Table,
     check_splits_not_empty,
     locked,
     matching_meta,
     prepared_paths,
     random_split,
-    read_rows,
+    read_text_table,
     write_prepared,
 )
 from spam_lightning.data.tokens import PAD_TOKEN_ID
@@ -49,20 +47,6 @@ logger = logging.getLogger(__name__)
 CSV_FORMAT_VERSION = 1
 _SEP_ALIASES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";"}
 _INT_RE = re.compile(r"[+-]?\d+")
-
-
-@dataclass(frozen=True)
-class TextTable:
-    """One CSV as strings: every column (``frame``), its texts, stripped labels and row lines."""
-
-    texts: list[str]
-    labels: list[str]
-    name: str
-    frame: pd.DataFrame
-    lines: list[int] | None = None  # None for our own prepared CSVs (read unchecked)
-
-    def line(self, row: int) -> int | str:
-        return self.lines[row] if self.lines is not None else f"? (data row {row + 1})"
 
 
 def resolve_sep(sep: str | None, path: str | os.PathLike[str] | None) -> str:
@@ -75,70 +59,11 @@ def resolve_sep(sep: str | None, path: str | os.PathLike[str] | None) -> str:
     return sep
 
 
-def read_text_table(
-    data: bytes, name: str, text_column: str, label_column: str, sep: str = ","
-) -> TextTable:
-    """Read a user's CSV with a header and check it (the standard library's ``csv`` reader, which
-    knows each row's line); every error names the file, the line and the problem. Cells stay
-    strings (a text "NA" stays "NA"); labels are stripped."""
-    if not data:
-        raise DataError(f"{name}, line 1: the file is empty (0 bytes)")
-    try:
-        text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{name}, line {line}: bytes that are not valid UTF-8 (first: 0x{data[e.start]:02x}); "
-            f"save the file as UTF-8"
-        ) from e
-    rows, unterminated = read_rows(text, sep, name)
-    if not rows:
-        raise DataError(f"{name}, line 1: no header line (the file is blank)")
-    header, rows = rows[0].fields, rows[1:]
-    for option, column in (("data.text_column", text_column), ("data.label_column", label_column)):
-        if column not in header:
-            raise DataError(
-                f"{name}, line 1: missing column {column!r} ({option}); the header has: "
-                f"{', '.join(map(repr, header))[:200]}"
-            )
-    if len(set(header)) != len(header):
-        raise DataError(f"{name}, line 1: duplicate column names in the header {header}")
-    if not rows and unterminated is None:
-        raise DataError(f"{name}, line 2: no data rows (only a header)")
-    ti, li = header.index(text_column), header.index(label_column)
-    problems, shape = [], False
-    for r in rows:
-        what = []
-        if len(r.fields) != len(header):
-            what.append(f"expected {len(header)} fields like the header, found {len(r.fields)}")
-            shape = True
-        else:
-            if not r.fields[ti].strip():
-                what.append("empty text" if not r.fields[ti] else "text is only whitespace")
-            if not r.fields[li].strip():
-                what.append(f"empty label (column {label_column!r})")
-        if what:
-            problems.append(f"{name}, line {r.line}: {'; '.join(what)}")
-    if unterminated is not None:
-        problems.append(f'{name}, line {unterminated}: a quote (") that is never closed')
-        shape = True
-    if problems:
-        sep_name = "tab" if sep == "\t" else repr(sep)
-        hint = (
-            f"(quote texts that contain {sep!r}, quotes or line breaks; set data.sep if the file "
-            f"is not {sep_name}-separated)" if shape else "(fix the file)"
-        )
-        raise bad_rows_error(name, problems, hint)
-    frame = pd.DataFrame([r.fields for r in rows], columns=header, dtype=str)
-    labels = [r.fields[li].strip() for r in rows]
-    return TextTable([r.fields[ti] for r in rows], labels, name, frame, [r.line for r in rows])
-
-
-def read_prepared_table(path: Path, text_column: str, label_column: str) -> TextTable:
+def read_prepared_table(path: Path, text_column: str, label_column: str) -> Table:
     """One of our own split CSVs: checked when written (sha256 in meta.json), so a plain read."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     labels = frame[label_column].str.strip().tolist()
-    return TextTable(frame[text_column].tolist(), labels, str(path), frame)
+    return Table(frame[text_column].tolist(), labels, str(path), frame)
 
 
 def natural_sorted(labels: Sequence[str]) -> list[str]:
@@ -148,7 +73,7 @@ def natural_sorted(labels: Sequence[str]) -> list[str]:
 
 
 def map_labels(
-    tables: dict[str, TextTable], class_names: Sequence[str] | None
+    tables: dict[str, Table], class_names: Sequence[str] | None
 ) -> tuple[list[str], dict[str, list[int]]]:
     """Class names (given, or the sorted training labels) and each split's class indices.
 
@@ -199,7 +124,7 @@ def map_labels(
 
 
 def to_splits(
-    tables: dict[str, TextTable], class_names: Sequence[str] | None
+    tables: dict[str, Table], class_names: Sequence[str] | None
 ) -> tuple[list[str], dict[str, SplitData]]:
     names, indices = map_labels(tables, class_names)
     return names, {s: SplitData(t.texts, indices[s], t.name, t.lines) for s, t in tables.items()}

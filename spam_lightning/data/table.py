@@ -47,6 +47,7 @@ LOCK_NAME = ".prepare.lock"
 FORMAT_VERSION = 1
 ON_BAD_ROWS = ("error", "skip")
 MAX_LISTED = 5  # problems spelled out in one error message
+SKIP_HINT = "(fix the file, or set data.on_bad_rows=skip to drop bad rows)"
 _NON_UTF8_RE = re.compile("[\udc80-\udcff]")  # bytes decoded with errors="surrogateescape"
 
 
@@ -90,37 +91,50 @@ def bad_rows_error(name: str, problems: list[str], hint: str) -> DataError:
     return DataError(f"{name}: {len(problems)} bad row(s):\n{listed}{more}\n{hint}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Table:
-    """The table (columns ``Label``, ``Text`` as strings), each row's start line, what was skipped."""
+    """A checked table as strings: every column (``frame``), its texts and labels, each row's
+    start line (None for our own prepared CSVs, read unchecked) and the skipped problems."""
 
+    texts: list[str]
+    labels: list[str]
+    name: str
     frame: pd.DataFrame
-    lines: list[int]
-    skipped: list[str]
+    lines: list[int] | None = None
+    skipped: tuple[str, ...] = ()
+
+    def line(self, row: int) -> int | str:
+        return self.lines[row] if self.lines is not None else f"? (data row {row + 1})"
 
 
-def _check_row(row: Row, sep: str, allowed: Sequence[str], lines: list[str]) -> str | None:
-    """What is wrong with one two-column row (None if it is fine)."""
-    problems: list[str] = []
-    sep_name = "tab" if sep == "\t" else repr(sep)
-    if len(row.fields) != 2:
+def _check_row(
+    row: Row, cols: list[str], ti: int, li: int, sep: str, allowed: Sequence[str] | None,
+    fixed: bool, lines: list[str],
+) -> str | None:
+    """What is wrong with one row (None if it is fine)."""
+    f, problems = row.fields, []
+    if len(f) != len(cols):
+        if not fixed:
+            return f"expected {len(cols)} fields like the header, found {len(f)}"
+        sep_name = "tab" if sep == "\t" else repr(sep)
         many = "a tab inside the text?" if sep == "\t" else 'quote texts that contain "," or newlines'
         problems.append(
-            f"malformed line: expected 2 fields (Label{sep}Text) separated by a {sep_name}, "
-            f"found {len(row.fields)} ({f'no {sep_name}' if len(row.fields) == 1 else many})"
+            f"malformed line: expected {len(cols)} fields ({sep.join(cols)}) separated by a "
+            f"{sep_name}, found {len(f)} ({f'no {sep_name}' if len(f) == 1 else many})"
         )
-    if any(_NON_UTF8_RE.search(f) for f in row.fields):
+    if any(_NON_UTF8_RE.search(x) for x in f):
         line, m = next(
-            (n, m)
-            for n in range(row.line, row.end_line + 1)
+            (n, m) for n in range(row.line, row.end_line + 1)
             if (m := _NON_UTF8_RE.search(lines[n - 1]))
         )
         byte = ord(m.group()) - 0xDC00
         problems.append(f"bytes that are not valid UTF-8 (first: 0x{byte:02x} on line {line})")
-    elif row.fields[0] not in allowed:
-        problems.append(f"unknown label {row.fields[0][:40]!r} (allowed: {', '.join(allowed)})")
-    if len(row.fields) == 2 and not row.fields[1].strip():
-        problems.append("empty text" if not row.fields[1] else "text is only whitespace")
+    elif allowed is not None and f[li] not in allowed:
+        problems.append(f"unknown label {f[li][:40]!r} (allowed: {', '.join(allowed)})")
+    if len(f) == len(cols) and not f[ti].strip():
+        problems.append("empty text" if not f[ti] else "text is only whitespace")
+    if allowed is None and len(f) == len(cols) and not f[li].strip():
+        problems.append(f"empty label (column {cols[li]!r})")
     if problems and row.end_line > row.line:
         problems.append(
             f"this row spans lines {row.line}-{row.end_line} (a field that starts with a quote "
@@ -129,20 +143,26 @@ def _check_row(row: Row, sep: str, allowed: Sequence[str], lines: list[str]) -> 
     return "; ".join(problems) or None
 
 
-def read_labeled(
+def read_checked(
     data: bytes,
     name: str,
+    sep: str = ",",
     *,
-    sep: str = "\t",
-    header: bool = False,
-    allowed: Sequence[str] = TSV_LABELS,
+    fixed: Sequence[str] | None = None,
+    header: bool = True,
+    text_column: str = "Text",
+    label_column: str = "Label",
+    allowed: Sequence[str] | None = None,
     on_bad_rows: str = "error",
-    require_all_labels: bool = True,
+    require_all_labels: bool = False,
     allow_empty: bool = False,
+    hint: str = SKIP_HINT,
 ) -> Table:
-    """Read and check a two-column ``Label<sep>Text`` table; every problem names file and line.
+    """Read a user-supplied table once and check every row; each problem names file and line.
 
-    ``on_bad_rows="skip"`` drops bad rows and logs how many (never silently).
+    ``fixed``: the exact columns (the SMS file has no header; a split CSV has exactly this one),
+    else the header names them. ``allowed``: the labels allowed (kept as written), else any
+    non-empty label (stripped). ``on_bad_rows="skip"`` drops bad rows and logs how many.
     """
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"data.on_bad_rows={on_bad_rows!r}: allowed values are error, skip")
@@ -152,20 +172,33 @@ def read_labeled(
     # rows holding them can be named (and skipped)
     text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
     rows, unterminated = read_rows(text, sep, name)
-    lines = list(io.StringIO(text, newline="")) if _NON_UTF8_RE.search(text) else []
+    cols = list(fixed or ())
     if header:
         if not rows:
-            raise DataError(f"{name}, line 1: no header line (expected {','.join(COLUMNS)})")
-        head, rows = rows[0], rows[1:]
-        if tuple(head.fields) != COLUMNS:
+            what = f"expected {','.join(fixed)}" if fixed else "the file is blank"
+            raise DataError(f"{name}, line 1: no header line ({what})")
+        head, rows = rows[0].fields, rows[1:]
+        if fixed and head != cols:
             raise DataError(
-                f"{name}, line {head.line}: missing columns: expected the header "
-                f"{sep.join(COLUMNS)!r}, found {sep.join(head.fields)[:80]!r}"
+                f"{name}, line 1: missing columns: expected the header "
+                f"{sep.join(cols)!r}, found {sep.join(head)[:80]!r}"
             )
-    good: list[Row] = []
-    problems: list[str] = []
+        for option, column in (("data.text_column", text_column), ("data.label_column", label_column)):
+            if column not in head:
+                raise DataError(
+                    f"{name}, line 1: missing column {column!r} ({option}); the header has: "
+                    f"{', '.join(map(repr, head))[:200]}"
+                )
+        if len(set(head)) != len(head):
+            raise DataError(f"{name}, line 1: duplicate column names in the header {head}")
+        if not rows and unterminated is None and not allow_empty:
+            raise DataError(f"{name}, line 2: no data rows (only a header)")
+        cols = head
+    ti, li = cols.index(text_column), cols.index(label_column)
+    lines = list(io.StringIO(text, newline="")) if _NON_UTF8_RE.search(text) else []
+    good, problems = [], []
     for row in rows:
-        msg = _check_row(row, sep, allowed, lines)
+        msg = _check_row(row, cols, ti, li, sep, allowed, fixed is not None, lines)
         if msg is None:
             good.append(row)
         else:
@@ -176,18 +209,13 @@ def read_labeled(
             f"is never closed, so the row runs to the end of the file"
         )
     if problems and on_bad_rows == "error":
-        hint = "(fix the file, or set data.on_bad_rows=skip to drop bad rows)"
         raise bad_rows_error(name, problems, hint)
     if problems:
-        logger.warning(
-            "%s: skipped %d bad row(s) (data.on_bad_rows=skip); first: %s",
-            name,
-            len(problems),
-            problems[0],
-        )
+        logger.warning("%s: skipped %d bad row(s) (data.on_bad_rows=skip); first: %s", name,
+                       len(problems), problems[0])
     if not good and not allow_empty:
         raise DataError(f"{name}, line 1: no data rows")
-    present = {r.fields[0] for r in good}
+    present = {r.fields[li] for r in good}
     for label in allowed if require_all_labels and good else ():
         if label not in present:
             raise DataError(
@@ -195,20 +223,38 @@ def read_labeled(
                 f"no {label!r} rows among {len(good)} rows (need every label: "
                 f"{', '.join(allowed)})"
             )
-    frame = pd.DataFrame([r.fields for r in good], columns=list(COLUMNS), dtype=str)
-    return Table(frame, [r.line for r in good], problems)
+    labels = [r.fields[li] if allowed is not None else r.fields[li].strip() for r in good]
+    frame = pd.DataFrame([r.fields for r in good], columns=cols, dtype=str)
+    lines_of = [r.line for r in good]
+    return Table([r.fields[ti] for r in good], labels, name, frame, lines_of, tuple(problems))
 
 
 def read_table(data: bytes, name: str, on_bad_rows: str = "error") -> Table:
     """A user-supplied ``SMSSpamCollection`` TSV (``ham``/``spam`` labels), checked row by row."""
-    return read_labeled(data, name, sep="\t", header=False, on_bad_rows=on_bad_rows)
+    return read_checked(
+        data, name, "\t", fixed=COLUMNS, header=False, allowed=TSV_LABELS,
+        on_bad_rows=on_bad_rows, require_all_labels=True,
+    )
+
+
+def read_text_table(
+    data: bytes, name: str, text_column: str, label_column: str, sep: str = ","
+) -> Table:
+    """A user's CSV with a header (``data=csv``), checked row by row; labels are stripped."""
+    sep_name = "tab" if sep == "\t" else repr(sep)
+    hint = (
+        f"(quote texts that contain {sep!r}, quotes or line breaks; set data.sep if the file is "
+        f"not {sep_name}-separated)"
+    )
+    return read_checked(
+        data, name, sep, text_column=text_column, label_column=label_column, hint=hint
+    )
 
 
 def parse_split_csv(data: bytes, name: str) -> tuple[list[str], list[int]]:
     """A split CSV's bytes (``Label,Text``, labels 0/1), checked -> texts, labels."""
-    kwargs = {"header": True, "allowed": ("0", "1"), "require_all_labels": False}
-    table = read_labeled(data, name, sep=",", allow_empty=True, **kwargs)
-    return table.frame["Text"].tolist(), [int(v) for v in table.frame["Label"]]
+    table = read_checked(data, name, ",", fixed=COLUMNS, allowed=("0", "1"), allow_empty=True)
+    return table.texts, [int(v) for v in table.labels]
 
 
 def read_split_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
@@ -369,7 +415,7 @@ def prepare(
             return Prepared(data_dir, paths, meta, reused=True)
         if src.verified:  # the pinned file: the chapter's own read
             frame = pd.read_csv(io.BytesIO(src.data), sep="\t", header=None, names=list(COLUMNS))
-            table = Table(frame, [], [])
+            table = Table(frame["Text"].tolist(), frame["Label"].tolist(), src.name, frame)
         else:
             table = read_table(src.data, src.name, on_bad_rows=on_bad_rows)
         balanced = balance(table.frame, split_seed)
