@@ -1,4 +1,4 @@
-"""Shared fixtures: the offline data under ``shared/`` and a tiny local HTTP server.
+"""Shared fixtures: the offline data under ``shared/``, one tiny training run, a tiny HTTP server.
 
 Nothing here sets ``TIKTOKEN_CACHE_DIR``: the GPT-2 BPE files ship inside the package.
 """
@@ -10,10 +10,21 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One tiny, quiet run: gpt2-tiny (random weights) on a few batches of every split (debug=limit:
+# 3 train, 2 validation, 2 test batches, one epoch, the chapter monitor every step).
+TINY_RUN = [
+    "model=gpt2-tiny",
+    "debug=limit",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
 
 
 def shared_dir() -> Path:
@@ -37,6 +48,33 @@ def sms_file() -> Path:
     if not path.is_file():
         pytest.fail(f"{path} is missing: set SPAM_SHARED_DIR to the shared fixtures folder")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``paths.data_dir`` shared by the tiny runs, so the SMS splits are prepared once."""
+    return tmp_path_factory.mktemp("tiny-data")
+
+
+@pytest.fixture
+def tiny_run(
+    tmp_path: Path, sms_file: Path, tiny_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[Any, dict[str, Any], Path]]:
+    """``tiny_run(*overrides)`` -> (config, metrics, run folder): ``TINY_RUN`` plus the overrides
+    on the real SMS file, composed from the package's configs and trained in-process."""
+    from _compose import compose_train
+
+    from spam_lightning.train import train
+
+    def run(*overrides: str) -> tuple[Any, dict[str, Any], Path]:
+        data = [f"data.source={sms_file}", f"paths.data_dir={tiny_data_dir}"]
+        cfg = compose_train([*TINY_RUN, *data, *overrides], tmp_path)
+        for key, value in (cfg.hydra.job.env_set or {}).items():  # as Hydra's run_job sets them
+            monkeypatch.setenv(key, str(value))
+        metrics = train(cfg)
+        return cfg, metrics, Path(cfg.paths.output_dir)
+
+    return run
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
