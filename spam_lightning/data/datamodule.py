@@ -353,10 +353,10 @@ class SpamDataModule(TextClassificationDataModule):
             seed, pad_token_id,
         )
         _int_at_least("data.split_seed", split_seed, 0)
-        self.train_frac, self.val_frac = check_split_fractions(train_frac, val_frac)
-        self.urls = [str(u) for u in (urls or ())]
+        train_frac, val_frac = check_split_fractions(train_frac, val_frac)
+        urls = [str(u) for u in (urls or ())]  # plain values: hparams go into checkpoints
         source = BUNDLED if source is None else str(source)
-        if source == DOWNLOAD and not self.urls:
+        if source == DOWNLOAD and not urls:
             raise ValueError(
                 "data.source=download, but data.urls is empty: nothing to download from "
                 "(use data.source=bundled, the default, or a path)"
@@ -370,7 +370,8 @@ class SpamDataModule(TextClassificationDataModule):
                 )
             source = str(Path(source).expanduser().resolve())
         self.save_hyperparameters()
-        self.source, self.on_bad_rows, self.split_seed = source, on_bad_rows, int(split_seed)
+        self.source, self.urls, self.on_bad_rows = source, urls, on_bad_rows
+        self.split_seed, self.train_frac, self.val_frac = int(split_seed), train_frac, val_frac
         self.class_names = ["ham", "spam"]
 
     def prepare_data(self) -> None:
