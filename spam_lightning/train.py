@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:} before Hydra composes)
+from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
 from spam_lightning.data.source import DataError
 from spam_lightning.inference.bundle import BundleError, save_bundle
 from spam_lightning.io_utils import write_json
@@ -35,23 +35,10 @@ from spam_lightning.model.classifier import (
 )
 from spam_lightning.model.sizes import CFG_KEYS
 from spam_lightning.model.trunk_cache import TrunkCacheError
-from spam_lightning.model.weights import (
-    CheckpointError,
-    WeightsUnavailableError,
-    build_gpt,
-)
+from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError, build_gpt
+from spam_lightning.training import checks
 from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO, TrunkCaching
-from spam_lightning.training.checks import (
-    ConfigError,
-    TokenizerError,
-    check_resume_checkpoint,
-    classifier_options,
-    known_num_classes,
-    last_checkpoint,
-    model_sizes,
-    preflight,
-    validate_config,
-)
+from spam_lightning.training.checks import ConfigError, TokenizerError
 from spam_lightning.training.module import SpamClassifier
 from spam_lightning.training.plots import plot_values
 
@@ -66,16 +53,8 @@ EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed b
 
 
 # Failures with a message that says what to fix: printed without a traceback by `train.py`.
-KNOWN_ERRORS = (
-    ConfigError,
-    DataError,
-    TokenizerError,
-    WeightsUnavailableError,
-    CheckpointError,
-    ClassifierStateError,
-    TrunkCacheError,
-    BundleError,
-)
+KNOWN_ERRORS = (ConfigError, DataError, TokenizerError, WeightsUnavailableError, CheckpointError,
+                ClassifierStateError, TrunkCacheError, BundleError)
 
 
 class TrainingInterrupted(SystemExit):
@@ -84,41 +63,22 @@ class TrainingInterrupted(SystemExit):
 
 
 def _cache_setting(value: Any) -> str | bool:
-    text = str(value).lower()
-    return {"true": True, "false": False}.get(text, "auto")
+    return {"true": True, "false": False}.get(str(value).lower(), "auto")
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> GPTClassifier:
     """GPT-2 (pretrained or random) turned into a classifier per ``trainable`` and ``token``."""
     m = cfg.model
     torch.manual_seed(cfg.seed)  # random weights are reproducible too
-    sizes = {k: v for k, v in model_sizes(cfg).items() if k in CFG_KEYS}
-    model = build_gpt(
-        m.name,
-        weights=m.weights,
-        checkpoint=m.checkpoint,
-        causal_mask=m.causal_mask,
-        drop_rate=m.drop_rate,
-        **sizes,  # the config's sizes, so e.g. model.n_layers=1 builds what validate_config checked
-    )
-    model = make_classifier(
-        model,
-        num_classes=num_classes,
-        seed=cfg.seed,
-        **classifier_options(cfg),
-    )
+    sizes = {k: v for k, v in checks.model_sizes(cfg).items() if k in CFG_KEYS}
+    # the config's sizes, so e.g. model.n_layers=1 builds what validate_config checked
+    model = build_gpt(m.name, weights=m.weights, checkpoint=m.checkpoint,
+                      causal_mask=m.causal_mask, drop_rate=m.drop_rate, **sizes)
+    model = make_classifier(model, num_classes=num_classes, seed=cfg.seed, **checks.classifier_options(cfg))
     if m.get("compile", False):
         for block in model.trf_blocks:
             block.compile(dynamic=True)
     return GPTClassifier(model, token=cfg.token.name)
-
-
-def _num_batches(datamodule) -> dict[str, int]:
-    return {
-        "train": len(datamodule.train_dataloader()),
-        "val": len(datamodule.val_dataloader()),
-        "test": len(datamodule.test_dataloader()),
-    }
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:
@@ -150,7 +110,7 @@ def resume_command(cfg: DictConfig) -> str:
 
 
 def _interrupted(cfg: DictConfig, callbacks: list[Any], trainer: L.Trainer) -> TrainingInterrupted:
-    last = last_checkpoint(cfg, callbacks)
+    last = checks.last_checkpoint(cfg, callbacks)
     where = (
         f"The last complete epoch is saved in {last}; work after it is redone on resume."
         if last is not None
@@ -169,7 +129,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Everything that can be checked cheaply (config, datamodule options, trainer flags,
     checkpoints) is checked before the data is prepared or the model is built.
     """
-    validate_config(cfg)
+    checks.validate_config(cfg)
     datamodule = _instantiate(cfg.data)  # validates its own options; reads nothing yet
     loggers = [_instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     callbacks = [_instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
@@ -181,7 +141,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = SafeCheckpointIO()
-    ckpt_path, checkpoint = preflight(cfg, callbacks, known_num_classes(datamodule))
+    ckpt_path, checkpoint = checks.preflight(cfg, callbacks, checks.known_num_classes(datamodule))
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -191,13 +151,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     model = build_model(cfg, datamodule.num_classes)
     module = SpamClassifier(
-        model,
-        num_classes=datamodule.num_classes,
-        trainable=cfg.trainable.name,
-        lr=cfg.optimizer.lr,
-        weight_decay=cfg.optimizer.weight_decay,
-        ignore_index=cfg.loss.ignore_index,
-        class_names=list(datamodule.class_names),
+        model, num_classes=datamodule.num_classes, trainable=cfg.trainable.name,
+        lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
+        ignore_index=cfg.loss.ignore_index, class_names=list(datamodule.class_names),
         final_splits=FINAL_SPLITS,
     )
     # the datasets go to the cache builder; nothing reaches back into the datamodule
@@ -213,12 +169,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     )
     if checkpoint is not None:  # the head too, now that the data named the classes
-        expected = {
-            k.removeprefix("model."): tuple(v.shape)
-            for k, v in module.state_dict().items()
-            if k.startswith("model.")
-        }
-        check_resume_checkpoint(cfg, ckpt_path, checkpoint, expected)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        checks.check_resume_checkpoint(cfg, ckpt_path, checkpoint, expected)
         del checkpoint
 
     start = time.perf_counter()
@@ -227,41 +179,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         wall = time.perf_counter() - start
         datamodule.setup("test")
-        trainer.test(
-            module,
-            dataloaders=[datamodule.eval_dataloader(s) for s in FINAL_SPLITS],
-            verbose=False,
-        )
+        loaders = [datamodule.eval_dataloader(s) for s in FINAL_SPLITS]
+        trainer.test(module, dataloaders=loaders, verbose=False)
     except SIGTERMException as err:
         raise _interrupted(cfg, callbacks, trainer) from err
     final = module.test_results.metrics
     monitor = next((c for c in trainer.callbacks if hasattr(c, "history")), None)
     training_seconds = monitor.training_seconds if monitor else wall
 
-    metrics: dict[str, Any] = {}
-    for split in FINAL_SPLITS:
-        for name in ("accuracy", "loss", "precision", "recall", "f1"):
-            metrics[f"{split}_{name}"] = final[f"{split}_{name}"]
-        metrics[f"{split}_count"] = int(final[f"{split}_count"])
+    metrics: dict[str, Any] = {
+        f"{split}_{name}": int(final[f"{split}_{name}"]) if name == "count" else final[f"{split}_{name}"]
+        for split in FINAL_SPLITS
+        for name in ("accuracy", "loss", "precision", "recall", "f1", "count")
+    }
     metrics.update(
-        {
-            "examples_seen": monitor.examples_seen if monitor else None,
-            "training_seconds": round(training_seconds, 3),
-            "max_length": int(datamodule.max_length),
-            "num_batches": _num_batches(datamodule),
-            "model": cfg.model.name,
-            "weights": cfg.model.weights,
-            "trainable": cfg.trainable.name,
-            "token": cfg.token.name,
-            "padding": cfg.data.padding,
-            "seed": int(cfg.seed),
-            "epochs": int(trainer.current_epoch),
-            "global_step": int(trainer.global_step),
-            "precision": str(trainer.precision),
-            "device": _device_name(trainer),
-            "trunk_cache": model.trunk_cache is not None,
-            "experiment": _experiment_name(cfg),
-        }
+        examples_seen=monitor.examples_seen if monitor else None,
+        training_seconds=round(training_seconds, 3),
+        max_length=int(datamodule.max_length),
+        num_batches={s: len(getattr(datamodule, f"{s}_dataloader")()) for s in FINAL_SPLITS},
+        model=cfg.model.name, weights=cfg.model.weights, trainable=cfg.trainable.name,
+        token=cfg.token.name, padding=cfg.data.padding, seed=int(cfg.seed),
+        epochs=int(trainer.current_epoch), global_step=int(trainer.global_step),
+        precision=str(trainer.precision), device=_device_name(trainer),
+        trunk_cache=model.trunk_cache is not None, experiment=_experiment_name(cfg),
     )
     if trainer.is_global_zero:
         _print_final(metrics)
@@ -271,8 +211,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _experiment_name(cfg: DictConfig) -> str | None:
     try:
-        choices = HydraConfig.get().runtime.choices
-        return choices.get("experiment")
+        return HydraConfig.get().runtime.choices.get("experiment")
     except ValueError:  # not running under Hydra (tests calling train() directly)
         return None
 
@@ -285,8 +224,7 @@ def _device_name(trainer: L.Trainer) -> str:
 
 
 def _print_final(metrics: dict[str, Any]) -> None:
-    minutes = metrics["training_seconds"] / 60
-    print(f"Training completed in {minutes:.2f} minutes.")
+    print(f"Training completed in {metrics['training_seconds'] / 60:.2f} minutes.")
     for split in FINAL_SPLITS:
         print(f"{SPLIT_TITLES[split]} accuracy: {metrics[f'{split}_accuracy'] * 100:.2f}%")
     for split in FINAL_SPLITS:
@@ -297,8 +235,7 @@ def _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trai
     """metrics.json, the resolved config, plots, the bundle and the hparams dashboard."""
     write_json(output_dir / "metrics.json", metrics)
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    resolved = OmegaConf.to_yaml(job_cfg, resolve=True)
-    (output_dir / "config.yaml").write_text(resolved, encoding="utf-8")
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(job_cfg, resolve=True), encoding="utf-8")
     if monitor is not None and monitor.history["train_losses"]:
         h = monitor.history
         epochs = max(1, int(cfg.trainer.max_epochs))
@@ -306,27 +243,19 @@ def _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trai
         plot_values(epochs, monitor.examples_seen, h["train_accs"], h["val_accs"], "accuracy", output_dir)
         write_json(output_dir / "history.json", h)
     save_bundle(
-        output_dir,
-        module.model,
-        class_names=list(datamodule.class_names),
-        token=cfg.token.name,
-        max_length=datamodule.max_length,
-        padding=cfg.data.padding,
+        output_dir, module.model, class_names=list(datamodule.class_names), token=cfg.token.name,
+        max_length=datamodule.max_length, padding=cfg.data.padding,
         pad_token_id=datamodule.pad_token_id,
         extra={"trained": {k: metrics[k] for k in ("model", "weights", "trainable", "seed")}},
     )
+    hparams = {
+        "model": cfg.model.name, "weights": cfg.model.weights, "trainable": cfg.trainable.name,
+        "token": cfg.token.name, "padding": cfg.data.padding, "max_length": metrics["max_length"],
+        "lr": cfg.optimizer.lr, "weight_decay": cfg.optimizer.weight_decay,
+        "batch_size": cfg.data.batch_size, "seed": cfg.seed, "precision": metrics["precision"],
+    }
+    final = {f"hparams/{k}": v for k, v in metrics.items() if k.endswith(("_accuracy", "_loss", "_f1"))}
     for lg in trainer.loggers:
-        hparams = {
-            "model": cfg.model.name, "weights": cfg.model.weights, "trainable": cfg.trainable.name,
-            "token": cfg.token.name, "padding": cfg.data.padding, "max_length": metrics["max_length"],
-            "lr": cfg.optimizer.lr, "weight_decay": cfg.optimizer.weight_decay,
-            "batch_size": cfg.data.batch_size, "seed": cfg.seed, "precision": metrics["precision"],
-        }
-        final = {
-            f"hparams/{k}": metrics[k]
-            for k in metrics
-            if k.endswith(("_accuracy", "_loss", "_f1"))
-        }
         lg.log_hyperparams(hparams, metrics=final)
         lg.save()
 

@@ -112,85 +112,8 @@ class BodyLimit:
 
 
 # ------------------------------------------------------------------ page
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Spam classifier</title>
-<style>
-  body { font: 16px/1.5 system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
-  textarea { width: 100%; box-sizing: border-box; font: inherit; padding: .5rem; }
-  button { font: inherit; padding: .4rem 1.2rem; margin-top: .5rem; cursor: pointer; }
-  #result { margin-top: 1.2rem; min-height: 3rem; }
-  .label { font-size: 1.6rem; font-weight: 600; }
-  .error { color: #b00020; }
-  .bar { background: #eee; height: .8rem; border-radius: .4rem; overflow: hidden; }
-  .bar > div { background: #4a7bd0; height: 100%; }
-  .row { display: grid; grid-template-columns: 6rem 1fr 4.5rem; gap: .6rem; align-items: center; }
-  small { color: #666; }
-</style>
-</head>
-<body>
-<h1>Spam classifier</h1>
-<p><small>GPT-2 fine-tuned as a classifier ({classes}). Messages longer than
-{max_length} tokens are truncated, as in training.</small></p>
-<form id="form">
-  <label for="text">Message</label>
-  <textarea id="text" name="text" rows="5" maxlength="{max_chars}" required
-    placeholder="You are a winner you have been specially selected to receive $1000 cash or a $2000 award."></textarea>
-  <button id="go" type="submit">Classify</button>
-</form>
-<div id="result" aria-live="polite"></div>
-<script>
-const form = document.getElementById("form");
-const box = document.getElementById("text");
-const go = document.getElementById("go");
-const out = document.getElementById("result");
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-function showError(msg) { out.replaceChildren(el("p", "error", msg)); }
-form.addEventListener("submit", async (ev) => {
-  ev.preventDefault();
-  const text = box.value;
-  if (!text.trim()) { showError("Type a message first."); return; }
-  go.disabled = true;
-  out.replaceChildren(el("p", "", "Classifying..."));
-  try {
-    const r = await fetch("api/classify", {
-      method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({text: text}),
-    });
-    const data = await r.json().catch(() => ({}));
-    if (!r.ok) {
-      const d = data.detail;
-      showError(Array.isArray(d) ? d.map((x) => x.msg).join("; ") : (d || ("HTTP " + r.status)));
-      return;
-    }
-    const p = data.predictions[0];
-    const rows = [el("p", "label", p.label + " (" + (100 * p.probability).toFixed(1) + "%)")];
-    for (const [name, prob] of Object.entries(p.probabilities)) {
-      const row = el("div", "row"), bar = el("div", "bar"), fill = el("div");
-      fill.style.width = (100 * prob).toFixed(1) + "%";
-      bar.append(fill);
-      row.append(el("span", "", name), bar, el("span", "", (100 * prob).toFixed(1) + "%"));
-      rows.push(row);
-    }
-    out.replaceChildren(...rows);
-  } catch (err) {
-    showError("Request failed: " + err);
-  } finally {
-    go.disabled = false;
-  }
-});
-</script>
-</body>
-</html>
-"""
+# the demo page, with {classes}, {max_length} and {max_chars} filled in by `render_page`
+PAGE = Path(__file__).with_name("page.html")
 
 
 def render_page(class_names: list[str], max_length: int, max_chars: int) -> str:
@@ -200,7 +123,7 @@ def render_page(class_names: list[str], max_length: int, max_chars: int) -> str:
         "max_length": str(int(max_length)),
         "max_chars": str(int(max_chars)),
     }
-    page = PAGE
+    page = PAGE.read_text(encoding="utf-8")
     for key, value in values.items():
         page = page.replace("{" + key + "}", value)
     return page

@@ -24,9 +24,8 @@ class ClassifierStateError(ValueError):
 
 
 def first_trainable_block(trainable: str, n_layers: int) -> int | None:
-    """Index of the first block that trains; blocks before it are a frozen trunk whose output
-    can be cached. `n_layers` means no block trains (head only); None means nothing is frozen
-    (`all`, and `lora`, whose adapters sit in every block)."""
+    """Index of the first block that trains (blocks before it: a cacheable frozen trunk);
+    `n_layers`: head only; None: nothing frozen (`all`, `lora` with adapters in every block)."""
     if trainable not in TRAINABLE:
         raise ValueError(f"unknown trainable={trainable!r}; allowed: {', '.join(TRAINABLE)}")
     if trainable == "last_two_blocks" and n_layers < 2:
@@ -46,10 +45,9 @@ def make_classifier(
     alpha: float = 16,
     seed: int = 123,
 ) -> GPTModel:
-    """Chapter 6.5, in the book's order: freeze everything, seed, swap `out_head` for a
-    `Linear(emb_dim, num_classes)`, then unfreeze what `trainable` names. In place; returns
-    `model`. The seed makes the new head (and LoRA's A) the same for every run. `rank` and
-    `alpha` are LoRA's (used as given: a rank < 1 or a non-positive alpha is an error)."""
+    """Chapter 6.5, in the book's order, in place: freeze everything, seed (the same new head
+    and LoRA A in every run), swap `out_head` for a `Linear(emb_dim, num_classes)`, unfreeze
+    what `trainable` names. `rank` and `alpha` are LoRA's, used as given."""
     n_layers = len(model.trf_blocks)
     first = first_trainable_block(trainable, n_layers)  # validates the name and depth
     if trainable == "lora":
@@ -73,12 +71,9 @@ def make_classifier(
 
 
 def pool_logits(logits: torch.Tensor, lengths: torch.Tensor | None, token: str) -> torch.Tensor:
-    """Per-token outputs [B, T, C] -> one row per sequence [B, C].
-
-    `last`: position -1 (the chapter); `first`: position 0; `flexible`: the last real token,
-    position lengths-1; `mean`: average over the first `lengths` positions, so right padding is
-    ignored. `lengths` ([B], true lengths) may be None when nothing is padded.
-    """
+    """Per-token outputs [B, T, C] -> [B, C]: `last` position -1 (the chapter), `first` 0,
+    `flexible` the last real token (lengths-1), `mean` the average over the first `lengths`
+    positions (right padding ignored). `lengths` [B] may be None when nothing is padded."""
     if token == "last":
         return logits[:, -1, :]
     if token == "first":
@@ -99,11 +94,10 @@ def pool_logits(logits: torch.Tensor, lengths: torch.Tensor | None, token: str) 
 class GPTClassifier(GPTModel):
     """Class logits ``[B, num_classes]`` from token ids: the one classification forward.
 
-    Built around a GPTModel whose ``out_head`` is already a class head (``make_classifier``):
-    it takes over that model's modules under the same names, so its state dict is the GPTModel's
-    (the format of checkpoints and bundles) and no weights are copied. ``trunk_cache``, when
-    set (training's ``TrunkCaching`` callback builds it), holds the output of the frozen blocks
-    for examples identified by ``(split, index)``.
+    Takes over the modules of a GPTModel with a class head (``make_classifier``) under the same
+    names, so its state dict is that GPTModel's (checkpoints, bundles) and nothing is copied.
+    ``trunk_cache`` (built by training's ``TrunkCaching``) holds the frozen blocks' output for
+    examples identified by ``(split, index)``.
     """
 
     def __init__(self, gpt: GPTModel, token: str = "last") -> None:
@@ -116,12 +110,8 @@ class GPTClassifier(GPTModel):
         self.trunk_cache: TrunkCache | None = None
 
     def needed_length(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> int:
-        """How many leading positions the pooled token depends on.
-
-        With a causal mask, position t sees only positions <= t, so `first` needs 1 position and
-        `flexible`/`mean` need the longest real length: the rest is padding whose outputs are never
-        read. Cutting it is exact and makes the cost follow the real lengths.
-        """
+        """How many leading positions the pooled token depends on: with a causal mask, 1 for
+        `first` and the longest real length for `flexible`/`mean` (cutting the rest is exact)."""
         full = input_ids.shape[1]
         if not self.causal_mask or self.token == "last":
             return full
@@ -149,13 +139,12 @@ class GPTClassifier(GPTModel):
         index: torch.Tensor | None = None,
         split: str | None = None,
     ) -> torch.Tensor:
-        """Class logits ``[B, num_classes]``; ``lengths`` are the true lengths (right padding).
+        """Class logits ``[B, num_classes]``; ``lengths``: true lengths (right padding).
 
-        Three exact shortcuts, each equal to the full forward within float rounding: the
-        frozen trunk's states come from the cache when it holds ``split``; inputs are cut to
-        the positions the pooled token can see (``needed_length``); and the last block runs
-        only at the pooled position (``TransformerBlock.forward_at``) unless pooling is
-        ``mean``, which reads every position.
+        Three exact shortcuts (equal to the full forward within float rounding): the frozen
+        trunk's states come from the cache when it holds ``split``; inputs are cut to
+        ``needed_length``; the last block runs only at the pooled position (``forward_at``)
+        unless pooling is ``mean``.
         """
         if lengths is None:
             lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
@@ -178,9 +167,8 @@ class GPTClassifier(GPTModel):
 
 
 def load_classifier_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """`model.load_state_dict` for fine-tuned weights, with one readable error listing every
-    missing, unexpected or mis-shaped tensor (expected vs found), and saying when the checkpoint
-    was trained for another model size or number of classes."""
+    """`model.load_state_dict`, or one ClassifierStateError listing every missing, unexpected
+    or mis-shaped tensor and saying when the weights are of another size or class count."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
     problems = mismatch_lines(own, found)

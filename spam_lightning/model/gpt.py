@@ -62,47 +62,35 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
 
+    def _heads(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[b, T, d_in] -> [b, n_heads, T, head_dim]"""
+        return linear(x).view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, num_tokens, _ = x.shape
-        # [b, T, d_out] -> [b, n_heads, T, head_dim]
-        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         # Same maths as the book's masked softmax(QK^T / sqrt(d)) V, with dropout on the weights.
         context = F.scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal,
+            self._heads(self.W_query, x), self._heads(self.W_key, x), self._heads(self.W_value, x),
+            dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal,
         )
-        context = context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
-        return self.out_proj(context)
+        return self.out_proj(context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out))
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The attention output ``[B, d_out]`` at one query position per row.
+        """``forward(x)[b, positions[b]]``, ``[B, d_out]``: only one query row per sequence.
 
-        ``x`` ``[B, T, d_in]`` supplies keys and values for every position; only the row
-        ``positions[b]`` of each sequence is queried. Equal to ``forward(x)[b, positions[b]]``:
-        the causal mask becomes "keys <= position" for that one query row (no mask at all when
-        every query is the last position, which sees everything anyway). A classifier that
-        reads one position per sequence thus skips T-1 of T queries and output projections.
+        Keys and values come from every position; the causal mask becomes "keys <= position"
+        (none when every query is the last position). A classifier that reads one position per
+        sequence thus skips T-1 of T queries and output projections.
         """
         b, num_tokens, _ = x.shape
-        rows = torch.arange(b, device=x.device)
-        query_in = x[rows, positions].unsqueeze(1)  # [B, 1, d_in]
-        queries = self.W_query(query_in).view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        query_in = x[torch.arange(b, device=x.device), positions].unsqueeze(1)  # [B, 1, d_in]
         mask = None
         if self.causal and not bool((positions == num_tokens - 1).all()):
             keep = torch.arange(num_tokens, device=x.device)[None, :] <= positions[:, None]
             mask = keep[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and the query
         context = F.scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            attn_mask=mask,
+            self._heads(self.W_query, query_in), self._heads(self.W_key, x),
+            self._heads(self.W_value, x), attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out_proj(context.transpose(1, 2).reshape(b, self.d_out))
@@ -171,13 +159,8 @@ class TransformerBlock(nn.Module):
         return x
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The block's output ``[B, emb_dim]`` at one position per row: ``forward(x)[b, positions[b]]``.
-
-        Used for the model's last block when only one position per sequence is read (the
-        pooled token): keys and values still come from every position, but the query, the
-        attention output, the residual and the FeedForward run on B rows instead of B*T.
-        Works unchanged with LoRA (``LinearWithLoRA`` is called like ``nn.Linear``).
-        """
+        """``forward(x)[b, positions[b]]``, ``[B, emb_dim]``: the query, residual and FeedForward
+        run on B rows instead of B*T (the classifier's last block). Works with LoRA too."""
         rows = torch.arange(x.shape[0], device=x.device)
         out = x[rows, positions] + self.drop_resid(self.att.forward_at(self.norm1(x), positions))
         return out + self.drop_resid(self.ff(self.norm2(out)))

@@ -17,12 +17,7 @@ def check_lora_options(rank: object, alpha: object) -> None:
     """Raise a ValueError unless ``rank`` is an integer >= 1 and ``alpha`` a finite number > 0."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not math.isfinite(alpha)
-        or alpha <= 0
-    ):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
 
 
@@ -77,13 +72,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in model.named_children():
         if isinstance(module, LinearWithLoRA):
             base, lora = module.linear, module.lora
-            merged = nn.Linear(
-                base.in_features,
-                base.out_features,
-                bias=base.bias is not None,
-                device=base.weight.device,
-                dtype=base.weight.dtype,
-            )
+            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                               device=base.weight.device, dtype=base.weight.dtype)
             merged.weight.copy_(base.weight + lora.alpha * (lora.A @ lora.B).T)
             if base.bias is not None:
                 merged.bias.copy_(base.bias)

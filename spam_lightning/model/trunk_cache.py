@@ -1,25 +1,15 @@
-"""Frozen-trunk cache: the hidden states after the frozen blocks, computed once per example.
+"""Frozen-trunk cache: the hidden states after the frozen blocks, computed once per example
+(the chapter recomputes them for every batch of every epoch and every evaluation).
 
-When only blocks k.. train and blocks 0..k-1 are frozen and deterministic (no dropout), every
-forward pass through 0..k-1 returns the same states for the same example. The chapter recomputes
-them for every batch of every epoch and every evaluation; here they are computed once.
+Exact: with a causal mask position t depends only on positions <= t, so a prefix's states do
+not depend on padding. What is stored per example is what the pooled token can read: ``last``,
+every position up to ``max_length`` (computed padded, as in the chapter); ``flexible``/``mean``,
+the real tokens (computed in length-sorted batches); ``first``, position 0; without a causal
+mask, the whole ``max_length`` (cached only under ``longest`` padding).
 
-Exactness: with a causal mask position t depends only on positions <= t, so the states of a
-prefix do not depend on how far the sequence is padded. How much of each example is stored
-depends on which positions the pooled token can read:
-
-- ``last``: every position up to the split's ``max_length`` (the pooled position may be
-  padding), computed padded to ``max_length`` as in the chapter;
-- ``flexible`` / ``mean`` (causal): only the real tokens, computed in length-sorted batches
-  padded to each batch's longest example (same states, a fraction of the work);
-- ``first`` (causal): only position 0, computed from position 0 alone;
-- without a causal mask every position sees every other one, so examples are padded to
-  ``max_length`` and stored whole (the module only caches then under ``longest`` padding).
-
-States are packed per split as ``[sum(stored lengths), emb_dim]`` with per-example offsets, so
-``lookup`` is one gather whatever the batch. Indices are the examples' row numbers in their
-split, which is also what a distributed sampler hands each rank: every rank builds the whole
-cache and any rank can look up any example.
+States are packed per split as ``[sum(stored lengths), emb_dim]`` with offsets, so ``lookup`` is
+one gather. Indices are row numbers in the split, as a distributed sampler hands them out: every
+rank builds the whole cache and can look up any example.
 """
 
 from __future__ import annotations
@@ -33,11 +23,8 @@ class TrunkCacheError(ValueError):
 
 
 class TrunkCache:
-    """Per-split packed hidden states of ``embed`` + ``trf_blocks[:start_block]``.
-
-    ``dtype`` is the storage type (float32 by default: the residual stream is float32 even under
-    bf16-mixed autocast, so storing it in bf16 would change the results of the cached run).
-    """
+    """Per-split packed hidden states of ``embed`` + ``trf_blocks[:start_block]``, stored as
+    ``dtype`` (float32: the residual stream stays float32 under bf16-mixed autocast)."""
 
     def __init__(
         self,
@@ -77,12 +64,8 @@ class TrunkCache:
         return stored * emb_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def _batches(self, stored: list[int]) -> list[list[int]]:
-        """Example indices grouped into trunk batches, shortest first.
-
-        Sorting by stored length makes each batch nearly free of padding. A batch closes when
-        it would exceed ``max_batch_tokens`` padded positions (every batch a similar amount of
-        work) or when padding would grow past ~15% of its real tokens (sparse length ranges).
-        """
+        """Example indices in trunk batches, shortest first (nearly no padding). A batch closes
+        past ``max_batch_tokens`` padded positions or ~15% padding (sparse length ranges)."""
         order = sorted(range(len(stored)), key=stored.__getitem__)
         batches: list[list[int]] = []
         current: list[int] = []
@@ -112,12 +95,8 @@ class TrunkCache:
         pad_token_id: int,
         device: torch.device,
     ) -> None:
-        """Run the trunk over ``dataset`` and keep, per example, the states the pooled token can read.
-
-        Each example is computed padded to the width it stores (``max_length`` for ``last`` or
-        a non-causal model, else its batch's longest stored length): exactly the states the
-        uncached forward computes for those positions.
-        """
+        """Run the trunk over ``dataset`` and keep, per example, the states the pooled token
+        can read, each computed padded to the width it stores (what the uncached forward sees)."""
         was_training = model.training
         model.eval()
         token_ids = dataset.token_ids
@@ -148,11 +127,8 @@ class TrunkCache:
     def lookup(
         self, split: str, index: torch.Tensor, width: int, device: torch.device | None = None
     ) -> torch.Tensor:
-        """States ``[B, width, D]`` for examples ``index`` of ``split``; unread tail positions are 0.
-
-        One vectorised gather (no per-row Python loop); positions past an example's stored
-        length are zero (the pooled token never reads them).
-        """
+        """States ``[B, width, D]`` for examples ``index`` of ``split``, in one gather; positions
+        past an example's stored length (never read by the pooled token) are 0."""
         states = self._states[split]
         idx = index.to(states.device, torch.long)
         begin = self._offsets[split][idx]  # [B]

@@ -1,13 +1,10 @@
 """Build GPT-2 models: random init, or OpenAI's pretrained weights in Hugging Face format.
 
-The book loads TensorFlow checkpoints; we read the Hub's `model.safetensors` instead (no
-TensorFlow, memory-mapped, no pickle). Hugging Face's GPT-2 stores linear layers as `Conv1D`
-([in, out], the transpose of `nn.Linear`) and fuses query/key/value into one `c_attn`, so each
-tensor is transposed and split on its way into the book's `GPTModel`.
-
-Memory: gpt2-xl is 6 GB. The model is built on the meta device (no storage), materialised once
-with `to_empty`, and every tensor is copied straight from the memory-mapped file into its
-parameter, so at most one copy of the weights is ever allocated.
+The book loads TensorFlow checkpoints; we read the Hub's `model.safetensors` (memory-mapped, no
+pickle). Its `Conv1D` layers are `nn.Linear` transposed and `c_attn` fuses query/key/value, so
+each tensor is transposed and split on its way into the book's `GPTModel`. The model is built on
+the meta device and every tensor copied straight from the file into its parameter: at most one
+copy of the weights (6 GB for gpt2-xl) is ever allocated.
 """
 
 from __future__ import annotations
@@ -68,14 +65,10 @@ def build_gpt(
     compile: bool = False,
     **size_overrides: Any,
 ) -> GPTModel:
-    """The model the `model` config group describes; `build_gpt(**cfg.model)` works.
-
-    `weights="random"` keeps torch's default init (seed before calling). `"pretrained"` loads
-    `checkpoint` if given, else downloads `name` from the Hub; the checkpoint must have the
-    sizes of `name` (plus `size_overrides`), otherwise a CheckpointError names the differences.
-    `compile` is accepted so the whole config group can be splatted in; compiling is the
-    trainer's job.
-    """
+    """The model the `model` config group describes (`build_gpt(**cfg.model)`; `compile` is
+    the caller's job). `weights="random"`: torch's default init (seed before calling);
+    `"pretrained"`: `checkpoint`, else the Hub's `name`, which must have the sizes of `name`
+    plus `size_overrides` (a CheckpointError names the differences)."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_CONFIGS)}")
     unknown = sorted(set(size_overrides) - set(CFG_KEYS))
@@ -109,22 +102,13 @@ def load_gpt2(
     config: Mapping[str, Any] | None = None,
 ) -> GPTModel:
     """GPT-2 with pretrained weights from a size name (Hub), an HF folder or a weights file.
-
-    `config` gives the sizes to expect; by default they come from the size name, or are inferred
-    from the tensor shapes of a local checkpoint.
-    """
+    `config` gives the sizes to expect (default: the size name's, or the file's shapes)."""
     path = resolve_weights_file(source)
     if config is None and str(source) in MODEL_CONFIGS:
         config = MODEL_CONFIGS[str(source)]
     with open_tensors(path) as tensors:
-        shapes = tensors.shapes()
-        layout = _normalise_keys(shapes)
-        hub_shapes = {key: shapes[orig] for key, orig in layout.items()}
-        found = infer_config(hub_shapes, path, strict=config is None)
-        expected = dict(config if config is not None else found)
+        expected, plan, layout = _checked_plan(path, tensors.shapes(), config)
         expected.update(drop_rate=drop_rate, causal_mask=causal_mask)
-        plan = _hf_plan(expected)
-        _check_tensors(path, plan, shapes, layout, expected, found)
 
         # Build without storage, then allocate each parameter once; the head is tied to
         # tok_emb, so it never gets storage of its own.
@@ -152,10 +136,20 @@ def check_checkpoint(source: str | Path, sizes: Mapping[str, Any]) -> None:
     checkpoint at ``source`` is not GPT-2 of ``sizes``; reads only the file's header."""
     path = resolve_weights_file(source)
     with open_tensors(path) as tensors:
-        shapes = tensors.shapes()
+        _checked_plan(path, tensors.shapes(), sizes)
+
+
+def _checked_plan(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, _Entry], dict[str, str]]:
+    """(sizes, plan, layout) of a checkpoint that holds GPT-2 of ``config`` (None: its own
+    inferred sizes), or a CheckpointError naming every missing, unexpected or mis-shaped tensor."""
     layout = _normalise_keys(shapes)
-    found = infer_config({k: shapes[orig] for k, orig in layout.items()}, path, strict=False)
-    _check_tensors(path, _hf_plan(sizes), shapes, layout, dict(sizes), found)
+    found = infer_config({k: shapes[orig] for k, orig in layout.items()}, path, strict=config is None)
+    expected = dict(config if config is not None else found)
+    plan = _hf_plan(expected)
+    _check_tensors(path, plan, shapes, layout, expected, found)
+    return expected, plan, layout
 
 
 def resolve_weights_file(source: str | Path) -> Path:
@@ -287,12 +281,9 @@ def _download(name: str) -> Path:
 
 
 class _Tensors:
-    """Read-only view of a checkpoint's tensors: names, shapes and one tensor at a time.
-
-    For safetensors, each tensor is read through its own short-lived memory map: the pages of a
-    tensor are released as soon as it has been copied into the model, so loading peaks at about
-    the model's size plus one tensor (one full map held open would add the whole file to RSS).
-    """
+    """Read-only view of a checkpoint's tensors: names, shapes and one tensor at a time, each
+    through its own short-lived memory map (loading peaks at the model's size plus one tensor;
+    one map held open would add the whole file to RSS)."""
 
     def __init__(self, path: Path | None = None, state: Mapping[str, torch.Tensor] | None = None):
         self._path, self._state = path, state
@@ -371,12 +362,9 @@ def _normalise_keys(shapes: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
-    config_file = path.parent / "config.json"
-    if not config_file.is_file():
-        return {}
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
+        config = json.loads((path.parent / "config.json").read_text())
+    except (OSError, ValueError):  # no config.json, or not JSON
         return {}
     return config if isinstance(config, dict) else {}
 

@@ -1,16 +1,12 @@
 """DDP inside Hydra multiruns (joblib, Optuna, ``-m`` sweeps): a Hydra callback.
 
-Lightning's ``trainer=ddp`` starts ranks 1..N-1 by re-running the script with ``sys.argv`` plus
-``hydra.run.dir=<this run>``. For a single run that is right (and our ``hydra.run.dir``, with its
-``${now:...}``, reaches the children already resolved). In a multirun it is wrong twice over:
-``sys.argv`` holds ``-m`` and the sweep, so every child would start the *whole sweep* again, and
-after the first job the parent keeps a process group whose peers have exited, so the next job's
-ranks never meet (Lightning-AI/pytorch-lightning#11300, open PR #18175).
-
-``HydraDDPCallback`` fixes both per job: the children re-run *this job* (its own overrides, its
-sweep sub-folder as ``hydra.run.dir``, ``hydra.mode=RUN``), and when a job ends its process group
-is destroyed and the rank variables Lightning exported are restored, so the next job in the same
-process (basic launcher, Optuna, a joblib worker) starts its own ranks cleanly.
+Lightning's ``trainer=ddp`` starts ranks 1..N-1 by re-running ``sys.argv`` plus
+``hydra.run.dir=<this run>``: right for a single run, wrong twice in a multirun. ``sys.argv``
+holds ``-m`` and the sweep, so every child would start the whole sweep again; and after the first
+job the parent keeps a process group whose peers have exited, so the next job's ranks never meet
+(Lightning-AI/pytorch-lightning#11300). ``HydraDDPCallback`` fixes both per job: children re-run
+*this job* (its overrides, its sweep sub-folder, ``hydra.mode=RUN``), and at the job's end the
+process group is destroyed and the rank variables Lightning exported are restored.
 """
 
 from __future__ import annotations

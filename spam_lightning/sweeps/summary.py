@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -63,29 +64,19 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
         "status": "failed",
         "reference": (config.get("reference") or {}).get("test_acc"),
     }
-    metrics_path = job_dir / "metrics.json"
-    if metrics_path.is_file():
-        try:
-            m = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            m = None
-        if m:
-            record.update(
-                {
-                    "Model": m.get("model", record["Model"]),
-                    "Weights": m.get("weights", record["Weights"]),
-                    "Trainable token": m.get("token", record["Trainable token"]),
-                    "Trainable layers": m.get("trainable", record["Trainable layers"]),
-                    "Context length": _context_label(data.get("max_length"), m.get("max_length")),
-                    "train_acc": m.get("train_accuracy"),
-                    "val_acc": m.get("val_accuracy"),
-                    "test_acc": m.get("test_accuracy"),
-                    "minutes": (m.get("training_seconds") or 0) / 60,
-                    "Device": m.get("device"),
-                    "seed": m.get("seed", record["seed"]),
-                    "status": "ok",
-                }
-            )
+    try:
+        m = json.loads((job_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        m = None
+    if m:
+        for column, key in (("Model", "model"), ("Weights", "weights"), ("Trainable token", "token"),
+                            ("Trainable layers", "trainable"), ("seed", "seed")):
+            record[column] = m.get(key, record[column])
+        record.update(
+            {f"{split}_acc": m.get(f"{split}_accuracy") for split in ("train", "val", "test")},
+            minutes=(m.get("training_seconds") or 0) / 60, Device=m.get("device"), status="ok",
+        )
+        record["Context length"] = _context_label(data.get("max_length"), m.get("max_length"))
     return record
 
 
@@ -98,8 +89,7 @@ def _fmt(values: list[float], percent: bool) -> str:
     unit = "%" if percent else " min"
     if len(vals) == 1:
         return f"{mean:.2f}{unit}"
-    std = pd.Series(vals).std(ddof=1) * scale
-    return f"{mean:.2f} ± {std:.2f}{unit}"
+    return f"{mean:.2f} ± {statistics.stdev(vals) * scale:.2f}{unit}"
 
 
 def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
@@ -121,21 +111,15 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
         rows.append(
             {
                 "Config": key,
-                "Model": first["Model"],
-                "Weights": first["Weights"],
-                "Trainable token": first["Trainable token"],
-                "Trainable layers": first["Trainable layers"],
-                "Context length": first["Context length"],
+                **{c: first[c] for c in BOOK_COLUMNS[:5]},
                 "Training acc": _fmt([r["train_acc"] for r in ok], True),
                 "Validation acc": _fmt([r["val_acc"] for r in ok], True),
                 "Test acc": _fmt([r["test_acc"] for r in ok], True),
                 "Training time": _fmt([r["minutes"] for r in ok], False),
                 "Device": first.get("Device") or "—",
-                "Reference test acc": (
-                    f"{first['reference']:.2f}%" if first["reference"] is not None else "—"
-                ),
+                "Reference test acc": "—" if first["reference"] is None else f"{first['reference']:.2f}%",
                 "Seeds": len(ok),
-                "Status": "ok" if not failed else (f"failed ({failed}/{len(group)})"),
+                "Status": "ok" if not failed else f"failed ({failed}/{len(group)})",
             }
         )
     table = pd.DataFrame(rows, columns=["Config", *BOOK_COLUMNS, "Reference test acc", "Seeds", "Status"])

@@ -79,16 +79,12 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if m.weights not in ("pretrained", "random"):
         problems.append(f"model.weights={m.weights!r}; allowed: pretrained, random")
-    if cfg.trainable.name not in TRAINABLE:
-        problems.append(
-            f"trainable.name={cfg.trainable.name!r} is unknown; allowed: {', '.join(TRAINABLE)} "
-            "(choose one with trainable=NAME)"
-        )
-    if cfg.token.name not in TOKENS:
-        problems.append(
-            f"token.name={cfg.token.name!r} is unknown; allowed: {', '.join(TOKENS)} "
-            "(choose one with token=NAME)"
-        )
+    for group, allowed in (("trainable", TRAINABLE), ("token", TOKENS)):
+        if cfg[group].name not in allowed:
+            problems.append(
+                f"{group}.name={cfg[group].name!r} is unknown; allowed: {', '.join(allowed)} "
+                f"(choose one with {group}=NAME)"
+            )
     sizes = model_sizes(cfg)
     bad_sizes = [k for k in SIZE_KEYS if not _is_int(sizes[k], 1)]
     for key in bad_sizes:
@@ -121,8 +117,7 @@ def validate_config(cfg: DictConfig) -> None:
     if str(cfg.cache.trunk).lower() not in ("auto", "true", "false"):
         problems.append(f"cache.trunk={cfg.cache.trunk!r}; allowed: auto, true, false")
     problems += _number_problems(
-        cfg.cache, "cache.", {"memory_budget_gb": ("a number >= 0 (GiB)", lambda v: _is_number(v) and v >= 0)}
-    )
+        cfg.cache, "cache.", {"memory_budget_gb": ("a number >= 0 (GiB)", lambda v: _is_number(v) and v >= 0)})
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path != "last" and not Path(str(ckpt_path)).is_file():
         problems.append(
@@ -290,12 +285,6 @@ def _resolve_ckpt_path(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
     return path
 
 
-def _check_pretrained_checkpoint(cfg: DictConfig) -> None:
-    """``model.checkpoint`` must hold GPT-2 tensors of the configured size: checked from the
-    file's header (safetensors) before any data work, with weights.py's named-tensor errors."""
-    check_checkpoint(cfg.model.checkpoint, model_sizes(cfg))
-
-
 def classifier_options(cfg: DictConfig) -> dict[str, Any]:
     """``make_classifier``'s ``trainable`` (and, for LoRA, ``rank`` and ``alpha``) exactly as
     configured: validate_config has checked them, nothing falls back to a default."""
@@ -307,17 +296,11 @@ def classifier_options(cfg: DictConfig) -> dict[str, Any]:
 
 def _expected_shapes(cfg: DictConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the classifier this config builds, from a storage-less (meta) model."""
-    gpt_cfg = {
-        **model_sizes(cfg),
-        "drop_rate": float(cfg.model.get("drop_rate", 0.0)),
-        "causal_mask": bool(cfg.model.get("causal_mask", True)),
-    }
+    gpt_cfg = {**model_sizes(cfg), "drop_rate": float(cfg.model.get("drop_rate", 0.0)),
+               "causal_mask": bool(cfg.model.get("causal_mask", True))}
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # make_classifier seeds
         model = make_classifier(
-            GPTModel(gpt_cfg),
-            num_classes=num_classes,
-            seed=cfg.seed,
-            **classifier_options(cfg),
+            GPTModel(gpt_cfg), num_classes=num_classes, seed=cfg.seed, **classifier_options(cfg)
         )
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -390,8 +373,8 @@ def preflight(
     Returns the resolved ``ckpt_path`` and its safely loaded (memory-mapped) contents.
     """
     if cfg.model.weights == "pretrained":
-        if cfg.model.get("checkpoint") is not None:
-            _check_pretrained_checkpoint(cfg)
+        if cfg.model.get("checkpoint") is not None:  # its header: GPT-2 of the configured size?
+            check_checkpoint(cfg.model.checkpoint, model_sizes(cfg))
         else:  # cache or a quick Hub check, before minutes of data work and tokenizing
             check_weights_available(cfg.model.name)
     check_tokenizer()

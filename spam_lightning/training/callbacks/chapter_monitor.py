@@ -51,18 +51,12 @@ class ChapterMonitor(L.Callback):
 
     # Lightning saves callback state in checkpoints: a resumed run keeps its history.
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "examples_seen": self.examples_seen,
-            "batches_seen": self.batches_seen,
-            "training_seconds": self.training_seconds + self._elapsed(),
-            "history": self.history,
-        }
+        return {"examples_seen": self.examples_seen, "batches_seen": self.batches_seen,
+                "training_seconds": self.training_seconds + self._elapsed(), "history": self.history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.examples_seen = state_dict["examples_seen"]
-        self.batches_seen = state_dict["batches_seen"]
-        self.training_seconds = state_dict["training_seconds"]
-        self.history = state_dict["history"]
+        for key in ("examples_seen", "batches_seen", "training_seconds", "history"):
+            setattr(self, key, state_dict[key])
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._t0 if self._t0 is not None else 0.0
