@@ -49,6 +49,7 @@ ON_BAD_ROWS = ("error", "skip")
 MAX_LISTED = 5  # problems spelled out in one error message
 SKIP_HINT = "(fix the file, or set data.on_bad_rows=skip to drop bad rows)"
 _NON_UTF8_RE = re.compile("[\udc80-\udcff]")  # bytes decoded with errors="surrogateescape"
+csv.field_size_limit(2**31 - 1)  # pandas has no limit on a field (the default: 128 KiB)
 
 
 # ------------------------------------------------------------------ reading with line numbers
