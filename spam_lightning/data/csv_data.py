@@ -397,11 +397,8 @@ def _imdb_source(source: Path | None, urls: Sequence[str], data_dir: Path, timeo
 
 
 def prepare_imdb(
-    source: Path | None,
-    data_dir: Path,
-    urls: Sequence[str] = IMDB_URLS,
-    sizes: Sequence[int | None] = (35_000, 5_000, 10_000),
-    seed: int = 123,
+    source: Path | None, data_dir: Path, urls: Sequence[str] = IMDB_URLS,
+    sizes: Sequence[int | None] = (35_000, 5_000, 10_000), seed: int = 123,
     timeout: float = DOWNLOAD_TIMEOUT,
 ) -> dict[str, Any]:
     """Write the book's ``train/validation/test.csv`` (``text,label``) + ``meta.json``; locked,

@@ -66,14 +66,9 @@ class LengthGroupedSampler(BatchSampler):
     """
 
     def __init__(
-        self,
-        sampler: Sampler[int] | Iterable[int],
-        batch_size: int,
-        drop_last: bool,
-        lengths: Sequence[int],
-        mega_batch_mult: int = 50,
-        generator: torch.Generator | None = None,
-        seed: int = 123,
+        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool,
+        lengths: Sequence[int], mega_batch_mult: int = 50,
+        generator: torch.Generator | None = None, seed: int = 123,
     ) -> None:
         super().__init__(sampler, batch_size, drop_last)
         if mega_batch_mult < 1:
@@ -185,15 +180,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self,
-        data_dir: str = "data",
-        max_length: int | str | None = None,
-        context_length: int = 1024,
-        padding: str = "longest",
-        bucketing: bool = False,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 123,
+        self, data_dir: str = "data", max_length: int | str | None = None,
+        context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
+        batch_size: int = 8, num_workers: int = 0, seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
         super().__init__()
@@ -329,22 +318,12 @@ class SpamDataModule(TextClassificationDataModule):
     """
 
     def __init__(
-        self,
-        source: str | None = BUNDLED,
-        urls: Sequence[str] = DEFAULT_URLS,
-        data_dir: str = "data/sms_spam",
-        max_length: int | str | None = None,
-        context_length: int = 1024,
-        padding: str = "longest",
-        bucketing: bool = False,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 123,
-        pad_token_id: int = PAD_TOKEN_ID,
-        on_bad_rows: str = "error",
-        split_seed: int = 123,
-        train_frac: float = 0.7,
-        val_frac: float = 0.1,
+        self, source: str | None = BUNDLED, urls: Sequence[str] = DEFAULT_URLS,
+        data_dir: str = "data/sms_spam", max_length: int | str | None = None,
+        context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
+        batch_size: int = 8, num_workers: int = 0, seed: int = 123,
+        pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error", split_seed: int = 123,
+        train_frac: float = 0.7, val_frac: float = 0.1,
     ) -> None:
         # Validate everything here: cheap, and before any download, tokenizing or training.
         _choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)

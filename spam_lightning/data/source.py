@@ -184,13 +184,8 @@ def fetch(url: str, dest: Path, timeout: float, max_bytes: int = MAX_DOWNLOAD_BY
 
 
 def download_first(
-    urls: Sequence[str],
-    dest: Path,
-    keep: Callable[[Path], None],
-    what: str,
-    hint: str,
-    timeout: float = DOWNLOAD_TIMEOUT,
-    max_bytes: int = MAX_DOWNLOAD_BYTES,
+    urls: Sequence[str], dest: Path, keep: Callable[[Path], None], what: str, hint: str,
+    timeout: float = DOWNLOAD_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> str:
     """Try each URL in turn; ``keep(tmp)`` checks the download and moves it to ``dest``.
 
@@ -231,9 +226,7 @@ def download(urls: Sequence[str], dest: Path, timeout: float = DOWNLOAD_TIMEOUT)
 
 
 def load_source(
-    source: str | os.PathLike[str] | None,
-    urls: Sequence[str],
-    data_dir: Path,
+    source: str | os.PathLike[str] | None, urls: Sequence[str], data_dir: Path,
     timeout: float = DOWNLOAD_TIMEOUT,
 ) -> SourceData:
     """``bundled``/``None``, ``download`` (reusing a verified ``data_dir/SMSSpamCollection``) or a

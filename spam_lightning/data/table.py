@@ -145,19 +145,10 @@ def _check_row(
 
 
 def read_checked(
-    data: bytes,
-    name: str,
-    sep: str = ",",
-    *,
-    fixed: Sequence[str] | None = None,
-    header: bool = True,
-    text_column: str = "Text",
-    label_column: str = "Label",
-    allowed: Sequence[str] | None = None,
-    on_bad_rows: str = "error",
-    require_all_labels: bool = False,
-    allow_empty: bool = False,
-    hint: str = SKIP_HINT,
+    data: bytes, name: str, sep: str = ",", *, fixed: Sequence[str] | None = None,
+    header: bool = True, text_column: str = "Text", label_column: str = "Label",
+    allowed: Sequence[str] | None = None, on_bad_rows: str = "error",
+    require_all_labels: bool = False, allow_empty: bool = False, hint: str = SKIP_HINT,
 ) -> Table:
     """Read a user-supplied table once and check every row; each problem names file and line.
 
@@ -392,15 +383,9 @@ def split_settings(seed: int, train_frac: float, val_frac: float, on_bad_rows: s
 
 
 def prepare(
-    source: str | os.PathLike[str] | None,
-    data_dir: str | os.PathLike[str],
-    urls: Sequence[str] = DEFAULT_URLS,
-    *,
-    split_seed: int = 123,
-    train_frac: float = 0.7,
-    val_frac: float = 0.1,
-    on_bad_rows: str = "error",
-    timeout: float = DOWNLOAD_TIMEOUT,
+    source: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str],
+    urls: Sequence[str] = DEFAULT_URLS, *, split_seed: int = 123, train_frac: float = 0.7,
+    val_frac: float = 0.1, on_bad_rows: str = "error", timeout: float = DOWNLOAD_TIMEOUT,
 ) -> Prepared:
     """Get the source (``bundled``/``None``, ``download`` or a path), then write
     ``train/validation/test.csv`` + ``meta.json`` in ``data_dir``; locked, and reused while

@@ -90,9 +90,7 @@ def get_tokenizer() -> Any:
 
 
 def encode_texts(
-    texts: Sequence[str],
-    max_length: int | None = None,
-    context_length: int | None = None,
+    texts: Sequence[str], max_length: int | None = None, context_length: int | None = None,
     tokenizer: Any = None,
 ) -> list[list[int]]:
     """GPT-2 ids of each text, truncated to ``min(max_length, context_length)`` (those given), as
@@ -131,11 +129,8 @@ def resolve_max_length(
 
 
 def collate(
-    token_lists: Sequence[Sequence[int]],
-    labels: Sequence[int] | None = None,
-    padding: str = "longest",
-    max_length: int | None = None,
-    pad_token_id: int = PAD_TOKEN_ID,
+    token_lists: Sequence[Sequence[int]], labels: Sequence[int] | None = None,
+    padding: str = "longest", max_length: int | None = None, pad_token_id: int = PAD_TOKEN_ID,
     indices: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A batch dict: ``input_ids``, ``lengths`` (true lengths: a text may itself hold token
