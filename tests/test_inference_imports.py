@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 FORBIDDEN = ("lightning", "pytorch_lightning", "hydra")
 
-PREDICT = """
+PREDICT = f"""
+FORBIDDEN = {FORBIDDEN!r}
 import json, sys
 import torch
 from spam_lightning.inference.bundle import save_bundle
@@ -26,9 +29,9 @@ save_bundle(sys.argv[1], model, class_names=["ham", "spam"], token="last", max_l
 label = Classifier(sys.argv[1]).predict("hello")[0].label
 create_app(sys.argv[1])
 assert main([sys.argv[1], "hello"]) == 0
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in %r)
-print(json.dumps({"label": label, "loaded": loaded}))
-""" % (FORBIDDEN,)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
+print(json.dumps({{"label": label, "loaded": loaded}}))
+"""
 
 
 def test_inference_entry_points_import_no_lightning_nor_hydra(tmp_path: Path) -> None:
@@ -41,13 +44,14 @@ def test_inference_entry_points_import_no_lightning_nor_hydra(tmp_path: Path) ->
     assert result["loaded"] == []
 
 
-def test_classify_help_does_not_import_torch() -> None:
+@pytest.mark.parametrize("command", ["classify", "serve"])
+def test_help_does_not_import_torch(command: str) -> None:
     code = (
         "import sys\n"
-        "from spam_lightning.inference.classify import main\n"
+        f"from spam_lightning.inference.{command} import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'hydra')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "usage: spam-classify" in out.stdout
+    assert f"usage: spam-{command}" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -60,16 +60,9 @@ def save_bundle(
     gpt_cfg = {k: plain.cfg[k] for k in CFG_KEYS}
     gpt_cfg["causal_mask"] = bool(plain.cfg.get("causal_mask", True))
     config = {
-        "format": BUNDLE_FORMAT,
-        "model": gpt_cfg,
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "token": token,
-        "max_length": int(max_length),
-        "padding": padding,
-        "pad_token_id": int(pad_token_id),
-        "tokenizer": "gpt2",
-        **(extra or {}),
+        "format": BUNDLE_FORMAT, "model": gpt_cfg, "num_classes": len(class_names),
+        "class_names": list(class_names), "token": token, "max_length": int(max_length),
+        "padding": padding, "pad_token_id": int(pad_token_id), "tokenizer": "gpt2", **(extra or {}),
     }
     write_json(out / CONFIG, config)  # written last: its presence marks a complete bundle
     return out

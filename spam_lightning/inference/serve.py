@@ -20,8 +20,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from spam_lightning.inference.bundle import BundleError, find_bundle
-
 if TYPE_CHECKING:
     from spam_lightning.inference.classify import Classifier
 
@@ -140,24 +138,20 @@ def create_app(
     """The demo app for a run folder; raises ``BundleError``/``ValueError`` for a bad run or option."""
     if max_chars < 1 or max_batch < 1:
         raise ValueError(f"max_chars and max_batch must be >= 1, got {max_chars} and {max_batch}")
-    find_bundle(run_dir)  # a bad folder fails fast, before the (slow) torch import
+    from spam_lightning.inference.bundle import find_bundle  # torch: after --help, not at import
+
+    find_bundle(run_dir)  # a bad folder fails fast, before the model loads
     from spam_lightning.inference.classify import Classifier
 
     clf: Classifier = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch)
     lock = threading.Lock()
     page = render_page(clf.class_names, clf.max_length, max_chars)
     health: dict[str, Any] = {
-        "status": "ok",
-        "run_dir": str(run_dir),
-        "class_names": clf.class_names,
-        "max_length": clf.max_length,
-        "token": clf.token,
-        "padding": clf.padding,
-        "precision": precision,
-        "device": str(clf.device),
+        "status": "ok", "run_dir": str(run_dir), "class_names": clf.class_names,
+        "max_length": clf.max_length, "token": clf.token, "padding": clf.padding,
+        "precision": precision, "device": str(clf.device),
         "model": {k: clf.config["model"][k] for k in ("emb_dim", "n_layers", "n_heads", "context_length")},
-        "max_chars": max_chars,
-        "max_batch": max_batch,
+        "max_chars": max_chars, "max_batch": max_batch,
     }
 
     app = FastAPI(
@@ -190,9 +184,7 @@ def create_app(
         if not texts:
             raise HTTPException(422, '"texts" is empty; give at least one message')
         if len(texts) > max_batch:
-            raise HTTPException(
-                413, f"{len(texts)} messages in one request; the limit is {max_batch}"
-            )
+            raise HTTPException(413, f"{len(texts)} messages in one request; the limit is {max_batch}")
         for i, text in enumerate(texts, 1):
             if not text.strip():
                 raise HTTPException(422, f"message {i} is empty or only whitespace; nothing to classify")
@@ -234,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``spam-serve RUN_DIR``: load the run (errors exit 1 before serving), then run uvicorn."""
     args = build_parser().parse_args(argv)
+    from spam_lightning.inference.bundle import BundleError
+
     if not 0 <= args.port <= 65535:
         print(f"spam-serve: error: --port {args.port} is not in 0..65535", file=sys.stderr)
         return 2

@@ -132,14 +132,10 @@ def _training_problems(cfg: DictConfig) -> list[str]:
     """Optimizer, dropout, LoRA, monitoring and trainer numbers: each a clear line instead of a
     torch error (or silent nonsense) after the data is prepared."""
     positive = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
-    problems = _number_problems(
-        cfg.optimizer,
-        "optimizer.",
-        {"lr": positive, "weight_decay": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)},
-    )
+    non_negative = ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
+    problems = _number_problems(cfg.optimizer, "optimizer.", {"lr": positive, "weight_decay": non_negative})
     problems += _number_problems(
-        cfg.model, "model.", {"drop_rate": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)}
-    )
+        cfg.model, "model.", {"drop_rate": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)})
     if cfg.trainable.name == "lora":
         for key, allowed, ok in (
             ("rank", "an integer >= 1", lambda v: _is_int(v, 1)),
@@ -149,8 +145,8 @@ def _training_problems(cfg: DictConfig) -> list[str]:
             if not ok(value):
                 problems.append(f"trainable.{key}={value!r}: must be {allowed} for trainable=lora")
     at_least_one = ("an integer >= 1", lambda v: _is_int(v, 1))
-    problems += _number_problems(cfg, "", {"eval_freq": at_least_one, "eval_iter": at_least_one})
-    problems += _number_problems(cfg, "", {"seed": ("an integer >= 0", lambda v: _is_int(v, 0))})
+    problems += _number_problems(cfg, "", {"eval_freq": at_least_one, "eval_iter": at_least_one,
+                                           "seed": ("an integer >= 0", lambda v: _is_int(v, 0))})
     t = cfg.trainer
     problems += _number_problems(
         t,
@@ -162,9 +158,7 @@ def _training_problems(cfg: DictConfig) -> list[str]:
             ),
             "max_steps": ("an integer >= 1, or -1 (no limit)", lambda v: _is_int(v, 1) or v == -1),
             "accumulate_grad_batches": at_least_one,
-            "check_val_every_n_epoch": (
-                "an integer >= 1, or null", lambda v: v is None or _is_int(v, 1)
-            ),
+            "check_val_every_n_epoch": ("an integer >= 1, or null", lambda v: v is None or _is_int(v, 1)),
             **{
                 f"limit_{split}_batches": (
                     "null, an integer >= 0 (batches) or a fraction in [0, 1]",
@@ -185,15 +179,11 @@ def _pretrained_problems(cfg: DictConfig, sizes: dict[str, Any]) -> list[str]:
         path = Path(str(checkpoint)).expanduser()
         return [] if path.exists() else [f"model.checkpoint={checkpoint}: no such file or folder"]
     if m.name not in HUB_REPOS:
-        return [
-            f"model {m.name} has no pretrained weights; use model.weights=random or "
-            "model.checkpoint=/path/to/model.safetensors"
-        ]
+        return [f"model {m.name} has no pretrained weights; use model.weights=random or "
+                "model.checkpoint=/path/to/model.safetensors"]
     released = MODEL_CONFIGS[m.name]
     differ = [k for k in SIZE_KEYS if sizes[k] != released[k]]
-    if not differ:
-        return []
-    return [
+    return [] if not differ else [
         f"pretrained {m.name} has {', '.join(f'{k}={released[k]}' for k in differ)}, but the "
         f"config asks for {', '.join(f'{k}={sizes[k]}' for k in differ)}; other sizes need "
         "model.weights=random or a model.checkpoint of that size"
@@ -202,12 +192,11 @@ def _pretrained_problems(cfg: DictConfig, sizes: dict[str, Any]) -> list[str]:
 
 def _data_problems(d: DictConfig, context_length: Any) -> list[str]:
     """The loader options every datamodule shares (its ``__init__`` checks them again)."""
-    problems = []
     batch_size, padding, max_length = d.get("batch_size"), d.get("padding"), d.get("max_length")
-    if "batch_size" in d and not _is_int(batch_size, 1):
-        problems.append(f"data.batch_size={batch_size!r}: must be an integer >= 1")
-    if "num_workers" in d and not _is_int(d.get("num_workers"), 0):
-        problems.append(f"data.num_workers={d.get('num_workers')!r}: must be an integer >= 0")
+    problems = _number_problems(d, "data.", {
+        "batch_size": ("an integer >= 1", lambda v: _is_int(v, 1)),
+        "num_workers": ("an integer >= 0", lambda v: _is_int(v, 0)),
+    })
     if "padding" in d and padding not in PADDING_MODES:
         problems.append(f"data.padding={padding!r}; allowed: {', '.join(PADDING_MODES)}")
     if padding == "none" and _is_int(batch_size, 2):
@@ -242,16 +231,9 @@ def _split_problems(d: DictConfig) -> list[str]:
             "must be < 1 (the rest is the test split)"
         )
     at_least_one = ("an integer >= 1", lambda v: _is_int(v, 1))
-    problems += _number_problems(
-        d,
-        "data.",
-        {
-            "train_size": at_least_one,
-            "val_size": at_least_one,
-            "test_size": ("null (the rest) or an integer >= 1", lambda v: v is None or _is_int(v, 1)),
-        },
-    )
-    return problems
+    rest = ("null (the rest) or an integer >= 1", lambda v: v is None or _is_int(v, 1))
+    return problems + _number_problems(
+        d, "data.", {"train_size": at_least_one, "val_size": at_least_one, "test_size": rest})
 
 
 def last_checkpoint(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
