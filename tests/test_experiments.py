@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from _compose import CONF, compose_train
+from conftest import TINY_RUN
 from omegaconf import OmegaConf
 
 from spam_lightning.sweeps.summary import summarize
@@ -109,13 +110,10 @@ def test_multirun_writes_summary_with_mean_and_std(tmp_path, sms_file):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [
-            sys.executable, str(REPO / "train.py"), "-m",
-            "model=gpt2-tiny", "trainable=last_layer,last_block", "token=last,flexible",
-            "seed=1,2", f"data.source={sms_file}", f"paths.data_dir={tmp_path / 'data'}",
-            "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-            "trainer.limit_test_batches=3", "callbacks.model_checkpoint=null", "eval_freq=100",
-            "eval_iter=1", "trainer.enable_progress_bar=false", "logger=none",
-            "trainer.enable_model_summary=false", f"hydra.sweep.dir={sweep}",
+            sys.executable, str(REPO / "train.py"), "-m", *TINY_RUN,
+            "trainable=last_layer,last_block", "token=last,flexible", "seed=1,2",
+            f"data.source={sms_file}", f"paths.data_dir={tmp_path / 'data'}",
+            "callbacks.model_checkpoint=null", f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )

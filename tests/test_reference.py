@@ -82,6 +82,9 @@ def test_losses_and_accuracy_use_the_last_token(splits):
     two = [next(it) for _ in range(2)]
     mean = sum(F.cross_entropy(model(x)[:, -1, :], y).item() for x, y in two) / 2
     assert book.calc_loss_loader(val_loader, model, "cpu", num_batches=2) == pytest.approx(mean)
+    # evaluate_model: both losses on eval_iter batches, then back to training mode
+    train_loss, val_loss = book.evaluate_model(model, val_loader, val_loader, "cpu", eval_iter=2)
+    assert train_loss == val_loss == pytest.approx(mean) and model.training
     correct = sum((model(x)[:, -1, :].argmax(-1) == y).sum().item() for x, y in two)
     model.train()
     assert book.calc_accuracy_loader(val_loader, model, "cpu", num_batches=2) == correct / 16
