@@ -214,19 +214,13 @@ def _probe(url: str, timeout: float) -> str | None:
         try:
             with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout):
                 answer["reason"] = None
-        except urllib.error.HTTPError as err:
-            if err.code < 400:  # a redirect to the file's storage: it exists
-                answer["reason"] = None
-            elif err.code == 404:
-                answer["reason"] = "it has no such file (HTTP 404)"
-            else:
-                answer["reason"] = f"it answered HTTP {err.code}"
+        except urllib.error.HTTPError as err:  # < 400: a redirect to the file's storage
+            answer["reason"] = (None if err.code < 400 else "it has no such file (HTTP 404)"
+                                if err.code == 404 else f"it answered HTTP {err.code}")
         except (OSError, ValueError) as err:  # URLError, timeouts, refused connections, bad URL
             cause = getattr(err, "reason", err)
-            if isinstance(cause, TimeoutError):
-                answer["reason"] = silent
-            else:
-                answer["reason"] = f"it is unreachable ({type(cause).__name__}: {cause})"
+            answer["reason"] = silent if isinstance(cause, TimeoutError) else (
+                f"it is unreachable ({type(cause).__name__}: {cause})")
 
     silent = f"it did not answer within {timeout:g} s"
     thread = threading.Thread(target=head, name="hub-check", daemon=True)
@@ -236,12 +230,9 @@ def _probe(url: str, timeout: float) -> str | None:
 
 
 def check_weights_available(name: str, timeout: float = HUB_CHECK_TIMEOUT) -> str:
-    """Where the pretrained weights of ``name`` will come from: ``"cache"`` or ``"hub"``.
-
-    The cache is looked up first (no network); else, unless HF_HUB_OFFLINE is set, one quick
-    request asks the Hub whether it serves the file. Anything else raises a
-    WeightsUnavailableError that names the fixes, in about ``timeout`` seconds at most.
-    """
+    """Where the pretrained weights of ``name`` will come from: ``"cache"`` (looked up first,
+    no network) or ``"hub"`` (one quick request, unless HF_HUB_OFFLINE); else, within about
+    ``timeout`` seconds, a WeightsUnavailableError that names the fixes."""
     if name not in HUB_REPOS:
         raise ValueError(f"{name} has no pretrained weights; allowed: {', '.join(HUB_REPOS)}")
     if cached_weights(name) is not None:
