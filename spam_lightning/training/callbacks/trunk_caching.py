@@ -17,10 +17,6 @@ from spam_lightning.model.trunk_cache import TrunkCache, TrunkCacheError
 log = logging.getLogger(__name__)
 
 
-def _split_names(splits: list[str]) -> str:
-    return ", ".join(splits[:-1]) + f" and {splits[-1]}" if len(splits) > 1 else "".join(splits)
-
-
 class TrunkCaching(L.Callback):
     """Computes blocks ``0..start_block-1`` once per example of each split it is given.
 
@@ -70,54 +66,22 @@ class TrunkCaching(L.Callback):
         return None
 
     def build(self, trainer, pl_module, splits: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
-        """Compute the frozen trunk once per example for ``splits`` (when allowed).
-
-        ``planned`` are splits cached later (the final test's): with ``cache.trunk=true`` the
-        memory budget must hold them too, which is checked now, before any training.
-        """
+        """Compute the frozen trunk once per example for ``splits`` (when allowed). ``planned``
+        splits are cached later (the final test's): ``cache.trunk=true`` budgets them now."""
         if self.setting in (False, "false", "off"):
             return
         model = pl_module.model
         strict = self.setting in (True, "true", "on")
-        reason = self._reason(model)
-        cache = model.trunk_cache
-        todo: list[str] = []
-        if reason is None:
-            if cache is None:
-                # store what the uncached forward feeds the first trainable block: float32,
-                # unless the weights themselves are half precision (bf16-true / 16-true)
-                dtype = next(model.parameters()).dtype
-                cache = TrunkCache(
-                    self.start_block,
-                    token=model.token,
-                    causal=model.causal_mask,
-                    dtype=dtype if dtype.is_floating_point else torch.float32,
-                )
-            todo = [s for s in splits if not cache.has(s) and s in self.datasets]
-            later = [
-                s for s in dict.fromkeys(planned)
-                if s not in todo and not cache.has(s) and s in self.datasets
-            ]
-            sizes = {
-                s: cache.estimate_bytes(self.datasets[s], model, self.max_length)
-                for s in (*todo, *later)
-            }
-            budget = float(self.budget_gb) * 2**30
-            need = cache.nbytes + sum(sizes[s] for s in todo)
-            need_all = need + sum(sizes[s] for s in later)
-            if strict and need_all > budget:
-                cached = [s for s in ("train", "val", "test") if cache.has(s) or s in sizes]
-                reason = (
-                    f"the cache of {_split_names(cached)} would need {need_all / 2**30:.3f} GiB, "
-                    f"over cache.memory_budget_gb={self.budget_gb}; raise "
-                    f"cache.memory_budget_gb to {math.ceil(need_all / 2**30 * 1000) / 1000:g} or "
-                    "more, or use cache.trunk=auto (caches what fits)"
-                )
-            elif need > budget:
-                reason = (
-                    f"the cache would need {need / 2**30:.2f} GiB, over "
-                    f"cache.memory_budget_gb={self.budget_gb}"
-                )
+        # store what the uncached forward feeds the first trainable block: float32, unless the
+        # weights themselves are half precision (bf16-true / 16-true)
+        dtype = next(model.parameters()).dtype
+        cache = model.trunk_cache or TrunkCache(
+            self.start_block or 0, token=model.token, causal=model.causal_mask,
+            dtype=dtype if dtype.is_floating_point else torch.float32,
+        )
+        todo = [s for s in splits if not cache.has(s) and s in self.datasets]
+        later = [s for s in dict.fromkeys(planned) if s not in todo and not cache.has(s) and s in self.datasets]
+        reason = self._reason(model) or self._over_budget(cache, model, todo, later, strict)
         if reason is not None:
             if strict:
                 raise TrunkCacheError(f"cache.trunk=true but caching is not possible: {reason}.")
@@ -128,11 +92,28 @@ class TrunkCaching(L.Callback):
             return
         with trainer.precision_plugin.forward_context():
             for split in todo:
-                cache.build(
-                    split, model, self.datasets[split], self.max_length, self.pad_token_id,
-                    pl_module.device,
-                )
+                cache.build(split, model, self.datasets[split], self.max_length, self.pad_token_id,
+                            pl_module.device)
         log.info(
             "Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
             self.start_block - 1, ", ".join(todo), cache.nbytes / 2**20,
         )
+
+    def _over_budget(self, cache, model, todo: list[str], later: list[str], strict: bool) -> str | None:
+        """Why ``todo`` (and, when ``strict``, ``later``) do not fit ``budget_gb``, or None."""
+        sizes = {s: cache.estimate_bytes(self.datasets[s], model, self.max_length) for s in (*todo, *later)}
+        budget = float(self.budget_gb) * 2**30
+        need = cache.nbytes + sum(sizes[s] for s in todo)
+        need_all = need + sum(sizes[s] for s in later)
+        if strict and need_all > budget:
+            cached = [s for s in ("train", "val", "test") if cache.has(s) or s in sizes]
+            names = ", ".join(cached[:-1]) + f" and {cached[-1]}" if len(cached) > 1 else "".join(cached)
+            return (
+                f"the cache of {names} would need {need_all / 2**30:.3f} GiB, over "
+                f"cache.memory_budget_gb={self.budget_gb}; raise cache.memory_budget_gb to "
+                f"{math.ceil(need_all / 2**30 * 1000) / 1000:g} or more, or use cache.trunk=auto "
+                "(caches what fits)"
+            )
+        if need > budget:
+            return f"the cache would need {need / 2**30:.2f} GiB, over cache.memory_budget_gb={self.budget_gb}"
+        return None
