@@ -6,6 +6,7 @@ checkpoints, TensorBoard events).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shlex
 import sys
@@ -256,7 +257,10 @@ def _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trai
     }
     final = {f"hparams/{k}": v for k, v in metrics.items() if k.endswith(("_accuracy", "_loss", "_f1"))}
     for lg in trainer.loggers:
-        lg.log_hyperparams(hparams, metrics=final)
+        if "metrics" in inspect.signature(lg.log_hyperparams).parameters:  # TensorBoard's hparams tab
+            lg.log_hyperparams(hparams, metrics=final)
+        else:  # CSV, W&B, MLflow logged the module's hparams at fit start (MLflow refuses changes)
+            lg.log_metrics(final, step=trainer.global_step)
         lg.save()
 
 

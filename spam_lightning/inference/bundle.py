@@ -42,15 +42,8 @@ def _plain_model(model: nn.Module) -> nn.Module:
 
 
 def save_bundle(
-    run_dir: str | Path,
-    model: GPTModel,
-    *,
-    class_names: list[str],
-    token: str,
-    max_length: int,
-    padding: str,
-    pad_token_id: int,
-    extra: dict[str, Any] | None = None,
+    run_dir: str | Path, model: GPTModel, *, class_names: list[str], token: str, max_length: int,
+    padding: str, pad_token_id: int, extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``run_dir/bundle/{model.safetensors,bundle.json}`` atomically."""
     out = Path(run_dir) / BUNDLE_DIR

@@ -129,10 +129,7 @@ def render_page(class_names: list[str], max_length: int, max_chars: int) -> str:
 
 # ------------------------------------------------------------------ app
 def create_app(
-    run_dir: str | Path,
-    precision: str = "32",
-    max_chars: int = 10_000,
-    max_batch: int = 64,
+    run_dir: str | Path, precision: str = "32", max_chars: int = 10_000, max_batch: int = 64,
     device: str = "cpu",
 ) -> FastAPI:
     """The demo app for a run folder; raises ``BundleError``/``ValueError`` for a bad run or option."""

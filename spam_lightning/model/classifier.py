@@ -38,12 +38,8 @@ def first_trainable_block(trainable: str, n_layers: int) -> int | None:
 
 
 def make_classifier(
-    model: GPTModel,
-    num_classes: int = 2,
-    trainable: str = "last_block",
-    rank: int = 16,
-    alpha: float = 16,
-    seed: int = 123,
+    model: GPTModel, num_classes: int = 2, trainable: str = "last_block", rank: int = 16,
+    alpha: float = 16, seed: int = 123,
 ) -> GPTModel:
     """Chapter 6.5, in the book's order, in place: freeze everything, seed (the same new head
     and LoRA A in every run), swap `out_head` for a `Linear(emb_dim, num_classes)`, unfreeze
@@ -133,11 +129,8 @@ class GPTClassifier(GPTModel):
         return None
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        lengths: torch.Tensor | None = None,
-        index: torch.Tensor | None = None,
-        split: str | None = None,
+        self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
+        index: torch.Tensor | None = None, split: str | None = None,
     ) -> torch.Tensor:
         """Class logits ``[B, num_classes]``; ``lengths``: true lengths (right padding).
 

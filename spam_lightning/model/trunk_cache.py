@@ -27,12 +27,8 @@ class TrunkCache:
     ``dtype`` (float32: the residual stream stays float32 under bf16-mixed autocast)."""
 
     def __init__(
-        self,
-        start_block: int,
-        token: str = "last",
-        causal: bool = True,
-        dtype: torch.dtype = torch.float32,
-        max_batch_tokens: int = 4096,
+        self, start_block: int, token: str = "last", causal: bool = True,
+        dtype: torch.dtype = torch.float32, max_batch_tokens: int = 4096,
     ) -> None:
         self.start_block = start_block
         self.token = token
@@ -87,12 +83,7 @@ class TrunkCache:
 
     @torch.no_grad()
     def build(
-        self,
-        split: str,
-        model: nn.Module,
-        dataset,
-        max_length: int,
-        pad_token_id: int,
+        self, split: str, model: nn.Module, dataset, max_length: int, pad_token_id: int,
         device: torch.device,
     ) -> None:
         """Run the trunk over ``dataset`` and keep, per example, the states the pooled token

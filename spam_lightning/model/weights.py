@@ -57,13 +57,8 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def build_gpt(
-    name: str,
-    weights: str = "pretrained",
-    checkpoint: str | Path | None = None,
-    causal_mask: bool = True,
-    drop_rate: float = 0.0,
-    compile: bool = False,
-    **size_overrides: Any,
+    name: str, weights: str = "pretrained", checkpoint: str | Path | None = None,
+    causal_mask: bool = True, drop_rate: float = 0.0, compile: bool = False, **size_overrides: Any,
 ) -> GPTModel:
     """The model the `model` config group describes (`build_gpt(**cfg.model)`; `compile` is
     the caller's job). `weights="random"`: torch's default init (seed before calling);
@@ -95,10 +90,7 @@ def build_gpt(
 
 
 def load_gpt2(
-    source: str | Path,
-    *,
-    causal_mask: bool = True,
-    drop_rate: float = 0.0,
+    source: str | Path, *, causal_mask: bool = True, drop_rate: float = 0.0,
     config: Mapping[str, Any] | None = None,
 ) -> GPTModel:
     """GPT-2 with pretrained weights from a size name (Hub), an HF folder or a weights file.
@@ -456,12 +448,8 @@ def mismatch_lines(
 
 
 def _check_tensors(
-    path: Path,
-    plan: Mapping[str, _Entry],
-    shapes: Mapping[str, tuple[int, ...]],
-    layout: Mapping[str, str],
-    expected: Mapping[str, Any],
-    found: Mapping[str, Any],
+    path: Path, plan: Mapping[str, _Entry], shapes: Mapping[str, tuple[int, ...]],
+    layout: Mapping[str, str], expected: Mapping[str, Any], found: Mapping[str, Any],
 ) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
     want = {layout.get(k, k): entry.shape for k, entry in plan.items()}  # the file's names

@@ -302,10 +302,7 @@ def _sizes_of(shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 def check_resume_checkpoint(
-    cfg: DictConfig,
-    path: Path,
-    checkpoint: dict[str, Any],
-    expected: dict[str, tuple[int, ...]],
+    cfg: DictConfig, path: Path, checkpoint: dict[str, Any], expected: dict[str, tuple[int, ...]],
 ) -> None:
     """A resumed checkpoint must be this run's model: same size, class count and trainable
     parameters. One error names expected vs found, instead of Lightning's state-dict traceback."""

@@ -16,10 +16,7 @@ MAX_MARKED_POINTS = 60
 
 
 def draw_values(
-    num_epochs: int,
-    examples_seen: int,
-    train_values: list[float],
-    val_values: list[float],
+    num_epochs: int, examples_seen: int, train_values: list[float], val_values: list[float],
     label: str,
 ) -> Figure:
     """The figure of ``plot_values``: the values spread evenly over ``num_epochs``."""
@@ -44,12 +41,8 @@ def draw_values(
 
 
 def plot_values(
-    num_epochs: int,
-    examples_seen: int,
-    train_values: list[float],
-    val_values: list[float],
-    label: str,
-    out_dir: str | Path,
+    num_epochs: int, examples_seen: int, train_values: list[float], val_values: list[float],
+    label: str, out_dir: str | Path,
 ) -> list[Path]:
     """Write ``{label}-plot.pdf`` and ``.png`` as the chapter's ``plot_values`` draws them."""
     fig = draw_values(num_epochs, examples_seen, train_values, val_values, label)

@@ -28,14 +28,8 @@ class TrunkCaching(L.Callback):
     """
 
     def __init__(
-        self,
-        start_block: int | None,
-        datasets: Mapping[str, Any],
-        *,
-        max_length: int,
-        pad_token_id: int,
-        padding: str = "longest",
-        setting: str | bool = "auto",
+        self, start_block: int | None, datasets: Mapping[str, Any], *, max_length: int,
+        pad_token_id: int, padding: str = "longest", setting: str | bool = "auto",
         budget_gb: float = 4.0,
     ) -> None:
         self.start_block = start_block
