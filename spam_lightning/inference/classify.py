@@ -48,9 +48,12 @@ class Classifier:
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
         gpt, config = load_bundle(run_dir, map_location="cpu")
-        self.config, self.class_names = config, list(config["class_names"])
+        self.config = config
+        self.class_names: list[str] = config["class_names"]
         self.max_length = min(int(config["max_length"]), int(config["model"]["context_length"]))
-        self.token, self.padding, self.pad_token_id = config["token"], config["padding"], int(config["pad_token_id"])
+        self.token = config["token"]
+        self.padding = config["padding"]
+        self.pad_token_id = int(config["pad_token_id"])
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32

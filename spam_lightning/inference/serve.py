@@ -194,8 +194,12 @@ def create_app(
                 preds = clf.predict(texts)
         except (ValueError, TypeError) as err:
             raise HTTPException(422, str(err)) from err
-        fields = ("label", "probability", "probabilities")
-        return ClassifyResponse(predictions=[{k: getattr(p, k) for k in fields} for p in preds])
+        return ClassifyResponse(
+            predictions=[
+                PredictionOut(label=p.label, probability=p.probability, probabilities=p.probabilities)
+                for p in preds
+            ]
+        )
 
     return app
 

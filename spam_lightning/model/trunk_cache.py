@@ -30,8 +30,11 @@ class TrunkCache:
         self, start_block: int, token: str = "last", causal: bool = True,
         dtype: torch.dtype = torch.float32, max_batch_tokens: int = 4096,
     ) -> None:
-        self.start_block, self.token, self.causal = start_block, token, causal
-        self.dtype, self.max_batch_tokens = dtype, max_batch_tokens
+        self.start_block = start_block
+        self.token = token
+        self.causal = causal
+        self.dtype = dtype
+        self.max_batch_tokens = max_batch_tokens
         self._states: dict[str, torch.Tensor] = {}  # split -> [sum(stored), D]
         self._offsets: dict[str, torch.Tensor] = {}  # split -> [N + 1], on the states' device
         self._stored: dict[str, torch.Tensor] = {}  # split -> [N] stored positions per example

@@ -292,9 +292,12 @@ def _sizes_of(shapes: dict[str, tuple[int, ...]]) -> str:
     emb, pos = shapes.get("tok_emb.weight", ()), shapes.get("pos_emb.weight", ())
     head = shapes.get("out_head.weight", shapes.get("out_head.linear.weight", ()))
     parts = [f"n_layers={len(blocks)}"]
-    parts += [f"emb_dim={emb[1]}", f"vocab_size={emb[0]}"] if len(emb) == 2 else []
-    parts += [f"context_length={pos[0]}"] if len(pos) == 2 else []
-    parts += [f"{head[0]} classes"] if len(head) == 2 else []
+    if len(emb) == 2:
+        parts += [f"emb_dim={emb[1]}", f"vocab_size={emb[0]}"]
+    if len(pos) == 2:
+        parts.append(f"context_length={pos[0]}")
+    if len(head) == 2:
+        parts.append(f"{head[0]} classes")
     return ", ".join(parts)
 
 

@@ -38,8 +38,11 @@ class ChapterMonitor(L.Callback):
     def __init__(self, eval_freq: int = 50, eval_iter: int = 5) -> None:
         if eval_freq < 1 or eval_iter < 1:
             raise ValueError(f"eval_freq and eval_iter must be >= 1, got {eval_freq}, {eval_iter}")
-        self.eval_freq, self.eval_iter = eval_freq, eval_iter
-        self.examples_seen, self.batches_seen, self.training_seconds = 0, 0, 0.0
+        self.eval_freq = eval_freq
+        self.eval_iter = eval_iter
+        self.examples_seen = 0
+        self.batches_seen = 0
+        self.training_seconds = 0.0
         self.history: dict[str, list[float]] = {
             "train_losses": [], "val_losses": [], "train_accs": [], "val_accs": [],
             "loss_examples_seen": [], "acc_examples_seen": [],
