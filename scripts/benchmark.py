@@ -335,7 +335,7 @@ def phase_engine(ctx: dict[str, Any], precision: str) -> dict[str, Any]:
     )
     clf = Classifier(ctx["bundle_run"], precision=precision, batch_size=ctx["batch_size"])
     meter = FlopMeter()
-    meter.attach_gpt(clf.module.model)
+    meter.attach_gpt(clf.model)
     clf.predict_proba(texts[: ctx["batch_size"]])  # warm-up (allocator, kernels), untimed
     meter.flops = 0.0
     start = time.perf_counter()

@@ -17,6 +17,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
+import spam_lightning.resolvers  # noqa: F401  (${gpt2:...} sizes in the model configs)
 from spam_lightning.model.gpt import generate_text_simple, text_to_token_ids, token_ids_to_text
 from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError, build_gpt
 

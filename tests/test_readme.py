@@ -109,6 +109,8 @@ ROWS = [
         suffix="trainer.limit_train_batches=3 trainer.limit_val_batches=2 eval_iter=1",
         check=_has_run_files),
     Row(r"^python train\.py model=gpt2-medium$", suffix=TINY),
+    Row(r"^python train\.py debug=(fdr|limit) ", suffix=TINY),
+    Row(r"^python train\.py logger=csv$", suffix=TINY),
     Row(r"^python train\.py trainer\.max_epochs=1 trainer\.precision=bf16-mixed$", suffix=TINY),
     Row(r"^python train\.py trainer=gpu$", "compose", why="no GPU here", expect="accelerator: gpu"),
     Row(r"^python train\.py data\.source=SMSSpamCollection$", suffix=TINY,
