@@ -26,8 +26,9 @@ def draw_values(
     fig, ax1 = plt.subplots(figsize=(5, 3))
     ax1.plot(epochs, train_values, label=f"Training {label}", **style)
     ax1.plot(epochs, val_values, linestyle="-.", label=f"Validation {label}", **style)
-    if n == 1:  # a single point: give the axis a width so it sits in the middle
-        ax1.set_xlim(-0.5, 0.5)
+    if n == 1:  # a single point: span the epochs run, with a margin so the point is not clipped
+        span = max(num_epochs, 1)
+        ax1.set_xlim(-0.05 * span, 1.05 * span)
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel(label.capitalize())
     ax1.legend()
