@@ -33,21 +33,14 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    """The shared fixtures folder (``shared_dir()``), which must exist."""
-    path = shared_dir()
-    if not path.is_dir():
-        pytest.fail(f"{path} is missing: set SPAM_SHARED_DIR to the shared fixtures folder")
-    return path
-
-
-@pytest.fixture(scope="session")
 def sms_file() -> Path:
-    """The real UCI ``SMSSpamCollection`` (477,907 bytes)."""
+    """The real UCI ``SMSSpamCollection`` (477,907 bytes): the shared copy beside the checkout
+    where there is one (CI, dev machines), else the identical copy bundled in the package, so a
+    plain `pytest` in a fresh clone needs nothing beside it."""
+    from spam_lightning.data.source import BUNDLED_PATH
+
     path = shared_dir() / "data" / "SMSSpamCollection"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: set SPAM_SHARED_DIR to the shared fixtures folder")
-    return path
+    return path if path.is_file() else BUNDLED_PATH
 
 
 @pytest.fixture(scope="session")

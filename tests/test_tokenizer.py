@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import tiktoken
+from conftest import shared_dir
 
 from spam_lightning.data import DataError, encode_texts, get_tokenizer, read_table
 from spam_lightning.data.source import BUNDLED_PATH, sha256_bytes
@@ -40,11 +41,14 @@ MIXED = [
 
 
 @pytest.fixture(scope="module")
-def reference(shared: Path) -> tiktoken.Encoding:
-    """tiktoken's own ``gpt2`` encoding (its download path), from the shared copy of its cache."""
-    cache = shared / "tiktoken_cache"
+def reference() -> tiktoken.Encoding:
+    """tiktoken's own ``gpt2`` encoding (its download path): from the shared copy of its cache
+    beside the checkout where there is one (CI, these offline machines), else tiktoken's own
+    cache or download."""
+    cache = shared_dir() / "tiktoken_cache"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        if cache.is_dir():
+            mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
         return tiktoken.get_encoding("gpt2")
 
 

@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, generate_text_simple
 from spam_lightning.model.weights import (
     CheckpointError,
@@ -30,12 +31,8 @@ IDS = torch.tensor(
 
 
 def _env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses: the repo importable, tiktoken's files from ../shared."""
-    env = {**os.environ, **extra, "PYTHONPATH": str(REPO)}
-    cache = REPO.parent / "shared" / "tiktoken_cache"
-    if "TIKTOKEN_CACHE_DIR" not in env and cache.is_dir():
-        env["TIKTOKEN_CACHE_DIR"] = str(cache)
-    return env
+    """Environment for subprocesses: the repo importable (the tokenizer ships in the package)."""
+    return {**os.environ, **extra, "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module")
@@ -329,12 +326,8 @@ def test_offline_without_checkpoint_names_both_fixes(tmp_path: Path) -> None:
 
 
 def test_generate_script_prints_the_greedy_continuation(
-    hf_model, hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hf_model, hf_dir: Path, tmp_path: Path
 ) -> None:
-    import tiktoken
-
-    if "TIKTOKEN_CACHE_DIR" in _env():
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", _env()["TIKTOKEN_CACHE_DIR"])
     out = subprocess.run(
         [
             sys.executable,
@@ -351,7 +344,7 @@ def test_generate_script_prints_the_greedy_continuation(
         cwd=tmp_path,
         check=True,
     )
-    tokenizer = tiktoken.get_encoding("gpt2")
+    tokenizer = get_tokenizer()  # equal to tiktoken's gpt2 (tests/test_tokenizer.py)
     prompt = torch.tensor([tokenizer.encode("Every effort moves you")])
     expected = hf_model.generate(
         prompt,
