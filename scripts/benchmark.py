@@ -273,7 +273,7 @@ def phase_train(ctx: dict[str, Any], experiment: str) -> dict[str, Any]:
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "trainer.enable_checkpointing=false",
-        "callbacks.model_checkpoint=null",
+        "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
         "logger=none",
     ]
     cfg = compose(overrides, work)

@@ -113,7 +113,7 @@ def test_multirun_writes_summary_with_mean_and_std(tmp_path, sms_file):
             sys.executable, str(REPO / "train.py"), "-m", *TINY_RUN,
             "trainable=last_layer,last_block", "token=last,flexible", "seed=1,2",
             f"data.source={sms_file}", f"paths.data_dir={tmp_path / 'data'}",
-            "callbacks.model_checkpoint=null", f"hydra.sweep.dir={sweep}",
+            "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )

@@ -190,7 +190,7 @@ BASE = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "trainer.enable_checkpointing=false",
-    "callbacks.model_checkpoint=null",
+    "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
     "logger=none",
     "eval_freq=3",
     "eval_iter=2",
