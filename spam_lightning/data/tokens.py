@@ -17,10 +17,6 @@ from spam_lightning.data.source import DataError, sha256_bytes
 
 PAD_TOKEN_ID = 50256  # <|endoftext|>, the chapter's pad token
 PADDING_MODES = ("longest", "batch", "none")
-# tiktoken_ext/openai_public.py's ``r50k_pat_str``: GPT-2's split pattern (same pieces, faster).
-GPT2_PAT_STR = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-)
 GPT2_ASSETS = Path(__file__).resolve().parent / "assets" / "gpt2"  # see assets/README.md
 GPT2_FILES = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -72,10 +68,11 @@ def gpt2_mergeable_ranks(folder: Path = GPT2_ASSETS) -> dict[bytes, int]:
 def load_gpt2_encoding(folder: Path = GPT2_ASSETS) -> Any:
     """tiktoken's ``gpt2`` encoding from the BPE files in ``folder`` (offline, no cache)."""
     import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split pattern
 
     return tiktoken.Encoding(
         name="gpt2",
-        pat_str=GPT2_PAT_STR,
+        pat_str=r50k_pat_str,
         mergeable_ranks=gpt2_mergeable_ranks(folder),
         special_tokens={"<|endoftext|>": PAD_TOKEN_ID},
         explicit_n_vocab=50257,

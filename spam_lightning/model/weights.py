@@ -206,13 +206,17 @@ def _probe(url: str, timeout: float) -> str | None:
         try:
             with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout):
                 answer["reason"] = None
-        except urllib.error.HTTPError as err:  # < 400: a redirect to the file's storage
-            answer["reason"] = (None if err.code < 400 else "it has no such file (HTTP 404)"
-                                if err.code == 404 else f"it answered HTTP {err.code}")
+        except urllib.error.HTTPError as err:
+            if err.code < 400:  # a redirect to the file's storage: the file exists
+                answer["reason"] = None
+            elif err.code == 404:
+                answer["reason"] = "it has no such file (HTTP 404)"
+            else:
+                answer["reason"] = f"it answered HTTP {err.code}"
         except (OSError, ValueError) as err:  # URLError, timeouts, refused connections, bad URL
             cause = getattr(err, "reason", err)
-            answer["reason"] = silent if isinstance(cause, TimeoutError) else (
-                f"it is unreachable ({type(cause).__name__}: {cause})")
+            if not isinstance(cause, TimeoutError):
+                answer["reason"] = f"it is unreachable ({type(cause).__name__}: {cause})"
 
     silent = f"it did not answer within {timeout:g} s"
     thread = threading.Thread(target=head, name="hub-check", daemon=True)
@@ -238,9 +242,14 @@ def check_weights_available(name: str, timeout: float = HUB_CHECK_TIMEOUT) -> st
         if reason is None:
             return "hub"
         reason = f"the Hub ({endpoint}) cannot serve them: {reason}"
-    raise WeightsUnavailableError(
-        f"model.weights=pretrained needs the weights of {name} ({repo}/{HUB_FILE}): they are "
-        f"not in the Hugging Face cache ({cache}) and {reason}. {WEIGHTS_FIX}"
+    raise _unavailable(name, cache, reason)
+
+
+def _unavailable(name: str, cache: str, reason: str) -> WeightsUnavailableError:
+    """The one message for pretrained weights that can be had from neither cache nor Hub."""
+    return WeightsUnavailableError(
+        f"model.weights=pretrained needs the weights of {name} ({HUB_REPOS[name]}/{HUB_FILE}): "
+        f"they are not in the Hugging Face cache ({cache}) and {reason}. {WEIGHTS_FIX}"
     )
 
 
@@ -256,11 +265,7 @@ def _download(name: str) -> Path:
     try:
         return Path(hf_hub_download(repo, HUB_FILE, cache_dir=cache, endpoint=endpoint))
     except OSError as err:  # offline mode, not cached, connection and HTTP errors
-        raise WeightsUnavailableError(
-            f"cannot get the pretrained weights of {name} ({repo}/{HUB_FILE}): they are "
-            f"not in the Hugging Face cache ({cache}) and downloading failed "
-            f"({type(err).__name__}: {err}). {WEIGHTS_FIX}"
-        ) from err
+        raise _unavailable(name, cache, f"downloading failed ({type(err).__name__}: {err})") from err
 
 
 class _Tensors:
