@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-frac", type=float, default=0.7)
     p.add_argument("--val-frac", type=float, default=0.1)
     p.add_argument("--on-bad-rows", choices=["error", "skip"], default="error")
+    p.add_argument("--split", choices=["chapter", "bonus"], default="chapter",
+                   help="chapter: gpt_class_finetune.py's split; bonus: additional_experiments.py's")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             train_frac=args.train_frac,
             val_frac=args.val_frac,
             on_bad_rows=args.on_bad_rows,
+            split=args.split,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,7 +2,7 @@
 the tests and ``scripts/benchmark.py`` hold the Lightning job against, as the book's
 ``ch06/01_main-chapter-code/gpt_class_finetune.py`` runs it (every batch padded to the longest
 training message, full forward, last token's logits, float32; shuffling from the global torch
-RNG, seeded by the caller's ``torch.manual_seed(123)``, unless a ``generator`` is passed)."""
+RNG, seeded by the caller's ``torch.manual_seed(123)``)."""
 
 from __future__ import annotations
 
@@ -35,11 +35,10 @@ class SpamDataset(Dataset):
         return max(len(t) for t in self.encoded_texts)
 
 
-def create_dataloaders(train_dataset, val_dataset, test_dataset, batch_size=8, num_workers=0,
-                       generator: torch.Generator | None = None):
+def create_dataloaders(train_dataset, val_dataset, test_dataset, batch_size=8, num_workers=0):
     """Listing 6.5: shuffled train batches (the partial last one dropped), ordered val/test."""
     train_loader = DataLoader(train_dataset, batch_size=batch_size, shuffle=True,
-                              num_workers=num_workers, drop_last=True, generator=generator)
+                              num_workers=num_workers, drop_last=True)
     val_loader = DataLoader(val_dataset, batch_size=batch_size, num_workers=num_workers)
     test_loader = DataLoader(test_dataset, batch_size=batch_size, num_workers=num_workers)
     return train_loader, val_loader, test_loader

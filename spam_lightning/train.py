@@ -158,35 +158,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         final_splits=FINAL_SPLITS,
     )
     # the datasets go to the cache builder; nothing reaches back into the datamodule
-    trainer.callbacks.append(
-        TrunkCaching(
-            first_trainable_block(cfg.trainable.name, len(model.trf_blocks)),
-            {s: getattr(datamodule, f"{s}_dataset", None) for s in FINAL_SPLITS},
-            max_length=datamodule.max_length,
-            pad_token_id=datamodule.pad_token_id,
-            padding=getattr(datamodule, "padding", "longest"),
-            setting=_cache_setting(cfg.cache.trunk),
-            budget_gb=cfg.cache.memory_budget_gb,
-        )
+    caching = TrunkCaching(
+        first_trainable_block(cfg.trainable.name, len(model.trf_blocks)),
+        {s: getattr(datamodule, f"{s}_dataset", None) for s in FINAL_SPLITS},
+        max_length=datamodule.max_length,
+        pad_token_id=datamodule.pad_token_id,
+        padding=getattr(datamodule, "padding", "longest"),
+        setting=_cache_setting(cfg.cache.trunk),
+        budget_gb=cfg.cache.memory_budget_gb,
     )
+    trainer.callbacks.append(caching)
     if checkpoint is not None:  # the head too, now that the data named the classes
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         checks.check_resume_checkpoint(cfg, ckpt_path, checkpoint, expected)
         del checkpoint
 
+    # The chapter seeds once more right before its optimizer and loop; from here on only its own
+    # loaders draw from the global RNG (a resume restores the saved state instead: RNGState).
+    torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     try:
         # weights_only: a checkpoint is data, never code (SafeCheckpointIO enforces it as well)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         wall = time.perf_counter() - start
         datamodule.setup("test")
-        loaders = [datamodule.eval_dataloader(s) for s in FINAL_SPLITS]
-        trainer.test(module, dataloaders=loaders, verbose=False)
+        trainer.test(module, dataloaders=final_loaders(datamodule, trainer), verbose=False)
     except SIGTERMException as err:
         raise _interrupted(cfg, callbacks, trainer) from err
     final = module.test_results.metrics
     monitor = next((c for c in trainer.callbacks if hasattr(c, "history")), None)
     training_seconds = monitor.training_seconds if monitor else wall
+    cache_seconds = sum(v for k, v in caching.seconds.items() if k in ("train", "val"))
+    log.info(
+        "Training took %.1f s: frozen-trunk cache %.1f s (%s), epochs and evaluations %.1f s.",
+        training_seconds, cache_seconds, ", ".join(f"{k} {v:.1f} s" for k, v in caching.seconds.items()
+                                                    if k in ("train", "val")) or "none",
+        training_seconds - cache_seconds,
+    )
 
     metrics: dict[str, Any] = {
         f"{split}_{name}": int(final[f"{split}_{name}"]) if name == "count" else final[f"{split}_{name}"]
@@ -208,6 +216,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _print_final(metrics)
         _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trainer)
     return metrics
+
+
+def final_loaders(datamodule: Any, trainer: L.Trainer) -> list[Any]:
+    """The final evaluation's train, val and test loaders. One process: the chapter's own
+    (``calc_accuracy_loader(train_loader, ...)``: the shuffled training loader, drop_last, from
+    the global RNG), so the final training accuracy is the book's. Under DDP, whose order differs
+    anyway: every example once, in order."""
+    book = getattr(datamodule, "book_dataloader", None)
+    if trainer.world_size == 1 and book is not None:
+        return [book(s) for s in FINAL_SPLITS]
+    return [datamodule.eval_dataloader(s) for s in FINAL_SPLITS]
 
 
 def _experiment_name(cfg: DictConfig) -> str | None:

@@ -150,26 +150,27 @@ def test_batch_contract_longest(dm: SpamDataModule) -> None:
     assert seen == list(range(149))  # unshuffled, nothing dropped
 
 
-def test_train_order_equals_plain_seeded_dataloader(
+def test_train_order_is_the_books_global_rng_dataloader(
     dm: SpamDataModule, sms_file: Path, data_dir: Path
 ) -> None:
-    fresh = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), seed=7)
+    """The chapter's DataLoader(shuffle=True, drop_last=True) without a generator: after the
+    same torch.manual_seed, every epoch's order is the book's (each iter() draws from the global
+    RNG), and the eval loaders draw nothing from it."""
+    fresh = SpamDataModule(source=str(sms_file), data_dir=str(data_dir))
     fresh.setup("fit")
-    g = torch.Generator().manual_seed(7)
-    plain = DataLoader(
-        fresh.train_dataset,
-        batch_size=8,
-        shuffle=True,
-        drop_last=True,
-        generator=g,
-        collate_fn=Collator("longest", 120),
-    )
+    plain = DataLoader(fresh.train_dataset, batch_size=8, shuffle=True, drop_last=True,
+                       collate_fn=Collator("longest", 120))
+    torch.manual_seed(7)
+    loader = fresh.train_dataloader()
+    ours = []
     for _ in range(3):  # epochs: Lightning iterates the same loader again
-        loader = fresh.train_dataloader()
-        ours = [b["index"].tolist() for b in loader]
-        theirs = [b["index"].tolist() for b in plain]
-        assert ours == theirs
-    assert len(ours) == 130 and len({i for b in ours for i in b}) == 1040
+        ours.append([b["index"].tolist() for b in loader])
+        list(fresh.eval_dataloader("val"))  # Lightning's validation: off the global RNG
+    torch.manual_seed(7)
+    theirs = [[b["index"].tolist() for b in plain] for _ in range(3)]
+    assert ours == theirs
+    assert ours[0] != ours[1]
+    assert len(ours[0]) == 130 and len({i for b in ours[0] for i in b}) == 1040
 
 
 def test_setup_tokenizes_once(dm: SpamDataModule) -> None:
@@ -298,17 +299,23 @@ def test_num_workers(sms_file: Path, data_dir: Path, dm: SpamDataModule) -> None
 
 
 def test_state_dict_and_hparams(sms_file: Path, data_dir: Path) -> None:
-    module = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), seed=3)
+    """The bucketing sampler's own generator is the datamodule's state (the plain loader's
+    global RNG is saved by the RNGState callback)."""
+    opts = dict(source=str(sms_file), data_dir=str(data_dir), seed=3, padding="batch", bucketing=True)
+    module = SpamDataModule(**opts)
     module.setup()
     loader = module.train_dataloader()
     list(loader)
     state = module.state_dict()
     after_one = [b["index"].tolist() for b in loader]
-    resumed = SpamDataModule(source=str(sms_file), data_dir=str(data_dir), seed=3)
+    resumed = SpamDataModule(**opts)
+    resumed.setup()
+    fresh_order = [b["index"].tolist() for b in resumed.train_dataloader()]
+    resumed = SpamDataModule(**opts)
     resumed.setup()
     resumed.load_state_dict(state)
-    assert [b["index"].tolist() for b in resumed.train_dataloader()] == after_one
-    assert module.hparams["seed"] == 3 and module.hparams["padding"] == "longest"
+    assert [b["index"].tolist() for b in resumed.train_dataloader()] == after_one != fresh_order
+    assert module.hparams["seed"] == 3 and module.hparams["padding"] == "batch"
     assert state["max_length"] == 120
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from _compose import CONF, compose_train
 from conftest import TINY_RUN
 from omegaconf import OmegaConf
@@ -33,6 +35,7 @@ BASE = {
     "optimizer.lr": 5e-5,
     "optimizer.weight_decay": 0.1,
     "seed": 123,
+    "data.split": "chapter",
 }
 
 EXPECTED: dict[str, dict] = {
@@ -71,6 +74,7 @@ EXPECTED: dict[str, dict] = {
     "table/row16": {"token.name": "flexible", "reference.test_acc": 98.33},
     "table/row17": {"model.causal_mask": False, "reference.test_acc": 95.33},
     "table/row18": {"loss.ignore_index": 50256, "reference.test_acc": 95.00},
+    # the book's --average_embeddings: every position, padding included (not masked_mean)
     "table/row19": {"token.name": "mean", "reference.test_acc": 96.33},
 }
 
@@ -87,7 +91,9 @@ def test_every_experiment_config_is_tested():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_experiment_resolves(name, tmp_path):
     cfg = compose_train([f"experiment={name}"], tmp_path)
-    want = {**BASE, **EXPECTED[name]}
+    # the follow-up table's rows use its script's split (additional_experiments.py)
+    split = {"data.split": "bonus"} if name.startswith("table/") else {}
+    want = {**BASE, **split, **EXPECTED[name]}
     for key, value in want.items():
         assert OmegaConf.select(cfg, key, throw_on_missing=True) == value, (name, key)
     # everything resolves (no dangling interpolation) and the data module gets the model's context
@@ -150,6 +156,22 @@ def test_multirun_writes_summary_with_mean_and_std(tmp_path, sms_file):
     )
     assert proc.returncode == 0, proc.stderr
     assert "failed (1/2)" in proc.stdout
+
+
+def test_book_reference_only_beside_the_books_mean(tmp_path):
+    # row 19's 96.33 % is the book's token=mean; a masked_mean run of that row gets no reference
+    for i, token in enumerate(("mean", "masked_mean")):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        config = {"token": {"name": token}, "reference": {"row": "19", "test_acc": 96.33}}
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+        (job / ".hydra" / "overrides.yaml").write_text(
+            yaml.safe_dump(["experiment=table/row19", f"token={token}"])
+        )
+        (job / "metrics.json").write_text(json.dumps({"token": token, "test_accuracy": 0.95}))
+    table = summarize(tmp_path, write=False)
+    got = dict(zip(table["Trainable token"], table["Reference test acc"], strict=True))
+    assert got == {"mean": "96.33%", "masked_mean": "—"}
 
 
 def test_glob_over_nested_experiments():

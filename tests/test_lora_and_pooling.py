@@ -133,10 +133,13 @@ def test_pool_logits_positions() -> None:
     assert torch.equal(
         pool_logits(logits, lengths, "flexible"), torch.stack([logits[0, 1], logits[1, 3]])
     )
-    mean = torch.stack([logits[0, :2].mean(0), logits[1].mean(0)])
-    assert torch.allclose(pool_logits(logits, lengths, "mean"), mean)
-    assert torch.allclose(pool_logits(logits, None, "mean"), logits.mean(1))
-    with pytest.raises(ValueError, match="last, first, flexible, mean"):
+    masked = torch.stack([logits[0, :2].mean(0), logits[1].mean(0)])
+    assert torch.allclose(pool_logits(logits, lengths, "masked_mean"), masked)
+    assert torch.allclose(pool_logits(logits, None, "masked_mean"), logits.mean(1))
+    # the book's mean: every position, padding included, whatever the lengths
+    assert torch.equal(pool_logits(logits, lengths, "mean"), logits.mean(1))
+    assert torch.equal(pool_logits(logits, None, "mean"), logits.mean(1))
+    with pytest.raises(ValueError, match="last, first, flexible, mean, masked_mean"):
         pool_logits(logits, lengths, "middle")
 
 
@@ -144,8 +147,8 @@ def padded(ids: list[int], length: int) -> torch.Tensor:
     return torch.tensor([ids + [PAD] * (length - len(ids))])
 
 
-@pytest.mark.parametrize("token", ["flexible", "mean"])
-def test_padding_does_not_change_flexible_or_mean(token: str) -> None:
+@pytest.mark.parametrize("token", ["flexible", "masked_mean"])
+def test_padding_does_not_change_flexible_or_masked_mean(token: str) -> None:
     """A causal model's real tokens never see the right padding, and both options read only
     the real positions: the pooled logits are the same whatever the padded length."""
     model = classifier()
@@ -159,18 +162,20 @@ def test_padding_does_not_change_flexible_or_mean(token: str) -> None:
     for other in pooled[1:]:
         assert torch.allclose(other, pooled[0], atol=1e-5)
     assert torch.allclose(both, torch.cat([pooled[0], alone]), atol=1e-5)
-    # whereas the chapter's `last` reads a padding position, which moves with the length
-    with torch.no_grad():
-        last = [pool_logits(model(padded(ids, n)), lengths, "last") for n in (5, 8)]
-    assert not torch.allclose(last[0], last[1], atol=1e-5)
+    # whereas the chapter's `last` and the book's `mean` read padding positions
+    for other in ("last", "mean"):
+        with torch.no_grad():
+            out = [pool_logits(model(padded(ids, n)), lengths, other) for n in (5, 8)]
+        assert not torch.allclose(out[0], out[1], atol=1e-5), other
 
 
-def test_mean_ignores_pads() -> None:
+def test_masked_mean_ignores_pads() -> None:
     logits = torch.randn(1, 6, 2)
     changed = logits.clone()
     changed[:, 3:] = 1000.0  # garbage at the padding positions
     lengths = torch.tensor([3])
-    assert torch.allclose(pool_logits(changed, lengths, "mean"), logits[:, :3].mean(1))
+    assert torch.allclose(pool_logits(changed, lengths, "masked_mean"), logits[:, :3].mean(1))
+    assert torch.allclose(pool_logits(changed, lengths, "mean"), changed.mean(1))
 
 
 # ----------------------------------------------------------------------------- LoRA

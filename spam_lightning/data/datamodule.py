@@ -20,7 +20,13 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from spam_lightning.data.source import BUNDLED, DEFAULT_URLS, DOWNLOAD, SOURCE_KEYWORDS, DataError
-from spam_lightning.data.table import ON_BAD_ROWS, prepare, prepared_paths, split_settings
+from spam_lightning.data.table import (
+    ON_BAD_ROWS,
+    SPLIT_PROCEDURES,
+    prepare,
+    prepared_paths,
+    split_settings,
+)
 from spam_lightning.data.tokens import (
     PAD_TOKEN_ID,
     PADDING_MODES,
@@ -199,8 +205,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._max_length: int | None = None
         if max_length is not None:
             self._max_length = resolve_max_length(max_length, [], self.context_length)
-        # One generator for the whole fit: epoch k's order equals that of a plain
-        # DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed)) in epoch k.
+        # data.bucketing only: one generator for the whole fit, saved in checkpoints. The plain
+        # shuffled loader draws from the global torch RNG, as the chapter's does.
         self._train_generator = torch.Generator().manual_seed(self.seed)
         self.train_dataset: TokenDataset | None = None
         self.val_dataset: TokenDataset | None = None
@@ -254,7 +260,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             *map(len, datasets), len(self.class_names), max_length, self.padding,
         )
 
-    def _loader(self, split: str, generator: torch.Generator, **kwargs: Any) -> DataLoader:
+    def _loader(self, split: str, generator: torch.Generator | None, **kwargs: Any) -> DataLoader:
         name = _SPLIT_ALIASES.get(split)
         if name is None:
             raise ValueError(f"split={split!r}: allowed values are train, val, test")
@@ -278,15 +284,26 @@ class TextClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, ``drop_last=True`` (the chapter); bucketed when ``data.bucketing``."""
+        """The chapter's ``DataLoader(shuffle=True, drop_last=True)``, no generator: every
+        ``iter()`` draws its order from the global torch RNG, as in the book, so after the same
+        ``torch.manual_seed`` calls the same batches come (DDP swaps in its own sampler).
+        Bucketed (``data.bucketing``) from a generator of its own."""
         if self.bucketing:
             return self._loader("train", self._train_generator, bucketing=True)
-        return self._loader("train", self._train_generator, shuffle=True, drop_last=True)
+        return self._loader("train", None, shuffle=True, drop_last=True)
+
+    def book_dataloader(self, split: str) -> DataLoader:
+        """A loader as the chapter builds it, for the chapter's own evaluations (the monitor,
+        the final accuracies): ``train`` is :meth:`train_dataloader`; ``val``/``test`` are in
+        order, and like the book's each ``iter()`` draws its base seed from the global RNG."""
+        if _SPLIT_ALIASES.get(split) == "train":
+            return self.train_dataloader()
+        return self._loader(split, None, shuffle=False)
 
     def eval_dataloader(self, split: str) -> DataLoader:
-        """Any split in order, nothing dropped (full-set evaluation, trunk cache); its own fixed
-        generator keeps loading off the global RNG, so extra evaluations never shift the model's
-        random stream."""
+        """Any split in order, nothing dropped (Lightning's validation, full-set evaluation,
+        trunk cache); its own fixed generator keeps loading off the global RNG, so these extra
+        passes never shift the chapter's random stream."""
         return self._loader(split, torch.Generator().manual_seed(self.seed), shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
@@ -296,7 +313,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self.eval_dataloader("test")
 
     def state_dict(self) -> dict[str, Any]:
-        """The shuffling generator's state, so a resumed fit continues the same epoch order."""
+        """The bucketing generator's state, so a resumed fit continues the same epoch order (the
+        global RNG the plain loader draws from is saved by the ``RNGState`` callback)."""
         return {"train_generator_state": self._train_generator.get_state(), "max_length": self._max_length}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -323,10 +341,11 @@ class SpamDataModule(TextClassificationDataModule):
         context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
         batch_size: int = 8, num_workers: int = 0, seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error", split_seed: int = 123,
-        train_frac: float = 0.7, val_frac: float = 0.1,
+        train_frac: float = 0.7, val_frac: float = 0.1, split: str = "chapter",
     ) -> None:
         # Validate everything here: cheap, and before any download, tokenizing or training.
         _choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
+        _choice("data.split", split, SPLIT_PROCEDURES)
         super().__init__(
             data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
             seed, pad_token_id,
@@ -351,6 +370,7 @@ class SpamDataModule(TextClassificationDataModule):
         self.save_hyperparameters()
         self.source, self.urls, self.on_bad_rows = source, urls, on_bad_rows
         self.split_seed, self.train_frac, self.val_frac = int(split_seed), train_frac, val_frac
+        self.split = split
         self.class_names = ["ham", "spam"]
 
     def prepare_data(self) -> None:
@@ -358,11 +378,14 @@ class SpamDataModule(TextClassificationDataModule):
         prepare(
             self.source, self.data_dir, self.urls, split_seed=self.split_seed,
             train_frac=self.train_frac, val_frac=self.val_frac, on_bad_rows=self.on_bad_rows,
+            split=self.split,
         )
 
     def load_splits(self) -> dict[str, SplitData]:
         """The prepared CSVs: a plain ``pd.read_csv`` (checked when written; sha256 in meta.json)."""
-        settings = split_settings(self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows)
+        settings = split_settings(
+            self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows, self.split
+        )
         out = {}
         for split, path in prepared_paths(self.data_dir, settings, {}, "data").items():
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)

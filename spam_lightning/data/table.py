@@ -46,6 +46,10 @@ META_NAME = "meta.json"
 LOCK_NAME = ".prepare.lock"
 FORMAT_VERSION = 1
 ON_BAD_ROWS = ("error", "skip")
+# data.split: whose procedure balances and splits the SMS table. chapter: gpt_class_finetune.py's
+# (balance, then random_split's shuffle); bonus: additional_experiments.py's create_dataset_csvs,
+# which shuffles the balanced table once more before the same random_split.
+SPLIT_PROCEDURES = ("chapter", "bonus")
 MAX_LISTED = 5  # problems spelled out in one error message
 SKIP_HINT = "(fix the file, or set data.on_bad_rows=skip to drop bad rows)"
 _NON_UTF8_RE = re.compile("[\udc80-\udcff]")  # bytes decoded with errors="surrogateescape"
@@ -276,11 +280,24 @@ def balance(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
     return balanced
 
 
+def shuffle(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
+    """``df.sample(frac=1, random_state=seed).reset_index(drop=True)``, as both scripts write it."""
+    return df.sample(frac=1, random_state=seed).reset_index(drop=True)
+
+
+def balance_for_split(df: pd.DataFrame, split: str = "chapter", seed: int = 123) -> pd.DataFrame:
+    """The balanced table ``random_split`` gets: the chapter's ``create_balanced_dataset`` as is,
+    or (``bonus``) shuffled once more, as the bonus script's ``create_dataset_csvs`` does."""
+    check_split(split)
+    balanced = balance(df, seed)
+    return shuffle(balanced, seed) if split == "bonus" else balanced
+
+
 def random_split(
     df: pd.DataFrame, train_frac: float = 0.7, validation_frac: float = 0.1, seed: int = 123
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The chapter's ``random_split``: shuffle, then integer arithmetic -> 1,045 / 149 / 300."""
-    df = df.sample(frac=1, random_state=seed).reset_index(drop=True)
+    df = shuffle(df, seed)
     train_end = int(len(df) * train_frac)
     validation_end = train_end + int(len(df) * validation_frac)
     return df[:train_end], df[train_end:validation_end], df[validation_end:]
@@ -377,22 +394,40 @@ class Prepared(NamedTuple):
     reused: bool
 
 
-def split_settings(seed: int, train_frac: float, val_frac: float, on_bad_rows: str) -> dict:
-    return {"format": FORMAT_VERSION, "split_seed": int(seed), "train_frac": float(train_frac),
-            "val_frac": float(val_frac), "on_bad_rows": on_bad_rows}
+def check_split(split: str) -> None:
+    if split not in SPLIT_PROCEDURES:
+        raise ValueError(
+            f"data.split={split!r}: allowed values are chapter, bonus (chapter: the chapter's "
+            f"split, gpt_class_finetune.py; bonus: the follow-up table's, "
+            f"additional_experiments.py, which shuffles the balanced table once more)"
+        )
+
+
+def split_settings(
+    seed: int, train_frac: float, val_frac: float, on_bad_rows: str, split: str = "chapter"
+) -> dict:
+    """The settings recorded in (and matched against) ``meta.json``. ``split`` is recorded only
+    when it is not ``chapter``: folders prepared before ``data.split`` existed hold exactly the
+    chapter's CSVs under exactly these settings, so they stay valid (and a bonus folder differs)."""
+    check_split(split)
+    settings = {"format": FORMAT_VERSION, "split_seed": int(seed), "train_frac": float(train_frac),
+                "val_frac": float(val_frac), "on_bad_rows": on_bad_rows}
+    return settings if split == "chapter" else {**settings, "split": split}
 
 
 def prepare(
     source: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str],
     urls: Sequence[str] = DEFAULT_URLS, *, split_seed: int = 123, train_frac: float = 0.7,
     val_frac: float = 0.1, on_bad_rows: str = "error", timeout: float = DOWNLOAD_TIMEOUT,
+    split: str = "chapter",
 ) -> Prepared:
     """Get the source (``bundled``/``None``, ``download`` or a path), then write
     ``train/validation/test.csv`` + ``meta.json`` in ``data_dir``; locked, and reused while
-    ``meta.json`` records the same source sha256 and split settings."""
+    ``meta.json`` records the same source sha256 and split settings. ``split``: ``chapter``
+    (gpt_class_finetune.py) or ``bonus`` (additional_experiments.py: one more shuffle)."""
     data_dir = Path(data_dir).expanduser().resolve()
-    settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows)
-    paths = {split: data_dir / fname for split, fname in SPLIT_FILES.items()}
+    settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
+    paths = {part: data_dir / fname for part, fname in SPLIT_FILES.items()}
     with locked(data_dir):
         src = load_source(source, urls, data_dir, timeout)
         meta = matching_meta(data_dir, settings, {"sha256": src.sha256})
@@ -404,18 +439,18 @@ def prepare(
             table = Table(frame["Text"].tolist(), frame["Label"].tolist(), src.name, frame)
         else:
             table = read_table(src.data, src.name, on_bad_rows=on_bad_rows)
-        balanced = balance(table.frame, split_seed)
+        balanced = balance_for_split(table.frame, split, split_seed)
         splits = random_split(balanced, train_frac, val_frac, split_seed)
         check_splits_not_empty(src.name, len(balanced), splits, train_frac, val_frac)
         rows = {"read": len(table.frame), "skipped": len(table.skipped)}
         counts = {
-            split: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
-            for split, f in zip(SPLIT_FILES, splits, strict=True)
+            part: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
+            for part, f in zip(SPLIT_FILES, splits, strict=True)
         }
         source_meta = {**src.origin, "name": src.name, "sha256": src.sha256, "bytes": len(src.data)}
         meta = write_prepared(
             data_dir,
-            {split: csv_bytes(frame) for split, frame in zip(SPLIT_FILES, splits, strict=True)},
+            {part: csv_bytes(frame) for part, frame in zip(SPLIT_FILES, splits, strict=True)},
             {"source": source_meta, "settings": settings, "splits": counts,
              "rows": {**rows, **{k: int((table.frame["Label"] == k).sum()) for k in LABEL_IDS}}},
         )

@@ -55,7 +55,10 @@ def save_bundle(
     config = {
         "format": BUNDLE_FORMAT, "model": gpt_cfg, "num_classes": len(class_names),
         "class_names": list(class_names), "token": token, "max_length": int(max_length),
-        "padding": padding, "pad_token_id": int(pad_token_id), "tokenizer": "gpt2", **(extra or {}),
+        "padding": padding, "pad_token_id": int(pad_token_id), "tokenizer": "gpt2",
+        # token=mean is the book's mean, padding included; bundles without this key are older,
+        # from when token=mean averaged the real tokens only (read as masked_mean, see classify.py)
+        "mean_includes_padding": True, **(extra or {}),
     }
     write_json(out / CONFIG, config)  # written last: its presence marks a complete bundle
     return out

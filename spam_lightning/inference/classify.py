@@ -2,8 +2,9 @@
 
 Preprocessing is the training run's: the GPT-2 tokenizer, truncation to the training
 ``max_length`` (and the context length), the same padding and token position. Where the pooled
-token cannot see padding (a causal model pooling ``first``, ``flexible`` or ``mean``), messages are
-grouped by length and padded per batch, which gives identical outputs at a fraction of the cost.
+token cannot see padding (a causal model pooling ``first``, ``flexible`` or ``masked_mean``),
+messages are grouped by length and padded per batch, which gives identical outputs at a fraction
+of the cost; the book's ``mean`` averages the padding too, so it is padded as in training.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Classifier:
         import torch
 
         from spam_lightning.inference.bundle import load_bundle
-        from spam_lightning.model.classifier import GPTClassifier
+        from spam_lightning.model.classifier import READS_REAL_TOKENS_ONLY, GPTClassifier
 
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
@@ -52,16 +53,19 @@ class Classifier:
         self.class_names: list[str] = config["class_names"]
         self.max_length = min(int(config["max_length"]), int(config["model"]["context_length"]))
         self.token = config["token"]
+        if self.token == "mean" and not config.get("mean_includes_padding", False):
+            self.token = "masked_mean"  # a bundle from before the rename: its mean was masked
         self.padding = config["padding"]
         self.pad_token_id = int(config["pad_token_id"])
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        # unpadded training (padding=none) pools each message's own last token
-        pooled = "flexible" if self.padding == "none" and self.token == "last" else self.token
+        # unpadded training (padding=none) pools each message's own last token / own tokens
+        unpadded = {"last": "flexible", "mean": "masked_mean"}
+        pooled = unpadded.get(self.token, self.token) if self.padding == "none" else self.token
         self.model = GPTClassifier(gpt, token=pooled).to(device=self.device, dtype=self.dtype).eval()
         # per-batch padding is exact when the pooled position never sees padding
-        self.dynamic = self.model.causal_mask and pooled != "last"
+        self.dynamic = self.model.causal_mask and pooled in READS_REAL_TOKENS_ONLY
         if self.padding == "none" and not self.dynamic:
             self.batch_size = 1  # no padding at all: one message per forward pass
 

@@ -16,7 +16,10 @@ from spam_lightning.model.trunk_cache import TrunkCache
 from spam_lightning.model.weights import mismatch_lines
 
 TRAINABLE = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
-TOKENS = ("last", "first", "flexible", "mean")
+# `mean`: the book's --average_embeddings (row 19), every position, padding included;
+# `masked_mean`: the real tokens only (independent of padding, so the fast paths apply)
+TOKENS = ("last", "first", "flexible", "mean", "masked_mean")
+READS_REAL_TOKENS_ONLY = ("first", "flexible", "masked_mean")  # never see right padding
 
 
 class ClassifierStateError(ValueError):
@@ -68,12 +71,16 @@ def make_classifier(
 
 def pool_logits(logits: torch.Tensor, lengths: torch.Tensor | None, token: str) -> torch.Tensor:
     """Per-token outputs [B, T, C] -> [B, C]: `last` position -1 (the chapter), `first` 0,
-    `flexible` the last real token (lengths-1), `mean` the average over the first `lengths`
-    positions (right padding ignored). `lengths` [B] may be None when nothing is padded."""
+    `flexible` the last real token (lengths-1), `mean` the average over all T positions,
+    padding included (the book's ``model(x).mean(dim=1)``), `masked_mean` the average over the
+    first `lengths` positions (right padding ignored). `lengths` [B] may be None when nothing
+    is padded."""
     if token == "last":
         return logits[:, -1, :]
     if token == "first":
         return logits[:, 0, :]
+    if token == "mean":
+        return logits.mean(dim=1)
     if token not in TOKENS:
         raise ValueError(f"unknown token={token!r}; allowed: {', '.join(TOKENS)}")
     batch, seq_len, _ = logits.shape
@@ -107,16 +114,17 @@ class GPTClassifier(GPTModel):
 
     def needed_length(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> int:
         """How many leading positions the pooled token depends on: with a causal mask, 1 for
-        `first` and the longest real length for `flexible`/`mean` (cutting the rest is exact)."""
+        `first` and the longest real length for `flexible`/`masked_mean` (cutting the rest is
+        exact); every position for `last` and for the book's `mean` (it averages the padding)."""
         full = input_ids.shape[1]
-        if not self.causal_mask or self.token == "last":
+        if not self.causal_mask or self.token not in READS_REAL_TOKENS_ONLY:
             return full
         if self.token == "first":
             return 1
         return min(full, int(lengths.max()))
 
     def pooled_positions(self, width: int, lengths: torch.Tensor) -> torch.Tensor | None:
-        """The one position per row that the pooled token reads, or None for ``mean``:
+        """The one position per row that the pooled token reads, or None for the means:
         ``last`` -> width-1, ``first`` -> 0, ``flexible`` -> lengths-1. Only these rows of the
         last block's output are ever used, which is what lets ``forward`` prune that block."""
         batch = lengths.shape[0]
@@ -137,7 +145,7 @@ class GPTClassifier(GPTModel):
         Three exact shortcuts (equal to the full forward within float rounding): the frozen
         trunk's states come from the cache when it holds ``split``; inputs are cut to
         ``needed_length``; the last block runs only at the pooled position (``forward_at``)
-        unless pooling is ``mean``.
+        unless pooling is a mean. The book's ``mean`` reads every position, padding included.
         """
         if lengths is None:
             lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)

@@ -2,9 +2,10 @@
 (the chapter recomputes them for every batch of every epoch and every evaluation).
 
 Exact: with a causal mask position t depends only on positions <= t, so a prefix's states do
-not depend on padding. What is stored per example is what the pooled token can read: ``last``,
-every position up to ``max_length`` (computed padded, as in the chapter); ``flexible``/``mean``,
-the real tokens (computed in length-sorted batches); ``first``, position 0; without a causal
+not depend on padding. What is stored per example is what the pooled token can read: ``last``
+and the book's ``mean`` (padding included), every position up to ``max_length`` (computed
+padded, as in the chapter); ``flexible``/``masked_mean``, the real tokens (computed in
+length-sorted batches); ``first``, position 0; without a causal
 mask, the whole ``max_length`` (cached only under ``longest`` padding).
 
 States are packed per split as ``[sum(stored lengths), emb_dim]`` with offsets, so ``lookup`` is
@@ -48,7 +49,7 @@ class TrunkCache:
 
     def _stored_lengths(self, token_ids: list[list[int]], max_length: int) -> list[int]:
         lengths = [max(1, min(len(t), max_length)) for t in token_ids]
-        if not self.causal or self.token == "last":
+        if not self.causal or self.token in ("last", "mean"):  # read every position
             return [max_length] * len(lengths)
         if self.token == "first":
             return [1] * len(lengths)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from spam_lightning.data.table import SPLIT_PROCEDURES
 from spam_lightning.data.tokens import PADDING_MODES, get_tokenizer
 from spam_lightning.model.classifier import TOKENS, TRAINABLE, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
@@ -199,6 +200,8 @@ def _data_problems(d: DictConfig, context_length: Any) -> list[str]:
     })
     if "padding" in d and padding not in PADDING_MODES:
         problems.append(f"data.padding={padding!r}; allowed: {', '.join(PADDING_MODES)}")
+    if "split" in d and d.get("split") not in SPLIT_PROCEDURES:  # the SMS data only
+        problems.append(f"data.split={d.get('split')!r}; allowed: {', '.join(SPLIT_PROCEDURES)}")
     if padding == "none" and _is_int(batch_size, 2):
         problems.append(
             f"data.padding=none cannot batch sequences of different lengths, but "

@@ -106,33 +106,6 @@ class SpamClassifier(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:
-        if batch_idx + 1 == self.trainer.num_training_batches:
-            self._exhaust_sampler_like_the_chapter()
-
-    def _exhaust_sampler_like_the_chapter(self) -> None:
-        """Advance the shuffling generator as the chapter's loop does at the end of an epoch.
-
-        The chapter iterates its loader to StopIteration, where ``RandomSampler`` draws one more
-        ``randperm(n, generator)``; Lightning stops after ``len(loader)`` batches, so without this
-        draw later epochs (and the monitor's accuracy batches) would see another order. Module
-        hooks run after the callbacks', i.e. after the monitor's last evaluation, as in the
-        chapter. Only for a full epoch over a plain shuffled DataLoader.
-        """
-        loader = self.trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
-        if not (
-            isinstance(loader, torch.utils.data.DataLoader)
-            and type(sampler) is torch.utils.data.RandomSampler
-            and sampler.generator is not None
-            and not sampler.replacement
-            and self.trainer.num_training_batches == len(loader)
-        ):
-            return
-        n = len(sampler.data_source)
-        if n and sampler.num_samples == n:
-            torch.randperm(n, generator=sampler.generator)
-
     def on_train_epoch_end(self) -> None:
         self._log_metrics(self.metrics["train_split"], "train")
 

@@ -3,7 +3,9 @@
 Every ``eval_freq`` batches: the loss on ``eval_iter`` train and validation batches. After each
 epoch: the accuracy on ``eval_iter`` train and validation batches. Both print in the chapter's
 format and are kept (with examples seen) for the plots and the checkpoint, so a resumed run
-continues the same history.
+continues the same history. It iterates the chapter's own loaders (the shuffled training loader
+and an in-order validation loader, both drawing from the global torch RNG at each ``iter()``), so
+the random stream advances exactly as in the book's ``train_classifier_simple``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class ChapterMonitor(L.Callback):
             "loss_examples_seen": [], "acc_examples_seen": [],
         }
         self._t0: float | None = None
+        self._val_loader = None
 
     # Lightning saves callback state in checkpoints: a resumed run keeps its history.
     def state_dict(self) -> dict[str, Any]:
@@ -61,7 +64,9 @@ class ChapterMonitor(L.Callback):
     def _elapsed(self) -> float:
         return time.perf_counter() - self._t0 if self._t0 is not None else 0.0
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # from the start of fitting: the frozen-trunk cache built before the first epoch is
+        # training time too (the book's loop recomputes those blocks in every step)
         self._t0 = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -69,8 +74,13 @@ class ChapterMonitor(L.Callback):
         self._t0 = None
 
     def _loaders(self, trainer):
-        # the same loader objects training uses: the chapter iterates its shuffled train loader
-        return trainer.train_dataloader, trainer.datamodule.val_dataloader()
+        # the training loader is the very object training iterates, as in the chapter; the
+        # validation loader is the chapter's too (made once, like the book's `val_loader`)
+        if self._val_loader is None:
+            dm = trainer.datamodule
+            book = getattr(dm, "book_dataloader", None)
+            self._val_loader = book("val") if book is not None else trainer.val_dataloaders
+        return trainer.train_dataloader, self._val_loader
 
     def _evaluate_both(self, trainer, pl_module) -> tuple[tuple[float, float], tuple[float, float]]:
         """(loss, accuracy) on the first ``eval_iter`` train and validation batches, in eval mode."""

@@ -12,8 +12,28 @@ import torch
 
 class RNGState(L.Callback):
     """Saves the global random generators (torch, CUDA, numpy, ``random``) in each checkpoint and
-    restores them on resume, so dropout and any other draw continue exactly as in an
-    uninterrupted run (Lightning restores weights, optimizer and loops, but not these)."""
+    restores them on resume, so the chapter's shuffling (drawn from the global torch RNG), dropout
+    and any other draw continue exactly as in an uninterrupted run (Lightning restores weights,
+    optimizer and loops, but not these).
+
+    Resuming a finished run trains nothing, yet Lightning still creates the training iterator
+    (``FitLoop.setup_data``), which draws the DataLoader's base seed; that draw is undone, so the
+    final evaluation sees the random state the uninterrupted run had.
+    """
+
+    def __init__(self) -> None:
+        self._at_fit_start: torch.Tensor | None = None
+        self._trained = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._at_fit_start, self._trained = torch.get_rng_state(), False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trained = True
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not self._trained and self._at_fit_start is not None:
+            torch.set_rng_state(self._at_fit_start)
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ class TrunkCaching(L.Callback):
         self.datasets = {k: v for k, v in datasets.items() if v is not None}
         self.max_length, self.pad_token_id, self.padding = max_length, pad_token_id, padding
         self.setting, self.budget_gb = setting, budget_gb
+        self.seconds: dict[str, float] = {}  # split -> time its cache took to build
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # the final test caches its splits too: budget for them now, not after training
@@ -86,8 +88,10 @@ class TrunkCaching(L.Callback):
             return
         with trainer.precision_plugin.forward_context():
             for split in todo:
+                t0 = time.perf_counter()
                 cache.build(split, model, self.datasets[split], self.max_length, self.pad_token_id,
                             pl_module.device)
+                self.seconds[split] = time.perf_counter() - t0
         log.info(
             "Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
             self.start_block - 1, ", ".join(todo), cache.nbytes / 2**20,
