@@ -6,11 +6,13 @@ checkpoints, TensorBoard events).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,9 +42,17 @@ from spam_lightning.model.trunk_cache import TrunkCacheError
 from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError, build_gpt
 from spam_lightning.training import checks
 from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO, TrunkCaching
+from spam_lightning.training.callbacks.finite_loss import FiniteLoss, NonFiniteLossError
+from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
+from spam_lightning.training.callbacks.sigterm_checkpoint import SigtermCheckpoint
 from spam_lightning.training.checks import ConfigError, TokenizerError
 from spam_lightning.training.module import SpamClassifier
 from spam_lightning.training.plots import plot_values
+from spam_lightning.training.run_lock import (
+    RunFolderBusy,
+    remove_stale_temporaries,
+    run_folder_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +66,7 @@ EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed b
 
 # Failures with a message that says what to fix: printed without a traceback by `train.py`.
 KNOWN_ERRORS = (ConfigError, DataError, TokenizerError, WeightsUnavailableError, CheckpointError,
-                ClassifierStateError, TrunkCacheError, BundleError)
+                ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, NonFiniteLossError)
 
 
 class TrainingInterrupted(SystemExit):
@@ -111,17 +122,24 @@ def resume_command(cfg: DictConfig) -> str:
 
 
 def _interrupted(cfg: DictConfig, callbacks: list[Any], trainer: L.Trainer) -> TrainingInterrupted:
+    saved = next((c.saved for c in trainer.callbacks if isinstance(c, SigtermCheckpoint)), None)
     last = checks.last_checkpoint(cfg, callbacks)
-    where = (
-        f"The last complete epoch is saved in {last}; work after it is redone on resume."
-        if last is not None
-        else "No epoch had finished, so no checkpoint exists; resuming starts anew."
-    )
+    if saved is not None:
+        where = f"This step is saved in {saved}; the resume continues from it."
+    elif last is not None:
+        where = f"The last complete epoch is saved in {last}; work after it is redone on resume."
+    else:
+        where = "No checkpoint exists (no checkpoint callback); resuming starts anew."
     log.error(
         "SIGTERM: stopped at epoch %d, step %d. %s Resume with:\n  %s",
         trainer.current_epoch + 1, trainer.global_step, where, resume_command(cfg),
     )
     return TrainingInterrupted(EXIT_SIGTERM)
+
+
+# The data module's sampler resumes a mid-epoch checkpoint exactly (BookShuffleSampler), which
+# Lightning cannot see: its warning that such a resume is unreliable does not apply here.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -139,6 +157,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.get("enable_progress_bar") is False:  # the flag wins over the callbacks group
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(RNGState())  # after ModelCheckpoint: resumes continue the same random draws
+    callbacks.append(FiniteLoss())
+    callbacks.append(SigtermCheckpoint())
+    callbacks.append(RunConfig(flat_config(cfg)))  # what a resume is compared with
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = SafeCheckpointIO()
@@ -146,6 +167,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # one run per folder (rank 0 holds it; DDP's other ranks run inside rank 0's job)
+    lock = run_folder_lock(output_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext()
+    with lock:
+        for tmp in remove_stale_temporaries(output_dir):
+            log.info("removed %s, left by an interrupted write", tmp)
+        return _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
+
+
+def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir) -> dict[str, Any]:
+    """Data, model, fit, final evaluation and artifacts, with the run folder locked."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule.prepare_data()
     datamodule.setup("fit")

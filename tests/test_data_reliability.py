@@ -1,5 +1,7 @@
-"""Reliability of the data layer (issue 7, points 1 and 4): bad data, verified downloads,
-atomic and locked preparation, and fuzzed readers. Runs alone: pytest tests/test_data_reliability.py
+"""Reliability of the data layer (issue 7, points 1 and 4; issue 14, points 8-10): bad data,
+verified downloads, atomic and locked preparation, fuzzed readers, the source checked at setup,
+read-only reuse, size caps and OS errors for local sources.
+Runs alone: pytest tests/test_data_reliability.py
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ import io
 import json
 import logging
 import multiprocessing as mp
+import os
 import re
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -375,3 +380,207 @@ def test_fuzz_split_csv_round_trip(texts: list[str]) -> None:
     assert parse_split_csv(payload, "train.csv") == (texts, labels)
     if not any("\r" in t for t in texts):
         assert payload == frame.to_csv(index=None).encode("utf-8")
+
+
+# ------------------------------------------------------------------ issue 14, points 8-10
+
+MIB = 1 << 20
+
+
+def _imdb_folder(root: Path, word: str) -> Path:
+    for subset in ("train", "test"):
+        for label in ("pos", "neg"):
+            folder = root / "aclImdb" / subset / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                (folder / f"{i}_5.txt").write_text(f"{word} {subset} {label} {i}")
+    return root
+
+
+def test_setup_refuses_data_re_prepared_from_another_source(sms_file: Path, tmp_path: Path) -> None:
+    """Point 8: a data_dir re-prepared from another source between prepare_data and setup (by a
+    second datamodule, as another run would) is refused, naming the folder and both sources."""
+    from spam_lightning.data import CSVDataModule, IMDBDataModule, SpamDataModule
+
+    shared = tmp_path / "sms"
+    edited = tmp_path / "edited" / "SMSSpamCollection"
+    edited.parent.mkdir()
+    edited.write_bytes(sms_file.read_bytes().replace(b"ham\tOk lar... Joking wif u oni...\n", b""))
+    ours = SpamDataModule(data_dir=str(shared))  # data.source=bundled
+    ours.prepare_data()
+    theirs = SpamDataModule(source=str(edited), data_dir=str(shared))
+    theirs.prepare_data()  # same split settings, another source: the folder is rewritten
+    with pytest.raises(DataError) as info:
+        ours.setup()
+    message = str(info.value)
+    assert message.startswith(f"{shared}: the prepared data there was made from another source: ")
+    assert f"{edited} (sha256 {sha256_bytes(edited.read_bytes())})" in message
+    assert f"not data.source=bundled (sha256 {EXPECTED_SHA256})" in message
+    assert "Rerun, or give each source its own data.data_dir" in message
+    assert ours.train_dataset is None  # refused before any tokenizing
+    assert len(theirs.load_splits()["train"].texts) == 1045  # its own data reads fine
+
+    rows = "".join(f"text {i},{i % 2}\n" for i in range(40))
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    one.write_text("text,label\n" + rows)
+    two.write_text("text,label\n" + rows.replace("text 0,", "other 0,"))
+    first = CSVDataModule(source=str(one), data_dir=str(tmp_path / "csv"))
+    first.prepare_data()
+    CSVDataModule(source=str(two), data_dir=str(tmp_path / "csv")).prepare_data()
+    with pytest.raises(DataError, match="made from another source") as info:
+        first.setup()
+    assert f"{two} (path {two}, sha256 " in str(info.value)
+    assert f"not data.source={one} (path {one}, sha256 " in str(info.value)
+
+    sizes = {"train_size": 8, "val_size": 4, "test_size": 4}
+    imdb_a = IMDBDataModule(
+        source=str(_imdb_folder(tmp_path / "a", "alpha")), data_dir=str(tmp_path / "imdb"), **sizes
+    )
+    imdb_a.prepare_data()
+    IMDBDataModule(
+        source=str(_imdb_folder(tmp_path / "b", "beta")), data_dir=str(tmp_path / "imdb"), **sizes
+    ).prepare_data()
+    with pytest.raises(DataError, match="made from another source") as info:
+        imdb_a.setup()
+    assert str(tmp_path / "b") in str(info.value) and str(tmp_path / "a") in str(info.value)
+
+
+def test_prepared_data_is_reused_without_write_access(sms_file: Path, tmp_path: Path) -> None:
+    """Point 9: reusing prepared data reads only (no lock, no temp cleanup), so a read-only
+    data_dir works; one that must be (re)written but cannot be is one DataError with the fix.
+    The lock path is made a folder (opening it for writing fails, as root too), and a non-root
+    run also makes the folder read-only (chmod does not stop root)."""
+    from spam_lightning.data import CSVDataModule, SpamDataModule
+
+    data_dir = tmp_path / "prepared"
+    csv_source = tmp_path / "all.csv"
+    csv_source.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(40)))
+    SpamDataModule(data_dir=str(data_dir)).prepare_data()
+    CSVDataModule(source=str(csv_source), data_dir=str(tmp_path / "csv")).prepare_data()
+    stale = []
+    for folder in (data_dir, tmp_path / "csv"):
+        (folder / ".prepare.lock").unlink()
+        (folder / ".prepare.lock").mkdir()  # taking the lock now fails: reuse must not try
+        stale.append(folder / ".tmp-train.csv-deadbeef")
+        stale[-1].write_bytes(b"half")  # cleaning temporaries would write: reuse must not
+    read_only = os.geteuid() != 0
+    for folder in (data_dir, tmp_path / "csv") if read_only else ():
+        folder.chmod(0o555)
+    try:
+        assert prepare("bundled", data_dir).reused
+        dm = SpamDataModule(data_dir=str(data_dir))
+        dm.prepare_data()
+        assert len(dm.load_splits()["train"].texts) == 1045
+        csv_dm = CSVDataModule(source=str(csv_source), data_dir=str(tmp_path / "csv"))
+        csv_dm.prepare_data()
+        assert len(csv_dm.load_splits()["train"].texts) == 28
+        assert all(p.exists() for p in stale)
+        with pytest.raises(DataError) as info:
+            prepare("bundled", data_dir, split_seed=1)  # other settings: must be rewritten
+        message = str(info.value)
+        assert message.startswith(f"data.data_dir={data_dir}: cannot write there (")
+        assert "set data.data_dir to a writable folder" in message
+        assert "\n" not in message
+    finally:
+        for folder in (data_dir, tmp_path / "csv"):
+            folder.chmod(0o755)
+
+
+def _read_as_nobody(path: Path) -> str:
+    """``load_local(path)``'s error, read by an unprivileged user: as root, in a forked child
+    that drops to uid/gid 65534 (a mode-000 file does not stop root)."""
+    from spam_lightning.data.source import load_local
+
+    if os.geteuid() != 0:
+        with pytest.raises(DataError) as info:
+            load_local(path)
+        return str(info.value)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the outcome, never return into pytest
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            load_local(path)
+            out = "read it"
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = f"{type(e).__name__}: {e}"
+        os.write(wfd, out.encode())
+        os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    assert out.startswith("DataError: "), out
+    return out.removeprefix("DataError: ")
+
+
+def test_local_sources_are_capped_and_os_errors_named(tmp_path: Path) -> None:
+    """Point 10: a local file or zip member over the download's cap (a zip bomb, a header that
+    lies, a huge sparse file) is refused before it is read; /dev/zero, a folder, a symlink loop
+    and an unreadable file are named DataErrors for data.source (and data.train for CSVs)."""
+    from spam_lightning.data import CSVDataModule, SpamDataModule
+    from spam_lightning.data.source import MAX_SOURCE_BYTES, read_zip_member
+
+    limit = f"{MAX_SOURCE_BYTES:,}-byte limit"
+    bomb = tmp_path / "bomb.zip"  # 64 MiB + 1 of zeros in a 65 KB zip
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("SMSSpamCollection", "w") as f:
+        for _ in range(MAX_SOURCE_BYTES // MIB):
+            f.write(bytes(MIB))
+        f.write(b"\0")
+    assert bomb.stat().st_size < MIB
+    with pytest.raises(DataError) as info:
+        prepare(str(bomb), tmp_path / "out")
+    assert str(info.value).startswith(
+        f"{bomb}: SMSSpamCollection decompresses to more than the {limit} (64 MiB) for data.source"
+    )
+    # a header that claims 1,000 bytes for 1 MiB of zeros: at most the claimed bytes are read
+    lying = bytearray(make_zip(bytes(MIB)))
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = lying.index(signature) + offset
+        lying[at : at + 4] = (1000).to_bytes(4, "little")
+    with pytest.raises(DataError, match="not a valid zip file"):
+        read_zip_member(bytes(lying), "lying.zip")
+    with pytest.raises(DataError, match=re.escape("more than the 1,000-byte limit")):
+        read_zip_member(make_zip(bytes(MIB)), "small-cap.zip", max_bytes=1000)
+    sparse = tmp_path / "huge" / "SMSSpamCollection"
+    sparse.parent.mkdir()
+    with open(sparse, "wb") as f:
+        f.truncate(MAX_SOURCE_BYTES + 1)  # sparse: nothing to write, and nothing may be read
+    with pytest.raises(DataError) as info:
+        prepare(str(sparse), tmp_path / "out")
+    assert str(info.value) == (
+        f"data.source: {sparse}: {MAX_SOURCE_BYTES + 1:,} bytes, over the {limit} (64 MiB) for "
+        f"data.source; not read"
+    )
+
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    cases = {
+        "/dev/zero": "not a regular file (a device, pipe or socket, such as /dev/zero)",
+        str(loop): "a symlink loop (a link that leads back to itself)",
+        str(tmp_path): "is a folder, not a file",
+    }
+    for source, problem in cases.items():
+        for make in (
+            lambda s: prepare(s, tmp_path / "out"),
+            lambda s: SpamDataModule(source=s, data_dir=str(tmp_path / "out")),
+            lambda s: CSVDataModule(train=s, validation=s, test=s),
+        ):
+            with pytest.raises(DataError) as info:
+                make(source)
+            message = str(info.value)
+            assert message.startswith(("data.source: ", "data.train: ")), message
+            assert source in message and problem in message, message
+
+    locked_out = Path(tempfile.mkdtemp(dir="/tmp"))  # traversable by any user (not pytest's 0700)
+    try:
+        locked_out.chmod(0o755)
+        secret = locked_out / "SMSSpamCollection"
+        secret.write_bytes(b"ham\thi\nspam\twin\n")
+        secret.chmod(0o000)
+        message = _read_as_nobody(secret)
+        assert message.startswith(f"data.source: {secret}: permission denied"), message
+    finally:
+        shutil.rmtree(locked_out)
+    assert leftovers(tmp_path) == []

@@ -674,7 +674,13 @@ def check_killed(job: KilledRun, returncode: int) -> str:
     assert job.signalled, output[-3000:]
     assert rc == returncode, output[-3000:]
     checkpoint = torch.load(job.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 10)  # killed during epoch 2
+    if returncode == -signal.SIGKILL:  # nothing ran: epoch 1's end is what is left
+        assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 10)
+    else:  # SIGTERM: the very step it stopped at, mid-epoch 2 (10 batches per epoch)
+        stopped = re.search(r"SIGTERM: stopped at epoch 2, step (\d+)\.", output)
+        assert stopped, output[-3000:]
+        assert checkpoint["epoch"] == 1 and 10 < checkpoint["global_step"] < 20
+        assert checkpoint["global_step"] == int(stopped.group(1))
     assert not (job.run_dir / "metrics.json").exists()
     leftovers = [p.name for p in (job.run_dir / "checkpoints").iterdir() if p.suffix != ".ckpt"]
     assert not leftovers
@@ -684,11 +690,13 @@ def check_killed(job: KilledRun, returncode: int) -> str:
 def test_sigterm_then_resume_ends_like_an_uninterrupted_run(
     background, run_in_process, sms_file, data_dir
 ) -> None:
-    """SIGTERM: Lightning stops after the current batch; the run exits 143 and prints how to
-    resume. The resumed run rebuilds the frozen-trunk cache and continues from epoch 1's end."""
+    """SIGTERM: Lightning stops after the current batch, which is saved; the run exits 143 and
+    prints how to resume. The resumed run rebuilds the frozen-trunk cache and continues from
+    that very step, mid-epoch: weights, history and metrics equal an uninterrupted run's."""
     job = background["SIGTERM"]
     output = check_killed(job, 128 + signal.SIGTERM)
     assert "SIGTERM: stopped at epoch 2" in output and "Resume with:" in output
+    assert "the resume continues from it" in output
     assert f"hydra.run.dir={job.run_dir} ckpt_path=last" in output
     resumed = resume_in_process(job.run_dir, sms_file, data_dir)
     assert json.loads((resumed / "metrics.json").read_text())["trunk_cache"] is True

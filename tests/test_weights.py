@@ -356,3 +356,19 @@ def test_generate_script_prints_the_greedy_continuation(
     assert out.stdout.rstrip("\n") == tokenizer.decode(expected[0].tolist())
     assert out.stdout.startswith("Every effort moves you")
     assert list(tmp_path.iterdir()) == []  # no run folder, no log file
+
+
+def test_non_finite_weights_are_named_at_load(hf_dir: Path, tmp_path: Path) -> None:
+    """NaN or infinite values in loaded weights fail at load, naming the tensors, instead of a
+    NaN loss from the first step."""
+    state = hub_layout(hf_dir)
+    state["h.1.attn.c_proj.weight"][3, 5] = float("nan")
+    state["wpe.weight"][0, 0] = float("inf")
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(CheckpointError) as err:
+        load_gpt2(tmp_path)
+    message = str(err.value)
+    assert "2 tensor(s) hold NaN or infinite values" in message
+    assert "h.1.attn.c_proj.weight" in message and "wpe.weight" in message
+    assert "c_fc" not in message

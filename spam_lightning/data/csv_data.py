@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import re
@@ -28,15 +29,26 @@ from spam_lightning.data.datamodule import (
     _int_at_least,
     check_split_fractions,
 )
-from spam_lightning.data.source import DOWNLOAD_TIMEOUT, DataError, DownloadError, download_first
+from spam_lightning.data.source import (
+    DOWNLOAD_TIMEOUT,
+    NO_SUCH_FILE,
+    DataError,
+    DownloadError,
+    download_first,
+    os_problem,
+    path_problem,
+    read_local,
+    resolve_path,
+)
 from spam_lightning.data.table import (
     SPLIT_FILES,
     Table,
     check_splits_not_empty,
+    load_prepared,
     locked,
     matching_meta,
-    prepared_paths,
     random_split,
+    read_meta,
     read_text_table,
     write_prepared,
 )
@@ -45,6 +57,9 @@ from spam_lightning.data.tokens import PAD_TOKEN_ID
 logger = logging.getLogger(__name__)
 
 CSV_FORMAT_VERSION = 1
+# a user's CSV (data.source, data.train/validation/test) is read whole into memory and parsed:
+# refuse anything larger (and devices such as /dev/zero) before reading a byte
+MAX_CSV_BYTES = 1024 * 1024 * 1024
 _SEP_ALIASES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";"}
 _INT_RE = re.compile(r"[+-]?\d+")
 
@@ -59,9 +74,10 @@ def resolve_sep(sep: str | None, path: str | os.PathLike[str] | None) -> str:
     return sep
 
 
-def read_prepared_table(path: Path, text_column: str, label_column: str) -> Table:
-    """One of our own split CSVs: checked when written (sha256 in meta.json), so a plain read."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+def read_prepared_table(path: Path, payload: bytes, text_column: str, label_column: str) -> Table:
+    """One of our own split CSVs (its bytes, checked against the sha256 in meta.json), so a plain
+    read."""
+    frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
     labels = frame[label_column].str.strip().tolist()
     return Table(frame[text_column].tolist(), labels, str(path), frame)
 
@@ -143,7 +159,7 @@ def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
 
 
 def _path(p: str | os.PathLike[str] | None) -> Path | None:
-    return None if p is None else Path(str(p)).expanduser().resolve()
+    return None if p is None else resolve_path(str(p))
 
 
 class CSVDataModule(TextClassificationDataModule):
@@ -177,8 +193,8 @@ class CSVDataModule(TextClassificationDataModule):
                 f"or data.source=ONE_FILE to split {train_frac:g}/{val_frac:g}/rest"
             )
         for option, path in {**given, **({"source": source} if source else {})}.items():
-            if not Path(str(path)).expanduser().is_file():
-                raise DataError(f"data.{option}: {_path(path)}: no such file")
+            if (problem := path_problem(_path(path))) is not None:
+                raise DataError(f"data.{option}: {_path(path)}: {problem}")
         if not text_column or not label_column or text_column == label_column:
             raise ValueError(
                 f"data.text_column={text_column!r}, data.label_column={label_column!r}: need two "
@@ -216,14 +232,16 @@ class CSVDataModule(TextClassificationDataModule):
         cols = (self.text_column, self.label_column)
         if self.source is None:  # the user's own files: checked
             tables = {
-                s: read_text_table(p.read_bytes(), str(p), *cols, self.sep)
+                s: read_text_table(read_local(p, f"data.{s}", MAX_CSV_BYTES), str(p), *cols, self.sep)
                 for s, p in self.files.items()
                 if p is not None
             }
-        else:
+        else:  # checked against the source as it is now (every rank: cheap, one hash)
+            identity = csv_identity(self.source, read_local(self.source, "data.source", MAX_CSV_BYTES))
             what = f"split of {self.source}"
-            paths = prepared_paths(self.data_dir, self.settings, {"path": str(self.source)}, what)
-            tables = {s: read_prepared_table(p, *cols) for s, p in paths.items()}
+            ours = f"data.source={self.source}"
+            paths = load_prepared(self.data_dir, self.settings, identity, what, ours)
+            tables = {s: read_prepared_table(p, b, *cols) for s, (p, b) in paths.items()}
         self.class_names, splits = to_splits(tables, self.fixed_class_names)
         return splits
 
@@ -237,13 +255,23 @@ def balance_classes(frame: pd.DataFrame, labels: pd.Series, seed: int) -> pd.Dat
     )
 
 
+def csv_identity(source: Path, data: bytes) -> dict[str, Any]:
+    """What identifies a CSV source in ``meta.json``: its path and sha256."""
+    return {"path": str(source), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Shuffle + split one CSV into ``train/validation/test.csv`` + ``meta.json`` (every column
     kept, every cell quoted so that any text reads back unchanged); locked, and reused while the
-    source's sha256 and the settings match."""
+    source's sha256 and the settings match (reuse reads only: no lock, no write access)."""
+    data = read_local(source, "data.source", MAX_CSV_BYTES)  # the lock guards data_dir only
+    identity = csv_identity(source, data)
+    if read_meta(data_dir) is not None:
+        meta = matching_meta(data_dir, settings, identity)
+        if meta is not None:
+            logger.info("reusing the split of %s in %s", source, data_dir)
+            return meta
     with locked(data_dir):
-        data = source.read_bytes()
-        identity = {"path": str(source), "sha256": hashlib.sha256(data).hexdigest()}
         meta = matching_meta(data_dir, settings, identity)
         if meta is not None:
             logger.info("reusing the split of %s in %s", source, data_dir)
@@ -279,7 +307,9 @@ def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) ->
 
 IMDB_URLS: tuple[str, ...] = ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",)
 ARCHIVE_NAME = "aclImdb_v1.tar.gz"
-MAX_ARCHIVE_BYTES = 256 * 1024 * 1024  # the real archive is about 84 MB
+MAX_ARCHIVE_BYTES = 256 * 1024 * 1024  # the real archive is about 84 MB (local ones too)
+MAX_REVIEW_BYTES = 1024 * 1024  # one review (the longest real one is about 14 KB)
+MAX_REVIEWS_BYTES = 1024 * 1024 * 1024  # all reviews read (the real ones: about 130 MB)
 IMDB_FORMAT_VERSION = 1
 CLASS_NAMES = ("negative", "positive")
 # the book's reading order: subsets, then labels (1 = pos, 0 = neg), then files sorted by name
@@ -312,25 +342,60 @@ def imdb_root(folder: Path) -> Path:
     )
 
 
+def _check_archive(archive: Path) -> None:
+    """A local ``.tar.gz`` must be a readable regular file within the download's size cap."""
+    problem = path_problem(archive)
+    if problem is None and (size := archive.stat().st_size) > MAX_ARCHIVE_BYTES:
+        problem = f"{size:,} bytes, over the {MAX_ARCHIVE_BYTES:,}-byte limit for data.source"
+    if problem is not None:
+        raise DataError(f"data.source: {archive}: {problem}")
+
+
 def read_reviews(source: Path) -> Reviews:
     """The labelled reviews of an extracted folder, or streamed out of the ``.tar.gz`` (nothing
-    is extracted to disk), each sorted by file name (the book's ``sorted(os.listdir(...))``)."""
+    is extracted to disk), each sorted by file name (the book's ``sorted(os.listdir(...))``).
+    Each review is read with a size cap (``MAX_REVIEW_BYTES``; all: ``MAX_REVIEWS_BYTES``)."""
     reviews: Reviews = {key: [] for key in ORDER}
+    total = 0
+
+    def capped(size: int, where: str) -> None:
+        nonlocal total
+        total += size
+        if size > MAX_REVIEW_BYTES:
+            raise DataError(
+                f"{where}: {size:,} bytes, over the {MAX_REVIEW_BYTES:,}-byte limit for one review"
+            )
+        if total > MAX_REVIEWS_BYTES:
+            raise DataError(
+                f"{where}: the reviews read so far exceed the {MAX_REVIEWS_BYTES:,}-byte limit "
+                f"for data.source (is this the IMDB archive aclImdb_v1.tar.gz?)"
+            )
+
     if source.is_dir():
         root = imdb_root(source)
         for subset, label in ORDER:
-            for n in sorted(n for n in os.listdir(root / subset / label) if n.endswith(".txt")):
+            try:
+                names = sorted(n for n in os.listdir(root / subset / label) if n.endswith(".txt"))
+            except OSError as e:
+                raise DataError(f"data.source: {root / subset / label}: {os_problem(e)}") from e
+            for n in names:
                 path = root / subset / label / n
-                reviews[(subset, label)].append((n, _review(path.read_bytes(), str(path))))
+                raw = read_local(path, "data.source", MAX_REVIEW_BYTES)
+                capped(len(raw), str(path))
+                reviews[(subset, label)].append((n, _review(raw, str(path))))
         return reviews
+    _check_archive(source)
     try:
         with tarfile.open(source, mode="r:gz") as tar:
             for member in tar:
                 match = _MEMBER_RE.match(member.name)
                 if match and member.isfile():
                     subset, label, name = match.groups()
-                    raw = tar.extractfile(member).read()  # type: ignore[union-attr]
-                    reviews[(subset, label)].append((name, _review(raw, f"{source}!{member.name}")))
+                    where = f"{source}!{member.name}"
+                    capped(member.size, where)
+                    # tarfile reads at most member.size bytes: the header bounds what is read
+                    raw = tar.extractfile(member).read(MAX_REVIEW_BYTES + 1)  # type: ignore[union-attr]
+                    reviews[(subset, label)].append((name, _review(raw, where)))
     except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
         raise DataError(f"{source}: not a readable .tar.gz (corrupt or truncated): {e}") from e
     empty = [f"{s}/{lab}" for (s, lab), rows in reviews.items() if not rows]
@@ -364,20 +429,44 @@ def book_partition(
     return df.iloc[:train_size], df.iloc[train_size:val_end], df.iloc[val_end:test_end]
 
 
-def _imdb_source(source: Path | None, urls: Sequence[str], data_dir: Path, timeout: float) -> dict:
-    """What identifies the source in ``meta.json`` (downloading the archive if needed); the
-    reviews themselves are read only when the CSVs cannot be reused."""
+def _imdb_identity(source: Path | None, data_dir: Path) -> dict[str, Any]:
+    """What identifies the source in ``meta.json``, without downloading: a folder's fingerprint
+    (names, sizes and mtimes), an archive's sha256 (only ``kind`` and ``path`` while the default
+    archive is not downloaded yet). Cheap; every OS problem is a DataError for data.source."""
     if source is not None and source.is_dir():
         digest = hashlib.sha256()  # names, sizes and mtimes: a cheap change detector
         root = imdb_root(source)
         for subset, label in ORDER:
-            with os.scandir(root / subset / label) as entries:
-                for e in sorted(entries, key=lambda e: e.name):
-                    st = e.stat()
-                    digest.update(f"{subset}/{label}/{e.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            try:
+                with os.scandir(root / subset / label) as entries:
+                    for e in sorted(entries, key=lambda e: e.name):
+                        st = e.stat()
+                        digest.update(
+                            f"{subset}/{label}/{e.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode()
+                        )
+            except OSError as e:
+                raise DataError(f"data.source: {root / subset / label}: {os_problem(e)}") from e
         return {"kind": "folder", "path": str(source), "fingerprint": digest.hexdigest()}
     archive = source if source is not None else data_dir / ARCHIVE_NAME
-    origin: dict[str, Any] = {"kind": "archive", "path": str(archive)}
+    identity: dict[str, Any] = {"kind": "archive", "path": str(archive)}
+    if source is None and not archive.is_file():
+        return identity
+    _check_archive(archive)
+    digest = hashlib.sha256()
+    try:
+        with open(archive, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:
+        raise DataError(f"data.source: {archive}: {os_problem(e)}") from e
+    return {**identity, "sha256": digest.hexdigest()}
+
+
+def _imdb_source(source: Path | None, urls: Sequence[str], data_dir: Path, timeout: float) -> dict:
+    """What identifies the source in ``meta.json`` (downloading the archive if needed); the
+    reviews themselves are read only when the CSVs cannot be reused."""
+    archive = source if source is not None else data_dir / ARCHIVE_NAME
+    url: dict[str, Any] = {}
     if source is None and not archive.is_file():
         if not urls:
             raise DownloadError(f"no data.source and no data.urls to download from. {IMDB_HINT}")
@@ -386,14 +475,11 @@ def _imdb_source(source: Path | None, urls: Sequence[str], data_dir: Path, timeo
             read_reviews(tmp)  # verifies: complete gzip stream, the four folders
             os.replace(tmp, archive)
 
-        origin["url"] = download_first(
+        url["url"] = download_first(
             urls, archive, keep, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES
         )
-    digest = hashlib.sha256()
-    with open(archive, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return {**origin, "sha256": digest.hexdigest()}
+    identity = _imdb_identity(source, data_dir)
+    return {**identity, **url} if identity["kind"] == "archive" else identity
 
 
 def prepare_imdb(
@@ -404,6 +490,12 @@ def prepare_imdb(
     """Write the book's ``train/validation/test.csv`` (``text,label``) + ``meta.json``; locked,
     atomic, and reused while the source and the settings match."""
     settings = imdb_settings(sizes, seed)
+    if read_meta(data_dir) is not None:  # reuse needs no lock and no write access
+        identity = _imdb_identity(source, data_dir)
+        meta = matching_meta(data_dir, settings, identity)
+        if meta is not None and set(meta["source"]) - {"url"} == set(identity):
+            logger.info("reusing prepared IMDB data in %s", data_dir)
+            return meta
     with locked(data_dir):
         origin = _imdb_source(source, urls, data_dir, timeout)
         identity = {k: v for k, v in origin.items() if k != "url"}
@@ -461,11 +553,14 @@ class IMDBDataModule(TextClassificationDataModule):
         urls = [str(u) for u in (urls or ())]
         if source is None and not urls:
             raise ValueError("data.source is null and data.urls is empty: nothing to read")
-        if source is not None and not Path(str(source)).expanduser().exists():
+        problem = None if source is None else path_problem(_path(source))
+        if problem == NO_SUCH_FILE:
             raise DataError(
                 f"data.source: {_path(source)}: no such file or folder (expected {ARCHIVE_NAME} "
                 f"or the extracted aclImdb folder)"
             )
+        if problem is not None and not problem.startswith("is a folder"):
+            raise DataError(f"data.source: {_path(source)}: {problem}")
         # class_names: recorded (resolved) by the LightningModule under the same key
         self.save_hyperparameters(ignore=["class_names"])
         self.source = _path(source)
@@ -480,7 +575,9 @@ class IMDBDataModule(TextClassificationDataModule):
 
     def load_splits(self) -> dict[str, SplitData]:
         settings = imdb_settings(self.sizes, self.shuffle_seed)
-        paths = prepared_paths(self.data_dir, settings, {}, "IMDB data")
-        tables = {s: read_prepared_table(p, "text", "label") for s, p in paths.items()}
+        identity = _imdb_identity(self.source, self.data_dir)  # the source as it is now
+        ours = f"data.source={self.source or 'null (the download)'}"
+        paths = load_prepared(self.data_dir, settings, identity, "IMDB data", ours)
+        tables = {s: read_prepared_table(p, b, "text", "label") for s, (p, b) in paths.items()}
         self.class_names, splits = to_splits(tables, self.class_names)
         return splits

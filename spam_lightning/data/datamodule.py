@@ -8,8 +8,9 @@ how to prepare its files and read its splits (``SpamDataModule`` here, ``CSVData
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,22 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
-from spam_lightning.data.source import BUNDLED, DEFAULT_URLS, DOWNLOAD, SOURCE_KEYWORDS, DataError
+from spam_lightning.data.source import (
+    BUNDLED,
+    DEFAULT_URLS,
+    DOWNLOAD,
+    NO_SUCH_FILE,
+    SOURCE_KEYWORDS,
+    DataError,
+    path_problem,
+    resolve_path,
+    source_sha256,
+)
 from spam_lightning.data.table import (
     ON_BAD_ROWS,
     SPLIT_PROCEDURES,
+    load_prepared,
     prepare,
-    prepared_paths,
     split_settings,
 )
 from spam_lightning.data.tokens import (
@@ -96,6 +107,39 @@ class LengthGroupedSampler(BatchSampler):
             batches.extend(group[j : j + bs] for j in range(0, len(group), bs))
         for k in torch.randperm(len(batches), generator=self.generator).tolist():
             yield batches[k]
+
+
+class BookShuffleSampler(RandomSampler):
+    """``DataLoader(shuffle=True)``'s own order, resumable mid-epoch.
+
+    Each ``iter()`` draws one seed from the global torch RNG and shuffles with it, exactly as
+    ``RandomSampler`` without a generator does (so the batches are the book's). A checkpoint
+    taken mid-epoch (SIGTERM) records that seed, how many examples the finished batches used
+    and the global RNG; the resumed loader's first ``iter()`` then replays the same order from
+    there and puts the global RNG back where the interrupted run had it (undoing the base-seed
+    draw of the fresh DataLoader iterator), so the rest of the run is the uninterrupted one.
+    """
+
+    def __init__(self, data_source: Sized) -> None:
+        super().__init__(data_source)
+        self.epoch_seed: int | None = None
+        self._resume: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.data_source)
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            seed, skip = int(resume["seed"]), int(resume["skip"])
+            torch.set_rng_state(resume["rng"])
+        else:
+            seed, skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
+        self.epoch_seed = seed
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        yield from torch.randperm(n, generator=generator).tolist()[skip:]
+
+    def resume_at(self, state: dict[str, Any]) -> None:
+        self._resume = state
 
 
 def _choice(option: str, value: Any, allowed: Sequence[str]) -> None:
@@ -211,6 +255,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.train_dataset: TokenDataset | None = None
         self.val_dataset: TokenDataset | None = None
         self.test_dataset: TokenDataset | None = None
+        self._book_sampler: BookShuffleSampler | None = None
+        self._pending_resume: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -290,14 +336,23 @@ class TextClassificationDataModule(L.LightningDataModule):
         Bucketed (``data.bucketing``) from a generator of its own."""
         if self.bucketing:
             return self._loader("train", self._train_generator, bucketing=True)
-        return self._loader("train", None, shuffle=True, drop_last=True)
+        if self._book_sampler is None:
+            if self.train_dataset is None:
+                raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
+            self._book_sampler = BookShuffleSampler(self.train_dataset)
+            if self._pending_resume is not None:
+                self._book_sampler.resume_at(self._pending_resume)
+                self._pending_resume = None
+        return self._loader("train", None, sampler=self._book_sampler, drop_last=True)
 
     def book_dataloader(self, split: str) -> DataLoader:
         """A loader as the chapter builds it, for the chapter's own evaluations (the monitor,
-        the final accuracies): ``train`` is :meth:`train_dataloader`; ``val``/``test`` are in
-        order, and like the book's each ``iter()`` draws its base seed from the global RNG."""
+        the final accuracies): ``train`` shuffled with ``drop_last``, ``val``/``test`` in order.
+        Like the book's, each ``iter()`` draws from the global RNG; a loader object of its own
+        draws exactly what iterating the training loader again would (the book's evaluations
+        iterate its one ``train_loader``), and leaves the training epoch's sampler alone."""
         if _SPLIT_ALIASES.get(split) == "train":
-            return self.train_dataloader()
+            return self._loader("train", None, shuffle=True, drop_last=True)
         return self._loader(split, None, shuffle=False)
 
     def eval_dataloader(self, split: str) -> DataLoader:
@@ -313,13 +368,30 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self.eval_dataloader("test")
 
     def state_dict(self) -> dict[str, Any]:
-        """The bucketing generator's state, so a resumed fit continues the same epoch order (the
-        global RNG the plain loader draws from is saved by the ``RNGState`` callback)."""
-        return {"train_generator_state": self._train_generator.get_state(), "max_length": self._max_length}
+        """What a resumed fit needs to continue the same order: the bucketing generator, or,
+        for a checkpoint taken mid-epoch (SIGTERM), the epoch's shuffling seed and how far it
+        got (the global RNG the plain loader draws from is saved by the ``RNGState`` callback,
+        and here too, for the mid-epoch replay)."""
+        state: dict[str, Any] = {
+            "train_generator_state": self._train_generator.get_state(), "max_length": self._max_length,
+        }
+        trainer = getattr(self, "trainer", None)
+        sampler = self._book_sampler
+        if trainer is not None and sampler is not None and sampler.epoch_seed is not None:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            if 0 < done < trainer.num_training_batches:  # mid-epoch
+                state["book_shuffle"] = {"seed": sampler.epoch_seed, "skip": done * self.batch_size,
+                                         "rng": torch.get_rng_state()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_generator_state" in state_dict:
             self._train_generator.set_state(state_dict["train_generator_state"])
+        if "book_shuffle" in state_dict:
+            if self._book_sampler is not None:
+                self._book_sampler.resume_at(state_dict["book_shuffle"])
+            else:
+                self._pending_resume = state_dict["book_shuffle"]
         saved = state_dict.get("max_length")
         if saved is not None and self._max_length is not None and saved != self._max_length:
             logger.warning(
@@ -360,13 +432,17 @@ class SpamDataModule(TextClassificationDataModule):
                 "(use data.source=bundled, the default, or a path)"
             )
         if source not in SOURCE_KEYWORDS:
-            if not Path(source).expanduser().exists():
+            path = resolve_path(source)
+            problem = path_problem(path)  # one stat: missing, unreadable, a loop, not a file
+            if problem == NO_SUCH_FILE:
                 raise DataError(
-                    f"data.source: {Path(source).expanduser().resolve()}: no such file (expected "
+                    f"data.source: {path}: no such file (expected "
                     f"bundled, download, or the path of an SMSSpamCollection file or the zip "
                     f"holding it)"
                 )
-            source = str(Path(source).expanduser().resolve())
+            if problem is not None:
+                raise DataError(f"data.source: {path}: {problem}")
+            source = str(path)
         self.save_hyperparameters()
         self.source, self.urls, self.on_bad_rows = source, urls, on_bad_rows
         self.split_seed, self.train_frac, self.val_frac = int(split_seed), train_frac, val_frac
@@ -382,13 +458,21 @@ class SpamDataModule(TextClassificationDataModule):
         )
 
     def load_splits(self) -> dict[str, SplitData]:
-        """The prepared CSVs: a plain ``pd.read_csv`` (checked when written; sha256 in meta.json)."""
+        """The prepared CSVs: a plain ``pd.read_csv`` (checked when written; sha256 in meta.json),
+        if ``meta.json`` records this datamodule's source: its sha256, recomputed here (cheap, and
+        on every rank), so that a folder re-prepared from another source is refused."""
         settings = split_settings(
             self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows, self.split
         )
+        source = {"sha256": source_sha256(self.source)}
+        ours = f"data.source={self.source}"
         out = {}
-        for split, path in prepared_paths(self.data_dir, settings, {}, "data").items():
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        for split, (path, payload) in load_prepared(
+            self.data_dir, settings, source, "data", ours
+        ).items():
+            frame = pd.read_csv(
+                io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False
+            )
             labels = frame["Label"].astype(int).tolist()
             out[split] = SplitData(frame["Text"].tolist(), labels, str(path))
         return out

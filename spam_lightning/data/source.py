@@ -9,11 +9,13 @@ into place only when complete, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
 import os
 import secrets
+import stat
 import urllib.request
 import zipfile
 import zlib
@@ -33,6 +35,10 @@ EXPECTED_SIZE = 477_907  # the UCI zip's member, byte for byte
 EXPECTED_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 DOWNLOAD_TIMEOUT = 30.0
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+# a local data.source (file, zip, and the zip's member) gets the download's cap: the real file is
+# 477,907 bytes, so anything this large is not it (and is never read whole into memory)
+MAX_SOURCE_BYTES = MAX_DOWNLOAD_BYTES
+NO_SUCH_FILE = "no such file"
 TMP_PREFIX = ".tmp-"  # every temporary file starts with this (stale ones get cleaned)
 BUNDLED, DOWNLOAD = "bundled", "download"  # data.source keywords; any other value is a path
 SOURCE_KEYWORDS = (BUNDLED, DOWNLOAD)
@@ -112,9 +118,17 @@ def clean_stale_temps(folder: Path) -> None:
             logger.info("removed stale temporary file %s", p)
 
 
-def read_zip_member(zip_data: bytes, name: str, expected_size: int | None = None) -> bytes:
+def _limit(max_bytes: int) -> str:
+    return f"{max_bytes:,}-byte limit ({max_bytes / 2**20:g} MiB)"
+
+
+def read_zip_member(
+    zip_data: bytes, name: str, expected_size: int | None = None,
+    max_bytes: int = MAX_SOURCE_BYTES,
+) -> bytes:
     """The ``SMSSpamCollection`` member of a zip; ``expected_size`` rejects a wrong member before
-    decompressing it (no zip bombs)."""
+    decompressing it, and no member over ``max_bytes`` is decompressed (its recorded size, and
+    the bytes actually read, since a header can lie): no zip bombs."""
     try:
         with zipfile.ZipFile(io.BytesIO(zip_data)) as zf:
             members = [i for i in zf.infolist() if not i.is_dir()]
@@ -128,22 +142,114 @@ def read_zip_member(zip_data: bytes, name: str, expected_size: int | None = None
                     f"{name}: {info.filename} has size {info.file_size:,} bytes, "
                     f"expected {expected_size:,}"
                 )
-            return zf.read(info)
+            too_big = DataError(
+                f"{name}: {info.filename} decompresses to more than the {_limit(max_bytes)} "
+                f"for data.source (the real {MEMBER_NAME} is {EXPECTED_SIZE:,} bytes); not read. "
+                f"{FIX_HINT}"
+            )
+            if info.file_size > max_bytes:
+                raise too_big
+            with zf.open(info) as member:
+                data = member.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise too_big
+            return data
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
         raise DataError(f"{name}: not a valid zip file (corrupt or truncated): {e}") from e
 
 
+def resolve_path(source: str | os.PathLike[str]) -> Path:
+    """``source`` made absolute with symlinks resolved where possible (a symlink loop or an
+    unreadable folder leaves it as given, for the read to name the problem)."""
+    path = Path(source).expanduser()
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
+        return path.absolute()
+
+
+def os_problem(e: OSError) -> str:
+    """An OS error as the words of an error message."""
+    if isinstance(e, FileNotFoundError):
+        return NO_SUCH_FILE
+    if isinstance(e, PermissionError):
+        return "permission denied (not readable by this user; check its permissions)"
+    if e.errno == errno.ELOOP:
+        return "a symlink loop (a link that leads back to itself); point it at a real file"
+    if isinstance(e, NotADirectoryError):
+        return "no such file (a part of the path is a file, not a folder)"
+    if isinstance(e, IsADirectoryError):
+        return "is a folder, not a file"
+    return f"cannot read it: {e.strerror or e}"
+
+
+def _kind_problem(mode: int) -> str | None:
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a device, pipe or socket, such as /dev/zero); pass a file"
+    return None
+
+
+def path_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being read as a data file (None: a readable regular file);
+    cheap (one ``stat``), for constructors to refuse a bad path before any heavy work."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return os_problem(e)
+    problem = _kind_problem(st.st_mode)
+    if problem is None and not os.access(path, os.R_OK):
+        return os_problem(PermissionError(errno.EACCES, "Permission denied"))
+    return problem
+
+
+def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
+    """A local file's bytes, at most ``max_bytes``; every problem (missing, permission, symlink
+    loop, a folder or device, too large) is one DataError naming ``option``, the file and the
+    limit. Opened non-blocking (a FIFO does not hang) and checked to be a regular file before
+    any byte is read (``/dev/zero`` is never read)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise DataError(f"{option}: {path}: {os_problem(e)}") from e
+    data = b""
+    try:
+        st = os.fstat(fd)
+        problem = _kind_problem(st.st_mode)
+        if problem is None and st.st_size > max_bytes:
+            problem = f"{st.st_size:,} bytes, over the {_limit(max_bytes)} for {option}; not read"
+        if problem is None:
+            chunks, total = [], 0
+            while total <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total))):
+                chunks.append(chunk)
+                total += len(chunk)
+            data = b"".join(chunks)
+            if total > max_bytes:  # it grew while being read
+                problem = f"more than the {_limit(max_bytes)} for {option}; not read"
+    except OSError as e:
+        problem = os_problem(e)
+    finally:
+        os.close(fd)
+    if problem is not None:
+        raise DataError(f"{option}: {path}: {problem}")
+    return data
+
+
 def load_local(source: str | os.PathLike[str]) -> SourceData:
     """A local ``SMSSpamCollection`` or zip: not verified (a user may pass an edited copy on
-    purpose), so it is validated row by row; its sha256 goes into ``meta.json``."""
-    path = Path(source).expanduser().resolve()
-    if not path.exists():
-        raise DataError(f"data.source: {path}: no such file. {FIX_HINT}")
-    if path.is_dir():
-        raise DataError(
-            f"data.source: {path} is a folder; pass the {MEMBER_NAME} file or the zip holding it"
-        )
-    data = path.read_bytes()
+    purpose), so it is validated row by row; its sha256 goes into ``meta.json``. Read with the
+    download's size cap (the zip's member too); OS errors are DataErrors for data.source."""
+    path = resolve_path(source)
+    try:
+        data = read_local(path, "data.source", MAX_SOURCE_BYTES)
+    except DataError as e:
+        if str(e).endswith(NO_SUCH_FILE):
+            raise DataError(f"{e} {FIX_HINT}") from None
+        if str(e).endswith("is a folder, not a file"):
+            raise DataError(f"{e}; pass the {MEMBER_NAME} file or the zip holding it") from None
+        raise
     if path.suffix.lower() == ".zip" or data.startswith(b"PK\x03\x04"):
         member = read_zip_member(data, str(path))
         return SourceData(member, f"{path}!{MEMBER_NAME}", {"kind": "zip", "path": str(path)})
@@ -225,20 +331,42 @@ def download(urls: Sequence[str], dest: Path, timeout: float = DOWNLOAD_TIMEOUT)
     return download_first(urls, dest, keep, MEMBER_NAME, FIX_HINT, timeout)
 
 
+def cached_download(data_dir: Path) -> SourceData | None:
+    """``data_dir/SMSSpamCollection`` if it is the verified file (a finished download), else None."""
+    dest = data_dir / MEMBER_NAME
+    try:
+        data = read_local(dest, "data.source=download", MAX_DOWNLOAD_BYTES) if dest.is_file() else None
+    except DataError:
+        data = None
+    if data is None or not _is_pinned(data):
+        return None
+    return SourceData(data, str(dest), {"kind": DOWNLOAD, "path": str(dest)}, verified=True)
+
+
 def load_source(
     source: str | os.PathLike[str] | None, urls: Sequence[str], data_dir: Path,
     timeout: float = DOWNLOAD_TIMEOUT,
 ) -> SourceData:
     """``bundled``/``None``, ``download`` (reusing a verified ``data_dir/SMSSpamCollection``) or a
-    local path. Call while holding the preparation lock."""
+    local path. Call while holding the preparation lock (a download writes to ``data_dir``)."""
     if source is None or str(source) == BUNDLED:
         return load_bundled()
     if str(source) != DOWNLOAD:
         return load_local(source)
+    cached = cached_download(data_dir)
+    if cached is not None:
+        return cached
     dest = data_dir / MEMBER_NAME
-    origin: dict[str, Any] = {"kind": DOWNLOAD, "path": str(dest)}
-    if not (dest.is_file() and _is_pinned(dest.read_bytes())):
-        if dest.is_file():
-            logger.warning("%s is not the verified file; downloading it again", dest)
-        origin = {"kind": DOWNLOAD, "url": download(urls, dest, timeout)}
-    return SourceData(dest.read_bytes(), str(dest), origin, verified=True)
+    if dest.is_file():
+        logger.warning("%s is not the verified file; downloading it again", dest)
+    origin = {"kind": DOWNLOAD, "url": download(urls, dest, timeout)}
+    return SourceData(read_local(dest, "data.source=download"), str(dest), origin, verified=True)
+
+
+def source_sha256(source: str | os.PathLike[str] | None) -> str:
+    """The sha256 that ``meta.json`` records for ``source``, computed cheaply: the pinned one for
+    ``bundled`` / ``download`` (only that file is accepted), else the local file's (or its zip
+    member's), read with the same caps and errors as ``load_local``."""
+    if source is None or str(source) in SOURCE_KEYWORDS:
+        return EXPECTED_SHA256
+    return load_local(source).sha256

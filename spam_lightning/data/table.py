@@ -28,9 +28,13 @@ from filelock import FileLock
 
 from spam_lightning.data.source import (
     DEFAULT_URLS,
+    DOWNLOAD,
     DOWNLOAD_TIMEOUT,
+    SOURCE_KEYWORDS,
     DataError,
+    SourceData,
     atomic_write_bytes,
+    cached_download,
     clean_stale_temps,
     load_source,
     sha256_bytes,
@@ -322,11 +326,37 @@ def check_splits_not_empty(
 
 @contextlib.contextmanager
 def locked(data_dir: Path) -> Iterator[None]:
-    """Hold ``data_dir``'s file lock (DDP ranks and sweep jobs prepare once); clean temporaries."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(data_dir / LOCK_NAME)):
-        clean_stale_temps(data_dir)
+    """Hold ``data_dir``'s file lock (DDP ranks and sweep jobs prepare once); clean temporaries.
+
+    Only needed to write: reusing prepared data reads it without the lock. A folder that cannot
+    be written (read-only, or the lock cannot be created) is one DataError naming the fix."""
+
+    def refuse(why: str) -> DataError:
+        return DataError(
+            f"data.data_dir={data_dir}: cannot write there ({why}), and it holds no prepared data "
+            f"for this source and these settings, so it must be (re)written; set data.data_dir "
+            f"to a writable folder"
+        )
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise refuse(e.strerror or str(e)) from e
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise refuse("the folder is not writable by this user")
+    lock = FileLock(str(data_dir / LOCK_NAME))
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise refuse(f"{data_dir / LOCK_NAME}: {e.strerror or e}") from e
+    try:
+        try:
+            clean_stale_temps(data_dir)
+        except OSError as e:
+            raise refuse(e.strerror or str(e)) from e
         yield
+    finally:
+        lock.release()
 
 
 def read_meta(data_dir: Path) -> dict[str, Any] | None:
@@ -370,6 +400,55 @@ def write_prepared(data_dir: Path, parts: dict[str, bytes], meta: dict[str, Any]
     meta = {**meta, "files": files}
     atomic_write_bytes(data_dir / META_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return meta
+
+
+def describe_source(recorded: dict[str, Any]) -> str:
+    """A recorded ``meta.json`` source as an error message names it."""
+    kind = recorded.get("kind")
+    if kind in SOURCE_KEYWORDS:
+        return f"data.source={kind}"
+    return str(recorded.get("name") or recorded.get("path") or recorded.get("url") or "unknown")
+
+
+def load_prepared(
+    data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str, ours: str
+) -> dict[str, tuple[Path, bytes]]:
+    """The CSVs ``prepare_data`` wrote for these settings *and this source*, as (path, bytes):
+    each read once and checked against the sha256 in ``meta.json``, which must record every key
+    of ``source`` (e.g. the sha256 of the source this datamodule was configured with, ``ours``).
+    Read-only: no lock, nothing written. A folder another run re-prepared from another source
+    since ``prepare_data`` is an error naming both sources, never silently used."""
+    meta = read_meta(data_dir)
+    generic = DataError(
+        f"{data_dir}: no prepared {what} with these settings (or it changed since); call "
+        f"prepare_data() first (the Trainer does). If another run shares this data.data_dir, "
+        f"give each its own"
+    )
+    if meta is None or meta.get("settings") != settings:
+        raise generic
+    recorded = meta.get("source") or {}
+    differ = [k for k, v in source.items() if recorded.get(k) != v]
+    if differ:
+        theirs = ", ".join(f"{k} {recorded.get(k)}" for k in differ)
+        mine = ", ".join(f"{k} {source[k]}" for k in differ)
+        raise DataError(
+            f"{data_dir}: the prepared {what} there was made from another source: "
+            f"{describe_source(recorded)} ({theirs}), not {ours} ({mine}), the source this run "
+            f"was configured with (another run re-prepared this folder after this one's "
+            f"prepare_data). Rerun, or give each source its own data.data_dir"
+        )
+    files = meta.get("files") or {}
+    out = {}
+    for split, fname in SPLIT_FILES.items():
+        path = data_dir / fname
+        try:
+            payload = path.read_bytes()
+        except OSError as e:
+            raise generic from e
+        if sha256_bytes(payload) != files.get(fname):
+            raise generic
+        out[split] = (path, payload)
+    return out
 
 
 def prepared_paths(
@@ -428,10 +507,21 @@ def prepare(
     data_dir = Path(data_dir).expanduser().resolve()
     settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
     paths = {part: data_dir / fname for part, fname in SPLIT_FILES.items()}
-    with locked(data_dir):
-        src = load_source(source, urls, data_dir, timeout)
-        meta = matching_meta(data_dir, settings, {"sha256": src.sha256})
+    src: SourceData | None = None
+    if read_meta(data_dir) is not None:  # reuse needs no lock and no write access
+        src = (
+            cached_download(data_dir) if str(source) == DOWNLOAD
+            else load_source(source, urls, data_dir, timeout)
+        )
+        meta = None if src is None else matching_meta(data_dir, settings, {"sha256": src.sha256})
         if meta is not None:
+            logger.info("reusing prepared data in %s", data_dir)
+            return Prepared(data_dir, paths, meta, reused=True)
+    with locked(data_dir):
+        if src is None:  # (a source read above is not in data_dir's care: no need to reread)
+            src = load_source(source, urls, data_dir, timeout)
+        meta = matching_meta(data_dir, settings, {"sha256": src.sha256})
+        if meta is not None:  # prepared by another process meanwhile
             logger.info("reusing prepared data in %s", data_dir)
             return Prepared(data_dir, paths, meta, reused=True)
         if src.verified:  # the pinned file: the chapter's own read

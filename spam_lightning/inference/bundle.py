@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +25,8 @@ BUNDLE_FORMAT = "spam-lightning-bundle/1"
 BUNDLE_DIR = "bundle"
 WEIGHTS = "model.safetensors"
 CONFIG = "bundle.json"
+# what the safetensors header may hold: the weights are cast to the model's dtype on load
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 REQUIRED_KEYS = ("model", "num_classes", "class_names", "token", "max_length", "padding", "pad_token_id")
 
 
@@ -81,37 +83,229 @@ def find_bundle(path: str | Path) -> Path:
     )
 
 
-def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPTModel, dict]:
-    """Rebuild the classifier from a bundle; returns ``(model, bundle_config)``."""
-    folder = find_bundle(path)
+def _show(value: Any) -> str:
+    """A short repr for messages: a corrupted field may hold megabytes."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
     try:
-        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{folder / CONFIG} is not valid JSON: {err}") from err
+        config = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise BundleError(f"{path} is not valid JSON ({err}); re-create the bundle.") from err
+    except OSError as err:
+        raise BundleError(f"{path}: cannot read it ({err.strerror or err}).") from err
     if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise BundleError(
-            f"{folder / CONFIG}: unknown format {found!r}, expected {BUNDLE_FORMAT!r}."
-        )
-    missing_keys = [k for k in REQUIRED_KEYS if k not in config]
-    if missing_keys:
-        raise BundleError(f"{folder / CONFIG} lacks {missing_keys}; re-create the bundle.")
+        raise BundleError(f"{path}: unknown format {_show(found)}, expected {BUNDLE_FORMAT!r}.")
+    return config
+
+
+def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
+    """Types and allowed values of a ``bundle.json``; the first problem as one ``BundleError`` line
+    naming the field and the fix. Sizes are checked against the weights by ``check_weights``."""
+    from spam_lightning.data.tokens import PADDING_MODES
+    from spam_lightning.model.classifier import TOKENS
+
+    def fail(field: str, problem: str) -> NoReturn:
+        raise BundleError(f"{where}: {field} {problem}")
+
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise BundleError(f"{where} lacks {missing}; re-create the bundle with a training run.")
+    model = config["model"]
+    if not isinstance(model, dict):
+        fail("model", f"is {_show(model)}; it must be an object with {list(CFG_KEYS)}.")
+    missing = [k for k in CFG_KEYS if k not in model]
+    if missing:
+        fail("model", f"lacks {missing}; re-create the bundle with a training run.")
+    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        if not _is_int(model[key]) or model[key] < 1:
+            fail(f"model.{key}", f"is {_show(model[key])}; it must be an integer >= 1.")
+    if model["emb_dim"] % model["n_heads"]:
+        fail("model.n_heads", f"is {model['n_heads']}, which does not divide model.emb_dim="
+             f"{model['emb_dim']}; use the n_heads the model was trained with.")
+    rate = model["drop_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+        fail("model.drop_rate", f"is {_show(rate)}; it must be a number in [0, 1) (0 for inference).")
+    for key in ("qkv_bias", "causal_mask"):
+        if key in model and not isinstance(model[key], bool):
+            fail(f"model.{key}", f"is {_show(model[key])}; it must be true or false.")
+    if not _is_int(config["num_classes"]) or config["num_classes"] < 1:
+        fail("num_classes", f"is {_show(config['num_classes'])}; it must be an integer >= 1.")
+    names = config["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        fail("class_names", f"is {_show(names)}; it must be a list of non-empty strings.")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        fail("class_names", f"names {_show(dup)} twice; each class needs its own name.")
+    if config["token"] not in TOKENS:
+        fail("token", f"is {_show(config['token'])}; allowed: {', '.join(TOKENS)}.")
+    if config["padding"] not in PADDING_MODES:
+        fail("padding", f"is {_show(config['padding'])}; allowed: {', '.join(PADDING_MODES)}.")
+    if not _is_int(config["max_length"]) or config["max_length"] < 1:
+        fail("max_length", f"is {_show(config['max_length'])}; it must be an integer >= 1 "
+             "(the training run's data.max_length).")
+    pad = config["pad_token_id"]
+    if not _is_int(pad) or not 0 <= pad < model["vocab_size"]:
+        fail("pad_token_id", f"is {_show(pad)}; it must be a token id in 0..{model['vocab_size'] - 1} "
+             "(GPT-2's is 50256).")
+    if "mean_includes_padding" in config and not isinstance(config["mean_includes_padding"], bool):
+        fail("mean_includes_padding", f"is {_show(config['mean_includes_padding'])}; it must be true "
+             "or false.")
+    if config.get("tokenizer", "gpt2") != "gpt2":
+        fail("tokenizer", f"is {_show(config['tokenizer'])}; only 'gpt2' is supported.")
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` from a safetensors header; no tensor is read."""
+    from safetensors import safe_open
+
     try:
-        model = GPTModel(config["model"])
-        model.out_head = nn.Linear(config["model"]["emb_dim"], config["num_classes"])
-    except (KeyError, TypeError, ValueError, AssertionError) as err:
-        raise BundleError(f"{folder / CONFIG}: invalid model settings ({err!r}).") from err
-    try:
-        # safetensors only: a bundle is never unpickled, so a crafted file cannot run code
-        state = load_file(str(folder / WEIGHTS), device=str(map_location))
+        with safe_open(str(path), framework="pt") as fh:
+            header = {}
+            for key in fh.keys():
+                piece = fh.get_slice(key)
+                header[key] = (str(piece.get_dtype()), tuple(int(n) for n in piece.get_shape()))
     except Exception as err:  # SafetensorError (bad header, truncated), OSError
         raise BundleError(
-            f"{folder / WEIGHTS} is not a readable safetensors file ({err}). Bundles hold "
+            f"{path} is not a readable safetensors file ({err}). Bundles hold weights only as "
+            "safetensors, never pickles; re-create it with a training run."
+        ) from err
+    return header
+
+
+def expected_shapes(model_cfg: dict[str, Any], num_classes: int) -> dict[str, tuple[int, ...]]:
+    """The state dict shapes of ``GPTModel(model_cfg)`` with a ``num_classes`` head, computed
+    (not built): what ``check_weights`` compares the header with."""
+    e, hidden = model_cfg["emb_dim"], 4 * model_cfg["emb_dim"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_emb.weight": (model_cfg["vocab_size"], e), "pos_emb.weight": (model_cfg["context_length"], e),
+    }
+    for i in range(model_cfg["n_layers"]):
+        p = f"trf_blocks.{i}."
+        for name in ("W_query", "W_key", "W_value"):
+            shapes[f"{p}att.{name}.weight"] = (e, e)
+            if model_cfg["qkv_bias"]:
+                shapes[f"{p}att.{name}.bias"] = (e,)
+        shapes |= {
+            f"{p}att.out_proj.weight": (e, e), f"{p}att.out_proj.bias": (e,),
+            f"{p}ff.layers.0.weight": (hidden, e), f"{p}ff.layers.0.bias": (hidden,),
+            f"{p}ff.layers.2.weight": (e, hidden), f"{p}ff.layers.2.bias": (e,),
+        }
+        for norm in ("norm1", "norm2"):
+            shapes |= {f"{p}{norm}.scale": (e,), f"{p}{norm}.shift": (e,)}
+    shapes |= {
+        "final_norm.scale": (e,), "final_norm.shift": (e,),
+        "out_head.weight": (num_classes, e), "out_head.bias": (num_classes,),
+    }
+    return shapes
+
+
+def check_weights(
+    config: dict[str, Any], header: dict[str, tuple[str, tuple[int, ...]]], config_path: Path,
+    weights_path: Path,
+) -> None:
+    """A validated ``bundle.json`` against the weights' header (dtypes and shapes), before any
+    model is built: each mismatch is one line naming the field."""
+    for key, (dtype, _) in header.items():
+        if dtype not in FLOAT_DTYPES:
+            raise BundleError(
+                f"{weights_path}: tensor {key} has dtype {dtype}; bundle weights are floating point "
+                f"({', '.join(FLOAT_DTYPES)}). Re-create the bundle with a training run."
+            )
+    model = config["model"]
+
+    def shape(key: str, ndim: int) -> tuple[int, ...]:
+        if key not in header or len(header[key][1]) != ndim:
+            found = "is missing" if key not in header else f"has shape {list(header[key][1])}"
+            raise BundleError(
+                f"{weights_path}: tensor {key} {found}; this is not a bundle of a GPT-2 classifier. "
+                "Re-create it with a training run."
+            )
+        return header[key][1]
+
+    def compare(field: str, claimed: Any, actual: Any, evidence: str, fix: str = "") -> None:
+        if claimed != actual:
+            raise BundleError(
+                f"{config_path}: {field} is {_show(claimed)} but {weights_path.name} has {actual} "
+                f"({evidence}); {fix or f'set {field} to {actual}'} or re-create the bundle."
+            )
+
+    tok, pos, head = shape("tok_emb.weight", 2), shape("pos_emb.weight", 2), shape("out_head.weight", 2)
+    compare("model.emb_dim", model["emb_dim"], tok[1], f"tok_emb.weight is {list(tok)}")
+    compare("model.vocab_size", model["vocab_size"], tok[0], f"tok_emb.weight is {list(tok)}")
+    compare("model.context_length", model["context_length"], pos[0], f"pos_emb.weight is {list(pos)}")
+    blocks = {k.split(".")[1] for k in header if k.startswith("trf_blocks.")}
+    compare("model.n_layers", model["n_layers"], len(blocks), "transformer blocks")
+    has_bias = "trf_blocks.0.att.W_query.bias" in header
+    if model["qkv_bias"] != has_bias:
+        raise BundleError(
+            f"{config_path}: model.qkv_bias is {str(model['qkv_bias']).lower()} but "
+            f"{weights_path.name} has {'' if has_bias else 'no '}attention biases "
+            f"(trf_blocks.0.att.W_query.bias); set it to {str(has_bias).lower()} or re-create the bundle."
+        )
+    names = config["class_names"]
+    if len(names) != head[0]:
+        raise BundleError(
+            f"{config_path}: class_names has {len(names)} names but the class head of "
+            f"{weights_path.name} has {head[0]} rows (out_head.weight is {list(head)}); give exactly "
+            f"{head[0]} names or re-create the bundle."
+        )
+    compare("num_classes", config["num_classes"], head[0], f"out_head.weight is {list(head)}")
+    want = expected_shapes(model, config["num_classes"])
+    found = {k: s for k, (_, s) in header.items()}
+    if want != found:
+        missing = sorted(want.keys() - found.keys())
+        extra = sorted(found.keys() - want.keys())
+        wrong = sorted(k for k in want.keys() & found.keys() if want[k] != found[k])
+        parts = [f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (first: {extra[0]})" if extra else "",
+                 f"{len(wrong)} of another shape (first: {wrong[0]} is {list(found[wrong[0]])}, "
+                 f"expected {list(want[wrong[0]])})" if wrong else ""]
+        raise BundleError(
+            f"{weights_path} does not match {config_path.name}: tensors "
+            f"{', '.join(p for p in parts if p)}. Re-create the bundle with a training run."
+        )
+
+
+def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPTModel, dict]:
+    """Rebuild the classifier from a bundle; returns ``(model, bundle_config)``.
+
+    ``bundle.json`` is validated and checked against the safetensors header (dtypes, shapes)
+    before any model is built or any tensor read: a corrupted config costs nothing.
+    """
+    folder = find_bundle(path)
+    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    config = _read_config(folder)
+    validate_config(config, config_path)
+    check_weights(config, read_header(weights_path), config_path, weights_path)
+    try:
+        # safetensors only: a bundle is never unpickled, so a crafted file cannot run code
+        state = load_file(str(weights_path), device=str(map_location))
+    except Exception as err:  # SafetensorError (truncated data), OSError
+        raise BundleError(
+            f"{weights_path} is not a readable safetensors file ({err}). Bundles hold "
             "weights only as safetensors, never pickles; re-create it with a training run."
         ) from err
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise BundleError(
+            f"{weights_path}: {len(bad)} tensor(s) hold NaN or infinite values (first: {bad[0]}); "
+            "the training run diverged. Retrain (e.g. with a lower optimizer.lr)."
+        )
+    model = GPTModel(config["model"])
+    model.out_head = nn.Linear(config["model"]["emb_dim"], config["num_classes"])
     try:
         load_classifier_state(model, state)
-    except ClassifierStateError as err:
-        raise BundleError(f"{folder / WEIGHTS} does not match {folder / CONFIG}: {err}") from err
+    except ClassifierStateError as err:  # check_weights has compared every shape: a safety net
+        first = str(err).replace("\n", " ")
+        raise BundleError(f"{weights_path} does not match {config_path}: {first}") from err
     model.eval()
     return model, config

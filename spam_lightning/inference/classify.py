@@ -10,15 +10,17 @@ of the cost; the book's ``mean`` averages the padding too, so it is padded as in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +50,7 @@ class Classifier:
 
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
+        self.device = resolve_device(device)  # before the bundle loads: a typo costs nothing
         gpt, config = load_bundle(run_dir, map_location="cpu")
         self.config = config
         self.class_names: list[str] = config["class_names"]
@@ -58,7 +61,6 @@ class Classifier:
         self.padding = config["padding"]
         self.pad_token_id = int(config["pad_token_id"])
         self.batch_size = batch_size
-        self.device = torch.device(device)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         # unpadded training (padding=none) pools each message's own last token / own tokens
         unpadded = {"last": "flexible", "mean": "masked_mean"}
@@ -69,16 +71,9 @@ class Classifier:
         if self.padding == "none" and not self.dynamic:
             self.batch_size = 1  # no padding at all: one message per forward pass
 
-    def _encode(self, texts: list[str], offset: int = 0) -> list[list[int]]:
+    def _encode(self, texts: list[str]) -> list[list[int]]:
         from spam_lightning.data.tokens import encode_texts
 
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"message {offset + i + 1} is {type(text).__name__}, not text")
-            if not text.strip():
-                raise ValueError(
-                    f"message {offset + i + 1} is empty or only whitespace; nothing to classify"
-                )
         return encode_texts(texts, max_length=self.max_length, context_length=self.max_length)
 
     def _probs(self, token_ids: list[list[int]]) -> torch.Tensor:
@@ -105,11 +100,25 @@ class Classifier:
         return torch.stack(rows) if rows else torch.empty(0, len(self.class_names))
 
     def _iter_probs(self, texts: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages."""
-        it = iter(texts)
+        """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages.
+
+        A bad message (not text, empty) or an error of the input itself (a malformed file) stops
+        the stream with that error, after every message before it has been yielded.
+        """
         offset = 0
-        while chunk := list(itertools.islice(it, CHUNK)):
-            ids = self._encode(chunk, offset)
+        for chunk, error in _chunks(iter(texts)):
+            for i, text in enumerate(chunk):
+                if not isinstance(text, str):
+                    error = TypeError(f"message {offset + i + 1} is {type(text).__name__}, not text")
+                elif not text.strip():
+                    error = ValueError(
+                        f"message {offset + i + 1} is empty or only whitespace; nothing to classify"
+                    )
+                else:
+                    continue
+                chunk = chunk[:i]
+                break
+            ids = self._encode(chunk)
             order = list(range(len(ids)))
             if self.dynamic:
                 order.sort(key=lambda i: len(ids[i]))
@@ -119,6 +128,8 @@ class Classifier:
                 for i, p in zip(sel, self._probs([ids[i] for i in sel]), strict=True):
                     probs[i] = p
             yield from zip(chunk, probs, strict=True)
+            if error is not None:
+                raise error
             offset += len(chunk)
 
     def iter_predict(self, texts: Iterable[str]) -> Iterator[Prediction]:
@@ -137,43 +148,152 @@ class Classifier:
         return list(self.iter_predict([texts] if isinstance(texts, str) else texts))
 
 
+def _chunks(it: Iterator[str]) -> Iterator[tuple[list[str], Exception | None]]:
+    """``(up to CHUNK items, None)``; the last one carries the exception the input raised."""
+    while True:
+        chunk: list[str] = []
+        try:
+            for item in it:
+                chunk.append(item)
+                if len(chunk) == CHUNK:
+                    break
+        except Exception as err:  # a malformed file: classify what came before, then report it
+            yield chunk, err
+            return
+        if not chunk:
+            return
+        yield chunk, None
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``torch.device(name)`` if this machine has it, else a one-line ``ValueError``."""
+    import torch
+
+    hint = "use cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {str(name)[:40]!r} is not a device name; {hint}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"device {name!r}: CUDA is not available ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return device
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine; use --device cpu")
+    if device.type == "meta":
+        raise ValueError(f"device {name!r} holds no data; {hint}")
+    try:
+        torch.empty(1, device=device)
+    except Exception as err:  # xpu, hpu, ... without the backend
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"device {name!r} is not available ({first[:120]}); {hint}") from None
+    return device
+
+
 def classify_review(text: str, run_dir: str | Path) -> str:
     """The chapter's ``classify_review``: the label of one message."""
     return Classifier(run_dir).predict(text)[0].label
 
 
 # ------------------------------------------------------------------ CLI
-def _read_texts(path: Path, text_column: str) -> Iterator[str]:
-    """Messages from a CSV (``text_column``) or from a text file, one per line (blank lines skipped)."""
-    if not path.exists():
-        raise FileNotFoundError(f"--file {path}: no such file")
-    if path.is_dir():  # pipes are fine: --file /dev/stdin, --file <(zcat messages.gz)
-        raise ValueError(f"--file {path} is a folder; pass a text file or a CSV")
+STDIN = "-"
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # old Mac line ends, kept as line breaks as before
+
+
+def _lines(fh: BinaryIO, name: str) -> Iterator[str]:
+    """Decoded lines with their line ends (as ``open(newline="")`` gives), decoded one by one so a
+    bad byte is reported with its line number and its offset in the file."""
+    offset, number = 0, 0
+    for raw in fh:
+        for piece in _LONE_CR.split(raw) if b"\r" in raw else (raw,):
+            number += 1
+            try:
+                line = piece.decode("utf-8")
+            except UnicodeDecodeError as err:
+                at = offset + err.start
+                raise ValueError(
+                    f"{name}, line {number}: not UTF-8 text ({err.reason}: byte 0x{piece[err.start]:02x} "
+                    f"at offset {at:,} of the file, column {err.start + 1} of the line); save it as UTF-8"
+                ) from None
+            if number == 1 and line.startswith("\ufeff"):
+                line = line[1:]  # a spreadsheet's byte-order mark must not rename the first column
+            offset += len(piece)
+            yield line
+
+
+def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator[str]:
+    """The ``text_column`` of each CSV record; a malformed record is an error naming its lines."""
+    reader = csv.reader(lines, strict=True)
+    before = 0
+
+    def where() -> str:
+        first, last = before + 1, max(reader.line_num, before + 1)
+        return f"{name}, line {first}" if first == last else f"{name}, lines {first}-{last}"
+
     try:
-        if path.suffix.lower() == ".csv":
-            # long messages are truncated later, as in training; csv's 128 KiB cap would refuse them
-            csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-            # utf-8-sig: a spreadsheet's byte-order mark must not rename the first column
-            with path.open(newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh)
-                try:
-                    if not reader.fieldnames or text_column not in reader.fieldnames:
-                        raise ValueError(
-                            f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); "
-                            "use --text-column NAME"
-                        )
-                    for row in reader:
-                        yield row[text_column] or ""
-                except csv.Error as err:
-                    raise ValueError(f"{path}, line {reader.line_num}: bad CSV ({err})") from err
-        else:
-            with path.open(encoding="utf-8-sig") as fh:
-                for line in fh:
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{name}: the file is empty; expected a header row with a {text_column!r} column")
+        if text_column not in header:
+            raise ValueError(
+                f"{name}: no column {text_column!r} (columns: {header}); use --text-column NAME"
+            )
+        column = header.index(text_column)
+        before = reader.line_num
+        for row in reader:
+            if row:  # blank lines are not records
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"{where()}: {len(row)} field(s), the header has {len(header)}; a stray or "
+                        'unclosed quote (") joins lines. Quote fields that hold commas, quotes or '
+                        'line breaks, doubling each quote inside ("say ""hi""")'
+                    )
+                yield row[column]
+            before = reader.line_num
+    except csv.Error as err:
+        if "end of data" in str(err):
+            raise ValueError(
+                f"{name}, line {before + 1}: a quoted field that starts in this record is never closed "
+                f'(the file ends inside it); look for a stray quote (") on line {before + 1}'
+            ) from None
+        raise ValueError(
+            f'{where()}: bad CSV ({err}); look for a stray quote (") in the record on line {before + 1}'
+        ) from None
+
+
+def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterator[str]:
+    """Messages from a CSV (``text_column``) or a text file, one per line (blank lines skipped);
+    ``-`` is standard input (text unless ``fmt="csv"``)."""
+    stdin = str(path) == STDIN
+    name = "<stdin>" if stdin else str(path)
+    if fmt == "auto":
+        fmt = "csv" if not stdin and Path(path).suffix.lower() == ".csv" else "text"
+    if not stdin:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"--file {path}: no such file")
+        if path.is_dir():  # pipes are fine: --file /dev/stdin, --file <(zcat messages.gz)
+            raise ValueError(f"--file {path} is a folder; pass a text file or a CSV")
+    try:
+        with contextlib.nullcontext(sys.stdin.buffer) if stdin else Path(path).open("rb") as fh:
+            lines = _lines(fh, name)
+            if fmt == "csv":
+                # long messages are truncated later, as in training; csv's 128 KiB cap would refuse them
+                csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+                yield from _csv_messages(lines, name, text_column)
+            else:
+                for line in lines:
                     line = line.rstrip("\r\n")
                     if line.strip():
                         yield line
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise ValueError(f"--file {name}: cannot read it ({err.strerror or err})") from None
 
 
 # characters that would split one prediction over several output lines or TSV columns
@@ -183,11 +303,18 @@ _ONE_LINE = str.maketrans(dict.fromkeys("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spam-classify",
-        description="Classify messages with a trained spam-lightning run.",
+        description="Classify messages with a trained spam-lightning run. Options and messages "
+        "may come in any order; put -- before messages that start with a dash.",
     )
     p.add_argument("run_dir", help="a training run folder (outputs/runs/...) or its bundle/ folder")
     p.add_argument("texts", nargs="*", help="messages to classify")
-    p.add_argument("--file", type=Path, help="a text file (one message per line) or a CSV")
+    p.add_argument(
+        "--file", help="a text file (one message per line), a CSV (*.csv), or - for standard input"
+    )
+    p.add_argument(
+        "--format", choices=["auto", "text", "csv"], default="auto",
+        help="how to read --file (auto: csv for *.csv, else text, stdin included)",
+    )
     p.add_argument("--text-column", default="Text", help="CSV column with the messages (Text)")
     p.add_argument("--json", action="store_true", help="print JSON Lines, one object per message")
     p.add_argument("--batch-size", type=int, default=64)
@@ -197,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # `RUN --json "hello"` as well as `RUN "hello" --json`
     from spam_lightning.inference.bundle import BundleError  # after --help: it imports torch
 
     if not args.texts and args.file is None:
@@ -212,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         texts: Iterable[str] = args.texts
         if args.file is not None:
-            texts = itertools.chain(args.texts, _read_texts(args.file, args.text_column))
+            texts = itertools.chain(args.texts, _read_texts(args.file, args.text_column, args.format))
         for pred in clf.iter_predict(texts):
             if args.json:
                 print(json.dumps(asdict(pred), ensure_ascii=False))
@@ -220,12 +347,15 @@ def main(argv: list[str] | None = None) -> int:
                 text = pred.text.translate(_ONE_LINE)
                 snippet = text if len(text) <= 60 else text[:57] + "..."
                 print(f"{pred.label}\t{pred.probability:.4f}\t{snippet}")
-    except (BundleError, ValueError, TypeError, FileNotFoundError) as err:
-        print(f"spam-classify: error: {err}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # `spam-classify ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (BundleError, ValueError, TypeError, OSError) as err:
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()  # the predictions before the problem come out first
+        message = " ".join(str(err).split("\n"))
+        print(f"spam-classify: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

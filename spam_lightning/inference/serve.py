@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+# characters per request, all messages together: bounds tokenizing and the forward pass
+DEFAULT_MAX_TOTAL_CHARS = 100_000
 # worst case JSON bytes per character: a non-BMP code point escaped as a surrogate pair "\ud83d\ude00"
 JSON_BYTES_PER_CHAR = 12
 PAGE_CSP = (
@@ -35,21 +40,16 @@ PAGE_CSP = (
 
 # ------------------------------------------------------------------ API models
 class ClassifyRequest(BaseModel):
-    """Exactly one of ``text`` (one message) or ``texts`` (a batch)."""
+    """Exactly one of ``text`` (one message) or ``texts`` (a batch).
+
+    The schema that ``/openapi.json`` documents; bodies are checked by ``parse_request``, which
+    stops at the first problem and never echoes the input back.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     text: str | None = None
     texts: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _one_of(self) -> ClassifyRequest:
-        if (self.text is None) == (self.texts is None):
-            raise ValueError('give exactly one of "text" (a string) or "texts" (a list of strings)')
-        return self
-
-    def messages(self) -> list[str]:
-        return [self.text] if self.text is not None else list(self.texts or [])
 
 
 class PredictionOut(BaseModel):
@@ -60,6 +60,80 @@ class PredictionOut(BaseModel):
 
 class ClassifyResponse(BaseModel):
     predictions: list[PredictionOut]
+
+
+class BadRequest(Exception):
+    """A request the API refuses: the status and a short message, never the input itself."""
+
+    def __init__(self, status: int, message: str, loc: tuple[str | int, ...] = (), kind: str = "") -> None:
+        super().__init__(message)
+        self.status, self.message, self.loc, self.kind = status, message, loc, kind
+
+    def response(self) -> JSONResponse:
+        if not self.kind:
+            return JSONResponse({"detail": self.message}, status_code=self.status)
+        # the shape of FastAPI's validation errors, one entry and no "input"
+        error = {"type": self.kind, "loc": ["body", *self.loc], "msg": self.message}
+        return JSONResponse({"detail": [error]}, status_code=self.status)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: int) -> list[str]:
+    """The messages of a ``/api/classify`` body, or ``BadRequest`` for the first problem.
+
+    Cheap checks come first (JSON, shape, the number of messages), so an absurd body costs one
+    ``json.loads`` of at most the body limit; nothing of the input is repeated in an error.
+    """
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise BadRequest(422, "body is nested too deeply to be a request", (), "json_invalid") from None
+    except ValueError as err:  # JSONDecodeError, bad UTF-8, an integer of > 4,300 digits
+        where = f" at line {err.lineno}, column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise BadRequest(422, f"body is not valid JSON{where}", (), "json_invalid") from None
+    if not isinstance(data, dict):
+        raise BadRequest(422, f'body is {_type_name(data)}; expected an object {{"text": ...}} or '
+                         '{"texts": [...]}', (), "model_type")
+    unknown = [k for k in data if k not in ("text", "texts")]
+    if unknown:
+        raise BadRequest(422, f'{len(unknown)} unknown field(s); the allowed fields are "text" and '
+                         '"texts"', (), "extra_forbidden")
+    if ("text" in data) == ("texts" in data) or any(v is None for v in data.values()):
+        raise BadRequest(422, 'give exactly one of "text" (a string) or "texts" (a list of strings)',
+                         (), "value_error")
+    if "text" in data:
+        if not isinstance(data["text"], str):
+            raise BadRequest(422, f'"text" is {_type_name(data["text"])}; expected a string',
+                             ("text",), "string_type")
+        texts, field = [data["text"]], "text"
+    else:
+        texts, field = data["texts"], "texts"
+        if not isinstance(texts, list):
+            raise BadRequest(422, f'"texts" is {_type_name(texts)}; expected a list of strings',
+                             ("texts",), "list_type")
+        if not texts:
+            raise BadRequest(422, '"texts" is empty; give at least one message')
+        if len(texts) > max_batch:
+            raise BadRequest(413, f"{len(texts):,} messages in one request; the limit is {max_batch}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise BadRequest(422, f'"texts" item {i} is {_type_name(text)}; expected a string',
+                                 ("texts", i), "string_type")
+    total = 0
+    for i, text in enumerate(texts, 1):
+        if len(text) > max_chars:
+            raise BadRequest(413, f"message {i} has {len(text):,} characters; the limit is {max_chars:,}")
+        if not text.strip():
+            raise BadRequest(422, f"message {i} is empty or only whitespace; nothing to classify")
+        total += len(text)
+    if total > max_total_chars:
+        raise BadRequest(413, f"{total:,} characters in one request; the limit is {max_total_chars:,} "
+                         f"(--max-total-chars); send fewer or shorter {field}")
+    return texts
 
 
 # ------------------------------------------------------------------ body size limit
@@ -128,13 +202,22 @@ def render_page(class_names: list[str], max_length: int, max_chars: int) -> str:
 
 
 # ------------------------------------------------------------------ app
+def body_limit(max_chars: int, max_batch: int, max_total_chars: int) -> int:
+    """The largest body a valid request can need: its characters JSON-escaped, plus framing."""
+    chars = min(max_total_chars, max_batch * max_chars)
+    return chars * JSON_BYTES_PER_CHAR + max_batch * 16 + 1024
+
+
 def create_app(
     run_dir: str | Path, precision: str = "32", max_chars: int = 10_000, max_batch: int = 64,
-    device: str = "cpu",
+    device: str = "cpu", max_total_chars: int = DEFAULT_MAX_TOTAL_CHARS,
 ) -> FastAPI:
     """The demo app for a run folder; raises ``BundleError``/``ValueError`` for a bad run or option."""
-    if max_chars < 1 or max_batch < 1:
-        raise ValueError(f"max_chars and max_batch must be >= 1, got {max_chars} and {max_batch}")
+    if min(max_chars, max_batch, max_total_chars) < 1:
+        raise ValueError(
+            f"--max-chars, --max-batch and --max-total-chars must be >= 1, got {max_chars}, "
+            f"{max_batch} and {max_total_chars}"
+        )
     from spam_lightning.inference.bundle import find_bundle  # torch: after --help, not at import
 
     find_bundle(run_dir)  # a bad folder fails fast, before the model loads
@@ -148,7 +231,7 @@ def create_app(
         "max_length": clf.max_length, "token": clf.token, "padding": clf.padding,
         "precision": precision, "device": str(clf.device),
         "model": {k: clf.config["model"][k] for k in ("emb_dim", "n_layers", "n_heads", "context_length")},
-        "max_chars": max_chars, "max_batch": max_batch,
+        "max_chars": max_chars, "max_batch": max_batch, "max_total_chars": max_total_chars,
     }
 
     app = FastAPI(
@@ -157,9 +240,14 @@ def create_app(
         docs_url=None,  # the Swagger/ReDoc pages load assets from a CDN; /openapi.json stays
         redoc_url=None,
     )
-    # one body may carry max_batch messages of max_chars characters, JSON-escaped, plus framing
-    app.add_middleware(BodyLimit, max_bytes=max_batch * (max_chars * JSON_BYTES_PER_CHAR + 16) + 1024)
+    app.add_middleware(BodyLimit, max_bytes=body_limit(max_chars, max_batch, max_total_chars))
     app.state.classifier = clf
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's own validation errors (paths, queries) without the input they would echo."""
+        errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()[:1]]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -170,36 +258,44 @@ def create_app(
         """The loaded model and the request limits."""
         return health
 
-    @app.post(
-        "/api/classify",
-        response_model=ClassifyResponse,
-        responses={413: {"description": "too many or too long messages"}},
-    )
-    def api_classify(req: ClassifyRequest) -> ClassifyResponse:
-        """Label, its probability and every class's probability, one per message, in order."""
-        texts = req.messages()
-        if not texts:
-            raise HTTPException(422, '"texts" is empty; give at least one message')
-        if len(texts) > max_batch:
-            raise HTTPException(413, f"{len(texts)} messages in one request; the limit is {max_batch}")
-        for i, text in enumerate(texts, 1):
-            if not text.strip():
-                raise HTTPException(422, f"message {i} is empty or only whitespace; nothing to classify")
-            if len(text) > max_chars:
-                raise HTTPException(
-                    413, f"message {i} has {len(text):,} characters; the limit is {max_chars:,}"
-                )
+    def classify(body: bytes) -> ClassifyResponse:
+        texts = parse_request(body, max_batch, max_chars, max_total_chars)
         try:
             with lock:  # one forward pass at a time: safe and exact under concurrent requests
                 preds = clf.predict(texts)
         except (ValueError, TypeError) as err:
-            raise HTTPException(422, str(err)) from err
+            raise BadRequest(422, str(err)) from err
         return ClassifyResponse(
             predictions=[
                 PredictionOut(label=p.label, probability=p.probability, probabilities=p.probabilities)
                 for p in preds
             ]
         )
+
+    @app.post(
+        "/api/classify",
+        response_model=ClassifyResponse,
+        responses={
+            413: {"description": "too many or too long messages"},
+            415: {"description": "the body is not JSON"},
+            422: {"description": "not a request of this API, or an empty message"},
+        },
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": ClassifyRequest.model_json_schema()}}}},
+    )
+    async def api_classify(request: Request) -> Any:
+        """Label, its probability and every class's probability, one per message, in order.
+
+        The body is ``{"text": "..."}`` or ``{"texts": ["...", ...]}``.
+        """
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):
+            return BadRequest(415, "send the body as JSON (Content-Type: application/json)").response()
+        body = await request.body()  # at most the body limit: BodyLimit has read it already
+        try:  # parsing and inference in the threadpool: the event loop stays free for others
+            return await run_in_threadpool(classify, body)
+        except BadRequest as err:
+            return err.response()
 
     return app
 
@@ -217,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--max-chars", type=int, default=10_000, help="longest message accepted (10000)")
     p.add_argument("--max-batch", type=int, default=64, help="most messages per request (64)")
+    p.add_argument(
+        "--max-total-chars", type=int, default=DEFAULT_MAX_TOTAL_CHARS,
+        help=f"most characters per request, all messages together ({DEFAULT_MAX_TOTAL_CHARS})",
+    )
     return p
 
 
@@ -235,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             max_chars=args.max_chars,
             max_batch=args.max_batch,
             device=args.device,
+            max_total_chars=args.max_total_chars,
         )
     except (BundleError, ValueError, RuntimeError, OSError) as err:
         print(f"spam-serve: error: {err}", file=sys.stderr)

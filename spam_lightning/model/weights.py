@@ -111,15 +111,24 @@ def load_gpt2(
                 child.to_empty(device="cpu")
         model.out_head.weight = model.tok_emb.weight
         params = dict(model.named_parameters())
+        not_finite = []
         with torch.no_grad():
             for key, entry in plan.items():
                 with tensors.get(layout[key]) as tensor:
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        not_finite.append(layout[key])
                     if entry.transpose:  # Conv1D [in, out] -> Linear [out, in]
                         tensor = tensor.T
                     parts = tensor.chunk(len(entry.targets), dim=0)  # c_attn -> q, k, v
                     for target, part in zip(entry.targets, parts, strict=True):
                         params[target].copy_(part)
                     del tensor, parts
+    if not_finite:  # training on them gives a NaN loss from the first step
+        raise CheckpointError(
+            f"checkpoint {path}: {len(not_finite)} tensor(s) hold NaN or infinite values: "
+            f"{', '.join(not_finite[:5])}{' ...' if len(not_finite) > 5 else ''}; the file is "
+            f"corrupt or was saved from a diverged run: use other weights"
+        )
     return model
 
 

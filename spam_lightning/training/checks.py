@@ -27,6 +27,7 @@ from spam_lightning.model.weights import (
     mismatch_lines,
 )
 from spam_lightning.training.callbacks.checkpoint_io import load_checkpoint_safely
+from spam_lightning.training.callbacks.run_config import flat_config, resume_differences
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,23 @@ def check_resume_checkpoint(
         )
 
 
+def check_resume_config(cfg: DictConfig, path: Path, checkpoint: dict[str, Any]) -> None:
+    """A resume continues the same run: refuse any setting that differs from the checkpoint's
+    run and could change what is trained or measured (``run_config.MAY_DIFFER`` lists those
+    that may: logging, progress, paths, how long to train, workers, the exact trunk cache)."""
+    saved = ((checkpoint.get("callbacks") or {}).get("RunConfig") or {}).get("config")
+    if not isinstance(saved, dict):  # a checkpoint from before configs were recorded
+        log.warning("ckpt_path=%s records no run config: the overrides cannot be compared", path)
+        return
+    lines = resume_differences(saved, flat_config(cfg))
+    if lines:
+        raise ConfigError(
+            f"ckpt_path={path} continues a run trained with other settings, which a resume "
+            f"would partly ignore:\n  " + "\n  ".join(lines) + "\n  Resume with the run's own "
+            "settings (its config.yaml), or start a new run in another folder."
+        )
+
+
 def known_num_classes(datamodule: Any) -> int | None:
     """The class count if the datamodule knows it before reading data (SMS spam: 2)."""
     try:
@@ -364,6 +382,7 @@ def preflight(
     if path is None:
         return None, None
     checkpoint = load_checkpoint_safely(path, mmap=True)
+    check_resume_config(cfg, path, checkpoint)
     if num_classes is None:  # compare everything but the head now, the head after setup()
         state = checkpoint["state_dict"]
         head = state.get("model.out_head.weight", state.get("model.out_head.linear.weight"))

@@ -50,7 +50,7 @@ class ChapterMonitor(L.Callback):
             "loss_examples_seen": [], "acc_examples_seen": [],
         }
         self._t0: float | None = None
-        self._val_loader = None
+        self._book_loaders = None
 
     # Lightning saves callback state in checkpoints: a resumed run keeps its history.
     def state_dict(self) -> dict[str, Any]:
@@ -74,13 +74,15 @@ class ChapterMonitor(L.Callback):
         self._t0 = None
 
     def _loaders(self, trainer):
-        # the training loader is the very object training iterates, as in the chapter; the
-        # validation loader is the chapter's too (made once, like the book's `val_loader`)
-        if self._val_loader is None:
-            dm = trainer.datamodule
-            book = getattr(dm, "book_dataloader", None)
-            self._val_loader = book("val") if book is not None else trainer.val_dataloaders
-        return trainer.train_dataloader, self._val_loader
+        # the chapter's loaders (made once, like the book's): each iter() draws from the global
+        # RNG what the book's iterating its train_loader / val_loader again draws
+        if self._book_loaders is None:
+            book = getattr(trainer.datamodule, "book_dataloader", None)
+            self._book_loaders = (
+                (book("train"), book("val")) if book is not None
+                else (trainer.train_dataloader, trainer.val_dataloaders)
+            )
+        return self._book_loaders
 
     def _evaluate_both(self, trainer, pl_module) -> tuple[tuple[float, float], tuple[float, float]]:
         """(loss, accuracy) on the first ``eval_iter`` train and validation batches, in eval mode."""
