@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -243,10 +244,35 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
         precision=str(trainer.precision), device=_device_name(trainer),
         trunk_cache=model.trunk_cache is not None, experiment=_experiment_name(cfg),
     )
+    bundled = _bundle_model(cfg, trainer, module, datamodule.num_classes)  # every rank: FSDP
     if trainer.is_global_zero:
         _print_final(metrics)
-        _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trainer)
+        _write_artifacts(cfg, output_dir, bundled, datamodule, monitor, metrics, trainer)
     return metrics
+
+
+def _bundle_model(cfg: DictConfig, trainer: L.Trainer, module: SpamClassifier, num_classes: int):
+    """The trained classifier, unsharded, for the bundle (rank 0; None elsewhere).
+
+    Under FSDP the weights are sharded and ``state_dict()`` is a collective call: every rank
+    gathers (Lightning's full state dict, which lands on rank 0), and rank 0 loads the full
+    tensors into a copy built on the meta device (no memory until the tensors are assigned).
+    """
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return module.model if trainer.is_global_zero else None
+    full = trainer.strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        return None
+    return unsharded_copy(cfg, {k.removeprefix("model."): v for k, v in full.items()}, num_classes)
+
+
+def unsharded_copy(cfg: DictConfig, state: dict[str, torch.Tensor], num_classes: int) -> GPTClassifier:
+    """``build_model(cfg)`` on the meta device, then ``state`` assigned into it."""
+    plain_cfg = OmegaConf.merge(cfg, {"model": {"weights": "random", "checkpoint": None, "compile": False}})
+    with torch.device("meta"):
+        model = build_model(plain_cfg, num_classes)
+    model.load_state_dict(state, assign=True)
+    return model
 
 
 def final_loaders(datamodule: Any, trainer: L.Trainer) -> list[Any]:
@@ -282,7 +308,7 @@ def _print_final(metrics: dict[str, Any]) -> None:
         print(f"{SPLIT_TITLES[split]} loss: {metrics[f'{split}_loss']:.3f}")
 
 
-def _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trainer) -> None:
+def _write_artifacts(cfg, output_dir, model, datamodule, monitor, metrics, trainer) -> None:
     """metrics.json, the resolved config, plots, the bundle and the hparams dashboard."""
     write_json(output_dir / "metrics.json", metrics)
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -294,7 +320,7 @@ def _write_artifacts(cfg, output_dir, module, datamodule, monitor, metrics, trai
         plot_values(epochs, monitor.examples_seen, h["train_accs"], h["val_accs"], "accuracy", output_dir)
         write_json(output_dir / "history.json", h)
     save_bundle(
-        output_dir, module.model, class_names=list(datamodule.class_names), token=cfg.token.name,
+        output_dir, model, class_names=list(datamodule.class_names), token=cfg.token.name,
         max_length=datamodule.max_length, padding=cfg.data.padding,
         pad_token_id=datamodule.pad_token_id,
         extra={"trained": {k: metrics[k] for k in ("model", "weights", "trainable", "seed")}},

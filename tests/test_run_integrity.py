@@ -80,3 +80,28 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tiny_run, tmp_path) -> No
     assert "the training loss is nan" in message or "the training loss is inf" in message
     assert ", step " in message and "training stopped" in message
     assert not (tmp_path / "run" / "metrics.json").exists()  # no results from a diverged run
+
+
+@pytest.mark.parametrize("trainable", ["last_block", "lora"])
+def test_unsharded_copy_bundles_the_same_weights(tmp_path, trainable) -> None:
+    """What rank 0 bundles under FSDP (the gathered full state assigned into a copy built on
+    the meta device) equals the bundle of the model itself, LoRA merged included."""
+    import torch
+    from _compose import compose_train
+    from safetensors.torch import load_file
+
+    from spam_lightning.inference.bundle import save_bundle
+    from spam_lightning.train import build_model, unsharded_copy
+
+    cfg = compose_train(["model=gpt2-tiny", "model.weights=random", f"trainable={trainable}"], tmp_path)
+    trained = build_model(cfg, 2)
+    torch.manual_seed(5)
+    for p in trained.parameters():  # as if trained: LoRA's B is no longer zero
+        p.data.normal_(0, 0.1)
+    copy = unsharded_copy(cfg, {k: v.clone() for k, v in trained.state_dict().items()}, 2)
+    opts = dict(class_names=["ham", "spam"], token="last", max_length=8, padding="longest",
+                pad_token_id=50256)
+    save_bundle(tmp_path / "a", trained, **opts)
+    save_bundle(tmp_path / "b", copy, **opts)
+    a, b = (load_file(tmp_path / d / "bundle" / "model.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
