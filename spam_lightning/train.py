@@ -198,6 +198,8 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
         padding=getattr(datamodule, "padding", "longest"),
         setting=_cache_setting(cfg.cache.trunk),
         budget_gb=cfg.cache.memory_budget_gb,
+        shared_dir=cfg.cache.dir if cfg.cache.shared else None,
+        max_shared_gb=cfg.cache.max_gb,
     )
     trainer.callbacks.append(caching)
     if checkpoint is not None:  # the head too, now that the data named the classes

@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -394,7 +396,20 @@ def test_compile_builds_and_a_compiled_block_equals_eager(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- benchmark
-@pytest.mark.slow  # every benchmark phase in its own interpreter
+HEADLINE_KEYS = ("chapter_vs_book", "fast_vs_book", "classify_fp32_vs_hf", "classify_bf16_vs_hf",
+                 "classify_bf16_agreement", "sweep_cache_speedup", "max_other_cpu_fraction")
+
+
+def load_table_module():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_table", REPO / "scripts" / "benchmark_table.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # every benchmark phase, the sweep's jobs too
 def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run(
@@ -405,6 +420,8 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
             "gpt2-tiny",
             "--quick",
             "--epochs",
+            "2",
+            "--repeat",
             "2",
             "--in-process",
             "--threads",
@@ -417,23 +434,115 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((out / "benchmark.json").read_text())
     table = (out / "benchmark.md").read_text()
-    assert "| (a)" in table and "| (e)" in table
+    assert "| (a)" in table and "| (e)" in table and "Quick smoke run" in table
+    assert results["quick"] is True and "quick" in results["label"]
+    for key in HEADLINE_KEYS:
+        assert key in results, key
+    assert results["machine"]["cpu_model"] and results["machine"]["cores"] >= 1
+    assert results["command"].startswith("python scripts/benchmark.py") and results["date"]
     phases = results["phases"]
     for name in ("a", "b", "c"):
         assert phases[name]["seconds"] > 0 and 0 <= phases[name]["test_accuracy"] <= 1
         assert phases[name]["peak_rss_mb"] > 50
+        runs = phases[name]["runs"]
+        assert len(runs) == 2  # interleaved: a, b, c, a, b, c
+        walls = [r["wall_seconds"] for r in runs]
+        assert phases[name]["wall_seconds"] == pytest.approx(sum(walls) / 2)  # the median
+    seqs = [(phases[n]["runs"][i]["seq"], n) for n in ("a", "b", "c") for i in range(2)]
+    assert [n for _, n in sorted(seqs)] == ["a", "b", "c", "a", "b", "c"]
+    assert results["chapter_vs_book"] == pytest.approx(
+        phases["a"]["wall_seconds"] / phases["b"]["wall_seconds"]
+    )
     for name in ("d_fp32", "d_bf16", "e_fp32"):
         assert phases[name]["msgs_per_s"] > 0
+    for name, r in phases.items():
+        if name == "f" and r.get("reason"):
+            continue
+        frac = r["other_cpu_fraction"]  # /proc/stat is there on Linux
+        assert frac is not None and frac >= 0 and r["loaded"] == (frac > 0.10), name
+        assert r.get("mfu") is None or 0 < r["mfu"] <= 1.0, (name, r.get("mfu"))
+    fracs = [r.get("other_cpu_fraction") for r in phases.values()]
+    fracs += [j["other_cpu_fraction"] for j in phases.get("f", {}).get("jobs", [])]
+    assert results["max_other_cpu_fraction"] == pytest.approx(
+        max(x for x in fracs if x is not None)
+    )
+    f = phases["f"]
+    if f.get("reason"):  # no cache.shared in the config: null, with the reason
+        assert results["sweep_cache_speedup"] is None
+    else:
+        assert results["sweep_cache_speedup"] > 0 and f["results_equal"] is True
+        assert len(f["jobs"]) == 4 and sum(j["shared"] for j in f["jobs"]) == 2
     checks = results["checks"]
-    assert checks["weights_identical"] is True
+    assert checks["weights_identical"] is True and checks["deterministic_across_runs"] is True
     # our chapter config replays the chapter's loop: same losses, accuracies, data order
     assert checks["a_vs_b_history_max_abs_diff"] <= 1e-5
     assert checks["a_vs_b_accuracies_equal"] is True
     assert checks["d_vs_e_fp32_agreement"] == 1.0
     assert checks["d_bf16_vs_fp32_agreement"] >= 0.9
     assert results["peak_gflops"]["fp32"] > 0
+    # the README table round trip from this JSON, on a copy of the README
+    tables = load_table_module()
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    assert tables.main(["--json", str(out / "benchmark.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert tables.render_table(results) in text and "Quick smoke run" in text
+    args = ["--json", str(out / "benchmark.json"), "--readme", str(readme)]
+    assert tables.main([*args, "--check"]) == 0
+
+
+def test_mfu_is_never_above_one() -> None:
+    """An MFU above 100 % means the peak was measured low: measure again; still above: null."""
+    bench = load_benchmark_module()
+    phases = {
+        "x": {"flops": 4e9, "seconds": 1.0, "precision": "fp32"},
+        "y": {"flops": 1e9, "seconds": 1.0, "precision": "bf16"},
+    }
+    low = {"fp32": 2.0, "bf16": 2.0}
+    peak, notes = bench.cap_mfu(phases, low, lambda: {"fp32": 8.0, "bf16": 2.0})
+    assert peak["fp32"] == 8.0 and phases["x"]["mfu"] == 0.5 and phases["y"]["mfu"] == 0.5
+    assert notes  # the re-measurement is noted
+    phases = {"x": {"flops": 4e9, "seconds": 1.0, "precision": "fp32"}}
+    peak, notes = bench.cap_mfu(phases, low, lambda: {"fp32": 3.0, "bf16": 2.0})
+    assert phases["x"]["mfu"] is None and "mfu_note" in phases["x"] and len(notes) == 2
+    phases = {"x": {"flops": 1e9, "seconds": 1.0, "precision": "fp32"}}
+    calls = []
+    bench.cap_mfu(phases, low, lambda: calls.append(1) or {})
+    assert phases["x"]["mfu"] == 0.5 and not calls  # a plausible MFU: no re-measurement
+
+
+def test_other_cpu_accounting_excludes_own_work() -> None:
+    """Busy work in this process is its own, not other processes'; the window's fraction is
+    what ``/proc/stat`` says beyond it (some, on a shared machine; never negative)."""
+    bench = load_benchmark_module()
+    if bench.busy_cpu_seconds() is None:
+        pytest.skip("no /proc/stat")
+    watch = bench.CpuWatch()
+    end = time.process_time() + 0.3  # CPU time, not wall: the machine may be shared
+    while time.process_time() < end:
+        pass
+    cpu = watch.stop()
+    assert cpu["own_cpu_s"] >= 0.29 and cpu["other_cpu_fraction"] >= 0.0
+    # ours and others' together fit in the machine's cores over the window (jiffy rounding)
+    assert cpu["other_cpu_s"] + cpu["own_cpu_s"] <= cpu["wall_s"] * (os.cpu_count() or 1) + 0.05
+    assert cpu["loaded"] == (cpu["other_cpu_fraction"] > 0.10)
+
+
+def test_readme_table_is_generated_from_json(tmp_path) -> None:
+    """The README holds the markers, and the table between them is what the JSON renders."""
+    tables = load_table_module()
+    results = json.loads((REPO / "docs" / "benchmark.json").read_text())
+    for key in HEADLINE_KEYS:
+        assert key in results, key
+    readme = (REPO / "README.md").read_text()
+    assert tables.START in readme and tables.END in readme
+    assert tables.update_readme(readme, tables.render_table(results)) == readme
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace(tables.render_table(results), "stale"))
+    assert tables.main(["--readme", str(copy), "--check"]) == 1
+    assert tables.main(["--readme", str(copy)]) == 0 and copy.read_text() == readme

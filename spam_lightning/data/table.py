@@ -451,18 +451,6 @@ def load_prepared(
     return out
 
 
-def prepared_paths(
-    data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str
-) -> dict[str, Path]:
-    """The CSVs ``prepare_data`` wrote for these settings (a clear error if it has not)."""
-    if matching_meta(data_dir, settings, source) is None:
-        raise DataError(
-            f"{data_dir}: no prepared {what} with these settings (or it changed since); call "
-            f"prepare_data() first (the Trainer does)"
-        )
-    return {split: data_dir / fname for split, fname in SPLIT_FILES.items()}
-
-
 # ------------------------------------------------------------------ preparing the SMS data
 
 

@@ -11,16 +11,45 @@ mask, the whole ``max_length`` (cached only under ``longest`` padding).
 States are packed per split as ``[sum(stored lengths), emb_dim]`` with offsets, so ``lookup`` is
 one gather. Indices are row numbers in the split, as a distributed sampler hands them out: every
 rank builds the whole cache and can look up any example.
+
+Shared across runs (``cache.shared=true``): a split's states are a pure function of what
+``build`` reads, so ``SharedTrunkStore`` keeps them on disk (one safetensors file per key,
+written atomically under a file lock, memory-mapped when read) and every later run with the same
+key (another seed, learning rate, head, epoch count...) loads them instead of computing them.
+The key (``split_key``) is a sha256 over the frozen weights (embeddings + ``trf_blocks[:start]``,
+their bytes), the source of the code that runs them, the torch version, ``start_block``, the
+stored-length rule, the cache dtype and batching, the device kind, the precision (autocast) and
+float32-matmul settings, and the split's token ids, ``max_length`` and ``pad_token_id``.
+Padding is not in it: ``build`` never reads it (it only decides whether caching is allowed).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import logging
+import os
+import time
+from array import array
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from spam_lightning.io_utils import atomic_write
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the file layout or what `build` computes changes
 
 
 class TrunkCacheError(ValueError):
     """``cache.trunk=true`` asks for a cache that is impossible (or over the memory budget)."""
+
+
+class CacheFileError(ValueError):
+    """A shared cache file that is not the complete cache of its key (it is recomputed)."""
 
 
 class TrunkCache:
@@ -47,13 +76,108 @@ class TrunkCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._states.values())
 
-    def _stored_lengths(self, token_ids: list[list[int]], max_length: int) -> list[int]:
-        lengths = [max(1, min(len(t), max_length)) for t in token_ids]
+    @property
+    def rule(self) -> str:
+        """What is stored per example: ``all`` positions up to max_length, the ``first``, or the
+        ``real`` tokens. Options with one rule store identical states (last and mean share)."""
         if not self.causal or self.token in ("last", "mean"):  # read every position
-            return [max_length] * len(lengths)
-        if self.token == "first":
-            return [1] * len(lengths)
-        return lengths
+            return "all"
+        return "first" if self.token == "first" else "real"
+
+    def _stored_lengths(self, token_ids: list[list[int]], max_length: int) -> list[int]:
+        rule = self.rule
+        if rule == "all":
+            return [max_length] * len(token_ids)
+        if rule == "first":
+            return [1] * len(token_ids)
+        return [max(1, min(len(t), max_length)) for t in token_ids]
+
+    def split_nbytes(self, split: str) -> int:
+        states = self._states[split]
+        return states.numel() * states.element_size()
+
+    # ------------------------------------------------------------------ shared across runs
+    def config_digest(self, model: nn.Module, device: torch.device, precision: str) -> str:
+        """sha256 of everything but the data that ``build`` depends on: the frozen weights'
+        bytes, the code that runs them, the settings and the numerics (device kind, autocast
+        precision, float32 matmul precision)."""
+        h = hashlib.sha256()
+        device = torch.device(device)
+        kind = device.type
+        if kind == "cuda":
+            kind += ":" + torch.cuda.get_device_name(device)
+        fields = {
+            "format": FORMAT_VERSION, "torch": torch.__version__, "start_block": self.start_block,
+            "rule": self.rule, "causal": self.causal, "dtype": str(self.dtype),
+            "max_batch_tokens": self.max_batch_tokens, "device": kind, "precision": str(precision),
+            "matmul": torch.get_float32_matmul_precision(),
+            "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+            "code": _code_digest(model, self.start_block),
+        }
+        h.update(repr(sorted(fields.items())).encode())
+        for name, tensor in frozen_tensors(model, self.start_block):
+            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            h.update(_tensor_bytes(tensor))
+        return h.hexdigest()
+
+    def split_key(self, config_digest: str, dataset, max_length: int, pad_token_id: int) -> str:
+        """The file key of one split: ``config_digest`` + the split's token ids and lengths."""
+        h = hashlib.sha256(f"{config_digest};max_length={max_length};pad={pad_token_id};".encode())
+        token_ids = dataset.token_ids
+        h.update(array("q", [len(t) for t in token_ids]).tobytes())
+        h.update(array("q", [i for t in token_ids for i in t]).tobytes())
+        return h.hexdigest()
+
+    def save(self, split: str, path: Path, key: str) -> Path:
+        """Write ``split`` to ``path`` (safetensors, atomically: a reader sees all or nothing)."""
+        from safetensors.torch import save_file
+
+        tensors = {
+            "states": self._states[split].detach().cpu().contiguous(),
+            "offsets": self._offsets[split].cpu(),
+            "stored": self._stored[split].cpu(),
+        }
+        meta = {"format": str(FORMAT_VERSION), "key": key, "rule": self.rule,
+                "start_block": str(self.start_block)}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def load(
+        self, split: str, path: Path, key: str, dataset, model: nn.Module, max_length: int,
+        device: torch.device,
+    ) -> None:
+        """Memory-map ``split`` from ``path`` (on CPU the states stay in the file's pages,
+        shared by every job that reads it); raises ``CacheFileError`` for a file that is not
+        the complete cache of this key (unreadable header, truncated, other shapes)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            with _safe_open(path) as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path), device="cpu")  # mmap: pages are read when used
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CacheFileError(f"{path}: unreadable ({err})") from err
+        if meta.get("format") != str(FORMAT_VERSION) or meta.get("key") != key:
+            raise CacheFileError(f"{path}: written for another key or format ({meta})")
+        if set(tensors) != {"states", "offsets", "stored"}:
+            raise CacheFileError(f"{path}: tensors {sorted(tensors)}, expected offsets, states, stored")
+        states, offsets, stored = tensors["states"], tensors["offsets"], tensors["stored"]
+        expected = torch.tensor(self._stored_lengths(dataset.token_ids, max_length), dtype=torch.long)
+        emb_dim = model.tok_emb.weight.shape[1]
+        if (
+            stored.dtype != torch.long or stored.shape != expected.shape
+            or not torch.equal(stored, expected) or offsets.shape != (len(expected) + 1,)
+            or not torch.equal(offsets[1:], torch.cumsum(expected, 0)) or int(offsets[0]) != 0
+            or states.dtype != self.dtype or tuple(states.shape) != (int(offsets[-1]), emb_dim)
+        ):
+            raise CacheFileError(
+                f"{path}: sizes do not match this split (states {tuple(states.shape)} "
+                f"{states.dtype}, {len(stored)} examples; expected {len(expected)} examples, "
+                f"{int(expected.sum())} positions x {emb_dim} {self.dtype})"
+            )
+        self._states[split] = states.to(device)
+        self._offsets[split] = offsets.to(device)
+        self._stored[split] = stored.to(device)
 
     def estimate_bytes(self, dataset, model: nn.Module, max_length: int) -> int:
         emb_dim = model.tok_emb.weight.shape[1]
@@ -137,3 +261,225 @@ class TrunkCache:
             for split, tensor in table.items():
                 table[split] = tensor.to(device)
         return self
+
+
+# ---------------------------------------------------------------------- the key's ingredients
+def frozen_modules(model: nn.Module, start_block: int) -> list[nn.Module]:
+    """What ``build`` runs: the embeddings and ``trf_blocks[:start_block]``."""
+    return [model.tok_emb, model.pos_emb, model.drop_emb, *model.trf_blocks[:start_block]]
+
+
+def frozen_tensors(model: nn.Module, start_block: int) -> Iterable[tuple[str, torch.Tensor]]:
+    """Parameters and buffers (the causal mask too) of the frozen trunk, named."""
+    names = ["tok_emb", "pos_emb", "drop_emb", *(f"trf_blocks.{i}" for i in range(start_block))]
+    for name, module in zip(names, frozen_modules(model, start_block), strict=True):
+        for sub, tensor in (*module.named_parameters(), *module.named_buffers()):
+            yield f"{name}.{sub}", tensor
+
+
+def is_sharded(model: nn.Module, start_block: int) -> bool:
+    """Whether the frozen trunk's weights are split across ranks (FSDP): each rank would hash
+    only its shard, so the key could not name the weights."""
+    for module in frozen_modules(model, start_block):
+        for m in module.modules():
+            if "FullyShardedDataParallel" in type(m).__name__ or "FSDP" in type(m).__name__:
+                return True
+    return any(type(t).__name__ == "DTensor" for _, t in frozen_tensors(model, start_block))
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _code_digest(model: nn.Module, start_block: int) -> str:
+    """sha256 of the source files of every class that runs in ``build`` (and of this file):
+    a change to the blocks' code (e.g. another attention kernel) is a new key."""
+    classes = {type(model)} | {type(m) for f in frozen_modules(model, start_block) for m in f.modules()}
+    files: set[str] = {__file__}
+    for cls in classes:
+        for klass in cls.__mro__:
+            if klass.__module__.startswith(("torch", "builtins")):
+                continue
+            try:
+                files.add(inspect.getfile(klass))
+            except (TypeError, OSError):
+                files.add(f"{klass.__module__}.{klass.__qualname__}")
+    compiled = [getattr(b, "_compiled_call_impl", None) is not None for b in model.trf_blocks[:start_block]]
+    h = hashlib.sha256(repr(compiled).encode())
+    for name in sorted(files):
+        h.update(name.rsplit("/", 1)[-1].encode())
+        try:
+            h.update(Path(name).read_bytes())
+        except OSError:
+            h.update(name.encode())
+    return h.hexdigest()
+
+
+def _safe_open(path: Path):
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt")
+
+
+# --------------------------------------------------------------------------- the shared store
+class SharedTrunkStore:
+    """A folder of trunk-cache files shared by runs and sweep jobs: ``<key>.safetensors`` plus
+    ``<key>.safetensors.lock``. The first job that needs a key computes it under the key's lock
+    (others wait for it, then read the file); files are memory-mapped when read; after each write
+    the least recently used files (mtime, touched on every hit) go until the folder is under
+    ``max_bytes``, never one this store (this run) uses or one another job is writing."""
+
+    SUFFIX = ".safetensors"
+
+    def __init__(self, directory: str | Path, max_bytes: float) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = float(max_bytes)
+        self.in_use: set[Path] = set()
+        self.outcomes: dict[str, str] = {}  # split -> "hit" | "miss" (saved or not)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}{self.SUFFIX}"
+
+    @staticmethod
+    def _lock(path: Path):
+        from filelock import FileLock
+
+        return FileLock(str(path) + ".lock")
+
+    def fetch(
+        self, cache: TrunkCache, split: str, key: str, compute: Callable[[], None],
+        load: Callable[[Path], None],
+    ) -> str:
+        """Fill ``cache``'s ``split`` from the file of ``key`` (``load``), or ``compute`` it and
+        save the file; returns ``"hit"`` or ``"miss"``."""
+        from filelock import Timeout
+
+        path = self.path(key)
+        if path.is_file():
+            try:
+                return self._hit(split, path, load)
+            except CacheFileError:
+                pass  # looked at again under the lock (another job may be replacing it)
+        lock = self._lock(path)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("Frozen-trunk cache: waiting for another job computing %s into %s", split, path)
+                lock.acquire()
+        except OSError as err:  # e.g. a read-only cache.dir: compute it for this run only
+            log.warning("Frozen-trunk cache: cannot use %s (%s); computing %s without sharing it.",
+                        self.directory, err, split)
+            compute()
+            self.outcomes[split] = "miss"
+            return "miss"
+        try:
+            if path.is_file():
+                try:
+                    return self._hit(split, path, load)
+                except CacheFileError as err:
+                    log.warning("Frozen-trunk cache: %s; removing it and recomputing %s.", err, split)
+                    path.unlink(missing_ok=True)
+            log.info("Frozen-trunk cache miss: computing %s (key %s...)", split, key[:12])
+            t0 = time.perf_counter()
+            compute()
+            seconds = time.perf_counter() - t0
+            size = cache.split_nbytes(split)
+            self.outcomes[split] = "miss"
+            if size > self.max_bytes:
+                log.info(
+                    "Frozen-trunk cache miss: computed %s in %.1f s, not saved: %.1f MiB is over "
+                    "cache.max_gb=%g.", split, seconds, size / 2**20, self.max_bytes / 2**30,
+                )
+                return "miss"
+            try:
+                cache.save(split, path, key)
+            except OSError as err:
+                log.warning("Frozen-trunk cache: could not save %s to %s (%s).", split, path, err)
+                return "miss"
+            self.in_use.add(path)
+            log.info(
+                "Frozen-trunk cache miss: computed %s in %.1f s, saved to %s (%.1f MiB).",
+                split, seconds, path, size / 2**20,
+            )
+        finally:
+            lock.release()
+        self.evict()
+        return "miss"
+
+    def _hit(self, split: str, path: Path, load: Callable[[Path], None]) -> str:
+        load(path)
+        self.in_use.add(path)
+        try:
+            os.utime(path)  # the LRU clock: most recently used last to go
+        except OSError:
+            pass
+        self.outcomes[split] = "hit"
+        log.info("Frozen-trunk cache hit: %s from %s (%.1f MiB).", split, path, _size(path) / 2**20)
+        return "hit"
+
+    def evict(self) -> list[Path]:
+        """Delete least-recently-used files until the folder is under ``max_bytes``; returns
+        what went. Temporaries of interrupted writes go too (when no job holds their key)."""
+        from filelock import Timeout
+
+        removed: list[Path] = []
+        entries = []
+        for p in self.directory.glob(f"*{self.SUFFIX}"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        stale = [p for p in self.directory.glob(f".*{self.SUFFIX}.*.tmp")
+                 if time.time() - _mtime(p) > 60]
+        for _, size, p in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if p in self.in_use:
+                continue
+            lock = self._lock(p)
+            try:
+                lock.acquire(timeout=0)
+            except (Timeout, OSError):
+                continue  # being (re)written by another job
+            try:
+                p.unlink(missing_ok=True)  # a job reading it keeps its mapping (POSIX)
+            finally:
+                lock.release()
+            Path(str(p) + ".lock").unlink(missing_ok=True)
+            total -= size
+            removed.append(p)
+            log.info(
+                "Frozen-trunk cache: evicted %s (%.1f MiB, least recently used; cache.max_gb=%g).",
+                p.name, size / 2**20, self.max_bytes / 2**30,
+            )
+        for tmp in stale:  # `.<key>.safetensors.<random>.tmp`, left by a killed writer
+            lock = self._lock(self.directory / (tmp.name[1:].split(self.SUFFIX)[0] + self.SUFFIX))
+            try:
+                lock.acquire(timeout=0)
+            except (Timeout, OSError):
+                continue  # its key is being written right now
+            try:
+                tmp.unlink(missing_ok=True)
+            finally:
+                lock.release()
+        return removed
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # evicted by another job meanwhile (this run keeps its mapping)
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+

@@ -118,8 +118,8 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if str(cfg.cache.trunk).lower() not in ("auto", "true", "false"):
         problems.append(f"cache.trunk={cfg.cache.trunk!r}; allowed: auto, true, false")
-    problems += _number_problems(
-        cfg.cache, "cache.", {"memory_budget_gb": ("a number >= 0 (GiB)", lambda v: _is_number(v) and v >= 0)})
+    gib = ("a number >= 0 (GiB)", lambda v: _is_number(v) and v >= 0)
+    problems += _number_problems(cfg.cache, "cache.", {"memory_budget_gb": gib, "max_gb": gib})
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path != "last" and not Path(str(ckpt_path)).is_file():
         problems.append(

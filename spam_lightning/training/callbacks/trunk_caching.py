@@ -1,5 +1,7 @@
 """Builds the classifier's frozen-trunk cache (``model/trunk_cache.py``) from the datasets that
-``train()`` hands it, at the start of fitting and of the final test, on each rank's device."""
+``train()`` hands it, at the start of fitting and of the final test, on each rank's device.
+With ``shared_dir`` the states of each split are shared with other runs through files there
+(``SharedTrunkStore``): a run whose frozen trunk, data and numerics match an earlier one loads them."""
 
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from spam_lightning.model.trunk_cache import TrunkCache, TrunkCacheError
+from spam_lightning.model.trunk_cache import (
+    SharedTrunkStore,
+    TrunkCache,
+    TrunkCacheError,
+    is_sharded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +32,28 @@ class TrunkCaching(L.Callback):
     ``token_ids``), whose row numbers are the batches' ``index``. ``setting`` is ``cache.trunk``:
     ``"auto"`` caches what fits in ``budget_gb`` GiB, ``True`` fails if anything is impossible or
     over budget (the final test's splits are budgeted before training), ``False`` never caches.
-    ``start_block`` None (``trainable=all|lora``) means nothing is frozen.
+    ``start_block`` None (``trainable=all|lora``) means nothing is frozen. ``shared_dir``
+    (``cache.dir`` when ``cache.shared=true``) shares each split's states with other runs
+    through files there, at most ``max_shared_gb`` GiB of them (least recently used go first).
     """
 
     def __init__(
         self, start_block: int | None, datasets: Mapping[str, Any], *, max_length: int,
         pad_token_id: int, padding: str = "longest", setting: str | bool = "auto",
-        budget_gb: float = 4.0,
+        budget_gb: float = 4.0, shared_dir: str | None = None, max_shared_gb: float = 10.0,
     ) -> None:
         self.start_block = start_block
         self.datasets = {k: v for k, v in datasets.items() if v is not None}
         self.max_length, self.pad_token_id, self.padding = max_length, pad_token_id, padding
         self.setting, self.budget_gb = setting, budget_gb
-        self.seconds: dict[str, float] = {}  # split -> time its cache took to build
+        if shared_dir is not None and not (
+            isinstance(max_shared_gb, (int, float)) and math.isfinite(max_shared_gb) and max_shared_gb >= 0
+        ):
+            raise TrunkCacheError(f"cache.max_gb={max_shared_gb!r}: must be a number >= 0 (GiB)")
+        self.store = (
+            SharedTrunkStore(shared_dir, float(max_shared_gb) * 2**30) if shared_dir else None
+        )
+        self.seconds: dict[str, float] = {}  # split -> time its cache took to build (or load)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # the final test caches its splits too: budget for them now, not after training
@@ -86,16 +102,40 @@ class TrunkCaching(L.Callback):
         model.trunk_cache = cache  # only once it holds something: `trunk_cache` means "in use"
         if not todo:
             return
+        store = self.store
+        if store is not None and is_sharded(model, cache.start_block):
+            log.info("Frozen-trunk cache not shared: the frozen trunk is sharded (FSDP).")
+            store = None
+        digest = None
+        if store is not None:
+            digest = cache.config_digest(model, pl_module.device, str(trainer.precision))
         with trainer.precision_plugin.forward_context():
             for split in todo:
                 t0 = time.perf_counter()
-                cache.build(split, model, self.datasets[split], self.max_length, self.pad_token_id,
-                            pl_module.device)
+                self._fill(cache, split, model, pl_module.device, store, digest)
                 self.seconds[split] = time.perf_counter() - t0
         log.info(
             "Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
             self.start_block - 1, ", ".join(todo), cache.nbytes / 2**20,
         )
+
+    def _fill(self, cache: TrunkCache, split: str, model: nn.Module, device: torch.device,
+              store: SharedTrunkStore | None, digest: str | None) -> None:
+        """Compute ``split``'s states, or (shared) load them from an earlier run's file."""
+        dataset = self.datasets[split]
+
+        def compute() -> None:
+            cache.build(split, model, dataset, self.max_length, self.pad_token_id, device)
+
+        if store is None or digest is None:
+            compute()
+            return
+        key = cache.split_key(digest, dataset, self.max_length, self.pad_token_id)
+
+        def load(path) -> None:
+            cache.load(split, path, key, dataset, model, self.max_length, device)
+
+        store.fetch(cache, split, key, compute, load)
 
     def _over_budget(self, cache, model, todo: list[str], later: list[str], strict: bool) -> str | None:
         """Why ``todo`` (and, when ``strict``, ``later``) do not fit ``budget_gb``, or None."""
