@@ -84,6 +84,7 @@ def test_logger_csv(tiny_run):
     assert "lr" in (run / "csv" / "hparams.yaml").read_text()
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_logger_wandb_offline(tiny_run):
     import wandb
 

@@ -297,6 +297,7 @@ def test_cached_weights_need_no_network(empty_hf_home: Path, monkeypatch) -> Non
 
 
 # ------------------------------------------------------------------ the trunk cache's budget, early
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_trunk_cache_over_budget_on_the_test_split_fails_before_training(
     tmp_path: Path, sms_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -272,6 +272,7 @@ def test_flexible_and_masked_mean_do_not_depend_on_padding(run, token: str) -> N
     assert_same_run(uncached, batch)
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_cache_with_worker_processes(run) -> None:
     # batches collated in worker processes carry the examples' split indices the cache needs
     opts = (
@@ -370,6 +371,7 @@ def test_chapter_config_replays_the_chapters_loop(run) -> None:
 
 
 # ----------------------------------------------------------------------------- compile
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_compile_builds_and_a_compiled_block_equals_eager(tmp_path) -> None:
     cfg = compose_train(["model=gpt2-tiny", "model.compile=true"], tmp_path)
     model = build_model(cfg, 2)

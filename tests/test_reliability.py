@@ -649,6 +649,7 @@ def test_fuzz_csv_one_prediction_per_row_in_order(
 
 
 # ------------------------------------------------------------------ 2. interrupted runs
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_same_seed_twice_gives_the_same_metrics(run_in_process, monkeypatch) -> None:
     """Twice in one process, with dropout drawing random numbers; the second run also shows
     what trainer.fit gets: weights-only loading through the safe, atomic checkpoint IO."""

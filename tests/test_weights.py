@@ -325,6 +325,7 @@ def test_offline_without_checkpoint_names_both_fixes(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_generate_script_prints_the_greedy_continuation(
     hf_model, hf_dir: Path, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ copy of the weights (6 GB for gpt2-xl) is ever allocated.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -115,7 +116,9 @@ def load_gpt2(
         with torch.no_grad():
             for key, entry in plan.items():
                 with tensors.get(layout[key]) as tensor:
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    if tensor.is_floating_point() and tensor.numel() and not all(
+                        math.isfinite(float(v)) for v in torch.aminmax(tensor)
+                    ):  # min/max propagate NaN, see inf, and allocate nothing tensor-sized
                         not_finite.append(layout[key])
                     if entry.transpose:  # Conv1D [in, out] -> Linear [out, in]
                         tensor = tensor.T
