@@ -141,6 +141,8 @@ def _interrupted(cfg: DictConfig, callbacks: list[Any], trainer: L.Trainer) -> T
 # The data module's sampler resumes a mid-epoch checkpoint exactly (BookShuffleSampler), which
 # Lightning cannot see: its warning that such a resume is unreliable does not apply here.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+# The final training accuracy is the chapter's, on the shuffled training loader (final_loaders).
+warnings.filterwarnings("ignore", message="Your `test_dataloader`'s sampler has shuffling enabled")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

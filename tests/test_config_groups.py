@@ -65,6 +65,7 @@ def test_debug_overfit_repeats_the_same_batches(tiny_run):
     assert metrics["epochs"] == 2 and metrics["global_step"] == 6 and metrics["examples_seen"] == 48
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_debug_profiler_writes_its_report(tiny_run):
     _, _, run = tiny_run(
         "debug=profiler", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
@@ -97,6 +98,7 @@ def test_logger_wandb_offline(tiny_run):
     assert list(offline.glob("run-*.wandb"))  # what `wandb sync` uploads later
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_logger_mlflow_local_file_store(tiny_run):
     # a local file store inside the run folder (the default is outputs/mlruns, shared by runs)
     cfg, metrics, run = tiny_run("logger=mlflow", "logger.mlflow.tracking_uri=file:${paths.output_dir}/mlruns")

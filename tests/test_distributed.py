@@ -114,7 +114,9 @@ def test_ddp_counts_every_example_once(ddp_sweep: Path, job: str) -> None:
     assert m["device"] == "cpu x2" and m["trunk_cache"] is True
     # rank 1 re-ran this job (not the sweep) into this job's folder
     assert (run / "train_ddp_process_1.log").is_file()
-    assert sorted(p.name for p in ddp_sweep.iterdir()) == ["data", "sweep"]
+    # beside the data and the sweep only the shared frozen-trunk cache (cache.dir's default)
+    assert sorted(p.name for p in ddp_sweep.iterdir()) == ["data", "outputs", "sweep"]
+    assert [p.name for p in (ddp_sweep / "outputs").iterdir()] == ["trunk_cache"]
     assert sorted(p.name for p in (ddp_sweep / "sweep").iterdir() if p.is_dir()) == list(JOBS)
 
 

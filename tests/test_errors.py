@@ -165,6 +165,7 @@ def test_bad_value_is_named_with_what_is_allowed(overrides: list[str], message: 
     assert message in str(err.value)
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_defaults_and_legal_edge_values_pass(tmp_path: Path) -> None:
     for overrides in (
         [],
@@ -338,6 +339,7 @@ def test_trunk_cache_over_budget_on_the_test_split_fails_before_training(
 
 
 # ------------------------------------------------------------------ the commands' results
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_bad_config_prints_one_message_and_logs_it(commands) -> None:
     work, proc = finished(commands, "config")
     assert proc.returncode == 1, proc.stderr[-3000:]

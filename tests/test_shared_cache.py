@@ -306,6 +306,7 @@ CONCURRENT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_two_processes_compute_a_key_once(tmp_path: Path, caplog) -> None:
     """This process and a child need the same key at the same moment: one computes it (slowly),
     the other waits on the lock and loads the file."""

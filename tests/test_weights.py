@@ -287,6 +287,7 @@ print((peak() - before) / os.path.getsize(sys.argv[1]))
 """
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_loading_holds_one_copy_of_the_weights(tmp_path: Path) -> None:
     """A ~50 MB checkpoint raises the loader process's peak RSS by about the model itself: each
     tensor is read through its own short-lived memory map (one map held open for the whole load
