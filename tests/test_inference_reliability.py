@@ -11,9 +11,7 @@ import io
 import json
 import resource
 import shutil
-import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,7 @@ from unittest import mock
 import httpx
 import pytest
 import torch
-import uvicorn
+from conftest import uvicorn_server
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -98,22 +96,8 @@ def one_line_error(err: str) -> str:
 @pytest.fixture(scope="module")
 def server(run_dir: Path) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 with the default limits (the issue's setup)."""
-    app = create_app(run_dir)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with uvicorn_server(create_app(run_dir)) as url:
+        yield url
 
 
 def test_bad_request_does_not_delay_a_good_one(server: str) -> None:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
+from conftest import uvicorn_server
 
 from spam_lightning.inference.bundle import save_bundle
 from spam_lightning.inference.classify import Classifier
@@ -63,25 +60,8 @@ def reference(run_dir: Path) -> Classifier:
 @pytest.fixture(scope="module")
 def base_url(run_dir: Path) -> Iterator[str]:
     """A real uvicorn server on a free loopback port, in a background thread."""
-    app = create_app(run_dir, max_chars=MAX_CHARS, max_batch=MAX_BATCH)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with uvicorn_server(create_app(run_dir, max_chars=MAX_CHARS, max_batch=MAX_BATCH)) as url:
+        yield url
 
 
 @pytest.fixture()
