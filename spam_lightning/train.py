@@ -30,7 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
 from spam_lightning.data.source import DataError
-from spam_lightning.inference.bundle import BundleError, save_bundle
+from spam_lightning.inference.bundle import (
+    BundleError,
+    save_baseline_bundle,
+    save_bundle,
+    save_encoder_bundle,
+)
 from spam_lightning.io_utils import write_json
 from spam_lightning.model.classifier import (
     ClassifierStateError,
@@ -38,6 +43,7 @@ from spam_lightning.model.classifier import (
     first_trainable_block,
     make_classifier,
 )
+from spam_lightning.model.encoder import EncoderTokenizer, EncoderUnavailableError, build_encoder
 from spam_lightning.model.sizes import CFG_KEYS
 from spam_lightning.model.trunk_cache import TrunkCacheError
 from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError, build_gpt
@@ -47,7 +53,7 @@ from spam_lightning.training.callbacks.finite_loss import FiniteLoss, NonFiniteL
 from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
 from spam_lightning.training.callbacks.sigterm_checkpoint import SigtermCheckpoint
 from spam_lightning.training.checks import ConfigError, TokenizerError
-from spam_lightning.training.module import SpamClassifier
+from spam_lightning.training.module import SpamClassifier, split_metrics
 from spam_lightning.training.plots import plot_values
 from spam_lightning.training.run_lock import (
     RunFolderBusy,
@@ -67,7 +73,8 @@ EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed b
 
 # Failures with a message that says what to fix: printed without a traceback by `train.py`.
 KNOWN_ERRORS = (ConfigError, DataError, TokenizerError, WeightsUnavailableError, CheckpointError,
-                ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, NonFiniteLossError)
+                ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, NonFiniteLossError,
+                EncoderUnavailableError)
 
 
 class TrainingInterrupted(SystemExit):
@@ -80,8 +87,12 @@ def _cache_setting(value: Any) -> str | bool:
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> GPTClassifier:
-    """GPT-2 (pretrained or random) turned into a classifier per ``trainable`` and ``token``."""
+    """GPT-2 (pretrained or random) turned into a classifier per ``trainable`` and ``token``; or,
+    with ``model.kind=encoder``, the named encoder with a new head per ``trainable``."""
     m = cfg.model
+    if checks.model_kind(cfg) == "encoder":
+        return build_encoder(m.name, num_classes=num_classes, trainable=cfg.trainable.name,
+                             weights=m.weights, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # random weights are reproducible too
     sizes = {k: v for k, v in checks.model_sizes(cfg).items() if k in CFG_KEYS}
     # the config's sizes, so e.g. model.n_layers=1 builds what validate_config checked
@@ -154,6 +165,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checks.validate_config(cfg)
     datamodule = _instantiate(cfg.data)  # validates its own options; reads nothing yet
     loggers = [_instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    if checks.model_kind(cfg) == "baseline":
+        return _train_baseline(cfg, datamodule, loggers)
     callbacks = [_instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not loggers:  # nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -181,6 +194,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir) -> dict[str, Any]:
     """Data, model, fit, final evaluation and artifacts, with the run folder locked."""
     L.seed_everything(cfg.seed, workers=True)
+    encoder = checks.model_kind(cfg) == "encoder"
+    if encoder:  # its own tokenizer, special tokens and pad token
+        datamodule.use_tokenizer(EncoderTokenizer(cfg.model.name))
     datamodule.prepare_data()
     datamodule.setup("fit")
 
@@ -192,7 +208,7 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
         final_splits=FINAL_SPLITS,
     )
     # the datasets go to the cache builder; nothing reaches back into the datamodule
-    caching = TrunkCaching(
+    caching = None if encoder else TrunkCaching(
         first_trainable_block(cfg.trainable.name, len(model.trf_blocks)),
         {s: getattr(datamodule, f"{s}_dataset", None) for s in FINAL_SPLITS},
         max_length=datamodule.max_length,
@@ -203,7 +219,8 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
         shared_dir=cfg.cache.dir if cfg.cache.shared else None,
         max_shared_gb=cfg.cache.max_gb,
     )
-    trainer.callbacks.append(caching)
+    if caching is not None:
+        trainer.callbacks.append(caching)
     if checkpoint is not None:  # the head too, now that the data named the classes
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         checks.check_resume_checkpoint(cfg, ckpt_path, checkpoint, expected)
@@ -224,10 +241,11 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
     final = module.test_results.metrics
     monitor = next((c for c in trainer.callbacks if hasattr(c, "history")), None)
     training_seconds = monitor.training_seconds if monitor else wall
-    cache_seconds = sum(v for k, v in caching.seconds.items() if k in ("train", "val"))
+    cached = caching.seconds if caching is not None else {}
+    cache_seconds = sum(v for k, v in cached.items() if k in ("train", "val"))
     log.info(
         "Training took %.1f s: frozen-trunk cache %.1f s (%s), epochs and evaluations %.1f s.",
-        training_seconds, cache_seconds, ", ".join(f"{k} {v:.1f} s" for k, v in caching.seconds.items()
+        training_seconds, cache_seconds, ", ".join(f"{k} {v:.1f} s" for k, v in cached.items()
                                                     if k in ("train", "val")) or "none",
         training_seconds - cache_seconds,
     )
@@ -243,10 +261,10 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
         max_length=int(datamodule.max_length),
         num_batches={s: len(getattr(datamodule, f"{s}_dataloader")()) for s in FINAL_SPLITS},
         model=cfg.model.name, weights=cfg.model.weights, trainable=cfg.trainable.name,
-        token=cfg.token.name, padding=cfg.data.padding, seed=int(cfg.seed),
+        token=None if encoder else cfg.token.name, padding=cfg.data.padding, seed=int(cfg.seed),
         epochs=int(trainer.current_epoch), global_step=int(trainer.global_step),
         precision=str(trainer.precision), device=_device_name(trainer),
-        trunk_cache=model.trunk_cache is not None, experiment=_experiment_name(cfg),
+        trunk_cache=getattr(model, "trunk_cache", None) is not None, experiment=_experiment_name(cfg),
     )
     bundled = _bundle_model(cfg, trainer, module, datamodule.num_classes)  # every rank: FSDP
     if trainer.is_global_zero:
@@ -314,34 +332,95 @@ def _print_final(metrics: dict[str, Any]) -> None:
 
 def _write_artifacts(cfg, output_dir, model, datamodule, monitor, metrics, trainer) -> None:
     """metrics.json, the resolved config, plots, the bundle and the hparams dashboard."""
-    write_json(output_dir / "metrics.json", metrics)
-    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(job_cfg, resolve=True), encoding="utf-8")
+    _write_results(cfg, output_dir, metrics)
     if monitor is not None and monitor.history["train_losses"]:
         h = monitor.history
         epochs = max(1, int(cfg.trainer.max_epochs))
         plot_values(epochs, monitor.examples_seen, h["train_losses"], h["val_losses"], "loss", output_dir)
         plot_values(epochs, monitor.examples_seen, h["train_accs"], h["val_accs"], "accuracy", output_dir)
         write_json(output_dir / "history.json", h)
-    save_bundle(
-        output_dir, model, class_names=list(datamodule.class_names), token=cfg.token.name,
-        max_length=datamodule.max_length, padding=cfg.data.padding,
-        pad_token_id=datamodule.pad_token_id,
-        extra={"trained": {k: metrics[k] for k in ("model", "weights", "trainable", "seed")}},
-    )
+    trained = {"trained": {k: metrics[k] for k in ("model", "weights", "trainable", "seed")}}
+    if checks.model_kind(cfg) == "encoder":
+        save_encoder_bundle(
+            output_dir, model, datamodule.tokenizer, class_names=list(datamodule.class_names),
+            max_length=datamodule.max_length, padding=cfg.data.padding, extra=trained,
+        )
+    else:
+        save_bundle(
+            output_dir, model, class_names=list(datamodule.class_names), token=cfg.token.name,
+            max_length=datamodule.max_length, padding=cfg.data.padding,
+            pad_token_id=datamodule.pad_token_id, extra=trained,
+        )
     hparams = {
         "model": cfg.model.name, "weights": cfg.model.weights, "trainable": cfg.trainable.name,
-        "token": cfg.token.name, "padding": cfg.data.padding, "max_length": metrics["max_length"],
+        "token": metrics["token"], "padding": cfg.data.padding, "max_length": metrics["max_length"],
         "lr": cfg.optimizer.lr, "weight_decay": cfg.optimizer.weight_decay,
         "batch_size": cfg.data.batch_size, "seed": cfg.seed, "precision": metrics["precision"],
     }
+    _log_hparams(trainer.loggers, hparams, metrics, trainer.global_step)
+
+
+def _write_results(cfg: DictConfig, output_dir: Path, metrics: dict[str, Any]) -> None:
+    write_json(output_dir / "metrics.json", metrics)
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(job_cfg, resolve=True), encoding="utf-8")
+
+
+def _log_hparams(loggers: list[Any], hparams: dict[str, Any], metrics: dict[str, Any], step: int) -> None:
+    """The final metrics beside the run's options: TensorBoard's hparams tab compares runs."""
+    hparams = {k: "none" if v is None else v for k, v in hparams.items()}  # TensorBoard: no None
     final = {f"hparams/{k}": v for k, v in metrics.items() if k.endswith(("_accuracy", "_loss", "_f1"))}
-    for lg in trainer.loggers:
+    for lg in loggers:
         if "metrics" in inspect.signature(lg.log_hyperparams).parameters:  # TensorBoard's hparams tab
             lg.log_hyperparams(hparams, metrics=final)
         else:  # CSV, W&B, MLflow logged the module's hparams at fit start (MLflow refuses changes)
-            lg.log_metrics(final, step=trainer.global_step)
+            if step == 0:  # a baseline: no fit start logged them
+                lg.log_hyperparams(hparams)
+            lg.log_metrics(final, step=step)
         lg.save()
+
+
+def _train_baseline(cfg: DictConfig, datamodule: Any, loggers: list[Any]) -> dict[str, Any]:
+    """Majority class or logistic regression (scikit-learn) on the same data, split and
+    artifacts as the trained models: metrics.json, bundle, hparams. No Lightning loop: it
+    fits in one call."""
+    from spam_lightning.model.baselines import fit_baseline
+
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(output_dir):
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        splits = {s: getattr(datamodule, f"{s}_dataset") for s in FINAL_SPLITS}
+        num_classes = datamodule.num_classes
+        start = time.perf_counter()
+        baseline = fit_baseline(
+            cfg.model.name, splits["train"].texts, splits["train"].labels, num_classes,
+            features=cfg.model.features, max_iter=cfg.model.max_iter, seed=cfg.seed,
+        )
+        seconds = time.perf_counter() - start
+        metrics: dict[str, Any] = {}
+        for split, ds in splits.items():
+            probs = torch.from_numpy(baseline.predict_proba(ds.texts))
+            for name, value in split_metrics(probs, torch.tensor(ds.labels), num_classes).items():
+                metrics[f"{split}_{name}"] = int(value) if name == "count" else value
+        metrics.update(
+            examples_seen=len(splits["train"]), training_seconds=round(seconds, 3), max_length=None,
+            num_batches=None, model=cfg.model.name, weights=None, trainable=None, token=None,
+            padding=None, seed=int(cfg.seed), epochs=1, global_step=0, precision="64",
+            device="cpu", trunk_cache=False, experiment=_experiment_name(cfg),
+            features=cfg.model.features,
+        )
+        _print_final(metrics)
+        _write_results(cfg, output_dir, metrics)
+        save_baseline_bundle(
+            output_dir, baseline, class_names=list(datamodule.class_names),
+            extra={"trained": {k: metrics[k] for k in ("model", "seed", "features")}},
+        )
+        hparams = {"model": cfg.model.name, "features": cfg.model.features,
+                   "max_iter": cfg.model.max_iter, "seed": cfg.seed}
+        _log_hparams(loggers, hparams, metrics, 0)
+    return metrics
 
 
 def nested_options(group: str, config_dir: str = CONFIG_DIR) -> list[str]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hf_encoders import write_hub_cache, write_tiny_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -45,6 +46,17 @@ TINY = (
 )
 # IMDB from the test's small archive: the book's 35,000 / 5,000 / 10,000 need 50,000 reviews
 IMDB = TINY + " data.train_size=100 data.val_size=20 data.test_size=40"
+# An encoder: a tiny random one of its family, in ./my-encoder or in the Hugging Face cache where a
+# first run would have downloaded it (`write_hub_caches`); one short epoch
+ENCODER = "trainer.max_epochs=1 trainer.limit_train_batches=3 trainer.limit_val_batches=2 eval_iter=1"
+# A sweep over different models: TINY's sizes with ++ (only the GPT-2 rows have these keys)
+COMPARE = TINY.replace("model.n_", "++model.n_").replace("model.emb_", "++model.emb_")
+# the Hub ids of the compare rows and their families
+HUB_ENCODERS = {
+    "distilbert-base-uncased": "distilbert", "bert-large-uncased": "bert",
+    "FacebookAI/roberta-large": "roberta", "microsoft/deberta-v3-base": "deberta-v2",
+    "answerdotai/ModernBERT-base": "modernbert", "answerdotai/ModernBERT-large": "modernbert",
+}
 
 
 @dataclass
@@ -134,6 +146,14 @@ ROWS = [
         why="gpt2-small would take minutes"),
     Row(r"^python train\.py -m hydra/launcher=submitit_slurm", "compose", why="no SLURM here",
         expect="submitit_launcher.SlurmLauncher"),
+    Row(r"^python train\.py model=(logreg|majority)", check=_has_run_files),
+    Row(r"^python train\.py model=encoder ", suffix=ENCODER, check=_has_run_files,
+        why="a tiny random encoder: ./my-encoder, or the Hugging Face cache (no Hub here)"),
+    Row(r"^python train\.py -m 'experiment=glob\(compare/imdb", check=_has_summary,
+        suffix=COMPARE + IMDB.removeprefix(TINY).replace(" data.", " ++data.")
+        + " ++data.urls=[{serve}/aclImdb_v1.tar.gz]"),  # ++: the sweep's first compose is SMS
+    Row(r"^python train\.py -m ('experiment=glob\(compare/|experiment=compare/)", suffix=COMPARE,
+        check=_has_summary),
     Row(r"^python train\.py -m 'experiment=glob", suffix=TINY, check=_has_summary),
     Row(r"^python train\.py -m hydra/launcher=joblib .* seed=1,2,3$", suffix=TINY,
         check=_has_summary),
@@ -302,6 +322,13 @@ def _write_inputs(work: Path, sms_file: Path) -> None:
                         f"a {word} film, number {i}", encoding="utf-8")
         tar.add(work / "_imdb" / "aclImdb", arcname="aclImdb")
     shutil.rmtree(work / "_imdb")
+    write_tiny_encoder(work / "my-encoder", "bert")
+
+
+def write_hub_caches(home: Path) -> None:
+    """Every encoder of the compare rows, tiny and random, in the Hugging Face cache."""
+    for repo_id, family in HUB_ENCODERS.items():
+        write_hub_cache(home, repo_id, family)
 
 
 def _fresh_checkout(root: Path, sms_file: Path) -> Path:
@@ -338,6 +365,7 @@ class Session:
     def __init__(self, root: Path, sms_file: Path) -> None:
         self.work = _fresh_checkout(root / "spam-lightning", sms_file)
         self.env = _readme_env(root / "home")
+        write_hub_caches(root / "home")
         self.block: int | None = None
         self.servers = Servers()
         self.files = http.server.ThreadingHTTPServer(

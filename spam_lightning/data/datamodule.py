@@ -257,6 +257,20 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.test_dataset: TokenDataset | None = None
         self._book_sampler: BookShuffleSampler | None = None
         self._pending_resume: dict[str, Any] | None = None
+        self.tokenizer: Any = None  # None: GPT-2's (tiktoken); else use_tokenizer's
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Tokenize with a model's own tokenizer (an encoder's ``EncoderTokenizer``: ``encode(texts,
+        limit)`` with its special tokens, ``pad_token_id``, ``model_max_length``) instead of
+        GPT-2's; called before ``setup``."""
+        self.tokenizer = tokenizer
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        self.context_length = min(self.context_length, int(tokenizer.model_max_length))
+
+    def _encode(self, texts: list[str], limit: int | None) -> list[list[int]]:
+        if self.tokenizer is None:
+            return encode_texts(texts, max_length=limit, tokenizer=get_tokenizer())
+        return self.tokenizer.encode(texts, limit)
 
     @property
     def num_classes(self) -> int:
@@ -284,13 +298,16 @@ class TextClassificationDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         splits = self.load_splits()
-        tokenizer = get_tokenizer()
-        raw = {split: encode_texts(splits[split].texts, tokenizer=tokenizer) for split in SPLITS}
+        # an encoder's tokenizer truncates within its special tokens: no longer than it can read
+        limit = None if self.tokenizer is None else self.context_length
+        raw = {split: self._encode(splits[split].texts, limit) for split in SPLITS}
         max_length = resolve_max_length(self.max_length_option, raw["train"], self.context_length)
         datasets = []
         for split in SPLITS:
             data = splits[split]
-            ids = [seq[:max_length] for seq in raw[split]]  # val/test use the train max_length
+            ids = [seq[:max_length] for seq in raw[split]]  # val/test: the train max_length
+            if self.tokenizer is not None and any(len(seq) > max_length for seq in raw[split]):
+                ids = self._encode(data.texts, max_length)  # cut inside the special tokens
             if (empty := next((i for i, seq in enumerate(ids) if not seq), None)) is not None:
                 raise DataError(f"{data.name}, line {data.line(empty)}: empty text")
             datasets.append(TokenDataset(ids, data.labels, data.texts))

@@ -309,3 +309,114 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> t
         raise BundleError(f"{weights_path} does not match {config_path}: {first}") from err
     model.eval()
     return model, config
+
+
+# ------------------------------------------------------------------ other kinds (issue 16)
+# bundle.json's "kind": absent or "gpt2" (the GPTModel above), "encoder" (a transformers
+# save_pretrained folder: model.safetensors, config.json and the tokenizer's files) or "baseline"
+# (majority / logistic regression: vocabulary and options in bundle.json, arrays in
+# model.safetensors). Never a pickle.
+KINDS = ("gpt2", "encoder", "baseline")
+
+
+def bundle_kind(config: dict[str, Any], where: str | Path = CONFIG) -> str:
+    kind = config.get("kind", "gpt2")
+    if kind not in KINDS:
+        raise BundleError(f"{where}: kind {_show(kind)}; allowed: {', '.join(KINDS)}.")
+    return kind
+
+
+def _check_classes(config: dict[str, Any], where: str | Path) -> None:
+    names, count = config.get("class_names"), config.get("num_classes")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise BundleError(f"{where}: class_names is {_show(names)}; it must be a list of non-empty strings.")
+    if len(set(names)) != len(names) or count != len(names):
+        raise BundleError(
+            f"{where}: class_names {_show(names)} and num_classes {_show(count)} disagree (or a "
+            "name repeats); re-create the bundle with a training run."
+        )
+
+
+def _fresh_bundle_dir(run_dir: str | Path) -> Path:
+    """``run_dir/bundle``, its old ``bundle.json`` removed first: until the new one is written
+    last, the folder never passes for a complete bundle."""
+    out = Path(run_dir) / BUNDLE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).unlink(missing_ok=True)
+    return out
+
+
+def save_encoder_bundle(
+    run_dir: str | Path, model: Any, tokenizer: Any, *, class_names: list[str], max_length: int,
+    padding: str, extra: dict[str, Any] | None = None,
+) -> Path:
+    """An ``EncoderClassifier`` and its tokenizer, saved with ``save_pretrained`` (safetensors)."""
+    out = _fresh_bundle_dir(run_dir)
+    model.save(out)
+    tokenizer.save(out)
+    config = {
+        "format": BUNDLE_FORMAT, "kind": "encoder", "num_classes": len(class_names),
+        "class_names": list(class_names), "max_length": int(max_length), "padding": padding,
+        "pad_token_id": int(tokenizer.pad_token_id), "family": model.family, **(extra or {}),
+    }
+    write_json(out / CONFIG, config)
+    return out
+
+
+def save_baseline_bundle(
+    run_dir: str | Path, baseline: Any, *, class_names: list[str], extra: dict[str, Any] | None = None
+) -> Path:
+    """A ``Baseline``: its options and vocabulary in ``bundle.json``, its arrays as safetensors."""
+    out = _fresh_bundle_dir(run_dir)
+    part, tensors = baseline.to_bundle()
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    config = {
+        "format": BUNDLE_FORMAT, "kind": "baseline", "num_classes": len(class_names),
+        "class_names": list(class_names), "baseline": part, **(extra or {}),
+    }
+    write_json(out / CONFIG, config)
+    return out
+
+
+def load_any_bundle(path: str | Path, map_location: str = "cpu") -> tuple[str, Any, dict[str, Any]]:
+    """``(kind, model, bundle_config)`` for a bundle of any kind: a ``GPTModel``, an
+    ``(EncoderClassifier, EncoderTokenizer)`` pair, or a ``Baseline``."""
+    folder = find_bundle(path)
+    config_path = folder / CONFIG
+    config = _read_config(folder)
+    kind = bundle_kind(config, config_path)
+    if kind == "gpt2":
+        model, config = load_bundle(folder, map_location)
+        return kind, model, config
+    _check_classes(config, config_path)
+    if kind == "encoder":
+        from spam_lightning.model.encoder import load_encoder
+
+        for key in ("max_length", "pad_token_id"):
+            if not _is_int(config.get(key)) or config[key] < (1 if key == "max_length" else 0):
+                raise BundleError(f"{config_path}: {key} is {_show(config.get(key))}; re-create the bundle.")
+        if config.get("padding") not in ("longest", "batch", "none"):
+            raise BundleError(f"{config_path}: padding is {_show(config.get('padding'))}; re-create the bundle.")
+        try:
+            model, tokenizer = load_encoder(folder, device=str(map_location))
+        except (OSError, ValueError) as err:
+            raise BundleError(f"{folder}: cannot load the encoder ({err}); re-create the bundle.") from err
+        if int(model.hf.config.num_labels) != config["num_classes"]:
+            raise BundleError(
+                f"{config_path}: num_classes is {config['num_classes']} but the model's head has "
+                f"{model.hf.config.num_labels} outputs; re-create the bundle."
+            )
+        return kind, (model, tokenizer), config
+    from spam_lightning.model.baselines import Baseline, BaselineBundleError
+
+    weights_path = folder / WEIGHTS
+    read_header(weights_path)  # a clear error for a file that is not safetensors
+    if not isinstance(config.get("baseline"), dict):
+        raise BundleError(f"{config_path}: baseline is {_show(config.get('baseline'))}; re-create the bundle.")
+    try:
+        tensors = load_file(str(weights_path))
+        model = Baseline.from_bundle(config["baseline"], tensors, config["num_classes"])
+    except BaselineBundleError as err:
+        raise BundleError(f"{config_path}: {err}") from err
+    return kind, model, config

@@ -45,23 +45,36 @@ class Classifier:
     ) -> None:
         import torch
 
-        from spam_lightning.inference.bundle import load_bundle
+        from spam_lightning.inference.bundle import load_any_bundle
         from spam_lightning.model.classifier import READS_REAL_TOKENS_ONLY, GPTClassifier
 
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
         self.device = resolve_device(device)  # before the bundle loads: a typo costs nothing
-        gpt, config = load_bundle(run_dir, map_location="cpu")
+        self.kind, model, config = load_any_bundle(run_dir, map_location="cpu")
         self.config = config
         self.class_names: list[str] = config["class_names"]
+        self.batch_size = batch_size
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.tokenizer = None
+        if self.kind == "baseline":  # bag of words: no tokens, no torch model
+            self.model, self.max_length, self.token, self.padding = model, None, None, None
+            self.dynamic, self.pad_token_id = False, None
+            return
+        if self.kind == "encoder":  # attention masks: per-batch padding is exact
+            model, self.tokenizer = model
+            self.model = model.to(device=self.device, dtype=self.dtype).eval()
+            self.max_length = int(config["max_length"])
+            self.token, self.padding, self.dynamic = None, config["padding"], True
+            self.pad_token_id = int(config["pad_token_id"])
+            return
+        gpt = model
         self.max_length = min(int(config["max_length"]), int(config["model"]["context_length"]))
         self.token = config["token"]
         if self.token == "mean" and not config.get("mean_includes_padding", False):
             self.token = "masked_mean"  # a bundle from before the rename: its mean was masked
         self.padding = config["padding"]
         self.pad_token_id = int(config["pad_token_id"])
-        self.batch_size = batch_size
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         # unpadded training (padding=none) pools each message's own last token / own tokens
         unpadded = {"last": "flexible", "mean": "masked_mean"}
         pooled = unpadded.get(self.token, self.token) if self.padding == "none" else self.token
@@ -71,15 +84,22 @@ class Classifier:
         if self.padding == "none" and not self.dynamic:
             self.batch_size = 1  # no padding at all: one message per forward pass
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
+    def _encode(self, texts: list[str]) -> list:
         from spam_lightning.data.tokens import encode_texts
 
+        if self.kind == "baseline":
+            return texts
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(texts, self.max_length)
         return encode_texts(texts, max_length=self.max_length, context_length=self.max_length)
 
-    def _probs(self, token_ids: list[list[int]]) -> torch.Tensor:
+    def _probs(self, token_ids: list) -> torch.Tensor:
         import torch
 
         from spam_lightning.data.tokens import collate
+
+        if self.kind == "baseline":  # float64 from scikit-learn, as a float32 tensor like the rest
+            return torch.from_numpy(self.model.predict_proba(token_ids)).float()
 
         longest = not self.dynamic and self.padding == "longest"
         batch = collate(

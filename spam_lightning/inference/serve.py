@@ -184,15 +184,17 @@ class BodyLimit:
 
 
 # ------------------------------------------------------------------ page
-# the demo page, with {classes}, {max_length} and {max_chars} filled in by `render_page`
+# the demo page, with {classes}, {length_note} and {max_chars} filled in by `render_page`
 PAGE = Path(__file__).with_name("page.html")
 
 
-def render_page(class_names: list[str], max_length: int, max_chars: int) -> str:
-    """The demo page with the model's facts filled in (HTML-escaped)."""
+def render_page(class_names: list[str], max_length: int | None, max_chars: int) -> str:
+    """The demo page with the model's facts filled in (HTML-escaped); ``max_length`` None: a
+    bag-of-words baseline, which reads every word."""
     values = {
         "classes": html.escape(", ".join(class_names)),
-        "max_length": str(int(max_length)),
+        "length_note": "A bag-of-words baseline: every word counts." if max_length is None
+        else f"Messages longer than {int(max_length)} tokens are truncated, as in training.",
         "max_chars": str(int(max_chars)),
     }
     page = PAGE.read_text(encoding="utf-8")
@@ -230,7 +232,11 @@ def create_app(
         "status": "ok", "run_dir": str(run_dir), "class_names": clf.class_names,
         "max_length": clf.max_length, "token": clf.token, "padding": clf.padding,
         "precision": precision, "device": str(clf.device),
-        "model": {k: clf.config["model"][k] for k in ("emb_dim", "n_layers", "n_heads", "context_length")},
+        "kind": clf.kind,
+        "model": (
+            {k: clf.config["model"][k] for k in ("emb_dim", "n_layers", "n_heads", "context_length")}
+            if clf.kind == "gpt2" else clf.config.get("baseline", {}).get("name", clf.config.get("family"))
+        ),
         "max_chars": max_chars, "max_batch": max_batch, "max_total_chars": max_total_chars,
     }
 

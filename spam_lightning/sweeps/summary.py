@@ -77,6 +77,8 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
             minutes=(m.get("training_seconds") or 0) / 60, Device=m.get("device"), status="ok",
         )
         record["Context length"] = _context_label(data.get("max_length"), m.get("max_length"))
+    if model.get("kind") == "baseline":  # bag of words: every word of a message counts
+        record["Context length"] = "—"
     if record["Trainable token"] == "masked_mean":
         # the book's row 19 (96.33 %) is token=mean, padding included; it has no masked_mean row
         record["reference"] = None
@@ -114,7 +116,8 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
         rows.append(
             {
                 "Config": key,
-                **{c: first[c] for c in BOOK_COLUMNS[:5]},
+                # None: not a setting of this model (a baseline's weights, an encoder's token)
+                **{c: "—" if first[c] is None else first[c] for c in BOOK_COLUMNS[:5]},
                 "Training acc": _fmt([r["train_acc"] for r in ok], True),
                 "Validation acc": _fmt([r["val_acc"] for r in ok], True),
                 "Test acc": _fmt([r["test_acc"] for r in ok], True),

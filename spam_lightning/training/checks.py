@@ -6,6 +6,7 @@ mismatched checkpoint fails in a second with one message that lists every proble
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -67,11 +68,78 @@ def model_sizes(cfg: DictConfig) -> dict[str, Any]:
     return {k: m.get(k, MODEL_CONFIGS.get(m.name, {}).get(k)) for k in (*SIZE_KEYS, "qkv_bias")}
 
 
+MODEL_KINDS = ("gpt2", "encoder", "baseline")
+
+
+def model_kind(cfg: DictConfig) -> str:
+    """``model.kind``: ``gpt2`` (the chapter's GPTModel; the default), ``encoder`` (transformers'
+    AutoModelForSequenceClassification) or ``baseline`` (majority / logistic regression)."""
+    return str(cfg.model.get("kind") or "gpt2")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Fail on bad names and impossible combinations before any download or tokenizing.
 
     Every problem is listed at once, with the allowed values, so one run shows them all.
     """
+    kind = model_kind(cfg)
+    if kind == "gpt2":
+        problems = _gpt2_problems(cfg)
+    elif kind == "encoder":
+        problems = _encoder_problems(cfg)
+    elif kind == "baseline":
+        problems = _baseline_problems(cfg)
+    else:
+        problems = [f"model.kind={kind!r}; allowed: {', '.join(MODEL_KINDS)}"]
+    if kind != "baseline":
+        problems += _run_problems(cfg)
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _encoder_problems(cfg: DictConfig) -> list[str]:
+    from spam_lightning.model.encoder import ENCODER_TRAINABLE
+
+    m, problems = cfg.model, []
+    if importlib.util.find_spec("transformers") is None:
+        problems.append('model.kind=encoder needs transformers: pip install -e ".[hf]"')
+    if not isinstance(m.get("name"), str) or not m.name.strip():
+        problems.append(f"model.name={m.get('name')!r}: a Hub id or a local save_pretrained folder")
+    if m.get("weights") not in ("pretrained", "random"):
+        problems.append(f"model.weights={m.get('weights')!r}; allowed: pretrained, random")
+    if cfg.trainable.name not in ENCODER_TRAINABLE:
+        problems.append(
+            f"trainable.name={cfg.trainable.name!r} is not for encoders; allowed with "
+            f"model=encoder: {', '.join(ENCODER_TRAINABLE)} (choose one with trainable=NAME)"
+        )
+    if not _is_int(m.get("context_length"), 1):
+        problems.append(f"model.context_length={m.get('context_length')!r}: must be an integer >= 1")
+    return problems + _training_problems(cfg) + _data_problems(cfg.data, m.get("context_length"))
+
+
+def _baseline_problems(cfg: DictConfig) -> list[str]:
+    from spam_lightning.model.baselines import BASELINES, FEATURES
+
+    m, problems = cfg.model, []
+    if importlib.util.find_spec("sklearn") is None:
+        problems.append(f'model={m.get("name")} needs scikit-learn: pip install -e ".[baselines]"')
+    if m.get("name") not in BASELINES:
+        problems.append(f"model.name={m.get('name')!r}; allowed with model.kind=baseline: {', '.join(BASELINES)}")
+    if m.get("features") not in FEATURES:
+        problems.append(f"model.features={m.get('features')!r}; allowed: {', '.join(FEATURES)}")
+    if not _is_int(m.get("max_iter"), 1):
+        problems.append(f"model.max_iter={m.get('max_iter')!r}: must be an integer >= 1")
+    if cfg.get("ckpt_path") is not None:
+        problems.append(
+            f"ckpt_path={cfg.ckpt_path}: model.kind=baseline fits in one step and writes no "
+            "checkpoints; rerun without ckpt_path"
+        )
+    problems += _number_problems(cfg, "", {"seed": ("an integer >= 0", lambda v: _is_int(v, 0))})
+    return problems + _data_problems(cfg.data, m.get("context_length"))
+
+
+def _gpt2_problems(cfg: DictConfig) -> list[str]:
+    """The chapter's GPTModel: a known size, trainable and token choices, weights."""
     problems: list[str] = []
     m = cfg.model
     if m.name not in MODEL_CONFIGS:
@@ -109,7 +177,12 @@ def validate_config(cfg: DictConfig) -> None:
             "them (checkpoints need model.weights=pretrained)"
         )
     problems += _training_problems(cfg)
-    problems += _data_problems(cfg.data, sizes["context_length"])
+    return problems + _data_problems(cfg.data, sizes["context_length"])
+
+
+def _run_problems(cfg: DictConfig) -> list[str]:
+    """Trainer strategy, trunk cache and resume path: shared by every trained model."""
+    problems: list[str] = []
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and "spawn" in strategy:
         problems.append(
@@ -126,8 +199,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"ckpt_path={ckpt_path}: no such file; pass a run's checkpoints/last.ckpt, or "
             "ckpt_path=last with hydra.run.dir=<the run folder>"
         )
-    if problems:
-        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def _training_problems(cfg: DictConfig) -> list[str]:
@@ -372,17 +444,25 @@ def preflight(
 
     Returns the resolved ``ckpt_path`` and its safely loaded (memory-mapped) contents.
     """
-    if cfg.model.weights == "pretrained":
+    kind = model_kind(cfg)
+    if kind == "encoder":
+        from spam_lightning.model.encoder import check_encoder_available
+
+        check_encoder_available(cfg.model.name, cfg.model.weights)
+    elif cfg.model.weights == "pretrained":
         if cfg.model.get("checkpoint") is not None:  # its header: GPT-2 of the configured size?
             check_checkpoint(cfg.model.checkpoint, model_sizes(cfg))
         else:  # cache or a quick Hub check, before minutes of data work and tokenizing
             check_weights_available(cfg.model.name)
-    check_tokenizer()
+    if kind == "gpt2":
+        check_tokenizer()
     path = _resolve_ckpt_path(cfg, callbacks)
     if path is None:
         return None, None
     checkpoint = load_checkpoint_safely(path, mmap=True)
     check_resume_config(cfg, path, checkpoint)
+    if kind != "gpt2":  # its shapes are compared once the model is built
+        return path, checkpoint
     if num_classes is None:  # compare everything but the head now, the head after setup()
         state = checkpoint["state_dict"]
         head = state.get("model.out_head.weight", state.get("model.out_head.linear.weight"))

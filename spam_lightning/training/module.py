@@ -44,6 +44,27 @@ def _positive(value: torch.Tensor) -> torch.Tensor:
     return value[1] if value.ndim == 1 else value
 
 
+def split_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+    losses: torch.Tensor | None = None, ignore_index: int = -100,
+) -> dict[str, float]:
+    """One whole split's final metrics from its class probabilities: accuracy, precision,
+    recall, F1, the mean cross-entropy (``losses`` per example, else ``-log p[label]``) and the
+    example count. The inputs are already gathered: no distributed sync."""
+    metrics = make_metrics(num_classes).to(probs.device)
+    for m in (metrics, *metrics.values()):
+        m.sync_on_compute = False
+    values = {k: float(_positive(v)) for k, v in metrics(probs, labels).items()}
+    counted = labels != ignore_index
+    if losses is None:
+        picked = probs[counted].gather(1, labels[counted, None]).squeeze(1)
+        losses = -picked.clamp_min(1e-12).log()
+        counted = torch.ones_like(losses, dtype=torch.bool)
+    values["loss"] = float(losses[counted].mean()) if counted.any() else 0.0
+    values["count"] = float(len(labels))
+    return values
+
+
 @dataclass
 class TestResults:
     """The public result of the final test loop (``SpamClassifier.test_results``).
@@ -157,15 +178,11 @@ class SpamClassifier(L.LightningModule):
         for split in self.final_splits:
             out = self._gather_split(split)
             self.test_results.outputs[split] = {k: v.cpu() for k, v in out.items()}
-            metrics = make_metrics(self.num_classes).to(out["probs"].device)
-            for m in (metrics, *metrics.values()):  # gathered already: each rank holds the split
-                m.sync_on_compute = False
-            values = {k: _positive(v) for k, v in metrics(out["probs"], out["labels"]).items()}
-            counted = out["labels"] != self.loss_fn.ignore_index
-            values["loss"] = out["losses"][counted].mean() if counted.any() else torch.tensor(0.0)
-            values["count"] = torch.tensor(float(len(out["labels"])))
+            values = split_metrics(  # gathered already: each rank holds the split
+                out["probs"], out["labels"], self.num_classes, out["losses"], self.loss_fn.ignore_index
+            )
             for name, value in values.items():
-                results[f"{split}_{name}"] = float(value)
+                results[f"{split}_{name}"] = value
         for key, value in results.items():
             if not key.endswith("_count"):
                 self.log(f"final/{key}", value, add_dataloader_idx=False, rank_zero_only=True)

@@ -1,0 +1,269 @@
+"""The book's baselines as models of the framework: the majority class and logistic regression on
+bag-of-words features (``ch06/03_bonus_imdb-classification/train_sklearn_logreg.py``).
+
+They are the floor a fine-tuned GPT-2 has to beat. A fitted baseline is stored as JSON (options,
+vocabulary, classes) plus float64 tensors for safetensors, never as a pickle: unpickling a bundle
+could run arbitrary code. scikit-learn is imported only when needed (``pip install -e
+".[baselines]"``), so this module, and loading a majority baseline, work without it.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+BASELINES = ("majority", "logreg")
+FEATURES = ("count", "tfidf")  # count: CountVectorizer() as the book; tfidf: TfidfVectorizer()
+BUNDLE_FORMAT = 1
+INSTALL_HINT = 'the baselines need scikit-learn: pip install -e ".[baselines]"'
+FIX = "re-create the bundle with a training run"
+# What shapes a vectorizer's transform once its vocabulary is fixed (fit-only options such as
+# min_df no longer matter): recorded at fit time, passed back to the rebuilt vectorizer.
+COUNT_OPTIONS = tuple(
+    "analyzer lowercase strip_accents stop_words token_pattern ngram_range binary".split()
+)
+TFIDF_OPTIONS = (*COUNT_OPTIONS, "norm", "use_idf", "smooth_idf", "sublinear_tf")
+_SHAPES = {  # each tensor's shape, in words, for the error messages
+    "probs": "one per class",
+    "coef": "1 row for 2 classes, else 1 per class seen; 1 column per vocabulary token",
+    "intercept": "one per coef row",
+    "idf": "one per vocabulary token",
+}
+
+
+class BaselineBundleError(ValueError):
+    """A baseline's part of a bundle is missing, malformed or inconsistent."""
+
+
+def _bad(field_name: str, problem: str) -> BaselineBundleError:
+    return BaselineBundleError(f"baseline bundle, {field_name}: {problem}; {FIX}")
+
+
+def _require_sklearn() -> Any:
+    try:
+        import sklearn
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return sklearn
+
+
+def _vectorizer_class(features: str) -> type:
+    _require_sklearn()
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+
+    return CountVectorizer if features == "count" else TfidfVectorizer
+
+
+@dataclass(eq=False)
+class Baseline:
+    """A fitted baseline (from ``fit_baseline`` or ``Baseline.from_bundle``).
+
+    ``classes``: the class indices seen in training (sklearn's ``classes_``); ``predict_proba``
+    spreads sklearn's columns over all ``num_classes`` indices, an unseen class getting 0.
+    """
+
+    name: str
+    features: str
+    num_classes: int
+    classes: tuple[int, ...]
+    vectorizer: Any = field(default=None, repr=False)  # logreg: the sklearn objects
+    model: Any = field(default=None, repr=False)
+    probs: np.ndarray | None = field(default=None, repr=False)  # majority: [num_classes]
+    options: dict[str, Any] = field(default_factory=dict, repr=False)  # the classifier's
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """float64 ``[N, num_classes]``: column ``i`` is the probability of class index ``i``."""
+        if isinstance(texts, str):
+            raise TypeError("predict_proba takes a sequence of texts, not one string: use [text]")
+        texts = list(texts)
+        out = np.zeros((len(texts), self.num_classes), dtype=np.float64)
+        if self.probs is not None:  # majority: the same distribution whatever the text
+            out[:] = self.probs
+        elif texts:
+            scores = self.model.predict_proba(self.vectorizer.transform(texts))
+            out[:, list(self.classes)] = scores
+        return out
+
+    def to_bundle(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON-serialisable config, float64 tensors for safetensors)."""
+        config: dict[str, Any] = {
+            "format": BUNDLE_FORMAT,
+            "name": self.name,
+            "features": self.features,
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "classifier": dict(self.options),
+        }
+        if self.probs is not None:
+            return config, {"probs": torch.tensor(self.probs, dtype=torch.float64)}
+        vec, params = self.vectorizer, self.vectorizer.get_params()
+        keys = COUNT_OPTIONS if self.features == "count" else TFIDF_OPTIONS
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+        config["vectorizer"] = {k: plain[k] for k in keys}
+        config["vocabulary"] = sorted(vec.vocabulary_, key=vec.vocabulary_.__getitem__)
+        tensors = {"coef": self.model.coef_, "intercept": self.model.intercept_}
+        if self.features == "tfidf":
+            tensors["idf"] = vec.idf_
+        # C order: sklearn's multiclass coef_ is Fortran-ordered, and safetensors wants contiguous
+        return config, {
+            k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).clone()
+            for k, v in tensors.items()
+        }
+
+    @classmethod
+    def from_bundle(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], num_classes: int
+    ) -> Baseline:
+        """Check a bundle's baseline part and rebuild the fitted sklearn objects (no unpickling).
+
+        ``CountVectorizer(vocabulary=...)`` / ``TfidfVectorizer(vocabulary=...)`` with ``idf_``
+        set, and ``LogisticRegression`` with ``classes_``, ``coef_``, ``intercept_`` set, are the
+        objects that were fitted: the same text analysis and formula, so the same probabilities,
+        where a numpy re-implementation would have to copy sklearn's tokenizing.
+        """
+        if not isinstance(config, dict) or not isinstance(tensors, dict):
+            raise _bad("config", "expected a JSON object and a dict of tensors")
+
+        def get(key: str, ok: Callable[[Any], bool], expected: str) -> Any:
+            value = config.get(key)
+            if not ok(value):
+                raise _bad(key, f"{reprlib.repr(value)}, expected {expected}")
+            return value
+
+        get("format", lambda v: v == BUNDLE_FORMAT, f"{BUNDLE_FORMAT} (this version's format)")
+        name = get("name", lambda v: v in BASELINES, f"one of {', '.join(BASELINES)}")
+        features = get("features", lambda v: v in FEATURES, f"one of {', '.join(FEATURES)}")
+        get("num_classes", lambda v: v == num_classes, f"{num_classes}, as the model")
+        least = 1 if name == "majority" else 2
+        classes = get(
+            "classes",
+            lambda v: (
+                isinstance(v, list)
+                and len(v) >= least
+                and all(type(c) is int and 0 <= c < num_classes for c in v)
+                and v == sorted(set(v))
+            ),
+            f"at least {least} increasing class indices in 0..{num_classes - 1}",
+        )
+        options = get("classifier", lambda v: isinstance(v, dict), "a JSON object")
+        if name == "majority":
+            probs = _arrays(tensors, {"probs": (num_classes,)})["probs"]
+            if (probs < 0).any() or abs(probs.sum() - 1.0) > 1e-9:
+                raise _bad("tensor 'probs'", "not a probability distribution")
+            return cls(name, features, num_classes, tuple(classes), probs=probs, options=options)
+        vocab = get(
+            "vocabulary",
+            lambda v: (
+                isinstance(v, list)
+                and v
+                and all(isinstance(t, str) for t in v)
+                and len(set(v)) == len(v)
+            ),
+            "a non-empty list of distinct tokens",
+        )
+        keys = COUNT_OPTIONS if features == "count" else TFIDF_OPTIONS
+        given = get(
+            "vectorizer",
+            lambda v: isinstance(v, dict) and set(v) == set(keys),
+            f"a JSON object of {', '.join(keys)}",
+        )
+        k = 1 if len(classes) == 2 else len(classes)  # sklearn: one row for two classes
+        shapes = {"coef": (k, len(vocab)), "intercept": (k,)}  # coef[:, j] weighs vocab[j]
+        arrays = _arrays(tensors, shapes | ({"idf": (len(vocab),)} if features == "tfidf" else {}))
+        vectorizer_class = _vectorizer_class(features)
+        from sklearn.linear_model import LogisticRegression
+
+        try:
+            kwargs = {k: tuple(v) if k == "ngram_range" else v for k, v in given.items()}
+            vectorizer = vectorizer_class(vocabulary=vocab, **kwargs)
+            vectorizer._validate_params()  # sklearn's own check of every option
+            if features == "tfidf":
+                vectorizer.idf_ = arrays["idf"]
+        except (TypeError, ValueError) as e:
+            raise _bad("vectorizer", str(e)) from e
+        model = LogisticRegression()
+        model.classes_ = np.asarray(classes, dtype=np.int64)
+        model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
+        model.n_features_in_ = len(vocab)
+        return cls(name, features, num_classes, tuple(classes), vectorizer, model, options=options)
+
+
+def _arrays(tensors: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The expected tensors, each dense finite float64 of its shape, as numpy copies."""
+    out = {}
+    for key, shape in shapes.items():
+        t, where = tensors.get(key), f"tensor {key!r}"
+        if t is None:
+            raise _bad(where, f"missing (the bundle has: {', '.join(sorted(tensors)) or 'none'})")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or t.is_sparse:
+            raise _bad(where, f"{getattr(t, 'dtype', type(t).__name__)}, expected torch.float64")
+        if tuple(t.shape) != shape:
+            raise _bad(where, f"shape {list(t.shape)}, expected {list(shape)} ({_SHAPES[key]})")
+        if not bool(torch.isfinite(t).all()):
+            raise _bad(where, "holds NaN or infinite values")
+        out[key] = t.detach().cpu().numpy().copy()
+    if extra := sorted(set(tensors) - set(shapes)):
+        raise _bad(f"tensor {extra[0]!r}", f"unexpected (expected: {', '.join(shapes)})")
+    return out
+
+
+def _check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
+
+
+def fit_baseline(
+    name: str,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    num_classes: int,
+    *,
+    features: str = "count",
+    max_iter: int = 1000,
+    seed: int = 123,
+) -> Baseline:
+    """Fit a baseline on the training split as the book's bonus script does.
+
+    ``majority``: ``DummyClassifier(strategy="most_frequent")``; ``logreg``: ``CountVectorizer()``
+    (or ``TfidfVectorizer()``) + ``LogisticRegression(max_iter=max_iter, random_state=seed)``.
+    """
+    _check_choice("model.name", name, BASELINES)
+    _check_choice("model.features", features, FEATURES)
+    for option, value, low in (("num_classes", num_classes, 2), ("model.max_iter", max_iter, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{option}={value!r}: need an integer >= {low}")
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts: need a sequence of strings")
+    y = np.asarray(list(labels))
+    if len(y) != len(texts) or not len(y):
+        raise ValueError(f"{len(texts)} texts and {len(y)} labels: need as many, at least one")
+    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels: need class indices in 0..{num_classes - 1}")
+    y, version = y.astype(np.int64), {"sklearn_version": _require_sklearn().__version__}
+    if name == "majority":
+        from sklearn.dummy import DummyClassifier
+
+        dummy = DummyClassifier(strategy="most_frequent").fit(np.zeros((len(y), 1)), y)  # X unused
+        probs = np.zeros(num_classes, dtype=np.float64)
+        probs[dummy.classes_] = dummy.predict_proba(np.zeros((1, 1)))[0]
+        options = {"class": "DummyClassifier", "strategy": "most_frequent", **version}
+        classes = tuple(dummy.classes_.tolist())
+        return Baseline(name, features, num_classes, classes, probs=probs, options=options)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"labels: only class {y[0]} in the training split; logreg needs two")
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = _vectorizer_class(features)()
+    model = LogisticRegression(max_iter=int(max_iter), random_state=int(seed))
+    model.fit(vectorizer.fit_transform(list(texts)), y)
+    params = model.get_params().items()
+    options = {"class": "LogisticRegression", **version} | {
+        k: v for k, v in params if v is None or isinstance(v, (bool, int, float, str))
+    }
+    classes = tuple(model.classes_.tolist())
+    return Baseline(name, features, num_classes, classes, vectorizer, model, options=options)

@@ -1,0 +1,307 @@
+"""Encoder models (BERT family) as spam classifiers, as in the book's bonus scripts
+(ch06/03_bonus_imdb-classification/train_bert_hf*.py): `AutoModelForSequenceClassification`
+with a new head, attention masks for the right padding, and `trainable` mapped per family.
+
+transformers is imported inside the functions, so importing this module never needs it; without
+it every entry point raises one ImportError that names the extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spam_lightning.model.weights import HUB_CHECK_TIMEOUT, _probe, hub_settings
+
+ENCODER_TRAINABLE = ("last_layer", "last_block", "all")
+MAX_LENGTH_CAP = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
+INSTALL = 'encoder models need transformers: pip install -e ".[hf]"'
+# What `trainable` unfreezes (module paths in the AutoModelForSequenceClassification; `.-1` is
+# the last layer of a ModuleList). The book sets distilbert's `out_head`, an attribute its
+# forward never calls, so its last_layer trains nothing; we train `classifier`, the real head.
+_LAST_BLOCK = {
+    "distilbert": ("classifier", "pre_classifier", "distilbert.transformer.layer.-1"),
+    "bert": ("classifier", "bert.pooler.dense", "bert.encoder.layer.-1"),
+    "roberta": ("classifier", "roberta.encoder.layer.-1"),
+    "modernbert": ("classifier", "head", "model.layers.-1"),
+    "deberta-v2": ("classifier", "pooler", "deberta.encoder.layer.-1"),
+}
+_HEAD = dict.fromkeys(_LAST_BLOCK, ("classifier",))  # last_layer: the head alone
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spm.model",
+)
+
+
+class EncoderUnavailableError(RuntimeError):
+    """The encoder named by model.name is neither a usable local folder nor to be had from the Hub."""
+
+
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(INSTALL) from err
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every load
+    return transformers
+
+
+def _is_folder(name_or_path: str | Path) -> bool:
+    return Path(name_or_path).expanduser().is_dir()
+
+
+def _from_pretrained(
+    loader: Any, name_or_path: str | Path, local_files_only: bool = False, **kwargs: Any
+) -> Any:
+    """``loader.from_pretrained``: a folder directly; a Hub id from the cache first (no network
+    when it is there), then from the Hub unless ``local_files_only`` or HF_HUB_OFFLINE."""
+    if _is_folder(name_or_path):
+        return loader.from_pretrained(str(Path(name_or_path).expanduser()), **kwargs)
+    cache, _, offline = hub_settings()
+    try:
+        return loader.from_pretrained(
+            name_or_path, cache_dir=cache, local_files_only=True, **kwargs
+        )
+    except OSError as err:  # not (fully) cached
+        if local_files_only or offline:
+            why = "HF_HUB_OFFLINE is set" if offline else "local_files_only=True"
+            raise _unavailable(
+                str(name_or_path), f"it is not in the cache ({cache}); {why}"
+            ) from err
+    try:
+        return loader.from_pretrained(name_or_path, cache_dir=cache, **kwargs)
+    except OSError as err:
+        first_line = str(err).strip().split("\n")[0].rstrip(".")
+        raise _unavailable(str(name_or_path), f"loading it failed ({first_line})") from err
+
+
+class EncoderTokenizer:
+    """The model's own tokenizer (AutoTokenizer) with the interface the data module uses."""
+
+    def __init__(self, name_or_path: str) -> None:
+        transformers = _require_transformers()
+        self.name = str(name_or_path)
+        self._tok = _from_pretrained(transformers.AutoTokenizer, name_or_path)
+        if self._tok.pad_token_id is None:
+            raise ValueError(f"the tokenizer of {self.name} has no pad token; encoders need one")
+        self.pad_token_id: int = int(self._tok.pad_token_id)
+        self.model_max_length: int = int(min(self._tok.model_max_length, MAX_LENGTH_CAP))
+
+    def encode(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
+        """Ids with the special tokens, cut to ``limit`` tokens in all (the special ones kept,
+        like ``tokenizer.encode(text, truncation=True, max_length=limit)``); None: uncut."""
+        if not texts:
+            return []
+        specials = self._tok.num_special_tokens_to_add()
+        if limit is not None and limit <= specials:  # transformers would silently not truncate
+            raise ValueError(
+                f"limit={limit} leaves no room for text: {self.name} adds {specials} special tokens"
+            )
+        out = self._tok(list(texts), truncation=limit is not None, max_length=limit)
+        return [list(ids) for ids in out["input_ids"]]
+
+    def save(self, folder: str | Path) -> None:
+        self._tok.save_pretrained(str(folder))
+
+
+class EncoderClassifier(nn.Module):
+    """Class logits [B, num_classes] from right-padded token ids; same call signature as the
+    GPT classifier (``index``/``split`` are ignored: encoders have no trunk cache)."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+        self.family: str = hf.config.model_type
+        self.trunk_cache = None  # interface compatibility with GPTClassifier
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        split: str | None = None,
+    ) -> torch.Tensor:
+        """``lengths``: true lengths; the positions after them are padding, masked out."""
+        if lengths is None:
+            mask = torch.ones_like(input_ids)
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            mask = (positions[None, :] < lengths.to(input_ids.device)[:, None]).long()
+        return self.hf(input_ids=input_ids, attention_mask=mask).logits
+
+    def save(self, folder: str | Path) -> None:
+        self.hf.save_pretrained(str(folder), safe_serialization=True)  # safetensors, no pickle
+
+
+def build_encoder(
+    name_or_path: str,
+    *,
+    num_classes: int,
+    trainable: str = "all",
+    weights: str = "pretrained",
+    seed: int = 123,
+    local_files_only: bool = False,
+) -> EncoderClassifier:
+    """`AutoModelForSequenceClassification` of ``name_or_path`` with a new ``num_classes`` head
+    (seeded: the same head in every run), float32, in training mode, ``trainable`` applied.
+    ``weights="random"``: the same architecture from its config, nothing pretrained."""
+    _check_trainable(trainable)  # fail before loading anything
+    transformers = _require_transformers()
+    auto = transformers.AutoModelForSequenceClassification
+    if weights == "pretrained":
+        torch.manual_seed(seed)
+        # a folder must hold safetensors (no pickle); the Hub's .bin files, where a repo has no
+        # safetensors, are read by transformers with torch.load(weights_only=True)
+        safe = {"use_safetensors": True} if _is_folder(name_or_path) else {}
+        hf = _from_pretrained(
+            auto,
+            name_or_path,
+            local_files_only,
+            num_labels=num_classes,
+            ignore_mismatched_sizes=True,
+            **safe,
+        )
+    elif weights == "random":
+        config = _from_pretrained(
+            transformers.AutoConfig, name_or_path, local_files_only, num_labels=num_classes
+        )
+        torch.manual_seed(seed)
+        hf = auto.from_config(config)
+    else:
+        raise ValueError(f"unknown model.weights={weights!r}; allowed: pretrained, random")
+    # float32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto"; upcasting
+    # is exact); precision=bf16-mixed etc. autocast on top. `.float()`: no version-specific kwarg
+    model = EncoderClassifier(hf.float())
+    model.train()  # from_pretrained returns eval mode; like build_gpt, start in training mode
+    set_trainable(model, trainable)
+    return model
+
+
+def _check_trainable(trainable: str) -> None:
+    if trainable not in ENCODER_TRAINABLE:
+        allowed = ", ".join(ENCODER_TRAINABLE)
+        raise ValueError(f"unknown trainable={trainable!r}; allowed: {allowed}")
+
+
+def _modules(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
+    found = []
+    for path in paths:
+        head, last = path.removesuffix(".-1"), path.endswith(".-1")
+        module = model.get_submodule(head)
+        found.append(module[-1] if last else module)  # type: ignore[index]
+    return found
+
+
+def set_trainable(model: EncoderClassifier, trainable: str) -> None:
+    """Freeze everything but what ``trainable`` names for the model's family (the book's
+    mapping); ``all`` trains every parameter of any family."""
+    _check_trainable(trainable)
+    if trainable == "all":
+        model.requires_grad_(True)
+        return
+    table = _HEAD if trainable == "last_layer" else _LAST_BLOCK
+    if model.family not in table:
+        raise ValueError(
+            f"trainable={trainable} is defined for the families {', '.join(table)}, not for "
+            f"{model.family!r} (config.model_type); use trainable=all, which works for any model"
+        )
+    model.requires_grad_(False)
+    for module in _modules(model.hf, table[model.family]):
+        module.requires_grad_(True)
+
+
+def load_encoder(
+    folder: str | Path, device: str = "cpu"
+) -> tuple[EncoderClassifier, EncoderTokenizer]:
+    """A fine-tuned encoder and its tokenizer from a folder written by ``EncoderClassifier.save``
+    and ``EncoderTokenizer.save``, in eval mode on ``device``."""
+    transformers = _require_transformers()
+    check_encoder_available(str(folder), "pretrained")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(Path(folder).expanduser()),
+        local_files_only=True,
+        use_safetensors=True,
+    )
+    model = EncoderClassifier(hf.float()).to(device).eval()
+    return model, EncoderTokenizer(str(folder))
+
+
+def _unavailable(name: str, reason: str) -> EncoderUnavailableError:
+    return EncoderUnavailableError(
+        f"model.name={name}: cannot load the encoder: {reason}. Fix: pass a local folder with "
+        "model.name=/path/to/folder (written by save_pretrained of the model and its tokenizer, "
+        "weights as .safetensors), or run where huggingface.co is reachable once to fill the "
+        "Hugging Face cache."
+    )
+
+
+def _check_folder(path: Path, weights: str) -> str | None:
+    """Why the folder cannot serve as an encoder checkpoint, or None."""
+    if not path.is_dir():
+        return f"{path} is not a folder"
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"{path} holds no readable config.json ({type(err).__name__})"
+    if not isinstance(config, dict) or "model_type" not in config:
+        return f"{path}/config.json has no model_type: not a transformers checkpoint"
+    if weights == "pretrained" and not any(path.glob("*.safetensors")):
+        found = sorted(
+            p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")
+        )
+        return (
+            f"{path} holds no .safetensors weights{f' (only {found})' if found else ''}; "
+            "weights are read only from safetensors"
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+    return None
+
+
+def check_encoder_available(
+    name_or_path: str, weights: str, timeout: float = HUB_CHECK_TIMEOUT
+) -> None:
+    """Fail fast, before any data work: a folder must hold config.json, a tokenizer and (for
+    pretrained weights) safetensors; a Hub id must be in the cache or served by the Hub (one
+    short probe). Offline this answers within about ``timeout`` seconds."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError(INSTALL)
+    path = Path(name_or_path).expanduser()
+    name = str(name_or_path)
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+    if path.exists() or looks_local:
+        reason = _check_folder(path, weights) if path.exists() else f"no folder {path} exists"
+        if reason is not None:
+            raise _unavailable(name, reason)
+        return
+    from huggingface_hub import get_token, try_to_load_from_cache
+
+    cache, endpoint, offline = hub_settings()
+    groups = [("config.json",)] + ([WEIGHT_FILES] if weights == "pretrained" else [])
+    try:
+        if all(
+            any(isinstance(try_to_load_from_cache(name, f, cache_dir=cache), str) for f in group)
+            for group in groups
+        ):
+            return
+    except ValueError as err:  # HFValidationError: not a possible repo id
+        raise _unavailable(name, f"it is neither an existing folder nor a Hub id ({err})") from err
+    where = f"{name} is not a local folder and not in the Hugging Face cache ({cache})"
+    if offline:
+        raise _unavailable(name, f"{where}, and HF_HUB_OFFLINE is set")
+    reason = _probe(f"{endpoint}/{name}/resolve/main/config.json", timeout)
+    # the probe sends no token: with one, a gated or private repo's 401/403 is for
+    # from_pretrained to decide (the Hub also answers 401 for repos that do not exist)
+    if reason is not None and not (re.search(r"HTTP 40[13]", reason) and get_token()):
+        raise _unavailable(name, f"{where}, and the Hub ({endpoint}) cannot serve it: {reason}")
