@@ -585,6 +585,7 @@ def test_empty_split_is_refused_before_writing(tmp_path: Path) -> None:
     assert not prepare(str(source), tmp_path / "ok", train_frac=0.5, val_frac=0.25).reused
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_wheel_ships_the_assets(tmp_path: Path) -> None:
     """A non-editable wheel holds the data files, and works from outside the checkout."""
     src = tmp_path / "src"

@@ -688,6 +688,7 @@ def check_killed(job: KilledRun, returncode: int) -> str:
     return output
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_sigterm_then_resume_ends_like_an_uninterrupted_run(
     background, run_in_process, sms_file, data_dir
 ) -> None:

@@ -14,6 +14,7 @@ from spam_lightning.training.checks import ConfigError
 from spam_lightning.training.run_lock import RunFolderBusy
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_resume_with_other_settings_is_refused_listing_each(tiny_run) -> None:
     _, first, run = tiny_run()
     last = run / "checkpoints" / "last.ckpt"

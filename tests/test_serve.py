@@ -195,6 +195,7 @@ def test_default_host_is_loopback() -> None:
     assert args.host == "127.0.0.1" and args.port == 8000 and args.precision == "32"
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_cli_missing_folder_exits_1() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(

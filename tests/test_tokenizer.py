@@ -56,6 +56,7 @@ def sms_texts() -> list[str]:
     return read_table(BUNDLED_PATH.read_bytes(), str(BUNDLED_PATH)).frame["Text"].tolist()
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_ids_equal_tiktoken_gpt2(reference: tiktoken.Encoding) -> None:
     ours = get_tokenizer()
     assert (ours.name, ours.n_vocab, ours.eot_token) == ("gpt2", 50257, 50256)

@@ -312,6 +312,7 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path: Path) -> None:
     assert 0.9 < ratio < 1.3, ratio
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_offline_without_checkpoint_names_both_fixes(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "generate.py"), "model=gpt2-small"],
