@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -24,6 +25,7 @@ def test_last_checkpoint_is_the_last_epoch_even_when_accuracy_stalls(tiny_run) -
     assert _load(best[0])["global_step"] == 3
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_resuming_a_finished_run_trains_nothing(tiny_run, tmp_path: Path) -> None:
     """`ckpt_path=last` on a finished run only redoes the final evaluation."""
     _, first, run = tiny_run("trainer.max_epochs=2")

@@ -258,7 +258,7 @@ def test_cached_run_equals_uncached_run(run, trainable: str, token: str, padding
     assert_same_run(cached, uncached)
 
 
-@pytest.mark.parametrize("token", ["flexible", "masked_mean"])
+@pytest.mark.parametrize("token", [pytest.param("flexible", marks=pytest.mark.slow), "masked_mean"])
 def test_flexible_and_masked_mean_do_not_depend_on_padding(run, token: str) -> None:
     # cached runs under both paddings, and an uncached one (shared with the cache cases above)
     longest = run(

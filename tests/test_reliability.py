@@ -705,6 +705,7 @@ def test_sigterm_then_resume_ends_like_an_uninterrupted_run(
     assert_same_run(resumed, run_in_process())
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(
     background, run_in_process, sms_file, data_dir
 ) -> None:

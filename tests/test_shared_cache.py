@@ -90,6 +90,7 @@ def assert_identical(a: dict, b: dict) -> None:
         assert torch.equal(tensor, b["bundle"][key]), key
 
 
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_shared_runs_equal_an_unshared_run_and_other_seeds_hit(
     tmp_path: Path, sms_file: Path, tiny_data_dir: Path, tiny_checkpoint: Path,
     caplog: pytest.LogCaptureFixture,
