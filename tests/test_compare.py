@@ -133,6 +133,10 @@ def test_encoder_is_refused_early_with_a_gpt2_option(tiny_run, tmp_path) -> None
         _encoder_run(tiny_run, folder, "trainable=lora")
     with pytest.raises(Exception, match="model.name=.*no folder"):
         _encoder_run(tiny_run, tmp_path / "missing" / "enc")
+    with pytest.raises(Exception, match="token=flexible: the token option is GPT-2's") as err:
+        _encoder_run(tiny_run, folder, "token=flexible", "cache.trunk=true")
+    assert "cache.trunk=true: the frozen-trunk cache is GPT-2's" in str(err.value)
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 @pytest.mark.slow

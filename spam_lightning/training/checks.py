@@ -114,6 +114,13 @@ def _encoder_problems(cfg: DictConfig) -> list[str]:
         )
     if not _is_int(m.get("context_length"), 1):
         problems.append(f"model.context_length={m.get('context_length')!r}: must be an integer >= 1")
+    if cfg.token.name != "last":  # each family pools its own way (BERT: the [CLS] token)
+        problems.append(
+            f"token={cfg.token.name}: the token option is GPT-2's; an encoder pools as its "
+            "family does (drop the token override)"
+        )
+    if str(cfg.cache.trunk).lower() == "true":
+        problems.append("cache.trunk=true: the frozen-trunk cache is GPT-2's; use cache.trunk=auto")
     return problems + _training_problems(cfg) + _data_problems(cfg.data, m.get("context_length"))
 
 
