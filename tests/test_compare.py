@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_encoders import write_hub_cache, write_tiny_encoder
+from hf_encoders import FAMILIES, write_hub_cache, write_tiny_encoder
 from sklearn.dummy import DummyClassifier
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -101,7 +101,8 @@ def _encoder_run(tiny_run, folder: Path, *extra: str):
     return tiny_run("model=encoder", f"model.name={folder}", *extra)
 
 
-@pytest.mark.parametrize("family", ["bert", pytest.param("modernbert", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(  # bert in the default suite, every other family in the slow pass
+    "family", [f if f == "bert" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_encoder_trains_resumes_and_classifies_from_a_local_folder(
     family, tiny_run, tmp_path_factory, chapter_split
 ) -> None:
