@@ -91,8 +91,11 @@ def build_model(cfg: DictConfig, num_classes: int) -> GPTClassifier:
     with ``model.kind=encoder``, the named encoder with a new head per ``trainable``."""
     m = cfg.model
     if checks.model_kind(cfg) == "encoder":
-        return build_encoder(m.name, num_classes=num_classes, trainable=cfg.trainable.name,
-                             weights=m.weights, seed=cfg.seed)
+        try:  # e.g. trainable=last_block for a family without the book's mapping
+            return build_encoder(m.name, num_classes=num_classes, trainable=cfg.trainable.name,
+                                 weights=m.weights, seed=cfg.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     torch.manual_seed(cfg.seed)  # random weights are reproducible too
     sizes = {k: v for k, v in checks.model_sizes(cfg).items() if k in CFG_KEYS}
     # the config's sizes, so e.g. model.n_layers=1 builds what validate_config checked
@@ -196,7 +199,10 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     encoder = checks.model_kind(cfg) == "encoder"
     if encoder:  # its own tokenizer, special tokens and pad token
-        datamodule.use_tokenizer(EncoderTokenizer(cfg.model.name))
+        try:
+            datamodule.use_tokenizer(EncoderTokenizer(cfg.model.name))
+        except ValueError as err:  # a tokenizer without a pad token
+            raise ConfigError(f"model.name={cfg.model.name}: {err}") from err
     datamodule.prepare_data()
     datamodule.setup("fit")
 

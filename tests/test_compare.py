@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from spam_lightning.data.datamodule import SpamDataModule
 from spam_lightning.inference.classify import Classifier
 from spam_lightning.inference.classify import main as classify_main
+from spam_lightning.training.checks import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -137,6 +138,18 @@ def test_encoder_is_refused_early_with_a_gpt2_option(tiny_run, tmp_path) -> None
     with pytest.raises(Exception, match="token=flexible: the token option is GPT-2's") as err:
         _encoder_run(tiny_run, folder, "token=flexible", "cache.trunk=true")
     assert "cache.trunk=true: the frozen-trunk cache is GPT-2's" in str(err.value)
+    # a family without the book's last_block mapping: one message, not a traceback
+    from transformers import ElectraConfig, ElectraModel
+
+    electra = tmp_path / "electra"
+    tokenizer_files = [f for f in folder.iterdir() if f.name.startswith("tokenizer")]
+    ElectraModel(ElectraConfig(vocab_size=200, hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32,
+                               embedding_size=16)).save_pretrained(electra)
+    for f in tokenizer_files:
+        (electra / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ConfigError, match="trainable=last_block is defined for the families"):
+        _encoder_run(tiny_run, electra, "trainable=last_block")
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
