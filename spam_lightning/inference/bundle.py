@@ -137,14 +137,7 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
     for key in ("qkv_bias", "causal_mask"):
         if key in model and not isinstance(model[key], bool):
             fail(f"model.{key}", f"is {_show(model[key])}; it must be true or false.")
-    if not _is_int(config["num_classes"]) or config["num_classes"] < 1:
-        fail("num_classes", f"is {_show(config['num_classes'])}; it must be an integer >= 1.")
-    names = config["class_names"]
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        fail("class_names", f"is {_show(names)}; it must be a list of non-empty strings.")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        fail("class_names", f"names {_show(dup)} twice; each class needs its own name.")
+    check_classes(config, where)
     if config["token"] not in TOKENS:
         fail("token", f"is {_show(config['token'])}; allowed: {', '.join(TOKENS)}.")
     if config["padding"] not in PADDING_MODES:
@@ -161,6 +154,20 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
              "or false.")
     if config.get("tokenizer", "gpt2") != "gpt2":
         fail("tokenizer", f"is {_show(config['tokenizer'])}; only 'gpt2' is supported.")
+
+
+def check_classes(config: dict[str, Any], where: str | Path = CONFIG) -> None:
+    """``num_classes`` and ``class_names`` (a bundle of any kind): types and duplicates. Their
+    agreement with the head is checked against the weights (``check_weights``, the encoder's
+    ``num_labels``, the baseline's arrays)."""
+    count, names = config.get("num_classes"), config.get("class_names")
+    if not _is_int(count) or count < 1:
+        raise BundleError(f"{where}: num_classes is {_show(count)}; it must be an integer >= 1.")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise BundleError(f"{where}: class_names is {_show(names)}; it must be a list of non-empty strings.")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise BundleError(f"{where}: class_names names {_show(dup)} twice; each class needs its own name.")
 
 
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -282,8 +289,13 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> t
     before any model is built or any tensor read: a corrupted config costs nothing.
     """
     folder = find_bundle(path)
+    return _load_gpt2(folder, _read_config(folder), map_location)
+
+
+def _load_gpt2(
+    folder: Path, config: dict[str, Any], map_location: str | torch.device
+) -> tuple[GPTModel, dict]:
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
-    config = _read_config(folder)
     validate_config(config, config_path)
     check_weights(config, read_header(weights_path), config_path, weights_path)
     try:
@@ -324,17 +336,6 @@ def bundle_kind(config: dict[str, Any], where: str | Path = CONFIG) -> str:
     if kind not in KINDS:
         raise BundleError(f"{where}: kind {_show(kind)}; allowed: {', '.join(KINDS)}.")
     return kind
-
-
-def _check_classes(config: dict[str, Any], where: str | Path) -> None:
-    names, count = config.get("class_names"), config.get("num_classes")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise BundleError(f"{where}: class_names is {_show(names)}; it must be a list of non-empty strings.")
-    if len(set(names)) != len(names) or count != len(names):
-        raise BundleError(
-            f"{where}: class_names {_show(names)} and num_classes {_show(count)} disagree (or a "
-            "name repeats); re-create the bundle with a training run."
-        )
 
 
 def _fresh_bundle_dir(run_dir: str | Path) -> Path:
@@ -387,16 +388,22 @@ def load_any_bundle(path: str | Path, map_location: str = "cpu") -> tuple[str, A
     config = _read_config(folder)
     kind = bundle_kind(config, config_path)
     if kind == "gpt2":
-        model, config = load_bundle(folder, map_location)
+        model, config = _load_gpt2(folder, config, map_location)
         return kind, model, config
-    _check_classes(config, config_path)
+    check_classes(config, config_path)
+    if len(config["class_names"]) != config["num_classes"]:  # (gpt2: against the head's rows)
+        raise BundleError(
+            f"{config_path}: class_names has {len(config['class_names'])} names but num_classes is "
+            f"{config['num_classes']}; re-create the bundle with a training run."
+        )
     if kind == "encoder":
+        from spam_lightning.data.tokens import PADDING_MODES
         from spam_lightning.model.encoder import load_encoder
 
         for key in ("max_length", "pad_token_id"):
             if not _is_int(config.get(key)) or config[key] < (1 if key == "max_length" else 0):
                 raise BundleError(f"{config_path}: {key} is {_show(config.get(key))}; re-create the bundle.")
-        if config.get("padding") not in ("longest", "batch", "none"):
+        if config.get("padding") not in PADDING_MODES:
             raise BundleError(f"{config_path}: padding is {_show(config.get('padding'))}; re-create the bundle.")
         try:
             model, tokenizer = load_encoder(folder, device=str(map_location))
