@@ -136,10 +136,49 @@ def render_table(results: dict[str, Any]) -> str:
                 f"{results['sweep_cache_speedup']:.2f}×; results equal: "
                 f"{sweep.get('results_equal')}."
             )
+    lines += _ceiling_lines(results) + _startup_lines(phases.get("s"))
+    merged = results.get("merged_from") or []
+    if merged:
+        lines += ["", "Phases from earlier runs on the same machine (`--merge`): " + "; ".join(
+            f"{', '.join(m['phases'])} from the run of {m['date']} (`{m['command']}`)"
+            for m in merged
+        ) + "."]
     notes = results.get("notes") or []
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines)
+
+
+STARTUP_TITLES = {
+    "import_torch": "`import torch`",
+    "import_lightning": "`import lightning`",
+    "import_train": "`import spam_lightning.train` (what `python train.py` imports first)",
+    "classify_help": "`spam-classify --help`",
+    "classify_first_prediction_tiny": "`spam-classify RUN \"...\"`, a gpt2-tiny bundle, cold",
+}
+
+
+def _ceiling_lines(results: dict[str, Any]) -> list[str]:
+    """The GEMM ceiling: what the BLAS gives the model's own matmul shapes."""
+    ceiling = results.get("gemm_ceiling")
+    if not ceiling:
+        return []
+    parts = [
+        f"{prec} {r['gflops']:.0f} GFLOP/s at {r['rows']:,} rows ({label.replace('_', ' ')}) = "
+        f"{r['fraction_of_peak'] * 100:.0f} %"
+        for prec, by_rows in ceiling.items() for label, r in by_rows.items()
+    ]
+    return ["", "GEMM ceiling: one block's own matmuls (q, k, v, out, FeedForward; `F.linear`), "
+            "median of repeats, as a fraction of the square-matmul peak: " + "; ".join(parts)
+            + ". No whole pass can reach it: attention, GELU and LayerNorm come on top."]
+
+
+def _startup_lines(s: dict[str, Any] | None) -> list[str]:
+    if not s or not s.get("median_seconds"):
+        return []
+    rows = [f"| {STARTUP_TITLES.get(k, k)} | {v:.2f} s |" for k, v in s["median_seconds"].items()]
+    return ["", f"| start-up, fresh process (median of 3; other CPU {_other(s)}) | wall |",
+            "| --- | ---: |", *rows]
 
 
 def update_readme(text: str, table: str) -> str:

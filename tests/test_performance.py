@@ -480,6 +480,19 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
     else:
         assert results["sweep_cache_speedup"] > 0 and f["results_equal"] is True
         assert len(f["jobs"]) == 4 and sum(j["shared"] for j in f["jobs"]) == 2
+    startup = phases["s"]["median_seconds"]  # fresh processes, a cold first prediction
+    assert set(startup) == {"import_torch", "import_lightning", "import_train", "classify_help",
+                            "classify_first_prediction_tiny"}
+    assert all(v > 0 for v in startup.values()) and results["startup_seconds"] == startup
+    assert all(len(w) == 3 for w in phases["s"]["runs_seconds"].values())
+    ceiling = results["gemm_ceiling"]
+    assert ceiling["fp32"]["trunk_batch"]["rows"] == 4096  # TrunkCache's max_batch_tokens
+    assert {r["rows"] for p in ceiling.values() for r in p.values()} == {
+        4096, round(64 * results["context"]["mean_tokens"])
+    }
+    assert all(r["gflops"] > 0 and r["fraction_of_peak"] == pytest.approx(
+        r["gflops"] / results["peak_gflops"][p]) for p, by in ceiling.items() for r in by.values())
+    assert "GEMM ceiling" in table and "`spam-classify --help`" in table
     checks = results["checks"]
     assert checks["weights_identical"] is True and checks["deterministic_across_runs"] is True
     # our chapter config replays the chapter's loop: same losses, accuracies, data order
@@ -497,6 +510,39 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
     assert tables.render_table(results) in text and "Quick smoke run" in text
     args = ["--json", str(out / "benchmark.json"), "--readme", str(readme)]
     assert tables.main([*args, "--check"]) == 0
+
+
+def test_merge_takes_earlier_phases_with_their_run_and_checks(tmp_path) -> None:
+    """``--merge``: phases not run now come from the earlier file, marked with its date and
+    command, with the checks of those phases only; another model or machine is refused."""
+    bench = load_benchmark_module()
+    ctx = {"model": "gpt2-small", "seed": 123, "epochs": 5, "num_texts": 1494, "max_length": 120,
+           "batch_size": 64, "device": "cpu"}
+    machine = {"cpu_model": "AMD EPYC", "cores": 2}
+    old = {"date": "2026-12-02 14:31 UTC", "command": "python scripts/benchmark.py --phases a,b",
+           "context": ctx, "machine": machine, "quick": False, "peak_gflops": {"fp32": 190.0},
+           "phases": {"a": {"wall_seconds": 100.0}, "b": {"wall_seconds": 20.0}},
+           "checks": {"a_vs_b_accuracies_equal": True, "d_vs_e_fp32_agreement": 1.0}}
+    file = tmp_path / "old.json"
+    file.write_text(json.dumps(old))
+    now = {"c": {"wall_seconds": 10.0}}
+    merged, sources = bench.merge_phases(now, [str(file)], {"c"}, ctx, machine, False)
+    assert merged["c"] == now["c"] and merged["a"]["wall_seconds"] == 100.0
+    assert merged["a"]["from"] == {"date": old["date"], "command": old["command"],
+                                   "peak_gflops": old["peak_gflops"]}
+    # the check of a and b comes along (both merged); the d/e one does not (no d, e there)
+    assert sources == [{"file": str(file), "date": old["date"], "command": old["command"],
+                        "phases": ["a", "b"], "checks": {"a_vs_b_accuracies_equal": True}}]
+    merged.pop("b")  # (summarize recomputes a vs b from histories, which this test has not)
+    headline, checks = bench.summarize(ctx, merged, sources[0]["checks"])
+    assert headline["fast_vs_book"] == 10.0  # a's 100 s then over c's 10 s now
+    assert checks["a_vs_b_accuracies_equal"] is True
+    _, sources = bench.merge_phases({}, [str(file)], {"b"}, ctx, machine, False)
+    assert sources[0]["phases"] == ["a"] and sources[0]["checks"] == {}  # b is run now
+    with pytest.raises(SystemExit, match="model: 'gpt2-small' there, 'gpt2-tiny' now"):
+        bench.merge_phases({}, [str(file)], set(), {**ctx, "model": "gpt2-tiny"}, machine, False)
+    with pytest.raises(SystemExit, match="machine cores: 2 there, 16 now"):
+        bench.merge_phases({}, [str(file)], set(), ctx, {**machine, "cores": 16}, False)
 
 
 def test_mfu_is_never_above_one() -> None:
