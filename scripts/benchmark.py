@@ -1171,7 +1171,8 @@ def merge_phases(
             checks = {k: v for k, v in (old.get("checks") or {}).items()
                       if k in CHECK_PHASES and CHECK_PHASES[k] <= set(taken)}
             sources.append({"file": str(file), "date": old.get("date"),
-                            "command": old.get("command"), "phases": taken, "checks": checks})
+                            "command": old.get("command"), "peak_gflops": old.get("peak_gflops"),
+                            "phases": taken, "checks": checks})
     return merged, sources
 
 

@@ -140,7 +140,10 @@ def render_table(results: dict[str, Any]) -> str:
     merged = results.get("merged_from") or []
     if merged:
         lines += ["", "Phases from earlier runs on the same machine (`--merge`): " + "; ".join(
-            f"{', '.join(m['phases'])} from the run of {m['date']} (`{m['command']}`)"
+            f"{', '.join(m['phases'])} from the run of {m['date']} (`{m['command']}`"
+            + (f"; their MFU is against that run's peak, {m['peak_gflops']['fp32']:.0f} GFLOP/s "
+               f"fp32, {m['peak_gflops']['bf16']:.0f} bf16" if m.get("peak_gflops") else "")
+            + ")"
             for m in merged
         ) + "."]
     notes = results.get("notes") or []

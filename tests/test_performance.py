@@ -532,7 +532,8 @@ def test_merge_takes_earlier_phases_with_their_run_and_checks(tmp_path) -> None:
                                    "peak_gflops": old["peak_gflops"]}
     # the check of a and b comes along (both merged); the d/e one does not (no d, e there)
     assert sources == [{"file": str(file), "date": old["date"], "command": old["command"],
-                        "phases": ["a", "b"], "checks": {"a_vs_b_accuracies_equal": True}}]
+                        "peak_gflops": old["peak_gflops"], "phases": ["a", "b"],
+                        "checks": {"a_vs_b_accuracies_equal": True}}]
     merged.pop("b")  # (summarize recomputes a vs b from histories, which this test has not)
     headline, checks = bench.summarize(ctx, merged, sources[0]["checks"])
     assert headline["fast_vs_book"] == 10.0  # a's 100 s then over c's 10 s now
