@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from spam_lightning.reference import (
@@ -337,6 +338,79 @@ def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 # ============================================================================ (b), (c) ours
+class StepTimer(L.Callback):
+    """Per-step wall time of the fit loop, then the same batches again in a bare PyTorch loop.
+
+    Step time: one training batch's start to the next's, over steps without an evaluation (the
+    chapter's every ``eval_freq`` steps, the epoch ends). At the end of training, on a deep copy
+    of the model (the run's own weights and results are untouched), the last ``REPLAY`` batches
+    run again as forward (the trainer's precision context), loss, backward, fused AdamW step and
+    ``zero_grad``: the arithmetic without Lightning. Their difference is the framework's
+    per-step overhead (hooks, metrics, logging, progress bar, loader).
+    """
+
+    REPLAY = 40
+    last: StepTimer | None = None
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self._start: float | None = None
+        self._evaluated = False
+        self.bare: list[float] = []
+        self.replay_seconds = 0.0
+        StepTimer.last = self
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._start is not None and not self._evaluated:
+            self.times.append(now - self._start)
+        self._start, self._evaluated = now, False
+        self.batches = (self.batches + [batch])[-self.REPLAY:]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        monitor = next((c for c in trainer.callbacks if hasattr(c, "eval_freq")), None)
+        step = trainer.global_step - 1  # the chapter's step counter, as its monitor reads it
+        self._evaluated = monitor is not None and step % monitor.eval_freq == 0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._start = None  # the next epoch's first step follows validation: not a step time
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import copy
+
+        t0 = time.perf_counter()
+        model = copy.deepcopy(pl_module.model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=pl_module.hparams.lr,
+                                weight_decay=pl_module.hparams.weight_decay, fused=True)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        model.train()
+        for i, batch in enumerate(self.batches * 2):  # the first pass warms up, untimed
+            t = time.perf_counter()
+            with trainer.precision_plugin.forward_context():
+                logits = model(batch["input_ids"], batch["lengths"], batch["index"], "train")
+            loss = loss_fn(logits.float(), batch["labels"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if i >= len(self.batches):
+                self.bare.append(time.perf_counter() - t)
+        del model, opt
+        self.replay_seconds = time.perf_counter() - t0
+
+    def report(self) -> dict[str, Any]:
+        import statistics
+
+        if not self.times or not self.bare:
+            return {"replay_seconds": self.replay_seconds}
+        loop = statistics.median(self.times) * 1000
+        bare = statistics.median(self.bare) * 1000
+        return {"steps_timed": len(self.times), "step_ms": loop, "bare_step_ms": bare,
+                "per_step_overhead_ms": loop - bare, "replayed": len(self.bare),
+                "replay_seconds": self.replay_seconds}
+
+
 def phase_train(
     ctx: dict[str, Any], experiment: str | None, extra: list[str] | None = None, tag: str = ""
 ) -> dict[str, Any]:
@@ -358,16 +432,13 @@ def phase_train(
         f"trainer.max_epochs={ctx['epochs']}",
         f"trainer.accelerator={'gpu' if cuda else 'cpu'}",
         *(["trainer.devices=1"] if cuda else []),
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "trainer.enable_checkpointing=false",
-        "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
-        "logger=none",
+        # checkpoints, TensorBoard, progress bar and summary stay on: the user's defaults
         # (b), (c): every run builds its own trunk cache, as one `python train.py` from cold
         *(["cache.shared=false"] if experiment and "shared" in ctx.get("cache_keys", []) else []),
         *(extra or []),
     ]
-    cfg = compose(overrides, work)
+    timed = ["+callbacks.benchmark_step_timer._target_=__main__.StepTimer"]  # not a setting
+    cfg = compose(overrides + (timed if experiment else []), work)
     meter = FlopMeter()
     build_model = train_mod.build_model
     digests: list[str] = []
@@ -390,9 +461,12 @@ def phase_train(
     finally:
         train_mod.build_model = build_model
     history = json.loads((work / "run" / "history.json").read_text())
+    steps = StepTimer.last.report() if experiment and StepTimer.last else {}
+    seconds -= steps.get("replay_seconds", 0.0)  # the bare replay is the benchmark's, not train's
     return {
         "seconds": seconds,
-        "excluded_seconds": excluded[0],
+        "excluded_seconds": excluded[0] + steps.get("replay_seconds", 0.0),
+        "steps": steps,
         "overrides": overrides,
         "training_seconds": metrics["training_seconds"],
         "flops": meter.flops,

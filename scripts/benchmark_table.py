@@ -96,6 +96,7 @@ def render_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {title} | {_seconds(r)} | {_x(vs)} | {accs} | {_mfu(r)} | {_other(r)} |"
         )
+    lines += _training_notes(phases)
     infer = [n for n in ("d_fp32", "d_bf16", "e_fp32") if n in phases]
     if infer:
         lines += [
@@ -159,6 +160,24 @@ STARTUP_TITLES = {
     "classify_help": "`spam-classify --help`",
     "classify_first_prediction_tiny": "`spam-classify RUN \"...\"`, a gpt2-tiny bundle, cold",
 }
+
+
+def _training_notes(phases: dict[str, Any]) -> list[str]:
+    """What each training row ran (the benchmark's overrides, from the JSON) and its step time
+    in the fit loop against the same batches in a bare PyTorch loop."""
+    out = []
+    for name, title in (("b", "chapter config"), ("c", "`experiment=fast`")):
+        r = phases.get(name)
+        if not r or not r.get("overrides"):
+            continue
+        text = f"{title}: `{' '.join(r['overrides'])}`"
+        st = r.get("steps") or {}
+        if st.get("step_ms") is not None:
+            text += (f"; a training step takes {st['step_ms']:.1f} ms in the fit loop (median of "
+                     f"{st['steps_timed']}), {st['bare_step_ms']:.1f} ms for the same batches in a "
+                     f"bare PyTorch loop: {st['per_step_overhead_ms']:.1f} ms of framework per step")
+        out.append(f"- {text}.")
+    return ["", "Overrides the benchmark gives each training row, and its step times:", *out] if out else []
 
 
 def _ceiling_lines(results: dict[str, Any]) -> list[str]:
