@@ -1241,12 +1241,20 @@ def merge_phases(
                                          "peak_gflops": old.get("peak_gflops")}
             merged[name] = {**res, "from": origin}
             taken.append(name)
-        if taken:
-            checks = {k: v for k, v in (old.get("checks") or {}).items()
-                      if k in CHECK_PHASES and CHECK_PHASES[k] <= set(taken)}
-            sources.append({"file": str(file), "date": old.get("date"),
-                            "command": old.get("command"), "peak_gflops": old.get("peak_gflops"),
-                            "phases": taken, "checks": checks})
+        checks = {k: v for k, v in (old.get("checks") or {}).items()
+                  if k in CHECK_PHASES and CHECK_PHASES[k] <= set(taken)}
+        for group in sources:  # a later file's phase replaces an earlier file's
+            group["phases"] = [n for n in group["phases"] if n not in taken]
+        sources = [g for g in sources if g["phases"]]
+        for name in taken:  # grouped by the run each phase was measured in
+            origin = merged[name]["from"]
+            group = next((g for g in sources if (g["date"], g["command"]) ==
+                          (origin["date"], origin["command"])), None)
+            if group is None:
+                group = {"file": str(file), **origin, "phases": [], "checks": {}}
+                sources.append(group)
+            group["phases"].append(name)
+            group["checks"] |= {k: v for k, v in checks.items() if name in CHECK_PHASES[k]}
     return merged, sources
 
 

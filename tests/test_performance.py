@@ -480,6 +480,16 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
     else:
         assert results["sweep_cache_speedup"] > 0 and f["results_equal"] is True
         assert len(f["jobs"]) == 4 and sum(j["shared"] for j in f["jobs"]) == 2
+    for name in ("b", "c"):  # the fit loop's step against the same batches in a bare loop
+        st = phases[name]["steps"]
+        assert st["steps_timed"] > 0 and st["replayed"] > 0 and st["bare_step_ms"] > 0
+        assert st["per_step_overhead_ms"] == pytest.approx(st["step_ms"] - st["bare_step_ms"])
+        assert phases[name]["excluded_seconds"] >= st["replay_seconds"] > 0  # not timed as ours
+        # the user's defaults: nothing turns checkpoints, logging or the progress bar off
+        assert not any(o.split("=")[0] in ("logger", "trainer.enable_checkpointing",
+                       "trainer.enable_progress_bar", "callbacks.model_checkpoint")
+                       for o in phases[name]["overrides"]), phases[name]["overrides"]
+    assert "of framework per step" in table
     startup = phases["s"]["median_seconds"]  # fresh processes, a cold first prediction
     assert set(startup) == {"import_torch", "import_lightning", "import_train", "classify_help",
                             "classify_first_prediction_tiny"}
