@@ -341,40 +341,39 @@ def phase_a(ctx: dict[str, Any]) -> dict[str, Any]:
 class StepTimer(L.Callback):
     """Per-step wall time of the fit loop, then the same batches again in a bare PyTorch loop.
 
-    Step time: one training batch's start to the next's, over steps without an evaluation (the
-    chapter's every ``eval_freq`` steps, the epoch ends). At the end of training, on a deep copy
-    of the model (the run's own weights and results are untouched), the last ``REPLAY`` batches
-    run again as forward (the trainer's precision context), loss, backward, fused AdamW step and
-    ``zero_grad``: the arithmetic without Lightning. Their difference is the framework's
-    per-step overhead (hooks, metrics, logging, progress bar, loader).
+    A step is one training batch's start to the next one's (hooks, logging, progress bar and
+    loader included); steps with an evaluation (the chapter's every ``eval_freq`` steps) and an
+    epoch's last step (validation follows) are left out. At the end of training the last
+    epoch's timed batches run again, in order, on a deep copy of the model (the run's weights and
+    results are untouched): forward in the trainer's precision context, loss, backward, fused
+    AdamW step, ``zero_grad``, twice, the second pass timed. The framework's per-step overhead is
+    the median over those batches of (fit-loop time - bare time): batch by batch, so the mix of
+    lengths cancels.
     """
 
-    REPLAY = 40
     last: StepTimer | None = None
 
     def __init__(self) -> None:
-        self.times: list[float] = []
-        self.batches: list[dict[str, torch.Tensor]] = []
-        self._start: float | None = None
+        self.epoch: list[tuple[dict[str, torch.Tensor], float]] = []
+        self._pending: tuple[dict[str, torch.Tensor], float] | None = None
         self._evaluated = False
         self.bare: list[float] = []
         self.replay_seconds = 0.0
         StepTimer.last = self
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epoch, self._pending = [], None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if self._start is not None and not self._evaluated:
-            self.times.append(now - self._start)
-        self._start, self._evaluated = now, False
-        self.batches = (self.batches + [batch])[-self.REPLAY:]
+        if self._pending is not None and not self._evaluated:
+            self.epoch.append((self._pending[0], now - self._pending[1]))
+        self._pending = (batch, now)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         monitor = next((c for c in trainer.callbacks if hasattr(c, "eval_freq")), None)
         step = trainer.global_step - 1  # the chapter's step counter, as its monitor reads it
         self._evaluated = monitor is not None and step % monitor.eval_freq == 0
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._start = None  # the next epoch's first step follows validation: not a step time
 
     def on_train_end(self, trainer, pl_module) -> None:
         import copy
@@ -386,29 +385,35 @@ class StepTimer(L.Callback):
                                 weight_decay=pl_module.hparams.weight_decay, fused=True)
         loss_fn = torch.nn.CrossEntropyLoss()
         model.train()
-        for i, batch in enumerate(self.batches * 2):  # the first pass warms up, untimed
-            t = time.perf_counter()
-            with trainer.precision_plugin.forward_context():
-                logits = model(batch["input_ids"], batch["lengths"], batch["index"], "train")
-            loss = loss_fn(logits.float(), batch["labels"])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if i >= len(self.batches):
-                self.bare.append(time.perf_counter() - t)
+        for timed in (False, True):  # the first pass warms up
+            for batch, _ in self.epoch:
+                t = time.perf_counter()
+                with trainer.precision_plugin.forward_context():
+                    logits = model(batch["input_ids"], batch["lengths"], batch["index"], "train")
+                loss_fn(logits.float(), batch["labels"]).backward()
+                opt.step()
+                opt.zero_grad()
+                if timed:
+                    self.bare.append(time.perf_counter() - t)
         del model, opt
         self.replay_seconds = time.perf_counter() - t0
+        print(f"StepTimer: {self.report()}", flush=True)
 
     def report(self) -> dict[str, Any]:
         import statistics
 
-        if not self.times or not self.bare:
+        if not self.epoch or len(self.bare) != len(self.epoch):
             return {"replay_seconds": self.replay_seconds}
-        loop = statistics.median(self.times) * 1000
-        bare = statistics.median(self.bare) * 1000
-        return {"steps_timed": len(self.times), "step_ms": loop, "bare_step_ms": bare,
-                "per_step_overhead_ms": loop - bare, "replayed": len(self.bare),
-                "replay_seconds": self.replay_seconds}
+        loop = [t for _, t in self.epoch]
+        return {
+            "steps_timed": len(loop),
+            "step_ms": statistics.median(loop) * 1000,
+            "bare_step_ms": statistics.median(self.bare) * 1000,
+            "per_step_overhead_ms": statistics.median(
+                (a - b) * 1000 for a, b in zip(loop, self.bare, strict=True)
+            ),
+            "replay_seconds": self.replay_seconds,
+        }
 
 
 def phase_train(

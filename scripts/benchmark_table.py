@@ -173,9 +173,11 @@ def _training_notes(phases: dict[str, Any]) -> list[str]:
         text = f"{title}: `{' '.join(r['overrides'])}`"
         st = r.get("steps") or {}
         if st.get("step_ms") is not None:
-            text += (f"; a training step takes {st['step_ms']:.1f} ms in the fit loop (median of "
-                     f"{st['steps_timed']}), {st['bare_step_ms']:.1f} ms for the same batches in a "
-                     f"bare PyTorch loop: {st['per_step_overhead_ms']:.1f} ms of framework per step")
+            text += (f"; over the last epoch's {st['steps_timed']} steps without an evaluation, a "
+                     f"training step takes {st['step_ms']:.1f} ms (median) in the fit loop and "
+                     f"{st['bare_step_ms']:.1f} ms for the same batches in a bare PyTorch loop: "
+                     f"{st['per_step_overhead_ms']:.1f} ms of framework per step (median of the "
+                     "per-batch differences)")
         out.append(f"- {text}.")
     return ["", "Overrides the benchmark gives each training row, and its step times:", *out] if out else []
 

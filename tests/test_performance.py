@@ -482,8 +482,8 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
         assert len(f["jobs"]) == 4 and sum(j["shared"] for j in f["jobs"]) == 2
     for name in ("b", "c"):  # the fit loop's step against the same batches in a bare loop
         st = phases[name]["steps"]
-        assert st["steps_timed"] > 0 and st["replayed"] > 0 and st["bare_step_ms"] > 0
-        assert st["per_step_overhead_ms"] == pytest.approx(st["step_ms"] - st["bare_step_ms"])
+        assert st["steps_timed"] > 0 and st["step_ms"] > 0 and st["bare_step_ms"] > 0
+        assert st["step_ms"] - st["bare_step_ms"] - 50 < st["per_step_overhead_ms"] < st["step_ms"]
         assert phases[name]["excluded_seconds"] >= st["replay_seconds"] > 0  # not timed as ours
         # the user's defaults: nothing turns checkpoints, logging or the progress bar off
         assert not any(o.split("=")[0] in ("logger", "trainer.enable_checkpointing",
