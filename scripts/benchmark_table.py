@@ -194,7 +194,8 @@ def _ceiling_lines(results: dict[str, Any]) -> list[str]:
     ]
     return ["", "GEMM ceiling: one block's own matmuls (q, k, v, out, FeedForward; `F.linear`), "
             "median of repeats, as a fraction of the square-matmul peak: " + "; ".join(parts)
-            + ". No whole pass can reach it: attention, GELU and LayerNorm come on top."]
+            + ". A whole pass also runs attention, GELU and LayerNorm, so it can at best come "
+            "near this; on this kind of shared machine both move by about 15 % between runs."]
 
 
 def _startup_lines(s: dict[str, Any] | None) -> list[str]:
