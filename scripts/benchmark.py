@@ -194,8 +194,8 @@ def measure_gemm_ceiling(
     FeedForward: ``dim x 4dim`` and back, as ``F.linear`` with bias) at each batch height in
     ``rows`` (e.g. the trunk cache's and inference's tokens per batch), fp32 and bf16.
 
-    What the BLAS gives the model's shapes, repeated over ``seconds``: the ceiling of a whole
-    pass, to set beside MFU (attention, GELU and LayerNorm come on top, so no pass reaches it).
+    What the BLAS gives the model's shapes, repeated over ``seconds``: to set beside MFU, since
+    a whole pass also runs attention, GELU and LayerNorm and can at best come near it.
     The median, not the best: a phase's time is many such calls, good and bad.
     """
     import statistics
@@ -359,7 +359,12 @@ class StepTimer(L.Callback):
         self._evaluated = False
         self.bare: list[float] = []
         self.replay_seconds = 0.0
+        self._eval_freq: int | None = None
         StepTimer.last = self
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        monitor = next((c for c in trainer.callbacks if hasattr(c, "eval_freq")), None)
+        self._eval_freq = None if monitor is None else monitor.eval_freq
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.epoch, self._pending = [], None
@@ -371,9 +376,8 @@ class StepTimer(L.Callback):
         self._pending = (batch, now)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        monitor = next((c for c in trainer.callbacks if hasattr(c, "eval_freq")), None)
         step = trainer.global_step - 1  # the chapter's step counter, as its monitor reads it
-        self._evaluated = monitor is not None and step % monitor.eval_freq == 0
+        self._evaluated = self._eval_freq is not None and step % self._eval_freq == 0
 
     def on_train_end(self, trainer, pl_module) -> None:
         import copy
@@ -1202,9 +1206,10 @@ def startup_phase(ctx: dict[str, Any], repeat: int = 3) -> dict[str, Any]:
     medians = {name: statistics.median(w) for name, w in walls.items()}
     for name, sec in medians.items():
         print(f"    {name}: {sec:.2f} s (runs: {', '.join(f'{w:.2f}' for w in walls[name])})")
+    total = sum(sum(w) for w in walls.values())
     return {
-        "seconds": sum(sum(w) for w in walls.values()),
-        "wall_seconds": sum(sum(w) for w in walls.values()),
+        "seconds": total,
+        "wall_seconds": total,
         "commands": {name: " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
                      for name, cmd in cmds.items()},
         "median_seconds": medians,
@@ -1220,13 +1225,13 @@ MERGE_MACHINE = ("cpu_model", "cores")
 
 
 def merge_phases(
-    phases: dict[str, dict], files: list[str], run_now: set[str], ctx: dict[str, Any],
-    machine: dict[str, Any], quick: bool,
+    files: list[str], run_now: set[str], ctx: dict[str, Any], machine: dict[str, Any],
+    quick: bool,
 ) -> tuple[dict[str, dict], list[dict[str, Any]]]:
     """Phases of earlier ``benchmark.json`` files (``--merge``) for the phases not run now, each
     marked with the run it came from (its date, command and matmul peak); later files win.
     A file of another model, data, epoch count or machine is refused (SystemExit)."""
-    merged = dict(phases)
+    merged: dict[str, dict] = {}
     sources: list[dict[str, Any]] = []
     for file in files:
         old = json.loads(Path(file).read_text())
@@ -1478,7 +1483,9 @@ def main(argv: list[str] | None = None) -> int:
         context = {k: v for k, v in ctx.items()
                    if k not in ("work", "texts", "bundle_run", "tiny_bundle_run", "data_dir")}
         machine = machine_info(args.device)
-        merge_phases({}, args.merge, set(selected), context, machine, args.quick)  # refuse early
+        # the earlier runs' phases not run now (refused up front if not comparable)
+        earlier, merged_from = merge_phases(args.merge, set(selected), context, machine,
+                                            args.quick)
         ctx["cache_keys"] = sorted(cache_keys(work))
         ctx_file = work / "ctx.json"
         ctx_file.write_text(json.dumps(ctx))
@@ -1544,8 +1551,7 @@ def main(argv: list[str] | None = None) -> int:
     for prec, by_rows in ceiling.items():
         for r in by_rows.values():
             r["fraction_of_peak"] = r["gflops"] / peak[prec]
-    phases, merged_from = merge_phases(phases, args.merge, set(phases), context, machine,
-                                       args.quick)
+    phases |= earlier
     prior = {k: v for m in merged_from for k, v in m["checks"].items()}
     headline, checks = summarize(ctx, phases, prior)
     worst = headline["max_other_cpu_fraction"]

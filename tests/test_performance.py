@@ -536,7 +536,8 @@ def test_merge_takes_earlier_phases_with_their_run_and_checks(tmp_path) -> None:
     file = tmp_path / "old.json"
     file.write_text(json.dumps(old))
     now = {"c": {"wall_seconds": 10.0}}
-    merged, sources = bench.merge_phases(now, [str(file)], {"c"}, ctx, machine, False)
+    earlier, sources = bench.merge_phases([str(file)], {"c"}, ctx, machine, False)
+    merged = now | earlier  # as main() adds them to the phases run now
     assert merged["c"] == now["c"] and merged["a"]["wall_seconds"] == 100.0
     assert merged["a"]["from"] == {"date": old["date"], "command": old["command"],
                                    "peak_gflops": old["peak_gflops"]}
@@ -548,12 +549,12 @@ def test_merge_takes_earlier_phases_with_their_run_and_checks(tmp_path) -> None:
     headline, checks = bench.summarize(ctx, merged, sources[0]["checks"])
     assert headline["fast_vs_book"] == 10.0  # a's 100 s then over c's 10 s now
     assert checks["a_vs_b_accuracies_equal"] is True
-    _, sources = bench.merge_phases({}, [str(file)], {"b"}, ctx, machine, False)
+    _, sources = bench.merge_phases([str(file)], {"b"}, ctx, machine, False)
     assert sources[0]["phases"] == ["a"] and sources[0]["checks"] == {}  # b is run now
     with pytest.raises(SystemExit, match="model: 'gpt2-small' there, 'gpt2-tiny' now"):
-        bench.merge_phases({}, [str(file)], set(), {**ctx, "model": "gpt2-tiny"}, machine, False)
+        bench.merge_phases([str(file)], set(), {**ctx, "model": "gpt2-tiny"}, machine, False)
     with pytest.raises(SystemExit, match="machine cores: 2 there, 16 now"):
-        bench.merge_phases({}, [str(file)], set(), ctx, {**machine, "cores": 16}, False)
+        bench.merge_phases([str(file)], set(), ctx, {**machine, "cores": 16}, False)
 
 
 def test_mfu_is_never_above_one() -> None:
