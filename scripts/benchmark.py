@@ -256,7 +256,7 @@ def random_classifier(model_name: str, seed: int) -> torch.nn.Module:
 
 
 def compose(overrides: list[str], work: Path) -> Any:
-    """``spam_lightning/conf/train.yaml`` composed in-process, run paths under ``work``."""
+    """``conf/train.yaml`` composed in-process, run paths under ``work``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra

@@ -26,7 +26,7 @@ echo "gpu_check: python $PYTHON, outputs in $TMP"
 # every run's files under $TMP: data splits, run folders, the trunk cache
 COMMON=(model.weights=random "paths.data_dir=$TMP/data" "paths.log_dir=$TMP/outputs")
 # each job builds its own trunk cache, as a single run from cold would
-if grep -Eq '^[[:space:]]+shared:' spam_lightning/conf/train.yaml; then
+if grep -Eq '^[[:space:]]+shared:' conf/train.yaml; then
   COMMON+=(cache.shared=false)
 fi
 

@@ -7,6 +7,7 @@ checkpoints, TensorBoard events).
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import inspect
 import logging
 import shlex
@@ -63,9 +64,9 @@ from spam_lightning.training.run_lock import (
 
 log = logging.getLogger(__name__)
 
-# spam_lightning/conf/ ships in the package (wheels too): Hydra reads pkg://spam_lightning.conf
+# conf/ ships in the package as spam_lightning.conf (wheels too): Hydra reads pkg://spam_lightning.conf
 CONFIG_PATH = "pkg://spam_lightning.conf"
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # the same folder, for nested globs
+CONFIG_DIR = str(importlib.resources.files("spam_lightning.conf"))  # the same folder, for nested globs
 FINAL_SPLITS = ("train", "val", "test")
 SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
@@ -453,7 +454,7 @@ def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[s
             if isinstance(override._value, Glob) and (Path(config_dir) / group).is_dir():
                 names = override._value.filter(nested_options(group, config_dir))
                 if not names:
-                    raise SystemExit(f"{arg}: no config in spam_lightning/conf/{group} matches")
+                    raise SystemExit(f"{arg}: no config in conf/{group} matches")
                 arg = f"{override.get_key_element()}={','.join(names)}"
         out.append(arg)
     return out

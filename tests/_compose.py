@@ -1,4 +1,4 @@
-"""Compose the real `spam_lightning/conf/train.yaml` in-process, with run paths inside a test folder."""
+"""Compose the real `conf/train.yaml` in-process, with run paths inside a test folder."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import spam_lightning.resolvers  # noqa: F401  (${cwd:})
 
 # the package's configs, found as `spam-train` finds them (pkg://spam_lightning.conf)
 CONF_MODULE = "spam_lightning.conf"
-CONF = Path(__file__).resolve().parents[1] / "spam_lightning" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_train(overrides: list[str], work: Path | None = None, config_name: str = "train") -> DictConfig:

@@ -68,7 +68,7 @@ def csv_module(paths: dict[str, Path], **kwargs) -> CSVDataModule:
 
 @pytest.mark.parametrize(("name", "cls"), [("csv", CSVDataModule), ("imdb", IMDBDataModule)])
 def test_config_file_lists_every_argument(name: str, cls: type) -> None:
-    cfg = OmegaConf.load(REPO / "spam_lightning" / "conf" / "data" / f"{name}.yaml")
+    cfg = OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml")
     params = inspect.signature(cls.__init__).parameters
     assert set(cfg) - {"_target_"} == set(params) - {"self"}
     assert cfg["_target_"] == f"spam_lightning.data.{cls.__name__}"

@@ -385,7 +385,7 @@ def test_bad_config_fails_in_init(kwargs: dict, message: str) -> None:
 
 
 def test_config_file_lists_every_argument() -> None:
-    cfg = OmegaConf.load(REPO / "spam_lightning" / "conf" / "data" / "sms_spam.yaml")
+    cfg = OmegaConf.load(REPO / "conf" / "data" / "sms_spam.yaml")
     params = inspect.signature(SpamDataModule.__init__).parameters
     assert set(cfg) - {"_target_"} == set(params) - {"self"}
     assert cfg["_target_"] == "spam_lightning.data.SpamDataModule"

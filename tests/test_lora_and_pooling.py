@@ -115,11 +115,11 @@ def test_trainable_errors() -> None:
 
 def test_config_groups_match_the_options() -> None:
     for name in TRAINABLE:
-        assert OmegaConf.load(REPO / f"spam_lightning/conf/trainable/{name}.yaml").name == name
-    lora = OmegaConf.load(REPO / "spam_lightning/conf/trainable/lora.yaml")
+        assert OmegaConf.load(REPO / f"conf/trainable/{name}.yaml").name == name
+    lora = OmegaConf.load(REPO / "conf/trainable/lora.yaml")
     assert (lora.rank, lora.alpha) == (16, 16)
     for name in TOKENS:
-        assert OmegaConf.load(REPO / f"spam_lightning/conf/token/{name}.yaml").name == name
+        assert OmegaConf.load(REPO / f"conf/token/{name}.yaml").name == name
 
 
 # ----------------------------------------------------------------------------- pooling

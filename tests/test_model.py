@@ -78,7 +78,7 @@ def test_sizes_and_parameter_count() -> None:
 def test_model_config_group_reads_the_size_registry(name: str) -> None:
     import spam_lightning.resolvers  # noqa: F401  (${gpt2:NAME,KEY})
 
-    cfg = OmegaConf.load(REPO / "spam_lightning" / "conf" / "model" / f"{name}.yaml")
+    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
     assert cfg.name == name
     assert cfg.weights == ("random" if name == "gpt2-tiny" else "pretrained")
     assert cfg.checkpoint is None and cfg.causal_mask is True and cfg.compile is False

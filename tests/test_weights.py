@@ -206,7 +206,7 @@ def test_build_gpt_random_is_seeded_default_init() -> None:
 def test_build_gpt_takes_the_whole_config_group(hf_dir: Path) -> None:
     import spam_lightning.resolvers  # noqa: F401  (the group's sizes come from the registry)
 
-    group = OmegaConf.load(REPO / "spam_lightning/conf/model/gpt2-tiny.yaml")
+    group = OmegaConf.load(REPO / "conf/model/gpt2-tiny.yaml")
     cfg = OmegaConf.to_container(group, resolve=True)
     assert build_gpt(**cfg).cfg["emb_dim"] == 64
     model = build_gpt(**{**cfg, "weights": "pretrained", "checkpoint": str(hf_dir)})
