@@ -30,7 +30,8 @@ def test_wheel_trains_from_an_empty_folder(tmp_path: Path) -> None:
     # a copy of the checkout's package, so the build leaves nothing in the checkout
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    shutil.copytree(REPO / "spam_lightning", src / "spam_lightning", ignore=ignore)
+    for folder in ("spam_lightning", "conf"):  # conf/ ships in the wheel as spam_lightning.conf
+        shutil.copytree(REPO / folder, src / folder, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
