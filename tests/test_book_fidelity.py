@@ -1,10 +1,10 @@
 """`python train.py` against the book's own loop, digit for digit (issue 13).
 
-The reference is chapter 6 as ``gpt_class_finetune.py`` runs it, by the book's functions in
-``spam_lightning.reference``: ``torch.manual_seed(123)`` before the loaders, again before the
-(random) model, again before the head, again before the optimizer; ``train_classifier_simple``;
-then the chapter's final ``calc_accuracy_loader`` on each full loader. The same tiny random
-GPT-2 (our init equals the book's ``GPTModel`` for the same seed), the same prepared SMS split.
+The reference is chapter 6 as ``gpt_class_finetune.py`` runs it, by the book's own code (the
+``llms_from_scratch`` package): ``torch.manual_seed(123)`` before the loaders, again before the
+book's (random) ``GPTModel``, again before the head, again before the optimizer;
+``train_classifier_simple``; then the chapter's final ``calc_accuracy_loader`` on each full loader.
+The same tiny random GPT-2 (our init equals the book's for the same seed), the same SMS split.
 `python train.py` runs as a user types it, with the default (chapter) config.
 """
 
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _book import add_classification_head, create_dataloaders
+from llms_from_scratch.ch04 import GPTModel
+from llms_from_scratch.ch06 import SpamDataset, calc_accuracy_loader, train_classifier_simple
 
-from spam_lightning import reference
 from spam_lightning.data.tokens import get_tokenizer
-from spam_lightning.model.weights import build_gpt
+from spam_lightning.model.gpt import MODEL_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -34,25 +36,25 @@ CHAPTER_LINES = ("Ep ", "Training accuracy", "Validation accuracy", "Test accura
 def _book_run(data_dir: Path) -> tuple[list[str], dict[str, list[float]]]:
     """The book's script on ``data_dir``'s CSVs: its printed lines and its history lists."""
     tokenizer = get_tokenizer()
-    train_ds = reference.SpamDataset(data_dir / "train.csv", tokenizer, max_length=None)
-    val_ds = reference.SpamDataset(data_dir / "validation.csv", tokenizer, train_ds.max_length)
-    test_ds = reference.SpamDataset(data_dir / "test.csv", tokenizer, train_ds.max_length)
+    train_ds = SpamDataset(data_dir / "train.csv", tokenizer, max_length=None)
+    val_ds = SpamDataset(data_dir / "validation.csv", tokenizer, train_ds.max_length)
+    test_ds = SpamDataset(data_dir / "test.csv", tokenizer, train_ds.max_length)
     torch.manual_seed(123)
-    train_loader, val_loader, test_loader = reference.create_dataloaders(train_ds, val_ds, test_ds)
+    train_loader, val_loader, test_loader = create_dataloaders(train_ds, val_ds, test_ds)
     torch.manual_seed(123)
-    model = build_gpt("gpt2-tiny", weights="random")  # == the book's GPTModel(BASE_CONFIG)
-    reference.add_classification_head(model, num_classes=2, seed=123)
+    model = GPTModel(MODEL_CONFIGS["gpt2-tiny"])  # the book's script, its weight loading dropped
+    add_classification_head(model, num_classes=2, seed=123)
     torch.manual_seed(123)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        history = reference.train_classifier_simple(
+        history = train_classifier_simple(
             model, train_loader, val_loader, optimizer, "cpu", num_epochs=EPOCHS, eval_freq=50,
             eval_iter=5,
         )
         for title, loader in (("Training", train_loader), ("Validation", val_loader),
                               ("Test", test_loader)):
-            accuracy = reference.calc_accuracy_loader(loader, model, "cpu")
+            accuracy = calc_accuracy_loader(loader, model, "cpu")
             print(f"{title} accuracy: {accuracy * 100:.2f}%")
     keys = ("train_losses", "val_losses", "train_accs", "val_accs")
     return out.getvalue().splitlines(), dict(zip(keys, history[:4], strict=True))

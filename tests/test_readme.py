@@ -114,7 +114,7 @@ def _prints_json_prediction(_: Path, proc: subprocess.CompletedProcess) -> None:
 
 ROWS = [
     Row(r"^pip install torch==", "ci", why="installing takes minutes; .ci/run does it first"),
-    Row(r"^pip install -e", "ci", why="installing takes minutes; .ci/run does it first"),
+    Row(r"^pip install (-e|--no-deps)", "ci", why="installing takes minutes; .ci/run does it first"),
     Row(r"^python train\.py$", suffix=TINY, check=_has_run_files),
     Row(r"^python train\.py model\.weights=random$", suffix=TINY, check=_has_run_files),
     Row(r"^python train\.py model=gpt2-tiny trainer\.max_epochs=1$",
@@ -184,6 +184,7 @@ ROWS = [
 DEFAULT_RUN = {
     "pip install torch==2.13.0",
     'pip install -e ".[dev]"',
+    "pip install --no-deps llms-from-scratch",
     "python train.py",
     "RUN=$(ls -d outputs/runs/* | tail -n 1)",
     'spam-classify "$RUN" "first message" "second message" --json',

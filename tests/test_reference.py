@@ -1,5 +1,6 @@
-"""The book's chapter-6 functions (spam_lightning.reference) behave as the chapter says, on a tiny
-random GPTModel and the real SMS splits (issue 12 item 6)."""
+"""The book's own chapter-6 functions (``llms_from_scratch.ch06``, plus the script's inline
+loaders and head in ``_book``), which the fidelity tests hold the framework against, behave as the
+chapter says on our tiny random GPTModel and the real SMS splits (issue 12 item 6)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _book import add_classification_head, create_dataloaders
+from llms_from_scratch import ch06 as book
+from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 
-from spam_lightning import reference as book
 from spam_lightning.data import SpamDataModule
 from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model.gpt import GPTModel
@@ -33,7 +36,22 @@ def splits(tmp_path_factory, sms_file):
 
 def tiny_classifier(seed: int = 123) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return book.add_classification_head(GPTModel(TINY), num_classes=2, seed=seed)
+    return add_classification_head(GPTModel(TINY), num_classes=2, seed=seed)
+
+
+def test_our_gpt_model_is_the_books():
+    """Same seed, same weights and (eval mode) the same logits as the book's ``ch04.GPTModel``:
+    what lets the fidelity tests run the book on its own model and the framework on ours."""
+    torch.manual_seed(123)
+    ours = GPTModel(TINY).eval()
+    torch.manual_seed(123)
+    theirs = BookGPTModel(TINY).eval()
+    params = dict(theirs.named_parameters())
+    assert [n for n, _ in ours.named_parameters()] == list(params)
+    assert all(torch.equal(p, params[n]) for n, p in ours.named_parameters())
+    ids = torch.randint(0, TINY["vocab_size"], (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids), atol=1e-5, rtol=0)
 
 
 def test_datasets_and_loaders_are_the_chapters(splits):
@@ -44,7 +62,7 @@ def test_datasets_and_loaders_are_the_chapters(splits):
     assert ids.shape == (120,) and ids.dtype == torch.long and label.item() in (0, 1)
     short = min(range(len(val)), key=lambda i: len(get_tokenizer().encode(val.data["Text"][i])))
     assert val[short][0][-1].item() == 50256  # padded with <|endoftext|>
-    train_loader, val_loader, test_loader = book.create_dataloaders(train, val, test)
+    train_loader, val_loader, test_loader = create_dataloaders(train, val, test)
     assert (len(train_loader), len(val_loader), len(test_loader)) == (130, 19, 38)
     inputs, targets = next(iter(train_loader))
     assert inputs.shape == (8, 120) and targets.shape == (8,)
@@ -69,7 +87,7 @@ def test_losses_and_accuracy_use_the_last_token(splits):
     train, val, test = splits
     model = tiny_classifier()
     # 20 validation messages: batches of 8, 8 and 4
-    val_loader = book.create_dataloaders(train, torch.utils.data.Subset(val, range(20)), test)[1]
+    val_loader = create_dataloaders(train, torch.utils.data.Subset(val, range(20)), test)[1]
     inputs, targets = next(iter(val_loader))
     loss = book.calc_loss_batch(inputs, targets, model, "cpu")
     expected = F.cross_entropy(model(inputs)[:, -1, :], targets)
@@ -102,7 +120,7 @@ def test_train_classifier_simple_returns_the_chapters_five_tuple(splits, capsys)
     train, val, test = splits
     # 21 messages: two full batches per epoch, the partial third one dropped
     small = torch.utils.data.Subset(train, range(21))
-    train_loader, val_loader, _ = book.create_dataloaders(small, val, test)
+    train_loader, val_loader, _ = create_dataloaders(small, val, test)
     model = tiny_classifier()
     before = model.trf_blocks[0].att.W_query.weight.clone()
     head = model.out_head.weight.clone()

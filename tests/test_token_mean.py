@@ -8,13 +8,13 @@ import json
 
 import pytest
 import torch
+from _book import add_classification_head
 
 from spam_lightning.data.tokens import collate, encode_texts
 from spam_lightning.inference.bundle import save_bundle
 from spam_lightning.inference.classify import Classifier
 from spam_lightning.model.classifier import GPTClassifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
-from spam_lightning.reference import add_classification_head
 
 PAD = 50256
 TEXTS = ["Hi, are we still on for lunch?", "WINNER!! Claim your free prize now", "ok"]
