@@ -23,7 +23,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _book import add_classification_head
 from _compose import compose_train
+from llms_from_scratch.ch04 import GPTModel as BookGPTModel
+from llms_from_scratch.ch06 import SpamDataset, train_classifier_simple
 from test_learning import write_easy_tsv
 
 from spam_lightning.data.tokens import get_tokenizer
@@ -340,19 +343,19 @@ def test_chapter_config_replays_the_chapters_loop(run) -> None:
     it advance), with the book's seeds: loaders, model + head, optimizer."""
     opts = ("trainable=last_block", "token=last", "data.padding=longest", "cache.trunk=true")
     history, metrics = run(*opts)
-    bench = load_benchmark_module()
     data_dir = _WORK[opts] / "data" / "sms_spam"
     tok = get_tokenizer()
-    train_ds = bench.SpamDataset(data_dir / "train.csv", tok)
-    val_ds = bench.SpamDataset(data_dir / "validation.csv", tok, train_ds.max_length)
+    train_ds = SpamDataset(data_dir / "train.csv", tok)
+    val_ds = SpamDataset(data_dir / "validation.csv", tok, train_ds.max_length)
     loader = torch.utils.data.DataLoader
     torch.manual_seed(123)
     train_loader = loader(train_ds, batch_size=8, shuffle=True, drop_last=True)
     val_loader = loader(val_ds, batch_size=8, drop_last=False)
-    model = bench.random_classifier("gpt2-tiny", 123)
+    torch.manual_seed(123)
+    model = add_classification_head(BookGPTModel(MODEL_CONFIGS["gpt2-tiny"]), num_classes=2)
     torch.manual_seed(123)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    book = bench.train_classifier_simple(
+    book = train_classifier_simple(
         model,
         train_loader,
         val_loader,
