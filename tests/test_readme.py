@@ -184,7 +184,7 @@ ROWS = [
 DEFAULT_RUN = {
     "pip install torch==2.13.0",
     'pip install -e ".[dev]"',
-    "pip install --no-deps llms-from-scratch",
+    "pip install --no-deps llms-from-scratch==1.0.19",
     "python train.py",
     "RUN=$(ls -d outputs/runs/* | tail -n 1)",
     'spam-classify "$RUN" "first message" "second message" --json',
