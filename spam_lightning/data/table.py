@@ -18,13 +18,12 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
-from filelock import FileLock
 
 from spam_lightning.data.source import (
     DEFAULT_URLS,
@@ -33,12 +32,12 @@ from spam_lightning.data.source import (
     SOURCE_KEYWORDS,
     DataError,
     SourceData,
-    atomic_write_bytes,
     cached_download,
-    clean_stale_temps,
     load_source,
     sha256_bytes,
 )
+
+from spam_lightning.io_utils import file_lock, remove_stale_temporaries, write_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -326,37 +325,26 @@ def check_splits_not_empty(
 
 @contextlib.contextmanager
 def locked(data_dir: Path) -> Iterator[None]:
-    """Hold ``data_dir``'s file lock (DDP ranks and sweep jobs prepare once); clean temporaries.
-
-    Only needed to write: reusing prepared data reads it without the lock. A folder that cannot
-    be written (read-only, or the lock cannot be created) is one DataError naming the fix."""
-
-    def refuse(why: str) -> DataError:
-        return DataError(
-            f"data.data_dir={data_dir}: cannot write there ({why}), and it holds no prepared data "
-            f"for this source and these settings, so it must be (re)written; set data.data_dir "
-            f"to a writable folder"
-        )
-
+    """Hold ``data_dir``'s lock (DDP ranks and sweep jobs prepare once) and sweep the temporaries
+    killed writers left. A folder that cannot be written (read-only, or the lock cannot be
+    created) is one DataError naming the fix."""
+    held = contextlib.ExitStack()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            raise PermissionError("the folder is not writable by this user")
+        held.enter_context(file_lock(data_dir / LOCK_NAME))
+        remove_stale_temporaries(data_dir, recursive=False)
     except OSError as e:
-        raise refuse(e.strerror or str(e)) from e
-    if not os.access(data_dir, os.W_OK | os.X_OK):
-        raise refuse("the folder is not writable by this user")
-    lock = FileLock(str(data_dir / LOCK_NAME))
-    try:
-        lock.acquire()
-    except OSError as e:
-        raise refuse(f"{data_dir / LOCK_NAME}: {e.strerror or e}") from e
-    try:
-        try:
-            clean_stale_temps(data_dir)
-        except OSError as e:
-            raise refuse(e.strerror or str(e)) from e
+        held.close()
+        raise DataError(
+            f"data.data_dir={data_dir}: cannot write there ("
+            f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}), and it holds no "
+            f"prepared data for this source and these settings, so it must be (re)written; set "
+            f"data.data_dir to a writable folder"
+        ) from e
+    with held:
         yield
-    finally:
-        lock.release()
 
 
 def read_meta(data_dir: Path) -> dict[str, Any] | None:
@@ -390,16 +378,31 @@ def matching_meta(
     return meta if all(recorded.get(k) == v for k, v in source.items()) else None
 
 
-def write_prepared(data_dir: Path, parts: dict[str, bytes], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write the split CSVs, then ``meta.json`` with their sha256 (each atomically, meta last)."""
-    (data_dir / META_NAME).unlink(missing_ok=True)  # no stale meta over half-new CSVs
-    files = {}
-    for split, payload in parts.items():
-        atomic_write_bytes(data_dir / SPLIT_FILES[split], payload)
-        files[SPLIT_FILES[split]] = sha256_bytes(payload)
-    meta = {**meta, "files": files}
-    atomic_write_bytes(data_dir / META_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
-    return meta
+def ensure_prepared(
+    data_dir: Path, settings: dict[str, Any], identity: Callable[[bool], dict[str, Any] | None],
+    build: Callable[[], tuple[dict[str, bytes], dict[str, Any]]], what: str,
+) -> tuple[dict[str, Any], bool]:
+    """``(meta, reused)``: the prepared CSVs in ``data_dir`` if ``meta.json`` records
+    ``settings`` and ``identity(locked)`` (the source keys it must record; None: unknown until
+    locked), read without lock or write access; else, under the lock, checked again, then
+    ``build() -> (csv bytes by split, meta)`` written: each file atomically, ``meta.json`` last."""
+    if read_meta(data_dir) is not None and (source := identity(False)) is not None:
+        if (meta := matching_meta(data_dir, settings, source)) is not None:
+            logger.info("reusing prepared %s in %s", what, data_dir)
+            return meta, True
+    with locked(data_dir):
+        if (meta := matching_meta(data_dir, settings, identity(True))) is not None:
+            logger.info("reusing prepared %s in %s (prepared meanwhile)", what, data_dir)
+            return meta, True
+        parts, meta = build()
+        (data_dir / META_NAME).unlink(missing_ok=True)  # no stale meta over half-new CSVs
+        for split, payload in parts.items():
+            write_bytes(data_dir / SPLIT_FILES[split], payload)
+        files = {SPLIT_FILES[split]: sha256_bytes(payload) for split, payload in parts.items()}
+        meta = {**meta, "settings": settings, "files": files}
+        write_json(data_dir / META_NAME, meta)
+        logger.info("prepared %s in %s: %s", what, data_dir, {s: c["rows"] for s, c in meta["splits"].items()})
+        return meta, False
 
 
 def describe_source(recorded: dict[str, Any]) -> str:
@@ -494,43 +497,32 @@ def prepare(
     (gpt_class_finetune.py) or ``bonus`` (additional_experiments.py: one more shuffle)."""
     data_dir = Path(data_dir).expanduser().resolve()
     settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
-    paths = {part: data_dir / fname for part, fname in SPLIT_FILES.items()}
     src: SourceData | None = None
-    if read_meta(data_dir) is not None:  # reuse needs no lock and no write access
-        src = (
-            cached_download(data_dir) if str(source) == DOWNLOAD
-            else load_source(source, urls, data_dir, timeout)
-        )
-        meta = None if src is None else matching_meta(data_dir, settings, {"sha256": src.sha256})
-        if meta is not None:
-            logger.info("reusing prepared data in %s", data_dir)
-            return Prepared(data_dir, paths, meta, reused=True)
-    with locked(data_dir):
-        if src is None:  # (a source read above is not in data_dir's care: no need to reread)
-            src = load_source(source, urls, data_dir, timeout)
-        meta = matching_meta(data_dir, settings, {"sha256": src.sha256})
-        if meta is not None:  # prepared by another process meanwhile
-            logger.info("reusing prepared data in %s", data_dir)
-            return Prepared(data_dir, paths, meta, reused=True)
+
+    def identity(locked: bool) -> dict[str, Any] | None:
+        nonlocal src  # reused without the lock: a download is only looked for, never started
+        if src is None:
+            src = (load_source(source, urls, data_dir, timeout) if locked or str(source) != DOWNLOAD
+                   else cached_download(data_dir))
+        return None if src is None else {"sha256": src.sha256}
+
+    def build() -> tuple[dict[str, bytes], dict[str, Any]]:
+        assert src is not None
         if src.verified:  # the pinned file: the chapter's own read
             frame = pd.read_csv(io.BytesIO(src.data), sep="\t", header=None, names=list(COLUMNS))
             table = Table(frame["Text"].tolist(), frame["Label"].tolist(), src.name, frame)
         else:
             table = read_table(src.data, src.name, on_bad_rows=on_bad_rows)
         balanced = balance_for_split(table.frame, split, split_seed)
-        splits = random_split(balanced, train_frac, val_frac, split_seed)
-        check_splits_not_empty(src.name, len(balanced), splits, train_frac, val_frac)
-        rows = {"read": len(table.frame), "skipped": len(table.skipped)}
-        counts = {
-            part: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
-            for part, f in zip(SPLIT_FILES, splits, strict=True)
-        }
+        splits = dict(zip(SPLIT_FILES, random_split(balanced, train_frac, val_frac, split_seed), strict=True))
+        check_splits_not_empty(src.name, len(balanced), list(splits.values()), train_frac, val_frac)
+        counts = {part: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
+                  for part, f in splits.items()}
+        rows = {"read": len(table.frame), "skipped": len(table.skipped),
+                **{k: int((table.frame["Label"] == k).sum()) for k in LABEL_IDS}}
         source_meta = {**src.origin, "name": src.name, "sha256": src.sha256, "bytes": len(src.data)}
-        meta = write_prepared(
-            data_dir,
-            {part: csv_bytes(frame) for part, frame in zip(SPLIT_FILES, splits, strict=True)},
-            {"source": source_meta, "settings": settings, "splits": counts,
-             "rows": {**rows, **{k: int((table.frame["Label"] == k).sum()) for k in LABEL_IDS}}},
-        )
-        logger.info("prepared %s: %s", data_dir, {s: c["rows"] for s, c in counts.items()})
-        return Prepared(data_dir, paths, meta, reused=False)
+        meta = {"source": source_meta, "splits": counts, "rows": rows}
+        return {part: csv_bytes(f) for part, f in splits.items()}, meta
+
+    meta, reused = ensure_prepared(data_dir, settings, identity, build, "data")
+    return Prepared(data_dir, {part: data_dir / f for part, f in SPLIT_FILES.items()}, meta, reused)
