@@ -78,7 +78,7 @@ BAD_DATA = {
     "non-utf8": (
         b"ham\tHi\nspam\tWin \xff\xfe now\n",
         2,
-        "bytes that are not valid UTF-8 (first: 0xff on line 2)",
+        "bytes that are not valid UTF-8 (first: 0xff)",
     ),
     "empty-file": (b"", 1, "the file is empty"),
     "one-class": (b"ham\tHi\nham\tHello\n", 1, "a class with no examples: no 'spam' rows"),

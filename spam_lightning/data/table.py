@@ -117,7 +117,7 @@ class Table:
 
 def _check_row(
     row: Row, cols: list[str], ti: int, li: int, sep: str, allowed: Sequence[str] | None,
-    fixed: bool, lines: list[str],
+    fixed: bool,
 ) -> str | None:
     """What is wrong with one row (None if it is fine)."""
     f, problems = row.fields, []
@@ -130,13 +130,8 @@ def _check_row(
             f"malformed line: expected {len(cols)} fields ({sep.join(cols)}) separated by a "
             f"{sep_name}, found {len(f)} ({f'no {sep_name}' if len(f) == 1 else many})"
         )
-    if any(_NON_UTF8_RE.search(x) for x in f):
-        line, m = next(
-            (n, m) for n in range(row.line, row.end_line + 1)
-            if (m := _NON_UTF8_RE.search(lines[n - 1]))
-        )
-        byte = ord(m.group()) - 0xDC00
-        problems.append(f"bytes that are not valid UTF-8 (first: 0x{byte:02x} on line {line})")
+    if bad := next((m for x in f if (m := _NON_UTF8_RE.search(x))), None):
+        problems.append(f"bytes that are not valid UTF-8 (first: 0x{ord(bad.group()) - 0xDC00:02x})")
     elif allowed is not None and f[li] not in allowed:
         problems.append(f"unknown label {f[li][:40]!r} (allowed: {', '.join(allowed)})")
     if len(f) == len(cols) and not f[ti].strip():
@@ -194,10 +189,9 @@ def read_checked(
             raise DataError(f"{name}, line 2: no data rows (only a header)")
         cols = head
     ti, li = cols.index(text_column), cols.index(label_column)
-    lines = list(io.StringIO(text, newline="")) if _NON_UTF8_RE.search(text) else []
     good, problems = [], []
     for row in rows:
-        msg = _check_row(row, cols, ti, li, sep, allowed, fixed is not None, lines)
+        msg = _check_row(row, cols, ti, li, sep, allowed, fixed is not None)
         if msg is None:
             good.append(row)
         else:
@@ -350,20 +344,23 @@ def locked(data_dir: Path) -> Iterator[None]:
 def read_meta(data_dir: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((data_dir / META_NAME).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+    except (FileNotFoundError, ValueError):  # (bad UTF-8 is a ValueError too)
         return None
     return meta if isinstance(meta, dict) else None
 
 
-def files_match(data_dir: Path, meta: dict[str, Any]) -> bool:
-    """Every CSV recorded in ``meta`` exists with the recorded sha256."""
-    recorded = meta.get("files", {})
-    return all(
-        fname in recorded
-        and (data_dir / fname).is_file()
-        and sha256_bytes((data_dir / fname).read_bytes()) == recorded[fname]
-        for fname in SPLIT_FILES.values()
-    )
+def prepared_files(data_dir: Path, meta: dict[str, Any]) -> dict[str, tuple[Path, bytes]] | None:
+    """Each split CSV as (path, bytes), read once, if every one has the sha256 ``meta`` records."""
+    files, out = meta.get("files") or {}, {}
+    for split, fname in SPLIT_FILES.items():
+        try:
+            payload = (data_dir / fname).read_bytes()
+        except OSError:
+            return None
+        if sha256_bytes(payload) != files.get(fname):
+            return None
+        out[split] = (data_dir / fname, payload)
+    return out
 
 
 def matching_meta(
@@ -372,7 +369,7 @@ def matching_meta(
     """``meta.json`` if it records these settings, this source (every key of ``source``) and
     unchanged CSVs, else None."""
     meta = read_meta(data_dir)
-    if meta is None or meta.get("settings") != settings or not files_match(data_dir, meta):
+    if meta is None or meta.get("settings") != settings or prepared_files(data_dir, meta) is None:
         return None
     recorded = meta.get("source", {})
     return meta if all(recorded.get(k) == v for k, v in source.items()) else None
@@ -440,18 +437,10 @@ def load_prepared(
             f"was configured with (another run re-prepared this folder after this one's "
             f"prepare_data). Rerun, or give each source its own data.data_dir"
         )
-    files = meta.get("files") or {}
-    out = {}
-    for split, fname in SPLIT_FILES.items():
-        path = data_dir / fname
-        try:
-            payload = path.read_bytes()
-        except OSError as e:
-            raise generic from e
-        if sha256_bytes(payload) != files.get(fname):
-            raise generic
-        out[split] = (path, payload)
-    return out
+    files = prepared_files(data_dir, meta)
+    if files is None:
+        raise generic
+    return files
 
 
 # ------------------------------------------------------------------ preparing the SMS data
