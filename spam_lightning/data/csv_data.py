@@ -285,7 +285,7 @@ def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) ->
         return parts, {"source": {**identity, "bytes": len(data)},
                        "rows": {"read": len(table.frame), "used": len(frame)}, "splits": counts}
 
-    return ensure_prepared(data_dir, settings, lambda _: identity, build, f"the split of {source}")[0]
+    return ensure_prepared(data_dir, settings, lambda _: identity, build, f"split of {source}")[0]
 
 
 # ------------------------------------------------------------------ IMDB, as the book's bonus script
