@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
-from filelock import Timeout as LockBusy  # noqa: F401  (what ``file_lock(wait=False)`` raises)
+from filelock import Timeout as LockBusy  # what ``file_lock(wait=False)`` raises
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -30,7 +30,6 @@ from spam_lightning.data.source import (
     DownloadError,
     sha256_bytes,
 )
-from spam_lightning.io_utils import write_bytes
 from spam_lightning.data.table import (
     csv_bytes,
     parse_split_csv,
@@ -39,6 +38,7 @@ from spam_lightning.data.table import (
     read_table,
     read_text_table,
 )
+from spam_lightning.io_utils import write_bytes
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -31,7 +31,6 @@ from safetensors.torch import load_file, save_file
 from spam_lightning.data.tokens import PADDING_MODES
 from spam_lightning.inference import bundle as bundle_mod
 from spam_lightning.inference.bundle import BundleError, load_bundle, save_bundle
-from spam_lightning.model.weights import model_shapes
 from spam_lightning.inference.classify import Classifier
 from spam_lightning.inference.classify import main as classify_main
 from spam_lightning.inference.serve import (
@@ -43,6 +42,7 @@ from spam_lightning.inference.serve import (
 )
 from spam_lightning.model.classifier import TOKENS, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.weights import model_shapes
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CLASSES = ["ham", "spam"]

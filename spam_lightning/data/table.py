@@ -36,7 +36,6 @@ from spam_lightning.data.source import (
     load_source,
     sha256_bytes,
 )
-
 from spam_lightning.io_utils import file_lock, remove_stale_temporaries, write_bytes, write_json
 
 logger = logging.getLogger(__name__)
