@@ -4,7 +4,9 @@ The pinned file (bundled, or a download with the known sha256) is read with the 
 ``pd.read_csv(sep="\\t", header=None, names=["Label", "Text"])``. A user-supplied file is read once
 with the standard library's ``csv`` reader instead: it splits rows by the same quoting rules as
 pandas (the real file's 5,574 lines give the chapter's 5,572 rows) and knows every row's lines, so
-each bad row is named by file, line and problem.
+each bad row is named by file, line and problem. (pandas' python engine, whose ``on_bad_lines``
+callable sees bad rows, silently drops rows it cannot split: 10 of the real file's; its C engine
+names rows, not lines, and truncates an over-long first row with only a warning.)
 """
 
 from __future__ import annotations
