@@ -28,7 +28,6 @@ from spam_lightning.data.source import (
     EXPECTED_SIZE,
     DataError,
     DownloadError,
-    atomic_write_bytes,
     sha256_bytes,
 )
 from spam_lightning.data.table import (
@@ -39,6 +38,7 @@ from spam_lightning.data.table import (
     read_table,
     read_text_table,
 )
+from spam_lightning.io_utils import write_bytes
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -51,7 +51,7 @@ def make_zip(member: bytes) -> bytes:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
 
 
 def chapter_csvs(sms_file: Path, folder: Path) -> dict[str, bytes]:
@@ -78,7 +78,7 @@ BAD_DATA = {
     "non-utf8": (
         b"ham\tHi\nspam\tWin \xff\xfe now\n",
         2,
-        "bytes that are not valid UTF-8 (first: 0xff on line 2)",
+        "bytes that are not valid UTF-8 (first: 0xff)",
     ),
     "empty-file": (b"", 1, "the file is empty"),
     "one-class": (b"ham\tHi\nham\tHello\n", 1, "a class with no examples: no 'spam' rows"),
@@ -219,7 +219,7 @@ def test_meta_change_triggers_prepare(sms_file: Path, tmp_path: Path) -> None:
 
 
 def test_stale_temporaries_are_cleaned(sms_file: Path, tmp_path: Path) -> None:
-    tmp_path.joinpath(".tmp-train.csv-deadbeef").write_bytes(b"half")  # from a killed process
+    tmp_path.joinpath(".train.csv.deadbeef.tmp").write_bytes(b"half")  # from a killed process
     prepare(str(sms_file), tmp_path)
     assert leftovers(tmp_path) == []
 
@@ -228,9 +228,9 @@ def test_atomic_write_leaves_no_temp_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "train.csv"
     target.mkdir()  # os.replace onto a folder fails
     with pytest.raises(OSError):
-        atomic_write_bytes(target, b"data")
+        write_bytes(target, b"data")
     assert leftovers(tmp_path) == []
-    atomic_write_bytes(tmp_path / "ok.csv", b"data")
+    write_bytes(tmp_path / "ok.csv", b"data")
     assert (tmp_path / "ok.csv").read_bytes() == b"data" and leftovers(tmp_path) == []
 
 
@@ -461,7 +461,7 @@ def test_prepared_data_is_reused_without_write_access(sms_file: Path, tmp_path: 
     for folder in (data_dir, tmp_path / "csv"):
         (folder / ".prepare.lock").unlink()
         (folder / ".prepare.lock").mkdir()  # taking the lock now fails: reuse must not try
-        stale.append(folder / ".tmp-train.csv-deadbeef")
+        stale.append(folder / ".train.csv.deadbeef.tmp")
         stale[-1].write_bytes(b"half")  # cleaning temporaries would write: reuse must not
     read_only = os.geteuid() != 0
     for folder in (data_dir, tmp_path / "csv") if read_only else ():

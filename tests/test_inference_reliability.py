@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from spam_lightning.data.tokens import PADDING_MODES
 from spam_lightning.inference import bundle as bundle_mod
-from spam_lightning.inference.bundle import BundleError, expected_shapes, load_bundle, save_bundle
+from spam_lightning.inference.bundle import BundleError, load_bundle, save_bundle
 from spam_lightning.inference.classify import Classifier
 from spam_lightning.inference.classify import main as classify_main
 from spam_lightning.inference.serve import (
@@ -42,6 +42,7 @@ from spam_lightning.inference.serve import (
 )
 from spam_lightning.model.classifier import TOKENS, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.weights import model_shapes
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CLASSES = ["ham", "spam"]
@@ -271,11 +272,11 @@ def test_malformed_csv_is_an_error_naming_file_and_line(
 
 
 # ------------------------------------------------------------------ 13. bundle.json
-def test_expected_shapes_are_the_models() -> None:
+def test_model_shapes_are_the_models() -> None:
     for sizes, classes in (({}, 2), ({"qkv_bias": False, "n_layers": 1}, 3)):
         model = make_classifier(GPTModel({**MODEL_CONFIGS["gpt2-tiny"], **sizes}), classes)
         want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        assert expected_shapes(model.cfg, classes) == want
+        assert model_shapes(model.cfg, classes) == want
 
 
 def set_key(*path: str, value: Any) -> Any:
@@ -337,6 +338,20 @@ def test_non_float_weights_are_refused(run_dir: Path, tmp_path: Path, dtype: tor
     with pytest.raises(BundleError, match=r"tensor final_norm.scale has dtype (I64|I32|BOOL); bundle "
                        r"weights are floating point"):
         load_bundle(run)
+
+
+def test_weights_of_another_layout_are_named_before_any_tensor_is_read(run_dir: Path, tmp_path: Path) -> None:
+    run = copy_run(run_dir, tmp_path / "run")
+    weights = run / "bundle" / "model.safetensors"
+    state = load_file(str(weights))
+    del state["trf_blocks.1.norm2.shift"]
+    state["trf_blocks.0.ff.layers.0.bias"] = torch.zeros(7)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(BundleError) as err:
+        load_bundle(run)
+    message = str(err.value)
+    assert "missing (1): trf_blocks.1.norm2.shift" in message
+    assert "wrong shape (1): trf_blocks.0.ff.layers.0.bias expected [256] found [7]" in message
 
 
 def test_non_finite_weights_are_refused(run_dir: Path, tmp_path: Path) -> None:

@@ -44,13 +44,10 @@ from spam_lightning.data.table import (
     SPLIT_FILES,
     Table,
     check_splits_not_empty,
+    ensure_prepared,
     load_prepared,
-    locked,
-    matching_meta,
     random_split,
-    read_meta,
     read_text_table,
-    write_prepared,
 )
 from spam_lightning.data.tokens import PAD_TOKEN_ID
 
@@ -266,16 +263,8 @@ def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) ->
     source's sha256 and the settings match (reuse reads only: no lock, no write access)."""
     data = read_local(source, "data.source", MAX_CSV_BYTES)  # the lock guards data_dir only
     identity = csv_identity(source, data)
-    if read_meta(data_dir) is not None:
-        meta = matching_meta(data_dir, settings, identity)
-        if meta is not None:
-            logger.info("reusing the split of %s in %s", source, data_dir)
-            return meta
-    with locked(data_dir):
-        meta = matching_meta(data_dir, settings, identity)
-        if meta is not None:
-            logger.info("reusing the split of %s in %s", source, data_dir)
-            return meta
+
+    def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         table = read_text_table(
             data, str(source), settings["text_column"], settings["label_column"], settings["sep"]
         )
@@ -293,14 +282,10 @@ def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) ->
             s: p.to_csv(index=False, quoting=csv.QUOTE_ALL).encode("utf-8")
             for s, p in zip(SPLIT_FILES, splits, strict=True)
         }
-        meta = write_prepared(data_dir, parts, {
-            "source": {**identity, "bytes": len(data)},
-            "settings": settings,
-            "rows": {"read": len(table.frame), "used": len(frame)},
-            "splits": counts,
-        })
-        logger.info("split %s into %s: %s", source, data_dir, {s: c["rows"] for s, c in counts.items()})
-        return meta
+        return parts, {"source": {**identity, "bytes": len(data)},
+                       "rows": {"read": len(table.frame), "used": len(frame)}, "splits": counts}
+
+    return ensure_prepared(data_dir, settings, lambda _: identity, build, f"split of {source}")[0]
 
 
 # ------------------------------------------------------------------ IMDB, as the book's bonus script
@@ -471,12 +456,8 @@ def _imdb_source(source: Path | None, urls: Sequence[str], data_dir: Path, timeo
         if not urls:
             raise DownloadError(f"no data.source and no data.urls to download from. {IMDB_HINT}")
 
-        def keep(tmp: Path) -> None:
-            read_reviews(tmp)  # verifies: complete gzip stream, the four folders
-            os.replace(tmp, archive)
-
-        url["url"] = download_first(
-            urls, archive, keep, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES
+        url["url"] = download_first(  # read_reviews verifies: whole gzip stream, four folders
+            urls, archive, read_reviews, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES
         )
     identity = _imdb_identity(source, data_dir)
     return {**identity, **url} if identity["kind"] == "archive" else identity
@@ -490,35 +471,30 @@ def prepare_imdb(
     """Write the book's ``train/validation/test.csv`` (``text,label``) + ``meta.json``; locked,
     atomic, and reused while the source and the settings match."""
     settings = imdb_settings(sizes, seed)
-    if read_meta(data_dir) is not None:  # reuse needs no lock and no write access
-        identity = _imdb_identity(source, data_dir)
-        meta = matching_meta(data_dir, settings, identity)
-        if meta is not None and set(meta["source"]) - {"url"} == set(identity):
-            logger.info("reusing prepared IMDB data in %s", data_dir)
-            return meta
-    with locked(data_dir):
-        origin = _imdb_source(source, urls, data_dir, timeout)
-        identity = {k: v for k, v in origin.items() if k != "url"}
-        meta = matching_meta(data_dir, settings, identity)
-        if meta is not None and set(meta["source"]) - {"url"} == set(identity):
-            logger.info("reusing prepared IMDB data in %s", data_dir)
-            return meta
+    origin: dict[str, Any] = {}
+
+    def identity(locked: bool) -> dict[str, Any] | None:
+        if not locked:  # without the lock nothing is downloaded: a missing archive is not known
+            found = _imdb_identity(source, data_dir)
+            return None if found["kind"] == "archive" and "sha256" not in found else found
+        origin.update(_imdb_source(source, urls, data_dir, timeout))
+        return {k: v for k, v in origin.items() if k != "url"}
+
+    def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         reviews = read_reviews(Path(origin["path"]))
-        parts = book_partition(reviews, sizes, seed)
+        parts = dict(zip(SPLIT_FILES, book_partition(reviews, sizes, seed), strict=True))
         counts = {
             split: {"rows": len(p), "negative": int((p["label"] == 0).sum()),
                     "positive": int((p["label"] == 1).sum())}
-            for split, p in zip(SPLIT_FILES, parts, strict=True)
+            for split, p in parts.items()
         }
-        payloads = {s: p.to_csv(index=False).encode("utf-8") for s, p in zip(SPLIT_FILES, parts, strict=True)}
-        meta = write_prepared(data_dir, payloads, {
+        return {s: p.to_csv(index=False).encode("utf-8") for s, p in parts.items()}, {
             "source": origin,
-            "settings": settings,
             "reviews": {f"{s}/{lab}": len(reviews[(s, lab)]) for s, lab in ORDER},
             "splits": counts,
-        })
-        logger.info("prepared IMDB in %s: %s", data_dir, {s: c["rows"] for s, c in counts.items()})
-        return meta
+        }
+
+    return ensure_prepared(data_dir, settings, identity, build, "IMDB data")[0]
 
 
 def imdb_settings(sizes: Sequence[int | None], seed: int) -> dict[str, Any]:

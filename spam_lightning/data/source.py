@@ -2,27 +2,27 @@
 
 ``bundled`` (default): the copy in the package, checked by sha256; ``download``: a verified
 download from ``data.urls`` (tried in order) kept in ``data_dir``; anything else: a local file or
-the UCI zip holding it. Everything is written to a temporary file in the target folder and renamed
-into place only when complete, so a failed run leaves nothing half-written.
+the UCI zip holding it. Downloads are written with ``io_utils.atomic_write``: a failed one leaves
+nothing half-written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
 import logging
 import os
-import secrets
 import stat
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from spam_lightning.io_utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 # 477,907 bytes, so anything this large is not it (and is never read whole into memory)
 MAX_SOURCE_BYTES = MAX_DOWNLOAD_BYTES
 NO_SUCH_FILE = "no such file"
-TMP_PREFIX = ".tmp-"  # every temporary file starts with this (stale ones get cleaned)
 BUNDLED, DOWNLOAD = "bundled", "download"  # data.source keywords; any other value is a path
 SOURCE_KEYWORDS = (BUNDLED, DOWNLOAD)
 BUNDLED_PATH = Path(__file__).resolve().parent / "assets" / MEMBER_NAME
@@ -79,43 +78,6 @@ class SourceData:
     @property
     def sha256(self) -> str:
         return sha256_bytes(self.data)
-
-
-@contextlib.contextmanager
-def temp_path(folder: Path, stem: str) -> Iterator[Path]:
-    """A new temporary file in ``folder`` (same file system: ``os.replace`` is atomic), removed
-    on exit unless renamed away. Unlike ``mkstemp`` it gets the usual ``0o666 & ~umask``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = folder / f"{TMP_PREFIX}{stem}-{secrets.token_hex(6)}"
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + fsync + ``os.replace``."""
-    with temp_path(path.parent, path.name) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-def clean_stale_temps(folder: Path) -> None:
-    """Remove temporary files left by a killed process (call only while holding the lock)."""
-    for p in folder.glob(f"{TMP_PREFIX}*") if folder.is_dir() else ():
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            logger.info("removed stale temporary file %s", p)
 
 
 def _limit(max_bytes: int) -> str:
@@ -293,17 +255,15 @@ def download_first(
     urls: Sequence[str], dest: Path, keep: Callable[[Path], None], what: str, hint: str,
     timeout: float = DOWNLOAD_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> str:
-    """Try each URL in turn; ``keep(tmp)`` checks the download and moves it to ``dest``.
-
-    Returns the URL that worked; raises DownloadError listing every URL with its failure."""
+    """Try each URL in turn; ``keep(tmp)`` checks the download (raising to refuse it, or
+    rewriting it) before it becomes ``dest``. Returns the URL that worked; raises DownloadError
+    listing every URL with its failure."""
     failures: list[str] = []
     for url in urls:
         try:
             logger.info("downloading %s", url)
-            with temp_path(dest.parent, "download") as tmp:
-                fetch(url, tmp, timeout, max_bytes)
-                keep(tmp)
-                return url
+            atomic_write(dest, lambda tmp: (fetch(url, tmp, timeout, max_bytes), keep(tmp)))  # noqa: B023
+            return url
         except Exception as e:  # every failure is reported below
             logger.warning("download failed: %s: %s", url, e)
             failures.append(f"  - {url}: {e if isinstance(e, DataError) else repr(e)}")
@@ -326,7 +286,7 @@ def download(urls: Sequence[str], dest: Path, timeout: float = DOWNLOAD_TIMEOUT)
                 f"{EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}, got {len(data):,} bytes "
                 f"sha256 {sha256_bytes(data)}; not kept"
             )
-        atomic_write_bytes(dest, data)
+        tmp.write_bytes(data)
 
     return download_first(urls, dest, keep, MEMBER_NAME, FIX_HINT, timeout)
 

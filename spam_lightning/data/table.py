@@ -4,7 +4,9 @@ The pinned file (bundled, or a download with the known sha256) is read with the 
 ``pd.read_csv(sep="\\t", header=None, names=["Label", "Text"])``. A user-supplied file is read once
 with the standard library's ``csv`` reader instead: it splits rows by the same quoting rules as
 pandas (the real file's 5,574 lines give the chapter's 5,572 rows) and knows every row's lines, so
-each bad row is named by file, line and problem.
+each bad row is named by file, line and problem. (pandas' python engine, whose ``on_bad_lines``
+callable sees bad rows, silently drops rows it cannot split: 10 of the real file's; its C engine
+names rows, not lines, and truncates an over-long first row with only a warning.)
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
-from filelock import FileLock
 
 from spam_lightning.data.source import (
     DEFAULT_URLS,
@@ -33,12 +34,11 @@ from spam_lightning.data.source import (
     SOURCE_KEYWORDS,
     DataError,
     SourceData,
-    atomic_write_bytes,
     cached_download,
-    clean_stale_temps,
     load_source,
     sha256_bytes,
 )
+from spam_lightning.io_utils import file_lock, remove_stale_temporaries, write_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Table:
 
 def _check_row(
     row: Row, cols: list[str], ti: int, li: int, sep: str, allowed: Sequence[str] | None,
-    fixed: bool, lines: list[str],
+    fixed: bool,
 ) -> str | None:
     """What is wrong with one row (None if it is fine)."""
     f, problems = row.fields, []
@@ -131,13 +131,8 @@ def _check_row(
             f"malformed line: expected {len(cols)} fields ({sep.join(cols)}) separated by a "
             f"{sep_name}, found {len(f)} ({f'no {sep_name}' if len(f) == 1 else many})"
         )
-    if any(_NON_UTF8_RE.search(x) for x in f):
-        line, m = next(
-            (n, m) for n in range(row.line, row.end_line + 1)
-            if (m := _NON_UTF8_RE.search(lines[n - 1]))
-        )
-        byte = ord(m.group()) - 0xDC00
-        problems.append(f"bytes that are not valid UTF-8 (first: 0x{byte:02x} on line {line})")
+    if bad := next((m for x in f if (m := _NON_UTF8_RE.search(x))), None):
+        problems.append(f"bytes that are not valid UTF-8 (first: 0x{ord(bad.group()) - 0xDC00:02x})")
     elif allowed is not None and f[li] not in allowed:
         problems.append(f"unknown label {f[li][:40]!r} (allowed: {', '.join(allowed)})")
     if len(f) == len(cols) and not f[ti].strip():
@@ -195,10 +190,9 @@ def read_checked(
             raise DataError(f"{name}, line 2: no data rows (only a header)")
         cols = head
     ti, li = cols.index(text_column), cols.index(label_column)
-    lines = list(io.StringIO(text, newline="")) if _NON_UTF8_RE.search(text) else []
     good, problems = [], []
     for row in rows:
-        msg = _check_row(row, cols, ti, li, sep, allowed, fixed is not None, lines)
+        msg = _check_row(row, cols, ti, li, sep, allowed, fixed is not None)
         if msg is None:
             good.append(row)
         else:
@@ -326,56 +320,48 @@ def check_splits_not_empty(
 
 @contextlib.contextmanager
 def locked(data_dir: Path) -> Iterator[None]:
-    """Hold ``data_dir``'s file lock (DDP ranks and sweep jobs prepare once); clean temporaries.
-
-    Only needed to write: reusing prepared data reads it without the lock. A folder that cannot
-    be written (read-only, or the lock cannot be created) is one DataError naming the fix."""
-
-    def refuse(why: str) -> DataError:
-        return DataError(
-            f"data.data_dir={data_dir}: cannot write there ({why}), and it holds no prepared data "
-            f"for this source and these settings, so it must be (re)written; set data.data_dir "
-            f"to a writable folder"
-        )
-
+    """Hold ``data_dir``'s lock (DDP ranks and sweep jobs prepare once) and sweep the temporaries
+    killed writers left. A folder that cannot be written (read-only, or the lock cannot be
+    created) is one DataError naming the fix."""
+    held = contextlib.ExitStack()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            raise PermissionError("the folder is not writable by this user")
+        held.enter_context(file_lock(data_dir / LOCK_NAME))
+        remove_stale_temporaries(data_dir, recursive=False)
     except OSError as e:
-        raise refuse(e.strerror or str(e)) from e
-    if not os.access(data_dir, os.W_OK | os.X_OK):
-        raise refuse("the folder is not writable by this user")
-    lock = FileLock(str(data_dir / LOCK_NAME))
-    try:
-        lock.acquire()
-    except OSError as e:
-        raise refuse(f"{data_dir / LOCK_NAME}: {e.strerror or e}") from e
-    try:
-        try:
-            clean_stale_temps(data_dir)
-        except OSError as e:
-            raise refuse(e.strerror or str(e)) from e
+        held.close()
+        raise DataError(
+            f"data.data_dir={data_dir}: cannot write there ("
+            f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}), and it holds no "
+            f"prepared data for this source and these settings, so it must be (re)written; set "
+            f"data.data_dir to a writable folder"
+        ) from e
+    with held:
         yield
-    finally:
-        lock.release()
 
 
 def read_meta(data_dir: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((data_dir / META_NAME).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+    except (FileNotFoundError, ValueError):  # (bad UTF-8 is a ValueError too)
         return None
     return meta if isinstance(meta, dict) else None
 
 
-def files_match(data_dir: Path, meta: dict[str, Any]) -> bool:
-    """Every CSV recorded in ``meta`` exists with the recorded sha256."""
-    recorded = meta.get("files", {})
-    return all(
-        fname in recorded
-        and (data_dir / fname).is_file()
-        and sha256_bytes((data_dir / fname).read_bytes()) == recorded[fname]
-        for fname in SPLIT_FILES.values()
-    )
+def prepared_files(data_dir: Path, meta: dict[str, Any]) -> dict[str, tuple[Path, bytes]] | None:
+    """Each split CSV as (path, bytes), read once, if every one has the sha256 ``meta`` records."""
+    files, out = meta.get("files") or {}, {}
+    for split, fname in SPLIT_FILES.items():
+        try:
+            payload = (data_dir / fname).read_bytes()
+        except OSError:
+            return None
+        if sha256_bytes(payload) != files.get(fname):
+            return None
+        out[split] = (data_dir / fname, payload)
+    return out
 
 
 def matching_meta(
@@ -384,22 +370,37 @@ def matching_meta(
     """``meta.json`` if it records these settings, this source (every key of ``source``) and
     unchanged CSVs, else None."""
     meta = read_meta(data_dir)
-    if meta is None or meta.get("settings") != settings or not files_match(data_dir, meta):
+    if meta is None or meta.get("settings") != settings or prepared_files(data_dir, meta) is None:
         return None
     recorded = meta.get("source", {})
     return meta if all(recorded.get(k) == v for k, v in source.items()) else None
 
 
-def write_prepared(data_dir: Path, parts: dict[str, bytes], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write the split CSVs, then ``meta.json`` with their sha256 (each atomically, meta last)."""
-    (data_dir / META_NAME).unlink(missing_ok=True)  # no stale meta over half-new CSVs
-    files = {}
-    for split, payload in parts.items():
-        atomic_write_bytes(data_dir / SPLIT_FILES[split], payload)
-        files[SPLIT_FILES[split]] = sha256_bytes(payload)
-    meta = {**meta, "files": files}
-    atomic_write_bytes(data_dir / META_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
-    return meta
+def ensure_prepared(
+    data_dir: Path, settings: dict[str, Any], identity: Callable[[bool], dict[str, Any] | None],
+    build: Callable[[], tuple[dict[str, bytes], dict[str, Any]]], what: str,
+) -> tuple[dict[str, Any], bool]:
+    """``(meta, reused)``: the prepared CSVs in ``data_dir`` if ``meta.json`` records
+    ``settings`` and ``identity(locked)`` (the source keys it must record; None: unknown until
+    locked), read without lock or write access; else, under the lock, checked again, then
+    ``build() -> (csv bytes by split, meta)`` written: each file atomically, ``meta.json`` last."""
+    if read_meta(data_dir) is not None and (source := identity(False)) is not None:
+        if (meta := matching_meta(data_dir, settings, source)) is not None:
+            logger.info("reusing prepared %s in %s", what, data_dir)
+            return meta, True
+    with locked(data_dir):
+        if (meta := matching_meta(data_dir, settings, identity(True))) is not None:
+            logger.info("reusing prepared %s in %s (prepared meanwhile)", what, data_dir)
+            return meta, True
+        parts, meta = build()
+        (data_dir / META_NAME).unlink(missing_ok=True)  # no stale meta over half-new CSVs
+        for split, payload in parts.items():
+            write_bytes(data_dir / SPLIT_FILES[split], payload)
+        files = {SPLIT_FILES[split]: sha256_bytes(payload) for split, payload in parts.items()}
+        meta = {**meta, "settings": settings, "files": files}
+        write_json(data_dir / META_NAME, meta)
+        logger.info("prepared %s in %s: %s", what, data_dir, {s: c["rows"] for s, c in meta["splits"].items()})
+        return meta, False
 
 
 def describe_source(recorded: dict[str, Any]) -> str:
@@ -437,18 +438,10 @@ def load_prepared(
             f"was configured with (another run re-prepared this folder after this one's "
             f"prepare_data). Rerun, or give each source its own data.data_dir"
         )
-    files = meta.get("files") or {}
-    out = {}
-    for split, fname in SPLIT_FILES.items():
-        path = data_dir / fname
-        try:
-            payload = path.read_bytes()
-        except OSError as e:
-            raise generic from e
-        if sha256_bytes(payload) != files.get(fname):
-            raise generic
-        out[split] = (path, payload)
-    return out
+    files = prepared_files(data_dir, meta)
+    if files is None:
+        raise generic
+    return files
 
 
 # ------------------------------------------------------------------ preparing the SMS data
@@ -494,43 +487,32 @@ def prepare(
     (gpt_class_finetune.py) or ``bonus`` (additional_experiments.py: one more shuffle)."""
     data_dir = Path(data_dir).expanduser().resolve()
     settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
-    paths = {part: data_dir / fname for part, fname in SPLIT_FILES.items()}
     src: SourceData | None = None
-    if read_meta(data_dir) is not None:  # reuse needs no lock and no write access
-        src = (
-            cached_download(data_dir) if str(source) == DOWNLOAD
-            else load_source(source, urls, data_dir, timeout)
-        )
-        meta = None if src is None else matching_meta(data_dir, settings, {"sha256": src.sha256})
-        if meta is not None:
-            logger.info("reusing prepared data in %s", data_dir)
-            return Prepared(data_dir, paths, meta, reused=True)
-    with locked(data_dir):
-        if src is None:  # (a source read above is not in data_dir's care: no need to reread)
-            src = load_source(source, urls, data_dir, timeout)
-        meta = matching_meta(data_dir, settings, {"sha256": src.sha256})
-        if meta is not None:  # prepared by another process meanwhile
-            logger.info("reusing prepared data in %s", data_dir)
-            return Prepared(data_dir, paths, meta, reused=True)
+
+    def identity(locked: bool) -> dict[str, Any] | None:
+        nonlocal src  # reused without the lock: a download is only looked for, never started
+        if src is None:
+            src = (load_source(source, urls, data_dir, timeout) if locked or str(source) != DOWNLOAD
+                   else cached_download(data_dir))
+        return None if src is None else {"sha256": src.sha256}
+
+    def build() -> tuple[dict[str, bytes], dict[str, Any]]:
+        assert src is not None
         if src.verified:  # the pinned file: the chapter's own read
             frame = pd.read_csv(io.BytesIO(src.data), sep="\t", header=None, names=list(COLUMNS))
             table = Table(frame["Text"].tolist(), frame["Label"].tolist(), src.name, frame)
         else:
             table = read_table(src.data, src.name, on_bad_rows=on_bad_rows)
         balanced = balance_for_split(table.frame, split, split_seed)
-        splits = random_split(balanced, train_frac, val_frac, split_seed)
-        check_splits_not_empty(src.name, len(balanced), splits, train_frac, val_frac)
-        rows = {"read": len(table.frame), "skipped": len(table.skipped)}
-        counts = {
-            part: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
-            for part, f in zip(SPLIT_FILES, splits, strict=True)
-        }
+        splits = dict(zip(SPLIT_FILES, random_split(balanced, train_frac, val_frac, split_seed), strict=True))
+        check_splits_not_empty(src.name, len(balanced), list(splits.values()), train_frac, val_frac)
+        counts = {part: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
+                  for part, f in splits.items()}
+        rows = {"read": len(table.frame), "skipped": len(table.skipped),
+                **{k: int((table.frame["Label"] == k).sum()) for k in LABEL_IDS}}
         source_meta = {**src.origin, "name": src.name, "sha256": src.sha256, "bytes": len(src.data)}
-        meta = write_prepared(
-            data_dir,
-            {part: csv_bytes(frame) for part, frame in zip(SPLIT_FILES, splits, strict=True)},
-            {"source": source_meta, "settings": settings, "splits": counts,
-             "rows": {**rows, **{k: int((table.frame["Label"] == k).sum()) for k in LABEL_IDS}}},
-        )
-        logger.info("prepared %s: %s", data_dir, {s: c["rows"] for s, c in counts.items()})
-        return Prepared(data_dir, paths, meta, reused=False)
+        meta = {"source": source_meta, "splits": counts, "rows": rows}
+        return {part: csv_bytes(f) for part, f in splits.items()}, meta
+
+    meta, reused = ensure_prepared(data_dir, settings, identity, build, "data")
+    return Prepared(data_dir, {part: data_dir / f for part, f in SPLIT_FILES.items()}, meta, reused)

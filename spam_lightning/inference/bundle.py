@@ -20,6 +20,7 @@ from spam_lightning.io_utils import atomic_write, write_json
 from spam_lightning.model.classifier import ClassifierStateError, load_classifier_state
 from spam_lightning.model.gpt import GPTModel
 from spam_lightning.model.sizes import CFG_KEYS
+from spam_lightning.model.weights import mismatch_lines, model_shapes
 
 BUNDLE_FORMAT = "spam-lightning-bundle/1"
 BUNDLE_DIR = "bundle"
@@ -188,33 +189,6 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return header
 
 
-def expected_shapes(model_cfg: dict[str, Any], num_classes: int) -> dict[str, tuple[int, ...]]:
-    """The state dict shapes of ``GPTModel(model_cfg)`` with a ``num_classes`` head, computed
-    (not built): what ``check_weights`` compares the header with."""
-    e, hidden = model_cfg["emb_dim"], 4 * model_cfg["emb_dim"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "tok_emb.weight": (model_cfg["vocab_size"], e), "pos_emb.weight": (model_cfg["context_length"], e),
-    }
-    for i in range(model_cfg["n_layers"]):
-        p = f"trf_blocks.{i}."
-        for name in ("W_query", "W_key", "W_value"):
-            shapes[f"{p}att.{name}.weight"] = (e, e)
-            if model_cfg["qkv_bias"]:
-                shapes[f"{p}att.{name}.bias"] = (e,)
-        shapes |= {
-            f"{p}att.out_proj.weight": (e, e), f"{p}att.out_proj.bias": (e,),
-            f"{p}ff.layers.0.weight": (hidden, e), f"{p}ff.layers.0.bias": (hidden,),
-            f"{p}ff.layers.2.weight": (e, hidden), f"{p}ff.layers.2.bias": (e,),
-        }
-        for norm in ("norm1", "norm2"):
-            shapes |= {f"{p}{norm}.scale": (e,), f"{p}{norm}.shift": (e,)}
-    shapes |= {
-        "final_norm.scale": (e,), "final_norm.shift": (e,),
-        "out_head.weight": (num_classes, e), "out_head.bias": (num_classes,),
-    }
-    return shapes
-
-
 def check_weights(
     config: dict[str, Any], header: dict[str, tuple[str, tuple[int, ...]]], config_path: Path,
     weights_path: Path,
@@ -266,19 +240,12 @@ def check_weights(
             f"{head[0]} names or re-create the bundle."
         )
     compare("num_classes", config["num_classes"], head[0], f"out_head.weight is {list(head)}")
-    want = expected_shapes(model, config["num_classes"])
     found = {k: s for k, (_, s) in header.items()}
-    if want != found:
-        missing = sorted(want.keys() - found.keys())
-        extra = sorted(found.keys() - want.keys())
-        wrong = sorted(k for k in want.keys() & found.keys() if want[k] != found[k])
-        parts = [f"{len(missing)} missing (first: {missing[0]})" if missing else "",
-                 f"{len(extra)} unexpected (first: {extra[0]})" if extra else "",
-                 f"{len(wrong)} of another shape (first: {wrong[0]} is {list(found[wrong[0]])}, "
-                 f"expected {list(want[wrong[0]])})" if wrong else ""]
+    problems = mismatch_lines(model_shapes(model, config["num_classes"]), found, most=1)
+    if problems:
         raise BundleError(
-            f"{weights_path} does not match {config_path.name}: tensors "
-            f"{', '.join(p for p in parts if p)}. Re-create the bundle with a training run."
+            f"{weights_path} does not match {config_path.name}: tensors {'; '.join(problems)}. "
+            "Re-create the bundle with a training run."
         )
 
 

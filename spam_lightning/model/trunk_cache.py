@@ -25,6 +25,7 @@ Padding is not in it: ``build`` never reads it (it only decides whether caching 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spam_lightning.io_utils import atomic_write
+from spam_lightning.io_utils import atomic_write, file_lock, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -342,10 +343,8 @@ class SharedTrunkStore:
         return self.directory / f"{key}{self.SUFFIX}"
 
     @staticmethod
-    def _lock(path: Path):
-        from filelock import FileLock
-
-        return FileLock(str(path) + ".lock")
+    def _lock(path: Path) -> Path:
+        return Path(str(path) + ".lock")
 
     def fetch(
         self, cache: TrunkCache, split: str, key: str, compute: Callable[[], None],
@@ -353,29 +352,24 @@ class SharedTrunkStore:
     ) -> str:
         """Fill ``cache``'s ``split`` from the file of ``key`` (``load``), or ``compute`` it and
         save the file; returns ``"hit"`` or ``"miss"``."""
-        from filelock import Timeout
-
         path = self.path(key)
         if path.is_file():
             try:
                 return self._hit(split, path, load)
             except CacheFileError:
                 pass  # looked at again under the lock (another job may be replacing it)
-        lock = self._lock(path)
+        held = contextlib.ExitStack()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                log.info("Frozen-trunk cache: waiting for another job computing %s into %s", split, path)
-                lock.acquire()
+            held.enter_context(file_lock(self._lock(path), on_wait=lambda: log.info(
+                "Frozen-trunk cache: waiting for another job computing %s into %s", split, path)))
         except OSError as err:  # e.g. a read-only cache.dir: compute it for this run only
             log.warning("Frozen-trunk cache: cannot use %s (%s); computing %s without sharing it.",
                         self.directory, err, split)
             compute()
             self.outcomes[split] = "miss"
             return "miss"
-        try:
+        with held:
             if path.is_file():
                 try:
                     return self._hit(split, path, load)
@@ -404,8 +398,6 @@ class SharedTrunkStore:
                 "Frozen-trunk cache miss: computed %s in %.1f s, saved to %s (%.1f MiB).",
                 split, seconds, path, size / 2**20,
             )
-        finally:
-            lock.release()
         self.evict()
         return "miss"
 
@@ -423,8 +415,6 @@ class SharedTrunkStore:
     def evict(self) -> list[Path]:
         """Delete least-recently-used files until the folder is under ``max_bytes``; returns
         what went. Temporaries of interrupted writes go too (when no job holds their key)."""
-        from filelock import Timeout
-
         removed: list[Path] = []
         entries = []
         for p in self.directory.glob(f"*{self.SUFFIX}"):
@@ -434,39 +424,25 @@ class SharedTrunkStore:
                 continue
             entries.append((st.st_mtime, st.st_size, p))
         total = sum(size for _, size, _ in entries)
-        stale = [p for p in self.directory.glob(f".*{self.SUFFIX}.*.tmp")
-                 if time.time() - _mtime(p) > 60]
         for _, size, p in sorted(entries, key=lambda e: e[0]):
             if total <= self.max_bytes:
                 break
             if p in self.in_use:
                 continue
-            lock = self._lock(p)
             try:
-                lock.acquire(timeout=0)
-            except (Timeout, OSError):
-                continue  # being (re)written by another job
-            try:
-                p.unlink(missing_ok=True)  # a job reading it keeps its mapping (POSIX)
-            finally:
-                lock.release()
-            Path(str(p) + ".lock").unlink(missing_ok=True)
+                with file_lock(self._lock(p), wait=False):
+                    p.unlink(missing_ok=True)  # a job reading it keeps its mapping (POSIX)
+            except OSError:  # LockBusy too: being (re)written by another job
+                continue
+            self._lock(p).unlink(missing_ok=True)
             total -= size
             removed.append(p)
             log.info(
                 "Frozen-trunk cache: evicted %s (%.1f MiB, least recently used; cache.max_gb=%g).",
                 p.name, size / 2**20, self.max_bytes / 2**30,
             )
-        for tmp in stale:  # `.<key>.safetensors.<random>.tmp`, left by a killed writer
-            lock = self._lock(self.directory / (tmp.name[1:].split(self.SUFFIX)[0] + self.SUFFIX))
-            try:
-                lock.acquire(timeout=0)
-            except (Timeout, OSError):
-                continue  # its key is being written right now
-            try:
-                tmp.unlink(missing_ok=True)
-            finally:
-                lock.release()
+        # temporaries a killed writer left (not one whose key is being written right now)
+        remove_stale_temporaries(self.directory, recursive=False, min_age=60, lock_of=self._lock)
         return removed
 
 
@@ -475,11 +451,3 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:  # evicted by another job meanwhile (this run keeps its mapping)
         return 0
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return time.time()
-

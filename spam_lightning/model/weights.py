@@ -408,33 +408,45 @@ class _Entry(NamedTuple):
     transpose: bool = False
 
 
+# The one GPT-2 layout table: a Hub tensor -> the GPTModel parameters it fills (along dim 0).
+# Per block: "h.{i}." -> "trf_blocks.{i}.". Conv1D weights are [in, out]: transposed to nn.Linear's.
+_QKV = ("att.W_query", "att.W_key", "att.W_value")
+HF_LAYOUT = {"wte.weight": ("tok_emb.weight",), "wpe.weight": ("pos_emb.weight",),
+             "ln_f.weight": ("final_norm.scale",), "ln_f.bias": ("final_norm.shift",)}
+HF_BLOCK_LAYOUT = {
+    "ln_1.weight": ("norm1.scale",), "ln_1.bias": ("norm1.shift",),
+    "attn.c_attn.weight": tuple(f"{q}.weight" for q in _QKV),
+    "attn.c_attn.bias": tuple(f"{q}.bias" for q in _QKV),
+    "attn.c_proj.weight": ("att.out_proj.weight",), "attn.c_proj.bias": ("att.out_proj.bias",),
+    "ln_2.weight": ("norm2.scale",), "ln_2.bias": ("norm2.shift",),
+    "mlp.c_fc.weight": ("ff.layers.0.weight",), "mlp.c_fc.bias": ("ff.layers.0.bias",),
+    "mlp.c_proj.weight": ("ff.layers.2.weight",), "mlp.c_proj.bias": ("ff.layers.2.bias",),
+}
+CONV1D = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
+
+
+def model_shapes(cfg: Mapping[str, Any], num_classes: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The state dict shapes of ``GPTModel(cfg)`` (with a ``num_classes`` head), read from a
+    storage-less meta-device model: what every file's header is compared with."""
+    with torch.device("meta"):
+        model = GPTModel({"drop_rate": 0.0, **cfg})
+        if num_classes is not None:
+            model.out_head = torch.nn.Linear(cfg["emb_dim"], num_classes)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def _hf_plan(cfg: Mapping[str, Any]) -> dict[str, _Entry]:
     """Every tensor a GPT-2 checkpoint of size `cfg` must hold, keyed by its Hub name."""
-    V, C, E = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"]
-    plan = {
-        "wte.weight": _Entry((V, E), ("tok_emb.weight",)),
-        "wpe.weight": _Entry((C, E), ("pos_emb.weight",)),
-        "ln_f.weight": _Entry((E,), ("final_norm.scale",)),
-        "ln_f.bias": _Entry((E,), ("final_norm.shift",)),
-    }
+    ours = model_shapes(cfg)
+    layout = dict(HF_LAYOUT)
     for i in range(cfg["n_layers"]):
-        src, dst = f"h.{i}.", f"trf_blocks.{i}."
-        qkv = [f"{dst}att.{name}" for name in ("W_query", "W_key", "W_value")]
-        plan |= {
-            f"{src}ln_1.weight": _Entry((E,), (f"{dst}norm1.scale",)),
-            f"{src}ln_1.bias": _Entry((E,), (f"{dst}norm1.shift",)),
-            f"{src}attn.c_attn.weight": _Entry((E, 3 * E), tuple(f"{q}.weight" for q in qkv), True),
-            f"{src}attn.c_proj.weight": _Entry((E, E), (f"{dst}att.out_proj.weight",), True),
-            f"{src}attn.c_proj.bias": _Entry((E,), (f"{dst}att.out_proj.bias",)),
-            f"{src}ln_2.weight": _Entry((E,), (f"{dst}norm2.scale",)),
-            f"{src}ln_2.bias": _Entry((E,), (f"{dst}norm2.shift",)),
-            f"{src}mlp.c_fc.weight": _Entry((E, 4 * E), (f"{dst}ff.layers.0.weight",), True),
-            f"{src}mlp.c_fc.bias": _Entry((4 * E,), (f"{dst}ff.layers.0.bias",)),
-            f"{src}mlp.c_proj.weight": _Entry((4 * E, E), (f"{dst}ff.layers.2.weight",), True),
-            f"{src}mlp.c_proj.bias": _Entry((E,), (f"{dst}ff.layers.2.bias",)),
-        }
-        if cfg["qkv_bias"]:
-            plan[f"{src}attn.c_attn.bias"] = _Entry((3 * E,), tuple(f"{q}.bias" for q in qkv))
+        layout |= {f"h.{i}.{k}": tuple(f"trf_blocks.{i}.{t}" for t in v) for k, v in HF_BLOCK_LAYOUT.items()}
+    plan = {}
+    for key, targets in layout.items():
+        if targets[0] in ours:  # (no attention biases without qkv_bias)
+            shape = (sum(ours[t][0] for t in targets), *ours[targets[0]][1:])
+            conv1d = key.split(".", 2)[-1] in CONV1D
+            plan[key] = _Entry(shape[::-1] if conv1d else shape, targets, conv1d)
     return plan
 
 
