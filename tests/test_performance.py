@@ -340,19 +340,21 @@ def test_chapter_config_replays_the_chapters_loop(run) -> None:
     it advance), with the book's seeds: loaders, model + head, optimizer."""
     opts = ("trainable=last_block", "token=last", "data.padding=longest", "cache.trunk=true")
     history, metrics = run(*opts)
+    from llms_from_scratch.ch06 import SpamDataset, train_classifier_simple
+
     bench = load_benchmark_module()
     data_dir = _WORK[opts] / "data" / "sms_spam"
     tok = get_tokenizer()
-    train_ds = bench.SpamDataset(data_dir / "train.csv", tok)
-    val_ds = bench.SpamDataset(data_dir / "validation.csv", tok, train_ds.max_length)
+    train_ds = SpamDataset(data_dir / "train.csv", tok)
+    val_ds = SpamDataset(data_dir / "validation.csv", tok, train_ds.max_length)
     loader = torch.utils.data.DataLoader
     torch.manual_seed(123)
     train_loader = loader(train_ds, batch_size=8, shuffle=True, drop_last=True)
     val_loader = loader(val_ds, batch_size=8, drop_last=False)
-    model = bench.random_classifier("gpt2-tiny", 123)
+    model = bench.random_classifier("gpt2-tiny", 123)  # the book's ch04.GPTModel + head
     torch.manual_seed(123)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    book = bench.train_classifier_simple(
+    book = train_classifier_simple(
         model,
         train_loader,
         val_loader,
