@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ END = "<!-- benchmark-table:end -->"
 TRAIN_PHASES = ("a", "b", "c")
 INFER_PHASES = ("d_fp32", "d_bf16", "e_fp32")
 HISTORY = ("train_losses", "val_losses", "train_accs", "val_accs")
+LOADED = 0.10  # other processes' CPU, in cores: above this a phase is flagged ``loaded``
 
 
 def ratio(x: float | None, y: float | None) -> float | None:
@@ -149,6 +151,55 @@ def summarize(
     }
     return headline, checks
 
+
+
+def sweep_summary(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Phase (f) from its jobs (own caches first, then shared, seed by seed): the summed process
+    times, their ratio, and whether each seed's results are the same both ways."""
+    own, shared = [j for j in jobs if not j["shared"]], [j for j in jobs if j["shared"]]
+    equal = all(max_history_diff(x["history"], y["history"]) <= 1e-6 and
+                all(abs(x[f"{s}_accuracy"] - y[f"{s}_accuracy"]) < 1e-9 for s in ("val", "test"))
+                for x, y in zip(own, shared, strict=True))
+    unshared_s, shared_s = (sum(j["wall_seconds"] for j in js) for js in (own, shared))
+    keep = ("seq", "seed", "shared", "seconds", "process_seconds", "wall_seconds",
+            "training_seconds", "test_accuracy", "trunk_cache", "other_cpu_fraction", "loaded",
+            "peak_rss_mb")
+    fracs = [j["other_cpu_fraction"] for j in jobs if j.get("other_cpu_fraction") is not None]
+    return {"unshared_seconds": unshared_s, "shared_seconds": shared_s,
+            "speedup": ratio(unshared_s, shared_s), "results_equal": equal,
+            "seconds": unshared_s + shared_s, "wall_seconds": unshared_s + shared_s,
+            "other_cpu_fraction": max(fracs) if fracs else None,
+            "loaded": any(j.get("loaded") for j in jobs),
+            "jobs": [{k: j.get(k) for k in keep} for j in jobs]}
+
+
+def results_json(quick: bool, command: str, phases: dict[str, dict], merged_from: list[dict],
+                 peak: dict[str, float], peaks: list[dict], ceiling: dict, notes: list[str],
+                 **fields: Any) -> dict[str, Any]:
+    """The whole ``benchmark.json``: ``phases`` (run now and merged) with their ratios and
+    checks, the GEMM ceiling as a fraction of ``peak``, notes on load; ``fields``: the context,
+    machine, threads, torch, isolation and load average, as given."""
+    for prec, by_rows in ceiling.items():
+        for r in by_rows.values():
+            r["fraction_of_peak"] = r["gflops"] / peak[prec]
+    headline, checks = summarize(fields.get("context", {}), phases,
+                                 {k: v for m in merged_from for k, v in m["checks"].items()})
+    worst = headline["max_other_cpu_fraction"]
+    if worst is not None and worst > LOADED:
+        notes.append(f"loaded: other processes used up to {worst:.2f} of a core during "
+                     f"{', '.join(headline['loaded_phases']) or 'some phases'}; "
+                     "those times are inflated")
+    if phases.get("f", {}).get("reason"):
+        notes.append(f"sweep_cache_speedup is null: {phases['f']['reason']}")
+    return {"label": "quick smoke run, not the result" if quick else "benchmark", "quick": quick,
+            "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            **headline, **{k: fields[k] for k in ("context", "machine", "threads", "torch",
+                                                 "isolation", "load_average")},
+            "peak_gflops": peak, "peak_measurements": peaks, "gemm_ceiling": ceiling,
+            "startup_seconds": phases.get("s", {}).get("median_seconds"),
+            "merged_from": merged_from, "checks": checks, "notes": notes,
+            "phases": {k: {kk: vv for kk, vv in v.items() if kk != "predictions"}
+                       for k, v in phases.items()}}
 
 
 # what must be the same for phases of two runs to stand in one table
