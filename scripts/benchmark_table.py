@@ -88,9 +88,11 @@ def cap_mfu(
     set_mfu(phases, peak)
     for name, res in phases.items():
         if (res.get("mfu") or 0) > 1.0:
+            prec = res["precision"]
             notes.append(f"{name}: {res['gflops_per_s']:.0f} GFLOP/s exceeds the measured "
-                         f"{res['precision']} peak ({peak[res['precision']]:.0f}); MFU not reported")
-            res["mfu"], res["mfu_note"] = None, "above the measured peak: the peak measurement is wrong"
+                         f"{prec} peak ({peak[prec]:.0f}); MFU not reported")
+            res["mfu"] = None
+            res["mfu_note"] = "above the measured peak: the peak measurement is wrong"
     return peak, notes
 
 
@@ -311,7 +313,8 @@ def render_table(results: dict[str, Any]) -> str:
         "| --- | ---: | ---: | --- | ---: | ---: |",
     ]
     titles = {
-        "a": f"the book's loop ({_book_code(phases.get('a'))}), its evaluations + full-set accuracy",
+        "a": f"the book's loop ({_book_code(phases.get('a'))}), its evaluations + full-set "
+             "accuracy",
         "b": "`python train.py` (chapter config)",
         "c": "`python train.py experiment=fast`",
     }
@@ -437,7 +440,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         frac, proc = run.get("other_cpu_fraction"), run.get("process_seconds")
         lines.append(
             f"| {when} | {seq} | {title} | {run.get('seconds') or 0:.2f} | "
-            f"{'-' if proc is None else f'{proc:.2f}'} | {'-' if frac is None else f'{frac:.3f}'} | "
+            f"{'-' if proc is None else f'{proc:.2f}'} | "
+            f"{'-' if frac is None else f'{frac:.3f}'} | "
             f"{'**yes**' if run.get('loaded') else 'no'} | {run.get('peak_rss_mb') or 0:.0f} |")
     lines += ["", "Matmul peak measurements (GFLOP/s): " + "; ".join(
         f"{m['when']}: fp32 {m['fp32']:.0f}, bf16 {m['bf16']:.0f} (other CPU "
