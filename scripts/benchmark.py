@@ -124,8 +124,9 @@ class StepTimer(L.Callback):
     last: StepTimer | None = None
 
     def __init__(self) -> None:
-        self.epoch, self.bare, self.pending, self.evaluated = [], [], None, False
-        self.replay_seconds, StepTimer.last = 0.0, self
+        self.epoch, self.bare, self.replay_seconds = [], [], 0.0
+        self.pending, self.evaluated, self.eval_freq = None, False, None
+        StepTimer.last = self
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.eval_freq = next((c.eval_freq for c in trainer.callbacks
@@ -221,27 +222,27 @@ def phase_train(ctx: Ctx, experiment: str | None) -> dict[str, Any]:
 
 def timed_predictions(ctx: Ctx, predict: Callable, flops: FlopLog, **fields: Any) -> dict[str, Any]:
     """One untimed warm-up batch, then every message, timed (the Timer's clock: GPU-synced)."""
-    from safetensors.torch import load_file
-
     texts = json.loads(Path(ctx["texts"]).read_text())
     predict(texts[: ctx["batch_size"]])  # allocator, kernels
     flops.calls.clear()
     start = benchmark.utils.timer.timer()
     labels = predict(texts).argmax(-1)
     seconds = benchmark.utils.timer.timer() - start
-    digest = weights_digest(load_file(Path(ctx["bundle_run"]) / "bundle" / "model.safetensors"))
     return {"seconds": seconds, "msgs_per_s": len(texts) / seconds, "flops": flops.total(),
-            "weights": digest, "predictions": labels.tolist(),
+            "predictions": labels.tolist(),
             "spam_fraction": float(labels.float().mean()), **fields}
 
 
 def phase_engine(ctx: Ctx, precision: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
     from spam_lightning.inference.classify import Classifier
 
+    digest = weights_digest(load_file(Path(ctx["bundle_run"]) / "bundle" / "model.safetensors"))
     clf = Classifier(ctx["bundle_run"], device=ctx["device"], precision=precision,
                      batch_size=ctx["batch_size"])
     return timed_predictions(ctx, clf.predict_proba, FlopLog().attach(clf.model.trf_blocks),
-                             precision="bf16" if precision == "bf16" else "fp32")
+                             precision="bf16" if precision == "bf16" else "fp32", weights=digest)
 
 
 def phase_hf(ctx: Ctx) -> dict[str, Any]:
@@ -256,6 +257,7 @@ def phase_hf(ctx: Ctx) -> dict[str, Any]:
     ours = load_file(Path(ctx["bundle_run"]) / "bundle" / "model.safetensors")
     if float(ours["out_head.bias"].abs().max()) != 0.0:
         raise ValueError("the bundle's head has a bias; HF's score has none")
+    digest = weights_digest(ours)
     with torch.device("meta"):  # GELU (tanh) and LayerNorm eps 1e-5: GPT2Config's defaults
         model = GPT2ForSequenceClassification(GPT2Config(
             vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
@@ -282,7 +284,7 @@ def phase_hf(ctx: Ctx) -> dict[str, Any]:
 
     with torch.inference_mode():
         return timed_predictions(ctx, predict, FlopLog().attach(model.transformer.h),
-                                 precision="fp32", attn_implementation=getattr(
+                                 precision="fp32", weights=digest, attn_implementation=getattr(
                                      model.config, "_attn_implementation", None))
 
 

@@ -58,8 +58,8 @@ class FlopLog:
 
         sigs = {i: (repr(b), tuple(p.requires_grad for p in b.parameters()))
                 for i, b in self.blocks.items()}  # blocks alike share a measurement
-        metas = {s: copy.deepcopy(self.blocks[i]).to("meta") for s, i in dict(
-            (s, i) for i, s in sigs.items()).items()}
+        firsts = {sig: i for i, sig in sigs.items()}  # one block of each kind
+        metas = {sig: copy.deepcopy(self.blocks[i]).to("meta") for sig, i in firsts.items()}
         each: dict[Any, int] = {}
         for bid, kind, shape, trains in self.calls:
             if (key := (sigs[bid], kind, shape, trains)) not in each:
@@ -84,9 +84,12 @@ def measure_peak(seconds: float, sizes: tuple[int, ...] | None, device: str) -> 
     sizes = sizes or ((4096, 8192) if device.startswith("cuda") else (1024, 2048, 4096))
     out = {}
     for name, dtype in DTYPES.items():
-        mats = [[torch.randn(n, n, dtype=dtype, device=device) for _ in "ab"] for n in sizes]
-        out[name] = max(2 * a.shape[0] ** 3 / 1e9 / min(timer("a @ b", a=a, b=b).blocked_autorange(
-            min_run_time=seconds / len(sizes)).times) for a, b in mats)
+        rates = []
+        for n in sizes:
+            a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+            m = timer("a @ b", a=a, b=b).blocked_autorange(min_run_time=seconds / len(sizes))
+            rates.append(2 * n**3 / min(m.times) / 1e9)
+        out[name] = max(rates)
     return out
 
 
