@@ -115,18 +115,27 @@ def phase_a(ctx: Ctx) -> dict[str, Any]:
             "book_code": f"llms_from_scratch {version('llms-from-scratch')}"}
 
 
-class StepTimer(L.Callback):
-    """Each fit-loop step (batch start to the next; evaluation steps and an epoch's last left
-    out), then the last epoch's batches again in a bare PyTorch loop on a copy of the model
-    (warm-up pass, timed pass); overhead: the median per-batch difference. (``ThroughputMonitor``
-    logs windowed rates: it cannot pair a step with its replay.)"""
+class Probe(L.Callback):
+    """What (b) and (c) measure inside ``train()``: the weights fit starts from (a digest), the
+    block FLOPs of everything after (trunk cache included), each fit-loop step (batch start to
+    the next; evaluation steps and an epoch's last left out), then the last epoch's batches
+    again in a bare PyTorch loop on a copy of the model (warm-up pass, timed pass); overhead:
+    the median per-batch difference. (``ThroughputMonitor`` logs windowed rates: it cannot pair
+    a step with its replay.) ``excluded_seconds``: its own hashing and replay."""
 
-    last: StepTimer | None = None
+    last: Probe | None = None
 
     def __init__(self) -> None:
-        self.epoch, self.bare, self.replay_seconds = [], [], 0.0
+        self.epoch, self.bare, self.replay_seconds, self.excluded_seconds = [], [], 0.0, 0.0
         self.pending, self.evaluated, self.eval_freq = None, False, None
-        StepTimer.last = self
+        self.digest, self.flops, Probe.last = None, FlopLog(), self
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.digest is None:  # fit's setup, before the trunk cache and the first step
+            t0 = time.perf_counter()
+            self.digest = weights_digest(pl_module.model.state_dict())
+            self.flops.attach(pl_module.model.trf_blocks)
+            self.excluded_seconds += time.perf_counter() - t0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.eval_freq = next((c.eval_freq for c in trainer.callbacks
@@ -159,7 +168,8 @@ class StepTimer(L.Callback):
             opt.zero_grad()
             self.bare += [time.perf_counter() - t] if timed else []
         self.replay_seconds = time.perf_counter() - t0
-        print(f"StepTimer: {self.report()}", flush=True)
+        self.excluded_seconds += self.replay_seconds
+        print(f"Probe: {self.report()}", flush=True)
 
     def report(self) -> dict[str, Any]:
         loop, ms = [t for _, t in self.epoch], lambda xs: statistics.median(xs) * 1000
@@ -173,7 +183,7 @@ class StepTimer(L.Callback):
 def phase_train(ctx: Ctx, experiment: str | None) -> dict[str, Any]:
     """``train.train(cfg)`` as ``python train.py`` runs it, timed whole (data, model, cache, fit,
     final evaluation, bundle). ``experiment=None``: a sweep job of phase (f), whose
-    ``job_overrides`` say everything (no weights digest: it loads a checkpoint)."""
+    ``job_overrides`` say everything."""
     import spam_lightning.train as train_mod
 
     work = Path(ctx["work"]) / f"run_{experiment or 'sweep'}{ctx.get('job_tag', '')}"
@@ -187,34 +197,18 @@ def phase_train(ctx: Ctx, experiment: str | None) -> dict[str, Any]:
         # (b), (c): every run builds its own trunk cache, as one `python train.py` from cold
         *(["cache.shared=false"] if experiment and "shared" in ctx["cache_keys"] else []),
         *ctx.get("job_overrides", [])]
-    timed = ["+callbacks.benchmark_step_timer._target_=__main__.StepTimer"]  # not a setting
-    cfg = compose(overrides + (timed if experiment else []), work)
-    flops, build_model, digests, excluded = FlopLog(), train_mod.build_model, [], [0.0]
-
-    def counted_build(cfg: Any, num_classes: int) -> torch.nn.Module:
-        model = build_model(cfg, num_classes)
-        if experiment and not digests:  # the weights train() starts from; hashing not timed
-            t0 = time.perf_counter()
-            digests.append(weights_digest(model.state_dict()))
-            excluded[0] += time.perf_counter() - t0
-        flops.attach(model.trf_blocks)
-        return model
-
-    train_mod.build_model = counted_build  # count what train() really runs
-    try:
-        start = time.perf_counter()
-        metrics = train_mod.train(cfg)
-        seconds = time.perf_counter() - start - excluded[0]
-    finally:
-        train_mod.build_model = build_model
+    probe = ["+callbacks.benchmark_probe._target_=__main__.Probe"]  # not a setting
+    Probe.last = None
+    start = time.perf_counter()
+    metrics = train_mod.train(compose(overrides + (probe if experiment else []), work))
+    seconds = time.perf_counter() - start
     history = json.loads((work / "run" / "history.json").read_text())
-    steps = StepTimer.last.report() if experiment and StepTimer.last else {}
-    replay = steps.get("replay_seconds", 0.0)  # the bare replay is the benchmark's, not train's
-    return {"seconds": seconds - replay, "excluded_seconds": excluded[0] + replay, "steps": steps,
-            "overrides": overrides, "training_seconds": metrics["training_seconds"],
-            "flops": flops.total(),
+    got = Probe.last or Probe()  # sweep jobs (f): no probe; no digest, they load a checkpoint
+    return {"seconds": seconds - got.excluded_seconds, "excluded_seconds": got.excluded_seconds,
+            "steps": got.report() if Probe.last else {}, "overrides": overrides,
+            "training_seconds": metrics["training_seconds"], "flops": got.flops.total(),
             "precision": "bf16" if "bf16" in metrics["precision"] else "fp32",
-            **({"weights": digests[0]} if digests else {}),
+            **({"weights": got.digest} if got.digest else {}),
             **{k: metrics[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy",
                                        "examples_seen", "trunk_cache", "token", "padding")},
             "history": {k: history[k] for k in HISTORY}}

@@ -114,7 +114,7 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the GPT weights (the class head's bias excluded: (d)/(e) zero it)."""
     h = hashlib.sha256()
     for key in sorted(k for k in state if k != "out_head.bias"):
-        h.update(key.encode() + state[key].detach().float().contiguous().numpy().tobytes())
+        h.update(key.encode() + state[key].detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
