@@ -154,7 +154,6 @@ def summarize(
     return headline, checks
 
 
-
 def sweep_summary(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     """Phase (f) from its jobs (own caches first, then shared, seed by seed): the summed process
     times, their ratio, and whether each seed's results are the same both ways."""
