@@ -647,3 +647,14 @@ def test_readme_table_is_generated_from_json(tmp_path) -> None:
     copy.write_text(readme.replace(tables.render_table(results), "stale"))
     assert tables.main(["--readme", str(copy), "--check"]) == 1
     assert tables.main(["--readme", str(copy)]) == 0 and copy.read_text() == readme
+
+
+def test_book_row_names_the_code_phase_a_ran() -> None:
+    """Phase (a) runs the book's code from ``llms_from_scratch`` and says so (``book_code``);
+    a run from before, which carries no ``book_code``, ran ``spam_lightning.reference``."""
+    tables = load_table_module()
+    results = json.loads((REPO / "docs" / "benchmark.json").read_text())
+    assert "the book's loop (`spam_lightning.reference`)" in tables.render_table(results)
+    results["phases"]["a"]["book_code"] = "llms_from_scratch 1.0.19"
+    for text in (tables.render_table(results), tables.render_markdown(results)):
+        assert "the book's loop (`llms_from_scratch` 1.0.19)" in text
