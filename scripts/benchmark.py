@@ -499,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(args.logs).resolve() if args.logs else out
     for folder in (out, logs):
         folder.mkdir(parents=True, exist_ok=True)
-    load_start, peak_s, peaks, seq = os.getloadavg(), 1.0 if args.quick else 3.0, [], \
-        itertools.count(1)
+    load_start, peak_s = os.getloadavg(), 1.0 if args.quick else 3.0
+    peaks, seq = [], itertools.count(1)
 
     def peak_now(when: str, seconds: float = peak_s, sizes: tuple | None = None) -> dict:
         idle = tools.wait_for_idle(args.wait_idle)
