@@ -525,6 +525,44 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
     assert tables.main([*args, "--check"]) == 0
 
 
+def test_flop_log_counts_each_block_call_with_measure_flops() -> None:
+    """FLOPs of what ran, by Lightning's ``measure_flops`` on meta copies of the blocks: a full
+    block 24BTD^2 + 4BT^2D (q, k, v, out, FeedForward; QK^T, AV), the pruned last block
+    4BTD^2 + 20BD^2 + 4BTD, and 3x (forward and backward) where gradients reach its weights."""
+    bench = load_benchmark_module()
+    model = tiny()  # last_block: block 0 frozen, block 1 trains
+    log = bench.FlopLog().attach(model.trf_blocks)
+    module = GPTClassifier(model, token="flexible")
+    ids, lengths = padded_batch()
+    with torch.no_grad():
+        module(ids, lengths)
+    module(ids, lengths).sum().backward()
+    (b, t), d = ids.shape, MODEL_CONFIGS["gpt2-tiny"]["emb_dim"]
+    full = 24 * b * t * d**2 + 4 * b * t**2 * d
+    pruned = 4 * b * t * d**2 + 20 * b * d**2 + 4 * b * t * d
+    assert sum(log.calls.values()) == 4
+    assert log.total() == 2 * full + pruned + 3 * pruned
+
+
+def test_random_checkpoint_has_the_hub_layout(tmp_path) -> None:
+    """The sweep's and the load test's checkpoint: the Hub's names and shapes (the package's
+    layout table on a meta model), loadable as pretrained weights."""
+    from safetensors import safe_open
+
+    from spam_lightning.model.weights import build_gpt
+
+    bench = load_benchmark_module()
+    path = tmp_path / "model.safetensors"
+    size = bench.tools.write_random_hf_safetensors(path, "gpt2-tiny", seed=1)
+    d = MODEL_CONFIGS["gpt2-tiny"]["emb_dim"]
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.get_slice("h.0.attn.c_attn.weight").get_shape() == [d, 3 * d]  # Conv1D, fused
+    model = build_gpt("gpt2-tiny", weights="pretrained", checkpoint=path)
+    params = {n: p for n, p in model.named_parameters() if n != "out_head.weight"}  # tied
+    assert size == path.stat().st_size > 4 * sum(p.numel() for p in params.values())
+    assert 0.01 < float(model.trf_blocks[0].att.W_query.weight.std()) < 0.03  # randn * 0.02
+
+
 def test_merge_takes_earlier_phases_with_their_run_and_checks(tmp_path) -> None:
     """``--merge``: phases not run now come from the earlier file, marked with its date and
     command, with the checks of those phases only; another model or machine is refused."""
@@ -610,3 +648,14 @@ def test_readme_table_is_generated_from_json(tmp_path) -> None:
     copy.write_text(readme.replace(tables.render_table(results), "stale"))
     assert tables.main(["--readme", str(copy), "--check"]) == 1
     assert tables.main(["--readme", str(copy)]) == 0 and copy.read_text() == readme
+
+
+def test_book_row_names_the_code_phase_a_ran() -> None:
+    """Phase (a) runs the book's code from ``llms_from_scratch`` and says so (``book_code``);
+    a run from before, which carries no ``book_code``, ran ``spam_lightning.reference``."""
+    tables = load_table_module()
+    results = json.loads((REPO / "docs" / "benchmark.json").read_text())
+    assert "the book's loop (`spam_lightning.reference`)" in tables.render_table(results)
+    results["phases"]["a"]["book_code"] = "llms_from_scratch 1.0.19"
+    for text in (tables.render_table(results), tables.render_markdown(results)):
+        assert "the book's loop (`llms_from_scratch` 1.0.19)" in text

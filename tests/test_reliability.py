@@ -43,7 +43,7 @@ from spam_lightning.inference.classify import Classifier
 from spam_lightning.inference.classify import main as classify_main
 from spam_lightning.model.classifier import make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
-from spam_lightning.model.weights import CheckpointError, _hf_plan
+from spam_lightning.model.weights import CheckpointError, hf_plan
 from spam_lightning.train import train
 from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO
 
@@ -379,7 +379,7 @@ def test_pretrained_checkpoint_of_another_size_is_refused_before_heavy_work(
 ) -> None:
     tiny = tmp_path / "tiny" / "model.safetensors"
     tiny.parent.mkdir()
-    plan = _hf_plan({**MODEL_CONFIGS["gpt2-tiny"], "emb_dim": 32, "n_layers": 1})
+    plan = hf_plan({**MODEL_CONFIGS["gpt2-tiny"], "emb_dim": 32, "n_layers": 1})
     save_file({k: torch.zeros(e.shape) for k, e in plan.items()}, tiny)
     cfg = compose_train(
         ["model=gpt2-small", f"model.checkpoint={tiny}", *FAST, f"data.source={sms_file}"], tmp_path

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from spam_lightning.model.classifier import GPTClassifier, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 from spam_lightning.model.trunk_cache import SharedTrunkStore, TrunkCache
-from spam_lightning.model.weights import _hf_plan
+from spam_lightning.model.weights import hf_plan
 
 REPO = Path(__file__).resolve().parents[1]
 LOGGER = "spam_lightning.model.trunk_cache"
@@ -56,7 +56,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = GPTModel({**MODEL_CONFIGS["gpt2-tiny"]})
     state = model.state_dict()
     tensors = {}
-    for key, entry in _hf_plan(model.cfg).items():
+    for key, entry in hf_plan(model.cfg).items():
         tensor = torch.cat([state[name] for name in entry.targets], 0)
         tensors[key] = (tensor.T if entry.transpose else tensor).contiguous()
     path = tmp_path_factory.mktemp("tiny-weights") / "model.safetensors"

@@ -19,7 +19,7 @@ from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, generate_text_simple
 from spam_lightning.model.weights import (
     CheckpointError,
-    _hf_plan,
+    hf_plan,
     build_gpt,
     load_gpt2,
 )
@@ -129,7 +129,7 @@ def test_torch_state_dict_bin_loads_weights_only(hf_model, hf_dir: Path, tmp_pat
 def test_plan_fills_every_parameter() -> None:
     """Every GPTModel parameter is written by the loader (the head through the tie)."""
     cfg = MODEL_CONFIGS["gpt2-tiny"]
-    targets = [t for entry in _hf_plan(cfg).values() for t in entry.targets]
+    targets = [t for entry in hf_plan(cfg).values() for t in entry.targets]
     assert len(targets) == len(set(targets))
     assert set(targets) | {"out_head.weight"} == set(GPTModel(cfg).state_dict())
 
@@ -137,7 +137,7 @@ def test_plan_fills_every_parameter() -> None:
 def test_bare_file_infers_heads_from_width(tmp_path: Path) -> None:
     """No config.json: n_heads comes from the released widths (768 -> 12)."""
     cfg = {**MODEL_CONFIGS["gpt2-small"], "vocab_size": 7, "context_length": 5, "n_layers": 1}
-    state = {k: torch.randn(e.shape) for k, e in _hf_plan(cfg).items()}
+    state = {k: torch.randn(e.shape) for k, e in hf_plan(cfg).items()}
     save_file(state, tmp_path / "w.safetensors")
     model = load_gpt2(tmp_path / "w.safetensors")
     assert model.cfg == {**cfg, "causal_mask": True}
@@ -297,7 +297,7 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path: Path) -> None:
     cfg = {**MODEL_CONFIGS["gpt2-tiny"], "vocab_size": 2000, "emb_dim": 320, "n_layers": 10}
     torch.manual_seed(0)
     save_file(
-        {k: torch.randn(e.shape) for k, e in _hf_plan(cfg).items()}, tmp_path / "model.safetensors"
+        {k: torch.randn(e.shape) for k, e in hf_plan(cfg).items()}, tmp_path / "model.safetensors"
     )
     (tmp_path / "config.json").write_text(json.dumps({"n_head": 4}))
     assert (tmp_path / "model.safetensors").stat().st_size > 45e6

@@ -151,7 +151,7 @@ def _checked_plan(
     layout = _normalise_keys(shapes)
     found = infer_config({k: shapes[orig] for k, orig in layout.items()}, path, strict=config is None)
     expected = dict(config if config is not None else found)
-    plan = _hf_plan(expected)
+    plan = hf_plan(expected)
     _check_tensors(path, plan, shapes, layout, expected, found)
     return expected, plan, layout
 
@@ -435,7 +435,7 @@ def model_shapes(cfg: Mapping[str, Any], num_classes: int | None = None) -> dict
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _hf_plan(cfg: Mapping[str, Any]) -> dict[str, _Entry]:
+def hf_plan(cfg: Mapping[str, Any]) -> dict[str, _Entry]:
     """Every tensor a GPT-2 checkpoint of size `cfg` must hold, keyed by its Hub name."""
     ours = model_shapes(cfg)
     layout = dict(HF_LAYOUT)
