@@ -258,6 +258,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._book_sampler: BookShuffleSampler | None = None
         self._pending_resume: dict[str, Any] | None = None
         self.tokenizer: Any = None  # None: GPT-2's (tiktoken); else use_tokenizer's
+        self._features: dict[str, Dataset] = {}  # split -> what use_features gave
 
     def use_tokenizer(self, tokenizer: Any) -> None:
         """Tokenize with a model's own tokenizer (an encoder's ``EncoderTokenizer``: ``encode(texts,
@@ -323,13 +324,25 @@ class TextClassificationDataModule(L.LightningDataModule):
             *map(len, datasets), len(self.class_names), max_length, self.padding,
         )
 
-    def _loader(self, split: str, generator: torch.Generator | None, **kwargs: Any) -> DataLoader:
+    def token_dataset(self, split: str) -> TokenDataset:
+        """A split's tokens (``train``, ``val``/``validation``, ``test``), after ``setup``."""
         name = _SPLIT_ALIASES.get(split)
         if name is None:
             raise ValueError(f"split={split!r}: allowed values are train, val, test")
         ds = {"train": self.train_dataset, "validation": self.val_dataset}.get(name, self.test_dataset)
         if ds is None:
             raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
+        return ds
+
+    def use_features(self, split: str, features: Dataset) -> None:
+        """Serve ``split`` as ``features`` (a dataset with its own ``collate``: the frozen trunk's
+        hidden states, ``model/trunk_cache.py``) in every loader made from now on."""
+        self.token_dataset(split)  # a known split
+        self._features[_SPLIT_ALIASES[split]] = features
+
+    def _loader(self, split: str, generator: torch.Generator | None, **kwargs: Any) -> DataLoader:
+        ds = self.token_dataset(split)
+        features = self._features.get(_SPLIT_ALIASES[split])
         if kwargs.pop("bucketing", False):
             kwargs["batch_sampler"] = LengthGroupedSampler(
                 RandomSampler(ds, generator=generator), self.batch_size, drop_last=True,
@@ -337,6 +350,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             )
         else:
             kwargs["batch_size"] = self.batch_size
+        if features is not None:  # in memory (maybe on the GPU): no worker processes
+            return DataLoader(features, generator=generator, collate_fn=features.collate, **kwargs)
         return DataLoader(
             ds,
             generator=generator,

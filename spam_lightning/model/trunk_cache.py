@@ -1,16 +1,16 @@
-"""Frozen-trunk cache: the hidden states after the frozen blocks, computed once per example
-(the chapter recomputes them for every batch of every epoch and every evaluation).
+"""The frozen trunk as a feature-extraction step: the hidden states after the frozen blocks,
+computed once per example (the chapter recomputes them for every batch of every epoch and every
+evaluation), handed to training and evaluation as an ordinary dataset (``TrunkFeatures``) whose
+batches enter the classifier at the first trainable block.
 
 Exact: with a causal mask position t depends only on positions <= t, so a prefix's states do
-not depend on padding. What is stored per example is what the pooled token can read: ``last``
-and the book's ``mean`` (padding included), every position up to ``max_length`` (computed
-padded, as in the chapter); ``flexible``/``masked_mean``, the real tokens (computed in
-length-sorted batches); ``first``, position 0; without a causal
-mask, the whole ``max_length`` (cached only under ``longest`` padding).
+not depend on padding. What is stored per example is what the pooling can read (its ``span`` at
+``max_length``): every position up to ``max_length`` when it reads padding (computed padded, as
+in the chapter), the real tokens (computed in length-sorted batches), or up to position k;
+without a causal mask, the whole ``max_length`` (cached only under ``longest`` padding).
 
-States are packed per split as ``[sum(stored lengths), emb_dim]`` with offsets, so ``lookup`` is
-one gather. Indices are row numbers in the split, as a distributed sampler hands them out: every
-rank builds the whole cache and can look up any example.
+States are packed per split as ``[sum(stored lengths), emb_dim]`` with offsets. Every rank builds
+the whole split: a distributed sampler may hand it any example.
 
 Shared across runs (``cache.shared=true``): a split's states are a pure function of what
 ``build`` reads, so ``SharedTrunkStore`` keeps them on disk (one safetensors file per key,
@@ -18,9 +18,9 @@ written atomically under a file lock, memory-mapped when read) and every later r
 key (another seed, learning rate, head, epoch count...) loads them instead of computing them.
 The key (``split_key``) is a sha256 over the frozen weights (embeddings + ``trf_blocks[:start]``,
 their bytes), the source of the code that runs them, the torch version, ``start_block``, the
-stored-length rule, the cache dtype and batching, the device kind, the precision (autocast) and
-float32-matmul settings, and the split's token ids, ``max_length`` and ``pad_token_id``.
-Padding is not in it: ``build`` never reads it (it only decides whether caching is allowed).
+cache dtype and batching, the device kind, the precision (autocast) and float32-matmul settings,
+and the split's token ids, stored lengths, ``max_length`` and ``pad_token_id``. Padding is not
+in it: ``build`` never reads it (it only decides whether caching is allowed).
 """
 
 from __future__ import annotations
@@ -36,12 +36,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
 
 from spam_lightning.io_utils import atomic_write
+from spam_lightning.model.pooling import Pooling, get_pooling
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the file layout or what `build` computes changes
+FORMAT_VERSION = 2  # bump when the file layout or what `build` computes changes
 
 
 class TrunkCacheError(ValueError):
@@ -52,16 +55,41 @@ class CacheFileError(ValueError):
     """A shared cache file that is not the complete cache of its key (it is recomputed)."""
 
 
+class TrunkFeatures(Dataset):
+    """One split as the trainable part's input: items are an example's stored states, label,
+    length and row number; ``collate`` pads them with zeros (positions the pooling never reads)
+    to the width its token batch would have (``pad_to``, the ``max_length`` of padding=longest,
+    else the batch's longest), so the forward from ``start_block`` sees what the full one does."""
+
+    def __init__(self, states: torch.Tensor, offsets: list[int], labels: list[int],
+                 lengths: list[int], start_block: int, pad_to: int | None) -> None:
+        self.states, self.offsets, self.labels, self.lengths = states, offsets, labels, lengths
+        self.start_block, self.pad_to = start_block, pad_to
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
+        return self.states[self.offsets[i] : self.offsets[i + 1]], self.labels[i], self.lengths[i], i
+
+    def collate(self, items) -> dict:
+        states, labels, lengths, index = zip(*items, strict=True)
+        width = self.pad_to or max(lengths)
+        return {"features": pad_sequence(list(states), batch_first=True)[:, :width],
+                "start_block": self.start_block, "lengths": torch.tensor(lengths),
+                "labels": torch.tensor(labels), "index": torch.tensor(index)}
+
+
 class TrunkCache:
     """Per-split packed hidden states of ``embed`` + ``trf_blocks[:start_block]``, stored as
     ``dtype`` (float32: the residual stream stays float32 under bf16-mixed autocast)."""
 
     def __init__(
-        self, start_block: int, token: str = "last", causal: bool = True,
+        self, start_block: int, token: str | Pooling = "last", causal: bool = True,
         dtype: torch.dtype = torch.float32, max_batch_tokens: int = 4096,
     ) -> None:
         self.start_block = start_block
-        self.token = token
+        self.pooling = get_pooling(token)
         self.causal = causal
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
@@ -76,21 +104,19 @@ class TrunkCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._states.values())
 
-    @property
-    def rule(self) -> str:
-        """What is stored per example: ``all`` positions up to max_length, the ``first``, or the
-        ``real`` tokens. Options with one rule store identical states (last and mean share)."""
-        if not self.causal or self.token in ("last", "mean"):  # read every position
-            return "all"
-        return "first" if self.token == "first" else "real"
-
     def _stored_lengths(self, token_ids: list[list[int]], max_length: int) -> list[int]:
-        rule = self.rule
-        if rule == "all":
+        """Per example, the positions the pooling can read at ``max_length`` (all without a
+        causal mask). Poolings that store the same share states (last and mean: every position)."""
+        if not self.causal:
             return [max_length] * len(token_ids)
-        if rule == "first":
-            return [1] * len(token_ids)
-        return [max(1, min(len(t), max_length)) for t in token_ids]
+        lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
+        return self.pooling.span(max_length, lengths).tolist()
+
+    def features(self, split: str, dataset, pad_to: int | None) -> TrunkFeatures:
+        """``split``'s states as a dataset (``dataset``: its tokens, for labels and lengths)."""
+        offsets = self._offsets[split].tolist()
+        return TrunkFeatures(self._states[split], offsets, list(dataset.labels), dataset.lengths,
+                             self.start_block, pad_to)
 
     def split_nbytes(self, split: str) -> int:
         states = self._states[split]
@@ -108,7 +134,7 @@ class TrunkCache:
             kind += ":" + torch.cuda.get_device_name(device)
         fields = {
             "format": FORMAT_VERSION, "torch": torch.__version__, "start_block": self.start_block,
-            "rule": self.rule, "causal": self.causal, "dtype": str(self.dtype),
+            "causal": self.causal, "dtype": str(self.dtype),
             "max_batch_tokens": self.max_batch_tokens, "device": kind, "precision": str(precision),
             "matmul": torch.get_float32_matmul_precision(),
             "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
@@ -121,10 +147,12 @@ class TrunkCache:
         return h.hexdigest()
 
     def split_key(self, config_digest: str, dataset, max_length: int, pad_token_id: int) -> str:
-        """The file key of one split: ``config_digest`` + the split's token ids and lengths."""
+        """The file key of one split: ``config_digest`` + the split's token ids, lengths and
+        stored lengths (what the pooling reads: poolings that store the same share the file)."""
         h = hashlib.sha256(f"{config_digest};max_length={max_length};pad={pad_token_id};".encode())
         token_ids = dataset.token_ids
         h.update(array("q", [len(t) for t in token_ids]).tobytes())
+        h.update(array("q", self._stored_lengths(token_ids, max_length)).tobytes())
         h.update(array("q", [i for t in token_ids for i in t]).tobytes())
         return h.hexdigest()
 
@@ -137,8 +165,7 @@ class TrunkCache:
             "offsets": self._offsets[split].cpu(),
             "stored": self._stored[split].cpu(),
         }
-        meta = {"format": str(FORMAT_VERSION), "key": key, "rule": self.rule,
-                "start_block": str(self.start_block)}
+        meta = {"format": str(FORMAT_VERSION), "key": key, "start_block": str(self.start_block)}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load(
@@ -239,28 +266,6 @@ class TrunkCache:
         self._states[split] = states
         self._offsets[split] = offsets.to(device)
         self._stored[split] = stored_t.to(device)
-
-    def lookup(
-        self, split: str, index: torch.Tensor, width: int, device: torch.device | None = None
-    ) -> torch.Tensor:
-        """States ``[B, width, D]`` for examples ``index`` of ``split``, in one gather; positions
-        past an example's stored length (never read by the pooled token) are 0."""
-        states = self._states[split]
-        idx = index.to(states.device, torch.long)
-        begin = self._offsets[split][idx]  # [B]
-        count = self._stored[split][idx].clamp(max=width)  # [B]
-        pos = torch.arange(width, device=states.device)
-        valid = pos[None, :] < count[:, None]  # [B, width]
-        flat = torch.where(valid, begin[:, None] + pos[None, :], 0)
-        out = states[flat].masked_fill_(~valid.unsqueeze(-1), 0)
-        return out.to(device) if device is not None else out
-
-    def to(self, device: torch.device | str) -> TrunkCache:
-        """Move every split's states to ``device`` (e.g. after the module moved); returns self."""
-        for table in (self._states, self._offsets, self._stored):
-            for split, tensor in table.items():
-                table[split] = tensor.to(device)
-        return self
 
 
 # ---------------------------------------------------------------------- the key's ingredients

@@ -1,14 +1,15 @@
-"""Builds the classifier's frozen-trunk cache (``model/trunk_cache.py``) from the datasets that
-``train()`` hands it, at the start of fitting and of the final test, on each rank's device.
-With ``shared_dir`` the states of each split are shared with other runs through files there
-(``SharedTrunkStore``): a run whose frozen trunk, data and numerics match an earlier one loads them."""
+"""The frozen trunk as a feature-extraction step (``model/trunk_cache.py``): at the start of
+fitting (train, val) and at its end (the final evaluation's splits, before their loaders are
+made), on each rank's device, each split's token ids become hidden states once and the datamodule
+serves them (``use_features``) instead of tokens. With ``shared_dir`` the states of each split are
+shared with other runs through files there (``SharedTrunkStore``): a run whose frozen trunk, data
+and numerics match an earlier one loads them."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -26,26 +27,23 @@ log = logging.getLogger(__name__)
 
 
 class TrunkCaching(L.Callback):
-    """Computes blocks ``0..start_block-1`` once per example of each split it is given.
+    """Computes blocks ``0..start_block-1`` once per example of the datamodule's splits.
 
-    ``datasets`` maps split names (``train``, ``val``, ``test``) to tokenized datasets (with
-    ``token_ids``), whose row numbers are the batches' ``index``. ``setting`` is ``cache.trunk``:
-    ``"auto"`` caches what fits in ``budget_gb`` GiB, ``True`` fails if anything is impossible or
-    over budget (the final test's splits are budgeted before training), ``False`` never caches.
-    ``start_block`` None (``trainable=all|lora``) means nothing is frozen. ``shared_dir``
-    (``cache.dir`` when ``cache.shared=true``) shares each split's states with other runs
-    through files there, at most ``max_shared_gb`` GiB of them (least recently used go first).
+    ``setting`` is ``cache.trunk``: ``"auto"`` caches what fits in ``budget_gb`` GiB, ``True``
+    fails if anything is impossible or over budget (the final test's splits are budgeted before
+    training), ``False`` never caches. ``start_block`` None (``trainable=all|lora``) means nothing
+    is frozen. ``shared_dir`` (``cache.dir`` when ``cache.shared=true``) shares each split's
+    states with other runs through files there, at most ``max_shared_gb`` GiB of them (least
+    recently used go first). ``active``: whether any split is served as features.
     """
 
     def __init__(
-        self, start_block: int | None, datasets: Mapping[str, Any], *, max_length: int,
-        pad_token_id: int, padding: str = "longest", setting: str | bool = "auto",
+        self, start_block: int | None, datamodule: Any, *, setting: str | bool = "auto",
         budget_gb: float = 4.0, shared_dir: str | None = None, max_shared_gb: float = 10.0,
     ) -> None:
-        self.start_block = start_block
-        self.datasets = {k: v for k, v in datasets.items() if v is not None}
-        self.max_length, self.pad_token_id, self.padding = max_length, pad_token_id, padding
-        self.setting, self.budget_gb = setting, budget_gb
+        self.start_block, self.datamodule = start_block, datamodule
+        self.setting = {"true": True, "false": False}.get(str(setting).lower(), "auto")
+        self.budget_gb = budget_gb
         if shared_dir is not None and not (
             isinstance(max_shared_gb, (int, float)) and math.isfinite(max_shared_gb) and max_shared_gb >= 0
         ):
@@ -53,18 +51,26 @@ class TrunkCaching(L.Callback):
         self.store = (
             SharedTrunkStore(shared_dir, float(max_shared_gb) * 2**30) if shared_dir else None
         )
+        self.cache: TrunkCache | None = None
         self.seconds: dict[str, float] = {}  # split -> time its cache took to build (or load)
+
+    @classmethod
+    def from_config(cls, cache: Any, start_block: int | None, datamodule: Any) -> TrunkCaching:
+        """From the ``cache`` config section (``trunk``, ``memory_budget_gb``, ``shared``,
+        ``dir``, ``max_gb``)."""
+        return cls(start_block, datamodule, setting=cache.trunk, budget_gb=cache.memory_budget_gb,
+                   shared_dir=cache.dir if cache.shared else None, max_shared_gb=cache.max_gb)
+
+    @property
+    def active(self) -> bool:
+        return self.cache is not None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # the final test caches its splits too: budget for them now, not after training
         self.build(trainer, pl_module, ("train", "val"), planned=pl_module.final_splits)
 
-    def on_test_start(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:
         self.build(trainer, pl_module, pl_module.final_splits)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if not trainer.training:
-            self.build(trainer, pl_module, ("val",))
 
     def _reason(self, model: nn.Module) -> str | None:
         """Why no cache is possible, or None."""
@@ -73,33 +79,32 @@ class TrunkCaching(L.Callback):
         frozen = [model.drop_emb, *model.trf_blocks[: self.start_block]]
         if any(isinstance(m, nn.Dropout) and m.p > 0 for f in frozen for m in f.modules()):
             return "dropout in the frozen trunk makes it non-deterministic"
-        if not model.causal_mask and self.padding != "longest":
+        if not model.causal_mask and self.datamodule.padding != "longest":
             return "without a causal mask, padding changes every position"
         return None
 
     def build(self, trainer, pl_module, splits: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
         """Compute the frozen trunk once per example for ``splits`` (when allowed). ``planned``
         splits are cached later (the final test's): ``cache.trunk=true`` budgets them now."""
-        if self.setting in (False, "false", "off"):
+        if self.setting is False:
             return
-        model = pl_module.model
-        strict = self.setting in (True, "true", "on")
+        model, strict = pl_module.model, self.setting is True
         # store what the uncached forward feeds the first trainable block: float32, unless the
         # weights themselves are half precision (bf16-true / 16-true)
         dtype = next(model.parameters()).dtype
-        cache = model.trunk_cache or TrunkCache(
-            self.start_block or 0, token=model.token, causal=model.causal_mask,
+        cache = self.cache or TrunkCache(
+            self.start_block or 0, token=model.pooling, causal=model.causal_mask,
             dtype=dtype if dtype.is_floating_point else torch.float32,
         )
-        todo = [s for s in splits if not cache.has(s) and s in self.datasets]
-        later = [s for s in dict.fromkeys(planned) if s not in todo and not cache.has(s) and s in self.datasets]
+        todo = [s for s in splits if not cache.has(s)]
+        later = [s for s in dict.fromkeys(planned) if s not in todo and not cache.has(s)]
         reason = self._reason(model) or self._over_budget(cache, model, todo, later, strict)
         if reason is not None:
             if strict:
                 raise TrunkCacheError(f"cache.trunk=true but caching is not possible: {reason}.")
             log.info("Frozen-trunk cache off for %s: %s.", ", ".join(splits), reason)
             return
-        model.trunk_cache = cache  # only once it holds something: `trunk_cache` means "in use"
+        self.cache = cache
         if not todo:
             return
         store = self.store
@@ -114,6 +119,10 @@ class TrunkCaching(L.Callback):
                 t0 = time.perf_counter()
                 self._fill(cache, split, model, pl_module.device, store, digest)
                 self.seconds[split] = time.perf_counter() - t0
+        dm = self.datamodule
+        pad_to = dm.max_length if dm.padding == "longest" else None
+        for split in todo:
+            dm.use_features(split, cache.features(split, dm.token_dataset(split), pad_to))
         log.info(
             "Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
             self.start_block - 1, ", ".join(todo), cache.nbytes / 2**20,
@@ -122,24 +131,25 @@ class TrunkCaching(L.Callback):
     def _fill(self, cache: TrunkCache, split: str, model: nn.Module, device: torch.device,
               store: SharedTrunkStore | None, digest: str | None) -> None:
         """Compute ``split``'s states, or (shared) load them from an earlier run's file."""
-        dataset = self.datasets[split]
+        dataset, dm = self.datamodule.token_dataset(split), self.datamodule
 
         def compute() -> None:
-            cache.build(split, model, dataset, self.max_length, self.pad_token_id, device)
+            cache.build(split, model, dataset, dm.max_length, dm.pad_token_id, device)
 
         if store is None or digest is None:
             compute()
             return
-        key = cache.split_key(digest, dataset, self.max_length, self.pad_token_id)
+        key = cache.split_key(digest, dataset, dm.max_length, dm.pad_token_id)
 
         def load(path) -> None:
-            cache.load(split, path, key, dataset, model, self.max_length, device)
+            cache.load(split, path, key, dataset, model, dm.max_length, device)
 
         store.fetch(cache, split, key, compute, load)
 
     def _over_budget(self, cache, model, todo: list[str], later: list[str], strict: bool) -> str | None:
         """Why ``todo`` (and, when ``strict``, ``later``) do not fit ``budget_gb``, or None."""
-        sizes = {s: cache.estimate_bytes(self.datasets[s], model, self.max_length) for s in (*todo, *later)}
+        dm = self.datamodule
+        sizes = {s: cache.estimate_bytes(dm.token_dataset(s), model, dm.max_length) for s in (*todo, *later)}
         budget = float(self.budget_gb) * 2**30
         need = cache.nbytes + sum(sizes[s] for s in todo)
         need_all = need + sum(sizes[s] for s in later)
