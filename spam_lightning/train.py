@@ -210,8 +210,8 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
         ignore_index=cfg.loss.ignore_index, class_names=list(datamodule.class_names),
         final_splits=FINAL_SPLITS,
     )
-    caching = None if encoder else TrunkCaching.from_config(
-        cfg.cache, first_trainable_block(cfg.trainable.name, len(model.trf_blocks)), datamodule
+    caching = None if encoder else TrunkCaching(
+        first_trainable_block(cfg.trainable.name, len(model.trf_blocks)), datamodule, **cfg.cache
     )
     if caching is not None:
         trainer.callbacks.append(caching)

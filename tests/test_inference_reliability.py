@@ -41,8 +41,8 @@ from spam_lightning.inference.serve import (
     parse_request,
 )
 from spam_lightning.model.classifier import make_classifier
-from spam_lightning.model.pooling import POOLINGS
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.pooling import POOLINGS
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CLASSES = ["ham", "spam"]

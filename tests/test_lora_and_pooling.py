@@ -18,13 +18,13 @@ from spam_lightning.model.classifier import (
     make_classifier,
 )
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
-from spam_lightning.model.pooling import POOLINGS, get_pooling
 from spam_lightning.model.lora import (
     LinearWithLoRA,
     LoRALayer,
     merge_lora,
     replace_linear_with_lora,
 )
+from spam_lightning.model.pooling import POOLINGS, get_pooling
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = MODEL_CONFIGS["gpt2-tiny"]

@@ -25,8 +25,8 @@ import torch
 from _compose import compose_train
 from test_learning import write_easy_tsv
 
-from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.data.datamodule import TokenDataset
+from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model.classifier import GPTClassifier, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, TransformerBlock
 from spam_lightning.model.pooling import get_pooling

@@ -16,7 +16,15 @@ from test_performance import BASE, assert_same_run, tiny
 
 from spam_lightning.inference.classify import Classifier
 from spam_lightning.model.classifier import GPTClassifier
-from spam_lightning.model.pooling import POOLINGS, First, Flexible, Last, MaskedMean, Mean, get_pooling
+from spam_lightning.model.pooling import (
+    POOLINGS,
+    First,
+    Flexible,
+    Last,
+    MaskedMean,
+    Mean,
+    get_pooling,
+)
 from spam_lightning.train import train
 
 LENGTHS = torch.tensor([2, 5, 1])

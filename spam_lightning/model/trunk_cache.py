@@ -94,8 +94,7 @@ class TrunkCache:
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
         self._states: dict[str, torch.Tensor] = {}  # split -> [sum(stored), D]
-        self._offsets: dict[str, torch.Tensor] = {}  # split -> [N + 1], on the states' device
-        self._stored: dict[str, torch.Tensor] = {}  # split -> [N] stored positions per example
+        self._stored: dict[str, torch.Tensor] = {}  # split -> [N] stored positions per example (CPU)
 
     def has(self, split: str) -> bool:
         return split in self._states
@@ -114,7 +113,7 @@ class TrunkCache:
 
     def features(self, split: str, dataset, pad_to: int | None) -> TrunkFeatures:
         """``split``'s states as a dataset (``dataset``: its tokens, for labels and lengths)."""
-        offsets = self._offsets[split].tolist()
+        offsets = [0, *torch.cumsum(self._stored[split], 0).tolist()]
         return TrunkFeatures(self._states[split], offsets, list(dataset.labels), dataset.lengths,
                              self.start_block, pad_to)
 
@@ -160,11 +159,7 @@ class TrunkCache:
         """Write ``split`` to ``path`` (safetensors, atomically: a reader sees all or nothing)."""
         from safetensors.torch import save_file
 
-        tensors = {
-            "states": self._states[split].detach().cpu().contiguous(),
-            "offsets": self._offsets[split].cpu(),
-            "stored": self._stored[split].cpu(),
-        }
+        tensors = {"states": self._states[split].detach().cpu().contiguous(), "stored": self._stored[split]}
         meta = {"format": str(FORMAT_VERSION), "key": key, "start_block": str(self.start_block)}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -186,25 +181,22 @@ class TrunkCache:
             raise CacheFileError(f"{path}: unreadable ({err})") from err
         if meta.get("format") != str(FORMAT_VERSION) or meta.get("key") != key:
             raise CacheFileError(f"{path}: written for another key or format ({meta})")
-        if set(tensors) != {"states", "offsets", "stored"}:
-            raise CacheFileError(f"{path}: tensors {sorted(tensors)}, expected offsets, states, stored")
-        states, offsets, stored = tensors["states"], tensors["offsets"], tensors["stored"]
+        if set(tensors) != {"states", "stored"}:
+            raise CacheFileError(f"{path}: tensors {sorted(tensors)}, expected states, stored")
+        states, stored = tensors["states"], tensors["stored"]
         expected = torch.tensor(self._stored_lengths(dataset.token_ids, max_length), dtype=torch.long)
         emb_dim = model.tok_emb.weight.shape[1]
         if (
             stored.dtype != torch.long or stored.shape != expected.shape
-            or not torch.equal(stored, expected) or offsets.shape != (len(expected) + 1,)
-            or not torch.equal(offsets[1:], torch.cumsum(expected, 0)) or int(offsets[0]) != 0
-            or states.dtype != self.dtype or tuple(states.shape) != (int(offsets[-1]), emb_dim)
+            or not torch.equal(stored, expected) or states.dtype != self.dtype
+            or tuple(states.shape) != (int(expected.sum()), emb_dim)
         ):
             raise CacheFileError(
                 f"{path}: sizes do not match this split (states {tuple(states.shape)} "
                 f"{states.dtype}, {len(stored)} examples; expected {len(expected)} examples, "
                 f"{int(expected.sum())} positions x {emb_dim} {self.dtype})"
             )
-        self._states[split] = states.to(device)
-        self._offsets[split] = offsets.to(device)
-        self._stored[split] = stored.to(device)
+        self._states[split], self._stored[split] = states.to(device), stored
 
     def estimate_bytes(self, dataset, model: nn.Module, max_length: int) -> int:
         emb_dim = model.tok_emb.weight.shape[1]
@@ -263,9 +255,7 @@ class TrunkCache:
             )
             states.index_copy_(0, dest.to(device), x[keep.to(device)].to(self.dtype))
         model.train(was_training)
-        self._states[split] = states
-        self._offsets[split] = offsets.to(device)
-        self._stored[split] = stored_t.to(device)
+        self._states[split], self._stored[split] = states, stored_t
 
 
 # ---------------------------------------------------------------------- the key's ingredients

@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from spam_lightning.data.table import SPLIT_PROCEDURES
 from spam_lightning.data.tokens import PADDING_MODES, get_tokenizer
 from spam_lightning.model.classifier import TRAINABLE, make_classifier
-from spam_lightning.model.pooling import pooling_names
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.pooling import pooling_names
 from spam_lightning.model.weights import (
     HUB_REPOS,
     CheckpointError,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -29,37 +30,27 @@ log = logging.getLogger(__name__)
 class TrunkCaching(L.Callback):
     """Computes blocks ``0..start_block-1`` once per example of the datamodule's splits.
 
-    ``setting`` is ``cache.trunk``: ``"auto"`` caches what fits in ``budget_gb`` GiB, ``True``
-    fails if anything is impossible or over budget (the final test's splits are budgeted before
-    training), ``False`` never caches. ``start_block`` None (``trainable=all|lora``) means nothing
-    is frozen. ``shared_dir`` (``cache.dir`` when ``cache.shared=true``) shares each split's
-    states with other runs through files there, at most ``max_shared_gb`` GiB of them (least
-    recently used go first). ``active``: whether any split is served as features.
+    The options are the ``cache`` config section's: ``trunk`` ``auto`` caches what fits in
+    ``memory_budget_gb`` GiB, ``true`` fails if anything is impossible or over budget (the final
+    test's splits are budgeted before training), ``false`` never caches. ``start_block`` None
+    (``trainable=all|lora``) means nothing is frozen. ``shared`` shares each split's states with
+    other runs through files in ``dir``, at most ``max_gb`` GiB of them (least recently used go
+    first). ``active``: whether the splits are served as features.
     """
 
     def __init__(
-        self, start_block: int | None, datamodule: Any, *, setting: str | bool = "auto",
-        budget_gb: float = 4.0, shared_dir: str | None = None, max_shared_gb: float = 10.0,
+        self, start_block: int | None, datamodule: Any, *, trunk: str | bool = "auto",
+        memory_budget_gb: float = 4.0, shared: bool = False, dir: str | None = None,  # noqa: A002
+        max_gb: float = 10.0,
     ) -> None:
         self.start_block, self.datamodule = start_block, datamodule
-        self.setting = {"true": True, "false": False}.get(str(setting).lower(), "auto")
-        self.budget_gb = budget_gb
-        if shared_dir is not None and not (
-            isinstance(max_shared_gb, (int, float)) and math.isfinite(max_shared_gb) and max_shared_gb >= 0
-        ):
-            raise TrunkCacheError(f"cache.max_gb={max_shared_gb!r}: must be a number >= 0 (GiB)")
-        self.store = (
-            SharedTrunkStore(shared_dir, float(max_shared_gb) * 2**30) if shared_dir else None
-        )
+        self.setting = {"true": True, "false": False}.get(str(trunk).lower(), "auto")
+        self.budget_gb = memory_budget_gb
+        if shared and not (isinstance(max_gb, (int, float)) and math.isfinite(max_gb) and max_gb >= 0):
+            raise TrunkCacheError(f"cache.max_gb={max_gb!r}: must be a number >= 0 (GiB)")
+        self.store = SharedTrunkStore(dir, float(max_gb) * 2**30) if shared and dir else None
         self.cache: TrunkCache | None = None
         self.seconds: dict[str, float] = {}  # split -> time its cache took to build (or load)
-
-    @classmethod
-    def from_config(cls, cache: Any, start_block: int | None, datamodule: Any) -> TrunkCaching:
-        """From the ``cache`` config section (``trunk``, ``memory_budget_gb``, ``shared``,
-        ``dir``, ``max_gb``)."""
-        return cls(start_block, datamodule, setting=cache.trunk, budget_gb=cache.memory_budget_gb,
-                   shared_dir=cache.dir if cache.shared else None, max_shared_gb=cache.max_gb)
 
     @property
     def active(self) -> bool:
@@ -69,7 +60,7 @@ class TrunkCaching(L.Callback):
         # the final test caches its splits too: budget for them now, not after training
         self.build(trainer, pl_module, ("train", "val"), planned=pl_module.final_splits)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:  # before the final evaluation's loaders
         self.build(trainer, pl_module, pl_module.final_splits)
 
     def _reason(self, model: nn.Module) -> str | None:
@@ -84,11 +75,12 @@ class TrunkCaching(L.Callback):
         return None
 
     def build(self, trainer, pl_module, splits: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
-        """Compute the frozen trunk once per example for ``splits`` (when allowed). ``planned``
-        splits are cached later (the final test's): ``cache.trunk=true`` budgets them now."""
+        """Compute the frozen trunk once per example for ``splits`` (when allowed) and hand them
+        to the datamodule as features. ``planned`` splits are cached later (the final test's):
+        ``cache.trunk=true`` budgets them now."""
         if self.setting is False:
             return
-        model, strict = pl_module.model, self.setting is True
+        model, strict, dm = pl_module.model, self.setting is True, self.datamodule
         # store what the uncached forward feeds the first trainable block: float32, unless the
         # weights themselves are half precision (bf16-true / 16-true)
         dtype = next(model.parameters()).dtype
@@ -105,46 +97,29 @@ class TrunkCaching(L.Callback):
             log.info("Frozen-trunk cache off for %s: %s.", ", ".join(splits), reason)
             return
         self.cache = cache
-        if not todo:
-            return
         store = self.store
-        if store is not None and is_sharded(model, cache.start_block):
+        if todo and store is not None and is_sharded(model, cache.start_block):
             log.info("Frozen-trunk cache not shared: the frozen trunk is sharded (FSDP).")
             store = None
-        digest = None
-        if store is not None:
+        if todo and store is not None:
             digest = cache.config_digest(model, pl_module.device, str(trainer.precision))
-        with trainer.precision_plugin.forward_context():
-            for split in todo:
-                t0 = time.perf_counter()
-                self._fill(cache, split, model, pl_module.device, store, digest)
-                self.seconds[split] = time.perf_counter() - t0
-        dm = self.datamodule
-        pad_to = dm.max_length if dm.padding == "longest" else None
+        device, pad_to = pl_module.device, dm.max_length if dm.padding == "longest" else None
         for split in todo:
-            dm.use_features(split, cache.features(split, dm.token_dataset(split), pad_to))
-        log.info(
-            "Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
-            self.start_block - 1, ", ".join(todo), cache.nbytes / 2**20,
-        )
-
-    def _fill(self, cache: TrunkCache, split: str, model: nn.Module, device: torch.device,
-              store: SharedTrunkStore | None, digest: str | None) -> None:
-        """Compute ``split``'s states, or (shared) load them from an earlier run's file."""
-        dataset, dm = self.datamodule.token_dataset(split), self.datamodule
-
-        def compute() -> None:
-            cache.build(split, model, dataset, dm.max_length, dm.pad_token_id, device)
-
-        if store is None or digest is None:
-            compute()
-            return
-        key = cache.split_key(digest, dataset, dm.max_length, dm.pad_token_id)
-
-        def load(path) -> None:
-            cache.load(split, path, key, dataset, model, dm.max_length, device)
-
-        store.fetch(cache, split, key, compute, load)
+            t0, dataset = time.perf_counter(), dm.token_dataset(split)
+            compute = partial(cache.build, split, model, dataset, dm.max_length, dm.pad_token_id, device)
+            with trainer.precision_plugin.forward_context():
+                if store is None:
+                    compute()
+                else:  # or load them from an earlier run's file
+                    key = cache.split_key(digest, dataset, dm.max_length, dm.pad_token_id)
+                    store.fetch(cache, split, key, compute, partial(
+                        cache.load, split, key=key, dataset=dataset, model=model,
+                        max_length=dm.max_length, device=device))
+            self.seconds[split] = time.perf_counter() - t0
+            dm.use_features(split, cache.features(split, dataset, pad_to))
+        if todo:
+            log.info("Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
+                     self.start_block - 1, ", ".join(todo), cache.nbytes / 2**20)
 
     def _over_budget(self, cache, model, todo: list[str], later: list[str], strict: bool) -> str | None:
         """Why ``todo`` (and, when ``strict``, ``later``) do not fit ``budget_gb``, or None."""
