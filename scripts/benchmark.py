@@ -393,7 +393,9 @@ class StepTimer(L.Callback):
             for batch, _ in self.epoch:
                 t = time.perf_counter()
                 with trainer.precision_plugin.forward_context():
-                    logits = model(batch["input_ids"], batch["lengths"], batch["index"], "train")
+                    cached = "features" in batch  # the frozen trunk's states (trunk_cache.py)
+                    logits = model(batch["features"], batch["lengths"], batch["start_block"]) if cached \
+                        else model(batch["input_ids"], batch["lengths"])
                 loss_fn(logits.float(), batch["labels"]).backward()
                 opt.step()
                 opt.zero_grad()

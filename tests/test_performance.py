@@ -166,6 +166,7 @@ def test_features_are_zero_filled_to_the_token_batch_width() -> None:
     for cache in (flexible, last):
         cache.build("val", model, data, 5, PAD, torch.device("cpu"))
     real = flexible.features("val", data, pad_to=None)
+    assert real.texts == ["a", "b", "c"]  # what the test dashboard shows for misclassified rows
     out = real.collate([real[1], real[2]])["features"]  # the real tokens only, padded with zeros
     assert out.shape == (2, 5, 64) and out.dtype == torch.float32
     assert torch.all(out[0, 1:] == 0) and torch.all(out[1].abs().sum(-1) > 0)
@@ -278,7 +279,7 @@ def test_flexible_and_masked_mean_do_not_depend_on_padding(run, token: str) -> N
 
 @pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_cache_with_worker_processes(run) -> None:
-    # batches collated in worker processes carry the examples' split indices the cache needs
+    # the features are collated in worker processes as the tokens are (the same random draws)
     opts = (
         "trainable=last_block",
         "token=flexible",

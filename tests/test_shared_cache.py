@@ -25,6 +25,7 @@ import torch
 from _compose import compose_train
 from safetensors.torch import load_file, save_file
 
+from spam_lightning.data.datamodule import TokenDataset
 from spam_lightning.model.classifier import GPTClassifier, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 from spam_lightning.model.trunk_cache import SharedTrunkStore, TrunkCache
@@ -202,7 +203,7 @@ def fetch(store: SharedTrunkStore, key: str, model, data, split: str = "train", 
         cache.build(split, model, data, max_length, 50256, torch.device("cpu"))
 
     def load(path):
-        cache.load(split, path, key, data, model, max_length, torch.device("cpu"))
+        cache.load(split, path, key, data, model, max_length)
 
     return store.fetch(cache, split, key, compute, load), cache, len(calls)
 
@@ -215,7 +216,7 @@ def test_hit_equals_the_computation_and_comes_from_the_mapped_file(tmp_path: Pat
     assert (first, n) == ("miss", 1)
     second, loaded, n = fetch(SharedTrunkStore(tmp_path, 2**30), key, model, data)
     assert (second, n) == ("hit", 0)
-    data.labels, data.lengths = [0] * 20, [len(t) for t in data.token_ids]
+    data = TokenDataset(data.token_ids, [0] * 20, [""] * 20)
     batches = [
         (f := cache.features("train", data, 12)).collate([f[i] for i in (3, 0, 19, 7)])
         for cache in (loaded, computed)
@@ -304,7 +305,7 @@ CONCURRENT = textwrap.dedent(
         time.sleep(1.0)  # a long computation: the other process arrives while it runs
         cache.build("train", model, data, 12, 50256, torch.device("cpu"))
     def load(path):
-        cache.load("train", path, key, data, model, 12, torch.device("cpu"))
+        cache.load("train", path, key, data, model, 12)
     result = SharedTrunkStore(folder / "cache", 2**30).fetch(cache, "train", key, compute, load)
     print("RESULT", result, len(calls), float(cache._states["train"].double().sum()))
     """
@@ -336,7 +337,7 @@ def test_two_processes_compute_a_key_once(tmp_path: Path, caplog) -> None:
         cache.build("train", model, data, 12, 50256, torch.device("cpu"))
 
     def load(path):
-        cache.load("train", path, key, data, model, 12, torch.device("cpu"))
+        cache.load("train", path, key, data, model, 12)
 
     deadline = time.monotonic() + 120
     while not (tmp_path / "ready-child").exists() and child.poll() is None and time.monotonic() < deadline:

@@ -226,7 +226,9 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     Subclasses implement ``prepare_data`` (files on disk, once per node, no state) and
     ``load_splits`` (read the three splits, set ``class_names``); ``setup`` then tokenizes them
-    once. Batches are dicts with ``input_ids``, ``labels``, ``lengths`` and ``index``.
+    once. Batches are dicts with ``input_ids``, ``labels``, ``lengths`` and ``index`` (the row, which
+    the final evaluation de-duplicates DDP's repeats by), or ``features`` for a split served as the
+    frozen trunk's hidden states (``use_features``).
     """
 
     def __init__(
@@ -350,12 +352,11 @@ class TextClassificationDataModule(L.LightningDataModule):
             )
         else:
             kwargs["batch_size"] = self.batch_size
-        if features is not None:  # in memory (maybe on the GPU): no worker processes
-            return DataLoader(features, generator=generator, collate_fn=features.collate, **kwargs)
         return DataLoader(
-            ds,
+            ds if features is None else features,
             generator=generator,
-            collate_fn=Collator(self.padding, self.max_length, self.pad_token_id),
+            collate_fn=Collator(self.padding, self.max_length, self.pad_token_id)
+            if features is None else features.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             **kwargs,

@@ -79,9 +79,6 @@ class Pooling:
                    and not c.reads_padding())
         return cls()
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
 
 class Flexible(Pooling):
     """The last real (non-padding) token of each message."""

@@ -9,8 +9,9 @@ not depend on padding. What is stored per example is what the pooling can read (
 in the chapter), the real tokens (computed in length-sorted batches), or up to position k;
 without a causal mask, the whole ``max_length`` (cached only under ``longest`` padding).
 
-States are packed per split as ``[sum(stored lengths), emb_dim]`` with offsets. Every rank builds
-the whole split: a distributed sampler may hand it any example.
+States are packed per split as ``[sum(stored lengths), emb_dim]``, on the CPU (loader workers
+collate them; batches move to the device as token batches do). Every rank builds the whole
+split: a distributed sampler may hand it any example.
 
 Shared across runs (``cache.shared=true``): a split's states are a pure function of what
 ``build`` reads, so ``SharedTrunkStore`` keeps them on disk (one safetensors file per key,
@@ -59,12 +60,13 @@ class TrunkFeatures(Dataset):
     """One split as the trainable part's input: items are an example's stored states, label,
     length and row number; ``collate`` pads them with zeros (positions the pooling never reads)
     to the width its token batch would have (``pad_to``, the ``max_length`` of padding=longest,
-    else the batch's longest), so the forward from ``start_block`` sees what the full one does."""
+    else the batch's longest), so the forward from ``start_block`` sees what the full one does.
+    ``tokens``: the split's ``TokenDataset`` (labels, lengths, texts)."""
 
-    def __init__(self, states: torch.Tensor, offsets: list[int], labels: list[int],
-                 lengths: list[int], start_block: int, pad_to: int | None) -> None:
-        self.states, self.offsets, self.labels, self.lengths = states, offsets, labels, lengths
-        self.start_block, self.pad_to = start_block, pad_to
+    def __init__(self, states: torch.Tensor, offsets: list[int], tokens, start_block: int,
+                 pad_to: int | None) -> None:
+        self.states, self.offsets, self.start_block, self.pad_to = states, offsets, start_block, pad_to
+        self.labels, self.lengths, self.texts = tokens.labels, tokens.lengths, tokens.texts
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -114,8 +116,7 @@ class TrunkCache:
     def features(self, split: str, dataset, pad_to: int | None) -> TrunkFeatures:
         """``split``'s states as a dataset (``dataset``: its tokens, for labels and lengths)."""
         offsets = [0, *torch.cumsum(self._stored[split], 0).tolist()]
-        return TrunkFeatures(self._states[split], offsets, list(dataset.labels), dataset.lengths,
-                             self.start_block, pad_to)
+        return TrunkFeatures(self._states[split], offsets, dataset, self.start_block, pad_to)
 
     def split_nbytes(self, split: str) -> int:
         states = self._states[split]
@@ -163,12 +164,9 @@ class TrunkCache:
         meta = {"format": str(FORMAT_VERSION), "key": key, "start_block": str(self.start_block)}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
-    def load(
-        self, split: str, path: Path, key: str, dataset, model: nn.Module, max_length: int,
-        device: torch.device,
-    ) -> None:
-        """Memory-map ``split`` from ``path`` (on CPU the states stay in the file's pages,
-        shared by every job that reads it); raises ``CacheFileError`` for a file that is not
+    def load(self, split: str, path: Path, key: str, dataset, model: nn.Module, max_length: int) -> None:
+        """Memory-map ``split`` from ``path`` (the states stay in the file's pages, shared by
+        every job that reads it); raises ``CacheFileError`` for a file that is not
         the complete cache of this key (unreadable header, truncated, other shapes)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -196,7 +194,7 @@ class TrunkCache:
                 f"{states.dtype}, {len(stored)} examples; expected {len(expected)} examples, "
                 f"{int(expected.sum())} positions x {emb_dim} {self.dtype})"
             )
-        self._states[split], self._stored[split] = states.to(device), stored
+        self._states[split], self._stored[split] = states, stored
 
     def estimate_bytes(self, dataset, model: nn.Module, max_length: int) -> int:
         emb_dim = model.tok_emb.weight.shape[1]
@@ -240,7 +238,7 @@ class TrunkCache:
         stored_t = torch.tensor(stored, dtype=torch.long)
         offsets = torch.zeros(len(stored) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(stored_t, 0)
-        states = torch.empty((int(offsets[-1]), emb_dim), dtype=self.dtype, device=device)
+        states = torch.empty((int(offsets[-1]), emb_dim), dtype=self.dtype)  # CPU: worker processes
         for rows in self._batches(stored):
             width = max(stored[i] for i in rows)
             ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -253,7 +251,7 @@ class TrunkCache:
             dest = torch.repeat_interleave(offsets[rows], n) + (
                 torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
             )
-            states.index_copy_(0, dest.to(device), x[keep.to(device)].to(self.dtype))
+            states.index_copy_(0, dest, x[keep.to(device)].to("cpu", self.dtype))
         model.train(was_training)
         self._states[split], self._stored[split] = states, stored_t
 

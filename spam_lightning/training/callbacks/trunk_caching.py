@@ -113,8 +113,7 @@ class TrunkCaching(L.Callback):
                 else:  # or load them from an earlier run's file
                     key = cache.split_key(digest, dataset, dm.max_length, dm.pad_token_id)
                     store.fetch(cache, split, key, compute, partial(
-                        cache.load, split, key=key, dataset=dataset, model=model,
-                        max_length=dm.max_length, device=device))
+                        cache.load, split, key=key, dataset=dataset, model=model, max_length=dm.max_length))
             self.seconds[split] = time.perf_counter() - t0
             dm.use_features(split, cache.features(split, dataset, pad_to))
         if todo:
