@@ -226,9 +226,8 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     Subclasses implement ``prepare_data`` (files on disk, once per node, no state) and
     ``load_splits`` (read the three splits, set ``class_names``); ``setup`` then tokenizes them
-    once. Batches are dicts with ``input_ids``, ``labels``, ``lengths`` and ``index`` (the row, which
-    the final evaluation de-duplicates DDP's repeats by), or ``features`` for a split served as the
-    frozen trunk's hidden states (``use_features``).
+    once. Batches are dicts with ``input_ids`` (or ``features``: ``use_features``), ``labels``,
+    ``lengths`` and ``index`` (the row: the final evaluation drops DDP's repeats by it).
     """
 
     def __init__(
@@ -328,10 +327,10 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def token_dataset(self, split: str) -> TokenDataset:
         """A split's tokens (``train``, ``val``/``validation``, ``test``), after ``setup``."""
-        name = _SPLIT_ALIASES.get(split)
-        if name is None:
+        if split not in _SPLIT_ALIASES:
             raise ValueError(f"split={split!r}: allowed values are train, val, test")
-        ds = {"train": self.train_dataset, "validation": self.val_dataset}.get(name, self.test_dataset)
+        ds = {"train": self.train_dataset, "validation": self.val_dataset,
+              "test": self.test_dataset}[_SPLIT_ALIASES[split]]
         if ds is None:
             raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
         return ds
@@ -339,7 +338,6 @@ class TextClassificationDataModule(L.LightningDataModule):
     def use_features(self, split: str, features: Dataset) -> None:
         """Serve ``split`` as ``features`` (a dataset with its own ``collate``: the frozen trunk's
         hidden states, ``model/trunk_cache.py``) in every loader made from now on."""
-        self.token_dataset(split)  # a known split
         self._features[_SPLIT_ALIASES[split]] = features
 
     def _loader(self, split: str, generator: torch.Generator | None, **kwargs: Any) -> DataLoader:

@@ -103,7 +103,7 @@ class TrunkCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._states.values())
+        return sum(map(self.split_nbytes, self._states))
 
     def _stored_lengths(self, token_ids: list[list[int]], max_length: int) -> list[int]:
         """Per example, the positions the pooling can read at ``max_length`` (all without a
@@ -168,13 +168,11 @@ class TrunkCache:
         """Memory-map ``split`` from ``path`` (the states stay in the file's pages, shared by
         every job that reads it); raises ``CacheFileError`` for a file that is not
         the complete cache of this key (unreadable header, truncated, other shapes)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            with _safe_open(path) as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path), device="cpu")  # mmap: pages are read when used
+            with safe_open(str(path), framework="pt") as f:  # mmap: pages are read when used
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
             raise CacheFileError(f"{path}: unreadable ({err})") from err
         if meta.get("format") != str(FORMAT_VERSION) or meta.get("key") != key:
@@ -307,12 +305,6 @@ def _code_digest(model: nn.Module, start_block: int) -> str:
         except OSError:
             h.update(name.encode())
     return h.hexdigest()
-
-
-def _safe_open(path: Path):
-    from safetensors import safe_open
-
-    return safe_open(str(path), framework="pt")
 
 
 # --------------------------------------------------------------------------- the shared store
