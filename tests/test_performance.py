@@ -29,12 +29,12 @@ from spam_lightning.data.datamodule import TokenDataset
 from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model.classifier import GPTClassifier, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, TransformerBlock
-from spam_lightning.model.pooling import get_pooling
+from spam_lightning.model.pooling import POOLINGS, get_pooling
 from spam_lightning.model.trunk_cache import TrunkCache
 from spam_lightning.train import build_model, train
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENS = ("last", "first", "flexible", "mean", "masked_mean")
+TOKENS = tuple(POOLINGS)  # the package's own (imported before any test adds one)
 PAD = 50256
 
 
