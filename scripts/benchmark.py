@@ -162,7 +162,8 @@ class Probe(L.Callback):
         for timed, (batch, _) in itertools.product((False, True), self.epoch):  # warm-up first
             t = time.perf_counter()
             with trainer.precision_plugin.forward_context():
-                logits = model(batch["input_ids"], batch["lengths"], batch["index"], "train")
+                x = batch["features"] if "features" in batch else batch["input_ids"]  # cached trunk
+                logits = model(x, batch["lengths"], batch.get("start_block"))
             torch.nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
             opt.step()
             opt.zero_grad()

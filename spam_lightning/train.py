@@ -83,10 +83,6 @@ class TrainingInterrupted(SystemExit):
     tells a scheduler or sweep the job succeeded; this one exits with 143."""
 
 
-def _cache_setting(value: Any) -> str | bool:
-    return {"true": True, "false": False}.get(str(value).lower(), "auto")
-
-
 def build_model(cfg: DictConfig, num_classes: int) -> GPTClassifier:
     """GPT-2 (pretrained or random) turned into a classifier per ``trainable`` and ``token``; or,
     with ``model.kind=encoder``, the named encoder with a new head per ``trainable``."""
@@ -106,7 +102,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> GPTClassifier:
     if m.get("compile", False):
         for block in model.trf_blocks:
             block.compile(dynamic=True)
-    return GPTClassifier(model, token=cfg.token.name)
+    return GPTClassifier(model, token=cfg.token)
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:
@@ -214,17 +210,8 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
         ignore_index=cfg.loss.ignore_index, class_names=list(datamodule.class_names),
         final_splits=FINAL_SPLITS,
     )
-    # the datasets go to the cache builder; nothing reaches back into the datamodule
     caching = None if encoder else TrunkCaching(
-        first_trainable_block(cfg.trainable.name, len(model.trf_blocks)),
-        {s: getattr(datamodule, f"{s}_dataset", None) for s in FINAL_SPLITS},
-        max_length=datamodule.max_length,
-        pad_token_id=datamodule.pad_token_id,
-        padding=getattr(datamodule, "padding", "longest"),
-        setting=_cache_setting(cfg.cache.trunk),
-        budget_gb=cfg.cache.memory_budget_gb,
-        shared_dir=cfg.cache.dir if cfg.cache.shared else None,
-        max_shared_gb=cfg.cache.max_gb,
+        first_trainable_block(cfg.trainable.name, len(model.trf_blocks)), datamodule, **cfg.cache
     )
     if caching is not None:
         trainer.callbacks.append(caching)
@@ -271,7 +258,7 @@ def _fit(cfg, trainer, datamodule, callbacks, ckpt_path, checkpoint, output_dir)
         token=None if encoder else cfg.token.name, padding=cfg.data.padding, seed=int(cfg.seed),
         epochs=int(trainer.current_epoch), global_step=int(trainer.global_step),
         precision=str(trainer.precision), device=_device_name(trainer),
-        trunk_cache=getattr(model, "trunk_cache", None) is not None, experiment=_experiment_name(cfg),
+        trunk_cache=caching is not None and caching.active, experiment=_experiment_name(cfg),
     )
     bundled = _bundle_model(cfg, trainer, module, datamodule.num_classes)  # every rank: FSDP
     if trainer.is_global_zero:

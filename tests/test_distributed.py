@@ -44,13 +44,13 @@ class BatchProbe(L.Callback):
         self.record["world_size"] = trainer.world_size
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        cache = pl_module.model.trunk_cache
+        cached = "features" in batch  # the frozen trunk's states instead of token ids
         self.record["batches"].append(
             {
                 "index": batch["index"].tolist(),
                 "lengths": batch["lengths"].tolist(),
-                "width": int(batch["input_ids"].shape[1]),
-                "cached": cache is not None and cache.has("train"),
+                "width": int(batch["features" if cached else "input_ids"].shape[1]),
+                "cached": cached,
             }
         )
 

@@ -40,8 +40,9 @@ from spam_lightning.inference.serve import (
     create_app,
     parse_request,
 )
-from spam_lightning.model.classifier import TOKENS, make_classifier
+from spam_lightning.model.classifier import make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.pooling import POOLINGS
 from spam_lightning.model.weights import model_shapes
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -377,7 +378,7 @@ VALUE = st.one_of(
 
 # values a bundle may really hold: with them, about half the edited configs load and must work
 VALID = {
-    ("token",): st.sampled_from(TOKENS), ("padding",): st.sampled_from(PADDING_MODES),
+    ("token",): st.sampled_from(list(POOLINGS)), ("padding",): st.sampled_from(PADDING_MODES),
     ("max_length",): st.integers(1, 5000), ("pad_token_id",): st.integers(0, 50256),
     ("model", "n_heads"): st.sampled_from([1, 2, 4, 8, 16, 32, 64]),
     ("model", "drop_rate"): st.floats(0, 0.99), ("model", "causal_mask"): st.booleans(),

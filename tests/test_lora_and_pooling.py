@@ -11,13 +11,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from spam_lightning.model.classifier import (
-    TOKENS,
     TRAINABLE,
     ClassifierStateError,
     first_trainable_block,
     load_classifier_state,
     make_classifier,
-    pool_logits,
 )
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 from spam_lightning.model.lora import (
@@ -26,6 +24,7 @@ from spam_lightning.model.lora import (
     merge_lora,
     replace_linear_with_lora,
 )
+from spam_lightning.model.pooling import POOLINGS, get_pooling
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = MODEL_CONFIGS["gpt2-tiny"]
@@ -118,11 +117,17 @@ def test_config_groups_match_the_options() -> None:
         assert OmegaConf.load(REPO / f"conf/trainable/{name}.yaml").name == name
     lora = OmegaConf.load(REPO / "conf/trainable/lora.yaml")
     assert (lora.rank, lora.alpha) == (16, 16)
-    for name in TOKENS:
-        assert OmegaConf.load(REPO / f"conf/token/{name}.yaml").name == name
+    for name, cls in POOLINGS.items():
+        token = OmegaConf.load(REPO / f"conf/token/{name}.yaml")
+        assert token.name == name and type(get_pooling(token)) is cls
 
 
 # ----------------------------------------------------------------------------- pooling
+def pool_logits(logits: torch.Tensor, lengths: torch.Tensor | None, token: str) -> torch.Tensor:
+    if lengths is None:
+        lengths = torch.full((logits.shape[0],), logits.shape[1])
+    return get_pooling(token)(logits, lengths)
+
 
 
 def test_pool_logits_positions() -> None:

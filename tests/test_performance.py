@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,14 +28,16 @@ from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 from llms_from_scratch.ch06 import SpamDataset, train_classifier_simple
 from test_learning import write_easy_tsv
 
+from spam_lightning.data.datamodule import TokenDataset
 from spam_lightning.data.tokens import get_tokenizer
-from spam_lightning.model.classifier import GPTClassifier, make_classifier, pool_logits
+from spam_lightning.model.classifier import GPTClassifier, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, TransformerBlock
+from spam_lightning.model.pooling import POOLINGS, get_pooling
 from spam_lightning.model.trunk_cache import TrunkCache
 from spam_lightning.train import build_model, train
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENS = ("last", "first", "flexible", "mean", "masked_mean")
+TOKENS = tuple(POOLINGS)  # the package's own (imported before any test adds one)
 PAD = 50256
 
 
@@ -73,7 +74,7 @@ def full_logits(
 ) -> torch.Tensor:
     """The unpruned, uncut reference: every block on every position, then pool."""
     hidden = model.final_norm(model.run_blocks(model.embed(ids)))
-    return model.out_head(pool_logits(hidden, lengths, token))
+    return model.out_head(get_pooling(token)(hidden, lengths))
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -143,49 +144,52 @@ def test_cache_lookup_equals_uncached(token: str, causal: bool, start: int) -> N
     model = tiny(causal).eval()
     module = GPTClassifier(model, token=token)
     ids, lengths = padded_batch(seed=3, batch=9, width=12)
-    data = SimpleNamespace(
-        token_ids=[row[:n].tolist() for row, n in zip(ids, lengths, strict=True)]
-    )
+    token_ids = [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)]
+    data = TokenDataset(token_ids, [i % 2 for i in range(9)], ["text"] * 9)
     cache = TrunkCache(start, token=token, causal=causal, max_batch_tokens=30)  # several batches
     cache.build("train", model, data, 12, PAD, torch.device("cpu"))
     assert cache.nbytes == cache.estimate_bytes(data, model, 12)
-    index = torch.tensor([4, 0, 8, 1])
+    index = [4, 0, 8, 1]
     with torch.no_grad():
-        for width in (12, int(lengths[index].max())) if causal else (12,):  # longest / batch
-            sub, sub_len = ids[index, :width], lengths[index]
-            ref = module(sub, sub_len)
-            module.trunk_cache = cache
-            cached = module(sub, sub_len, index, "train")
-            module.trunk_cache = None
+        for pad_to in (12, None) if causal else (12,):  # longest / batch
+            width = pad_to or int(lengths[index].max())
+            ref = module(ids[index, :width], lengths[index])
+            features = cache.features("train", data, pad_to)
+            batch = features.collate([features[i] for i in index])
+            assert torch.equal(batch["lengths"], lengths[index]) and batch["index"].tolist() == index
+            assert batch["start_block"] == start and batch["labels"].tolist() == [0, 0, 0, 1]
+            cached = module(batch["features"], batch["lengths"], batch["start_block"])
             torch.testing.assert_close(cached, ref, atol=1e-5, rtol=0)
 
 
-def test_cache_lookup_zero_fills_and_moves() -> None:
+def test_features_are_zero_filled_to_the_token_batch_width() -> None:
     model = tiny().eval()
-    data = SimpleNamespace(token_ids=[[5, 6, 7], [8], [1, 2, 3, 4, 5]])
-    cache = TrunkCache(1, token="flexible")
-    cache.build("val", model, data, 5, PAD, torch.device("cpu"))
-    out = cache.lookup("val", torch.tensor([1, 2]), 4, device=torch.device("cpu"))
-    assert out.shape == (2, 4, 64) and out.dtype == torch.float32
+    data = TokenDataset([[5, 6, 7], [8], [1, 2, 3, 4, 5]], [0, 1, 0], ["a", "b", "c"])
+    flexible, last = TrunkCache(1, token="flexible"), TrunkCache(1, token="last")
+    for cache in (flexible, last):
+        cache.build("val", model, data, 5, PAD, torch.device("cpu"))
+    real = flexible.features("val", data, pad_to=None)
+    assert real.texts == ["a", "b", "c"]  # what the test dashboard shows for misclassified rows
+    out = real.collate([real[1], real[2]])["features"]  # the real tokens only, padded with zeros
+    assert out.shape == (2, 5, 64) and out.dtype == torch.float32
     assert torch.all(out[0, 1:] == 0) and torch.all(out[1].abs().sum(-1) > 0)
-    assert cache.to("cpu") is cache
+    every = last.features("val", data, pad_to=None)  # every position stored, cut to the batch
+    assert every.collate([every[0], every[1]])["features"].shape == (2, 3, 64)
+    longest = last.features("val", data, pad_to=5)
+    assert torch.all(longest.collate([longest[1]])["features"][0].abs().sum(-1) > 0)
 
 
 @pytest.mark.gpu  # deselected by default (pyproject addopts); run on a GPU machine: pytest -m gpu
 def test_cache_on_gpu_matches_cpu() -> None:
     model = tiny().eval()
-    data = SimpleNamespace(token_ids=[[5, 6, 7], [8], [1, 2, 3, 4, 5]])
+    data = TokenDataset([[5, 6, 7], [8], [1, 2, 3, 4, 5]], [0, 1, 0], ["a", "b", "c"])
     cpu = TrunkCache(1, token="last")
     cpu.build("val", model, data, 5, PAD, torch.device("cpu"))
     gpu = TrunkCache(1, token="last")
     gpu.build("val", model.cuda(), data, 5, PAD, torch.device("cuda"))
-    index = torch.tensor([2, 0])
-    torch.testing.assert_close(
-        gpu.lookup("val", index.cuda(), 5, device=torch.device("cpu")),
-        cpu.lookup("val", index, 5),
-        atol=1e-4,
-        rtol=1e-4,
-    )
+    on_gpu, on_cpu = gpu.features("val", data, 5), cpu.features("val", data, 5)
+    for i in (2, 0):
+        torch.testing.assert_close(on_gpu[i][0].cpu(), on_cpu[i][0], atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -278,7 +282,7 @@ def test_flexible_and_masked_mean_do_not_depend_on_padding(run, token: str) -> N
 
 @pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_cache_with_worker_processes(run) -> None:
-    # batches collated in worker processes carry the examples' split indices the cache needs
+    # the features are collated in worker processes as the tokens are (the same random draws)
     opts = (
         "trainable=last_block",
         "token=flexible",

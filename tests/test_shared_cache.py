@@ -25,6 +25,7 @@ import torch
 from _compose import compose_train
 from safetensors.torch import load_file, save_file
 
+from spam_lightning.data.datamodule import TokenDataset
 from spam_lightning.model.classifier import GPTClassifier, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 from spam_lightning.model.trunk_cache import SharedTrunkStore, TrunkCache
@@ -202,7 +203,7 @@ def fetch(store: SharedTrunkStore, key: str, model, data, split: str = "train", 
         cache.build(split, model, data, max_length, 50256, torch.device("cpu"))
 
     def load(path):
-        cache.load(split, path, key, data, model, max_length, torch.device("cpu"))
+        cache.load(split, path, key, data, model, max_length)
 
     return store.fetch(cache, split, key, compute, load), cache, len(calls)
 
@@ -215,8 +216,12 @@ def test_hit_equals_the_computation_and_comes_from_the_mapped_file(tmp_path: Pat
     assert (first, n) == ("miss", 1)
     second, loaded, n = fetch(SharedTrunkStore(tmp_path, 2**30), key, model, data)
     assert (second, n) == ("hit", 0)
-    index = torch.tensor([3, 0, 19, 7])
-    assert torch.equal(loaded.lookup("train", index, 12), computed.lookup("train", index, 12))
+    data = TokenDataset(data.token_ids, [0] * 20, [""] * 20)
+    batches = [
+        (f := cache.features("train", data, 12)).collate([f[i] for i in (3, 0, 19, 7)])
+        for cache in (loaded, computed)
+    ]
+    assert torch.equal(batches[0]["features"], batches[1]["features"])
     assert torch.equal(loaded._states["train"], computed._states["train"])
 
 
@@ -300,7 +305,7 @@ CONCURRENT = textwrap.dedent(
         time.sleep(1.0)  # a long computation: the other process arrives while it runs
         cache.build("train", model, data, 12, 50256, torch.device("cpu"))
     def load(path):
-        cache.load("train", path, key, data, model, 12, torch.device("cpu"))
+        cache.load("train", path, key, data, model, 12)
     result = SharedTrunkStore(folder / "cache", 2**30).fetch(cache, "train", key, compute, load)
     print("RESULT", result, len(calls), float(cache._states["train"].double().sum()))
     """
@@ -332,7 +337,7 @@ def test_two_processes_compute_a_key_once(tmp_path: Path, caplog) -> None:
         cache.build("train", model, data, 12, 50256, torch.device("cpu"))
 
     def load(path):
-        cache.load("train", path, key, data, model, 12, torch.device("cpu"))
+        cache.load("train", path, key, data, model, 12)
 
     deadline = time.monotonic() + 120
     while not (tmp_path / "ready-child").exists() and child.poll() is None and time.monotonic() < deadline:

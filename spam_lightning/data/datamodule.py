@@ -226,7 +226,8 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     Subclasses implement ``prepare_data`` (files on disk, once per node, no state) and
     ``load_splits`` (read the three splits, set ``class_names``); ``setup`` then tokenizes them
-    once. Batches are dicts with ``input_ids``, ``labels``, ``lengths`` and ``index``.
+    once. Batches are dicts with ``input_ids`` (or ``features``: ``use_features``), ``labels``,
+    ``lengths`` and ``index`` (the row: the final evaluation drops DDP's repeats by it).
     """
 
     def __init__(
@@ -258,6 +259,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._book_sampler: BookShuffleSampler | None = None
         self._pending_resume: dict[str, Any] | None = None
         self.tokenizer: Any = None  # None: GPT-2's (tiktoken); else use_tokenizer's
+        self._features: dict[str, Dataset] = {}  # split -> what use_features gave
 
     def use_tokenizer(self, tokenizer: Any) -> None:
         """Tokenize with a model's own tokenizer (an encoder's ``EncoderTokenizer``: ``encode(texts,
@@ -323,13 +325,24 @@ class TextClassificationDataModule(L.LightningDataModule):
             *map(len, datasets), len(self.class_names), max_length, self.padding,
         )
 
-    def _loader(self, split: str, generator: torch.Generator | None, **kwargs: Any) -> DataLoader:
-        name = _SPLIT_ALIASES.get(split)
-        if name is None:
+    def token_dataset(self, split: str) -> TokenDataset:
+        """A split's tokens (``train``, ``val``/``validation``, ``test``), after ``setup``."""
+        if split not in _SPLIT_ALIASES:
             raise ValueError(f"split={split!r}: allowed values are train, val, test")
-        ds = {"train": self.train_dataset, "validation": self.val_dataset}.get(name, self.test_dataset)
+        ds = {"train": self.train_dataset, "validation": self.val_dataset,
+              "test": self.test_dataset}[_SPLIT_ALIASES[split]]
         if ds is None:
             raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
+        return ds
+
+    def use_features(self, split: str, features: Dataset) -> None:
+        """Serve ``split`` as ``features`` (a dataset with its own ``collate``: the frozen trunk's
+        hidden states, ``model/trunk_cache.py``) in every loader made from now on."""
+        self._features[_SPLIT_ALIASES[split]] = features
+
+    def _loader(self, split: str, generator: torch.Generator | None, **kwargs: Any) -> DataLoader:
+        ds = self.token_dataset(split)
+        features = self._features.get(_SPLIT_ALIASES[split])
         if kwargs.pop("bucketing", False):
             kwargs["batch_sampler"] = LengthGroupedSampler(
                 RandomSampler(ds, generator=generator), self.batch_size, drop_last=True,
@@ -338,9 +351,10 @@ class TextClassificationDataModule(L.LightningDataModule):
         else:
             kwargs["batch_size"] = self.batch_size
         return DataLoader(
-            ds,
+            ds if features is None else features,
             generator=generator,
-            collate_fn=Collator(self.padding, self.max_length, self.pad_token_id),
+            collate_fn=Collator(self.padding, self.max_length, self.pad_token_id)
+            if features is None else features.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             **kwargs,

@@ -112,7 +112,7 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
     """Types and allowed values of a ``bundle.json``; the first problem as one ``BundleError`` line
     naming the field and the fix. Sizes are checked against the weights by ``check_weights``."""
     from spam_lightning.data.tokens import PADDING_MODES
-    from spam_lightning.model.classifier import TOKENS
+    from spam_lightning.model.pooling import POOLINGS
 
     def fail(field: str, problem: str) -> NoReturn:
         raise BundleError(f"{where}: {field} {problem}")
@@ -139,8 +139,8 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
         if key in model and not isinstance(model[key], bool):
             fail(f"model.{key}", f"is {_show(model[key])}; it must be true or false.")
     check_classes(config, where)
-    if config["token"] not in TOKENS:
-        fail("token", f"is {_show(config['token'])}; allowed: {', '.join(TOKENS)}.")
+    if config["token"] not in POOLINGS:
+        fail("token", f"is {_show(config['token'])}; allowed: {', '.join(POOLINGS)}.")
     if config["padding"] not in PADDING_MODES:
         fail("padding", f"is {_show(config['padding'])}; allowed: {', '.join(PADDING_MODES)}.")
     if not _is_int(config["max_length"]) or config["max_length"] < 1:

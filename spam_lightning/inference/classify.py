@@ -46,7 +46,8 @@ class Classifier:
         import torch
 
         from spam_lightning.inference.bundle import load_any_bundle
-        from spam_lightning.model.classifier import READS_REAL_TOKENS_ONLY, GPTClassifier
+        from spam_lightning.model.classifier import GPTClassifier
+        from spam_lightning.model.pooling import get_pooling
 
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
@@ -75,12 +76,11 @@ class Classifier:
             self.token = "masked_mean"  # a bundle from before the rename: its mean was masked
         self.padding = config["padding"]
         self.pad_token_id = int(config["pad_token_id"])
-        # unpadded training (padding=none) pools each message's own last token / own tokens
-        unpadded = {"last": "flexible", "mean": "masked_mean"}
-        pooled = unpadded.get(self.token, self.token) if self.padding == "none" else self.token
+        # unpadded training (padding=none) pooled each message's own tokens (last -> flexible)
+        pooling = get_pooling(self.token)
+        pooled = pooling.unpadded() if self.padding == "none" else pooling
         self.model = GPTClassifier(gpt, token=pooled).to(device=self.device, dtype=self.dtype).eval()
-        # per-batch padding is exact when the pooled position never sees padding
-        self.dynamic = self.model.causal_mask and pooled in READS_REAL_TOKENS_ONLY
+        self.dynamic = self.model.padding_free  # then per-batch padding is exact
         if self.padding == "none" and not self.dynamic:
             self.batch_size = 1  # no padding at all: one message per forward pass
 

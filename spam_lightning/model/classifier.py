@@ -1,6 +1,6 @@
 """GPT-2 as a classifier (chapter 6.5): `make_classifier` swaps the head and chooses what
 trains (`trainable`); `GPTClassifier` is the whole classification forward, shared by training
-and inference: trunk, optional frozen-trunk cache, pruned last block, pooling (`token`), head.
+and inference: trunk (or its cached features), pruned last block, pooling (`token`), head.
 """
 
 from __future__ import annotations
@@ -12,14 +12,10 @@ from torch import nn
 
 from spam_lightning.model.gpt import GPTModel, TransformerBlock
 from spam_lightning.model.lora import check_lora_options, replace_linear_with_lora
-from spam_lightning.model.trunk_cache import TrunkCache
+from spam_lightning.model.pooling import Pooling, get_pooling
 from spam_lightning.model.weights import mismatch_lines
 
 TRAINABLE = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
-# `mean`: the book's --average_embeddings (row 19), every position, padding included;
-# `masked_mean`: the real tokens only (independent of padding, so the fast paths apply)
-TOKENS = ("last", "first", "flexible", "mean", "masked_mean")
-READS_REAL_TOKENS_ONLY = ("first", "flexible", "masked_mean")  # never see right padding
 
 
 class ClassifierStateError(ValueError):
@@ -69,102 +65,59 @@ def make_classifier(
     return model
 
 
-def pool_logits(logits: torch.Tensor, lengths: torch.Tensor | None, token: str) -> torch.Tensor:
-    """Per-token outputs [B, T, C] -> [B, C]: `last` position -1 (the chapter), `first` 0,
-    `flexible` the last real token (lengths-1), `mean` the average over all T positions,
-    padding included (the book's ``model(x).mean(dim=1)``), `masked_mean` the average over the
-    first `lengths` positions (right padding ignored). `lengths` [B] may be None when nothing
-    is padded."""
-    if token == "last":
-        return logits[:, -1, :]
-    if token == "first":
-        return logits[:, 0, :]
-    if token == "mean":
-        return logits.mean(dim=1)
-    if token not in TOKENS:
-        raise ValueError(f"unknown token={token!r}; allowed: {', '.join(TOKENS)}")
-    batch, seq_len, _ = logits.shape
-    if lengths is None:
-        lengths = torch.full((batch,), seq_len, device=logits.device)
-    lengths = lengths.to(logits.device)
-    if token == "flexible":
-        return logits[torch.arange(batch, device=logits.device), lengths - 1]
-    mask = torch.arange(seq_len, device=logits.device)[None, :] < lengths[:, None]  # [B, T]
-    summed = (logits * mask.unsqueeze(-1).to(logits.dtype)).sum(dim=1)
-    return summed / lengths.clamp(min=1).unsqueeze(-1).to(logits.dtype)
-
-
 class GPTClassifier(GPTModel):
-    """Class logits ``[B, num_classes]`` from token ids: the one classification forward.
+    """Class logits ``[B, num_classes]`` from token ids (or from the frozen trunk's features):
+    the one classification forward.
 
     Takes over the modules of a GPTModel with a class head (``make_classifier``) under the same
     names, so its state dict is that GPTModel's (checkpoints, bundles) and nothing is copied.
-    ``trunk_cache`` (built by training's ``TrunkCaching``) holds the frozen blocks' output for
-    examples identified by ``(split, index)``.
+    ``token``: a pooling (``model/pooling.py``) or its name.
     """
 
-    def __init__(self, gpt: GPTModel, token: str = "last") -> None:
+    def __init__(self, gpt: GPTModel, token: str | Pooling = "last") -> None:
         nn.Module.__init__(self)
-        if token not in TOKENS:
-            raise ValueError(f"unknown token={token!r}; allowed: {', '.join(TOKENS)}")
-        self.cfg, self.token = gpt.cfg, token
+        self.cfg, self.pooling = gpt.cfg, get_pooling(token)
         self.tok_emb, self.pos_emb, self.drop_emb = gpt.tok_emb, gpt.pos_emb, gpt.drop_emb
         self.trf_blocks, self.final_norm, self.out_head = gpt.trf_blocks, gpt.final_norm, gpt.out_head
-        self.trunk_cache: TrunkCache | None = None
 
-    def needed_length(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> int:
-        """How many leading positions the pooled token depends on: with a causal mask, 1 for
-        `first` and the longest real length for `flexible`/`masked_mean` (cutting the rest is
-        exact); every position for `last` and for the book's `mean` (it averages the padding)."""
-        full = input_ids.shape[1]
-        if not self.causal_mask or self.token not in READS_REAL_TOKENS_ONLY:
-            return full
-        if self.token == "first":
-            return 1
-        return min(full, int(lengths.max()))
+    @property
+    def padding_free(self) -> bool:
+        """Whether right padding never changes the result (a causal mask and a pooling that
+        reads only real tokens): per-batch padding and cutting the batch are then exact."""
+        return self.causal_mask and not self.pooling.reads_padding()
 
-    def pooled_positions(self, width: int, lengths: torch.Tensor) -> torch.Tensor | None:
-        """The one position per row that the pooled token reads, or None for the means:
-        ``last`` -> width-1, ``first`` -> 0, ``flexible`` -> lengths-1. Only these rows of the
-        last block's output are ever used, which is what lets ``forward`` prune that block."""
-        batch = lengths.shape[0]
-        if self.token == "last":
-            return torch.full((batch,), width - 1, dtype=torch.long, device=lengths.device)
-        if self.token == "first":
-            return torch.zeros(batch, dtype=torch.long, device=lengths.device)
-        if self.token == "flexible":
-            return (lengths.long() - 1).clamp(min=0, max=width - 1)
-        return None
+    def needed_length(self, width: int, lengths: torch.Tensor) -> int:
+        """How many leading positions of a ``width``-wide batch the pooled vector depends on:
+        with a causal mask, what the pooling declares (cutting the rest is exact), else all."""
+        return int(self.pooling.span(width, lengths).max()) if self.causal_mask else width
 
     def forward(
-        self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
-        index: torch.Tensor | None = None, split: str | None = None,
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None, start_block: int | None = None
     ) -> torch.Tensor:
-        """Class logits ``[B, num_classes]``; ``lengths``: true lengths (right padding).
+        """Class logits ``[B, num_classes]``. ``x``: token ids ``[B, T]``, or with ``start_block``
+        k the hidden states entering block k ``[B, T, D]`` (the frozen trunk's features,
+        ``trunk_cache.py``; k=0: the embeddings'); ``lengths``: true lengths (right padding).
 
-        Three exact shortcuts (equal to the full forward within float rounding): the frozen
-        trunk's states come from the cache when it holds ``split``; inputs are cut to
-        ``needed_length``; the last block runs only at the pooled position (``forward_at``)
-        unless pooling is a mean. The book's ``mean`` reads every position, padding included.
+        Two exact shortcuts (equal to the full forward within float rounding): inputs are cut to
+        ``needed_length``; the last block runs only at the pooled position (``forward_at``) when
+        the pooling reads one position per row.
         """
         if lengths is None:
-            lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
-        width = self.needed_length(input_ids, lengths)
-        cache = self.trunk_cache
-        if cache is not None and split is not None and index is not None and cache.has(split):
-            x, start = cache.lookup(split, index, width, device=input_ids.device), cache.start_block
-        else:
-            x, start = self.embed(input_ids[:, :width]), 0
+            lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+        lengths = lengths.to(x.device)
+        width = self.needed_length(x.shape[1], lengths)
+        x = self.embed(x[:, :width]) if start_block is None else x[:, :width]
+        start_block = start_block or 0
         n_blocks = len(self.trf_blocks)
-        positions = self.pooled_positions(width, lengths.to(input_ids.device))
-        last_block = self.trf_blocks[n_blocks - 1] if start < n_blocks else None
+        positions = self.pooling.positions(width, lengths)
+        last_block = self.trf_blocks[n_blocks - 1] if start_block < n_blocks else None
         # an FSDP-wrapped block must go through its own forward (which gathers its weights)
         if positions is not None and isinstance(last_block, TransformerBlock):
-            x = last_block.forward_at(self.run_blocks(x, start=start, end=n_blocks - 1), positions)
+            x = last_block.forward_at(self.run_blocks(x, start=start_block, end=n_blocks - 1), positions)
             return self.out_head(self.final_norm(x))
-        x = self.final_norm(self.run_blocks(x, start=start))
+        x = self.final_norm(self.run_blocks(x, start=start_block))
         # pool before the (affine) head: identical result, computed on B rows instead of B*T
-        return self.out_head(pool_logits(x, lengths, self.token))
+        return self.out_head(self.pooling(x, lengths))
 
 
 def load_classifier_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -1,16 +1,17 @@
-"""Frozen-trunk cache: the hidden states after the frozen blocks, computed once per example
-(the chapter recomputes them for every batch of every epoch and every evaluation).
+"""The frozen trunk as a feature-extraction step: the hidden states after the frozen blocks,
+computed once per example (the chapter recomputes them for every batch of every epoch and every
+evaluation), handed to training and evaluation as an ordinary dataset (``TrunkFeatures``) whose
+batches enter the classifier at the first trainable block.
 
 Exact: with a causal mask position t depends only on positions <= t, so a prefix's states do
-not depend on padding. What is stored per example is what the pooled token can read: ``last``
-and the book's ``mean`` (padding included), every position up to ``max_length`` (computed
-padded, as in the chapter); ``flexible``/``masked_mean``, the real tokens (computed in
-length-sorted batches); ``first``, position 0; without a causal
-mask, the whole ``max_length`` (cached only under ``longest`` padding).
+not depend on padding. What is stored per example is what the pooling can read (its ``span`` at
+``max_length``): every position up to ``max_length`` when it reads padding (computed padded, as
+in the chapter), the real tokens (computed in length-sorted batches), or up to position k;
+without a causal mask, the whole ``max_length`` (cached only under ``longest`` padding).
 
-States are packed per split as ``[sum(stored lengths), emb_dim]`` with offsets, so ``lookup`` is
-one gather. Indices are row numbers in the split, as a distributed sampler hands them out: every
-rank builds the whole cache and can look up any example.
+States are packed per split as ``[sum(stored lengths), emb_dim]``, on the CPU (loader workers
+collate them; batches move to the device as token batches do). Every rank builds the whole
+split: a distributed sampler may hand it any example.
 
 Shared across runs (``cache.shared=true``): a split's states are a pure function of what
 ``build`` reads, so ``SharedTrunkStore`` keeps them on disk (one safetensors file per key,
@@ -18,9 +19,9 @@ written atomically under a file lock, memory-mapped when read) and every later r
 key (another seed, learning rate, head, epoch count...) loads them instead of computing them.
 The key (``split_key``) is a sha256 over the frozen weights (embeddings + ``trf_blocks[:start]``,
 their bytes), the source of the code that runs them, the torch version, ``start_block``, the
-stored-length rule, the cache dtype and batching, the device kind, the precision (autocast) and
-float32-matmul settings, and the split's token ids, ``max_length`` and ``pad_token_id``.
-Padding is not in it: ``build`` never reads it (it only decides whether caching is allowed).
+cache dtype and batching, the device kind, the precision (autocast) and float32-matmul settings,
+and the split's token ids, stored lengths, ``max_length`` and ``pad_token_id``. Padding is not
+in it: ``build`` never reads it (it only decides whether caching is allowed).
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
 
 from spam_lightning.io_utils import atomic_write, file_lock, remove_stale_temporaries
+from spam_lightning.model.pooling import Pooling, get_pooling
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the file layout or what `build` computes changes
+FORMAT_VERSION = 2  # bump when the file layout or what `build` computes changes
 
 
 class TrunkCacheError(ValueError):
@@ -53,45 +57,67 @@ class CacheFileError(ValueError):
     """A shared cache file that is not the complete cache of its key (it is recomputed)."""
 
 
+class TrunkFeatures(Dataset):
+    """One split as the trainable part's input: items are an example's stored states, label,
+    length and row number; ``collate`` pads them with zeros (positions the pooling never reads)
+    to the width its token batch would have (``pad_to``, the ``max_length`` of padding=longest,
+    else the batch's longest), so the forward from ``start_block`` sees what the full one does.
+    ``tokens``: the split's ``TokenDataset`` (labels, lengths, texts)."""
+
+    def __init__(self, states: torch.Tensor, offsets: list[int], tokens, start_block: int,
+                 pad_to: int | None) -> None:
+        self.states, self.offsets, self.start_block, self.pad_to = states, offsets, start_block, pad_to
+        self.labels, self.lengths, self.texts = tokens.labels, tokens.lengths, tokens.texts
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
+        return self.states[self.offsets[i] : self.offsets[i + 1]], self.labels[i], self.lengths[i], i
+
+    def collate(self, items) -> dict:
+        states, labels, lengths, index = zip(*items, strict=True)
+        width = self.pad_to or max(lengths)
+        return {"features": pad_sequence(list(states), batch_first=True)[:, :width],
+                "start_block": self.start_block, "lengths": torch.tensor(lengths),
+                "labels": torch.tensor(labels), "index": torch.tensor(index)}
+
+
 class TrunkCache:
     """Per-split packed hidden states of ``embed`` + ``trf_blocks[:start_block]``, stored as
     ``dtype`` (float32: the residual stream stays float32 under bf16-mixed autocast)."""
 
     def __init__(
-        self, start_block: int, token: str = "last", causal: bool = True,
+        self, start_block: int, token: str | Pooling = "last", causal: bool = True,
         dtype: torch.dtype = torch.float32, max_batch_tokens: int = 4096,
     ) -> None:
         self.start_block = start_block
-        self.token = token
+        self.pooling = get_pooling(token)
         self.causal = causal
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
         self._states: dict[str, torch.Tensor] = {}  # split -> [sum(stored), D]
-        self._offsets: dict[str, torch.Tensor] = {}  # split -> [N + 1], on the states' device
-        self._stored: dict[str, torch.Tensor] = {}  # split -> [N] stored positions per example
+        self._stored: dict[str, torch.Tensor] = {}  # split -> [N] stored positions per example (CPU)
 
     def has(self, split: str) -> bool:
         return split in self._states
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._states.values())
-
-    @property
-    def rule(self) -> str:
-        """What is stored per example: ``all`` positions up to max_length, the ``first``, or the
-        ``real`` tokens. Options with one rule store identical states (last and mean share)."""
-        if not self.causal or self.token in ("last", "mean"):  # read every position
-            return "all"
-        return "first" if self.token == "first" else "real"
+        return sum(map(self.split_nbytes, self._states))
 
     def _stored_lengths(self, token_ids: list[list[int]], max_length: int) -> list[int]:
-        rule = self.rule
-        if rule == "all":
+        """Per example, the positions the pooling can read at ``max_length`` (all without a
+        causal mask). Poolings that store the same share states (last and mean: every position)."""
+        if not self.causal:
             return [max_length] * len(token_ids)
-        if rule == "first":
-            return [1] * len(token_ids)
-        return [max(1, min(len(t), max_length)) for t in token_ids]
+        lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
+        return self.pooling.span(max_length, lengths).tolist()
+
+    def features(self, split: str, dataset, pad_to: int | None) -> TrunkFeatures:
+        """``split``'s states as a dataset (``dataset``: its tokens, for labels and lengths)."""
+        offsets = [0, *torch.cumsum(self._stored[split], 0).tolist()]
+        return TrunkFeatures(self._states[split], offsets, dataset, self.start_block, pad_to)
 
     def split_nbytes(self, split: str) -> int:
         states = self._states[split]
@@ -109,7 +135,7 @@ class TrunkCache:
             kind += ":" + torch.cuda.get_device_name(device)
         fields = {
             "format": FORMAT_VERSION, "torch": torch.__version__, "start_block": self.start_block,
-            "rule": self.rule, "causal": self.causal, "dtype": str(self.dtype),
+            "causal": self.causal, "dtype": str(self.dtype),
             "max_batch_tokens": self.max_batch_tokens, "device": kind, "precision": str(precision),
             "matmul": torch.get_float32_matmul_precision(),
             "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
@@ -122,10 +148,12 @@ class TrunkCache:
         return h.hexdigest()
 
     def split_key(self, config_digest: str, dataset, max_length: int, pad_token_id: int) -> str:
-        """The file key of one split: ``config_digest`` + the split's token ids and lengths."""
+        """The file key of one split: ``config_digest`` + the split's token ids, lengths and
+        stored lengths (what the pooling reads: poolings that store the same share the file)."""
         h = hashlib.sha256(f"{config_digest};max_length={max_length};pad={pad_token_id};".encode())
         token_ids = dataset.token_ids
         h.update(array("q", [len(t) for t in token_ids]).tobytes())
+        h.update(array("q", self._stored_lengths(token_ids, max_length)).tobytes())
         h.update(array("q", [i for t in token_ids for i in t]).tobytes())
         return h.hexdigest()
 
@@ -133,52 +161,39 @@ class TrunkCache:
         """Write ``split`` to ``path`` (safetensors, atomically: a reader sees all or nothing)."""
         from safetensors.torch import save_file
 
-        tensors = {
-            "states": self._states[split].detach().cpu().contiguous(),
-            "offsets": self._offsets[split].cpu(),
-            "stored": self._stored[split].cpu(),
-        }
-        meta = {"format": str(FORMAT_VERSION), "key": key, "rule": self.rule,
-                "start_block": str(self.start_block)}
+        tensors = {"states": self._states[split].detach().cpu().contiguous(), "stored": self._stored[split]}
+        meta = {"format": str(FORMAT_VERSION), "key": key, "start_block": str(self.start_block)}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
-    def load(
-        self, split: str, path: Path, key: str, dataset, model: nn.Module, max_length: int,
-        device: torch.device,
-    ) -> None:
-        """Memory-map ``split`` from ``path`` (on CPU the states stay in the file's pages,
-        shared by every job that reads it); raises ``CacheFileError`` for a file that is not
+    def load(self, split: str, path: Path, key: str, dataset, model: nn.Module, max_length: int) -> None:
+        """Memory-map ``split`` from ``path`` (the states stay in the file's pages, shared by
+        every job that reads it); raises ``CacheFileError`` for a file that is not
         the complete cache of this key (unreadable header, truncated, other shapes)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            with _safe_open(path) as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path), device="cpu")  # mmap: pages are read when used
+            with safe_open(str(path), framework="pt") as f:  # mmap: pages are read when used
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
             raise CacheFileError(f"{path}: unreadable ({err})") from err
         if meta.get("format") != str(FORMAT_VERSION) or meta.get("key") != key:
             raise CacheFileError(f"{path}: written for another key or format ({meta})")
-        if set(tensors) != {"states", "offsets", "stored"}:
-            raise CacheFileError(f"{path}: tensors {sorted(tensors)}, expected offsets, states, stored")
-        states, offsets, stored = tensors["states"], tensors["offsets"], tensors["stored"]
+        if set(tensors) != {"states", "stored"}:
+            raise CacheFileError(f"{path}: tensors {sorted(tensors)}, expected states, stored")
+        states, stored = tensors["states"], tensors["stored"]
         expected = torch.tensor(self._stored_lengths(dataset.token_ids, max_length), dtype=torch.long)
         emb_dim = model.tok_emb.weight.shape[1]
         if (
             stored.dtype != torch.long or stored.shape != expected.shape
-            or not torch.equal(stored, expected) or offsets.shape != (len(expected) + 1,)
-            or not torch.equal(offsets[1:], torch.cumsum(expected, 0)) or int(offsets[0]) != 0
-            or states.dtype != self.dtype or tuple(states.shape) != (int(offsets[-1]), emb_dim)
+            or not torch.equal(stored, expected) or states.dtype != self.dtype
+            or tuple(states.shape) != (int(expected.sum()), emb_dim)
         ):
             raise CacheFileError(
                 f"{path}: sizes do not match this split (states {tuple(states.shape)} "
                 f"{states.dtype}, {len(stored)} examples; expected {len(expected)} examples, "
                 f"{int(expected.sum())} positions x {emb_dim} {self.dtype})"
             )
-        self._states[split] = states.to(device)
-        self._offsets[split] = offsets.to(device)
-        self._stored[split] = stored.to(device)
+        self._states[split], self._stored[split] = states, stored
 
     def estimate_bytes(self, dataset, model: nn.Module, max_length: int) -> int:
         emb_dim = model.tok_emb.weight.shape[1]
@@ -222,7 +237,7 @@ class TrunkCache:
         stored_t = torch.tensor(stored, dtype=torch.long)
         offsets = torch.zeros(len(stored) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(stored_t, 0)
-        states = torch.empty((int(offsets[-1]), emb_dim), dtype=self.dtype, device=device)
+        states = torch.empty((int(offsets[-1]), emb_dim), dtype=self.dtype)  # CPU: worker processes
         for rows in self._batches(stored):
             width = max(stored[i] for i in rows)
             ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -235,33 +250,9 @@ class TrunkCache:
             dest = torch.repeat_interleave(offsets[rows], n) + (
                 torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
             )
-            states.index_copy_(0, dest.to(device), x[keep.to(device)].to(self.dtype))
+            states.index_copy_(0, dest, x[keep.to(device)].to("cpu", self.dtype))
         model.train(was_training)
-        self._states[split] = states
-        self._offsets[split] = offsets.to(device)
-        self._stored[split] = stored_t.to(device)
-
-    def lookup(
-        self, split: str, index: torch.Tensor, width: int, device: torch.device | None = None
-    ) -> torch.Tensor:
-        """States ``[B, width, D]`` for examples ``index`` of ``split``, in one gather; positions
-        past an example's stored length (never read by the pooled token) are 0."""
-        states = self._states[split]
-        idx = index.to(states.device, torch.long)
-        begin = self._offsets[split][idx]  # [B]
-        count = self._stored[split][idx].clamp(max=width)  # [B]
-        pos = torch.arange(width, device=states.device)
-        valid = pos[None, :] < count[:, None]  # [B, width]
-        flat = torch.where(valid, begin[:, None] + pos[None, :], 0)
-        out = states[flat].masked_fill_(~valid.unsqueeze(-1), 0)
-        return out.to(device) if device is not None else out
-
-    def to(self, device: torch.device | str) -> TrunkCache:
-        """Move every split's states to ``device`` (e.g. after the module moved); returns self."""
-        for table in (self._states, self._offsets, self._stored):
-            for split, tensor in table.items():
-                table[split] = tensor.to(device)
-        return self
+        self._states[split], self._stored[split] = states, stored_t
 
 
 # ---------------------------------------------------------------------- the key's ingredients
@@ -315,12 +306,6 @@ def _code_digest(model: nn.Module, start_block: int) -> str:
         except OSError:
             h.update(name.encode())
     return h.hexdigest()
-
-
-def _safe_open(path: Path):
-    from safetensors import safe_open
-
-    return safe_open(str(path), framework="pt")
 
 
 # --------------------------------------------------------------------------- the shared store

@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 
 from spam_lightning.data.table import SPLIT_PROCEDURES
 from spam_lightning.data.tokens import PADDING_MODES, get_tokenizer
-from spam_lightning.model.classifier import TOKENS, TRAINABLE, make_classifier
+from spam_lightning.model.classifier import TRAINABLE, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
+from spam_lightning.model.pooling import pooling_names
 from spam_lightning.model.weights import (
     HUB_REPOS,
     CheckpointError,
@@ -156,7 +157,7 @@ def _gpt2_problems(cfg: DictConfig) -> list[str]:
         )
     if m.weights not in ("pretrained", "random"):
         problems.append(f"model.weights={m.weights!r}; allowed: pretrained, random")
-    for group, allowed in (("trainable", TRAINABLE), ("token", TOKENS)):
+    for group, allowed in (("trainable", TRAINABLE), ("token", pooling_names(cfg.token))):
         if cfg[group].name not in allowed:
             problems.append(
                 f"{group}.name={cfg[group].name!r} is unknown; allowed: {', '.join(allowed)} "

@@ -109,19 +109,22 @@ class SpamClassifier(L.LightningModule):
         self.test_results: TestResults | None = None
         self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
 
-    def forward(self, input_ids, lengths=None, index=None, split=None) -> torch.Tensor:
-        return self.model(input_ids, lengths, index, split)
+    def forward(self, x: torch.Tensor, lengths=None, start_block: int | None = None) -> torch.Tensor:
+        """Token ids, or from ``start_block`` the frozen trunk's features (``trunk_cache.py``)."""
+        return self.model(x, lengths) if start_block is None else self.model(x, lengths, start_block)
 
-    def batch_logits(self, batch: dict, split: str | None = None) -> torch.Tensor:
-        return self(batch["input_ids"], batch["lengths"], batch.get("index"), split)
+    def batch_logits(self, batch: dict) -> torch.Tensor:
+        if "features" in batch:
+            return self(batch["features"], batch["lengths"], batch["start_block"])
+        return self(batch["input_ids"], batch["lengths"])
 
-    def batch_loss(self, batch: dict, split: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.batch_logits(batch, split)
+    def batch_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.batch_logits(batch)
         return self.loss_fn(logits.float(), batch["labels"]), logits
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, logits = self.batch_loss(batch, "train")
+        loss, logits = self.batch_loss(batch)
         self.metrics["train_split"].update(logits.detach().float(), batch["labels"])
         bs = batch["labels"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs, prog_bar=True)
@@ -131,7 +134,7 @@ class SpamClassifier(L.LightningModule):
         self._log_metrics(self.metrics["train_split"], "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, logits = self.batch_loss(batch, "val")
+        loss, logits = self.batch_loss(batch)
         bs = batch["labels"].shape[0]
         self.metrics["val_split"].update(logits.float(), batch["labels"])
         self.log("val/loss", loss, on_epoch=True, batch_size=bs, prog_bar=True, sync_dist=True)
@@ -142,7 +145,7 @@ class SpamClassifier(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Keep per-example results: the final metrics count every example exactly once."""
         split = self.final_splits[dataloader_idx]
-        logits = self.batch_logits(batch, split).float()
+        logits = self.batch_logits(batch).float()
         losses = F.cross_entropy(
             logits, batch["labels"], ignore_index=self.loss_fn.ignore_index, reduction="none"
         )

@@ -20,13 +20,13 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 @torch.no_grad()
-def _evaluate(pl_module, trainer, loader, split: str, num_batches: int) -> tuple[float, float]:
+def _evaluate(pl_module, trainer, loader, num_batches: int) -> tuple[float, float]:
     """Mean loss and accuracy over the first ``num_batches`` batches of ``loader``."""
     losses, correct, seen = [], 0, 0
     with trainer.precision_plugin.forward_context():
         for batch in itertools.islice(loader, num_batches):
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            loss, logits = pl_module.batch_loss(batch, split)
+            loss, logits = pl_module.batch_loss(batch)
             losses.append(float(loss))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
             seen += int(batch["labels"].shape[0])
@@ -88,8 +88,8 @@ class ChapterMonitor(L.Callback):
         """(loss, accuracy) on the first ``eval_iter`` train and validation batches, in eval mode."""
         train_loader, val_loader = self._loaders(trainer)
         pl_module.eval()
-        train = _evaluate(pl_module, trainer, train_loader, "train", self.eval_iter)
-        val = _evaluate(pl_module, trainer, val_loader, "val", self.eval_iter)
+        train = _evaluate(pl_module, trainer, train_loader, self.eval_iter)
+        val = _evaluate(pl_module, trainer, val_loader, self.eval_iter)
         pl_module.train()
         return train, val
 

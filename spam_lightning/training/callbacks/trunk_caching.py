@@ -1,14 +1,16 @@
-"""Builds the classifier's frozen-trunk cache (``model/trunk_cache.py``) from the datasets that
-``train()`` hands it, at the start of fitting and of the final test, on each rank's device.
-With ``shared_dir`` the states of each split are shared with other runs through files there
-(``SharedTrunkStore``): a run whose frozen trunk, data and numerics match an earlier one loads them."""
+"""The frozen trunk as a feature-extraction step (``model/trunk_cache.py``): at the start of
+fitting (train, val) and at its end (the final evaluation's splits, before their loaders are
+made), on each rank's device, each split's token ids become hidden states once and the datamodule
+serves them (``use_features``) instead of tokens. With ``shared_dir`` the states of each split are
+shared with other runs through files there (``SharedTrunkStore``): a run whose frozen trunk, data
+and numerics match an earlier one loads them."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -26,45 +28,40 @@ log = logging.getLogger(__name__)
 
 
 class TrunkCaching(L.Callback):
-    """Computes blocks ``0..start_block-1`` once per example of each split it is given.
+    """Computes blocks ``0..start_block-1`` once per example of the datamodule's splits.
 
-    ``datasets`` maps split names (``train``, ``val``, ``test``) to tokenized datasets (with
-    ``token_ids``), whose row numbers are the batches' ``index``. ``setting`` is ``cache.trunk``:
-    ``"auto"`` caches what fits in ``budget_gb`` GiB, ``True`` fails if anything is impossible or
-    over budget (the final test's splits are budgeted before training), ``False`` never caches.
-    ``start_block`` None (``trainable=all|lora``) means nothing is frozen. ``shared_dir``
-    (``cache.dir`` when ``cache.shared=true``) shares each split's states with other runs
-    through files there, at most ``max_shared_gb`` GiB of them (least recently used go first).
+    The options are the ``cache`` config section's: ``trunk`` ``auto`` caches what fits in
+    ``memory_budget_gb`` GiB, ``true`` fails if anything is impossible or over budget (the final
+    test's splits are budgeted before training), ``false`` never caches. ``start_block`` None
+    (``trainable=all|lora``) means nothing is frozen. ``shared`` shares each split's states with
+    other runs through files in ``dir``, at most ``max_gb`` GiB of them (least recently used go
+    first). ``active``: whether the splits are served as features.
     """
 
     def __init__(
-        self, start_block: int | None, datasets: Mapping[str, Any], *, max_length: int,
-        pad_token_id: int, padding: str = "longest", setting: str | bool = "auto",
-        budget_gb: float = 4.0, shared_dir: str | None = None, max_shared_gb: float = 10.0,
+        self, start_block: int | None, datamodule: Any, *, trunk: str | bool = "auto",
+        memory_budget_gb: float = 4.0, shared: bool = False, dir: str | None = None,  # noqa: A002
+        max_gb: float = 10.0,
     ) -> None:
-        self.start_block = start_block
-        self.datasets = {k: v for k, v in datasets.items() if v is not None}
-        self.max_length, self.pad_token_id, self.padding = max_length, pad_token_id, padding
-        self.setting, self.budget_gb = setting, budget_gb
-        if shared_dir is not None and not (
-            isinstance(max_shared_gb, (int, float)) and math.isfinite(max_shared_gb) and max_shared_gb >= 0
-        ):
-            raise TrunkCacheError(f"cache.max_gb={max_shared_gb!r}: must be a number >= 0 (GiB)")
-        self.store = (
-            SharedTrunkStore(shared_dir, float(max_shared_gb) * 2**30) if shared_dir else None
-        )
+        self.start_block, self.datamodule = start_block, datamodule
+        self.setting = {"true": True, "false": False}.get(str(trunk).lower(), "auto")
+        self.budget_gb = memory_budget_gb
+        if shared and not (isinstance(max_gb, (int, float)) and math.isfinite(max_gb) and max_gb >= 0):
+            raise TrunkCacheError(f"cache.max_gb={max_gb!r}: must be a number >= 0 (GiB)")
+        self.store = SharedTrunkStore(dir, float(max_gb) * 2**30) if shared and dir else None
+        self.cache: TrunkCache | None = None
         self.seconds: dict[str, float] = {}  # split -> time its cache took to build (or load)
+
+    @property
+    def active(self) -> bool:
+        return self.cache is not None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # the final test caches its splits too: budget for them now, not after training
         self.build(trainer, pl_module, ("train", "val"), planned=pl_module.final_splits)
 
-    def on_test_start(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:  # before the final evaluation's loaders
         self.build(trainer, pl_module, pl_module.final_splits)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if not trainer.training:
-            self.build(trainer, pl_module, ("val",))
 
     def _reason(self, model: nn.Module) -> str | None:
         """Why no cache is possible, or None."""
@@ -73,73 +70,60 @@ class TrunkCaching(L.Callback):
         frozen = [model.drop_emb, *model.trf_blocks[: self.start_block]]
         if any(isinstance(m, nn.Dropout) and m.p > 0 for f in frozen for m in f.modules()):
             return "dropout in the frozen trunk makes it non-deterministic"
-        if not model.causal_mask and self.padding != "longest":
+        if not model.causal_mask and self.datamodule.padding != "longest":
             return "without a causal mask, padding changes every position"
         return None
 
     def build(self, trainer, pl_module, splits: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
-        """Compute the frozen trunk once per example for ``splits`` (when allowed). ``planned``
-        splits are cached later (the final test's): ``cache.trunk=true`` budgets them now."""
-        if self.setting in (False, "false", "off"):
+        """Compute the frozen trunk once per example for ``splits`` (when allowed) and hand them
+        to the datamodule as features. ``planned`` splits are cached later (the final test's):
+        ``cache.trunk=true`` budgets them now."""
+        if self.setting is False:
             return
-        model = pl_module.model
-        strict = self.setting in (True, "true", "on")
+        model, strict, dm = pl_module.model, self.setting is True, self.datamodule
         # store what the uncached forward feeds the first trainable block: float32, unless the
         # weights themselves are half precision (bf16-true / 16-true)
         dtype = next(model.parameters()).dtype
-        cache = model.trunk_cache or TrunkCache(
-            self.start_block or 0, token=model.token, causal=model.causal_mask,
+        cache = self.cache or TrunkCache(
+            self.start_block or 0, token=model.pooling, causal=model.causal_mask,
             dtype=dtype if dtype.is_floating_point else torch.float32,
         )
-        todo = [s for s in splits if not cache.has(s) and s in self.datasets]
-        later = [s for s in dict.fromkeys(planned) if s not in todo and not cache.has(s) and s in self.datasets]
+        todo = [s for s in splits if not cache.has(s)]
+        later = [s for s in dict.fromkeys(planned) if s not in todo and not cache.has(s)]
         reason = self._reason(model) or self._over_budget(cache, model, todo, later, strict)
         if reason is not None:
             if strict:
                 raise TrunkCacheError(f"cache.trunk=true but caching is not possible: {reason}.")
             log.info("Frozen-trunk cache off for %s: %s.", ", ".join(splits), reason)
             return
-        model.trunk_cache = cache  # only once it holds something: `trunk_cache` means "in use"
-        if not todo:
-            return
+        self.cache = cache
         store = self.store
-        if store is not None and is_sharded(model, cache.start_block):
+        if todo and store is not None and is_sharded(model, cache.start_block):
             log.info("Frozen-trunk cache not shared: the frozen trunk is sharded (FSDP).")
             store = None
-        digest = None
-        if store is not None:
+        if todo and store is not None:
             digest = cache.config_digest(model, pl_module.device, str(trainer.precision))
-        with trainer.precision_plugin.forward_context():
-            for split in todo:
-                t0 = time.perf_counter()
-                self._fill(cache, split, model, pl_module.device, store, digest)
-                self.seconds[split] = time.perf_counter() - t0
-        log.info(
-            "Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
-            self.start_block - 1, ", ".join(todo), cache.nbytes / 2**20,
-        )
-
-    def _fill(self, cache: TrunkCache, split: str, model: nn.Module, device: torch.device,
-              store: SharedTrunkStore | None, digest: str | None) -> None:
-        """Compute ``split``'s states, or (shared) load them from an earlier run's file."""
-        dataset = self.datasets[split]
-
-        def compute() -> None:
-            cache.build(split, model, dataset, self.max_length, self.pad_token_id, device)
-
-        if store is None or digest is None:
-            compute()
-            return
-        key = cache.split_key(digest, dataset, self.max_length, self.pad_token_id)
-
-        def load(path) -> None:
-            cache.load(split, path, key, dataset, model, self.max_length, device)
-
-        store.fetch(cache, split, key, compute, load)
+        device, pad_to = pl_module.device, dm.max_length if dm.padding == "longest" else None
+        for split in todo:
+            t0, dataset = time.perf_counter(), dm.token_dataset(split)
+            compute = partial(cache.build, split, model, dataset, dm.max_length, dm.pad_token_id, device)
+            with trainer.precision_plugin.forward_context():
+                if store is None:
+                    compute()
+                else:  # or load them from an earlier run's file
+                    key = cache.split_key(digest, dataset, dm.max_length, dm.pad_token_id)
+                    store.fetch(cache, split, key, compute, partial(
+                        cache.load, split, key=key, dataset=dataset, model=model, max_length=dm.max_length))
+            self.seconds[split] = time.perf_counter() - t0
+            dm.use_features(split, cache.features(split, dataset, pad_to))
+        if todo:
+            log.info("Frozen-trunk cache: blocks 0..%d computed once for %s (%.1f MiB).",
+                     self.start_block - 1, ", ".join(todo), cache.nbytes / 2**20)
 
     def _over_budget(self, cache, model, todo: list[str], later: list[str], strict: bool) -> str | None:
         """Why ``todo`` (and, when ``strict``, ``later``) do not fit ``budget_gb``, or None."""
-        sizes = {s: cache.estimate_bytes(self.datasets[s], model, self.max_length) for s in (*todo, *later)}
+        dm = self.datamodule
+        sizes = {s: cache.estimate_bytes(dm.token_dataset(s), model, dm.max_length) for s in (*todo, *later)}
         budget = float(self.budget_gb) * 2**30
         need = cache.nbytes + sum(sizes[s] for s in todo)
         need_all = need + sum(sizes[s] for s in later)
