@@ -132,7 +132,7 @@ def test_encoder_trains_resumes_and_classifies_from_a_local_folder(
 
 def test_encoder_is_refused_early_with_a_gpt2_option(tiny_run, tmp_path) -> None:
     folder = write_tiny_encoder(tmp_path / "enc", "distilbert")
-    with pytest.raises(Exception, match="trainable.name='lora' is not for encoders"):
+    with pytest.raises(Exception, match=r"trainable.name='lora' is unknown; allowed: last_layer, last_block, all for encoders"):
         _encoder_run(tiny_run, folder, "trainable=lora")
     with pytest.raises(Exception, match="model.name=.*no folder"):
         _encoder_run(tiny_run, tmp_path / "missing" / "enc")

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily, Predictor, is_int
+from spam_lightning.model.family import (
+    FINAL_SPLITS,
+    Fitted,
+    ModelFamily,
+    Predictor,
+    choice_problems,
+    is_int,
+)
 
 BASELINES = ("majority", "logreg")
 FEATURES = ("count", "tfidf")  # count: CountVectorizer() as the book; tfidf: TfidfVectorizer()
@@ -218,9 +225,10 @@ def _arrays(tensors: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict
     return out
 
 
-def _check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
+def option_problems(name: Any, features: Any, max_iter: Any) -> list[str]:
+    """The baseline's options, checked for the config and for ``fit_baseline`` alike."""
+    problems = choice_problems("model.name", name, BASELINES) + choice_problems("model.features", features, FEATURES)
+    return problems + ([] if is_int(max_iter, 1) else [f"model.max_iter={max_iter!r}: must be an integer >= 1"])
 
 
 def fit_baseline(
@@ -238,11 +246,10 @@ def fit_baseline(
     ``majority``: ``DummyClassifier(strategy="most_frequent")``; ``logreg``: ``CountVectorizer()``
     (or ``TfidfVectorizer()``) + ``LogisticRegression(max_iter=max_iter, random_state=seed)``.
     """
-    _check_choice("model.name", name, BASELINES)
-    _check_choice("model.features", features, FEATURES)
-    for option, value, low in (("num_classes", num_classes, 2), ("model.max_iter", max_iter, 1)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{option}={value!r}: need an integer >= {low}")
+    if problems := option_problems(name, features, max_iter):
+        raise ValueError("; ".join(problems))
+    if not is_int(num_classes, 2):
+        raise ValueError(f"num_classes={num_classes!r}: need an integer >= 2")
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts: need a sequence of strings")
     y = np.asarray(list(labels))
@@ -289,15 +296,9 @@ class BaselineFamily(ModelFamily):
     context_length: Any = 1024  # the data's max_length is computed with GPT-2 tokens (unused)
 
     def problems(self, cfg: DictConfig) -> list[str]:
-        problems = []
+        problems = option_problems(self.name, self.features, self.max_iter)
         if importlib.util.find_spec("sklearn") is None:
             problems.append(f'model={self.name} needs scikit-learn: pip install -e ".[baselines]"')
-        if self.name not in BASELINES:
-            problems.append(f"model.name={self.name!r}; allowed baselines: {', '.join(BASELINES)}")
-        if self.features not in FEATURES:
-            problems.append(f"model.features={self.features!r}; allowed: {', '.join(FEATURES)}")
-        if not is_int(self.max_iter, 1):
-            problems.append(f"model.max_iter={self.max_iter!r}: must be an integer >= 1")
         if cfg.get("ckpt_path") is not None:
             problems.append(f"ckpt_path={cfg.ckpt_path}: model={self.name} fits in one step and "
                             "writes no checkpoints; rerun without ckpt_path")

@@ -20,10 +20,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from spam_lightning.model.family import ModelFamily, Predictor, is_int
+from spam_lightning.model.family import ModelFamily, Predictor, choice_problems, is_int
 from spam_lightning.model.weights import HUB_CHECK_TIMEOUT, _probe, hub_settings
 
 ENCODER_TRAINABLE = ("last_layer", "last_block", "all")
+TRAINABLE_FIX = " for encoders (choose one with trainable=NAME)"
+WEIGHTS = ("pretrained", "random")
 MAX_LENGTH_CAP = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
 INSTALL = 'encoder models need transformers: pip install -e ".[hf]"'
 # What `trainable` unfreezes (module paths in the AutoModelForSequenceClassification; `.-1` is
@@ -181,7 +183,7 @@ def build_encoder(
         torch.manual_seed(seed)
         hf = auto.from_config(config)
     else:
-        raise ValueError(f"unknown model.weights={weights!r}; allowed: pretrained, random")
+        raise ValueError(choice_problems("model.weights", weights, WEIGHTS)[0])
     # float32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto"; upcasting
     # is exact); precision=bf16-mixed etc. autocast on top. `.float()`: no version-specific kwarg
     model = EncoderClassifier(hf.float())
@@ -191,9 +193,8 @@ def build_encoder(
 
 
 def _check_trainable(trainable: str) -> None:
-    if trainable not in ENCODER_TRAINABLE:
-        allowed = ", ".join(ENCODER_TRAINABLE)
-        raise ValueError(f"unknown trainable={trainable!r}; allowed: {allowed}")
+    if problems := choice_problems("trainable", trainable, ENCODER_TRAINABLE, TRAINABLE_FIX):
+        raise ValueError(problems[0])
 
 
 def _modules(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
@@ -321,18 +322,12 @@ class EncoderFamily(ModelFamily):
     context_length: Any = 512
 
     def problems(self, cfg: DictConfig) -> list[str]:
-        problems = []
+        problems = choice_problems("model.weights", self.weights, WEIGHTS)
+        problems += choice_problems("trainable.name", cfg.trainable.name, ENCODER_TRAINABLE, TRAINABLE_FIX)
         if importlib.util.find_spec("transformers") is None:
             problems.append('model=encoder needs transformers: pip install -e ".[hf]"')
         if not isinstance(self.name, str) or not self.name.strip():
             problems.append(f"model.name={self.name!r}: a Hub id or a local save_pretrained folder")
-        if self.weights not in ("pretrained", "random"):
-            problems.append(f"model.weights={self.weights!r}; allowed: pretrained, random")
-        if cfg.trainable.name not in ENCODER_TRAINABLE:
-            problems.append(
-                f"trainable.name={cfg.trainable.name!r} is not for encoders; allowed with "
-                f"model=encoder: {', '.join(ENCODER_TRAINABLE)} (choose one with trainable=NAME)"
-            )
         if not is_int(self.context_length, 1):
             problems.append(f"model.context_length={self.context_length!r}: must be an integer >= 1")
         if cfg.token.name != "last":  # each family pools its own way (BERT: the [CLS] token)

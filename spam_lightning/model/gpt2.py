@@ -21,7 +21,7 @@ from spam_lightning.model.classifier import (
     first_trainable_block,
     make_classifier,
 )
-from spam_lightning.model.family import Fitted, ModelFamily, Predictor, is_int
+from spam_lightning.model.family import Fitted, ModelFamily, Predictor, choice_problems, is_int
 from spam_lightning.model.sizes import CFG_KEYS, HUB_REPOS, MODEL_CONFIGS
 from spam_lightning.model.weights import build_gpt
 
@@ -74,16 +74,11 @@ class GPT2Family(ModelFamily):
     def problems(self, cfg: DictConfig) -> list[str]:
         from spam_lightning.training.checks import SIZE_KEYS, model_sizes
 
-        problems: list[str] = []
-        if self.name not in MODEL_CONFIGS:
-            problems.append(f"model.name={self.name!r} is unknown; allowed: {', '.join(MODEL_CONFIGS)} "
-                            "(choose one with model=NAME)")
-        if self.weights not in ("pretrained", "random"):
-            problems.append(f"model.weights={self.weights!r}; allowed: pretrained, random")
+        problems = choice_problems("model.name", self.name, MODEL_CONFIGS, " (choose one with model=NAME)")
+        problems += choice_problems("model.weights", self.weights, ("pretrained", "random"))
         for group, allowed in (("trainable", TRAINABLE), ("token", TOKENS)):
-            if cfg[group].name not in allowed:
-                problems.append(f"{group}.name={cfg[group].name!r} is unknown; allowed: "
-                                f"{', '.join(allowed)} (choose one with {group}=NAME)")
+            fix = f" (choose one with {group}=NAME)"
+            problems += choice_problems(f"{group}.name", cfg[group].name, allowed, fix)
         sizes = model_sizes(cfg)
         bad_sizes = [k for k in SIZE_KEYS if not is_int(sizes[k], 1)]
         problems += [f"model.{key}={sizes[key]!r}: must be an integer >= 1" for key in bad_sizes]
