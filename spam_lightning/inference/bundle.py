@@ -1,8 +1,7 @@
-"""The inference bundle: classifier weights as safetensors plus what rebuilds model and preprocessing.
-
-A run folder's ``bundle/`` holds ``model.safetensors`` and ``bundle.json``. It needs neither the
-Hydra config nor the original pretrained checkpoint: LoRA adapters are merged into the weights
-before saving, so the bundle is always a plain ``GPTModel`` with a class head.
+"""The inference bundle: a run folder's ``bundle/``, weights as safetensors (never a pickle) plus
+``bundle.json``, which names the model family (``kind``) that loads it. It needs neither the Hydra
+config nor the original pretrained checkpoint. Here: the folder and ``bundle.json`` of every
+family, and GPT-2's bundle (LoRA adapters merged: a plain ``GPTModel`` with a class head).
 """
 
 from __future__ import annotations
@@ -49,22 +48,19 @@ def save_bundle(
     padding: str, pad_token_id: int, extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``run_dir/bundle/{model.safetensors,bundle.json}`` atomically."""
-    out = Path(run_dir) / BUNDLE_DIR
+    out = fresh_bundle_dir(run_dir)
     plain = _plain_model(model)
     state = {k: v.detach().to("cpu").contiguous() for k, v in plain.state_dict().items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     gpt_cfg = {k: plain.cfg[k] for k in CFG_KEYS}
     gpt_cfg["causal_mask"] = bool(plain.cfg.get("causal_mask", True))
-    config = {
-        "format": BUNDLE_FORMAT, "kind": "gpt2", "model": gpt_cfg, "num_classes": len(class_names),
-        "class_names": list(class_names), "token": token, "max_length": int(max_length),
-        "padding": padding, "pad_token_id": int(pad_token_id), "tokenizer": "gpt2",
+    return write_bundle_config(
+        out, "gpt2", class_names, model=gpt_cfg, token=token, max_length=int(max_length),
+        padding=padding, pad_token_id=int(pad_token_id), tokenizer="gpt2",
         # token=mean is the book's mean, padding included; bundles without this key are older,
-        # from when token=mean averaged the real tokens only (read as masked_mean, see classify.py)
-        "mean_includes_padding": True, **(extra or {}),
-    }
-    write_json(out / CONFIG, config)  # written last: its presence marks a complete bundle
-    return out
+        # from when token=mean averaged the real tokens only (read as masked_mean: model/gpt2.py)
+        mean_includes_padding=True, **(extra or {}),
+    )
 
 
 def find_bundle(path: str | Path) -> Path:

@@ -1,10 +1,9 @@
 """Classify messages with a trained run (chapter 6.8): a Python API and the ``spam-classify`` CLI.
 
-Preprocessing is the training run's: the GPT-2 tokenizer, truncation to the training
-``max_length`` (and the context length), the same padding and token position. Where the pooled
-token cannot see padding (a causal model pooling ``first``, ``flexible`` or ``masked_mean``),
-messages are grouped by length and padded per batch, which gives identical outputs at a fraction
-of the cost; the book's ``mean`` averages the padding too, so it is padded as in training.
+Preprocessing is the training run's, as the bundle's model family loads it (``Predictor``): for
+GPT-2 its tokenizer, truncation to the training ``max_length``, the same padding and pooling.
+Where the model never reads padding, messages are grouped by length and padded per batch, which
+gives identical outputs at a fraction of the cost.
 """
 
 from __future__ import annotations
