@@ -148,7 +148,10 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
     callbacks.append(FiniteLoss())
     callbacks.append(SigtermCheckpoint())
     callbacks.append(RunConfig(flat_config(cfg)))  # what a resume is compared with
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except ConfigError as err:  # Lightning's own message names the flag and what it accepts
+        raise ConfigError(f"trainer: {err}") from err
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = SafeCheckpointIO()
     return trainer

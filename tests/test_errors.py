@@ -155,7 +155,6 @@ def test_every_bad_value_is_listed_at_once(tmp_path: Path, sms_file: Path) -> No
             "data.train_frac=0.8 + data.val_frac=0.2 = 1: must be < 1 (the test split gets the rest",
         ),
         (["data=imdb", "data.val_size=0"], "data.val_size=0: must be an integer >= 1"),
-        (["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5: must be null"),
         (["cache.memory_budget_gb=-1"], "cache.memory_budget_gb=-1: must be a number >= 0"),
     ],
 )
@@ -164,6 +163,19 @@ def test_bad_value_is_named_with_what_is_allowed(overrides: list[str], message: 
     with pytest.raises(ConfigError, match="Invalid configuration:") as err:
         validate_config(cfg)
     assert message in str(err.value)
+
+
+def test_what_lightning_refuses_is_its_message_before_any_work(tmp_path: Path) -> None:
+    """Trainer flags Lightning's Trainer checks itself are not checked twice: its message, which
+    names the flag and what it accepts, comes out as the run's error before any data work."""
+    cfg = compose_train(["model=gpt2-tiny", "trainer.limit_train_batches=1.5"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value) == (
+        "trainer: You have passed invalid value 1.5 for limit_train_batches, it has to be in "
+        "[0.0, 1.0] or an int."
+    )
+    assert_no_data_work(tmp_path)
 
 
 @pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass

@@ -147,14 +147,7 @@ def run_problems(cfg: DictConfig) -> list[str]:
             "max_steps": ("an integer >= 1, or -1 (no limit)", lambda v: is_int(v, 1) or v == -1),
             "accumulate_grad_batches": at_least_one,
             "check_val_every_n_epoch": ("an integer >= 1, or null", lambda v: v is None or is_int(v, 1)),
-            **{
-                f"limit_{split}_batches": (
-                    "null, an integer >= 0 (batches) or a fraction in [0, 1]",
-                    lambda v: v is None or is_int(v, 0) or (isinstance(v, float) and 0 <= v <= 1),
-                )
-                for split in ("train", "val", "test")
-            },
-        },
+        },  # limit_*_batches: Lightning's Trainer refuses bad ones itself (see train._trainer)
     )
     return problems
 
