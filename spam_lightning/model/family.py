@@ -41,8 +41,8 @@ def choice_problems(option: str, value: Any, allowed: Any, fix: str = "") -> lis
 
 def family_class(kind: str) -> type[ModelFamily]:
     """The family a bundle names; KeyError for one this process does not know."""
-    if kind not in _REGISTRY and kind in BUILTIN:
-        module, name = BUILTIN[kind].split(":")
+    if kind not in _REGISTRY and (target := BUILTIN.get(kind)):
+        module, name = target.split(":")
         getattr(importlib.import_module(module), name)  # registers it
     return _REGISTRY[kind]
 
