@@ -165,7 +165,7 @@ def _metrics(cfg: DictConfig, family: ModelFamily, fitted: Fitted) -> dict[str, 
         for split in FINAL_SPLITS
         for name in ("accuracy", "loss", "precision", "recall", "f1", "count")
     }
-    metrics.update(fitted.facts)
+    metrics.update(fitted.facts())
     metrics.update(family.recorded(cfg), seed=int(cfg.seed), experiment=_experiment_name(cfg))
     return metrics
 

@@ -180,11 +180,13 @@ def test_what_lightning_refuses_is_its_message_before_any_work(tmp_path: Path) -
 
 @pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_defaults_and_legal_edge_values_pass(tmp_path: Path) -> None:
+    table = tmp_path / "all.csv"  # the data module is built too: it checks that its source exists
+    table.write_text("text,label\nhi,ham\n")
     for overrides in (
         [],
         ["model=gpt2-tiny", "trainable=lora", "optimizer.weight_decay=0", "model.drop_rate=0.99"],
         ["trainer.max_epochs=-1", "trainer.max_steps=10", "trainer.limit_val_batches=0"],
-        ["data=csv", "data.train_frac=0.5", "data.val_frac=0.25"],
+        ["data=csv", f"data.source={table}", "data.train_frac=0.5", "data.val_frac=0.25"],
         ["data=imdb", "data.test_size=null"],
     ):
         validate_config(compose_train(overrides, tmp_path))

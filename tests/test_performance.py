@@ -29,8 +29,8 @@ from test_learning import write_easy_tsv
 from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model.classifier import GPTClassifier, make_classifier, pool_logits
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, TransformerBlock
-from spam_lightning.model.trunk_cache import TrunkCache
 from spam_lightning.model.gpt2 import build_model
+from spam_lightning.model.trunk_cache import TrunkCache
 from spam_lightning.train import train
 
 REPO = Path(__file__).resolve().parents[1]

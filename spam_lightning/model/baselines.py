@@ -322,10 +322,9 @@ class BaselineFamily(ModelFamily):
             probs = torch.from_numpy(baseline.predict_proba(ds.texts))
             for name, value in split_metrics(probs, torch.tensor(ds.labels), num_classes).items():
                 final[f"{split}_{name}"] = value
-        facts = {"examples_seen": len(splits["train"]), "training_seconds": round(seconds, 3),
-                 "max_length": None, "num_batches": None, "epochs": 1, "global_step": 0,
-                 "precision": "64", "device": "cpu", "trunk_cache": False}
-        return Fitted(baseline, final, facts)
+        return Fitted(baseline, final, None, examples_seen=len(splits["train"]),
+                      training_seconds=round(seconds, 3), max_length=None, num_batches=None,
+                      epochs=1, global_step=0, precision="64", device="cpu")
 
     def recorded(self, cfg: DictConfig) -> dict[str, Any]:
         return {"model": self.name, "weights": None, "trainable": None, "token": None,

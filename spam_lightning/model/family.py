@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,12 +54,24 @@ def known_kinds() -> list[str]:
 @dataclass
 class Fitted:
     """What ``fit`` hands back: the model to bundle, each final split's metrics
-    (``{split}_{accuracy,loss,precision,recall,f1,count}``) and the run's facts for metrics.json."""
+    (``{split}_{accuracy,loss,precision,recall,f1,count}``), the chapter monitor's history (plots,
+    history.json) and the run's facts: the fields after ``history``, metrics.json's keys."""
 
     model: Any
     final: dict[str, float]
-    facts: dict[str, Any]
-    history: dict[str, list[float]] | None = None  # the chapter's monitor (plots, history.json)
+    history: dict[str, list[float]] | None
+    examples_seen: int | None
+    training_seconds: float
+    max_length: int | None  # None: no tokens (every word counts)
+    num_batches: dict[str, int] | None
+    epochs: int
+    global_step: int
+    precision: str
+    device: str
+    trunk_cache: bool = False
+
+    def facts(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)[3:]}
 
 
 class Predictor:
@@ -188,18 +200,18 @@ class ModelFamily:
         datamodule.setup("test")
         trainer.test(module, dataloaders=final_loaders(datamodule, trainer), verbose=False)
         monitor = next((c for c in trainer.callbacks if isinstance(c, ChapterMonitor)), None)
-        facts = {
-            "examples_seen": monitor.examples_seen if monitor else None,
-            "training_seconds": round(monitor.training_seconds if monitor else wall, 3),
-            "max_length": int(datamodule.max_length),
-            "num_batches": {s: len(getattr(datamodule, f"{s}_dataloader")()) for s in FINAL_SPLITS},
-            "epochs": int(trainer.current_epoch), "global_step": int(trainer.global_step),
-            "precision": str(trainer.precision), "device": _device_name(trainer),
-            "trunk_cache": self.trunk_cached(model),
-        }
         history = monitor.history if monitor is not None and monitor.history["train_losses"] else None
-        bundled = self._bundle_model(cfg, trainer, module, datamodule.num_classes)
-        return Fitted(bundled, module.test_results.metrics, facts, history)
+        return Fitted(
+            self._bundle_model(cfg, trainer, module, datamodule.num_classes),
+            module.test_results.metrics, history,
+            examples_seen=monitor.examples_seen if monitor else None,
+            training_seconds=round(monitor.training_seconds if monitor else wall, 3),
+            max_length=int(datamodule.max_length),
+            num_batches={s: len(getattr(datamodule, f"{s}_dataloader")()) for s in FINAL_SPLITS},
+            epochs=int(trainer.current_epoch), global_step=int(trainer.global_step),
+            precision=str(trainer.precision), device=_device_name(trainer),
+            trunk_cache=self.trunk_cached(model),
+        )
 
     def _bundle_model(self, cfg: DictConfig, trainer: Any, module: Any, num_classes: int) -> Any:
         """The trained classifier, unsharded, for the bundle (rank 0; None elsewhere).

@@ -166,7 +166,7 @@ class GPT2Family(ModelFamily):
             checkpoint: dict | None) -> Fitted:
         fitted = super().fit(cfg, trainer, datamodule, ckpt_path, checkpoint)
         cached = {k: v for k, v in self._caching.seconds.items() if k in ("train", "val")}
-        total, cache_seconds = fitted.facts["training_seconds"], sum(cached.values())
+        total, cache_seconds = fitted.training_seconds, sum(cached.values())
         log.info("Training took %.1f s: frozen-trunk cache %.1f s (%s), epochs and evaluations %.1f s.",
                  total, cache_seconds, ", ".join(f"{k} {v:.1f} s" for k, v in cached.items()) or "none",
                  total - cache_seconds)
