@@ -394,7 +394,7 @@ def test_pretrained_checkpoint_of_another_size_is_refused_before_heavy_work(
 
 
 def fake_training_checkpoint(path: Path, num_classes: int = 2, **sizes: Any) -> Path:
-    """What Lightning saves for SpamClassifier, reduced to the parts a resume checks."""
+    """What Lightning saves for TextClassifier, reduced to the parts a resume checks."""
     model = tiny_classifier(num_classes, **sizes)
     torch.save(
         {
