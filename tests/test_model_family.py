@@ -159,3 +159,12 @@ def test_toy_family_reports_its_own_and_shared_problems_together(tmp_path: Path)
     assert "  - model.emb_dim=0: must be an integer >= 1" in lines
     assert "  - optimizer.lr=-1: must be a finite number > 0" in lines
     assert any(line.startswith("  - data.batch_size=0: must be an integer >= 1") for line in lines)
+
+
+def test_a_key_the_family_does_not_take_is_named_and_left_out(tmp_path: Path, caplog) -> None:
+    """One sweep over several families shares overrides (``++model.n_layers=2`` for GPT-2 beside a
+    baseline): a family gets the keys it takes, and the others are named in a warning."""
+    cfg = compose_train(["model=logreg", "++model.n_layers=2"], tmp_path)
+    family, _ = validate_config(cfg)
+    assert family.name == "logreg" and not hasattr(family, "n_layers")
+    assert "model.n_layers: not an option of spam_lightning.model.baselines.BaselineFamily; ignored" in caplog.text

@@ -6,6 +6,7 @@ mismatched checkpoint fails in a second with one message that lists every proble
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -82,7 +83,7 @@ def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
     names and impossible combinations before any download or tokenizing: every problem the
     family finds, and the data module's, in one message with the allowed values.
     Returns ``(family, datamodule)``."""
-    family = instantiate(cfg.model)
+    family = _family(cfg.model)
     problems = family.problems(cfg) + number_problems(  # IMDB: every split gets examples
         cfg.data, "data.", {"val_size": ("an integer >= 1", lambda v: is_int(v, 1))})
     datamodule = None
@@ -96,6 +97,20 @@ def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     return family, datamodule
+
+
+def _family(node: DictConfig) -> Any:
+    """``node``'s ``_target_`` built from the keys it takes. A key it does not take (a sweep's
+    ``++model.n_layers=2`` across GPT-2 and a baseline) is named in a warning and left out."""
+    try:
+        params = inspect.signature(hydra.utils.get_class(node._target_)).parameters
+    except Exception as err:  # no _target_, or one that cannot be imported
+        raise ConfigError(f"model._target_={node.get('_target_')!r}: not a model family ({err})") from err
+    unused = [k for k in node if k != "_target_" and k not in params]
+    if unused and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        log.warning("model.%s: not an option of %s; ignored", ", model.".join(unused), node._target_)
+        node = {"_target_": node._target_, **{k: node[k] for k in node if k in params}}
+    return instantiate(node)
 
 
 def run_problems(cfg: DictConfig) -> list[str]:
