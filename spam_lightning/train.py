@@ -31,7 +31,6 @@ from spam_lightning.data.source import DataError
 from spam_lightning.inference.bundle import BundleError
 from spam_lightning.io_utils import write_json
 from spam_lightning.model.classifier import ClassifierStateError
-from spam_lightning.model.encoder import EncoderUnavailableError
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily
 from spam_lightning.model.trunk_cache import TrunkCacheError
 from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError
@@ -57,10 +56,10 @@ SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
 
 
-# Failures with a message that says what to fix: printed without a traceback by `train.py`.
+# Failures with a message that says what to fix: printed without a traceback by `train.py` (a
+# model family's own errors subclass one of them, e.g. EncoderUnavailableError)
 KNOWN_ERRORS = (ConfigError, DataError, TokenizerError, WeightsUnavailableError, CheckpointError,
-                ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, NonFiniteLossError,
-                EncoderUnavailableError)
+                ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, NonFiniteLossError)
 
 
 class TrainingInterrupted(SystemExit):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from spam_lightning.model.family import ModelFamily, Predictor, choice_problems, is_int
-from spam_lightning.model.weights import HUB_CHECK_TIMEOUT, _probe, hub_settings
+from spam_lightning.model.weights import HUB_CHECK_TIMEOUT, WeightsUnavailableError, _probe, hub_settings
 
 ENCODER_TRAINABLE = ("last_layer", "last_block", "all")
 TRAINABLE_FIX = " for encoders (choose one with trainable=NAME)"
@@ -49,7 +49,7 @@ TOKENIZER_FILES = (
 )
 
 
-class EncoderUnavailableError(RuntimeError):
+class EncoderUnavailableError(WeightsUnavailableError):
     """The encoder named by model.name is neither a usable local folder nor to be had from the Hub."""
 
 
