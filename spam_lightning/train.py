@@ -112,9 +112,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = _trainer(cfg)
     ckpt_path, checkpoint = checks.preflight(
         cfg, family, trainer.callbacks, checks.known_num_classes(datamodule))
-    tokenizer = family.tokenizer(cfg)
-    if tokenizer is not None:  # the model's own tokenizer, special tokens and pad token
-        datamodule.use_tokenizer(tokenizer)
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from spam_lightning.model.family import ModelFamily, Predictor, choice_problems, is_int
-from spam_lightning.model.weights import HUB_CHECK_TIMEOUT, WeightsUnavailableError, _probe, hub_settings
+from spam_lightning.model.weights import (
+    HUB_CHECK_TIMEOUT,
+    WeightsUnavailableError,
+    _probe,
+    hub_settings,
+)
 
 ENCODER_TRAINABLE = ("last_layer", "last_block", "all")
 TRAINABLE_FIX = " for encoders (choose one with trainable=NAME)"

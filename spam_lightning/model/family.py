@@ -177,6 +177,8 @@ class ModelFamily:
         from spam_lightning.training.module import TextClassifier
 
         L.seed_everything(cfg.seed, workers=True)
+        if (tokenizer := self.tokenizer(cfg)) is not None:  # its own special tokens, pad token
+            datamodule.use_tokenizer(tokenizer)
         datamodule.prepare_data()
         datamodule.setup("fit")
         model = self.build(cfg, datamodule.num_classes)
