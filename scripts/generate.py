@@ -25,7 +25,7 @@ from spam_lightning.model.weights import CheckpointError, WeightsUnavailableErro
 @hydra.main(config_path="pkg://spam_lightning.conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
-    options = {k: v for k, v in cfg.model.items() if k != "checkpoint"}
+    options = {k: v for k, v in cfg.model.items() if k not in ("checkpoint", "_target_")}
     checkpoint = cfg.model.checkpoint
     try:
         model = build_gpt(

@@ -119,7 +119,8 @@ SIX_BAD = {
     "model.drop_rate=1.0": "model.drop_rate=1.0: must be a number in [0, 1)",
     "trainable.rank=-4": "trainable.rank=-4: must be an integer >= 1 for trainable=lora",
     "trainable.alpha=0": "trainable.alpha=0: must be a finite number > 0 for trainable=lora",
-    "data.val_frac=0": "data.val_frac=0: must be a number in (0, 1)",
+    # the data module's own check (its constructor runs inside the pre-flight check)
+    "data.val_frac=0": "data.val_frac=0: must be a number with 0 < value < 1",
     "trainer.max_epochs=0": (
         "trainer.max_epochs=0: must be an integer >= 1, or -1 (no limit, with trainer.max_steps)"
     ),
@@ -151,10 +152,9 @@ def test_every_bad_value_is_listed_at_once(tmp_path: Path, sms_file: Path) -> No
         ),
         (
             ["data.train_frac=0.8", "data.val_frac=0.2"],
-            "data.train_frac=0.8 + data.val_frac=0.2 = 1: must be < 1 (the rest is the test split)",
+            "data.train_frac=0.8 + data.val_frac=0.2 = 1: must be < 1 (the test split gets the rest",
         ),
         (["data=imdb", "data.val_size=0"], "data.val_size=0: must be an integer >= 1"),
-        (["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5: must be null"),
         (["cache.memory_budget_gb=-1"], "cache.memory_budget_gb=-1: must be a number >= 0"),
     ],
 )
@@ -165,13 +165,28 @@ def test_bad_value_is_named_with_what_is_allowed(overrides: list[str], message: 
     assert message in str(err.value)
 
 
+def test_what_lightning_refuses_is_its_message_before_any_work(tmp_path: Path) -> None:
+    """Trainer flags Lightning's Trainer checks itself are not checked twice: its message, which
+    names the flag and what it accepts, comes out as the run's error before any data work."""
+    cfg = compose_train(["model=gpt2-tiny", "trainer.limit_train_batches=1.5"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value) == (
+        "trainer: You have passed invalid value 1.5 for limit_train_batches, it has to be in "
+        "[0.0, 1.0] or an int."
+    )
+    assert_no_data_work(tmp_path)
+
+
 @pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_defaults_and_legal_edge_values_pass(tmp_path: Path) -> None:
+    table = tmp_path / "all.csv"  # the data module is built too: it checks that its source exists
+    table.write_text("text,label\nhi,ham\n")
     for overrides in (
         [],
         ["model=gpt2-tiny", "trainable=lora", "optimizer.weight_decay=0", "model.drop_rate=0.99"],
         ["trainer.max_epochs=-1", "trainer.max_steps=10", "trainer.limit_val_batches=0"],
-        ["data=csv", "data.train_frac=0.5", "data.val_frac=0.25"],
+        ["data=csv", f"data.source={table}", "data.train_frac=0.5", "data.val_frac=0.25"],
         ["data=imdb", "data.test_size=null"],
     ):
         validate_config(compose_train(overrides, tmp_path))

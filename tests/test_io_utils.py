@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from spam_lightning.io_utils import LockBusy, atomic_write, file_lock, remove_stale_temporaries, target_of
+from spam_lightning.io_utils import (
+    LockBusy,
+    atomic_write,
+    file_lock,
+    remove_stale_temporaries,
+    target_of,
+)
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path) -> None:

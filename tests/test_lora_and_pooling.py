@@ -247,7 +247,7 @@ def test_configured_lora_rank_and_alpha_are_the_ones_built(tmp_path: Path) -> No
     (issue 11: the rank used to fall back to 16 when it was 0)."""
     from _compose import compose_train
 
-    from spam_lightning.train import build_model
+    from spam_lightning.model.gpt2 import build_model
 
     for rank, alpha in ((1, 0.5), (3, 8)):
         cfg = compose_train(
@@ -286,7 +286,7 @@ def test_rank_zero_is_refused_in_preflight(tmp_path: Path, sms_file: Path, monke
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before the configuration error")
 
-    monkeypatch.setattr("spam_lightning.train.build_gpt", no_model)
+    monkeypatch.setattr("spam_lightning.model.gpt2.build_gpt", no_model)
     cfg = compose_train(
         ["model=gpt2-tiny", "trainable=lora", "trainable.rank=0", f"data.source={sms_file}"],
         tmp_path,

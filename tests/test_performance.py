@@ -32,9 +32,10 @@ from spam_lightning.data.datamodule import TokenDataset
 from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model.classifier import GPTClassifier, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, TransformerBlock
+from spam_lightning.model.gpt2 import build_model
 from spam_lightning.model.pooling import POOLINGS, get_pooling
 from spam_lightning.model.trunk_cache import TrunkCache
-from spam_lightning.train import build_model, train
+from spam_lightning.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = tuple(POOLINGS)  # the package's own (imported before any test adds one)

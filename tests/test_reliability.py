@@ -300,7 +300,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model was built before the configuration error")
 
-    monkeypatch.setattr("spam_lightning.train.build_gpt", boom)
+    monkeypatch.setattr("spam_lightning.model.gpt2.build_gpt", boom)
 
 
 # ------------------------------------------------------------------ 1. bad configuration
@@ -344,7 +344,7 @@ BAD_CONFIGS = {
         ["trainable=lora", "trainable.rank=-4"],
         "trainable.rank=-4: must be an integer >= 1 for trainable=lora",
     ),
-    "val fraction": (["data.val_frac=0"], "data.val_frac=0: must be a number in (0, 1)"),
+    "val fraction": (["data.val_frac=0"], "data.val_frac=0: must be a number with 0 < value < 1"),
     "one block": (
         ["trainable=last_two_blocks", "model.n_layers=1"],
         "trainable=last_two_blocks needs at least 2 transformer blocks; model gpt2-tiny has "
@@ -394,7 +394,7 @@ def test_pretrained_checkpoint_of_another_size_is_refused_before_heavy_work(
 
 
 def fake_training_checkpoint(path: Path, num_classes: int = 2, **sizes: Any) -> Path:
-    """What Lightning saves for SpamClassifier, reduced to the parts a resume checks."""
+    """What Lightning saves for TextClassifier, reduced to the parts a resume checks."""
     model = tiny_classifier(num_classes, **sizes)
     torch.save(
         {

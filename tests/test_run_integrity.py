@@ -92,14 +92,14 @@ def test_unsharded_copy_bundles_the_same_weights(tmp_path, trainable) -> None:
     from safetensors.torch import load_file
 
     from spam_lightning.inference.bundle import save_bundle
-    from spam_lightning.train import build_model, unsharded_copy
+    from spam_lightning.model.gpt2 import GPT2Family, build_model
 
     cfg = compose_train(["model=gpt2-tiny", "model.weights=random", f"trainable={trainable}"], tmp_path)
     trained = build_model(cfg, 2)
     torch.manual_seed(5)
     for p in trained.parameters():  # as if trained: LoRA's B is no longer zero
         p.data.normal_(0, 0.1)
-    copy = unsharded_copy(cfg, {k: v.clone() for k, v in trained.state_dict().items()}, 2)
+    copy = GPT2Family().unsharded_copy(cfg, {k: v.clone() for k, v in trained.state_dict().items()}, 2)
     opts = dict(class_names=["ham", "spam"], token="last", max_length=8, padding="longest",
                 pad_token_id=50256)
     save_bundle(tmp_path / "a", trained, **opts)

@@ -19,8 +19,8 @@ from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel, generate_text_simple
 from spam_lightning.model.weights import (
     CheckpointError,
-    hf_plan,
     build_gpt,
+    hf_plan,
     load_gpt2,
 )
 

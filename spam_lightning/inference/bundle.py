@@ -1,8 +1,7 @@
-"""The inference bundle: classifier weights as safetensors plus what rebuilds model and preprocessing.
-
-A run folder's ``bundle/`` holds ``model.safetensors`` and ``bundle.json``. It needs neither the
-Hydra config nor the original pretrained checkpoint: LoRA adapters are merged into the weights
-before saving, so the bundle is always a plain ``GPTModel`` with a class head.
+"""The inference bundle: a run folder's ``bundle/``, weights as safetensors (never a pickle) plus
+``bundle.json``, which names the model family (``kind``) that loads it. It needs neither the Hydra
+config nor the original pretrained checkpoint. Here: the folder and ``bundle.json`` of every
+family, and GPT-2's bundle (LoRA adapters merged: a plain ``GPTModel`` with a class head).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from torch import nn
 
 from spam_lightning.io_utils import atomic_write, write_json
 from spam_lightning.model.classifier import ClassifierStateError, load_classifier_state
+from spam_lightning.model.family import is_int
 from spam_lightning.model.gpt import GPTModel
 from spam_lightning.model.sizes import CFG_KEYS
 from spam_lightning.model.weights import mismatch_lines, model_shapes
@@ -49,22 +49,19 @@ def save_bundle(
     padding: str, pad_token_id: int, extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``run_dir/bundle/{model.safetensors,bundle.json}`` atomically."""
-    out = Path(run_dir) / BUNDLE_DIR
+    out = fresh_bundle_dir(run_dir)
     plain = _plain_model(model)
     state = {k: v.detach().to("cpu").contiguous() for k, v in plain.state_dict().items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     gpt_cfg = {k: plain.cfg[k] for k in CFG_KEYS}
     gpt_cfg["causal_mask"] = bool(plain.cfg.get("causal_mask", True))
-    config = {
-        "format": BUNDLE_FORMAT, "model": gpt_cfg, "num_classes": len(class_names),
-        "class_names": list(class_names), "token": token, "max_length": int(max_length),
-        "padding": padding, "pad_token_id": int(pad_token_id), "tokenizer": "gpt2",
+    return write_bundle_config(
+        out, "gpt2", class_names, model=gpt_cfg, token=token, max_length=int(max_length),
+        padding=padding, pad_token_id=int(pad_token_id), tokenizer="gpt2",
         # token=mean is the book's mean, padding included; bundles without this key are older,
-        # from when token=mean averaged the real tokens only (read as masked_mean, see classify.py)
-        "mean_includes_padding": True, **(extra or {}),
-    }
-    write_json(out / CONFIG, config)  # written last: its presence marks a complete bundle
-    return out
+        # from when token=mean averaged the real tokens only (read as masked_mean: model/gpt2.py)
+        mean_includes_padding=True, **(extra or {}),
+    )
 
 
 def find_bundle(path: str | Path) -> Path:
@@ -88,10 +85,6 @@ def _show(value: Any) -> str:
     """A short repr for messages: a corrupted field may hold megabytes."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -127,7 +120,7 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
     if missing:
         fail("model", f"lacks {missing}; re-create the bundle with a training run.")
     for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-        if not _is_int(model[key]) or model[key] < 1:
+        if not is_int(model[key]) or model[key] < 1:
             fail(f"model.{key}", f"is {_show(model[key])}; it must be an integer >= 1.")
     if model["emb_dim"] % model["n_heads"]:
         fail("model.n_heads", f"is {model['n_heads']}, which does not divide model.emb_dim="
@@ -143,11 +136,11 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
         fail("token", f"is {_show(config['token'])}; allowed: {', '.join(POOLINGS)}.")
     if config["padding"] not in PADDING_MODES:
         fail("padding", f"is {_show(config['padding'])}; allowed: {', '.join(PADDING_MODES)}.")
-    if not _is_int(config["max_length"]) or config["max_length"] < 1:
+    if not is_int(config["max_length"]) or config["max_length"] < 1:
         fail("max_length", f"is {_show(config['max_length'])}; it must be an integer >= 1 "
              "(the training run's data.max_length).")
     pad = config["pad_token_id"]
-    if not _is_int(pad) or not 0 <= pad < model["vocab_size"]:
+    if not is_int(pad) or not 0 <= pad < model["vocab_size"]:
         fail("pad_token_id", f"is {_show(pad)}; it must be a token id in 0..{model['vocab_size'] - 1} "
              "(GPT-2's is 50256).")
     if "mean_includes_padding" in config and not isinstance(config["mean_includes_padding"], bool):
@@ -162,7 +155,7 @@ def check_classes(config: dict[str, Any], where: str | Path = CONFIG) -> None:
     agreement with the head is checked against the weights (``check_weights``, the encoder's
     ``num_labels``, the baseline's arrays)."""
     count, names = config.get("num_classes"), config.get("class_names")
-    if not _is_int(count) or count < 1:
+    if not is_int(count) or count < 1:
         raise BundleError(f"{where}: num_classes is {_show(count)}; it must be an integer >= 1.")
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise BundleError(f"{where}: class_names is {_show(names)}; it must be a list of non-empty strings.")
@@ -256,11 +249,11 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> t
     before any model is built or any tensor read: a corrupted config costs nothing.
     """
     folder = find_bundle(path)
-    return _load_gpt2(folder, _read_config(folder), map_location)
+    return load_gpt2(folder, _read_config(folder), map_location)
 
 
-def _load_gpt2(
-    folder: Path, config: dict[str, Any], map_location: str | torch.device
+def load_gpt2(
+    folder: Path, config: dict[str, Any], map_location: str | torch.device = "cpu"
 ) -> tuple[GPTModel, dict]:
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     validate_config(config, config_path)
@@ -290,22 +283,10 @@ def _load_gpt2(
     return model, config
 
 
-# ------------------------------------------------------------------ other kinds (issue 16)
-# bundle.json's "kind": absent or "gpt2" (the GPTModel above), "encoder" (a transformers
-# save_pretrained folder: model.safetensors, config.json and the tokenizer's files) or "baseline"
-# (majority / logistic regression: vocabulary and options in bundle.json, arrays in
-# model.safetensors). Never a pickle.
-KINDS = ("gpt2", "encoder", "baseline")
-
-
-def bundle_kind(config: dict[str, Any], where: str | Path = CONFIG) -> str:
-    kind = config.get("kind", "gpt2")
-    if kind not in KINDS:
-        raise BundleError(f"{where}: kind {_show(kind)}; allowed: {', '.join(KINDS)}.")
-    return kind
-
-
-def _fresh_bundle_dir(run_dir: str | Path) -> Path:
+# ------------------------------------------------------------------ every family
+# bundle.json's "kind" names the model family (absent: gpt2, the GPTModel above); the family's
+# ``load`` reads the rest (``model.family.family_class``). Never a pickle.
+def fresh_bundle_dir(run_dir: str | Path) -> Path:
     """``run_dir/bundle``, its old ``bundle.json`` removed first: until the new one is written
     last, the folder never passes for a complete bundle."""
     out = Path(run_dir) / BUNDLE_DIR
@@ -314,83 +295,36 @@ def _fresh_bundle_dir(run_dir: str | Path) -> Path:
     return out
 
 
-def save_encoder_bundle(
-    run_dir: str | Path, model: Any, tokenizer: Any, *, class_names: list[str], max_length: int,
-    padding: str, extra: dict[str, Any] | None = None,
-) -> Path:
-    """An ``EncoderClassifier`` and its tokenizer, saved with ``save_pretrained`` (safetensors)."""
-    out = _fresh_bundle_dir(run_dir)
-    model.save(out)
-    tokenizer.save(out)
-    config = {
-        "format": BUNDLE_FORMAT, "kind": "encoder", "num_classes": len(class_names),
-        "class_names": list(class_names), "max_length": int(max_length), "padding": padding,
-        "pad_token_id": int(tokenizer.pad_token_id), "family": model.family, **(extra or {}),
-    }
+def write_bundle_config(out: Path, kind: str, class_names: list[str], **fields: Any) -> Path:
+    """``bundle.json`` (written last: its presence marks a complete bundle)."""
+    config = {"format": BUNDLE_FORMAT, "kind": kind, "num_classes": len(class_names),
+              "class_names": list(class_names), **fields}
     write_json(out / CONFIG, config)
     return out
 
 
-def save_baseline_bundle(
-    run_dir: str | Path, baseline: Any, *, class_names: list[str], extra: dict[str, Any] | None = None
-) -> Path:
-    """A ``Baseline``: its options and vocabulary in ``bundle.json``, its arrays as safetensors."""
-    out = _fresh_bundle_dir(run_dir)
-    part, tensors = baseline.to_bundle()
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    config = {
-        "format": BUNDLE_FORMAT, "kind": "baseline", "num_classes": len(class_names),
-        "class_names": list(class_names), "baseline": part, **(extra or {}),
-    }
-    write_json(out / CONFIG, config)
-    return out
-
-
-def load_any_bundle(path: str | Path, map_location: str = "cpu") -> tuple[str, Any, dict[str, Any]]:
-    """``(kind, model, bundle_config)`` for a bundle of any kind: a ``GPTModel``, an
-    ``(EncoderClassifier, EncoderTokenizer)`` pair, or a ``Baseline``."""
-    folder = find_bundle(path)
-    config_path = folder / CONFIG
-    config = _read_config(folder)
-    kind = bundle_kind(config, config_path)
-    if kind == "gpt2":
-        model, config = _load_gpt2(folder, config, map_location)
-        return kind, model, config
+def check_class_count(config: dict[str, Any], config_path: Path) -> None:
+    """``check_classes``, and as many names as classes (GPT-2: checked against the head's rows)."""
     check_classes(config, config_path)
-    if len(config["class_names"]) != config["num_classes"]:  # (gpt2: against the head's rows)
+    if len(config["class_names"]) != config["num_classes"]:
         raise BundleError(
             f"{config_path}: class_names has {len(config['class_names'])} names but num_classes is "
             f"{config['num_classes']}; re-create the bundle with a training run."
         )
-    if kind == "encoder":
-        from spam_lightning.data.tokens import PADDING_MODES
-        from spam_lightning.model.encoder import load_encoder
 
-        for key in ("max_length", "pad_token_id"):
-            if not _is_int(config.get(key)) or config[key] < (1 if key == "max_length" else 0):
-                raise BundleError(f"{config_path}: {key} is {_show(config.get(key))}; re-create the bundle.")
-        if config.get("padding") not in PADDING_MODES:
-            raise BundleError(f"{config_path}: padding is {_show(config.get('padding'))}; re-create the bundle.")
-        try:
-            model, tokenizer = load_encoder(folder, device=str(map_location))
-        except (OSError, ValueError) as err:
-            raise BundleError(f"{folder}: cannot load the encoder ({err}); re-create the bundle.") from err
-        if int(model.hf.config.num_labels) != config["num_classes"]:
-            raise BundleError(
-                f"{config_path}: num_classes is {config['num_classes']} but the model's head has "
-                f"{model.hf.config.num_labels} outputs; re-create the bundle."
-            )
-        return kind, (model, tokenizer), config
-    from spam_lightning.model.baselines import Baseline, BaselineBundleError
 
-    weights_path = folder / WEIGHTS
-    read_header(weights_path)  # a clear error for a file that is not safetensors
-    if not isinstance(config.get("baseline"), dict):
-        raise BundleError(f"{config_path}: baseline is {_show(config.get('baseline'))}; re-create the bundle.")
+def bad_field(config_path: Path, key: str, value: Any) -> BundleError:
+    return BundleError(f"{config_path}: {key} is {_show(value)}; re-create the bundle.")
+
+
+def open_bundle(path: str | Path) -> tuple[type, Path, dict[str, Any]]:
+    """``(family class, bundle folder, bundle.json)`` for a bundle of any family."""
+    from spam_lightning.model.family import family_class, known_kinds
+
+    folder = find_bundle(path)
+    config = _read_config(folder)
+    kind = config.get("kind", "gpt2")
     try:
-        tensors = load_file(str(weights_path))
-        model = Baseline.from_bundle(config["baseline"], tensors, config["num_classes"])
-    except BaselineBundleError as err:
-        raise BundleError(f"{config_path}: {err}") from err
-    return kind, model, config
+        return family_class(kind), folder, config
+    except (KeyError, TypeError):
+        raise BundleError(f"{folder / CONFIG}: kind {_show(kind)}; allowed: {', '.join(known_kinds())}.") from None

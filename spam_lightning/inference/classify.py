@@ -1,10 +1,9 @@
 """Classify messages with a trained run (chapter 6.8): a Python API and the ``spam-classify`` CLI.
 
-Preprocessing is the training run's: the GPT-2 tokenizer, truncation to the training
-``max_length`` (and the context length), the same padding and token position. Where the pooled
-token cannot see padding (a causal model pooling ``first``, ``flexible`` or ``masked_mean``),
-messages are grouped by length and padded per batch, which gives identical outputs at a fraction
-of the cost; the book's ``mean`` averages the padding too, so it is padded as in training.
+Preprocessing is the training run's, as the bundle's model family loads it (``Predictor``): for
+GPT-2 its tokenizer, truncation to the training ``max_length``, the same padding and pooling.
+Where the model never reads padding, messages are grouped by length and padded per batch, which
+gives identical outputs at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -38,79 +37,28 @@ class Prediction:
 
 
 class Classifier:
-    """A trained classifier with its preprocessing, loaded from a run folder's bundle."""
+    """A trained classifier with its preprocessing, loaded from a run folder's bundle; the
+    bundle's model family (``bundle.json``'s ``kind``) loads it and prepares the messages."""
 
     def __init__(
         self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64
     ) -> None:
         import torch
 
-        from spam_lightning.inference.bundle import load_any_bundle
-        from spam_lightning.model.classifier import GPTClassifier
-        from spam_lightning.model.pooling import get_pooling
+        from spam_lightning.inference.bundle import open_bundle
 
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
         self.device = resolve_device(device)  # before the bundle loads: a typo costs nothing
-        self.kind, model, config = load_any_bundle(run_dir, map_location="cpu")
+        family, folder, config = open_bundle(run_dir)
+        self.kind = family.kind
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.predictor = family.load(folder, config, self.device, self.dtype)
         self.config = config
         self.class_names: list[str] = config["class_names"]
-        self.batch_size = batch_size
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.tokenizer = None
-        if self.kind == "baseline":  # bag of words: no tokens, no torch model
-            self.model, self.max_length, self.token, self.padding = model, None, None, None
-            self.dynamic, self.pad_token_id = False, None
-            return
-        if self.kind == "encoder":  # attention masks: per-batch padding is exact
-            model, self.tokenizer = model
-            self.model = model.to(device=self.device, dtype=self.dtype).eval()
-            self.max_length = int(config["max_length"])
-            self.token, self.padding, self.dynamic = None, config["padding"], True
-            self.pad_token_id = int(config["pad_token_id"])
-            return
-        gpt = model
-        self.max_length = min(int(config["max_length"]), int(config["model"]["context_length"]))
-        self.token = config["token"]
-        if self.token == "mean" and not config.get("mean_includes_padding", False):
-            self.token = "masked_mean"  # a bundle from before the rename: its mean was masked
-        self.padding = config["padding"]
-        self.pad_token_id = int(config["pad_token_id"])
-        # unpadded training (padding=none) pooled each message's own tokens (last -> flexible)
-        pooling = get_pooling(self.token)
-        pooled = pooling.unpadded() if self.padding == "none" else pooling
-        self.model = GPTClassifier(gpt, token=pooled).to(device=self.device, dtype=self.dtype).eval()
-        self.dynamic = self.model.padding_free  # then per-batch padding is exact
-        if self.padding == "none" and not self.dynamic:
-            self.batch_size = 1  # no padding at all: one message per forward pass
-
-    def _encode(self, texts: list[str]) -> list:
-        from spam_lightning.data.tokens import encode_texts
-
-        if self.kind == "baseline":
-            return texts
-        if self.tokenizer is not None:
-            return self.tokenizer.encode(texts, self.max_length)
-        return encode_texts(texts, max_length=self.max_length, context_length=self.max_length)
-
-    def _probs(self, token_ids: list) -> torch.Tensor:
-        import torch
-
-        from spam_lightning.data.tokens import collate
-
-        if self.kind == "baseline":  # float64 from scikit-learn, as a float32 tensor like the rest
-            return torch.from_numpy(self.model.predict_proba(token_ids)).float()
-
-        longest = not self.dynamic and self.padding == "longest"
-        batch = collate(
-            token_ids,
-            padding="longest" if longest else "batch",
-            max_length=self.max_length if longest else None,
-            pad_token_id=self.pad_token_id,
-        )
-        with torch.inference_mode():
-            logits = self.model(batch["input_ids"].to(self.device), batch["lengths"].to(self.device))
-        return torch.softmax(logits.float(), dim=-1).cpu()
+        self.batch_size = min(batch_size, self.predictor.batch_size or batch_size)
+        p = self.predictor
+        self.model, self.max_length, self.token, self.padding = p.model, p.max_length, p.token, p.padding
 
     def predict_proba(self, texts: Iterable[str]) -> torch.Tensor:
         """Class probabilities ``[N, num_classes]``, in input order."""
@@ -138,14 +86,14 @@ class Classifier:
                     continue
                 chunk = chunk[:i]
                 break
-            ids = self._encode(chunk)
+            ids = self.predictor.encode(chunk)
             order = list(range(len(ids)))
-            if self.dynamic:
+            if self.predictor.dynamic:
                 order.sort(key=lambda i: len(ids[i]))
             probs: list[torch.Tensor | None] = [None] * len(ids)
             for start in range(0, len(order), self.batch_size):
                 sel = order[start : start + self.batch_size]
-                for i, p in zip(sel, self._probs([ids[i] for i in sel]), strict=True):
+                for i, p in zip(sel, self.predictor.probs([ids[i] for i in sel]), strict=True):
                     probs[i] = p
             yield from zip(chunk, probs, strict=True)
             if error is not None:

@@ -232,11 +232,7 @@ def create_app(
         "status": "ok", "run_dir": str(run_dir), "class_names": clf.class_names,
         "max_length": clf.max_length, "token": clf.token, "padding": clf.padding,
         "precision": precision, "device": str(clf.device),
-        "kind": clf.kind,
-        "model": (
-            {k: clf.config["model"][k] for k in ("emb_dim", "n_layers", "n_heads", "context_length")}
-            if clf.kind == "gpt2" else clf.config.get("baseline", {}).get("name", clf.config.get("family"))
-        ),
+        "kind": clf.kind, "model": clf.predictor.describe(),
         "max_chars": max_chars, "max_batch": max_batch, "max_total_chars": max_total_chars,
     }
 
@@ -294,8 +290,8 @@ def create_app(
 
         The body is ``{"text": "..."}`` or ``{"texts": ["...", ...]}``.
         """
-        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if kind != "application/json" and not kind.endswith("+json"):
+        media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
             return BadRequest(415, "send the body as JSON (Content-Type: application/json)").response()
         body = await request.body()  # at most the body limit: BodyLimit has read it already
         try:  # parsing and inference in the threadpool: the event loop stays free for others

@@ -9,13 +9,26 @@ could run arbitrary code. scikit-learn is imported only when needed (``pip insta
 
 from __future__ import annotations
 
+import importlib.util
 import reprlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+
+from spam_lightning.model.family import (
+    FINAL_SPLITS,
+    Fitted,
+    ModelFamily,
+    Predictor,
+    choice_problems,
+    is_int,
+)
 
 BASELINES = ("majority", "logreg")
 FEATURES = ("count", "tfidf")  # count: CountVectorizer() as the book; tfidf: TfidfVectorizer()
@@ -212,9 +225,10 @@ def _arrays(tensors: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict
     return out
 
 
-def _check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
+def option_problems(name: Any, features: Any, max_iter: Any) -> list[str]:
+    """The baseline's options, checked for the config and for ``fit_baseline`` alike."""
+    problems = choice_problems("model.name", name, BASELINES) + choice_problems("model.features", features, FEATURES)
+    return problems + ([] if is_int(max_iter, 1) else [f"model.max_iter={max_iter!r}: must be an integer >= 1"])
 
 
 def fit_baseline(
@@ -232,11 +246,10 @@ def fit_baseline(
     ``majority``: ``DummyClassifier(strategy="most_frequent")``; ``logreg``: ``CountVectorizer()``
     (or ``TfidfVectorizer()``) + ``LogisticRegression(max_iter=max_iter, random_state=seed)``.
     """
-    _check_choice("model.name", name, BASELINES)
-    _check_choice("model.features", features, FEATURES)
-    for option, value, low in (("num_classes", num_classes, 2), ("model.max_iter", max_iter, 1)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{option}={value!r}: need an integer >= {low}")
+    if problems := option_problems(name, features, max_iter):
+        raise ValueError("; ".join(problems))
+    if not is_int(num_classes, 2):
+        raise ValueError(f"num_classes={num_classes!r}: need an integer >= 2")
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts: need a sequence of strings")
     y = np.asarray(list(labels))
@@ -267,3 +280,106 @@ def fit_baseline(
     }
     classes = tuple(model.classes_.tolist())
     return Baseline(name, features, num_classes, classes, vectorizer, model, options=options)
+
+
+@dataclass
+class BaselineFamily(ModelFamily):
+    """``model=majority|logreg``: fitted in one step by scikit-learn on the training texts (no
+    tokens, no Lightning loop), evaluated on every split, bundled as JSON + safetensors."""
+
+    kind = "baseline"
+    trained_keys = ("model", "seed", "features")
+    name: str = "logreg"
+    features: str = "count"
+    max_iter: Any = 1000
+    weights: Any = None
+    context_length: Any = 1024  # the data's max_length is computed with GPT-2 tokens (unused)
+
+    def problems(self, cfg: DictConfig) -> list[str]:
+        problems = option_problems(self.name, self.features, self.max_iter)
+        if importlib.util.find_spec("sklearn") is None:
+            problems.append(f'model={self.name} needs scikit-learn: pip install -e ".[baselines]"')
+        if cfg.get("ckpt_path") is not None:
+            problems.append(f"ckpt_path={cfg.ckpt_path}: model={self.name} fits in one step and "
+                            "writes no checkpoints; rerun without ckpt_path")
+        if not is_int(cfg.get("seed"), 0):
+            problems.append(f"seed={cfg.get('seed')!r}: must be an integer >= 0")
+        return problems
+
+    def fit(self, cfg: DictConfig, trainer: Any, datamodule: Any, ckpt_path: Any, checkpoint: Any) -> Fitted:
+        from spam_lightning.training.module import split_metrics
+
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        splits = {s: getattr(datamodule, f"{s}_dataset") for s in FINAL_SPLITS}
+        num_classes = datamodule.num_classes
+        start = time.perf_counter()
+        baseline = fit_baseline(self.name, splits["train"].texts, splits["train"].labels, num_classes,
+                                features=self.features, max_iter=self.max_iter, seed=cfg.seed)
+        seconds = time.perf_counter() - start
+        final = {}
+        for split, ds in splits.items():
+            probs = torch.from_numpy(baseline.predict_proba(ds.texts))
+            for name, value in split_metrics(probs, torch.tensor(ds.labels), num_classes).items():
+                final[f"{split}_{name}"] = value
+        return Fitted(baseline, final, None, examples_seen=len(splits["train"]),
+                      training_seconds=round(seconds, 3), max_length=None, num_batches=None,
+                      epochs=1, global_step=0, precision="64", device="cpu")
+
+    def recorded(self, cfg: DictConfig) -> dict[str, Any]:
+        return {"model": self.name, "weights": None, "trainable": None, "token": None,
+                "padding": None, "features": self.features}
+
+    def hparams(self, cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.name, "features": self.features, "max_iter": self.max_iter, "seed": cfg.seed}
+
+    def save(self, run_dir: Path, model: Baseline, datamodule: Any, cfg: DictConfig,
+             trained: dict[str, Any]) -> Path:
+        """Options and vocabulary in ``bundle.json``, arrays as safetensors."""
+        from safetensors.torch import save_file
+
+        from spam_lightning.inference.bundle import WEIGHTS, fresh_bundle_dir, write_bundle_config
+        from spam_lightning.io_utils import atomic_write
+
+        out = fresh_bundle_dir(run_dir)
+        part, tensors = model.to_bundle()
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        return write_bundle_config(out, self.kind, list(datamodule.class_names), baseline=part, trained=trained)
+
+    @classmethod
+    def load(cls, folder: Path, config: dict[str, Any], device: Any, dtype: Any) -> Predictor:
+        from safetensors.torch import load_file
+
+        from spam_lightning.inference.bundle import (
+            CONFIG,
+            WEIGHTS,
+            BundleError,
+            bad_field,
+            check_class_count,
+            read_header,
+        )
+
+        config_path = folder / CONFIG
+        check_class_count(config, config_path)
+        read_header(folder / WEIGHTS)  # a clear error for a file that is not safetensors
+        if not isinstance(config.get("baseline"), dict):
+            raise bad_field(config_path, "baseline", config.get("baseline"))
+        try:
+            tensors = load_file(str(folder / WEIGHTS))
+            return BaselinePredictor(Baseline.from_bundle(config["baseline"], tensors, config["num_classes"]))
+        except BaselineBundleError as err:
+            raise BundleError(f"{config_path}: {err}") from err
+
+
+class BaselinePredictor(Predictor):
+    """Bag of words: no tokens, no torch model; float64 probabilities as float32 like the rest."""
+
+    def __init__(self, baseline: Baseline) -> None:
+        self.model = baseline
+
+    def probs(self, items: list[str]) -> torch.Tensor:
+        return torch.from_numpy(self.model.predict_proba(items)).float()
+
+    def describe(self) -> str:
+        return self.model.name

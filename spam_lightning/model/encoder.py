@@ -12,15 +12,25 @@ import importlib.util
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from spam_lightning.model.weights import HUB_CHECK_TIMEOUT, _probe, hub_settings
+from spam_lightning.model.family import ModelFamily, Predictor, choice_problems, is_int
+from spam_lightning.model.weights import (
+    HUB_CHECK_TIMEOUT,
+    WeightsUnavailableError,
+    _probe,
+    hub_settings,
+)
 
 ENCODER_TRAINABLE = ("last_layer", "last_block", "all")
+TRAINABLE_FIX = " for encoders (choose one with trainable=NAME)"
+WEIGHTS = ("pretrained", "random")
 MAX_LENGTH_CAP = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
 INSTALL = 'encoder models need transformers: pip install -e ".[hf]"'
 # What `trainable` unfreezes (module paths in the AutoModelForSequenceClassification; `.-1` is
@@ -44,7 +54,7 @@ TOKENIZER_FILES = (
 )
 
 
-class EncoderUnavailableError(RuntimeError):
+class EncoderUnavailableError(WeightsUnavailableError):
     """The encoder named by model.name is neither a usable local folder nor to be had from the Hub."""
 
 
@@ -123,14 +133,11 @@ class EncoderClassifier(nn.Module):
         super().__init__()
         self.hf = hf
         self.family: str = hf.config.model_type
-        self.trunk_cache = None  # interface compatibility with GPTClassifier
 
     def forward(
         self,
         input_ids: torch.Tensor,
         lengths: torch.Tensor | None = None,
-        index: torch.Tensor | None = None,
-        split: str | None = None,
     ) -> torch.Tensor:
         """``lengths``: true lengths; the positions after them are padding, masked out."""
         if lengths is None:
@@ -179,7 +186,7 @@ def build_encoder(
         torch.manual_seed(seed)
         hf = auto.from_config(config)
     else:
-        raise ValueError(f"unknown model.weights={weights!r}; allowed: pretrained, random")
+        raise ValueError(choice_problems("model.weights", weights, WEIGHTS)[0])
     # float32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto"; upcasting
     # is exact); precision=bf16-mixed etc. autocast on top. `.float()`: no version-specific kwarg
     model = EncoderClassifier(hf.float())
@@ -189,9 +196,8 @@ def build_encoder(
 
 
 def _check_trainable(trainable: str) -> None:
-    if trainable not in ENCODER_TRAINABLE:
-        allowed = ", ".join(ENCODER_TRAINABLE)
-        raise ValueError(f"unknown trainable={trainable!r}; allowed: {allowed}")
+    if problems := choice_problems("trainable", trainable, ENCODER_TRAINABLE, TRAINABLE_FIX):
+        raise ValueError(problems[0])
 
 
 def _modules(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
@@ -305,3 +311,114 @@ def check_encoder_available(
     # from_pretrained to decide (the Hub also answers 401 for repos that do not exist)
     if reason is not None and not (re.search(r"HTTP 40[13]", reason) and get_token()):
         raise _unavailable(name, f"{where}, and the Hub ({endpoint}) cannot serve it: {reason}")
+
+
+@dataclass
+class EncoderFamily(ModelFamily):
+    """``model=encoder``: ``name`` a Hub id or a save_pretrained folder, ``weights`` pretrained
+    or random, ``context_length`` the longest input the data may pad to."""
+
+    kind = "encoder"
+    plain_options = {"weights": "random"}
+    name: str = "distilbert-base-uncased"
+    weights: str = "pretrained"
+    context_length: Any = 512
+
+    def problems(self, cfg: DictConfig) -> list[str]:
+        problems = choice_problems("model.weights", self.weights, WEIGHTS)
+        problems += choice_problems("trainable.name", cfg.trainable.name, ENCODER_TRAINABLE, TRAINABLE_FIX)
+        if importlib.util.find_spec("transformers") is None:
+            problems.append('model=encoder needs transformers: pip install -e ".[hf]"')
+        if not isinstance(self.name, str) or not self.name.strip():
+            problems.append(f"model.name={self.name!r}: a Hub id or a local save_pretrained folder")
+        if not is_int(self.context_length, 1):
+            problems.append(f"model.context_length={self.context_length!r}: must be an integer >= 1")
+        if cfg.token.name != "last":  # each family pools its own way (BERT: the [CLS] token)
+            problems.append(
+                f"token={cfg.token.name}: the token option is GPT-2's; an encoder pools as its "
+                "family does (drop the token override)"
+            )
+        if str(cfg.cache.trunk).lower() == "true":
+            problems.append("cache.trunk=true: the frozen-trunk cache is GPT-2's; use cache.trunk=auto")
+        return problems + super().problems(cfg)
+
+    def preflight(self, cfg: DictConfig) -> None:
+        check_encoder_available(self.name, self.weights)
+
+    def tokenizer(self, cfg: DictConfig) -> EncoderTokenizer:
+        from spam_lightning.training.checks import ConfigError
+
+        try:
+            return EncoderTokenizer(self.name)
+        except ValueError as err:  # a tokenizer without a pad token
+            raise ConfigError(f"model.name={self.name}: {err}") from err
+
+    def build(self, cfg: DictConfig, num_classes: int) -> EncoderClassifier:
+        from spam_lightning.training.checks import ConfigError
+
+        try:  # e.g. trainable=last_block for a family without the book's mapping
+            return build_encoder(cfg.model.name, num_classes=num_classes, trainable=cfg.trainable.name,
+                                 weights=cfg.model.weights, seed=cfg.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    def save(self, run_dir: Path, model: Any, datamodule: Any, cfg: DictConfig,
+             trained: dict[str, Any]) -> Path:
+        """The model and its tokenizer, saved with ``save_pretrained`` (safetensors)."""
+        from spam_lightning.inference.bundle import fresh_bundle_dir, write_bundle_config
+
+        out = fresh_bundle_dir(run_dir)
+        model.save(out)
+        datamodule.tokenizer.save(out)
+        return write_bundle_config(
+            out, self.kind, list(datamodule.class_names), max_length=int(datamodule.max_length),
+            padding=cfg.data.padding, pad_token_id=int(datamodule.tokenizer.pad_token_id),
+            family=model.family, trained=trained,
+        )
+
+    @classmethod
+    def load(cls, folder: Path, config: dict[str, Any], device: torch.device,
+             dtype: torch.dtype) -> Predictor:
+        from spam_lightning.data.tokens import PADDING_MODES
+        from spam_lightning.inference.bundle import (
+            CONFIG,
+            BundleError,
+            bad_field,
+            check_class_count,
+        )
+
+        config_path = folder / CONFIG
+        check_class_count(config, config_path)
+        for key, low in (("max_length", 1), ("pad_token_id", 0)):
+            if not is_int(config.get(key), low):
+                raise bad_field(config_path, key, config.get(key))
+        if config.get("padding") not in PADDING_MODES:
+            raise bad_field(config_path, "padding", config.get("padding"))
+        try:
+            model, tokenizer = load_encoder(folder)
+        except (OSError, ValueError) as err:
+            raise BundleError(f"{folder}: cannot load the encoder ({err}); re-create the bundle.") from err
+        if int(model.hf.config.num_labels) != config["num_classes"]:
+            raise BundleError(
+                f"{config_path}: num_classes is {config['num_classes']} but the model's head has "
+                f"{model.hf.config.num_labels} outputs; re-create the bundle."
+            )
+        return EncoderPredictor(model.to(device=device, dtype=dtype).eval(), tokenizer, config, device)
+
+
+class EncoderPredictor(Predictor):
+    """Attention masks make per-batch padding exact: messages are grouped by length."""
+
+    dynamic = True
+
+    def __init__(self, model: EncoderClassifier, tokenizer: EncoderTokenizer, config: dict[str, Any],
+                 device: torch.device) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.max_length, self.padding = int(config["max_length"]), config["padding"]
+        self.pad_token_id, self.family = int(config["pad_token_id"]), config.get("family")
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer.encode(texts, self.max_length)
+
+    def describe(self) -> Any:
+        return self.family

@@ -77,7 +77,7 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
             minutes=(m.get("training_seconds") or 0) / 60, Device=m.get("device"), status="ok",
         )
         record["Context length"] = _context_label(data.get("max_length"), m.get("max_length"))
-    if model.get("kind") == "baseline":  # bag of words: every word of a message counts
+    if m and "max_length" in m and m["max_length"] is None:  # no tokens: every word counts
         record["Context length"] = "—"
     if record["Trainable token"] == "masked_mean":
         # the book's row 19 (96.33 %) is token=mean, padding included; it has no masked_mean row

@@ -6,28 +6,24 @@ mismatched checkpoint fails in a second with one message that lists every proble
 
 from __future__ import annotations
 
-import importlib.util
+import inspect
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
-from spam_lightning.data.table import SPLIT_PROCEDURES
-from spam_lightning.data.tokens import PADDING_MODES, get_tokenizer
-from spam_lightning.model.classifier import TRAINABLE, make_classifier
+from spam_lightning.data.source import DataError
+from spam_lightning.model.classifier import make_classifier
+from spam_lightning.model.family import is_int
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
-from spam_lightning.model.pooling import pooling_names
-from spam_lightning.model.weights import (
-    HUB_REPOS,
-    CheckpointError,
-    check_checkpoint,
-    check_weights_available,
-    mismatch_lines,
-)
+from spam_lightning.model.weights import CheckpointError, mismatch_lines
 from spam_lightning.training.callbacks.checkpoint_io import load_checkpoint_safely
 from spam_lightning.training.callbacks.run_config import flat_config, resume_differences
 
@@ -42,11 +38,7 @@ class ConfigError(ValueError):
 
 
 class TokenizerError(RuntimeError):
-    """The GPT-2 tokenizer cannot be loaded (its files are missing or unreadable)."""
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    """A model's tokenizer cannot be loaded (its files are missing or unreadable)."""
 
 
 def _is_number(value: Any) -> bool:
@@ -54,7 +46,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _number_problems(node: DictConfig, prefix: str, rules: dict[str, tuple[str, Any]]) -> list[str]:
+def number_problems(node: DictConfig, prefix: str, rules: dict[str, tuple[str, Any]]) -> list[str]:
     """``key -> (what is allowed, test)`` for the keys of ``node`` that are present."""
     problems = []
     for key, (allowed, ok) in rules.items():
@@ -69,127 +61,62 @@ def model_sizes(cfg: DictConfig) -> dict[str, Any]:
     return {k: m.get(k, MODEL_CONFIGS.get(m.name, {}).get(k)) for k in (*SIZE_KEYS, "qkv_bias")}
 
 
-MODEL_KINDS = ("gpt2", "encoder", "baseline")
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that raises the target's own error (e.g. the datamodule's
+    ``data.batch_size=0: must be an integer >= 1``) instead of Hydra's wrapper around it; a
+    constructor refusing a configured option (``ValueError``, Lightning's) is a ConfigError."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, MisconfigurationException)) and not isinstance(
+            cause, (ConfigError, DataError)
+        ):  # e.g. trainer.accelerator=gpu on a CPU
+            raise ConfigError(str(cause)) from err
+        if isinstance(cause, Exception):
+            raise cause from err
+        raise ConfigError(str(err)) from err  # e.g. a _target_ that cannot be imported
 
 
-def model_kind(cfg: DictConfig) -> str:
-    """``model.kind``: ``gpt2`` (the chapter's GPTModel; the default), ``encoder`` (transformers'
-    AutoModelForSequenceClassification) or ``baseline`` (majority / logistic regression)."""
-    return str(cfg.model.get("kind") or "gpt2")
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Fail on bad names and impossible combinations before any download or tokenizing.
-
-    Every problem is listed at once, with the allowed values, so one run shows them all.
-    """
-    kind = model_kind(cfg)
-    if kind == "gpt2":
-        problems = _gpt2_problems(cfg)
-    elif kind == "encoder":
-        problems = _encoder_problems(cfg)
-    elif kind == "baseline":
-        problems = _baseline_problems(cfg)
-    else:
-        problems = [f"model.kind={kind!r}; allowed: {', '.join(MODEL_KINDS)}"]
-    if kind != "baseline":
-        problems += _run_problems(cfg)
+def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
+    """Build the model family (``cfg.model``'s ``_target_``) and the data module, and fail on bad
+    names and impossible combinations before any download or tokenizing: every problem the
+    family finds, and the data module's, in one message with the allowed values.
+    Returns ``(family, datamodule)``."""
+    family = _family(cfg.model)
+    problems = family.problems(cfg) + number_problems(  # IMDB: every split gets examples
+        cfg.data, "data.", {"val_size": ("an integer >= 1", lambda v: is_int(v, 1))})
+    datamodule = None
+    try:
+        datamodule = instantiate(cfg.data)  # checks its own options; reads nothing yet
+    except ConfigError as err:
+        problems.append(str(err))
+    except DataError:
+        if not problems:
+            raise
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    return family, datamodule
 
 
-def _encoder_problems(cfg: DictConfig) -> list[str]:
-    from spam_lightning.model.encoder import ENCODER_TRAINABLE
-
-    m, problems = cfg.model, []
-    if importlib.util.find_spec("transformers") is None:
-        problems.append('model.kind=encoder needs transformers: pip install -e ".[hf]"')
-    if not isinstance(m.get("name"), str) or not m.name.strip():
-        problems.append(f"model.name={m.get('name')!r}: a Hub id or a local save_pretrained folder")
-    if m.get("weights") not in ("pretrained", "random"):
-        problems.append(f"model.weights={m.get('weights')!r}; allowed: pretrained, random")
-    if cfg.trainable.name not in ENCODER_TRAINABLE:
-        problems.append(
-            f"trainable.name={cfg.trainable.name!r} is not for encoders; allowed with "
-            f"model=encoder: {', '.join(ENCODER_TRAINABLE)} (choose one with trainable=NAME)"
-        )
-    if not _is_int(m.get("context_length"), 1):
-        problems.append(f"model.context_length={m.get('context_length')!r}: must be an integer >= 1")
-    if cfg.token.name != "last":  # each family pools its own way (BERT: the [CLS] token)
-        problems.append(
-            f"token={cfg.token.name}: the token option is GPT-2's; an encoder pools as its "
-            "family does (drop the token override)"
-        )
-    if str(cfg.cache.trunk).lower() == "true":
-        problems.append("cache.trunk=true: the frozen-trunk cache is GPT-2's; use cache.trunk=auto")
-    return problems + _training_problems(cfg) + _data_problems(cfg.data, m.get("context_length"))
+def _family(node: DictConfig) -> Any:
+    """``node``'s ``_target_`` built from the keys it takes. A key it does not take (a sweep's
+    ``++model.n_layers=2`` across GPT-2 and a baseline) is named in a warning and left out."""
+    try:
+        params = inspect.signature(hydra.utils.get_class(node._target_)).parameters
+    except Exception as err:  # no _target_, or one that cannot be imported
+        raise ConfigError(f"model._target_={node.get('_target_')!r}: not a model family ({err})") from err
+    unused = [k for k in node if k != "_target_" and k not in params]
+    if unused and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        log.warning("model.%s: not an option of %s; ignored", ", model.".join(unused), node._target_)
+        node = {"_target_": node._target_, **{k: node[k] for k in node if k in params}}
+    return instantiate(node)
 
 
-def _baseline_problems(cfg: DictConfig) -> list[str]:
-    from spam_lightning.model.baselines import BASELINES, FEATURES
-
-    m, problems = cfg.model, []
-    if importlib.util.find_spec("sklearn") is None:
-        problems.append(f'model={m.get("name")} needs scikit-learn: pip install -e ".[baselines]"')
-    if m.get("name") not in BASELINES:
-        problems.append(f"model.name={m.get('name')!r}; allowed with model.kind=baseline: {', '.join(BASELINES)}")
-    if m.get("features") not in FEATURES:
-        problems.append(f"model.features={m.get('features')!r}; allowed: {', '.join(FEATURES)}")
-    if not _is_int(m.get("max_iter"), 1):
-        problems.append(f"model.max_iter={m.get('max_iter')!r}: must be an integer >= 1")
-    if cfg.get("ckpt_path") is not None:
-        problems.append(
-            f"ckpt_path={cfg.ckpt_path}: model.kind=baseline fits in one step and writes no "
-            "checkpoints; rerun without ckpt_path"
-        )
-    problems += _number_problems(cfg, "", {"seed": ("an integer >= 0", lambda v: _is_int(v, 0))})
-    return problems + _data_problems(cfg.data, m.get("context_length"))
-
-
-def _gpt2_problems(cfg: DictConfig) -> list[str]:
-    """The chapter's GPTModel: a known size, trainable and token choices, weights."""
-    problems: list[str] = []
-    m = cfg.model
-    if m.name not in MODEL_CONFIGS:
-        problems.append(
-            f"model.name={m.name!r} is unknown; allowed: {', '.join(MODEL_CONFIGS)} "
-            "(choose one with model=NAME)"
-        )
-    if m.weights not in ("pretrained", "random"):
-        problems.append(f"model.weights={m.weights!r}; allowed: pretrained, random")
-    for group, allowed in (("trainable", TRAINABLE), ("token", pooling_names(cfg.token))):
-        if cfg[group].name not in allowed:
-            problems.append(
-                f"{group}.name={cfg[group].name!r} is unknown; allowed: {', '.join(allowed)} "
-                f"(choose one with {group}=NAME)"
-            )
-    sizes = model_sizes(cfg)
-    bad_sizes = [k for k in SIZE_KEYS if not _is_int(sizes[k], 1)]
-    for key in bad_sizes:
-        problems.append(f"model.{key}={sizes[key]!r}: must be an integer >= 1")
-    if not bad_sizes and sizes["emb_dim"] % sizes["n_heads"]:
-        problems.append(
-            f"model.emb_dim={sizes['emb_dim']} is not divisible by model.n_heads={sizes['n_heads']}"
-        )
-    n_layers = sizes["n_layers"]
-    if cfg.trainable.name == "last_two_blocks" and _is_int(n_layers, 1) and n_layers < 2:
-        problems.append(
-            f"trainable=last_two_blocks needs at least 2 transformer blocks; model {m.name} "
-            f"has n_layers={n_layers}. Use trainable=last_block or a larger model."
-        )
-    if m.name in MODEL_CONFIGS and m.weights == "pretrained":
-        problems += _pretrained_problems(cfg, sizes)
-    elif m.weights == "random" and m.get("checkpoint") is not None:
-        problems.append(
-            f"model.checkpoint={m.checkpoint} is ignored with model.weights=random; drop one of "
-            "them (checkpoints need model.weights=pretrained)"
-        )
-    problems += _training_problems(cfg)
-    return problems + _data_problems(cfg.data, sizes["context_length"])
-
-
-def _run_problems(cfg: DictConfig) -> list[str]:
-    """Trainer strategy, trunk cache and resume path: shared by every trained model."""
+def run_problems(cfg: DictConfig) -> list[str]:
+    """What every model trained with Lightning shares: optimizer, dropout, LoRA, monitoring,
+    trainer numbers and strategy, trunk cache and resume path; each a clear line instead of a
+    torch error (or silent nonsense) after the data is prepared."""
     problems: list[str] = []
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and "spawn" in strategy:
@@ -200,124 +127,44 @@ def _run_problems(cfg: DictConfig) -> list[str]:
     if str(cfg.cache.trunk).lower() not in ("auto", "true", "false"):
         problems.append(f"cache.trunk={cfg.cache.trunk!r}; allowed: auto, true, false")
     gib = ("a number >= 0 (GiB)", lambda v: _is_number(v) and v >= 0)
-    problems += _number_problems(cfg.cache, "cache.", {"memory_budget_gb": gib, "max_gb": gib})
+    problems += number_problems(cfg.cache, "cache.", {"memory_budget_gb": gib, "max_gb": gib})
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path != "last" and not Path(str(ckpt_path)).is_file():
         problems.append(
             f"ckpt_path={ckpt_path}: no such file; pass a run's checkpoints/last.ckpt, or "
             "ckpt_path=last with hydra.run.dir=<the run folder>"
         )
-    return problems
-
-
-def _training_problems(cfg: DictConfig) -> list[str]:
-    """Optimizer, dropout, LoRA, monitoring and trainer numbers: each a clear line instead of a
-    torch error (or silent nonsense) after the data is prepared."""
     positive = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
     non_negative = ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
-    problems = _number_problems(cfg.optimizer, "optimizer.", {"lr": positive, "weight_decay": non_negative})
-    problems += _number_problems(
+    problems += number_problems(cfg.optimizer, "optimizer.", {"lr": positive, "weight_decay": non_negative})
+    problems += number_problems(
         cfg.model, "model.", {"drop_rate": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)})
     if cfg.trainable.name == "lora":
         for key, allowed, ok in (
-            ("rank", "an integer >= 1", lambda v: _is_int(v, 1)),
+            ("rank", "an integer >= 1", lambda v: is_int(v, 1)),
             ("alpha", "a finite number > 0", positive[1]),
         ):
             value = cfg.trainable.get(key)
             if not ok(value):
                 problems.append(f"trainable.{key}={value!r}: must be {allowed} for trainable=lora")
-    at_least_one = ("an integer >= 1", lambda v: _is_int(v, 1))
-    problems += _number_problems(cfg, "", {"eval_freq": at_least_one, "eval_iter": at_least_one,
-                                           "seed": ("an integer >= 0", lambda v: _is_int(v, 0))})
+    at_least_one = ("an integer >= 1", lambda v: is_int(v, 1))
+    problems += number_problems(cfg, "", {"eval_freq": at_least_one, "eval_iter": at_least_one,
+                                          "seed": ("an integer >= 0", lambda v: is_int(v, 0))})
     t = cfg.trainer
-    problems += _number_problems(
+    problems += number_problems(
         t,
         "trainer.",
         {
             "max_epochs": (
                 "an integer >= 1, or -1 (no limit, with trainer.max_steps)",
-                lambda v: _is_int(v, 1) or (v == -1 and _is_int(t.get("max_steps"), 1)),
+                lambda v: is_int(v, 1) or (v == -1 and is_int(t.get("max_steps"), 1)),
             ),
-            "max_steps": ("an integer >= 1, or -1 (no limit)", lambda v: _is_int(v, 1) or v == -1),
+            "max_steps": ("an integer >= 1, or -1 (no limit)", lambda v: is_int(v, 1) or v == -1),
             "accumulate_grad_batches": at_least_one,
-            "check_val_every_n_epoch": ("an integer >= 1, or null", lambda v: v is None or _is_int(v, 1)),
-            **{
-                f"limit_{split}_batches": (
-                    "null, an integer >= 0 (batches) or a fraction in [0, 1]",
-                    lambda v: v is None or _is_int(v, 0) or (isinstance(v, float) and 0 <= v <= 1),
-                )
-                for split in ("train", "val", "test")
-            },
-        },
+            "check_val_every_n_epoch": ("an integer >= 1, or null", lambda v: v is None or is_int(v, 1)),
+        },  # limit_*_batches: Lightning's Trainer refuses bad ones itself (see train._trainer)
     )
     return problems
-
-
-def _pretrained_problems(cfg: DictConfig, sizes: dict[str, Any]) -> list[str]:
-    """Pretrained weights exist only for the released sizes (or a given checkpoint)."""
-    m = cfg.model
-    checkpoint = m.get("checkpoint")
-    if checkpoint is not None:
-        path = Path(str(checkpoint)).expanduser()
-        return [] if path.exists() else [f"model.checkpoint={checkpoint}: no such file or folder"]
-    if m.name not in HUB_REPOS:
-        return [f"model {m.name} has no pretrained weights; use model.weights=random or "
-                "model.checkpoint=/path/to/model.safetensors"]
-    released = MODEL_CONFIGS[m.name]
-    differ = [k for k in SIZE_KEYS if sizes[k] != released[k]]
-    return [] if not differ else [
-        f"pretrained {m.name} has {', '.join(f'{k}={released[k]}' for k in differ)}, but the "
-        f"config asks for {', '.join(f'{k}={sizes[k]}' for k in differ)}; other sizes need "
-        "model.weights=random or a model.checkpoint of that size"
-    ]
-
-
-def _data_problems(d: DictConfig, context_length: Any) -> list[str]:
-    """The loader options every datamodule shares (its ``__init__`` checks them again)."""
-    batch_size, padding, max_length = d.get("batch_size"), d.get("padding"), d.get("max_length")
-    problems = _number_problems(d, "data.", {
-        "batch_size": ("an integer >= 1", lambda v: _is_int(v, 1)),
-        "num_workers": ("an integer >= 0", lambda v: _is_int(v, 0)),
-    })
-    if "padding" in d and padding not in PADDING_MODES:
-        problems.append(f"data.padding={padding!r}; allowed: {', '.join(PADDING_MODES)}")
-    if "split" in d and d.get("split") not in SPLIT_PROCEDURES:  # the SMS data only
-        problems.append(f"data.split={d.get('split')!r}; allowed: {', '.join(SPLIT_PROCEDURES)}")
-    if padding == "none" and _is_int(batch_size, 2):
-        problems.append(
-            f"data.padding=none cannot batch sequences of different lengths, but "
-            f"data.batch_size={batch_size}: use data.batch_size=1 and "
-            f"trainer.accumulate_grad_batches={batch_size} for an effective batch of {batch_size}"
-        )
-    if max_length is not None and max_length != "model":
-        if not _is_int(max_length, 1):
-            problems.append(
-                f"data.max_length={max_length!r}: allowed values are null (the longest "
-                "training sequence), model (the context length) or an integer >= 1"
-            )
-        elif _is_int(context_length, 1) and max_length > context_length:
-            problems.append(
-                f"data.max_length={max_length} exceeds the model's context length "
-                f"{context_length}; use an integer <= {context_length}, or data.max_length=model"
-            )
-    return problems + _split_problems(d)
-
-
-def _split_problems(d: DictConfig) -> list[str]:
-    """Split fractions (``data.source`` split into train / validation / rest) and split sizes
-    (IMDB): every split must get examples."""
-    fraction = ("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)
-    problems = _number_problems(d, "data.", {"train_frac": fraction, "val_frac": fraction})
-    train_frac, val_frac = d.get("train_frac"), d.get("val_frac")
-    if not problems and _is_number(train_frac) and _is_number(val_frac) and train_frac + val_frac >= 1:
-        problems.append(
-            f"data.train_frac={train_frac} + data.val_frac={val_frac} = {train_frac + val_frac:g}: "
-            "must be < 1 (the rest is the test split)"
-        )
-    at_least_one = ("an integer >= 1", lambda v: _is_int(v, 1))
-    rest = ("null (the rest) or an integer >= 1", lambda v: v is None or _is_int(v, 1))
-    return problems + _number_problems(
-        d, "data.", {"train_size": at_least_one, "val_size": at_least_one, "test_size": rest})
 
 
 def last_checkpoint(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
@@ -436,44 +283,18 @@ def known_num_classes(datamodule: Any) -> int | None:
         return None
 
 
-def check_tokenizer() -> None:
-    """Load the GPT-2 tokenizer now (it is cached per process), so a missing or damaged
-    tokenizer fails before the data is prepared, with its own message."""
-    try:
-        get_tokenizer()
-    except (RuntimeError, OSError) as err:  # what loading its files raises (DataError passes)
-        raise TokenizerError(str(err)) from err
-
-
 def preflight(
-    cfg: DictConfig, callbacks: list[Any], num_classes: int | None
+    cfg: DictConfig, family: Any, callbacks: list[Any], num_classes: int | None
 ) -> tuple[Path | None, dict[str, Any] | None]:
-    """Checkpoint, weights and tokenizer checks before any download, tokenizing or training.
+    """Weights, tokenizer and checkpoint checks before any download, tokenizing or training.
 
     Returns the resolved ``ckpt_path`` and its safely loaded (memory-mapped) contents.
     """
-    kind = model_kind(cfg)
-    if kind == "encoder":
-        from spam_lightning.model.encoder import check_encoder_available
-
-        check_encoder_available(cfg.model.name, cfg.model.weights)
-    elif cfg.model.weights == "pretrained":
-        if cfg.model.get("checkpoint") is not None:  # its header: GPT-2 of the configured size?
-            check_checkpoint(cfg.model.checkpoint, model_sizes(cfg))
-        else:  # cache or a quick Hub check, before minutes of data work and tokenizing
-            check_weights_available(cfg.model.name)
-    if kind == "gpt2":
-        check_tokenizer()
+    family.preflight(cfg)
     path = _resolve_ckpt_path(cfg, callbacks)
     if path is None:
         return None, None
     checkpoint = load_checkpoint_safely(path, mmap=True)
     check_resume_config(cfg, path, checkpoint)
-    if kind != "gpt2":  # its shapes are compared once the model is built
-        return path, checkpoint
-    if num_classes is None:  # compare everything but the head now, the head after setup()
-        state = checkpoint["state_dict"]
-        head = state.get("model.out_head.weight", state.get("model.out_head.linear.weight"))
-        num_classes = int(head.shape[0]) if head is not None else 2
-    check_resume_checkpoint(cfg, path, checkpoint, _expected_shapes(cfg, num_classes))
+    family.check_resume(cfg, path, checkpoint, num_classes)
     return path, checkpoint

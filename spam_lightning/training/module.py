@@ -1,7 +1,8 @@
-"""The LightningModule: chapter 6.6-6.7 (loss on one token position, AdamW, accuracy).
+"""The LightningModule: chapter 6.6-6.7 (loss on the class logits, AdamW, accuracy).
 
-The forward itself is ``model.classifier.GPTClassifier``'s; this module adds the loss, the
-optimizer and the metrics. The final ``trainer.test`` leaves its results in ``test_results``.
+The forward is the model family's classifier (GPT-2's ``GPTClassifier``, an encoder, ...); this
+module adds the loss, the optimizer and the metrics. The final ``trainer.test`` leaves its
+results in ``test_results``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
-
-from spam_lightning.model.classifier import GPTClassifier
 
 SPLITS = ("train", "val", "test")
 
@@ -67,7 +66,7 @@ def split_metrics(
 
 @dataclass
 class TestResults:
-    """The public result of the final test loop (``SpamClassifier.test_results``).
+    """The public result of the final test loop (``TextClassifier.test_results``).
 
     ``metrics``: ``{split}_{accuracy,loss,precision,recall,f1,count}`` of each final split;
     ``outputs``: per split (in the order of the test dataloaders), every example exactly once,
@@ -79,8 +78,9 @@ class TestResults:
     outputs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-class SpamClassifier(L.LightningModule):
-    """Trains a ``GPTClassifier`` on the logits of one token position.
+class TextClassifier(L.LightningModule):
+    """Trains any text classifier ``model(input_ids, lengths) -> logits`` (and, for a
+    cached frozen trunk, ``model(features, lengths, start_block)``).
 
     Owns the loss, the optimizer and the metrics, nothing about data or configuration. The
     test dataloaders are the splits named in ``final_splits``, in that order.
@@ -88,7 +88,7 @@ class SpamClassifier(L.LightningModule):
 
     def __init__(
         self,
-        model: GPTClassifier,
+        model: nn.Module,
         *,
         num_classes: int = 2,
         trainable: str = "last_block",

@@ -38,8 +38,7 @@ class ChapterMonitor(L.Callback):
     """Prints and records the chapter's periodic losses and per-epoch accuracies."""
 
     def __init__(self, eval_freq: int = 50, eval_iter: int = 5) -> None:
-        if eval_freq < 1 or eval_iter < 1:
-            raise ValueError(f"eval_freq and eval_iter must be >= 1, got {eval_freq}, {eval_iter}")
+        # eval_freq, eval_iter >= 1: checked with the config (training.checks.run_problems)
         self.eval_freq = eval_freq
         self.eval_iter = eval_iter
         self.examples_seen = 0

@@ -1,0 +1,212 @@
+"""The GPT-2 family (``conf/model/gpt2-*.yaml``): the book's GPTModel (``model/gpt.py``) with
+pretrained, checkpoint or random weights, turned into a classifier per ``trainable`` and
+``token``, trained with the frozen-trunk cache, bundled as safetensors (``inference/bundle.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from spam_lightning.model.classifier import (
+    TRAINABLE,
+    GPTClassifier,
+    first_trainable_block,
+    make_classifier,
+)
+from spam_lightning.model.family import Fitted, ModelFamily, Predictor, choice_problems, is_int
+from spam_lightning.model.pooling import get_pooling, pooling_names
+from spam_lightning.model.sizes import CFG_KEYS, HUB_REPOS, MODEL_CONFIGS
+from spam_lightning.model.weights import build_gpt
+
+# training code (Lightning, Hydra) is imported inside the methods that train: inference loads
+# this module without it
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> GPTClassifier:
+    """GPT-2 (pretrained, a checkpoint or random) as a classifier per ``trainable`` and ``token``."""
+    from spam_lightning.training.checks import classifier_options, model_sizes
+
+    m = cfg.model
+    torch.manual_seed(cfg.seed)  # random weights are reproducible too
+    sizes = {k: v for k, v in model_sizes(cfg).items() if k in CFG_KEYS}
+    # the config's sizes, so e.g. model.n_layers=1 builds what the checks checked
+    model = build_gpt(m.name, weights=m.weights, checkpoint=m.checkpoint,
+                      causal_mask=m.causal_mask, drop_rate=m.drop_rate, **sizes)
+    model = make_classifier(model, num_classes=num_classes, seed=cfg.seed, **classifier_options(cfg))
+    if m.get("compile", False):
+        for block in model.trf_blocks:
+            block.compile(dynamic=True)
+    return GPTClassifier(model, token=cfg.token)
+
+
+@dataclass
+class GPT2Family(ModelFamily):
+    """The chapter's model. Options: ``conf/model/gpt2-small.yaml``."""
+
+    kind = "gpt2"
+    plain_options = {"weights": "random", "checkpoint": None, "compile": False}
+    name: str = "gpt2-small"
+    weights: str = "pretrained"
+    checkpoint: str | None = None
+    causal_mask: bool = True
+    compile: bool = False
+    vocab_size: Any = None
+    context_length: Any = None
+    emb_dim: Any = None
+    n_layers: Any = None
+    n_heads: Any = None
+    drop_rate: Any = 0.0
+    qkv_bias: Any = True
+
+    def problems(self, cfg: DictConfig) -> list[str]:
+        from spam_lightning.training.checks import SIZE_KEYS, model_sizes
+
+        problems = choice_problems("model.name", self.name, MODEL_CONFIGS, " (choose one with model=NAME)")
+        problems += choice_problems("model.weights", self.weights, ("pretrained", "random"))
+        for group, allowed in (("trainable", TRAINABLE), ("token", pooling_names(cfg.token))):
+            fix = f" (choose one with {group}=NAME)"
+            problems += choice_problems(f"{group}.name", cfg[group].name, allowed, fix)
+        sizes = model_sizes(cfg)
+        bad_sizes = [k for k in SIZE_KEYS if not is_int(sizes[k], 1)]
+        problems += [f"model.{key}={sizes[key]!r}: must be an integer >= 1" for key in bad_sizes]
+        if not bad_sizes and sizes["emb_dim"] % sizes["n_heads"]:
+            problems.append(f"model.emb_dim={sizes['emb_dim']} is not divisible by model.n_heads={sizes['n_heads']}")
+        n_layers = sizes["n_layers"]
+        if cfg.trainable.name == "last_two_blocks" and is_int(n_layers, 1) and n_layers < 2:
+            problems.append(
+                f"trainable=last_two_blocks needs at least 2 transformer blocks; model {self.name} "
+                f"has n_layers={n_layers}. Use trainable=last_block or a larger model."
+            )
+        if self.name in MODEL_CONFIGS and self.weights == "pretrained":
+            problems += self._pretrained_problems(sizes)
+        elif self.weights == "random" and self.checkpoint is not None:
+            problems.append(
+                f"model.checkpoint={self.checkpoint} is ignored with model.weights=random; drop one of "
+                "them (checkpoints need model.weights=pretrained)"
+            )
+        return problems + super().problems(cfg)
+
+    def _pretrained_problems(self, sizes: dict[str, Any]) -> list[str]:
+        """Pretrained weights exist only for the released sizes (or a given checkpoint)."""
+        from spam_lightning.training.checks import SIZE_KEYS
+
+        if self.checkpoint is not None:
+            path = Path(str(self.checkpoint)).expanduser()
+            return [] if path.exists() else [f"model.checkpoint={self.checkpoint}: no such file or folder"]
+        if self.name not in HUB_REPOS:
+            return [f"model {self.name} has no pretrained weights; use model.weights=random or "
+                    "model.checkpoint=/path/to/model.safetensors"]
+        released = MODEL_CONFIGS[self.name]
+        differ = [k for k in SIZE_KEYS if sizes[k] != released[k]]
+        return [] if not differ else [
+            f"pretrained {self.name} has {', '.join(f'{k}={released[k]}' for k in differ)}, but the "
+            f"config asks for {', '.join(f'{k}={sizes[k]}' for k in differ)}; other sizes need "
+            "model.weights=random or a model.checkpoint of that size"
+        ]
+
+    def preflight(self, cfg: DictConfig) -> None:
+        """The weights (a checkpoint's header, the cache or a quick Hub check) and the tokenizer."""
+        from spam_lightning.data.tokens import get_tokenizer
+        from spam_lightning.model.weights import check_checkpoint, check_weights_available
+        from spam_lightning.training.checks import TokenizerError, model_sizes
+
+        if self.weights == "pretrained":
+            if self.checkpoint is not None:  # its header: GPT-2 of the configured size?
+                check_checkpoint(self.checkpoint, model_sizes(cfg))
+            else:  # cache or a quick Hub check, before minutes of data work and tokenizing
+                check_weights_available(self.name)
+        try:  # cached per process: a missing or damaged tokenizer fails now, with its own message
+            get_tokenizer()
+        except (RuntimeError, OSError) as err:  # what loading its files raises (DataError passes)
+            raise TokenizerError(str(err)) from err
+
+    def check_resume(self, cfg: DictConfig, path: Path, checkpoint: dict, num_classes: int | None) -> None:
+        from spam_lightning.training import checks
+
+        if num_classes is None:  # compare everything but the head now, the head after setup()
+            state = checkpoint["state_dict"]
+            head = state.get("model.out_head.weight", state.get("model.out_head.linear.weight"))
+            num_classes = int(head.shape[0]) if head is not None else 2
+        checks.check_resume_checkpoint(cfg, path, checkpoint, checks._expected_shapes(cfg, num_classes))
+
+    def build(self, cfg: DictConfig, num_classes: int) -> GPTClassifier:
+        return build_model(cfg, num_classes)
+
+    def callbacks(self, cfg: DictConfig, model: GPTClassifier, datamodule: Any) -> list[Any]:
+        from spam_lightning.training.callbacks import TrunkCaching
+
+        self._caching = TrunkCaching(
+            first_trainable_block(cfg.trainable.name, len(model.trf_blocks)), datamodule, **cfg.cache
+        )
+        return [self._caching]
+
+    def fit(self, cfg: DictConfig, trainer: Any, datamodule: Any, ckpt_path: Path | None,
+            checkpoint: dict | None) -> Fitted:
+        fitted = super().fit(cfg, trainer, datamodule, ckpt_path, checkpoint)
+        cached = {k: v for k, v in self._caching.seconds.items() if k in ("train", "val")}
+        total, cache_seconds = fitted.training_seconds, sum(cached.values())
+        log.info("Training took %.1f s: frozen-trunk cache %.1f s (%s), epochs and evaluations %.1f s.",
+                 total, cache_seconds, ", ".join(f"{k} {v:.1f} s" for k, v in cached.items()) or "none",
+                 total - cache_seconds)
+        return fitted
+
+    def trunk_cached(self, model: GPTClassifier) -> bool:
+        return self._caching.active
+
+    def recorded(self, cfg: DictConfig) -> dict[str, Any]:
+        return {**super().recorded(cfg), "token": cfg.token.name}
+
+    def save(self, run_dir: Path, model: Any, datamodule: Any, cfg: DictConfig,
+             trained: dict[str, Any]) -> Path:
+        from spam_lightning.inference.bundle import save_bundle
+
+        return save_bundle(
+            run_dir, model, class_names=list(datamodule.class_names), token=cfg.token.name,
+            max_length=datamodule.max_length, padding=cfg.data.padding,
+            pad_token_id=datamodule.pad_token_id, extra={"trained": trained},
+        )
+
+    @classmethod
+    def load(cls, folder: Path, config: dict[str, Any], device: torch.device,
+             dtype: torch.dtype) -> Predictor:
+        from spam_lightning.inference.bundle import load_gpt2
+
+        gpt, config = load_gpt2(folder, config)
+        return GPT2Predictor(gpt, config, device, dtype)
+
+
+class GPT2Predictor(Predictor):
+    """The training run's preprocessing: GPT-2 tokens cut to ``max_length``, its padding and
+    pooling; messages padded per batch where the pooled token never sees padding."""
+
+    def __init__(self, gpt: Any, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.model_cfg = device, config["model"]
+        self.max_length = min(int(config["max_length"]), int(config["model"]["context_length"]))
+        self.token = config["token"]
+        if self.token == "mean" and not config.get("mean_includes_padding", False):
+            self.token = "masked_mean"  # a bundle from before the rename: its mean was masked
+        self.padding = config["padding"]
+        self.pad_token_id = int(config["pad_token_id"])
+        # unpadded training (padding=none) pooled each message's own tokens (last -> flexible)
+        pooling = get_pooling(self.token)
+        pooled = pooling.unpadded() if self.padding == "none" else pooling
+        self.model = GPTClassifier(gpt, token=pooled).to(device=self.device, dtype=dtype).eval()
+        self.dynamic = self.model.padding_free  # then per-batch padding is exact
+        if self.padding == "none" and not self.dynamic:
+            self.batch_size = 1  # no padding at all: one message per forward pass
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        from spam_lightning.data.tokens import encode_texts
+
+        return encode_texts(texts, max_length=self.max_length, context_length=self.max_length)
+
+    def describe(self) -> dict[str, Any]:
+        return {k: self.model_cfg[k] for k in ("emb_dim", "n_layers", "n_heads", "context_length")}
