@@ -118,7 +118,7 @@ def test_a_new_pooling_is_a_class_and_a_yaml(max_pooling, tmp_path: Path) -> Non
         assert metrics["token"] == "max" and metrics["trunk_cache"] is (cache == "true")
     assert_same_run(*runs)
     clf = Classifier(tmp_path / "cache_true" / "run")
-    assert type(clf.model.pooling).__name__ == "Max" and clf.dynamic  # per-batch padding
+    assert type(clf.model.pooling).__name__ == "Max" and clf.predictor.dynamic  # per-batch padding
     texts = ["WIN CASH NOW", "see you at lunch tomorrow mum", "ok"]
     one_by_one = torch.cat([clf.predict_proba([t]) for t in texts])
     torch.testing.assert_close(clf.predict_proba(texts), one_by_one, atol=1e-5, rtol=0)

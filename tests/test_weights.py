@@ -208,6 +208,7 @@ def test_build_gpt_takes_the_whole_config_group(hf_dir: Path) -> None:
 
     group = OmegaConf.load(REPO / "conf/model/gpt2-tiny.yaml")
     cfg = OmegaConf.to_container(group, resolve=True)
+    assert cfg.pop("_target_") == "spam_lightning.model.gpt2.GPT2Family"  # the family, not an option
     assert build_gpt(**cfg).cfg["emb_dim"] == 64
     model = build_gpt(**{**cfg, "weights": "pretrained", "checkpoint": str(hf_dir)})
     assert torch.equal(
