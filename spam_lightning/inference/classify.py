@@ -40,9 +40,7 @@ class Classifier:
     """A trained classifier with its preprocessing, loaded from a run folder's bundle; the
     bundle's model family (``bundle.json``'s ``kind``) loads it and prepares the messages."""
 
-    def __init__(
-        self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64
-    ) -> None:
+    def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64) -> None:
         import torch
 
         from spam_lightning.inference.bundle import open_bundle
@@ -53,11 +51,9 @@ class Classifier:
         family, folder, config = open_bundle(run_dir)
         self.kind = family.kind
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.predictor = family.load(folder, config, self.device, self.dtype)
-        self.config = config
-        self.class_names: list[str] = config["class_names"]
-        self.batch_size = min(batch_size, self.predictor.batch_size or batch_size)
-        p = self.predictor
+        self.predictor = p = family.load(folder, config, self.device, self.dtype)
+        self.config, self.class_names = config, config["class_names"]
+        self.batch_size = min(batch_size, p.batch_size or batch_size)
         self.model, self.max_length, self.token, self.padding = p.model, p.max_length, p.token, p.padding
 
     def predict_proba(self, texts: Iterable[str]) -> torch.Tensor:
@@ -68,11 +64,8 @@ class Classifier:
         return torch.stack(rows) if rows else torch.empty(0, len(self.class_names))
 
     def _iter_probs(self, texts: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages.
-
-        A bad message (not text, empty) or an error of the input itself (a malformed file) stops
-        the stream with that error, after every message before it has been yielded.
-        """
+        """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages. A bad message
+        or input (a malformed file) stops the stream with its error, after every message before it."""
         offset = 0
         for chunk, error in _chunks(iter(texts)):
             bad = next((i for i, t in enumerate(chunk) if not isinstance(t, str) or not t.strip()), None)
@@ -82,9 +75,7 @@ class Classifier:
                 if not isinstance(text, str):
                     error = TypeError(f"message {n} is {type(text).__name__}, not text")
             ids = self.predictor.encode(chunk)
-            order = list(range(len(ids)))
-            if self.predictor.dynamic:
-                order.sort(key=lambda i: len(ids[i]))
+            order = sorted(range(len(ids)), key=lambda i: len(ids[i]) if self.predictor.dynamic else 0)
             probs: list[torch.Tensor | None] = [None] * len(ids)
             for start in range(0, len(order), self.batch_size):
                 sel = order[start : start + self.batch_size]
@@ -112,10 +103,7 @@ def _chunks(it: Iterator[str]) -> Iterator[tuple[list[str], Exception | None]]:
     while True:
         chunk: list[str] = []
         try:
-            for item in it:
-                chunk.append(item)
-                if len(chunk) == CHUNK:
-                    break
+            chunk.extend(itertools.islice(it, CHUNK))
         except Exception as err:  # a malformed file: classify what came before, then report it
             yield chunk, err
             return
@@ -215,18 +203,16 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
 def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterator[str]:
     """Messages from a CSV (``text_column``) or a text file, one per line (blank lines skipped);
     ``-`` is standard input (text unless ``fmt="csv"``)."""
-    stdin = str(path) == STDIN
+    stdin, path = str(path) == STDIN, Path(path)
     name = "<stdin>" if stdin else str(path)
     if fmt == "auto":
-        fmt = "csv" if not stdin and Path(path).suffix.lower() == ".csv" else "text"
-    if not stdin:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"--file {path}: no such file")
-        if path.is_dir():  # pipes are fine: --file /dev/stdin, --file <(zcat messages.gz)
-            raise ValueError(f"--file {path} is a folder; pass a text file or a CSV")
+        fmt = "csv" if not stdin and path.suffix.lower() == ".csv" else "text"
+    if not stdin and not path.exists():
+        raise FileNotFoundError(f"--file {path}: no such file")
+    if not stdin and path.is_dir():  # pipes are fine: --file /dev/stdin, --file <(zcat messages.gz)
+        raise ValueError(f"--file {path} is a folder; pass a text file or a CSV")
     try:
-        with contextlib.nullcontext(sys.stdin.buffer) if stdin else Path(path).open("rb") as fh:
+        with contextlib.nullcontext(sys.stdin.buffer) if stdin else path.open("rb") as fh:
             lines = _lines(fh, name)
             if fmt == "csv":
                 # long messages are truncated later, as in training; csv's 128 KiB cap would refuse them

@@ -15,7 +15,7 @@ import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,9 +23,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from spam_lightning.inference.classify import Classifier
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -63,15 +60,15 @@ class ClassifyResponse(BaseModel):
 class BadRequest(Exception):
     """A request the API refuses: the status and a short message, never the input itself."""
 
-    def __init__(self, status: int, message: str, loc: tuple[str | int, ...] = (), kind: str = "") -> None:
+    def __init__(self, status: int, message: str, loc: tuple[str | int, ...] = (), error_type: str = "") -> None:
         super().__init__(message)
-        self.status, self.message, self.loc, self.kind = status, message, loc, kind
+        self.status, self.message, self.loc, self.error_type = status, message, loc, error_type
 
     def response(self) -> JSONResponse:
-        if not self.kind:
+        if not self.error_type:
             return JSONResponse({"detail": self.message}, status_code=self.status)
         # the shape of FastAPI's validation errors, one entry and no "input"
-        error = {"type": self.kind, "loc": ["body", *self.loc], "msg": self.message}
+        error = {"type": self.error_type, "loc": ["body", *self.loc], "msg": self.message}
         return JSONResponse({"detail": [error]}, status_code=self.status)
 
 
@@ -81,11 +78,9 @@ def _type_name(value: Any) -> str:
 
 
 def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: int) -> list[str]:
-    """The messages of a ``/api/classify`` body, or ``BadRequest`` for the first problem.
-
-    Cheap checks come first (JSON, shape, the number of messages), so an absurd body costs one
-    ``json.loads`` of at most the body limit; nothing of the input is repeated in an error.
-    """
+    """The messages of a ``/api/classify`` body, or ``BadRequest`` for the first problem. Cheap
+    checks first (JSON, shape, count): an absurd body costs one ``json.loads`` of at most the body
+    limit. Nothing of the input is repeated in an error."""
     try:
         data = json.loads(body)
     except RecursionError:
@@ -199,21 +194,18 @@ def create_app(
         raise ValueError(f"--max-chars, --max-batch and --max-total-chars must be >= 1, got {max_chars}, "
                          f"{max_batch} and {max_total_chars}")
     from spam_lightning.inference.bundle import find_bundle  # torch: after --help, not at import
-
-    find_bundle(run_dir)  # a bad folder fails fast, before the model loads
     from spam_lightning.inference.classify import Classifier
 
-    clf: Classifier = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch)
+    find_bundle(run_dir)  # a bad folder fails fast, before the model loads
+    clf = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch)
     lock = threading.Lock()
     page = render_page(clf.class_names, clf.max_length, max_chars)
     health: dict[str, Any] = {
-        "status": "ok", "run_dir": str(run_dir), "class_names": clf.class_names,
-        "max_length": clf.max_length, "token": clf.token, "padding": clf.padding,
-        "precision": precision, "device": str(clf.device),
+        "status": "ok", "run_dir": str(run_dir), "class_names": clf.class_names, "max_length": clf.max_length,
+        "token": clf.token, "padding": clf.padding, "precision": precision, "device": str(clf.device),
         "kind": clf.kind, "model": clf.predictor.describe(),
         "max_chars": max_chars, "max_batch": max_batch, "max_total_chars": max_total_chars,
     }
-
     # no Swagger/ReDoc pages: they load assets from a CDN; /openapi.json stays
     app = FastAPI(title="spam-lightning demo", summary="Classify SMS messages with a fine-tuned GPT-2.",
                   docs_url=None, redoc_url=None)
@@ -241,22 +233,14 @@ def create_app(
             raise BadRequest(422, str(err)) from err
         return ClassifyResponse(predictions=[PredictionOut(**asdict(p)) for p in preds])
 
-    @app.post(
-        "/api/classify",
-        response_model=ClassifyResponse,
-        responses={
-            413: {"description": "too many or too long messages"},
-            415: {"description": "the body is not JSON"},
-            422: {"description": "not a request of this API, or an empty message"},
-        },
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": ClassifyRequest.model_json_schema()}}}},
-    )
+    @app.post("/api/classify", response_model=ClassifyResponse, responses={
+        413: {"description": "too many or too long messages"}, 415: {"description": "the body is not JSON"},
+        422: {"description": "not a request of this API, or an empty message"},
+    }, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
     async def api_classify(request: Request) -> Any:
         """Label, its probability and every class's probability, one per message, in order.
-
-        The body is ``{"text": "..."}`` or ``{"texts": ["...", ...]}``.
-        """
+        The body is ``{"text": "..."}`` or ``{"texts": ["...", ...]}``."""
         media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             return BadRequest(415, "send the body as JSON (Content-Type: application/json)").response()

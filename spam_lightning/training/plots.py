@@ -47,10 +47,8 @@ def plot_values(
 ) -> list[Path]:
     """Write ``{label}-plot.pdf`` and ``.png`` as the chapter's ``plot_values`` draws them."""
     fig = draw_values(num_epochs, examples_seen, train_values, val_values, label)
-    paths = []
-    for ext in ("pdf", "png"):
-        path = Path(out_dir) / f"{label}-plot.{ext}"
-        fig.savefig(path, dpi=120 if ext == "png" else None)
-        paths.append(path)
+    paths = [Path(out_dir) / f"{label}-plot.{ext}" for ext in ("pdf", "png")]
+    for path in paths:
+        fig.savefig(path, dpi=120 if path.suffix == ".png" else None)
     plt.close(fig)
     return paths

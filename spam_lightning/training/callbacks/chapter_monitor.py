@@ -72,20 +72,14 @@ class ChapterMonitor(L.Callback):
         self.training_seconds += self._elapsed()
         self._t0 = None
 
-    def _loaders(self, trainer):
-        # the chapter's loaders (made once, like the book's): each iter() draws from the global
-        # RNG what the book's iterating its train_loader / val_loader again draws
-        if self._book_loaders is None:
-            book = getattr(trainer.datamodule, "book_dataloader", None)
-            self._book_loaders = (
-                (book("train"), book("val")) if book is not None
-                else (trainer.train_dataloader, trainer.val_dataloaders)
-            )
-        return self._book_loaders
-
     def _evaluate_both(self, trainer, pl_module) -> tuple[tuple[float, float], tuple[float, float]]:
         """(loss, accuracy) on the first ``eval_iter`` train and validation batches, in eval mode."""
-        train_loader, val_loader = self._loaders(trainer)
+        # the chapter's loaders, made once like the book's: each iter() draws from the global RNG
+        # what the book's iterating its train_loader / val_loader again draws
+        if self._book_loaders is None:
+            self._book_loaders = (trainer.datamodule.book_dataloader("train"),
+                                  trainer.datamodule.book_dataloader("val"))
+        train_loader, val_loader = self._book_loaders
         pl_module.eval()
         train = _evaluate(pl_module, trainer, train_loader, self.eval_iter)
         val = _evaluate(pl_module, trainer, val_loader, self.eval_iter)
@@ -101,13 +95,9 @@ class ChapterMonitor(L.Callback):
         if (self.batches_seen - 1) % self.eval_freq != 0:
             return
         (train_loss, _), (val_loss, _) = self._evaluate_both(trainer, pl_module)
-        self.history["train_losses"].append(train_loss)
-        self.history["val_losses"].append(val_loss)
-        self.history["loss_examples_seen"].append(self.examples_seen)
-        pl_module.log_dict(
-            {"chapter/train_loss": train_loss, "chapter/val_loss": val_loss},
-            on_step=True, on_epoch=False,
-        )
+        self._record(train_losses=train_loss, val_losses=val_loss, loss_examples_seen=self.examples_seen)
+        pl_module.log_dict({"chapter/train_loss": train_loss, "chapter/val_loss": val_loss},
+                           on_step=True, on_epoch=False)
         self._print(
             f"Ep {trainer.current_epoch + 1} (Step {self.batches_seen - 1:06d}): "
             f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
@@ -115,13 +105,13 @@ class ChapterMonitor(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         (_, train_acc), (_, val_acc) = self._evaluate_both(trainer, pl_module)
-        self.history["train_accs"].append(train_acc)
-        self.history["val_accs"].append(val_acc)
-        self.history["acc_examples_seen"].append(self.examples_seen)
+        self._record(train_accs=train_acc, val_accs=val_acc, acc_examples_seen=self.examples_seen)
         pl_module.log_dict({"chapter/train_acc": train_acc, "chapter/val_acc": val_acc})
-        self._print(
-            f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%"
-        )
+        self._print(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%")
+
+    def _record(self, **values: float) -> None:
+        for key, value in values.items():
+            self.history[key].append(value)
 
     @rank_zero_only
     def _print(self, line: str) -> None:
