@@ -180,10 +180,11 @@ def _log_hparams(loggers: list[Any], hparams: dict[str, Any], metrics: dict[str,
     for lg in loggers:
         if "metrics" in inspect.signature(lg.log_hyperparams).parameters:  # TensorBoard's hparams tab
             lg.log_hyperparams(hparams, metrics=final)
-        else:  # CSV, W&B, MLflow logged the module's hparams at fit start (MLflow refuses changes)
-            if step == 0:  # a baseline: no fit start logged them
-                lg.log_hyperparams(hparams)
-            lg.log_metrics(final, step=step)
+            continue
+        # CSV, W&B, MLflow logged the module's hparams at fit start (MLflow refuses changes)
+        if step == 0:  # a baseline: no fit start logged them
+            lg.log_hyperparams(hparams)
+        lg.log_metrics(final, step=step)
         lg.save()
 
 

@@ -1,8 +1,6 @@
 """The inference bundle: a run folder's ``bundle/``, weights as safetensors (never a pickle) plus
-``bundle.json``, which names the model family (``kind``) that loads it. It needs neither the Hydra
-config nor the original pretrained checkpoint. Here: the folder and ``bundle.json`` of every
-family, and GPT-2's bundle (LoRA adapters merged: a plain ``GPTModel`` with a class head).
-"""
+``bundle.json``, which names the model family (``kind``) that loads it; no Hydra config or pretrained
+checkpoint needed. Here: every family's folder and ``bundle.json``, and GPT-2's weights."""
 
 from __future__ import annotations
 
@@ -148,8 +146,7 @@ def check_classes(config: dict[str, Any], where: str | Path = CONFIG) -> None:
         raise BundleError(f"{where}: num_classes is {_show(count)}; it must be an integer >= 1.")
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise BundleError(f"{where}: class_names is {_show(names)}; it must be a list of non-empty strings.")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
+    if dup := next((n for n in names if names.count(n) > 1), None):
         raise BundleError(f"{where}: class_names names {_show(dup)} twice; each class needs its own name.")
 
 
@@ -253,8 +250,8 @@ def load_gpt2(folder: Path, config: dict[str, Any], map_location: str | torch.de
 
 # ------------------------------------------------------------------ every family
 def fresh_bundle_dir(run_dir: str | Path) -> Path:
-    """``run_dir/bundle``, its old ``bundle.json`` removed first: until the new one is written
-    last, the folder never passes for a complete bundle."""
+    """``run_dir/bundle`` without its old ``bundle.json``: until the new one is written last, the
+    folder never passes for a complete bundle."""
     out = Path(run_dir) / BUNDLE_DIR
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).unlink(missing_ok=True)

@@ -1,9 +1,5 @@
-"""The LightningModule: chapter 6.6-6.7 (loss on the class logits, AdamW, accuracy).
-
-The forward is the model family's classifier (GPT-2's ``GPTClassifier``, an encoder, ...); this
-module adds the loss, the optimizer and the metrics. The final ``trainer.test`` leaves its
-results in ``test_results``.
-"""
+"""The LightningModule: chapter 6.6-6.7 (loss on the class logits, AdamW, accuracy) around the model
+family's classifier. The final ``trainer.test`` leaves its results in ``test_results``."""
 
 from __future__ import annotations
 
@@ -105,8 +101,7 @@ class TextClassifier(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logits = self.batch_loss(batch)
         self.metrics["train_split"].update(logits.detach().float(), batch["labels"])
-        bs = batch["labels"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["labels"]), prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -114,9 +109,8 @@ class TextClassifier(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, logits = self.batch_loss(batch)
-        bs = batch["labels"].shape[0]
         self.metrics["val_split"].update(logits.float(), batch["labels"])
-        self.log("val/loss", loss, on_epoch=True, batch_size=bs, prog_bar=True, sync_dist=True)
+        self.log("val/loss", loss, on_epoch=True, batch_size=len(batch["labels"]), prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.metrics["val_split"], "val", prog_bar=True)

@@ -1,11 +1,7 @@
-"""The chapter's monitoring (section 6.7) as a Lightning callback.
-
-Every ``eval_freq`` batches: the loss on ``eval_iter`` train and validation batches. After each
-epoch: the accuracy on ``eval_iter`` train and validation batches. Both print in the chapter's
-format and are kept (with examples seen) for the plots and the checkpoint, so a resumed run
-continues the same history. It iterates the chapter's own loaders (the shuffled training loader
-and an in-order validation loader, both drawing from the global torch RNG at each ``iter()``), so
-the random stream advances exactly as in the book's ``train_classifier_simple``.
+"""The chapter's monitoring (section 6.7) as a Lightning callback: every ``eval_freq`` batches the
+loss, after each epoch the accuracy, on ``eval_iter`` train and validation batches, printed as the
+chapter does and kept (with examples seen) for the plots and the checkpoint. It iterates the
+chapter's own loaders, so the global torch RNG advances exactly as in ``train_classifier_simple``.
 """
 
 from __future__ import annotations
@@ -39,15 +35,10 @@ class ChapterMonitor(L.Callback):
 
     def __init__(self, eval_freq: int = 50, eval_iter: int = 5) -> None:
         # eval_freq, eval_iter >= 1: checked with the config (training.checks.run_problems)
-        self.eval_freq = eval_freq
-        self.eval_iter = eval_iter
-        self.examples_seen = 0
-        self.batches_seen = 0
-        self.training_seconds = 0.0
-        self.history: dict[str, list[float]] = {
-            "train_losses": [], "val_losses": [], "train_accs": [], "val_accs": [],
-            "loss_examples_seen": [], "acc_examples_seen": [],
-        }
+        self.eval_freq, self.eval_iter = eval_freq, eval_iter
+        self.examples_seen, self.batches_seen, self.training_seconds = 0, 0, 0.0
+        self.history: dict[str, list[float]] = {k: [] for k in (
+            "train_losses", "val_losses", "train_accs", "val_accs", "loss_examples_seen", "acc_examples_seen")}
         self._t0: float | None = None
         self._book_loaders = None
 

@@ -12,14 +12,9 @@ import torch
 
 class RNGState(L.Callback):
     """Saves the global random generators (torch, CUDA, numpy, ``random``) in each checkpoint and
-    restores them on resume, so the chapter's shuffling (drawn from the global torch RNG), dropout
-    and any other draw continue exactly as in an uninterrupted run (Lightning restores weights,
-    optimizer and loops, but not these).
-
-    Resuming a finished run trains nothing, yet Lightning still creates the training iterator
-    (``FitLoop.setup_data``), which draws the DataLoader's base seed; that draw is undone, so the
-    final evaluation sees the random state the uninterrupted run had.
-    """
+    restores them on resume (Lightning does not), so shuffling, dropout and any other draw continue
+    as in an uninterrupted run. Resuming a finished run trains nothing, yet Lightning still draws
+    the DataLoader's base seed (``FitLoop.setup_data``): that draw is undone."""
 
     _at_fit_start: torch.Tensor | None = None
     _trained = False
