@@ -1,11 +1,8 @@
 """OmegaConf resolvers the configs use; importing this module registers them.
 
-``${cwd:}`` is the folder the command runs in. Unlike ``${hydra:runtime.cwd}`` it resolves in
-every process, the multirun parent included, where Hydra computes ``hydra.sweep.dir`` before any
-job (and so before ``HydraConfig`` is set) exists.
-
-``${gpt2:NAME,KEY}`` is one size of a model from ``spam_lightning.model.sizes`` (the one place
-the numbers live); ``conf/model/*.yaml`` read their sizes through it.
+``${cwd:}``: the folder the command runs in; unlike ``${hydra:runtime.cwd}`` it resolves in the
+multirun parent too, where ``hydra.sweep.dir`` is computed before ``HydraConfig`` is set.
+``${gpt2:NAME,KEY}``: one size from ``spam_lightning.model.sizes``, read by ``conf/model/*.yaml``.
 """
 
 from __future__ import annotations

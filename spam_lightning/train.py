@@ -41,11 +41,7 @@ from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
 from spam_lightning.training.callbacks.sigterm_checkpoint import SigtermCheckpoint
 from spam_lightning.training.checks import ConfigError, TokenizerError, instantiate
 from spam_lightning.training.plots import plot_values
-from spam_lightning.training.run_lock import (
-    RunFolderBusy,
-    remove_stale_temporaries,
-    run_folder_lock,
-)
+from spam_lightning.training.run_lock import RunFolderBusy, remove_stale_temporaries, run_folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +52,13 @@ SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
 
 
-# Failures with a message that says what to fix: printed without a traceback by `train.py` (a
-# model family's own errors subclass one of them, e.g. EncoderUnavailableError)
+# Failures whose message says what to fix: printed without a traceback (a family's errors subclass one)
 KNOWN_ERRORS = (ConfigError, DataError, TokenizerError, WeightsUnavailableError, CheckpointError,
                 ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, NonFiniteLossError)
 
 
 class TrainingInterrupted(SystemExit):
-    """SIGTERM stopped training. Lightning's own SIGTERMException exits with status 0, which
-    tells a scheduler or sweep the job succeeded; this one exits with 143."""
+    """SIGTERM stopped training: exit 143, where Lightning's SIGTERMException exits 0 (success)."""
 
 
 def resume_command(cfg: DictConfig) -> str:
@@ -74,24 +68,17 @@ def resume_command(cfg: DictConfig) -> str:
     except ValueError:  # not running under Hydra
         overrides = []
     keep = [o for o in overrides if not o.startswith(("ckpt_path=", "+ckpt_path="))]
-    return shlex.join(
-        ["python", "train.py", *keep, f"hydra.run.dir={cfg.paths.output_dir}", "ckpt_path=last"]
-    )
+    return shlex.join(["python", "train.py", *keep, f"hydra.run.dir={cfg.paths.output_dir}", "ckpt_path=last"])
 
 
 def _interrupted(cfg: DictConfig, trainer: L.Trainer) -> TrainingInterrupted:
     saved = next((c.saved for c in trainer.callbacks if isinstance(c, SigtermCheckpoint)), None)
     last = checks.last_checkpoint(cfg, trainer.callbacks)
-    if saved is not None:
-        where = f"This step is saved in {saved}; the resume continues from it."
-    elif last is not None:
-        where = f"The last complete epoch is saved in {last}; work after it is redone on resume."
-    else:
-        where = "No checkpoint exists (no checkpoint callback); resuming starts anew."
-    log.error(
-        "SIGTERM: stopped at epoch %d, step %d. %s Resume with:\n  %s",
-        trainer.current_epoch + 1, trainer.global_step, where, resume_command(cfg),
-    )
+    where = (f"This step is saved in {saved}; the resume continues from it." if saved else
+             f"The last complete epoch is saved in {last}; work after it is redone on resume." if last else
+             "No checkpoint exists (no checkpoint callback); resuming starts anew.")
+    log.error("SIGTERM: stopped at epoch %d, step %d. %s Resume with:\n  %s",
+              trainer.current_epoch + 1, trainer.global_step, where, resume_command(cfg))
     return TrainingInterrupted(EXIT_SIGTERM)
 
 
@@ -103,16 +90,11 @@ warnings.filterwarnings("ignore", message="Your `test_dataloader`'s sampler has 
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns the metrics written to ``metrics.json``.
-
-    Everything that can be checked cheaply (config, datamodule options, trainer flags, weights,
-    checkpoints) is checked before the data is prepared or the model is built.
-    """
+    """Run one training job; returns the metrics written to ``metrics.json``. Everything cheap to
+    check (config, data options, trainer flags, weights, checkpoints) is checked before any work."""
     family, datamodule = checks.validate_config(cfg)  # cfg.model and cfg.data, instantiated
     trainer = _trainer(cfg)
-    ckpt_path, checkpoint = checks.preflight(
-        cfg, family, trainer.callbacks, checks.known_num_classes(datamodule))
-
+    ckpt_path, checkpoint = checks.preflight(cfg, family, trainer.callbacks, checks.known_num_classes(datamodule))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # one run per folder (rank 0 holds it; DDP's other ranks run inside rank 0's job)
@@ -140,10 +122,9 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if cfg.trainer.get("enable_progress_bar") is False:  # the flag wins over the callbacks group
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks.append(RNGState())  # after ModelCheckpoint: resumes continue the same random draws
-    callbacks.append(FiniteLoss())
-    callbacks.append(SigtermCheckpoint())
-    callbacks.append(RunConfig(flat_config(cfg)))  # what a resume is compared with
+    # RNGState after ModelCheckpoint: resumes continue the same random draws; RunConfig: what a
+    # resume is compared with
+    callbacks += [RNGState(), FiniteLoss(), SigtermCheckpoint(), RunConfig(flat_config(cfg))]
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except ConfigError as err:  # Lightning's own message names the flag and what it accepts
@@ -156,11 +137,8 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
 def _metrics(cfg: DictConfig, family: ModelFamily, fitted: Fitted) -> dict[str, Any]:
     """metrics.json: each split's final metrics, then the run's facts and options."""
     final = fitted.final
-    metrics: dict[str, Any] = {
-        f"{split}_{name}": int(final[f"{split}_{name}"]) if name == "count" else final[f"{split}_{name}"]
-        for split in FINAL_SPLITS
-        for name in ("accuracy", "loss", "precision", "recall", "f1", "count")
-    }
+    metrics: dict[str, Any] = {f"{s}_{n}": int(final[f"{s}_{n}"]) if n == "count" else final[f"{s}_{n}"]
+                               for s in FINAL_SPLITS for n in ("accuracy", "loss", "precision", "recall", "f1", "count")}
     metrics.update(fitted.facts())
     metrics.update(family.recorded(cfg), seed=int(cfg.seed), experiment=_experiment_name(cfg))
     return metrics
@@ -175,10 +153,8 @@ def _experiment_name(cfg: DictConfig) -> str | None:
 
 def _print_final(metrics: dict[str, Any]) -> None:
     print(f"Training completed in {metrics['training_seconds'] / 60:.2f} minutes.")
-    for split in FINAL_SPLITS:
-        print(f"{SPLIT_TITLES[split]} accuracy: {metrics[f'{split}_accuracy'] * 100:.2f}%")
-    for split in FINAL_SPLITS:
-        print(f"{SPLIT_TITLES[split]} loss: {metrics[f'{split}_loss']:.3f}")
+    print(*(f"{SPLIT_TITLES[s]} accuracy: {metrics[f'{s}_accuracy'] * 100:.2f}%" for s in FINAL_SPLITS), sep="\n")
+    print(*(f"{SPLIT_TITLES[s]} loss: {metrics[f'{s}_loss']:.3f}" for s in FINAL_SPLITS), sep="\n")
 
 
 def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, trainer) -> None:
@@ -204,10 +180,11 @@ def _log_hparams(loggers: list[Any], hparams: dict[str, Any], metrics: dict[str,
     for lg in loggers:
         if "metrics" in inspect.signature(lg.log_hyperparams).parameters:  # TensorBoard's hparams tab
             lg.log_hyperparams(hparams, metrics=final)
-        else:  # CSV, W&B, MLflow logged the module's hparams at fit start (MLflow refuses changes)
-            if step == 0:  # a baseline: no fit start logged them
-                lg.log_hyperparams(hparams)
-            lg.log_metrics(final, step=step)
+            continue
+        # CSV, W&B, MLflow logged the module's hparams at fit start (MLflow refuses changes)
+        if step == 0:  # a baseline: no fit start logged them
+            lg.log_hyperparams(hparams)
+        lg.log_metrics(final, step=step)
         lg.save()
 
 
@@ -218,11 +195,8 @@ def nested_options(group: str, config_dir: str = CONFIG_DIR) -> list[str]:
 
 
 def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[str]:
-    """Expand `group=glob(...)` over sub-folders too, e.g. `experiment=glob(table/*)`.
-
-    Hydra's own glob lists only the top level of a config group; the pattern is parsed by
-    Hydra's override parser and matched against the nested names, then handed back as a list.
-    """
+    """Expand `group=glob(...)` over sub-folders too, e.g. `experiment=glob(table/*)`: Hydra's own
+    glob lists only a group's top level. Hydra's parser reads the pattern; the nested names match."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
 
@@ -242,9 +216,8 @@ def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[s
 
 
 class RunFailed(CompactHydraException):
-    """A known failure (bad config, data, tokenizer, weights, checkpoint): Hydra prints only
-    this message, without a traceback, and exits with status 1 (``HYDRA_FULL_ERROR=1`` shows the
-    traceback of the original error, chained as ``__cause__``)."""
+    """A known failure: Hydra prints only this message and exits with status 1
+    (``HYDRA_FULL_ERROR=1`` shows the original error's traceback, chained as ``__cause__``)."""
 
 
 def _log_to_files(message: str) -> None:

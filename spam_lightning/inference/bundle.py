@@ -1,8 +1,6 @@
 """The inference bundle: a run folder's ``bundle/``, weights as safetensors (never a pickle) plus
-``bundle.json``, which names the model family (``kind``) that loads it. It needs neither the Hydra
-config nor the original pretrained checkpoint. Here: the folder and ``bundle.json`` of every
-family, and GPT-2's bundle (LoRA adapters merged: a plain ``GPTModel`` with a class head).
-"""
+``bundle.json``, which names the model family (``kind``) that loads it; no Hydra config or pretrained
+checkpoint needed. Here: every family's folder and ``bundle.json``, and GPT-2's weights."""
 
 from __future__ import annotations
 
@@ -35,22 +33,17 @@ class BundleError(RuntimeError):
     """A run folder without a usable inference bundle."""
 
 
-def _plain_model(model: nn.Module) -> nn.Module:
-    """A copy of the model with any LoRA adapters merged into plain Linear layers."""
-    from spam_lightning.model.lora import LinearWithLoRA, merge_lora
-
-    if not any(isinstance(m, LinearWithLoRA) for m in model.modules()):
-        return model
-    return merge_lora(copy.deepcopy(model))
-
-
 def save_bundle(
     run_dir: str | Path, model: GPTModel, *, class_names: list[str], token: str, max_length: int,
     padding: str, pad_token_id: int, extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``run_dir/bundle/{model.safetensors,bundle.json}`` atomically."""
+    """Write ``run_dir/bundle/{model.safetensors,bundle.json}`` atomically, LoRA adapters merged."""
+    from spam_lightning.model.lora import LinearWithLoRA, merge_lora
+
     out = fresh_bundle_dir(run_dir)
-    plain = _plain_model(model)
+    plain = model
+    if any(isinstance(m, LinearWithLoRA) for m in model.modules()):
+        plain = merge_lora(copy.deepcopy(model))
     state = {k: v.detach().to("cpu").contiguous() for k, v in plain.state_dict().items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     gpt_cfg = {k: plain.cfg[k] for k in CFG_KEYS}
@@ -74,11 +67,9 @@ def find_bundle(path: str | Path) -> Path:
             if not (candidate / WEIGHTS).is_file():
                 raise BundleError(f"Incomplete bundle in {candidate}: {WEIGHTS} is missing.")
             return candidate
-    raise BundleError(
-        f"No inference bundle in {path}: expected {path / BUNDLE_DIR / CONFIG} and "
-        f"{path / BUNDLE_DIR / WEIGHTS}. The run may have failed or still be running; a finished "
-        "`python train.py` run writes them at the end."
-    )
+    raise BundleError(f"No inference bundle in {path}: expected {path / BUNDLE_DIR / CONFIG} and "
+                      f"{path / BUNDLE_DIR / WEIGHTS}. The run may have failed or still be running; a "
+                      "finished `python train.py` run writes them at the end.")
 
 
 def _show(value: Any) -> str:
@@ -110,14 +101,11 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
     def fail(field: str, problem: str) -> NoReturn:
         raise BundleError(f"{where}: {field} {problem}")
 
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
+    if missing := [k for k in REQUIRED_KEYS if k not in config]:
         raise BundleError(f"{where} lacks {missing}; re-create the bundle with a training run.")
-    model = config["model"]
-    if not isinstance(model, dict):
+    if not isinstance(model := config["model"], dict):
         fail("model", f"is {_show(model)}; it must be an object with {list(CFG_KEYS)}.")
-    missing = [k for k in CFG_KEYS if k not in model]
-    if missing:
+    if missing := [k for k in CFG_KEYS if k not in model]:
         fail("model", f"lacks {missing}; re-create the bundle with a training run.")
     for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
         if not is_int(model[key]) or model[key] < 1:
@@ -132,7 +120,7 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
         if key in model and not isinstance(model[key], bool):
             fail(f"model.{key}", f"is {_show(model[key])}; it must be true or false.")
     check_classes(config, where)
-    if config["token"] not in POOLINGS:
+    if config["token"] not in [*POOLINGS]:  # a list: an unhashable value is refused too
         fail("token", f"is {_show(config['token'])}; allowed: {', '.join(POOLINGS)}.")
     if config["padding"] not in PADDING_MODES:
         fail("padding", f"is {_show(config['padding'])}; allowed: {', '.join(PADDING_MODES)}.")
@@ -143,9 +131,8 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
     if not is_int(pad) or not 0 <= pad < model["vocab_size"]:
         fail("pad_token_id", f"is {_show(pad)}; it must be a token id in 0..{model['vocab_size'] - 1} "
              "(GPT-2's is 50256).")
-    if "mean_includes_padding" in config and not isinstance(config["mean_includes_padding"], bool):
-        fail("mean_includes_padding", f"is {_show(config['mean_includes_padding'])}; it must be true "
-             "or false.")
+    if not isinstance(flag := config.get("mean_includes_padding", True), bool):
+        fail("mean_includes_padding", f"is {_show(flag)}; it must be true or false.")
     if config.get("tokenizer", "gpt2") != "gpt2":
         fail("tokenizer", f"is {_show(config['tokenizer'])}; only 'gpt2' is supported.")
 
@@ -159,8 +146,7 @@ def check_classes(config: dict[str, Any], where: str | Path = CONFIG) -> None:
         raise BundleError(f"{where}: num_classes is {_show(count)}; it must be an integer >= 1.")
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise BundleError(f"{where}: class_names is {_show(names)}; it must be a list of non-empty strings.")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
+    if dup := next((n for n in names if names.count(n) > 1), None):
         raise BundleError(f"{where}: class_names names {_show(dup)} twice; each class needs its own name.")
 
 
@@ -170,16 +156,16 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
     try:
         with safe_open(str(path), framework="pt") as fh:
-            header = {}
-            for key in fh.keys():
-                piece = fh.get_slice(key)
-                header[key] = (str(piece.get_dtype()), tuple(int(n) for n in piece.get_shape()))
+            slices = {key: fh.get_slice(key) for key in fh.keys()}
+            header = {k: (str(p.get_dtype()), tuple(int(n) for n in p.get_shape())) for k, p in slices.items()}
     except Exception as err:  # SafetensorError (bad header, truncated), OSError
-        raise BundleError(
-            f"{path} is not a readable safetensors file ({err}). Bundles hold weights only as "
-            "safetensors, never pickles; re-create it with a training run."
-        ) from err
+        raise _unreadable(path, err) from err
     return header
+
+
+def _unreadable(path: Path, err: Exception) -> BundleError:
+    return BundleError(f"{path} is not a readable safetensors file ({err}). Bundles hold weights only as "
+                       "safetensors, never pickles; re-create it with a training run.")
 
 
 def check_weights(
@@ -190,71 +176,55 @@ def check_weights(
     model is built: each mismatch is one line naming the field."""
     for key, (dtype, _) in header.items():
         if dtype not in FLOAT_DTYPES:
-            raise BundleError(
-                f"{weights_path}: tensor {key} has dtype {dtype}; bundle weights are floating point "
-                f"({', '.join(FLOAT_DTYPES)}). Re-create the bundle with a training run."
-            )
+            raise BundleError(f"{weights_path}: tensor {key} has dtype {dtype}; bundle weights are floating "
+                              f"point ({', '.join(FLOAT_DTYPES)}). Re-create the bundle with a training run.")
     model = config["model"]
 
     def shape(key: str, ndim: int) -> tuple[int, ...]:
         if key not in header or len(header[key][1]) != ndim:
             found = "is missing" if key not in header else f"has shape {list(header[key][1])}"
-            raise BundleError(
-                f"{weights_path}: tensor {key} {found}; this is not a bundle of a GPT-2 classifier. "
-                "Re-create it with a training run."
-            )
+            raise BundleError(f"{weights_path}: tensor {key} {found}; this is not a bundle of a GPT-2 "
+                              "classifier. Re-create it with a training run.")
         return header[key][1]
 
-    def compare(field: str, claimed: Any, actual: Any, evidence: str, fix: str = "") -> None:
+    def compare(field: str, claimed: Any, actual: Any, evidence: str) -> None:
         if claimed != actual:
-            raise BundleError(
-                f"{config_path}: {field} is {_show(claimed)} but {weights_path.name} has {actual} "
-                f"({evidence}); {fix or f'set {field} to {actual}'} or re-create the bundle."
-            )
+            raise BundleError(f"{config_path}: {field} is {_show(claimed)} but {weights_path.name} has {actual} "
+                              f"({evidence}); set {field} to {actual} or re-create the bundle.")
 
     tok, pos, head = shape("tok_emb.weight", 2), shape("pos_emb.weight", 2), shape("out_head.weight", 2)
-    compare("model.emb_dim", model["emb_dim"], tok[1], f"tok_emb.weight is {list(tok)}")
-    compare("model.vocab_size", model["vocab_size"], tok[0], f"tok_emb.weight is {list(tok)}")
-    compare("model.context_length", model["context_length"], pos[0], f"pos_emb.weight is {list(pos)}")
     blocks = {k.split(".")[1] for k in header if k.startswith("trf_blocks.")}
-    compare("model.n_layers", model["n_layers"], len(blocks), "transformer blocks")
+    for field, actual, evidence in (("emb_dim", tok[1], f"tok_emb.weight is {list(tok)}"),
+                                    ("vocab_size", tok[0], f"tok_emb.weight is {list(tok)}"),
+                                    ("context_length", pos[0], f"pos_emb.weight is {list(pos)}"),
+                                    ("n_layers", len(blocks), "transformer blocks")):
+        compare(f"model.{field}", model[field], actual, evidence)
     has_bias = "trf_blocks.0.att.W_query.bias" in header
     if model["qkv_bias"] != has_bias:
-        raise BundleError(
-            f"{config_path}: model.qkv_bias is {str(model['qkv_bias']).lower()} but "
-            f"{weights_path.name} has {'' if has_bias else 'no '}attention biases "
-            f"(trf_blocks.0.att.W_query.bias); set it to {str(has_bias).lower()} or re-create the bundle."
-        )
-    names = config["class_names"]
-    if len(names) != head[0]:
-        raise BundleError(
-            f"{config_path}: class_names has {len(names)} names but the class head of "
-            f"{weights_path.name} has {head[0]} rows (out_head.weight is {list(head)}); give exactly "
-            f"{head[0]} names or re-create the bundle."
-        )
+        raise BundleError(f"{config_path}: model.qkv_bias is {str(model['qkv_bias']).lower()} but "
+                          f"{weights_path.name} has {'' if has_bias else 'no '}attention biases (trf_blocks.0."
+                          f"att.W_query.bias); set it to {str(has_bias).lower()} or re-create the bundle.")
+    if len(names := config["class_names"]) != head[0]:
+        raise BundleError(f"{config_path}: class_names has {len(names)} names but the class head of "
+                          f"{weights_path.name} has {head[0]} rows (out_head.weight is {list(head)}); give "
+                          f"exactly {head[0]} names or re-create the bundle.")
     compare("num_classes", config["num_classes"], head[0], f"out_head.weight is {list(head)}")
     found = {k: s for k, (_, s) in header.items()}
     problems = mismatch_lines(model_shapes(model, config["num_classes"]), found, most=1)
     if problems:
-        raise BundleError(
-            f"{weights_path} does not match {config_path.name}: tensors {'; '.join(problems)}. "
-            "Re-create the bundle with a training run."
-        )
+        raise BundleError(f"{weights_path} does not match {config_path.name}: tensors {'; '.join(problems)}. "
+                          "Re-create the bundle with a training run.")
 
 
 def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPTModel, dict]:
-    """Rebuild the classifier from a bundle; returns ``(model, bundle_config)``.
-
-    ``bundle.json`` is validated and checked against the safetensors header (dtypes, shapes)
-    before any model is built or any tensor read: a corrupted config costs nothing.
-    """
+    """``(model, bundle.json)`` of a GPT-2 bundle."""
     folder = find_bundle(path)
     return load_gpt2(folder, _read_config(folder), map_location)
 
 
-def load_gpt2(
-    folder: Path, config: dict[str, Any], map_location: str | torch.device = "cpu"
-) -> tuple[GPTModel, dict]:
+def load_gpt2(folder: Path, config: dict[str, Any], map_location: str | torch.device = "cpu") -> tuple[GPTModel, dict]:
+    """``bundle.json`` is checked, and against the safetensors header (dtypes, shapes), before any
+    model is built or tensor read: a corrupted config costs nothing."""
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     validate_config(config, config_path)
     check_weights(config, read_header(weights_path), config_path, weights_path)
@@ -262,16 +232,11 @@ def load_gpt2(
         # safetensors only: a bundle is never unpickled, so a crafted file cannot run code
         state = load_file(str(weights_path), device=str(map_location))
     except Exception as err:  # SafetensorError (truncated data), OSError
-        raise BundleError(
-            f"{weights_path} is not a readable safetensors file ({err}). Bundles hold "
-            "weights only as safetensors, never pickles; re-create it with a training run."
-        ) from err
+        raise _unreadable(weights_path, err) from err
     bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
     if bad:
-        raise BundleError(
-            f"{weights_path}: {len(bad)} tensor(s) hold NaN or infinite values (first: {bad[0]}); "
-            "the training run diverged. Retrain (e.g. with a lower optimizer.lr)."
-        )
+        raise BundleError(f"{weights_path}: {len(bad)} tensor(s) hold NaN or infinite values (first: {bad[0]}); "
+                          "the training run diverged. Retrain (e.g. with a lower optimizer.lr).")
     model = GPTModel(config["model"])
     model.out_head = nn.Linear(config["model"]["emb_dim"], config["num_classes"])
     try:
@@ -284,11 +249,9 @@ def load_gpt2(
 
 
 # ------------------------------------------------------------------ every family
-# bundle.json's "kind" names the model family (absent: gpt2, the GPTModel above); the family's
-# ``load`` reads the rest (``model.family.family_class``). Never a pickle.
 def fresh_bundle_dir(run_dir: str | Path) -> Path:
-    """``run_dir/bundle``, its old ``bundle.json`` removed first: until the new one is written
-    last, the folder never passes for a complete bundle."""
+    """``run_dir/bundle`` without its old ``bundle.json``: until the new one is written last, the
+    folder never passes for a complete bundle."""
     out = Path(run_dir) / BUNDLE_DIR
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).unlink(missing_ok=True)
@@ -307,10 +270,8 @@ def check_class_count(config: dict[str, Any], config_path: Path) -> None:
     """``check_classes``, and as many names as classes (GPT-2: checked against the head's rows)."""
     check_classes(config, config_path)
     if len(config["class_names"]) != config["num_classes"]:
-        raise BundleError(
-            f"{config_path}: class_names has {len(config['class_names'])} names but num_classes is "
-            f"{config['num_classes']}; re-create the bundle with a training run."
-        )
+        raise BundleError(f"{config_path}: class_names has {len(config['class_names'])} names but num_classes "
+                          f"is {config['num_classes']}; re-create the bundle with a training run.")
 
 
 def bad_field(config_path: Path, key: str, value: Any) -> BundleError:

@@ -40,9 +40,7 @@ class Classifier:
     """A trained classifier with its preprocessing, loaded from a run folder's bundle; the
     bundle's model family (``bundle.json``'s ``kind``) loads it and prepares the messages."""
 
-    def __init__(
-        self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64
-    ) -> None:
+    def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64) -> None:
         import torch
 
         from spam_lightning.inference.bundle import open_bundle
@@ -53,11 +51,9 @@ class Classifier:
         family, folder, config = open_bundle(run_dir)
         self.kind = family.kind
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.predictor = family.load(folder, config, self.device, self.dtype)
-        self.config = config
-        self.class_names: list[str] = config["class_names"]
-        self.batch_size = min(batch_size, self.predictor.batch_size or batch_size)
-        p = self.predictor
+        self.predictor = p = family.load(folder, config, self.device, self.dtype)
+        self.config, self.class_names = config, config["class_names"]
+        self.batch_size = min(batch_size, p.batch_size or batch_size)
         self.model, self.max_length, self.token, self.padding = p.model, p.max_length, p.token, p.padding
 
     def predict_proba(self, texts: Iterable[str]) -> torch.Tensor:
@@ -68,28 +64,18 @@ class Classifier:
         return torch.stack(rows) if rows else torch.empty(0, len(self.class_names))
 
     def _iter_probs(self, texts: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages.
-
-        A bad message (not text, empty) or an error of the input itself (a malformed file) stops
-        the stream with that error, after every message before it has been yielded.
-        """
+        """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages. A bad message
+        or input (a malformed file) stops the stream with its error, after every message before it."""
         offset = 0
         for chunk, error in _chunks(iter(texts)):
-            for i, text in enumerate(chunk):
+            bad = next((i for i, t in enumerate(chunk) if not isinstance(t, str) or not t.strip()), None)
+            if bad is not None:
+                n, text, chunk = offset + bad + 1, chunk[bad], chunk[:bad]
+                error = ValueError(f"message {n} is empty or only whitespace; nothing to classify")
                 if not isinstance(text, str):
-                    error = TypeError(f"message {offset + i + 1} is {type(text).__name__}, not text")
-                elif not text.strip():
-                    error = ValueError(
-                        f"message {offset + i + 1} is empty or only whitespace; nothing to classify"
-                    )
-                else:
-                    continue
-                chunk = chunk[:i]
-                break
+                    error = TypeError(f"message {n} is {type(text).__name__}, not text")
             ids = self.predictor.encode(chunk)
-            order = list(range(len(ids)))
-            if self.predictor.dynamic:
-                order.sort(key=lambda i: len(ids[i]))
+            order = sorted(range(len(ids)), key=lambda i: len(ids[i]) if self.predictor.dynamic else 0)
             probs: list[torch.Tensor | None] = [None] * len(ids)
             for start in range(0, len(order), self.batch_size):
                 sel = order[start : start + self.batch_size]
@@ -104,12 +90,8 @@ class Classifier:
         """Predictions one by one, streaming: works for inputs of any length."""
         for text, p in self._iter_probs(texts):
             k = int(p.argmax())
-            yield Prediction(
-                label=self.class_names[k],
-                probability=float(p[k]),
-                probabilities={n: float(v) for n, v in zip(self.class_names, p, strict=True)},
-                text=text,
-            )
+            probabilities = {n: float(v) for n, v in zip(self.class_names, p, strict=True)}
+            yield Prediction(self.class_names[k], float(p[k]), probabilities, text)
 
     def predict(self, texts: str | Iterable[str]) -> list[Prediction]:
         """Predictions for one text or many."""
@@ -121,10 +103,7 @@ def _chunks(it: Iterator[str]) -> Iterator[tuple[list[str], Exception | None]]:
     while True:
         chunk: list[str] = []
         try:
-            for item in it:
-                chunk.append(item)
-                if len(chunk) == CHUNK:
-                    break
+            chunk.extend(itertools.islice(it, CHUNK))
         except Exception as err:  # a malformed file: classify what came before, then report it
             yield chunk, err
             return
@@ -134,7 +113,7 @@ def _chunks(it: Iterator[str]) -> Iterator[tuple[list[str], Exception | None]]:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``torch.device(name)`` if this machine has it, else a one-line ``ValueError``."""
+    """``torch.device(name)`` if this machine can hold a tensor there, else a one-line ``ValueError``."""
     import torch
 
     hint = "use cpu, cuda, cuda:N or mps"
@@ -142,23 +121,11 @@ def resolve_device(name: str | torch.device) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"device {str(name)[:40]!r} is not a device name; {hint}") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise ValueError(f"device {name!r}: CUDA is not available ({why}); use --device cpu")
-        count = torch.cuda.device_count()
-        if (device.index or 0) >= count:
-            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
-        return device
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: MPS is not available on this machine; use --device cpu")
     if device.type == "meta":
         raise ValueError(f"device {name!r} holds no data; {hint}")
     try:
         torch.empty(1, device=device)
-    except Exception as err:  # xpu, hpu, ... without the backend
+    except Exception as err:  # no CUDA/MPS, an index past the last GPU, a backend not built in
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"device {name!r} is not available ({first[:120]}); {hint}") from None
     return device
@@ -209,9 +176,7 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
         if header is None:
             raise ValueError(f"{name}: the file is empty; expected a header row with a {text_column!r} column")
         if text_column not in header:
-            raise ValueError(
-                f"{name}: no column {text_column!r} (columns: {header}); use --text-column NAME"
-            )
+            raise ValueError(f"{name}: no column {text_column!r} (columns: {header}); use --text-column NAME")
         column = header.index(text_column)
         before = reader.line_num
         for row in reader:
@@ -238,18 +203,16 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
 def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterator[str]:
     """Messages from a CSV (``text_column``) or a text file, one per line (blank lines skipped);
     ``-`` is standard input (text unless ``fmt="csv"``)."""
-    stdin = str(path) == STDIN
+    stdin, path = str(path) == STDIN, Path(path)
     name = "<stdin>" if stdin else str(path)
     if fmt == "auto":
-        fmt = "csv" if not stdin and Path(path).suffix.lower() == ".csv" else "text"
-    if not stdin:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"--file {path}: no such file")
-        if path.is_dir():  # pipes are fine: --file /dev/stdin, --file <(zcat messages.gz)
-            raise ValueError(f"--file {path} is a folder; pass a text file or a CSV")
+        fmt = "csv" if not stdin and path.suffix.lower() == ".csv" else "text"
+    if not stdin and not path.exists():
+        raise FileNotFoundError(f"--file {path}: no such file")
+    if not stdin and path.is_dir():  # pipes are fine: --file /dev/stdin, --file <(zcat messages.gz)
+        raise ValueError(f"--file {path} is a folder; pass a text file or a CSV")
     try:
-        with contextlib.nullcontext(sys.stdin.buffer) if stdin else Path(path).open("rb") as fh:
+        with contextlib.nullcontext(sys.stdin.buffer) if stdin else path.open("rb") as fh:
             lines = _lines(fh, name)
             if fmt == "csv":
                 # long messages are truncated later, as in training; csv's 128 KiB cap would refuse them
@@ -269,20 +232,14 @@ _ONE_LINE = str.maketrans(dict.fromkeys("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="spam-classify",
-        description="Classify messages with a trained spam-lightning run. Options and messages "
-        "may come in any order; put -- before messages that start with a dash.",
-    )
+    p = argparse.ArgumentParser(prog="spam-classify", description="Classify messages with a trained "
+                                "spam-lightning run. Options and messages may come in any order; put -- "
+                                "before messages that start with a dash.")
     p.add_argument("run_dir", help="a training run folder (outputs/runs/...) or its bundle/ folder")
     p.add_argument("texts", nargs="*", help="messages to classify")
-    p.add_argument(
-        "--file", help="a text file (one message per line), a CSV (*.csv), or - for standard input"
-    )
-    p.add_argument(
-        "--format", choices=["auto", "text", "csv"], default="auto",
-        help="how to read --file (auto: csv for *.csv, else text, stdin included)",
-    )
+    p.add_argument("--file", help="a text file (one message per line), a CSV (*.csv), or - for standard input")
+    p.add_argument("--format", choices=["auto", "text", "csv"], default="auto",
+                   help="how to read --file (auto: csv for *.csv, else text, stdin included)")
     p.add_argument("--text-column", default="Text", help="CSV column with the messages (Text)")
     p.add_argument("--json", action="store_true", help="print JSON Lines, one object per message")
     p.add_argument("--batch-size", type=int, default=64)
@@ -302,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print("spam-classify: --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
-        clf = Classifier(
-            args.run_dir, device=args.device, precision=args.precision, batch_size=args.batch_size
-        )
+        clf = Classifier(args.run_dir, args.device, args.precision, args.batch_size)
         texts: Iterable[str] = args.texts
         if args.file is not None:
             texts = itertools.chain(args.texts, _read_texts(args.file, args.text_column, args.format))

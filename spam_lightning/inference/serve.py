@@ -13,8 +13,9 @@ import html
 import json
 import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -22,9 +23,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from spam_lightning.inference.classify import Classifier
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -40,11 +38,8 @@ PAGE_CSP = (
 
 # ------------------------------------------------------------------ API models
 class ClassifyRequest(BaseModel):
-    """Exactly one of ``text`` (one message) or ``texts`` (a batch).
-
-    The schema that ``/openapi.json`` documents; bodies are checked by ``parse_request``, which
-    stops at the first problem and never echoes the input back.
-    """
+    """Exactly one of ``text`` or ``texts``: the schema ``/openapi.json`` documents. Bodies are
+    checked by ``parse_request``, which stops at the first problem and never echoes the input."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -65,15 +60,15 @@ class ClassifyResponse(BaseModel):
 class BadRequest(Exception):
     """A request the API refuses: the status and a short message, never the input itself."""
 
-    def __init__(self, status: int, message: str, loc: tuple[str | int, ...] = (), kind: str = "") -> None:
+    def __init__(self, status: int, message: str, loc: tuple[str | int, ...] = (), error_type: str = "") -> None:
         super().__init__(message)
-        self.status, self.message, self.loc, self.kind = status, message, loc, kind
+        self.status, self.message, self.loc, self.error_type = status, message, loc, error_type
 
     def response(self) -> JSONResponse:
-        if not self.kind:
+        if not self.error_type:
             return JSONResponse({"detail": self.message}, status_code=self.status)
         # the shape of FastAPI's validation errors, one entry and no "input"
-        error = {"type": self.kind, "loc": ["body", *self.loc], "msg": self.message}
+        error = {"type": self.error_type, "loc": ["body", *self.loc], "msg": self.message}
         return JSONResponse({"detail": [error]}, status_code=self.status)
 
 
@@ -83,11 +78,9 @@ def _type_name(value: Any) -> str:
 
 
 def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: int) -> list[str]:
-    """The messages of a ``/api/classify`` body, or ``BadRequest`` for the first problem.
-
-    Cheap checks come first (JSON, shape, the number of messages), so an absurd body costs one
-    ``json.loads`` of at most the body limit; nothing of the input is repeated in an error.
-    """
+    """The messages of a ``/api/classify`` body, or ``BadRequest`` for the first problem. Cheap
+    checks first (JSON, shape, count): an absurd body costs one ``json.loads`` of at most the body
+    limit. Nothing of the input is repeated in an error."""
     try:
         data = json.loads(body)
     except RecursionError:
@@ -98,8 +91,7 @@ def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: 
     if not isinstance(data, dict):
         raise BadRequest(422, f'body is {_type_name(data)}; expected an object {{"text": ...}} or '
                          '{"texts": [...]}', (), "model_type")
-    unknown = [k for k in data if k not in ("text", "texts")]
-    if unknown:
+    if unknown := [k for k in data if k not in ("text", "texts")]:
         raise BadRequest(422, f'{len(unknown)} unknown field(s); the allowed fields are "text" and '
                          '"texts"', (), "extra_forbidden")
     if ("text" in data) == ("texts" in data) or any(v is None for v in data.values()):
@@ -156,51 +148,34 @@ class BodyLimit:
         if length.isdigit() and int(length) > self.max_bytes:
             await self._reject(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        total = 0
-        while True:  # also bounds chunked bodies that carry no Content-Length
+        body, more = b"", True
+        while more:  # also bounds chunked bodies that carry no Content-Length
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.max_bytes:
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
                 await self._reject(scope, receive, send)
                 return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
+            more = message.get("more_body", False)
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
 
 
 # ------------------------------------------------------------------ page
-# the demo page, with {classes}, {length_note} and {max_chars} filled in by `render_page`
-PAGE = Path(__file__).with_name("page.html")
+PAGE = Path(__file__).with_name("page.html")  # with {classes}, {length_note} and {max_chars}
 
 
 def render_page(class_names: list[str], max_length: int | None, max_chars: int) -> str:
-    """The demo page with the model's facts filled in (HTML-escaped); ``max_length`` None: a
-    bag-of-words baseline, which reads every word."""
-    values = {
-        "classes": html.escape(", ".join(class_names)),
-        "length_note": "A bag-of-words baseline: every word counts." if max_length is None
-        else f"Messages longer than {int(max_length)} tokens are truncated, as in training.",
-        "max_chars": str(int(max_chars)),
-    }
-    page = PAGE.read_text(encoding="utf-8")
-    for key, value in values.items():
-        page = page.replace("{" + key + "}", value)
-    return page
+    """The demo page with the model's facts filled in; ``max_length`` None: a bag-of-words baseline."""
+    note = ("A bag-of-words baseline: every word counts." if max_length is None
+            else f"Messages longer than {int(max_length)} tokens are truncated, as in training.")
+    return (PAGE.read_text(encoding="utf-8").replace("{classes}", html.escape(", ".join(class_names)))
+            .replace("{length_note}", note).replace("{max_chars}", str(int(max_chars))))
 
 
 # ------------------------------------------------------------------ app
@@ -216,32 +191,24 @@ def create_app(
 ) -> FastAPI:
     """The demo app for a run folder; raises ``BundleError``/``ValueError`` for a bad run or option."""
     if min(max_chars, max_batch, max_total_chars) < 1:
-        raise ValueError(
-            f"--max-chars, --max-batch and --max-total-chars must be >= 1, got {max_chars}, "
-            f"{max_batch} and {max_total_chars}"
-        )
+        raise ValueError(f"--max-chars, --max-batch and --max-total-chars must be >= 1, got {max_chars}, "
+                         f"{max_batch} and {max_total_chars}")
     from spam_lightning.inference.bundle import find_bundle  # torch: after --help, not at import
-
-    find_bundle(run_dir)  # a bad folder fails fast, before the model loads
     from spam_lightning.inference.classify import Classifier
 
-    clf: Classifier = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch)
+    find_bundle(run_dir)  # a bad folder fails fast, before the model loads
+    clf = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch)
     lock = threading.Lock()
     page = render_page(clf.class_names, clf.max_length, max_chars)
     health: dict[str, Any] = {
-        "status": "ok", "run_dir": str(run_dir), "class_names": clf.class_names,
-        "max_length": clf.max_length, "token": clf.token, "padding": clf.padding,
-        "precision": precision, "device": str(clf.device),
+        "status": "ok", "run_dir": str(run_dir), "class_names": clf.class_names, "max_length": clf.max_length,
+        "token": clf.token, "padding": clf.padding, "precision": precision, "device": str(clf.device),
         "kind": clf.kind, "model": clf.predictor.describe(),
         "max_chars": max_chars, "max_batch": max_batch, "max_total_chars": max_total_chars,
     }
-
-    app = FastAPI(
-        title="spam-lightning demo",
-        summary="Classify SMS messages with a fine-tuned GPT-2.",
-        docs_url=None,  # the Swagger/ReDoc pages load assets from a CDN; /openapi.json stays
-        redoc_url=None,
-    )
+    # no Swagger/ReDoc pages: they load assets from a CDN; /openapi.json stays
+    app = FastAPI(title="spam-lightning demo", summary="Classify SMS messages with a fine-tuned GPT-2.",
+                  docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=body_limit(max_chars, max_batch, max_total_chars))
     app.state.classifier = clf
 
@@ -255,10 +222,7 @@ def create_app(
     def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
 
-    @app.get("/api/health")
-    def api_health() -> dict[str, Any]:
-        """The loaded model and the request limits."""
-        return health
+    app.get("/api/health", summary="The loaded model and the request limits.")(lambda: health)
 
     def classify(body: bytes) -> ClassifyResponse:
         texts = parse_request(body, max_batch, max_chars, max_total_chars)
@@ -267,29 +231,16 @@ def create_app(
                 preds = clf.predict(texts)
         except (ValueError, TypeError) as err:
             raise BadRequest(422, str(err)) from err
-        return ClassifyResponse(
-            predictions=[
-                PredictionOut(label=p.label, probability=p.probability, probabilities=p.probabilities)
-                for p in preds
-            ]
-        )
+        return ClassifyResponse(predictions=[PredictionOut(**asdict(p)) for p in preds])
 
-    @app.post(
-        "/api/classify",
-        response_model=ClassifyResponse,
-        responses={
-            413: {"description": "too many or too long messages"},
-            415: {"description": "the body is not JSON"},
-            422: {"description": "not a request of this API, or an empty message"},
-        },
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": ClassifyRequest.model_json_schema()}}}},
-    )
+    @app.post("/api/classify", response_model=ClassifyResponse, responses={
+        413: {"description": "too many or too long messages"}, 415: {"description": "the body is not JSON"},
+        422: {"description": "not a request of this API, or an empty message"},
+    }, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
     async def api_classify(request: Request) -> Any:
         """Label, its probability and every class's probability, one per message, in order.
-
-        The body is ``{"text": "..."}`` or ``{"texts": ["...", ...]}``.
-        """
+        The body is ``{"text": "..."}`` or ``{"texts": ["...", ...]}``."""
         media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             return BadRequest(415, "send the body as JSON (Content-Type: application/json)").response()
@@ -304,10 +255,8 @@ def create_app(
 
 # ------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="spam-serve",
-        description="Serve a web demo and JSON API for a trained spam-lightning run.",
-    )
+    p = argparse.ArgumentParser(prog="spam-serve",
+                                description="Serve a web demo and JSON API for a trained spam-lightning run.")
     p.add_argument("run_dir", help="a training run folder (outputs/runs/...) or its bundle/ folder")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind ({DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port ({DEFAULT_PORT})")
@@ -315,10 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--max-chars", type=int, default=10_000, help="longest message accepted (10000)")
     p.add_argument("--max-batch", type=int, default=64, help="most messages per request (64)")
-    p.add_argument(
-        "--max-total-chars", type=int, default=DEFAULT_MAX_TOTAL_CHARS,
-        help=f"most characters per request, all messages together ({DEFAULT_MAX_TOTAL_CHARS})",
-    )
+    p.add_argument("--max-total-chars", type=int, default=DEFAULT_MAX_TOTAL_CHARS,
+                   help=f"most characters per request, all messages together ({DEFAULT_MAX_TOTAL_CHARS})")
     return p
 
 
@@ -331,22 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spam-serve: error: --port {args.port} is not in 0..65535", file=sys.stderr)
         return 2
     try:
-        app = create_app(
-            args.run_dir,
-            precision=args.precision,
-            max_chars=args.max_chars,
-            max_batch=args.max_batch,
-            device=args.device,
-            max_total_chars=args.max_total_chars,
-        )
+        app = create_app(args.run_dir, args.precision, args.max_chars, args.max_batch, args.device,
+                         args.max_total_chars)
     except (BundleError, ValueError, RuntimeError, OSError) as err:
         print(f"spam-serve: error: {err}", file=sys.stderr)
         return 1
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"spam-serve: warning: binding {args.host}; the demo has no authentication",
-            file=sys.stderr,
-        )
+        print(f"spam-serve: warning: binding {args.host}; the demo has no authentication", file=sys.stderr)
     import uvicorn
 
     shown = f"[{args.host}]" if ":" in args.host else args.host

@@ -11,6 +11,7 @@ process group is destroyed and the rank variables Lightning exported are restore
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -51,13 +52,10 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
     for source in hc.runtime.config_sources:
         if source.provider == "command-line" and source.schema == "file":
             command.append(f"--config-dir={source.path}")
-    command += list(hc.overrides.task)
-    command += [
-        f"hydra.run.dir={_quote(hc.runtime.output_dir)}",
-        f"hydra.job.name=train_ddp_process_{local_rank}",
-        "hydra.output_subdir=null",  # the parent job already wrote .hydra/
-        "hydra.mode=RUN",  # e.g. hparams_search=optuna sets MULTIRUN in the config
-    ]
+    # hydra.output_subdir: the parent job already wrote .hydra/; hydra.mode: e.g. hparams_search=optuna
+    # sets MULTIRUN in the config
+    command += [*hc.overrides.task, f"hydra.run.dir={_quote(hc.runtime.output_dir)}",
+                f"hydra.job.name=train_ddp_process_{local_rank}", "hydra.output_subdir=null", "hydra.mode=RUN"]
     return command, hc.runtime.cwd
 
 
@@ -65,12 +63,10 @@ def install_job_command() -> bool:
     """Point Lightning's subprocess launcher at ``job_command`` (False if Lightning changed)."""
     installed = False
     for name in _LAUNCHER_MODULES:
-        module = sys.modules.get(name)
-        if module is None:
-            try:
-                module = __import__(name, fromlist=["_hydra_subprocess_cmd"])
-            except ImportError:
-                continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
         if hasattr(module, "_hydra_subprocess_cmd"):
             module._hydra_subprocess_cmd = job_command
             installed = True
@@ -80,8 +76,7 @@ def install_job_command() -> bool:
 class HydraDDPCallback(Callback):
     """Per job: DDP children re-run this job only; afterwards its process group is torn down."""
 
-    def __init__(self) -> None:
-        self._env: dict[str, str | None] = {}
+    _env: dict[str, str | None] = {}  # replaced per job
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._env = {name: os.environ.get(name) for name in DDP_ENV}
@@ -93,9 +88,8 @@ class HydraDDPCallback(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         torch = sys.modules.get("torch")
-        if torch is not None and torch.distributed.is_available():
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         # Lightning's launcher exported these for this job's ranks; left set, the next job in
         # this process would believe an outside launcher started it and wait for ranks forever
         for name, value in self._env.items():

@@ -27,6 +27,7 @@ BOOK_COLUMNS = [
     "Model", "Weights", "Trainable token", "Trainable layers", "Context length",
     "Training acc", "Validation acc", "Test acc", "Training time", "Device",
 ]
+SPLITS = ("train", "val", "test")
 
 
 def _load_yaml(path: Path) -> Any:
@@ -72,10 +73,8 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
         for column, key in (("Model", "model"), ("Weights", "weights"), ("Trainable token", "token"),
                             ("Trainable layers", "trainable"), ("seed", "seed")):
             record[column] = m.get(key, record[column])
-        record.update(
-            {f"{split}_acc": m.get(f"{split}_accuracy") for split in ("train", "val", "test")},
-            minutes=(m.get("training_seconds") or 0) / 60, Device=m.get("device"), status="ok",
-        )
+        record.update({f"{split}_acc": m.get(f"{split}_accuracy") for split in SPLITS},
+                      minutes=(m.get("training_seconds") or 0) / 60, Device=m.get("device"), status="ok")
         record["Context length"] = _context_label(data.get("max_length"), m.get("max_length"))
     if m and "max_length" in m and m["max_length"] is None:  # no tokens: every word counts
         record["Context length"] = "—"
@@ -89,12 +88,9 @@ def _fmt(values: list[float], percent: bool) -> str:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return "—"
-    scale = 100 if percent else 1
+    scale, unit = (100, "%") if percent else (1, " min")
     mean = sum(vals) / len(vals) * scale
-    unit = "%" if percent else " min"
-    if len(vals) == 1:
-        return f"{mean:.2f}{unit}"
-    return f"{mean:.2f} ± {statistics.stdev(vals) * scale:.2f}{unit}"
+    return f"{mean:.2f}{unit}" if len(vals) == 1 else f"{mean:.2f} ± {statistics.stdev(vals) * scale:.2f}{unit}"
 
 
 def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
@@ -102,10 +98,7 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"Sweep folder not found: {sweep_dir}")
-    jobs = sorted(
-        (p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
-        key=lambda p: (len(p.name), p.name),
-    )
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: (len(p.name), p.name))
     records = [_job_record(j) for j in jobs]
     rows = []
     for key in dict.fromkeys(r["config"] for r in records):  # keeps sweep order
@@ -113,21 +106,17 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
         ok = [r for r in group if r["status"] == "ok"]
         first = (ok or group)[0]
         failed = len(group) - len(ok)
-        rows.append(
-            {
-                "Config": key,
-                # None: not a setting of this model (a baseline's weights, an encoder's token)
-                **{c: "—" if first[c] is None else first[c] for c in BOOK_COLUMNS[:5]},
-                "Training acc": _fmt([r["train_acc"] for r in ok], True),
-                "Validation acc": _fmt([r["val_acc"] for r in ok], True),
-                "Test acc": _fmt([r["test_acc"] for r in ok], True),
-                "Training time": _fmt([r["minutes"] for r in ok], False),
-                "Device": first.get("Device") or "—",
-                "Reference test acc": "—" if first["reference"] is None else f"{first['reference']:.2f}%",
-                "Seeds": len(ok),
-                "Status": "ok" if not failed else f"failed ({failed}/{len(group)})",
-            }
-        )
+        rows.append({
+            "Config": key,
+            # None: not a setting of this model (a baseline's weights, an encoder's token)
+            **{c: "—" if first[c] is None else first[c] for c in BOOK_COLUMNS[:5]},
+            **{c: _fmt([r[f"{s}_acc"] for r in ok], True) for c, s in zip(BOOK_COLUMNS[5:8], SPLITS, strict=True)},
+            "Training time": _fmt([r["minutes"] for r in ok], False),
+            "Device": first.get("Device") or "—",
+            "Reference test acc": "—" if first["reference"] is None else f"{first['reference']:.2f}%",
+            "Seeds": len(ok),
+            "Status": "ok" if not failed else f"failed ({failed}/{len(group)})",
+        })
     table = pd.DataFrame(rows, columns=["Config", *BOOK_COLUMNS, "Reference test acc", "Seeds", "Status"])
     if write:
         atomic_write(sweep_dir / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))

@@ -1,8 +1,5 @@
-"""Checks that run before any heavy work: the config, and the checkpoints a run will load.
-
-Everything here is cheap (no download, no tokenizing, no model weights): a bad option or a
-mismatched checkpoint fails in a second with one message that lists every problem.
-"""
+"""Checks that run before any heavy work (no download, tokenizing or weights): the config and the
+checkpoints a run will load. A bad option or checkpoint fails in a second, every problem listed."""
 
 from __future__ import annotations
 
@@ -48,11 +45,8 @@ def _is_number(value: Any) -> bool:
 
 def number_problems(node: DictConfig, prefix: str, rules: dict[str, tuple[str, Any]]) -> list[str]:
     """``key -> (what is allowed, test)`` for the keys of ``node`` that are present."""
-    problems = []
-    for key, (allowed, ok) in rules.items():
-        if key in node and not ok(node.get(key)):
-            problems.append(f"{prefix}{key}={node.get(key)!r}: must be {allowed}")
-    return problems
+    return [f"{prefix}{key}={node.get(key)!r}: must be {allowed}"
+            for key, (allowed, ok) in rules.items() if key in node and not ok(node.get(key))]
 
 
 def model_sizes(cfg: DictConfig) -> dict[str, Any]:
@@ -68,10 +62,8 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, MisconfigurationException)) and not isinstance(
-            cause, (ConfigError, DataError)
-        ):  # e.g. trainer.accelerator=gpu on a CPU
+        cause = err.__cause__  # e.g. trainer.accelerator=gpu on a CPU: a ConfigError
+        if isinstance(cause, ValueError | MisconfigurationException) and not isinstance(cause, DataError):
             raise ConfigError(str(cause)) from err
         if isinstance(cause, Exception):
             raise cause from err
@@ -120,65 +112,46 @@ def run_problems(cfg: DictConfig) -> list[str]:
     problems: list[str] = []
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and "spawn" in strategy:
-        problems.append(
-            f"trainer.strategy={strategy}: spawned processes keep the final results to "
-            "themselves; use trainer=ddp (strategy=ddp) instead"
-        )
+        problems.append(f"trainer.strategy={strategy}: spawned processes keep the final results to "
+                        "themselves; use trainer=ddp (strategy=ddp) instead")
     if str(cfg.cache.trunk).lower() not in ("auto", "true", "false"):
         problems.append(f"cache.trunk={cfg.cache.trunk!r}; allowed: auto, true, false")
-    gib = ("a number >= 0 (GiB)", lambda v: _is_number(v) and v >= 0)
-    problems += number_problems(cfg.cache, "cache.", {"memory_budget_gb": gib, "max_gb": gib})
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path != "last" and not Path(str(ckpt_path)).is_file():
-        problems.append(
-            f"ckpt_path={ckpt_path}: no such file; pass a run's checkpoints/last.ckpt, or "
-            "ckpt_path=last with hydra.run.dir=<the run folder>"
-        )
+        problems.append(f"ckpt_path={ckpt_path}: no such file; pass a run's checkpoints/last.ckpt, or "
+                        "ckpt_path=last with hydra.run.dir=<the run folder>")
+    gib = ("a number >= 0 (GiB)", lambda v: _is_number(v) and v >= 0)
     positive = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
-    non_negative = ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
-    problems += number_problems(cfg.optimizer, "optimizer.", {"lr": positive, "weight_decay": non_negative})
-    problems += number_problems(
-        cfg.model, "model.", {"drop_rate": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)})
-    if cfg.trainable.name == "lora":
-        for key, allowed, ok in (
-            ("rank", "an integer >= 1", lambda v: is_int(v, 1)),
-            ("alpha", "a finite number > 0", positive[1]),
-        ):
-            value = cfg.trainable.get(key)
-            if not ok(value):
-                problems.append(f"trainable.{key}={value!r}: must be {allowed} for trainable=lora")
     at_least_one = ("an integer >= 1", lambda v: is_int(v, 1))
-    problems += number_problems(cfg, "", {"eval_freq": at_least_one, "eval_iter": at_least_one,
-                                          "seed": ("an integer >= 0", lambda v: is_int(v, 0))})
     t = cfg.trainer
-    problems += number_problems(
-        t,
-        "trainer.",
-        {
-            "max_epochs": (
-                "an integer >= 1, or -1 (no limit, with trainer.max_steps)",
-                lambda v: is_int(v, 1) or (v == -1 and is_int(t.get("max_steps"), 1)),
-            ),
+    for node, prefix, rules in (
+        (cfg.cache, "cache.", {"memory_budget_gb": gib, "max_gb": gib}),
+        (cfg.optimizer, "optimizer.", {
+            "lr": positive, "weight_decay": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)}),
+        (cfg.model, "model.", {"drop_rate": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)}),
+        (cfg.trainable, "trainable.", {"rank": ("an integer >= 1 for trainable=lora", at_least_one[1]),
+                                       "alpha": ("a finite number > 0 for trainable=lora", positive[1])}
+         if cfg.trainable.name == "lora" else {}),
+        (cfg, "", {"eval_freq": at_least_one, "eval_iter": at_least_one,
+                   "seed": ("an integer >= 0", lambda v: is_int(v, 0))}),
+        (t, "trainer.", {  # limit_*_batches: Lightning's Trainer refuses bad ones itself
+            "max_epochs": ("an integer >= 1, or -1 (no limit, with trainer.max_steps)",
+                           lambda v: is_int(v, 1) or (v == -1 and is_int(t.get("max_steps"), 1))),
             "max_steps": ("an integer >= 1, or -1 (no limit)", lambda v: is_int(v, 1) or v == -1),
             "accumulate_grad_batches": at_least_one,
-            "check_val_every_n_epoch": ("an integer >= 1, or null", lambda v: v is None or is_int(v, 1)),
-        },  # limit_*_batches: Lightning's Trainer refuses bad ones itself (see train._trainer)
-    )
+            "check_val_every_n_epoch": ("an integer >= 1, or null", lambda v: v is None or is_int(v, 1))}),
+    ):
+        problems += number_problems(node, prefix, rules)
     return problems
 
 
 def last_checkpoint(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
     """What ``ckpt_path=last`` means (as in Lightning): the newest ``last*.ckpt`` of the
     ModelCheckpoint folders, or None before the first epoch-end checkpoint."""
-    folders = {
-        Path(cb.dirpath) if cb.dirpath else Path(cfg.paths.output_dir) / "checkpoints"
-        for cb in callbacks
-        if isinstance(cb, ModelCheckpoint)
-    }
-    found = [
-        p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt")
-        if p.stem == "last" or p.stem.removeprefix("last-").isdigit()
-    ]
+    folders = {Path(cb.dirpath or Path(cfg.paths.output_dir) / "checkpoints")
+               for cb in callbacks if isinstance(cb, ModelCheckpoint)}
+    found = [p for folder in folders for p in folder.glob("last*.ckpt")
+             if p.stem == "last" or p.stem.removeprefix("last-").isdigit()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
@@ -188,13 +161,10 @@ def _resolve_ckpt_path(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
         return None
     if value != "last":
         return Path(str(value))
-    path = last_checkpoint(cfg, callbacks)
-    if path is None:
-        log.warning(
-            "ckpt_path=last: no last.ckpt in %s yet, so training starts anew. To continue "
-            "another run, add hydra.run.dir=<its folder> or pass ckpt_path=<its last.ckpt>.",
-            Path(cfg.paths.output_dir) / "checkpoints",
-        )
+    if (path := last_checkpoint(cfg, callbacks)) is None:
+        log.warning("ckpt_path=last: no last.ckpt in %s yet, so training starts anew. To continue another "
+                    "run, add hydra.run.dir=<its folder> or pass ckpt_path=<its last.ckpt>.",
+                    Path(cfg.paths.output_dir) / "checkpoints")
     return path
 
 
@@ -212,9 +182,7 @@ def _expected_shapes(cfg: DictConfig, num_classes: int) -> dict[str, tuple[int, 
     gpt_cfg = {**model_sizes(cfg), "drop_rate": float(cfg.model.get("drop_rate", 0.0)),
                "causal_mask": bool(cfg.model.get("causal_mask", True))}
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # make_classifier seeds
-        model = make_classifier(
-            GPTModel(gpt_cfg), num_classes=num_classes, seed=cfg.seed, **classifier_options(cfg)
-        )
+        model = make_classifier(GPTModel(gpt_cfg), num_classes=num_classes, seed=cfg.seed, **classifier_options(cfg))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -222,13 +190,8 @@ def _sizes_of(shapes: dict[str, tuple[int, ...]]) -> str:
     blocks = {k.split(".")[1] for k in shapes if k.startswith("trf_blocks.")}
     emb, pos = shapes.get("tok_emb.weight", ()), shapes.get("pos_emb.weight", ())
     head = shapes.get("out_head.weight", shapes.get("out_head.linear.weight", ()))
-    parts = [f"n_layers={len(blocks)}"]
-    if len(emb) == 2:
-        parts += [f"emb_dim={emb[1]}", f"vocab_size={emb[0]}"]
-    if len(pos) == 2:
-        parts.append(f"context_length={pos[0]}")
-    if len(head) == 2:
-        parts.append(f"{head[0]} classes")
+    parts = [f"n_layers={len(blocks)}", *([f"emb_dim={emb[1]}", f"vocab_size={emb[0]}"] if len(emb) == 2 else []),
+             *([f"context_length={pos[0]}"] if len(pos) == 2 else []), *([f"{head[0]} classes"] if len(head) == 2 else [])]
     return ", ".join(parts)
 
 
@@ -242,20 +205,14 @@ def check_resume_checkpoint(
     hparams = checkpoint.get("hyper_parameters") or {}
     lines = []
     if hparams.get("trainable") not in (None, cfg.trainable.name):
-        lines.append(
-            f"it was trained with trainable={hparams['trainable']}, this run has "
-            f"trainable={cfg.trainable.name} (its optimizer state holds other parameters)"
-        )
-    problems = mismatch_lines(expected, found, most=5)
-    if problems:
-        lines.append(f"expected (this run, model={cfg.model.name}): {_sizes_of(expected)}")
-        lines.append(f"found (the checkpoint): {_sizes_of(found)}")
-        lines += problems
+        lines.append(f"it was trained with trainable={hparams['trainable']}, this run has "
+                     f"trainable={cfg.trainable.name} (its optimizer state holds other parameters)")
+    if problems := mismatch_lines(expected, found, most=5):
+        lines += [f"expected (this run, model={cfg.model.name}): {_sizes_of(expected)}",
+                  f"found (the checkpoint): {_sizes_of(found)}", *problems]
     if lines:
-        raise CheckpointError(
-            f"ckpt_path={path} does not fit this run:\n  " + "\n  ".join(lines)
-            + "\n  Resume with the overrides the checkpoint was trained with, or start a new run."
-        )
+        raise CheckpointError(f"ckpt_path={path} does not fit this run:\n  " + "\n  ".join(lines)
+                              + "\n  Resume with the overrides the checkpoint was trained with, or start a new run.")
 
 
 def check_resume_config(cfg: DictConfig, path: Path, checkpoint: dict[str, Any]) -> None:
@@ -266,13 +223,10 @@ def check_resume_config(cfg: DictConfig, path: Path, checkpoint: dict[str, Any])
     if not isinstance(saved, dict):  # a checkpoint from before configs were recorded
         log.warning("ckpt_path=%s records no run config: the overrides cannot be compared", path)
         return
-    lines = resume_differences(saved, flat_config(cfg))
-    if lines:
-        raise ConfigError(
-            f"ckpt_path={path} continues a run trained with other settings, which a resume "
-            f"would partly ignore:\n  " + "\n  ".join(lines) + "\n  Resume with the run's own "
-            "settings (its config.yaml), or start a new run in another folder."
-        )
+    if lines := resume_differences(saved, flat_config(cfg)):
+        raise ConfigError(f"ckpt_path={path} continues a run trained with other settings, which a resume would "
+                          "partly ignore:\n  " + "\n  ".join(lines) + "\n  Resume with the run's own settings "
+                          "(its config.yaml), or start a new run in another folder.")
 
 
 def known_num_classes(datamodule: Any) -> int | None:
@@ -286,13 +240,10 @@ def known_num_classes(datamodule: Any) -> int | None:
 def preflight(
     cfg: DictConfig, family: Any, callbacks: list[Any], num_classes: int | None
 ) -> tuple[Path | None, dict[str, Any] | None]:
-    """Weights, tokenizer and checkpoint checks before any download, tokenizing or training.
-
-    Returns the resolved ``ckpt_path`` and its safely loaded (memory-mapped) contents.
-    """
+    """Weights, tokenizer and checkpoint checks before any work: the resolved ``ckpt_path`` and its
+    safely loaded (memory-mapped) contents."""
     family.preflight(cfg)
-    path = _resolve_ckpt_path(cfg, callbacks)
-    if path is None:
+    if (path := _resolve_ckpt_path(cfg, callbacks)) is None:
         return None, None
     checkpoint = load_checkpoint_safely(path, mmap=True)
     check_resume_config(cfg, path, checkpoint)

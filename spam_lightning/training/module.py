@@ -1,9 +1,5 @@
-"""The LightningModule: chapter 6.6-6.7 (loss on the class logits, AdamW, accuracy).
-
-The forward is the model family's classifier (GPT-2's ``GPTClassifier``, an encoder, ...); this
-module adds the loss, the optimizer and the metrics. The final ``trainer.test`` leaves its
-results in ``test_results``.
-"""
+"""The LightningModule: chapter 6.6-6.7 (loss on the class logits, AdamW, accuracy) around the model
+family's classifier. The final ``trainer.test`` leaves its results in ``test_results``."""
 
 from __future__ import annotations
 
@@ -14,12 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision,
+                                         MulticlassRecall)
 
 SPLITS = ("train", "val", "test")
 
@@ -28,14 +20,10 @@ def make_metrics(num_classes: int) -> MetricCollection:
     """Accuracy, plus precision/recall/F1 of the positive class (binary) or macro (multi-class)."""
     # binary: average=None, then `_positive` picks class 1 ("spam")
     kw = {"num_classes": num_classes, "average": None if num_classes == 2 else "macro"}
-    return MetricCollection(
-        {
-            "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-            "precision": MulticlassPrecision(**kw),
-            "recall": MulticlassRecall(**kw),
-            "f1": MulticlassF1Score(**kw),
-        }
-    )
+    return MetricCollection({
+        "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+        "precision": MulticlassPrecision(**kw), "recall": MulticlassRecall(**kw), "f1": MulticlassF1Score(**kw),
+    })
 
 
 def _positive(value: torch.Tensor) -> torch.Tensor:
@@ -66,12 +54,9 @@ def split_metrics(
 
 @dataclass
 class TestResults:
-    """The public result of the final test loop (``TextClassifier.test_results``).
-
-    ``metrics``: ``{split}_{accuracy,loss,precision,recall,f1,count}`` of each final split;
-    ``outputs``: per split (in the order of the test dataloaders), every example exactly once,
-    sorted by index: CPU tensors ``index``, ``labels``, ``probs`` and ``losses``.
-    """
+    """The final test loop's result. ``metrics``: ``{split}_{accuracy,loss,precision,recall,f1,count}``;
+    ``outputs``: per split (test dataloader order), every example once, sorted by index: CPU tensors
+    ``index``, ``labels``, ``probs`` and ``losses``."""
 
     class_names: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
@@ -79,23 +64,13 @@ class TestResults:
 
 
 class TextClassifier(L.LightningModule):
-    """Trains any text classifier ``model(input_ids, lengths) -> logits`` (and, for a
-    cached frozen trunk, ``model(features, lengths, start_block)``).
-
-    Owns the loss, the optimizer and the metrics, nothing about data or configuration. The
-    test dataloaders are the splits named in ``final_splits``, in that order.
-    """
+    """Trains any text classifier ``model(input_ids, lengths) -> logits`` (for a cached frozen
+    trunk, ``model(features, lengths, start_block)``): the loss, the optimizer and the metrics,
+    nothing about data or configuration. The test dataloaders are ``final_splits``, in order."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        num_classes: int = 2,
-        trainable: str = "last_block",
-        lr: float = 5e-5,
-        weight_decay: float = 0.1,
-        ignore_index: int = -100,
-        class_names: list[str] | None = None,
+        self, model: nn.Module, *, num_classes: int = 2, trainable: str = "last_block", lr: float = 5e-5,
+        weight_decay: float = 0.1, ignore_index: int = -100, class_names: list[str] | None = None,
         final_splits: tuple[str, ...] = ("test",),
     ) -> None:
         super().__init__()
@@ -126,8 +101,7 @@ class TextClassifier(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logits = self.batch_loss(batch)
         self.metrics["train_split"].update(logits.detach().float(), batch["labels"])
-        bs = batch["labels"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["labels"]), prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -135,9 +109,8 @@ class TextClassifier(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, logits = self.batch_loss(batch)
-        bs = batch["labels"].shape[0]
         self.metrics["val_split"].update(logits.float(), batch["labels"])
-        self.log("val/loss", loss, on_epoch=True, batch_size=bs, prog_bar=True, sync_dist=True)
+        self.log("val/loss", loss, on_epoch=True, batch_size=len(batch["labels"]), prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.metrics["val_split"], "val", prog_bar=True)
@@ -146,13 +119,9 @@ class TextClassifier(L.LightningModule):
         """Keep per-example results: the final metrics count every example exactly once."""
         split = self.final_splits[dataloader_idx]
         logits = self.batch_logits(batch).float()
-        losses = F.cross_entropy(
-            logits, batch["labels"], ignore_index=self.loss_fn.ignore_index, reduction="none"
-        )
-        probs = torch.softmax(logits, dim=-1)
-        self._outputs.setdefault(split, []).append(
-            {"index": batch["index"], "labels": batch["labels"], "probs": probs, "losses": losses}
-        )
+        losses = F.cross_entropy(logits, batch["labels"], ignore_index=self.loss_fn.ignore_index, reduction="none")
+        self._outputs.setdefault(split, []).append({"index": batch["index"], "labels": batch["labels"],
+                                                    "probs": torch.softmax(logits, dim=-1), "losses": losses})
 
     def on_test_epoch_start(self) -> None:
         self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -161,10 +130,8 @@ class TextClassifier(L.LightningModule):
         """All ranks' outputs for one split, de-duplicated by example index (a distributed
         sampler pads the last rank with repeats): every example counts once at any world size."""
         parts = self._outputs.get(split, [])
-        local = {
-            k: torch.cat([p[k] for p in parts]) if parts else torch.empty(0, device=self.device)
-            for k in ("index", "labels", "probs", "losses")
-        }
+        local = {k: torch.cat([p[k] for p in parts]) if parts else torch.empty(0, device=self.device)
+                 for k in ("index", "labels", "probs", "losses")}
         if self.trainer is not None and self.trainer.world_size > 1:
             gathered = self.all_gather(local)
             local = {k: v.flatten(0, 1) for k, v in gathered.items()}
@@ -182,10 +149,8 @@ class TextClassifier(L.LightningModule):
             out = self._gather_split(split)
             self.test_results.outputs[split] = {k: v.cpu() for k, v in out.items()}
             values = split_metrics(  # gathered already: each rank holds the split
-                out["probs"], out["labels"], self.num_classes, out["losses"], self.loss_fn.ignore_index
-            )
-            for name, value in values.items():
-                results[f"{split}_{name}"] = value
+                out["probs"], out["labels"], self.num_classes, out["losses"], self.loss_fn.ignore_index)
+            results.update({f"{split}_{name}": value for name, value in values.items()})
         for key, value in results.items():
             if not key.endswith("_count"):
                 self.log(f"final/{key}", value, add_dataloader_idx=False, rank_zero_only=True)
@@ -203,10 +168,7 @@ class TextClassifier(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("No trainable parameters: check the `trainable` option.")
-        fused = all(
-            p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
-            for p in params
-        )
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
         hp = self.hparams
         return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None)
 

@@ -29,14 +29,12 @@ def draw_values(
     if n == 1:  # a single point: span the epochs run, with a margin so the point is not clipped
         span = max(num_epochs, 1)
         ax1.set_xlim(-0.05 * span, 1.05 * span)
-    ax1.set_xlabel("Epochs")
-    ax1.set_ylabel(label.capitalize())
+    ax1.set(xlabel="Epochs", ylabel=label.capitalize())
     ax1.legend()
     ax2 = ax1.twiny()  # the second x axis: examples seen, aligned with the epochs
     per_epoch = examples_seen / max(num_epochs, 1)
     low, high = ax1.get_xlim()
-    ax2.set_xlim(low * per_epoch, high * per_epoch)
-    ax2.set_xlabel("Examples seen")
+    ax2.set(xlim=(low * per_epoch, high * per_epoch), xlabel="Examples seen")
     fig.tight_layout()
     return fig
 
@@ -47,10 +45,8 @@ def plot_values(
 ) -> list[Path]:
     """Write ``{label}-plot.pdf`` and ``.png`` as the chapter's ``plot_values`` draws them."""
     fig = draw_values(num_epochs, examples_seen, train_values, val_values, label)
-    paths = []
-    for ext in ("pdf", "png"):
-        path = Path(out_dir) / f"{label}-plot.{ext}"
-        fig.savefig(path, dpi=120 if ext == "png" else None)
-        paths.append(path)
+    paths = [Path(out_dir) / f"{label}-plot.{ext}" for ext in ("pdf", "png")]
+    for path in paths:
+        fig.savefig(path, dpi=120 if path.suffix == ".png" else None)
     plt.close(fig)
     return paths

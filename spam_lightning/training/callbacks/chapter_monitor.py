@@ -1,11 +1,7 @@
-"""The chapter's monitoring (section 6.7) as a Lightning callback.
-
-Every ``eval_freq`` batches: the loss on ``eval_iter`` train and validation batches. After each
-epoch: the accuracy on ``eval_iter`` train and validation batches. Both print in the chapter's
-format and are kept (with examples seen) for the plots and the checkpoint, so a resumed run
-continues the same history. It iterates the chapter's own loaders (the shuffled training loader
-and an in-order validation loader, both drawing from the global torch RNG at each ``iter()``), so
-the random stream advances exactly as in the book's ``train_classifier_simple``.
+"""The chapter's monitoring (section 6.7) as a Lightning callback: every ``eval_freq`` batches the
+loss, after each epoch the accuracy, on ``eval_iter`` train and validation batches, printed as the
+chapter does and kept (with examples seen) for the plots and the checkpoint. It iterates the
+chapter's own loaders, so the global torch RNG advances exactly as in ``train_classifier_simple``.
 """
 
 from __future__ import annotations
@@ -39,15 +35,10 @@ class ChapterMonitor(L.Callback):
 
     def __init__(self, eval_freq: int = 50, eval_iter: int = 5) -> None:
         # eval_freq, eval_iter >= 1: checked with the config (training.checks.run_problems)
-        self.eval_freq = eval_freq
-        self.eval_iter = eval_iter
-        self.examples_seen = 0
-        self.batches_seen = 0
-        self.training_seconds = 0.0
-        self.history: dict[str, list[float]] = {
-            "train_losses": [], "val_losses": [], "train_accs": [], "val_accs": [],
-            "loss_examples_seen": [], "acc_examples_seen": [],
-        }
+        self.eval_freq, self.eval_iter = eval_freq, eval_iter
+        self.examples_seen, self.batches_seen, self.training_seconds = 0, 0, 0.0
+        self.history: dict[str, list[float]] = {k: [] for k in (
+            "train_losses", "val_losses", "train_accs", "val_accs", "loss_examples_seen", "acc_examples_seen")}
         self._t0: float | None = None
         self._book_loaders = None
 
@@ -72,20 +63,14 @@ class ChapterMonitor(L.Callback):
         self.training_seconds += self._elapsed()
         self._t0 = None
 
-    def _loaders(self, trainer):
-        # the chapter's loaders (made once, like the book's): each iter() draws from the global
-        # RNG what the book's iterating its train_loader / val_loader again draws
-        if self._book_loaders is None:
-            book = getattr(trainer.datamodule, "book_dataloader", None)
-            self._book_loaders = (
-                (book("train"), book("val")) if book is not None
-                else (trainer.train_dataloader, trainer.val_dataloaders)
-            )
-        return self._book_loaders
-
     def _evaluate_both(self, trainer, pl_module) -> tuple[tuple[float, float], tuple[float, float]]:
         """(loss, accuracy) on the first ``eval_iter`` train and validation batches, in eval mode."""
-        train_loader, val_loader = self._loaders(trainer)
+        # the chapter's loaders, made once like the book's: each iter() draws from the global RNG
+        # what the book's iterating its train_loader / val_loader again draws
+        if self._book_loaders is None:
+            self._book_loaders = (trainer.datamodule.book_dataloader("train"),
+                                  trainer.datamodule.book_dataloader("val"))
+        train_loader, val_loader = self._book_loaders
         pl_module.eval()
         train = _evaluate(pl_module, trainer, train_loader, self.eval_iter)
         val = _evaluate(pl_module, trainer, val_loader, self.eval_iter)
@@ -101,13 +86,9 @@ class ChapterMonitor(L.Callback):
         if (self.batches_seen - 1) % self.eval_freq != 0:
             return
         (train_loss, _), (val_loss, _) = self._evaluate_both(trainer, pl_module)
-        self.history["train_losses"].append(train_loss)
-        self.history["val_losses"].append(val_loss)
-        self.history["loss_examples_seen"].append(self.examples_seen)
-        pl_module.log_dict(
-            {"chapter/train_loss": train_loss, "chapter/val_loss": val_loss},
-            on_step=True, on_epoch=False,
-        )
+        self._record(train_losses=train_loss, val_losses=val_loss, loss_examples_seen=self.examples_seen)
+        pl_module.log_dict({"chapter/train_loss": train_loss, "chapter/val_loss": val_loss},
+                           on_step=True, on_epoch=False)
         self._print(
             f"Ep {trainer.current_epoch + 1} (Step {self.batches_seen - 1:06d}): "
             f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
@@ -115,13 +96,13 @@ class ChapterMonitor(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         (_, train_acc), (_, val_acc) = self._evaluate_both(trainer, pl_module)
-        self.history["train_accs"].append(train_acc)
-        self.history["val_accs"].append(val_acc)
-        self.history["acc_examples_seen"].append(self.examples_seen)
+        self._record(train_accs=train_acc, val_accs=val_acc, acc_examples_seen=self.examples_seen)
         pl_module.log_dict({"chapter/train_acc": train_acc, "chapter/val_acc": val_acc})
-        self._print(
-            f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%"
-        )
+        self._print(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%")
+
+    def _record(self, **values: float) -> None:
+        for key, value in values.items():
+            self.history[key].append(value)
 
     @rank_zero_only
     def _print(self, line: str) -> None:

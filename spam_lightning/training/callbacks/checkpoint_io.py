@@ -19,13 +19,9 @@ def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> dict[str, An
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     checkpoint = torch_load_safely(
-        path,
-        "a plain checkpoint of tensors and containers",
-        "Checkpoints are read only with torch.load(weights_only=True), because a pickle can run "
-        "arbitrary code; resume only from checkpoints a training run wrote.",
-        mmap=mmap,
-        noun="checkpoint ",
-    )
+        path, "a plain checkpoint of tensors and containers", "Checkpoints are read only with "
+        "torch.load(weights_only=True), because a pickle can run arbitrary code; resume only from "
+        "checkpoints a training run wrote.", mmap=mmap, noun="checkpoint ")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(
             f"checkpoint {path} is not a Lightning training checkpoint (no 'state_dict'); pass "
@@ -44,17 +40,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
     always ``weights_only=True``.
     """
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):  # remote or custom: Lightning's way
             super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+        else:
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
-    def load_checkpoint(
-        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if "://" in str(path):
             return super().load_checkpoint(path, weights_only=True)
         return load_checkpoint_safely(path)

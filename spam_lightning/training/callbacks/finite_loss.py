@@ -16,10 +16,7 @@ class FiniteLoss(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
-        value = float(loss.detach())
-        if not math.isfinite(value):
+        if loss is not None and not math.isfinite(value := float(loss.detach())):
             raise NonFiniteLossError(
                 f"the training loss is {value} at epoch {trainer.current_epoch + 1}, step "
                 f"{trainer.global_step} (batch {batch_idx} of the epoch): training stopped. Lower "

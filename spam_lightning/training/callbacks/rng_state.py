@@ -12,18 +12,12 @@ import torch
 
 class RNGState(L.Callback):
     """Saves the global random generators (torch, CUDA, numpy, ``random``) in each checkpoint and
-    restores them on resume, so the chapter's shuffling (drawn from the global torch RNG), dropout
-    and any other draw continue exactly as in an uninterrupted run (Lightning restores weights,
-    optimizer and loops, but not these).
+    restores them on resume (Lightning does not), so shuffling, dropout and any other draw continue
+    as in an uninterrupted run. Resuming a finished run trains nothing, yet Lightning still draws
+    the DataLoader's base seed (``FitLoop.setup_data``): that draw is undone."""
 
-    Resuming a finished run trains nothing, yet Lightning still creates the training iterator
-    (``FitLoop.setup_data``), which draws the DataLoader's base seed; that draw is undone, so the
-    final evaluation sees the random state the uninterrupted run had.
-    """
-
-    def __init__(self) -> None:
-        self._at_fit_start: torch.Tensor | None = None
-        self._trained = False
+    _at_fit_start: torch.Tensor | None = None
+    _trained = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._at_fit_start, self._trained = torch.get_rng_state(), False
@@ -37,10 +31,8 @@ class RNGState(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            # plain tensors and numbers: the checkpoint stays loadable with weights_only=True
+        state: dict[str, Any] = {  # plain tensors and numbers: loadable with weights_only=True
+            "torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
         }
@@ -52,9 +44,6 @@ class RNGState(L.Callback):
         torch.set_rng_state(state_dict["torch"])
         random.setstate(state_dict["python"])
         n = state_dict["numpy"]
-        np.random.set_state(
-            (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-        )
-        cuda = state_dict.get("cuda")
-        if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        if isinstance(cuda := state_dict.get("cuda"), torch.Tensor) and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda)

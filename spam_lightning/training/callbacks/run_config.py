@@ -22,9 +22,7 @@ MAY_DIFFER = (
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved job config (no ``hydra`` node) as ``{"optimizer.lr": 5e-05, ...}``: plain
     values, so a checkpoint holding it still loads with ``weights_only=True``."""
-    job = OmegaConf.to_container(
-        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
-    )
+    job = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -40,14 +38,8 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
 
 def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``key: old → new`` for every setting that differs and may not (see ``MAY_DIFFER``)."""
-    lines = []
-    for key in sorted(set(saved) | set(now)):
-        if key.startswith(MAY_DIFFER) or key in MAY_DIFFER:
-            continue
-        old, new = saved.get(key, "(unset)"), now.get(key, "(unset)")
-        if old != new:
-            lines.append(f"{key}: {old} → {new}")
-    return lines
+    old, new = ({k: c.get(k, "(unset)") for k in sorted(set(saved) | set(now))} for c in (saved, now))
+    return [f"{k}: {old[k]} → {new[k]}" for k in old if old[k] != new[k] and not k.startswith(MAY_DIFFER)]
 
 
 class RunConfig(L.Callback):

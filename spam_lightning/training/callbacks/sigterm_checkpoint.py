@@ -25,8 +25,7 @@ class SigtermCheckpoint(L.Callback):
     state (weights, optimizer, loops, the epoch's shuffling position, random generators) so
     that ``ckpt_path=last`` continues from the very step, as an uninterrupted run would."""
 
-    def __init__(self) -> None:
-        self.saved: Path | None = None
+    saved: Path | None = None  # where the stopped step went
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or not trainer.training:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.functional.classification import multiclass_confusion_matrix
+from torchmetrics.utilities.plot import plot_confusion_matrix
 
 from spam_lightning.training.plots import plt
 
@@ -17,8 +17,7 @@ class TestDashboard(L.Callback):
     module's public ``test_results`` and the texts of the test dataloader that ran the split."""
 
     def __init__(self, split: str = "test", max_examples: int = 50) -> None:
-        self.split = split
-        self.max_examples = max_examples
+        self.split, self.max_examples = split, max_examples
 
     @rank_zero_only
     def on_test_end(self, trainer, pl_module) -> None:
@@ -31,7 +30,7 @@ class TestDashboard(L.Callback):
         probs, labels = out["probs"].float(), out["labels"]
         preds = probs.argmax(-1)
         confusion = multiclass_confusion_matrix(preds, labels, num_classes=len(names))
-        figure = confusion_figure(confusion, names)
+        figure, _ = plot_confusion_matrix(confusion, labels=names, cmap="Blues")  # rows: the true class
         texts = _loader_texts(trainer, list(results.outputs).index(self.split))
         wrong = (preds != labels).nonzero().flatten().tolist()[: self.max_examples]
         rows = ["| # | true | predicted | p(predicted) | message |", "|---|---|---|---|---|"]
@@ -39,10 +38,8 @@ class TestDashboard(L.Callback):
             idx = int(out["index"][i])
             text = texts[idx] if texts is not None and idx < len(texts) else f"example {idx}"
             text = text.replace("|", "\\|").replace("\n", " ")
-            rows.append(
-                f"| {idx} | {names[int(labels[i])]} | {names[int(preds[i])]} | "
-                f"{float(probs[i, preds[i]]):.3f} | {text} |"
-            )
+            rows.append(f"| {idx} | {names[int(labels[i])]} | {names[int(preds[i])]} | "
+                        f"{float(probs[i, preds[i]]):.3f} | {text} |")
         if not wrong:
             rows.append("| | | | | no misclassified messages |")
         step = trainer.global_step
@@ -50,9 +47,8 @@ class TestDashboard(L.Callback):
             writer.add_figure(f"{self.split}/confusion_matrix", figure, global_step=step, close=False)
             for k, name in enumerate(names if len(names) > 2 else names[1:]):
                 cls = k if len(names) > 2 else 1
-                writer.add_pr_curve(
-                    f"{self.split}/pr_curve_{name}", (labels == cls).int(), probs[:, cls], global_step=step
-                )
+                writer.add_pr_curve(f"{self.split}/pr_curve_{name}", (labels == cls).int(), probs[:, cls],
+                                    global_step=step)
             writer.add_text(f"{self.split}/misclassified", "\n".join(rows), global_step=step)
             writer.flush()
         plt.close(figure)
@@ -63,21 +59,3 @@ def _loader_texts(trainer, k: int) -> list[str] | None:
     loaders = trainer.test_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
     return getattr(getattr(loaders[k], "dataset", None), "texts", None) if k < len(loaders) else None
-
-
-def confusion_figure(confusion: torch.Tensor, names: list[str]):
-    """A labelled confusion-matrix heat map (rows: true class, columns: predicted)."""
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
-    ax.imshow(confusion.numpy(), cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("Predicted")
-    ax.set_ylabel("True")
-    top = int(confusion.max()) if confusion.numel() else 0
-    for i in range(len(names)):
-        for j in range(len(names)):
-            value = int(confusion[i, j])
-            ax.text(j, i, str(value), ha="center", va="center",
-                    color="white" if value > top / 2 else "black")
-    fig.tight_layout()
-    return fig
