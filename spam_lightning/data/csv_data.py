@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import logging
 import os
 import re
@@ -47,6 +46,7 @@ from spam_lightning.data.table import (
     ensure_prepared,
     load_prepared,
     random_split,
+    read_prepared_table,
     read_text_table,
 )
 from spam_lightning.data.tokens import PAD_TOKEN_ID
@@ -69,14 +69,6 @@ def resolve_sep(sep: str | None, path: str | os.PathLike[str] | None) -> str:
     if len(sep) != 1 or sep in ('"', "\n", "\r"):
         raise ValueError(f"data.sep={sep!r}: need one character (or tab, comma, semicolon)")
     return sep
-
-
-def read_prepared_table(path: Path, payload: bytes, text_column: str, label_column: str) -> Table:
-    """One of our own split CSVs (its bytes, checked against the sha256 in meta.json), so a plain
-    read."""
-    frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
-    labels = frame[label_column].str.strip().tolist()
-    return Table(frame[text_column].tolist(), labels, str(path), frame)
 
 
 def natural_sorted(labels: Sequence[str]) -> list[str]:

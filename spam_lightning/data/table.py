@@ -1,12 +1,9 @@
-"""Read, validate, balance and split the SMS table exactly as chapter 6 does, and write the CSVs.
+"""Read, validate, balance and split the SMS table as chapter 6 does; prepare data folders once.
 
-The pinned file (bundled, or a download with the known sha256) is read with the chapter's own
-``pd.read_csv(sep="\\t", header=None, names=["Label", "Text"])``. A user-supplied file is read once
-with the standard library's ``csv`` reader instead: it splits rows by the same quoting rules as
-pandas (the real file's 5,574 lines give the chapter's 5,572 rows) and knows every row's lines, so
-each bad row is named by file, line and problem. (pandas' python engine, whose ``on_bad_lines``
-callable sees bad rows, silently drops rows it cannot split: 10 of the real file's; its C engine
-names rows, not lines, and truncates an over-long first row with only a warning.)
+The pinned file is read with the chapter's own ``pd.read_csv``. A user's file is read with the
+``csv`` module, which splits rows as pandas does but knows each row's lines, so every bad row is
+named by file and line (pandas' ``on_bad_lines`` silently drops rows it cannot split: 10 of the
+real file's; its C engine names rows, not lines).
 """
 
 from __future__ import annotations
@@ -50,9 +47,7 @@ META_NAME = "meta.json"
 LOCK_NAME = ".prepare.lock"
 FORMAT_VERSION = 1
 ON_BAD_ROWS = ("error", "skip")
-# data.split: whose procedure balances and splits the SMS table. chapter: gpt_class_finetune.py's
-# (balance, then random_split's shuffle); bonus: additional_experiments.py's create_dataset_csvs,
-# which shuffles the balanced table once more before the same random_split.
+# data.split: chapter (gpt_class_finetune.py) or bonus (additional_experiments.py: one more shuffle)
 SPLIT_PROCEDURES = ("chapter", "bonus")
 MAX_LISTED = 5  # problems spelled out in one error message
 SKIP_HINT = "(fix the file, or set data.on_bad_rows=skip to drop bad rows)"
@@ -256,6 +251,12 @@ def read_split_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
     return parse_split_csv(Path(path).read_bytes(), str(path))
 
 
+def read_prepared_table(path: Path, payload: bytes, text_column: str, label_column: str) -> Table:
+    """One of our own split CSVs (sha256-checked against meta.json): a plain read."""
+    frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
+    return Table(frame[text_column].tolist(), frame[label_column].str.strip().tolist(), str(path), frame)
+
+
 def csv_bytes(frame: pd.DataFrame) -> bytes:
     """The chapter's ``to_csv(index=None)``; pandas leaves a bare carriage return unquoted (it
     would read back as a line break), so only then (never for the real data) texts are quoted."""
@@ -267,27 +268,18 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
 # ------------------------------------------------------------------ the chapter's balance and split
 
 
-def balance(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
-    """``create_balanced_dataset``: ham downsampled to the spam count, ham then spam; 0/1 labels."""
-    spam = df[df["Label"] == "spam"]
-    ham = df[df["Label"] == "ham"]
-    if len(ham) < len(spam):
-        raise DataError(f"cannot balance: {len(ham)} ham rows < {len(spam)} spam rows")
-    balanced = pd.concat([ham.sample(len(spam), random_state=seed), spam])
-    balanced["Label"] = balanced["Label"].map(LABEL_IDS).astype("int64")
-    return balanced
-
-
 def shuffle(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
-    """``df.sample(frac=1, random_state=seed).reset_index(drop=True)``, as both scripts write it."""
     return df.sample(frac=1, random_state=seed).reset_index(drop=True)
 
 
 def balance_for_split(df: pd.DataFrame, split: str = "chapter", seed: int = 123) -> pd.DataFrame:
-    """The balanced table ``random_split`` gets: the chapter's ``create_balanced_dataset`` as is,
-    or (``bonus``) shuffled once more, as the bonus script's ``create_dataset_csvs`` does."""
-    check_split(split)
-    balanced = balance(df, seed)
+    """``create_balanced_dataset`` (ham downsampled to the spam count, ham then spam, 0/1 labels),
+    shuffled once more for ``bonus`` as ``create_dataset_csvs`` does."""
+    spam, ham = df[df["Label"] == "spam"], df[df["Label"] == "ham"]
+    if len(ham) < len(spam):
+        raise DataError(f"cannot balance: {len(ham)} ham rows < {len(spam)} spam rows")
+    balanced = pd.concat([ham.sample(len(spam), random_state=seed), spam])
+    balanced["Label"] = balanced["Label"].map(LABEL_IDS).astype("int64")
     return shuffle(balanced, seed) if split == "bonus" else balanced
 
 
@@ -367,13 +359,10 @@ def prepared_files(data_dir: Path, meta: dict[str, Any]) -> dict[str, tuple[Path
 def matching_meta(
     data_dir: Path, settings: dict[str, Any], source: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """``meta.json`` if it records these settings, this source (every key of ``source``) and
-    unchanged CSVs, else None."""
-    meta = read_meta(data_dir)
-    if meta is None or meta.get("settings") != settings or prepared_files(data_dir, meta) is None:
-        return None
-    recorded = meta.get("source", {})
-    return meta if all(recorded.get(k) == v for k, v in source.items()) else None
+    """``meta.json`` if ``load_prepared`` would accept the folder, else None."""
+    with contextlib.suppress(DataError):
+        return _prepared(data_dir, settings, source, "", "")[0]
+    return None
 
 
 def ensure_prepared(
@@ -403,22 +392,18 @@ def ensure_prepared(
         return meta, False
 
 
-def describe_source(recorded: dict[str, Any]) -> str:
-    """A recorded ``meta.json`` source as an error message names it."""
-    kind = recorded.get("kind")
-    if kind in SOURCE_KEYWORDS:
-        return f"data.source={kind}"
-    return str(recorded.get("name") or recorded.get("path") or recorded.get("url") or "unknown")
-
-
 def load_prepared(
     data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str, ours: str
 ) -> dict[str, tuple[Path, bytes]]:
-    """The CSVs ``prepare_data`` wrote for these settings *and this source*, as (path, bytes):
-    each read once and checked against the sha256 in ``meta.json``, which must record every key
-    of ``source`` (e.g. the sha256 of the source this datamodule was configured with, ``ours``).
-    Read-only: no lock, nothing written. A folder another run re-prepared from another source
-    since ``prepare_data`` is an error naming both sources, never silently used."""
+    """The CSVs ``prepare_data`` wrote for these settings and this source (every key of ``source``
+    recorded in ``meta.json``) as sha256-checked (path, bytes); read-only. A folder another run
+    re-prepared from another source is an error naming both (``ours``: this run's)."""
+    return _prepared(data_dir, settings, source, what, ours)[1]
+
+
+def _prepared(
+    data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str, ours: str
+) -> tuple[dict[str, Any], dict[str, tuple[Path, bytes]]]:
     meta = read_meta(data_dir)
     generic = DataError(
         f"{data_dir}: no prepared {what} with these settings (or it changed since); call "
@@ -432,16 +417,19 @@ def load_prepared(
     if differ:
         theirs = ", ".join(f"{k} {recorded.get(k)}" for k in differ)
         mine = ", ".join(f"{k} {source[k]}" for k in differ)
+        origin = recorded.get("kind")
+        named = (f"data.source={origin}" if origin in SOURCE_KEYWORDS else
+                 recorded.get("name") or recorded.get("path") or recorded.get("url") or "unknown")
         raise DataError(
             f"{data_dir}: the prepared {what} there was made from another source: "
-            f"{describe_source(recorded)} ({theirs}), not {ours} ({mine}), the source this run "
+            f"{named} ({theirs}), not {ours} ({mine}), the source this run "
             f"was configured with (another run re-prepared this folder after this one's "
             f"prepare_data). Rerun, or give each source its own data.data_dir"
         )
     files = prepared_files(data_dir, meta)
     if files is None:
         raise generic
-    return files
+    return meta, files
 
 
 # ------------------------------------------------------------------ preparing the SMS data

@@ -116,11 +116,13 @@ def resolve_max_length(
         return int(context_length)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(
-            f"data.max_length={max_length!r}: allowed values are null, model or an integer >= 1"
+            f"data.max_length={max_length!r}: allowed values are null (the longest training "
+            f"sequence), model (the context length) or an integer >= 1"
         )
     if max_length > context_length:
         raise ValueError(
-            f"data.max_length={max_length} exceeds the model's context length {context_length}"
+            f"data.max_length={max_length} exceeds the model's context length {context_length}; "
+            f"use an integer <= {context_length}, or model"
         )
     return max_length
 
