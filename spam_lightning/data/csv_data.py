@@ -16,7 +16,7 @@ import os
 import re
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +319,19 @@ def imdb_root(folder: Path) -> Path:
     )
 
 
+def _review_files(folder: Path) -> Iterator[tuple[str, str, str, Path, os.stat_result]]:
+    """(subset, label, name, path, stat) of each ``*.txt`` review, in the book's order."""
+    root = imdb_root(folder)
+    for subset, label in ORDER:
+        where = root / subset / label
+        try:
+            with os.scandir(where) as entries:
+                found = sorted((e.name, Path(e.path), e.stat()) for e in entries if e.name.endswith(".txt"))
+        except OSError as e:
+            raise DataError(f"data.source: {where}: {os_problem(e)}") from e
+        yield from ((subset, label, *f) for f in found)
+
+
 def _check_archive(archive: Path) -> None:
     """A local ``.tar.gz`` must be a readable regular file within the download's size cap."""
     problem = path_problem(archive)
@@ -349,17 +362,10 @@ def read_reviews(source: Path) -> Reviews:
             )
 
     if source.is_dir():
-        root = imdb_root(source)
-        for subset, label in ORDER:
-            try:
-                names = sorted(n for n in os.listdir(root / subset / label) if n.endswith(".txt"))
-            except OSError as e:
-                raise DataError(f"data.source: {root / subset / label}: {os_problem(e)}") from e
-            for n in names:
-                path = root / subset / label / n
-                raw = read_local(path, "data.source", MAX_REVIEW_BYTES)
-                capped(len(raw), str(path))
-                reviews[(subset, label)].append((n, _review(raw, str(path))))
+        for subset, label, name, path, _ in _review_files(source):
+            raw = read_local(path, "data.source", MAX_REVIEW_BYTES)
+            capped(len(raw), str(path))
+            reviews[(subset, label)].append((name, _review(raw, str(path))))
         return reviews
     _check_archive(source)
     try:
@@ -412,17 +418,8 @@ def _imdb_identity(source: Path | None, data_dir: Path) -> dict[str, Any]:
     archive is not downloaded yet). Cheap; every OS problem is a DataError for data.source."""
     if source is not None and source.is_dir():
         digest = hashlib.sha256()  # names, sizes and mtimes: a cheap change detector
-        root = imdb_root(source)
-        for subset, label in ORDER:
-            try:
-                with os.scandir(root / subset / label) as entries:
-                    for e in sorted(entries, key=lambda e: e.name):
-                        st = e.stat()
-                        digest.update(
-                            f"{subset}/{label}/{e.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode()
-                        )
-            except OSError as e:
-                raise DataError(f"data.source: {root / subset / label}: {os_problem(e)}") from e
+        for subset, label, name, _, st in _review_files(source):
+            digest.update(f"{subset}/{label}/{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         return {"kind": "folder", "path": str(source), "fingerprint": digest.hexdigest()}
     archive = source if source is not None else data_dir / ARCHIVE_NAME
     identity: dict[str, Any] = {"kind": "archive", "path": str(archive)}
@@ -439,22 +436,6 @@ def _imdb_identity(source: Path | None, data_dir: Path) -> dict[str, Any]:
     return {**identity, "sha256": digest.hexdigest()}
 
 
-def _imdb_source(source: Path | None, urls: Sequence[str], data_dir: Path, timeout: float) -> dict:
-    """What identifies the source in ``meta.json`` (downloading the archive if needed); the
-    reviews themselves are read only when the CSVs cannot be reused."""
-    archive = source if source is not None else data_dir / ARCHIVE_NAME
-    url: dict[str, Any] = {}
-    if source is None and not archive.is_file():
-        if not urls:
-            raise DownloadError(f"no data.source and no data.urls to download from. {IMDB_HINT}")
-
-        url["url"] = download_first(  # read_reviews verifies: whole gzip stream, four folders
-            urls, archive, read_reviews, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES
-        )
-    identity = _imdb_identity(source, data_dir)
-    return {**identity, **url} if identity["kind"] == "archive" else identity
-
-
 def prepare_imdb(
     source: Path | None, data_dir: Path, urls: Sequence[str] = IMDB_URLS,
     sizes: Sequence[int | None] = (35_000, 5_000, 10_000), seed: int = 123,
@@ -466,11 +447,16 @@ def prepare_imdb(
     origin: dict[str, Any] = {}
 
     def identity(locked: bool) -> dict[str, Any] | None:
-        if not locked:  # without the lock nothing is downloaded: a missing archive is not known
-            found = _imdb_identity(source, data_dir)
-            return None if found["kind"] == "archive" and "sha256" not in found else found
-        origin.update(_imdb_source(source, urls, data_dir, timeout))
-        return {k: v for k, v in origin.items() if k != "url"}
+        archive = data_dir / ARCHIVE_NAME  # downloaded only under the lock
+        if locked and source is None and not archive.is_file():
+            if not urls:
+                raise DownloadError(f"no data.source and no data.urls to download from. {IMDB_HINT}")
+            origin["url"] = download_first(  # read_reviews verifies: whole gzip, four folders
+                urls, archive, read_reviews, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES
+            )
+        found = _imdb_identity(source, data_dir)
+        origin.update(found)
+        return found if "sha256" in found or "fingerprint" in found else None
 
     def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         reviews = read_reviews(Path(origin["path"]))
