@@ -1,11 +1,5 @@
-"""Any text-classification CSV (``CSVDataModule``) and IMDB (``IMDBDataModule``), same pipeline.
-
-A CSV comes as three split files (``data.train``, ``data.validation``, ``data.test``) or one file
-(``data.source``) shuffled with a fixed seed and split 70/10/20 like the chapter, optionally
-balanced first. Class names come from the data (the sorted training labels) unless
-``data.class_names`` fixes them. IMDB is prepared as the book's bonus script
-``ch06/03_bonus_imdb-classification/download_prepare_dataset.py`` does, then read as a CSV.
-"""
+"""Any text-classification CSV (three split files, or one split 70/10/20 like the chapter) and
+IMDB (prepared as the book's bonus ``download_prepare_dataset.py`` does), through one pipeline."""
 
 from __future__ import annotations
 
@@ -80,12 +74,8 @@ def natural_sorted(labels: Sequence[str]) -> list[str]:
 def map_labels(
     tables: dict[str, Table], class_names: Sequence[str] | None
 ) -> tuple[list[str], dict[str, list[int]]]:
-    """Class names (given, or the sorted training labels) and each split's class indices.
-
-    Given names match labels by name, or as integer indices (``0`` -> the first name) when no
-    label is a name. Without, validation / test labels must occur in training: the head could
-    never predict a class it was not trained on.
-    """
+    """Class names (given: matched by name, or as indices when no label is a name; else the
+    sorted training labels, which every validation / test label must be) and class indices."""
     train = tables["train"]
     every = {lab for t in tables.values() for lab in t.labels}
     if class_names:
@@ -250,9 +240,8 @@ def csv_identity(source: Path, data: bytes) -> dict[str, Any]:
 
 
 def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Shuffle + split one CSV into ``train/validation/test.csv`` + ``meta.json`` (every column
-    kept, every cell quoted so that any text reads back unchanged); locked, and reused while the
-    source's sha256 and the settings match (reuse reads only: no lock, no write access)."""
+    """Shuffle + split one CSV into ``data_dir`` (every column kept, every cell quoted so that
+    any text reads back unchanged), reused while its sha256 and the settings match."""
     data = read_local(source, "data.source", MAX_CSV_BYTES)  # the lock guards data_dir only
     identity = csv_identity(source, data)
 
@@ -342,9 +331,8 @@ def _check_archive(archive: Path) -> None:
 
 
 def read_reviews(source: Path) -> Reviews:
-    """The labelled reviews of an extracted folder, or streamed out of the ``.tar.gz`` (nothing
-    is extracted to disk), each sorted by file name (the book's ``sorted(os.listdir(...))``).
-    Each review is read with a size cap (``MAX_REVIEW_BYTES``; all: ``MAX_REVIEWS_BYTES``)."""
+    """The reviews of an extracted folder or streamed from the ``.tar.gz``, sorted by file name
+    as the book's ``sorted(os.listdir(...))``, each (and all) read with a size cap."""
     reviews: Reviews = {key: [] for key in ORDER}
     total = 0
 
@@ -393,8 +381,8 @@ def read_reviews(source: Path) -> Reviews:
 def book_partition(
     reviews: Reviews, sizes: Sequence[int | None], seed: int = 123
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """``load_dataset_to_dataframe`` (the book's order, shuffled) + ``partition_and_save`` (shuffled
-    again, then the first / next / remaining rows; ``sizes[2]`` None takes all the rest)."""
+    """``load_dataset_to_dataframe`` + ``partition_and_save``: shuffled twice, then the first /
+    next / remaining rows (``sizes[2]`` None: all the rest)."""
     texts = [text for key in ORDER for _, text in reviews[key]]
     labels = [int(key[1] == "pos") for key in ORDER for _ in reviews[key]]
     df = pd.DataFrame({"text": texts, "label": labels})
@@ -413,9 +401,8 @@ def book_partition(
 
 
 def _imdb_identity(source: Path | None, data_dir: Path) -> dict[str, Any]:
-    """What identifies the source in ``meta.json``, without downloading: a folder's fingerprint
-    (names, sizes and mtimes), an archive's sha256 (only ``kind`` and ``path`` while the default
-    archive is not downloaded yet). Cheap; every OS problem is a DataError for data.source."""
+    """The source's ``meta.json`` identity, never downloading: a folder's fingerprint, an
+    archive's sha256 (none while the default archive is not downloaded yet)."""
     if source is not None and source.is_dir():
         digest = hashlib.sha256()  # names, sizes and mtimes: a cheap change detector
         for subset, label, name, _, st in _review_files(source):

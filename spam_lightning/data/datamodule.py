@@ -25,8 +25,7 @@ from spam_lightning.data.source import (
     source_sha256,
 )
 from spam_lightning.data.table import (
-    ON_BAD_ROWS,
-    SPLIT_PROCEDURES,
+    check_choice,
     load_prepared,
     prepare,
     read_prepared_table,
@@ -118,11 +117,6 @@ class BookShuffleSampler(RandomSampler):
         self._resume = state
 
 
-def _choice(option: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
-
-
 def _int_at_least(option: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{option}={value!r}: must be an integer >= {low}")
@@ -148,7 +142,7 @@ def check_loader_options(
 ) -> None:
     """Impossible loader options fail at construction, before any download (max_length: in
     ``resolve_max_length``)."""
-    _choice("data.padding", padding, PADDING_MODES)
+    check_choice("data.padding", padding, PADDING_MODES)
     for option, value, low in (
         ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
         ("context_length", context_length, 1), ("pad_token_id", pad_token_id, 0), ("seed", seed, 0),
@@ -385,14 +379,13 @@ class SpamDataModule(TextClassificationDataModule):
         pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error", split_seed: int = 123,
         train_frac: float = 0.7, val_frac: float = 0.1, split: str = "chapter",
     ) -> None:
-        _choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
-        _choice("data.split", split, SPLIT_PROCEDURES)
         super().__init__(
             data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
             seed, pad_token_id,
         )
         _int_at_least("data.split_seed", split_seed, 0)
         train_frac, val_frac = check_split_fractions(train_frac, val_frac)
+        self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
         urls = [str(u) for u in (urls or ())]  # plain values: hparams go into checkpoints
         source = BUNDLED if source is None else str(source)
         if source == DOWNLOAD and not urls:
@@ -428,8 +421,7 @@ class SpamDataModule(TextClassificationDataModule):
     def load_splits(self) -> dict[str, SplitData]:
         """The prepared CSVs, if ``meta.json`` records this source's sha256 (recomputed on every
         rank: a folder re-prepared from another source is refused)."""
-        settings = split_settings(self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows, self.split)
         source = {"sha256": source_sha256(self.source)}
-        paths = load_prepared(self.data_dir, settings, source, "data", f"data.source={self.source}")
+        paths = load_prepared(self.data_dir, self.settings, source, "data", f"data.source={self.source}")
         tables = {s: read_prepared_table(p, b, "Text", "Label") for s, (p, b) in paths.items()}
         return {s: SplitData(t.texts, [int(v) for v in t.labels], t.name) for s, t in tables.items()}

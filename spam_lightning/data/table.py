@@ -59,20 +59,14 @@ csv.field_size_limit(2**31 - 1)  # pandas has no limit on a field (the default: 
 
 
 class Row(NamedTuple):
-    """One row as pandas would split it, with the 1-based lines it starts and ends on."""
-
     line: int
     end_line: int
     fields: list[str]
 
 
 def read_rows(text: str, sep: str, name: str) -> tuple[list[Row], int | None]:
-    """The rows of ``text`` (blank lines skipped, as pandas does) and, if a quoted field is never
-    closed (pandas: "EOF inside string"), the line where that row starts.
-
-    A closing quote and a newline are fed after the text: they end an unclosed quoted field (that
-    row then ends past the last line), or else form one extra row; either way it is not data.
-    """
+    """The rows (blank lines skipped, as pandas) and the start line of a quoted field never
+    closed, if any: a closing quote fed after the text ends it, or forms one extra row."""
     lines = list(io.StringIO(text, newline=""))  # split at \\r, \\n, \\r\\n only, as pandas
     reader = csv.reader(itertools.chain(lines, ['"\n']), delimiter=sep, strict=False)
     rows: list[Row] = []
@@ -97,8 +91,7 @@ def bad_rows_error(name: str, problems: list[str], hint: str) -> DataError:
 
 @dataclass(frozen=True)
 class Table:
-    """A checked table as strings: every column (``frame``), its texts and labels, each row's
-    start line (None for our own prepared CSVs, read unchecked) and the skipped problems."""
+    """A table as strings; ``lines``: each row's start line (None: our own CSVs, read unchecked)."""
 
     texts: list[str]
     labels: list[str]
@@ -148,14 +141,9 @@ def read_checked(
     allowed: Sequence[str] | None = None, on_bad_rows: str = "error",
     require_all_labels: bool = False, allow_empty: bool = False, hint: str = SKIP_HINT,
 ) -> Table:
-    """Read a user-supplied table once and check every row; each problem names file and line.
-
-    ``fixed``: the exact columns (the SMS file has no header; a split CSV has exactly this one),
-    else the header names them. ``allowed``: the labels allowed (kept as written), else any
-    non-empty label (stripped). ``on_bad_rows="skip"`` drops bad rows and logs how many.
-    """
-    if on_bad_rows not in ON_BAD_ROWS:
-        raise ValueError(f"data.on_bad_rows={on_bad_rows!r}: allowed values are error, skip")
+    """Read a user's table once, checking every row (each problem names file and line).
+    ``fixed``: the exact columns, else the header's; ``allowed``: the labels, else any non-empty
+    one (stripped); ``on_bad_rows="skip"`` drops bad rows and logs how many."""
     if not data:
         raise DataError(f"{name}, line 1: the file is empty (0 bytes)")
     # a leading BOM dropped (as pandas does); bad bytes kept as lone surrogates, so that the
@@ -312,9 +300,8 @@ def check_splits_not_empty(
 
 @contextlib.contextmanager
 def locked(data_dir: Path) -> Iterator[None]:
-    """Hold ``data_dir``'s lock (DDP ranks and sweep jobs prepare once) and sweep the temporaries
-    killed writers left. A folder that cannot be written (read-only, or the lock cannot be
-    created) is one DataError naming the fix."""
+    """Hold ``data_dir``'s lock (ranks and jobs prepare once), sweeping killed writers' temporaries;
+    a folder that cannot be written is one DataError naming the fix."""
     held = contextlib.ExitStack()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -369,10 +356,9 @@ def ensure_prepared(
     data_dir: Path, settings: dict[str, Any], identity: Callable[[bool], dict[str, Any] | None],
     build: Callable[[], tuple[dict[str, bytes], dict[str, Any]]], what: str,
 ) -> tuple[dict[str, Any], bool]:
-    """``(meta, reused)``: the prepared CSVs in ``data_dir`` if ``meta.json`` records
-    ``settings`` and ``identity(locked)`` (the source keys it must record; None: unknown until
-    locked), read without lock or write access; else, under the lock, checked again, then
-    ``build() -> (csv bytes by split, meta)`` written: each file atomically, ``meta.json`` last."""
+    """``(meta, reused)``: reuse ``data_dir`` if ``meta.json`` records ``settings`` and
+    ``identity(locked)`` (None: unknown until locked), with no lock; else under the lock check
+    again, then write ``build() -> (csv bytes by split, meta)`` atomically, ``meta.json`` last."""
     if read_meta(data_dir) is not None and (source := identity(False)) is not None:
         if (meta := matching_meta(data_dir, settings, source)) is not None:
             logger.info("reusing prepared %s in %s", what, data_dir)
@@ -442,22 +428,18 @@ class Prepared(NamedTuple):
     reused: bool
 
 
-def check_split(split: str) -> None:
-    if split not in SPLIT_PROCEDURES:
-        raise ValueError(
-            f"data.split={split!r}: allowed values are chapter, bonus (chapter: the chapter's "
-            f"split, gpt_class_finetune.py; bonus: the follow-up table's, "
-            f"additional_experiments.py, which shuffles the balanced table once more)"
-        )
+def check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
 
 
 def split_settings(
     seed: int, train_frac: float, val_frac: float, on_bad_rows: str, split: str = "chapter"
 ) -> dict:
-    """The settings recorded in (and matched against) ``meta.json``. ``split`` is recorded only
-    when it is not ``chapter``: folders prepared before ``data.split`` existed hold exactly the
-    chapter's CSVs under exactly these settings, so they stay valid (and a bonus folder differs)."""
-    check_split(split)
+    """The settings ``meta.json`` records (``split`` only when not ``chapter``: older folders
+    stay valid)."""
+    check_choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
+    check_choice("data.split", split, SPLIT_PROCEDURES)
     settings = {"format": FORMAT_VERSION, "split_seed": int(seed), "train_frac": float(train_frac),
                 "val_frac": float(val_frac), "on_bad_rows": on_bad_rows}
     return settings if split == "chapter" else {**settings, "split": split}
@@ -469,10 +451,8 @@ def prepare(
     val_frac: float = 0.1, on_bad_rows: str = "error", timeout: float = DOWNLOAD_TIMEOUT,
     split: str = "chapter",
 ) -> Prepared:
-    """Get the source (``bundled``/``None``, ``download`` or a path), then write
-    ``train/validation/test.csv`` + ``meta.json`` in ``data_dir``; locked, and reused while
-    ``meta.json`` records the same source sha256 and split settings. ``split``: ``chapter``
-    (gpt_class_finetune.py) or ``bonus`` (additional_experiments.py: one more shuffle)."""
+    """Get the source (``bundled``/``None``, ``download`` or a path) and write the split CSVs +
+    ``meta.json`` in ``data_dir``, reused while the source sha256 and settings match."""
     data_dir = Path(data_dir).expanduser().resolve()
     settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
     src: SourceData | None = None

@@ -1,7 +1,5 @@
-"""GPT-2 tokens: the tiktoken encoder built from the bundled BPE files, encoding, ``max_length``
-and batch collation, shared by training and inference so a message is tokenized, truncated and
-padded the same way everywhere.
-"""
+"""GPT-2 tokens (tiktoken from the bundled BPE files), ``max_length`` and collation, shared by
+training and inference so a message is tokenized, truncated and padded the same everywhere."""
 
 from __future__ import annotations
 
@@ -41,9 +39,8 @@ def _read_verified(path: Path) -> bytes:
 
 
 def gpt2_mergeable_ranks(folder: Path = GPT2_ASSETS) -> dict[bytes, int]:
-    """GPT-2's BPE ranks from ``vocab.bpe``, as ``tiktoken.load.data_gym_to_mergeable_bpe_ranks``
-    computes them (without copying the files into tiktoken's cache): the 256 bytes in GPT-2's
-    byte-to-unicode order, then every merge; checked to equal ``encoder.json``'s table."""
+    """``tiktoken.load.data_gym_to_mergeable_bpe_ranks`` without its cache (which writes copies):
+    the 256 bytes in GPT-2's order, then every merge; checked against ``encoder.json``."""
     vocab = _read_verified(Path(folder) / "vocab.bpe").decode("utf-8")
     encoder = json.loads(_read_verified(Path(folder) / "encoder.json"))
     # GPT-2 writes byte b as chr(b) if it is printable and not a space, else as chr(256 + n)
@@ -90,9 +87,8 @@ def encode_texts(
     texts: Sequence[str], max_length: int | None = None, context_length: int | None = None,
     tokenizer: Any = None,
 ) -> list[list[int]]:
-    """GPT-2 ids of each text, truncated to ``min(max_length, context_length)`` (those given), as
-    the chapter's ``SpamDataset`` / ``classify_review`` do. ``<|endoftext|>`` inside a text is
-    plain text (user input must never inject a pad token)."""
+    """GPT-2 ids, truncated to ``min(max_length, context_length)`` as the chapter does;
+    ``<|endoftext|>`` in a text is plain text (input never injects a pad token)."""
     tok = tokenizer if tokenizer is not None else get_tokenizer()
     limit = min((v for v in (max_length, context_length) if v is not None), default=None)
     return [ids[:limit] for ids in tok.encode_batch(list(texts), disallowed_special=())]
@@ -132,10 +128,8 @@ def collate(
     padding: str = "longest", max_length: int | None = None, pad_token_id: int = PAD_TOKEN_ID,
     indices: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A batch dict: ``input_ids``, ``lengths`` (true lengths: a text may itself hold token
-    50256), ``index`` and, if given, ``labels``. ``padding``: ``longest`` right-pads to
-    ``max_length`` (the chapter), ``batch`` to the batch's longest, ``none`` stacks equally long
-    sequences. Sequences must be non-empty and already truncated to ``max_length``."""
+    """``input_ids``, ``lengths`` (a text may hold token 50256), ``index``, ``labels``; padded to
+    ``max_length`` (``longest``, the chapter), the batch's longest (``batch``) or not (``none``)."""
     if padding not in PADDING_MODES:
         raise ValueError(f"padding={padding!r}: allowed values are {', '.join(PADDING_MODES)}")
     if not token_lists:
