@@ -32,6 +32,7 @@ from spam_lightning.data.source import (
     path_problem,
     read_local,
     resolve_path,
+    sha256_bytes,
 )
 from spam_lightning.data.table import (
     SPLIT_FILES,
@@ -71,9 +72,9 @@ def natural_sorted(labels: Sequence[str]) -> list[str]:
     return sorted(unique, key=int) if all(_INT_RE.fullmatch(v) for v in unique) else sorted(unique)
 
 
-def map_labels(
+def to_splits(
     tables: dict[str, Table], class_names: Sequence[str] | None
-) -> tuple[list[str], dict[str, list[int]]]:
+) -> tuple[list[str], dict[str, SplitData]]:
     """Class names (given: matched by name, or as indices when no label is a name; else the
     sorted training labels, which every validation / test label must be) and class indices."""
     train = tables["train"]
@@ -115,14 +116,8 @@ def map_labels(
     if missing:
         missed = ", ".join(names[i] for i in sorted(missing))
         logger.warning("%s: no training examples of class(es) %s", train.name, missed)
-    return names, {s: [lookup[lab] for lab in t.labels] for s, t in tables.items()}
-
-
-def to_splits(
-    tables: dict[str, Table], class_names: Sequence[str] | None
-) -> tuple[list[str], dict[str, SplitData]]:
-    names, indices = map_labels(tables, class_names)
-    return names, {s: SplitData(t.texts, indices[s], t.name, t.lines) for s, t in tables.items()}
+    return names, {s: SplitData(t.texts, [lookup[lab] for lab in t.labels], t.name, t.lines)
+                   for s, t in tables.items()}
 
 
 def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
@@ -153,10 +148,8 @@ class CSVDataModule(TextClassificationDataModule):
         padding: str = "longest", bucketing: bool = False, batch_size: int = 8,
         num_workers: int = 0, seed: int = 123, pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__(
-            data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
-            seed, pad_token_id,
-        )
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id)
         train_frac, val_frac = check_split_fractions(train_frac, val_frac)
         files = {"train": train, "validation": validation, "test": test}
         given = {k: v for k, v in files.items() if v is not None}
@@ -191,15 +184,12 @@ class CSVDataModule(TextClassificationDataModule):
         self.source = _path(source)
         self.files = {k: _path(v) for k, v in files.items()}
         self.text_column, self.label_column = str(text_column), str(label_column)
-        self.sep = resolve_sep(sep, source if source is not None else train)
-        self.balance = bool(balance)
-        self.split_seed = int(split_seed)
-        self.train_frac, self.val_frac = train_frac, val_frac
         self.class_names = list(self.fixed_class_names or [])
         self.settings = {
             "format": CSV_FORMAT_VERSION, "kind": "csv", "text_column": self.text_column,
-            "label_column": self.label_column, "sep": self.sep, "balance": self.balance,
-            "split_seed": self.split_seed, "train_frac": self.train_frac, "val_frac": self.val_frac,
+            "label_column": self.label_column, "sep": resolve_sep(sep, source or train),
+            "balance": bool(balance), "split_seed": int(split_seed), "train_frac": train_frac,
+            "val_frac": val_frac,
         }
 
     def prepare_data(self) -> None:
@@ -211,15 +201,15 @@ class CSVDataModule(TextClassificationDataModule):
         cols = (self.text_column, self.label_column)
         if self.source is None:  # the user's own files: checked
             tables = {
-                s: read_text_table(read_local(p, f"data.{s}", MAX_CSV_BYTES), str(p), *cols, self.sep)
+                s: read_text_table(read_local(p, f"data.{s}", MAX_CSV_BYTES), str(p), *cols,
+                                   self.settings["sep"])
                 for s, p in self.files.items()
                 if p is not None
             }
         else:  # checked against the source as it is now (every rank: cheap, one hash)
             identity = csv_identity(self.source, read_local(self.source, "data.source", MAX_CSV_BYTES))
-            what = f"split of {self.source}"
-            ours = f"data.source={self.source}"
-            paths = load_prepared(self.data_dir, self.settings, identity, what, ours)
+            paths = load_prepared(self.data_dir, self.settings, identity, f"split of {self.source}",
+                                  f"data.source={self.source}")
             tables = {s: read_prepared_table(p, b, *cols) for s, (p, b) in paths.items()}
         self.class_names, splits = to_splits(tables, self.fixed_class_names)
         return splits
@@ -236,7 +226,7 @@ def balance_classes(frame: pd.DataFrame, labels: pd.Series, seed: int) -> pd.Dat
 
 def csv_identity(source: Path, data: bytes) -> dict[str, Any]:
     """What identifies a CSV source in ``meta.json``: its path and sha256."""
-    return {"path": str(source), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"path": str(source), "sha256": sha256_bytes(data)}
 
 
 def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -479,10 +469,8 @@ class IMDBDataModule(TextClassificationDataModule):
         batch_size: int = 8, num_workers: int = 0, seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__(
-            data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
-            seed, pad_token_id,
-        )
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id)
         _int_at_least("data.train_size", train_size, 1)
         _int_at_least("data.val_size", val_size, 0)
         if test_size is not None:

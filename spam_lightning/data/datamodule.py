@@ -50,8 +50,6 @@ class TokenDataset(Dataset):
     """One tokenized split; items are ``(token_ids, label, index)``. Plain lists: picklable."""
 
     def __init__(self, token_ids: list[list[int]], labels: list[int], texts: list[str]) -> None:
-        if not (len(token_ids) == len(labels) == len(texts)):
-            raise ValueError("token_ids, labels and texts must have the same length")
         self.token_ids, self.labels, self.texts = token_ids, labels, texts
 
     def __len__(self) -> int:
@@ -379,10 +377,8 @@ class SpamDataModule(TextClassificationDataModule):
         pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error", split_seed: int = 123,
         train_frac: float = 0.7, val_frac: float = 0.1, split: str = "chapter",
     ) -> None:
-        super().__init__(
-            data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
-            seed, pad_token_id,
-        )
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id)
         _int_at_least("data.split_seed", split_seed, 0)
         train_frac, val_frac = check_split_fractions(train_frac, val_frac)
         self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
