@@ -1,9 +1,5 @@
-"""Data layer: the SMS Spam Collection (chapter 6), any text-classification CSV and IMDB as GPT-2
-token batches.
-
-Names load lazily, so that ``spam_lightning.data.tokens`` (inference) and ``.table`` (scripts)
-do not pay for importing Lightning.
-"""
+"""Data: the SMS Spam Collection (chapter 6), any text-classification CSV and IMDB as token
+batches. Names load lazily: ``.tokens`` (inference) and ``.table`` never import Lightning."""
 
 from __future__ import annotations
 
@@ -30,7 +26,3 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)

@@ -132,34 +132,20 @@ def collate(
     ``max_length`` (``longest``, the chapter), the batch's longest (``batch``) or not (``none``)."""
     if padding not in PADDING_MODES:
         raise ValueError(f"padding={padding!r}: allowed values are {', '.join(PADDING_MODES)}")
-    if not token_lists:
-        raise ValueError("collate() needs at least one sequence")
     lengths = [len(ids) for ids in token_lists]
-    for i, n in enumerate(lengths):
-        if n == 0:
-            raise ValueError(f"sequence {i} is empty (an empty text has no tokens)")
-        if max_length is not None and n > max_length:
-            raise ValueError(
-                f"sequence {i} has {n} tokens > max_length {max_length}; truncate it first "
-                f"(encode_texts(..., max_length=...))"
-            )
-    if padding == "longest" and max_length is None:
-        raise ValueError("padding='longest' pads to max_length, which must be given")
+    if 0 in lengths:
+        raise ValueError(f"sequence {lengths.index(0)} is empty (an empty text has no tokens)")
+    if max_length is not None and max(lengths) > max_length:
+        raise ValueError(f"a sequence has {max(lengths)} tokens > max_length {max_length}; truncate "
+                         f"it first (encode_texts(..., max_length=...))")
     if padding == "none" and len(set(lengths)) > 1:
-        raise ValueError(
-            "padding='none' cannot batch sequences of different lengths; use batch size 1"
-        )
+        raise ValueError("padding='none' cannot batch sequences of different lengths; use batch size 1")
     width = max_length if padding == "longest" else max(lengths)
     input_ids = torch.full((len(token_lists), width), pad_token_id, dtype=torch.long)
     for row, ids in enumerate(token_lists):
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    batch = {
-        "input_ids": input_ids,
-        "lengths": torch.tensor(lengths, dtype=torch.long),
-        "index": torch.as_tensor(
-            list(indices) if indices is not None else range(len(token_lists)), dtype=torch.long
-        ),
-    }
+    index = torch.as_tensor(list(indices) if indices is not None else range(len(lengths)))
+    batch = {"input_ids": input_ids, "lengths": torch.tensor(lengths), "index": index.long()}
     if labels is not None:
         batch["labels"] = torch.as_tensor(list(labels), dtype=torch.long)
     return batch
@@ -174,6 +160,3 @@ class Collator:
     def __call__(self, items: Sequence[tuple[list[int], int, int]]) -> dict[str, torch.Tensor]:
         ids, labels, indices = zip(*items, strict=True)
         return collate(ids, labels, self.padding, self.max_length, self.pad_token_id, indices)
-
-    def __repr__(self) -> str:
-        return f"Collator(padding={self.padding!r}, max_length={self.max_length})"
