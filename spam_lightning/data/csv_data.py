@@ -37,7 +37,6 @@ from spam_lightning.data.source import (
 from spam_lightning.data.table import (
     SPLIT_FILES,
     Table,
-    check_splits_not_empty,
     ensure_prepared,
     load_prepared,
     random_split,
@@ -236,23 +235,18 @@ def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) ->
     identity = csv_identity(source, data)
 
     def build() -> tuple[dict[str, bytes], dict[str, Any]]:
-        table = read_text_table(
-            data, str(source), settings["text_column"], settings["label_column"], settings["sep"]
-        )
+        cols = settings["text_column"], settings["label_column"]
+        table = read_text_table(data, str(source), *cols, settings["sep"])
         frame = table.frame
         if settings["balance"]:
             frame = balance_classes(frame, pd.Series(table.labels, index=frame.index), settings["split_seed"])
-        train_frac, val_frac = settings["train_frac"], settings["val_frac"]
-        splits = random_split(frame, train_frac, val_frac, settings["split_seed"])
-        check_splits_not_empty(str(source), len(frame), splits, train_frac, val_frac)
+        splits = random_split(frame, settings["train_frac"], settings["val_frac"],
+                              settings["split_seed"], str(source))
         counts = {}
-        for split, part in zip(SPLIT_FILES, splits, strict=True):
+        for split, part in splits.items():
             labels = part[settings["label_column"]].str.strip().value_counts().sort_index()
             counts[split] = {"rows": len(part), "labels": {k: int(v) for k, v in labels.items()}}
-        parts = {
-            s: p.to_csv(index=False, quoting=csv.QUOTE_ALL).encode("utf-8")
-            for s, p in zip(SPLIT_FILES, splits, strict=True)
-        }
+        parts = {s: p.to_csv(index=False, quoting=csv.QUOTE_ALL).encode("utf-8") for s, p in splits.items()}
         return parts, {"source": {**identity, "bytes": len(data)},
                        "rows": {"read": len(table.frame), "used": len(frame)}, "splits": counts}
 
@@ -471,11 +465,10 @@ class IMDBDataModule(TextClassificationDataModule):
     ) -> None:
         super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
                          num_workers, seed, pad_token_id)
-        _int_at_least("data.train_size", train_size, 1)
-        _int_at_least("data.val_size", val_size, 0)
-        if test_size is not None:
-            _int_at_least("data.test_size", test_size, 1)
-        _int_at_least("data.shuffle_seed", shuffle_seed, 0)
+        for option, value, low in (("train_size", train_size, 1), ("val_size", val_size, 0),
+                                   ("test_size", 1 if test_size is None else test_size, 1),
+                                   ("shuffle_seed", shuffle_seed, 0)):
+            _int_at_least(f"data.{option}", value, low)
         names = [str(n) for n in class_names]
         if len(names) != 2 or len(set(names)) != 2:
             raise ValueError(f"data.class_names={names}: IMDB has 2 classes (negative, positive)")

@@ -109,7 +109,8 @@ class BookShuffleSampler(RandomSampler):
         else:
             seed, skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
         self.epoch_seed = seed
-        yield from torch.randperm(len(self.data_source), generator=torch.Generator().manual_seed(seed)).tolist()[skip:]
+        generator = torch.Generator().manual_seed(seed)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()[skip:]
 
     def resume_at(self, state: dict[str, Any]) -> None:
         self._resume = state
@@ -132,31 +133,6 @@ class SplitData:
 
     def line(self, row: int) -> int:
         return self.lines[row] if self.lines is not None else row + 2
-
-
-def check_loader_options(
-    context_length: int, padding: str, bucketing: bool, batch_size: int, num_workers: int,
-    seed: int, pad_token_id: int,
-) -> None:
-    """Impossible loader options fail at construction, before any download (max_length: in
-    ``resolve_max_length``)."""
-    check_choice("data.padding", padding, PADDING_MODES)
-    for option, value, low in (
-        ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-        ("context_length", context_length, 1), ("pad_token_id", pad_token_id, 0), ("seed", seed, 0),
-    ):
-        _int_at_least(f"data.{option}", value, low)
-    if padding == "none" and batch_size > 1:
-        raise ValueError(
-            f"data.padding=none cannot batch sequences of different lengths, but "
-            f"data.batch_size={batch_size}: use data.batch_size=1 and "
-            f"trainer.accumulate_grad_batches={batch_size} for an effective batch of {batch_size}"
-        )
-    if bucketing and padding != "batch":
-        raise ValueError(
-            f"data.bucketing=true groups examples of similar length, which only saves "
-            f"work with data.padding=batch (got data.padding={padding})"
-        )
 
 
 def check_split_fractions(train_frac: Any, val_frac: Any) -> tuple[float, float]:
@@ -186,10 +162,22 @@ class TextClassificationDataModule(L.LightningDataModule):
         batch_size: int = 8, num_workers: int = 0, seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__()
-        check_loader_options(
-            context_length, padding, bucketing, batch_size, num_workers, seed, pad_token_id
-        )
+        super().__init__()  # impossible options fail here, before any download
+        check_choice("data.padding", padding, PADDING_MODES)
+        for option, value, low in (
+            ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+            ("context_length", context_length, 1), ("pad_token_id", pad_token_id, 0), ("seed", seed, 0),
+        ):
+            _int_at_least(f"data.{option}", value, low)
+        if padding == "none" and batch_size > 1:
+            raise ValueError(
+                f"data.padding=none cannot batch sequences of different lengths, but "
+                f"data.batch_size={batch_size}: use data.batch_size=1 and "
+                f"trainer.accumulate_grad_batches={batch_size} for an effective batch of {batch_size}"
+            )
+        if bucketing and padding != "batch":
+            raise ValueError(f"data.bucketing=true groups examples of similar length, which only saves "
+                             f"work with data.padding=batch (got data.padding={padding})")
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.max_length_option = max_length
         self.context_length, self.padding, self.bucketing = int(context_length), padding, bucketing

@@ -272,27 +272,23 @@ def balance_for_split(df: pd.DataFrame, split: str = "chapter", seed: int = 123)
 
 
 def random_split(
-    df: pd.DataFrame, train_frac: float = 0.7, validation_frac: float = 0.1, seed: int = 123
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The chapter's ``random_split``: shuffle, then integer arithmetic -> 1,045 / 149 / 300."""
+    df: pd.DataFrame, train_frac: float, val_frac: float, seed: int, name: str
+) -> dict[str, pd.DataFrame]:
+    """The chapter's ``random_split`` (shuffle, then integer arithmetic -> 1,045 / 149 / 300);
+    an empty split (nothing to train on, NaN metrics) is refused before anything is written."""
     df = shuffle(df, seed)
     train_end = int(len(df) * train_frac)
-    validation_end = train_end + int(len(df) * validation_frac)
-    return df[:train_end], df[train_end:validation_end], df[validation_end:]
-
-
-def check_splits_not_empty(
-    name: str, rows: int, splits: Sequence[pd.DataFrame], train_frac: float, val_frac: float
-) -> None:
-    """An empty split would train on nothing or evaluate to NaN: refuse it before writing."""
-    for split, part in zip(SPLIT_FILES, splits, strict=True):
+    val_end = train_end + int(len(df) * val_frac)
+    splits = dict(zip(SPLIT_FILES, (df[:train_end], df[train_end:val_end], df[val_end:]), strict=True))
+    for split, part in splits.items():
         if len(part) == 0:
             raise DataError(
-                f"{name}: the {split} split is empty: {rows} rows split with "
+                f"{name}: the {split} split is empty: {len(df)} rows split with "
                 f"data.train_frac={train_frac:g}, data.val_frac={val_frac:g} (train gets "
                 f"int(rows * train_frac), validation int(rows * val_frac), test the rest); "
                 f"use more rows or larger fractions"
             )
+    return splits
 
 
 # ------------------------------------------------------------------ prepared folders (all datasets)
@@ -472,8 +468,7 @@ def prepare(
         else:
             table = read_table(src.data, src.name, on_bad_rows=on_bad_rows)
         balanced = balance_for_split(table.frame, split, split_seed)
-        splits = dict(zip(SPLIT_FILES, random_split(balanced, train_frac, val_frac, split_seed), strict=True))
-        check_splits_not_empty(src.name, len(balanced), list(splits.values()), train_frac, val_frac)
+        splits = random_split(balanced, train_frac, val_frac, split_seed, src.name)
         counts = {part: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
                   for part, f in splits.items()}
         rows = {"read": len(table.frame), "skipped": len(table.skipped),
