@@ -285,12 +285,11 @@ def cached_download(data_dir: Path) -> SourceData | None:
     """``data_dir/SMSSpamCollection`` if it is the verified file (a finished download), else None."""
     dest = data_dir / MEMBER_NAME
     try:
-        data = read_local(dest, "data.source=download", MAX_DOWNLOAD_BYTES) if dest.is_file() else None
+        data = read_local(dest, "data.source=download", MAX_DOWNLOAD_BYTES)
     except DataError:
-        data = None
-    if data is None or not _is_pinned(data):
         return None
-    return SourceData(data, str(dest), {"kind": DOWNLOAD, "path": str(dest)}, verified=True)
+    origin = {"kind": DOWNLOAD, "path": str(dest)}
+    return SourceData(data, str(dest), origin, verified=True) if _is_pinned(data) else None
 
 
 def load_source(

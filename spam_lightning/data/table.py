@@ -56,8 +56,6 @@ csv.field_size_limit(2**31 - 1)  # pandas has no limit on a field (the default: 
 
 
 # ------------------------------------------------------------------ reading with line numbers
-
-
 class Row(NamedTuple):
     line: int
     end_line: int
@@ -254,8 +252,6 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
 
 
 # ------------------------------------------------------------------ the chapter's balance and split
-
-
 def shuffle(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
     return df.sample(frac=1, random_state=seed).reset_index(drop=True)
 
@@ -292,8 +288,6 @@ def random_split(
 
 
 # ------------------------------------------------------------------ prepared folders (all datasets)
-
-
 @contextlib.contextmanager
 def locked(data_dir: Path) -> Iterator[None]:
     """Hold ``data_dir``'s lock (ranks and jobs prepare once), sweeping killed writers' temporaries;
@@ -323,20 +317,6 @@ def read_meta(data_dir: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, ValueError):  # (bad UTF-8 is a ValueError too)
         return None
     return meta if isinstance(meta, dict) else None
-
-
-def prepared_files(data_dir: Path, meta: dict[str, Any]) -> dict[str, tuple[Path, bytes]] | None:
-    """Each split CSV as (path, bytes), read once, if every one has the sha256 ``meta`` records."""
-    files, out = meta.get("files") or {}, {}
-    for split, fname in SPLIT_FILES.items():
-        try:
-            payload = (data_dir / fname).read_bytes()
-        except OSError:
-            return None
-        if sha256_bytes(payload) != files.get(fname):
-            return None
-        out[split] = (data_dir / fname, payload)
-    return out
 
 
 def matching_meta(
@@ -408,15 +388,19 @@ def _prepared(
             f"was configured with (another run re-prepared this folder after this one's "
             f"prepare_data). Rerun, or give each source its own data.data_dir"
         )
-    files = prepared_files(data_dir, meta)
-    if files is None:
-        raise generic
+    files = {}  # each split CSV read once, checked against the sha256 meta.json records
+    for split, fname in SPLIT_FILES.items():
+        try:
+            payload = (data_dir / fname).read_bytes()
+        except OSError:
+            raise generic from None
+        if sha256_bytes(payload) != (meta.get("files") or {}).get(fname):
+            raise generic
+        files[split] = (data_dir / fname, payload)
     return meta, files
 
 
 # ------------------------------------------------------------------ preparing the SMS data
-
-
 class Prepared(NamedTuple):
     data_dir: Path
     paths: dict[str, Path]
