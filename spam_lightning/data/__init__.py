@@ -7,7 +7,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "datamodule": ["SpamDataModule", "SplitData", "TextClassificationDataModule", "TokenDataset",
+    "datamodule": ["SpamDataModule", "TextClassificationDataModule", "TokenDataset",
                    "LengthGroupedSampler"],
     "csv_data": ["CSVDataModule", "IMDBDataModule", "IMDB_URLS", "prepare_imdb"],
     "source": ["DEFAULT_URLS", "DataError", "DownloadError", "EXPECTED_SHA256", "EXPECTED_SIZE"],

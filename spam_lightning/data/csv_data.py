@@ -11,13 +11,13 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from spam_lightning.data.datamodule import (
-    SplitData,
     TextClassificationDataModule,
     _int_at_least,
     check_split_fractions,
@@ -73,7 +73,7 @@ def natural_sorted(labels: Sequence[str]) -> list[str]:
 
 def to_splits(
     tables: dict[str, Table], class_names: Sequence[str] | None
-) -> tuple[list[str], dict[str, SplitData]]:
+) -> tuple[list[str], dict[str, Table]]:
     """Class names (given: matched by name, or as indices when no label is a name; else the
     sorted training labels, which every validation / test label must be) and class indices."""
     train = tables["train"]
@@ -115,8 +115,7 @@ def to_splits(
     if missing:
         missed = ", ".join(names[i] for i in sorted(missing))
         logger.warning("%s: no training examples of class(es) %s", train.name, missed)
-    return names, {s: SplitData(t.texts, [lookup[lab] for lab in t.labels], t.name, t.lines)
-                   for s, t in tables.items()}
+    return names, {s: replace(t, labels=[lookup[lab] for lab in t.labels]) for s, t in tables.items()}
 
 
 def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
@@ -196,7 +195,7 @@ class CSVDataModule(TextClassificationDataModule):
         if self.source is not None:
             prepare_csv_split(self.source, self.data_dir, self.settings)
 
-    def load_splits(self) -> dict[str, SplitData]:
+    def load_splits(self) -> dict[str, Table]:
         cols = (self.text_column, self.label_column)
         if self.source is None:  # the user's own files: checked
             tables = {
@@ -495,7 +494,7 @@ class IMDBDataModule(TextClassificationDataModule):
         """Download (or read ``data.source``) and write the book's split CSVs (locked, reused)."""
         prepare_imdb(self.source, self.data_dir, self.urls, self.sizes, self.shuffle_seed)
 
-    def load_splits(self) -> dict[str, SplitData]:
+    def load_splits(self) -> dict[str, Table]:
         settings = imdb_settings(self.sizes, self.shuffle_seed)
         identity = _imdb_identity(self.source, self.data_dir)  # the source as it is now
         ours = f"data.source={self.source or 'null (the download)'}"

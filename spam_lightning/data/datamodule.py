@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from spam_lightning.data.source import (
     source_sha256,
 )
 from spam_lightning.data.table import (
+    Table,
     check_choice,
     load_prepared,
     prepare,
@@ -122,19 +123,6 @@ def _int_at_least(option: str, value: Any, low: int) -> int:
     return value
 
 
-@dataclass
-class SplitData:
-    """One split as read; ``lines``: each row's start line (unknown: a header, then a line per row)."""
-
-    texts: list[str]
-    labels: list[int]
-    name: str
-    lines: list[int] | None = None
-
-    def line(self, row: int) -> int:
-        return self.lines[row] if self.lines is not None else row + 2
-
-
 def check_split_fractions(train_frac: Any, val_frac: Any) -> tuple[float, float]:
     """Both in (0, 1) with a sum < 1: an empty validation or test split breaks evaluation."""
     allowed = "a number with 0 < value < 1"
@@ -225,7 +213,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             )
         return self._max_length
 
-    def load_splits(self) -> dict[str, SplitData]:
+    def load_splits(self) -> dict[str, Table]:
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
@@ -402,10 +390,10 @@ class SpamDataModule(TextClassificationDataModule):
             split=self.split,
         )
 
-    def load_splits(self) -> dict[str, SplitData]:
+    def load_splits(self) -> dict[str, Table]:
         """The prepared CSVs, if ``meta.json`` records this source's sha256 (recomputed on every
         rank: a folder re-prepared from another source is refused)."""
         source = {"sha256": source_sha256(self.source)}
         paths = load_prepared(self.data_dir, self.settings, source, "data", f"data.source={self.source}")
         tables = {s: read_prepared_table(p, b, "Text", "Label") for s, (p, b) in paths.items()}
-        return {s: SplitData(t.texts, [int(v) for v in t.labels], t.name) for s, t in tables.items()}
+        return {s: replace(t, labels=[int(v) for v in t.labels]) for s, t in tables.items()}

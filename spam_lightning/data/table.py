@@ -89,10 +89,11 @@ def bad_rows_error(name: str, problems: list[str], hint: str) -> DataError:
 
 @dataclass(frozen=True)
 class Table:
-    """A table as strings; ``lines``: each row's start line (None: our own CSVs, read unchecked)."""
+    """A table (labels: strings, or class indices once mapped); ``lines``: each row's start line
+    (None: our own CSVs, read unchecked)."""
 
     texts: list[str]
-    labels: list[str]
+    labels: list[Any]
     name: str
     frame: pd.DataFrame
     lines: list[int] | None = None
