@@ -178,9 +178,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         # data.bucketing only: one generator for the whole fit, saved in checkpoints. The plain
         # shuffled loader draws from the global torch RNG, as the chapter's does.
         self._train_generator = torch.Generator().manual_seed(self.seed)
-        self.train_dataset: TokenDataset | None = None
-        self.val_dataset: TokenDataset | None = None
-        self.test_dataset: TokenDataset | None = None
+        self.train_dataset = self.val_dataset = self.test_dataset = None  # TokenDatasets after setup
         self._book_sampler: BookShuffleSampler | None = None
         self._pending_resume: dict[str, Any] | None = None
         self.tokenizer: Any = None  # None: GPT-2's (tiktoken); else use_tokenizer's
@@ -207,10 +205,8 @@ class TextClassificationDataModule(L.LightningDataModule):
     @property
     def max_length(self) -> int:
         if self._max_length is None:
-            raise AttributeError(
-                "max_length is known after setup(): data.max_length=null means the longest "
-                "training sequence"
-            )
+            raise AttributeError("max_length is known after setup(): data.max_length=null means the "
+                                 "longest training sequence")
         return self._max_length
 
     def load_splits(self) -> dict[str, Table]:
@@ -234,10 +230,8 @@ class TextClassificationDataModule(L.LightningDataModule):
                 raise DataError(f"{data.name}, line {data.line(empty)}: empty text")
             datasets.append(TokenDataset(ids, data.labels, data.texts))
         if len(datasets[0]) < self.batch_size:
-            raise DataError(
-                f"{splits['train'].name}: {len(datasets[0])} training rows < "
-                f"data.batch_size={self.batch_size}, so drop_last leaves no training batch"
-            )
+            raise DataError(f"{splits['train'].name}: {len(datasets[0])} training rows < data.batch_size="
+                            f"{self.batch_size}, so drop_last leaves no training batch")
         self._max_length = max_length
         self.train_dataset, self.val_dataset, self.test_dataset = datasets
         logger.info(
