@@ -42,7 +42,7 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    text = json.dumps(data, indent=2, default=str) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 

@@ -1,9 +1,5 @@
-"""Data layer: the SMS Spam Collection (chapter 6), any text-classification CSV and IMDB as GPT-2
-token batches.
-
-Names load lazily, so that ``spam_lightning.data.tokens`` (inference) and ``.table`` (scripts)
-do not pay for importing Lightning.
-"""
+"""Data: the SMS Spam Collection (chapter 6), any text-classification CSV and IMDB as token
+batches. Names load lazily: ``.tokens`` (inference) and ``.table`` never import Lightning."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "datamodule": ["SpamDataModule", "SplitData", "TextClassificationDataModule", "TokenDataset",
+    "datamodule": ["SpamDataModule", "TextClassificationDataModule", "TokenDataset",
                    "LengthGroupedSampler"],
     "csv_data": ["CSVDataModule", "IMDBDataModule", "IMDB_URLS", "prepare_imdb"],
     "source": ["DEFAULT_URLS", "DataError", "DownloadError", "EXPECTED_SHA256", "EXPECTED_SIZE"],
@@ -30,7 +26,3 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)

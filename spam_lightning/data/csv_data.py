@@ -1,30 +1,23 @@
-"""Any text-classification CSV (``CSVDataModule``) and IMDB (``IMDBDataModule``), same pipeline.
-
-A CSV comes as three split files (``data.train``, ``data.validation``, ``data.test``) or one file
-(``data.source``) shuffled with a fixed seed and split 70/10/20 like the chapter, optionally
-balanced first. Class names come from the data (the sorted training labels) unless
-``data.class_names`` fixes them. IMDB is prepared as the book's bonus script
-``ch06/03_bonus_imdb-classification/download_prepare_dataset.py`` does, then read as a CSV.
-"""
+"""Any text-classification CSV (three split files, or one split 70/10/20 like the chapter) and
+IMDB (prepared as the book's bonus ``download_prepare_dataset.py`` does), through one pipeline."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import logging
 import os
 import re
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from spam_lightning.data.datamodule import (
-    SplitData,
     TextClassificationDataModule,
     _int_at_least,
     check_split_fractions,
@@ -39,14 +32,15 @@ from spam_lightning.data.source import (
     path_problem,
     read_local,
     resolve_path,
+    sha256_bytes,
 )
 from spam_lightning.data.table import (
     SPLIT_FILES,
     Table,
-    check_splits_not_empty,
     ensure_prepared,
     load_prepared,
     random_split,
+    read_prepared_table,
     read_text_table,
 )
 from spam_lightning.data.tokens import PAD_TOKEN_ID
@@ -71,29 +65,17 @@ def resolve_sep(sep: str | None, path: str | os.PathLike[str] | None) -> str:
     return sep
 
 
-def read_prepared_table(path: Path, payload: bytes, text_column: str, label_column: str) -> Table:
-    """One of our own split CSVs (its bytes, checked against the sha256 in meta.json), so a plain
-    read."""
-    frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
-    labels = frame[label_column].str.strip().tolist()
-    return Table(frame[text_column].tolist(), labels, str(path), frame)
-
-
 def natural_sorted(labels: Sequence[str]) -> list[str]:
     """Unique labels, numerically when all are integers (2 before 10), else as strings."""
     unique = set(labels)
     return sorted(unique, key=int) if all(_INT_RE.fullmatch(v) for v in unique) else sorted(unique)
 
 
-def map_labels(
+def to_splits(
     tables: dict[str, Table], class_names: Sequence[str] | None
-) -> tuple[list[str], dict[str, list[int]]]:
-    """Class names (given, or the sorted training labels) and each split's class indices.
-
-    Given names match labels by name, or as integer indices (``0`` -> the first name) when no
-    label is a name. Without, validation / test labels must occur in training: the head could
-    never predict a class it was not trained on.
-    """
+) -> tuple[list[str], dict[str, Table]]:
+    """Class names (given: matched by name, or as indices when no label is a name; else the
+    sorted training labels, which every validation / test label must be) and class indices."""
     train = tables["train"]
     every = {lab for t in tables.values() for lab in t.labels}
     if class_names:
@@ -133,14 +115,7 @@ def map_labels(
     if missing:
         missed = ", ".join(names[i] for i in sorted(missing))
         logger.warning("%s: no training examples of class(es) %s", train.name, missed)
-    return names, {s: [lookup[lab] for lab in t.labels] for s, t in tables.items()}
-
-
-def to_splits(
-    tables: dict[str, Table], class_names: Sequence[str] | None
-) -> tuple[list[str], dict[str, SplitData]]:
-    names, indices = map_labels(tables, class_names)
-    return names, {s: SplitData(t.texts, indices[s], t.name, t.lines) for s, t in tables.items()}
+    return names, {s: replace(t, labels=[lookup[lab] for lab in t.labels]) for s, t in tables.items()}
 
 
 def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
@@ -171,10 +146,8 @@ class CSVDataModule(TextClassificationDataModule):
         padding: str = "longest", bucketing: bool = False, batch_size: int = 8,
         num_workers: int = 0, seed: int = 123, pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__(
-            data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
-            seed, pad_token_id,
-        )
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id)
         train_frac, val_frac = check_split_fractions(train_frac, val_frac)
         files = {"train": train, "validation": validation, "test": test}
         given = {k: v for k, v in files.items() if v is not None}
@@ -209,15 +182,12 @@ class CSVDataModule(TextClassificationDataModule):
         self.source = _path(source)
         self.files = {k: _path(v) for k, v in files.items()}
         self.text_column, self.label_column = str(text_column), str(label_column)
-        self.sep = resolve_sep(sep, source if source is not None else train)
-        self.balance = bool(balance)
-        self.split_seed = int(split_seed)
-        self.train_frac, self.val_frac = train_frac, val_frac
         self.class_names = list(self.fixed_class_names or [])
         self.settings = {
             "format": CSV_FORMAT_VERSION, "kind": "csv", "text_column": self.text_column,
-            "label_column": self.label_column, "sep": self.sep, "balance": self.balance,
-            "split_seed": self.split_seed, "train_frac": self.train_frac, "val_frac": self.val_frac,
+            "label_column": self.label_column, "sep": resolve_sep(sep, source or train),
+            "balance": bool(balance), "split_seed": int(split_seed), "train_frac": train_frac,
+            "val_frac": val_frac,
         }
 
     def prepare_data(self) -> None:
@@ -225,19 +195,19 @@ class CSVDataModule(TextClassificationDataModule):
         if self.source is not None:
             prepare_csv_split(self.source, self.data_dir, self.settings)
 
-    def load_splits(self) -> dict[str, SplitData]:
+    def load_splits(self) -> dict[str, Table]:
         cols = (self.text_column, self.label_column)
         if self.source is None:  # the user's own files: checked
             tables = {
-                s: read_text_table(read_local(p, f"data.{s}", MAX_CSV_BYTES), str(p), *cols, self.sep)
+                s: read_text_table(read_local(p, f"data.{s}", MAX_CSV_BYTES), str(p), *cols,
+                                   self.settings["sep"])
                 for s, p in self.files.items()
                 if p is not None
             }
         else:  # checked against the source as it is now (every rank: cheap, one hash)
             identity = csv_identity(self.source, read_local(self.source, "data.source", MAX_CSV_BYTES))
-            what = f"split of {self.source}"
-            ours = f"data.source={self.source}"
-            paths = load_prepared(self.data_dir, self.settings, identity, what, ours)
+            paths = load_prepared(self.data_dir, self.settings, identity, f"split of {self.source}",
+                                  f"data.source={self.source}")
             tables = {s: read_prepared_table(p, b, *cols) for s, (p, b) in paths.items()}
         self.class_names, splits = to_splits(tables, self.fixed_class_names)
         return splits
@@ -254,34 +224,28 @@ def balance_classes(frame: pd.DataFrame, labels: pd.Series, seed: int) -> pd.Dat
 
 def csv_identity(source: Path, data: bytes) -> dict[str, Any]:
     """What identifies a CSV source in ``meta.json``: its path and sha256."""
-    return {"path": str(source), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"path": str(source), "sha256": sha256_bytes(data)}
 
 
 def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Shuffle + split one CSV into ``train/validation/test.csv`` + ``meta.json`` (every column
-    kept, every cell quoted so that any text reads back unchanged); locked, and reused while the
-    source's sha256 and the settings match (reuse reads only: no lock, no write access)."""
+    """Shuffle + split one CSV into ``data_dir`` (every column kept, every cell quoted so that
+    any text reads back unchanged), reused while its sha256 and the settings match."""
     data = read_local(source, "data.source", MAX_CSV_BYTES)  # the lock guards data_dir only
     identity = csv_identity(source, data)
 
     def build() -> tuple[dict[str, bytes], dict[str, Any]]:
-        table = read_text_table(
-            data, str(source), settings["text_column"], settings["label_column"], settings["sep"]
-        )
+        cols = settings["text_column"], settings["label_column"]
+        table = read_text_table(data, str(source), *cols, settings["sep"])
         frame = table.frame
         if settings["balance"]:
             frame = balance_classes(frame, pd.Series(table.labels, index=frame.index), settings["split_seed"])
-        train_frac, val_frac = settings["train_frac"], settings["val_frac"]
-        splits = random_split(frame, train_frac, val_frac, settings["split_seed"])
-        check_splits_not_empty(str(source), len(frame), splits, train_frac, val_frac)
+        splits = random_split(frame, settings["train_frac"], settings["val_frac"],
+                              settings["split_seed"], str(source))
         counts = {}
-        for split, part in zip(SPLIT_FILES, splits, strict=True):
+        for split, part in splits.items():
             labels = part[settings["label_column"]].str.strip().value_counts().sort_index()
             counts[split] = {"rows": len(part), "labels": {k: int(v) for k, v in labels.items()}}
-        parts = {
-            s: p.to_csv(index=False, quoting=csv.QUOTE_ALL).encode("utf-8")
-            for s, p in zip(SPLIT_FILES, splits, strict=True)
-        }
+        parts = {s: p.to_csv(index=False, quoting=csv.QUOTE_ALL).encode("utf-8") for s, p in splits.items()}
         return parts, {"source": {**identity, "bytes": len(data)},
                        "rows": {"read": len(table.frame), "used": len(frame)}, "splits": counts}
 
@@ -327,6 +291,19 @@ def imdb_root(folder: Path) -> Path:
     )
 
 
+def _review_files(folder: Path) -> Iterator[tuple[str, str, str, Path, os.stat_result]]:
+    """(subset, label, name, path, stat) of each ``*.txt`` review, in the book's order."""
+    root = imdb_root(folder)
+    for subset, label in ORDER:
+        where = root / subset / label
+        try:
+            with os.scandir(where) as entries:
+                found = sorted((e.name, Path(e.path), e.stat()) for e in entries if e.name.endswith(".txt"))
+        except OSError as e:
+            raise DataError(f"data.source: {where}: {os_problem(e)}") from e
+        yield from ((subset, label, *f) for f in found)
+
+
 def _check_archive(archive: Path) -> None:
     """A local ``.tar.gz`` must be a readable regular file within the download's size cap."""
     problem = path_problem(archive)
@@ -337,9 +314,8 @@ def _check_archive(archive: Path) -> None:
 
 
 def read_reviews(source: Path) -> Reviews:
-    """The labelled reviews of an extracted folder, or streamed out of the ``.tar.gz`` (nothing
-    is extracted to disk), each sorted by file name (the book's ``sorted(os.listdir(...))``).
-    Each review is read with a size cap (``MAX_REVIEW_BYTES``; all: ``MAX_REVIEWS_BYTES``)."""
+    """The reviews of an extracted folder or streamed from the ``.tar.gz``, sorted by file name
+    as the book's ``sorted(os.listdir(...))``, each (and all) read with a size cap."""
     reviews: Reviews = {key: [] for key in ORDER}
     total = 0
 
@@ -357,17 +333,10 @@ def read_reviews(source: Path) -> Reviews:
             )
 
     if source.is_dir():
-        root = imdb_root(source)
-        for subset, label in ORDER:
-            try:
-                names = sorted(n for n in os.listdir(root / subset / label) if n.endswith(".txt"))
-            except OSError as e:
-                raise DataError(f"data.source: {root / subset / label}: {os_problem(e)}") from e
-            for n in names:
-                path = root / subset / label / n
-                raw = read_local(path, "data.source", MAX_REVIEW_BYTES)
-                capped(len(raw), str(path))
-                reviews[(subset, label)].append((n, _review(raw, str(path))))
+        for subset, label, name, path, _ in _review_files(source):
+            raw = read_local(path, "data.source", MAX_REVIEW_BYTES)
+            capped(len(raw), str(path))
+            reviews[(subset, label)].append((name, _review(raw, str(path))))
         return reviews
     _check_archive(source)
     try:
@@ -395,8 +364,8 @@ def read_reviews(source: Path) -> Reviews:
 def book_partition(
     reviews: Reviews, sizes: Sequence[int | None], seed: int = 123
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """``load_dataset_to_dataframe`` (the book's order, shuffled) + ``partition_and_save`` (shuffled
-    again, then the first / next / remaining rows; ``sizes[2]`` None takes all the rest)."""
+    """``load_dataset_to_dataframe`` + ``partition_and_save``: shuffled twice, then the first /
+    next / remaining rows (``sizes[2]`` None: all the rest)."""
     texts = [text for key in ORDER for _, text in reviews[key]]
     labels = [int(key[1] == "pos") for key in ORDER for _ in reviews[key]]
     df = pd.DataFrame({"text": texts, "label": labels})
@@ -415,22 +384,12 @@ def book_partition(
 
 
 def _imdb_identity(source: Path | None, data_dir: Path) -> dict[str, Any]:
-    """What identifies the source in ``meta.json``, without downloading: a folder's fingerprint
-    (names, sizes and mtimes), an archive's sha256 (only ``kind`` and ``path`` while the default
-    archive is not downloaded yet). Cheap; every OS problem is a DataError for data.source."""
+    """The source's ``meta.json`` identity, never downloading: a folder's fingerprint, an
+    archive's sha256 (none while the default archive is not downloaded yet)."""
     if source is not None and source.is_dir():
         digest = hashlib.sha256()  # names, sizes and mtimes: a cheap change detector
-        root = imdb_root(source)
-        for subset, label in ORDER:
-            try:
-                with os.scandir(root / subset / label) as entries:
-                    for e in sorted(entries, key=lambda e: e.name):
-                        st = e.stat()
-                        digest.update(
-                            f"{subset}/{label}/{e.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode()
-                        )
-            except OSError as e:
-                raise DataError(f"data.source: {root / subset / label}: {os_problem(e)}") from e
+        for subset, label, name, _, st in _review_files(source):
+            digest.update(f"{subset}/{label}/{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         return {"kind": "folder", "path": str(source), "fingerprint": digest.hexdigest()}
     archive = source if source is not None else data_dir / ARCHIVE_NAME
     identity: dict[str, Any] = {"kind": "archive", "path": str(archive)}
@@ -447,22 +406,6 @@ def _imdb_identity(source: Path | None, data_dir: Path) -> dict[str, Any]:
     return {**identity, "sha256": digest.hexdigest()}
 
 
-def _imdb_source(source: Path | None, urls: Sequence[str], data_dir: Path, timeout: float) -> dict:
-    """What identifies the source in ``meta.json`` (downloading the archive if needed); the
-    reviews themselves are read only when the CSVs cannot be reused."""
-    archive = source if source is not None else data_dir / ARCHIVE_NAME
-    url: dict[str, Any] = {}
-    if source is None and not archive.is_file():
-        if not urls:
-            raise DownloadError(f"no data.source and no data.urls to download from. {IMDB_HINT}")
-
-        url["url"] = download_first(  # read_reviews verifies: whole gzip stream, four folders
-            urls, archive, read_reviews, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES
-        )
-    identity = _imdb_identity(source, data_dir)
-    return {**identity, **url} if identity["kind"] == "archive" else identity
-
-
 def prepare_imdb(
     source: Path | None, data_dir: Path, urls: Sequence[str] = IMDB_URLS,
     sizes: Sequence[int | None] = (35_000, 5_000, 10_000), seed: int = 123,
@@ -474,11 +417,16 @@ def prepare_imdb(
     origin: dict[str, Any] = {}
 
     def identity(locked: bool) -> dict[str, Any] | None:
-        if not locked:  # without the lock nothing is downloaded: a missing archive is not known
-            found = _imdb_identity(source, data_dir)
-            return None if found["kind"] == "archive" and "sha256" not in found else found
-        origin.update(_imdb_source(source, urls, data_dir, timeout))
-        return {k: v for k, v in origin.items() if k != "url"}
+        archive = data_dir / ARCHIVE_NAME  # downloaded only under the lock
+        if locked and source is None and not archive.is_file():
+            if not urls:
+                raise DownloadError(f"no data.source and no data.urls to download from. {IMDB_HINT}")
+            origin["url"] = download_first(  # read_reviews verifies: whole gzip, four folders
+                urls, archive, read_reviews, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES
+            )
+        found = _imdb_identity(source, data_dir)
+        origin.update(found)
+        return found if "sha256" in found or "fingerprint" in found else None
 
     def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         reviews = read_reviews(Path(origin["path"]))
@@ -514,15 +462,12 @@ class IMDBDataModule(TextClassificationDataModule):
         batch_size: int = 8, num_workers: int = 0, seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__(
-            data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
-            seed, pad_token_id,
-        )
-        _int_at_least("data.train_size", train_size, 1)
-        _int_at_least("data.val_size", val_size, 0)
-        if test_size is not None:
-            _int_at_least("data.test_size", test_size, 1)
-        _int_at_least("data.shuffle_seed", shuffle_seed, 0)
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id)
+        for option, value, low in (("train_size", train_size, 1), ("val_size", val_size, 0),
+                                   ("test_size", 1 if test_size is None else test_size, 1),
+                                   ("shuffle_seed", shuffle_seed, 0)):
+            _int_at_least(f"data.{option}", value, low)
         names = [str(n) for n in class_names]
         if len(names) != 2 or len(set(names)) != 2:
             raise ValueError(f"data.class_names={names}: IMDB has 2 classes (negative, positive)")
@@ -549,7 +494,7 @@ class IMDBDataModule(TextClassificationDataModule):
         """Download (or read ``data.source``) and write the book's split CSVs (locked, reused)."""
         prepare_imdb(self.source, self.data_dir, self.urls, self.sizes, self.shuffle_seed)
 
-    def load_splits(self) -> dict[str, SplitData]:
+    def load_splits(self) -> dict[str, Table]:
         settings = imdb_settings(self.sizes, self.shuffle_seed)
         identity = _imdb_identity(self.source, self.data_dir)  # the source as it is now
         ours = f"data.source={self.source or 'null (the download)'}"

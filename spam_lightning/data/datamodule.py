@@ -1,22 +1,15 @@
-"""Train / validation / test loaders for Lightning: the shared base, and chapter 6's SMS spam.
-
-``TextClassificationDataModule`` owns what every text-classification dataset shares (option checks,
-tokenizing, truncation, padding, bucketing, loaders, resumable shuffling); a subclass only says
-how to prepare its files and read its splits (``SpamDataModule`` here, ``CSVDataModule`` and
-``IMDBDataModule`` in ``csv_data``).
-"""
+"""Loaders for Lightning: the base every text dataset shares (tokenizing, padding, bucketing,
+resumable shuffling) and chapter 6's SMS spam; subclasses only prepare and read their splits."""
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
@@ -32,10 +25,11 @@ from spam_lightning.data.source import (
     source_sha256,
 )
 from spam_lightning.data.table import (
-    ON_BAD_ROWS,
-    SPLIT_PROCEDURES,
+    Table,
+    check_choice,
     load_prepared,
     prepare,
+    read_prepared_table,
     split_settings,
 )
 from spam_lightning.data.tokens import (
@@ -57,8 +51,6 @@ class TokenDataset(Dataset):
     """One tokenized split; items are ``(token_ids, label, index)``. Plain lists: picklable."""
 
     def __init__(self, token_ids: list[list[int]], labels: list[int], texts: list[str]) -> None:
-        if not (len(token_ids) == len(labels) == len(texts)):
-            raise ValueError("token_ids, labels and texts must have the same length")
         self.token_ids, self.labels, self.texts = token_ids, labels, texts
 
     def __len__(self) -> int:
@@ -73,14 +65,9 @@ class TokenDataset(Dataset):
 
 
 class LengthGroupedSampler(BatchSampler):
-    """A ``batch_sampler`` for ``data.padding=batch`` that groups examples of similar length.
-
-    Each epoch: take ``sampler``'s order (a ``RandomSampler``, or the ``DistributedSampler``
-    Lightning swaps in under DDP), drop the tail of an incomplete batch when ``drop_last`` (random
-    examples, as ``DataLoader(shuffle=True, drop_last=True)`` does), sort mega-chunks of
-    ``mega_batch_mult * batch_size`` by length, cut them into batches and shuffle the batch order
-    with ``generator``: every kept example once per epoch, little padding, reproducible.
-    """
+    """``data.bucketing``: ``sampler``'s order (DDP swaps in its own), chunks of
+    ``mega_batch_mult * batch_size`` sorted by length and cut into batches, the batch order
+    shuffled by ``generator``: every kept example once per epoch, little padding, reproducible."""
 
     def __init__(
         self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool,
@@ -88,12 +75,8 @@ class LengthGroupedSampler(BatchSampler):
         generator: torch.Generator | None = None, seed: int = 123,
     ) -> None:
         super().__init__(sampler, batch_size, drop_last)
-        if mega_batch_mult < 1:
-            raise ValueError(f"mega_batch_mult={mega_batch_mult}: must be >= 1")
-        self.lengths = [int(n) for n in lengths]
-        self.mega_batch_mult = mega_batch_mult
+        self.lengths, self.mega_batch_mult = [int(n) for n in lengths], mega_batch_mult
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
-        self.seed = seed
 
     def __iter__(self) -> Iterator[list[int]]:
         bs = self.batch_size
@@ -110,15 +93,9 @@ class LengthGroupedSampler(BatchSampler):
 
 
 class BookShuffleSampler(RandomSampler):
-    """``DataLoader(shuffle=True)``'s own order, resumable mid-epoch.
-
-    Each ``iter()`` draws one seed from the global torch RNG and shuffles with it, exactly as
-    ``RandomSampler`` without a generator does (so the batches are the book's). A checkpoint
-    taken mid-epoch (SIGTERM) records that seed, how many examples the finished batches used
-    and the global RNG; the resumed loader's first ``iter()`` then replays the same order from
-    there and puts the global RNG back where the interrupted run had it (undoing the base-seed
-    draw of the fresh DataLoader iterator), so the rest of the run is the uninterrupted one.
-    """
+    """``DataLoader(shuffle=True)``'s own order (one seed drawn from the global RNG per
+    ``iter()``), resumable mid-epoch: a checkpoint records that seed, the examples used and the
+    global RNG, and the resumed first ``iter()`` replays the rest with the RNG put back."""
 
     def __init__(self, data_source: Sized) -> None:
         super().__init__(data_source)
@@ -126,7 +103,6 @@ class BookShuffleSampler(RandomSampler):
         self._resume: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[int]:
-        n = len(self.data_source)
         resume, self._resume = self._resume, None
         if resume is not None:
             seed, skip = int(resume["seed"]), int(resume["skip"])
@@ -134,17 +110,11 @@ class BookShuffleSampler(RandomSampler):
         else:
             seed, skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
         self.epoch_seed = seed
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        yield from torch.randperm(n, generator=generator).tolist()[skip:]
+        generator = torch.Generator().manual_seed(seed)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()[skip:]
 
     def resume_at(self, state: dict[str, Any]) -> None:
         self._resume = state
-
-
-def _choice(option: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
 
 
 def _int_at_least(option: str, value: Any, low: int) -> int:
@@ -153,59 +123,8 @@ def _int_at_least(option: str, value: Any, low: int) -> int:
     return value
 
 
-@dataclass
-class SplitData:
-    """One split as read: texts, class indices, its file (for errors) and each row's start line
-    when known (else row ``i`` is reported as line ``i + 2``: a header, then a line per row)."""
-
-    texts: list[str]
-    labels: list[int]
-    name: str
-    lines: list[int] | None = None
-
-    def line(self, row: int) -> int:
-        return self.lines[row] if self.lines is not None else row + 2
-
-
-def check_loader_options(
-    max_length: int | str | None, context_length: int, padding: str, bucketing: bool,
-    batch_size: int, num_workers: int, seed: int, pad_token_id: int,
-) -> None:
-    """Fail on impossible loader options at construction: before any download or tokenizing."""
-    _choice("data.padding", padding, PADDING_MODES)
-    for option, value, low in (
-        ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-        ("context_length", context_length, 1), ("pad_token_id", pad_token_id, 0), ("seed", seed, 0),
-    ):
-        _int_at_least(f"data.{option}", value, low)
-    if padding == "none" and batch_size > 1:
-        raise ValueError(
-            f"data.padding=none cannot batch sequences of different lengths, but "
-            f"data.batch_size={batch_size}: use data.batch_size=1 and "
-            f"trainer.accumulate_grad_batches={batch_size} for an effective batch of {batch_size}"
-        )
-    if bucketing and padding != "batch":
-        raise ValueError(
-            f"data.bucketing=true groups examples of similar length, which only saves "
-            f"work with data.padding=batch (got data.padding={padding})"
-        )
-    if max_length is not None and max_length != "model":
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(
-                f"data.max_length={max_length!r}: allowed values are null (the longest "
-                f"training sequence), model (the context length) or an integer >= 1"
-            )
-        if max_length > context_length:
-            raise ValueError(
-                f"data.max_length={max_length} exceeds the model's context length "
-                f"{context_length}; use an integer <= {context_length}, or model"
-            )
-
-
 def check_split_fractions(train_frac: Any, val_frac: Any) -> tuple[float, float]:
-    """Fractions with ``0 < train_frac``, ``0 < val_frac``, ``train_frac + val_frac < 1``: an
-    empty validation split prints ``Val loss nan``, an empty test split crashes the final
-    evaluation."""
+    """Both in (0, 1) with a sum < 1: an empty validation or test split breaks evaluation."""
     allowed = "a number with 0 < value < 1"
     for option, value in (("data.train_frac", train_frac), ("data.val_frac", val_frac)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -222,13 +141,8 @@ def check_split_fractions(train_frac: Any, val_frac: Any) -> tuple[float, float]
 
 
 class TextClassificationDataModule(L.LightningDataModule):
-    """Any labelled text dataset as GPT-2 token batches (see docs/ARCHITECTURE.md).
-
-    Subclasses implement ``prepare_data`` (files on disk, once per node, no state) and
-    ``load_splits`` (read the three splits, set ``class_names``); ``setup`` then tokenizes them
-    once. Batches are dicts with ``input_ids`` (or ``features``: ``use_features``), ``labels``,
-    ``lengths`` and ``index`` (the row: the final evaluation drops DDP's repeats by it).
-    """
+    """Any labelled text dataset as token batches. Subclasses implement ``prepare_data`` (files,
+    once per node) and ``load_splits`` (the three splits, ``class_names``); ``setup`` tokenizes."""
 
     def __init__(
         self, data_dir: str = "data", max_length: int | str | None = None,
@@ -236,11 +150,22 @@ class TextClassificationDataModule(L.LightningDataModule):
         batch_size: int = 8, num_workers: int = 0, seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__()
-        check_loader_options(
-            max_length, context_length, padding, bucketing, batch_size, num_workers, seed,
-            pad_token_id,
-        )
+        super().__init__()  # impossible options fail here, before any download
+        check_choice("data.padding", padding, PADDING_MODES)
+        for option, value, low in (
+            ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+            ("context_length", context_length, 1), ("pad_token_id", pad_token_id, 0), ("seed", seed, 0),
+        ):
+            _int_at_least(f"data.{option}", value, low)
+        if padding == "none" and batch_size > 1:
+            raise ValueError(
+                f"data.padding=none cannot batch sequences of different lengths, but "
+                f"data.batch_size={batch_size}: use data.batch_size=1 and "
+                f"trainer.accumulate_grad_batches={batch_size} for an effective batch of {batch_size}"
+            )
+        if bucketing and padding != "batch":
+            raise ValueError(f"data.bucketing=true groups examples of similar length, which only saves "
+                             f"work with data.padding=batch (got data.padding={padding})")
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.max_length_option = max_length
         self.context_length, self.padding, self.bucketing = int(context_length), padding, bucketing
@@ -253,18 +178,15 @@ class TextClassificationDataModule(L.LightningDataModule):
         # data.bucketing only: one generator for the whole fit, saved in checkpoints. The plain
         # shuffled loader draws from the global torch RNG, as the chapter's does.
         self._train_generator = torch.Generator().manual_seed(self.seed)
-        self.train_dataset: TokenDataset | None = None
-        self.val_dataset: TokenDataset | None = None
-        self.test_dataset: TokenDataset | None = None
+        self.train_dataset = self.val_dataset = self.test_dataset = None  # TokenDatasets after setup
         self._book_sampler: BookShuffleSampler | None = None
         self._pending_resume: dict[str, Any] | None = None
         self.tokenizer: Any = None  # None: GPT-2's (tiktoken); else use_tokenizer's
         self._features: dict[str, Dataset] = {}  # split -> what use_features gave
 
     def use_tokenizer(self, tokenizer: Any) -> None:
-        """Tokenize with a model's own tokenizer (an encoder's ``EncoderTokenizer``: ``encode(texts,
-        limit)`` with its special tokens, ``pad_token_id``, ``model_max_length``) instead of
-        GPT-2's; called before ``setup``."""
+        """Before ``setup``: a model's own tokenizer (``encode(texts, limit)``, ``pad_token_id``,
+        ``model_max_length``) instead of GPT-2's."""
         self.tokenizer = tokenizer
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.context_length = min(self.context_length, int(tokenizer.model_max_length))
@@ -276,27 +198,21 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """The head size (known after ``setup`` when the classes come from the data)."""
         if not self.class_names:
             raise AttributeError("num_classes is known after setup(): the classes come from the data")
         return len(self.class_names)
 
     @property
     def max_length(self) -> int:
-        """The resolved padding / truncation length (after ``setup`` when ``max_length=null``)."""
         if self._max_length is None:
-            raise AttributeError(
-                "max_length is known after setup(): data.max_length=null means the longest "
-                "training sequence"
-            )
+            raise AttributeError("max_length is known after setup(): data.max_length=null means the "
+                                 "longest training sequence")
         return self._max_length
 
-    def load_splits(self) -> dict[str, SplitData]:
-        """Read ``train``, ``validation`` and ``test`` (prepared by ``prepare_data``)."""
+    def load_splits(self) -> dict[str, Table]:
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the splits and tokenize them once; later calls (other stages) reuse them."""
         if self.train_dataset is not None:
             return
         splits = self.load_splits()
@@ -314,10 +230,8 @@ class TextClassificationDataModule(L.LightningDataModule):
                 raise DataError(f"{data.name}, line {data.line(empty)}: empty text")
             datasets.append(TokenDataset(ids, data.labels, data.texts))
         if len(datasets[0]) < self.batch_size:
-            raise DataError(
-                f"{splits['train'].name}: {len(datasets[0])} training rows < "
-                f"data.batch_size={self.batch_size}, so drop_last leaves no training batch"
-            )
+            raise DataError(f"{splits['train'].name}: {len(datasets[0])} training rows < data.batch_size="
+                            f"{self.batch_size}, so drop_last leaves no training batch")
         self._max_length = max_length
         self.train_dataset, self.val_dataset, self.test_dataset = datasets
         logger.info(
@@ -336,8 +250,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         return ds
 
     def use_features(self, split: str, features: Dataset) -> None:
-        """Serve ``split`` as ``features`` (a dataset with its own ``collate``: the frozen trunk's
-        hidden states, ``model/trunk_cache.py``) in every loader made from now on."""
+        """Serve ``split`` as ``features`` (the frozen trunk's, with its own ``collate``) from now on."""
         self._features[_SPLIT_ALIASES[split]] = features
 
     def _loader(self, split: str, generator: torch.Generator | None, **kwargs: Any) -> DataLoader:
@@ -361,10 +274,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """The chapter's ``DataLoader(shuffle=True, drop_last=True)``, no generator: every
-        ``iter()`` draws its order from the global torch RNG, as in the book, so after the same
-        ``torch.manual_seed`` calls the same batches come (DDP swaps in its own sampler).
-        Bucketed (``data.bucketing``) from a generator of its own."""
+        """The chapter's ``DataLoader(shuffle=True, drop_last=True)``: each ``iter()`` draws from
+        the global torch RNG, as in the book (``data.bucketing``: a generator of its own)."""
         if self.bucketing:
             return self._loader("train", self._train_generator, bucketing=True)
         if self._book_sampler is None:
@@ -377,19 +288,15 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self._loader("train", None, sampler=self._book_sampler, drop_last=True)
 
     def book_dataloader(self, split: str) -> DataLoader:
-        """A loader as the chapter builds it, for the chapter's own evaluations (the monitor,
-        the final accuracies): ``train`` shuffled with ``drop_last``, ``val``/``test`` in order.
-        Like the book's, each ``iter()`` draws from the global RNG; a loader object of its own
-        draws exactly what iterating the training loader again would (the book's evaluations
-        iterate its one ``train_loader``), and leaves the training epoch's sampler alone."""
+        """The chapter's loaders for its own evaluations: ``train`` shuffled with ``drop_last`` (from
+        the global RNG, as iterating the book's one ``train_loader`` again), ``val``/``test`` in
+        order; the training epoch's sampler is left alone."""
         if _SPLIT_ALIASES.get(split) == "train":
             return self._loader("train", None, shuffle=True, drop_last=True)
         return self._loader(split, None, shuffle=False)
 
     def eval_dataloader(self, split: str) -> DataLoader:
-        """Any split in order, nothing dropped (Lightning's validation, full-set evaluation,
-        trunk cache); its own fixed generator keeps loading off the global RNG, so these extra
-        passes never shift the chapter's random stream."""
+        """Any split in order, nothing dropped; its own generator keeps the global RNG untouched."""
         return self._loader(split, torch.Generator().manual_seed(self.seed), shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
@@ -399,10 +306,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self.eval_dataloader("test")
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed fit needs to continue the same order: the bucketing generator, or,
-        for a checkpoint taken mid-epoch (SIGTERM), the epoch's shuffling seed and how far it
-        got (the global RNG the plain loader draws from is saved by the ``RNGState`` callback,
-        and here too, for the mid-epoch replay)."""
+        """The bucketing generator and, mid-epoch (SIGTERM), the epoch's seed, how far it got and
+        the global RNG: a resumed fit continues the same order."""
         state: dict[str, Any] = {
             "train_generator_state": self._train_generator.get_state(), "max_length": self._max_length,
         }
@@ -431,12 +336,8 @@ class TextClassificationDataModule(L.LightningDataModule):
 
 
 class SpamDataModule(TextClassificationDataModule):
-    """The UCI SMS Spam Collection, balanced and split as in chapter 6, as GPT-2 token batches.
-
-    ``source``: ``bundled`` (default; the verified copy in the package), ``download`` (from
-    ``urls`` into ``data_dir``), or a path to an ``SMSSpamCollection`` file or the UCI zip.
-    ``prepare_data`` writes the CSVs (once per node, locked); ``setup`` reads and tokenizes them.
-    """
+    """The UCI SMS Spam Collection, balanced and split as in chapter 6. ``source``: ``bundled``
+    (the verified copy in the package), ``download`` (from ``urls``) or a file / the UCI zip."""
 
     def __init__(
         self, source: str | None = BUNDLED, urls: Sequence[str] = DEFAULT_URLS,
@@ -446,15 +347,11 @@ class SpamDataModule(TextClassificationDataModule):
         pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error", split_seed: int = 123,
         train_frac: float = 0.7, val_frac: float = 0.1, split: str = "chapter",
     ) -> None:
-        # Validate everything here: cheap, and before any download, tokenizing or training.
-        _choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
-        _choice("data.split", split, SPLIT_PROCEDURES)
-        super().__init__(
-            data_dir, max_length, context_length, padding, bucketing, batch_size, num_workers,
-            seed, pad_token_id,
-        )
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id)
         _int_at_least("data.split_seed", split_seed, 0)
         train_frac, val_frac = check_split_fractions(train_frac, val_frac)
+        self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
         urls = [str(u) for u in (urls or ())]  # plain values: hparams go into checkpoints
         source = BUNDLED if source is None else str(source)
         if source == DOWNLOAD and not urls:
@@ -481,29 +378,16 @@ class SpamDataModule(TextClassificationDataModule):
         self.class_names = ["ham", "spam"]
 
     def prepare_data(self) -> None:
-        """Read (or download / extract) and split into ``data_dir`` (locked; once per node)."""
         prepare(
             self.source, self.data_dir, self.urls, split_seed=self.split_seed,
             train_frac=self.train_frac, val_frac=self.val_frac, on_bad_rows=self.on_bad_rows,
             split=self.split,
         )
 
-    def load_splits(self) -> dict[str, SplitData]:
-        """The prepared CSVs: a plain ``pd.read_csv`` (checked when written; sha256 in meta.json),
-        if ``meta.json`` records this datamodule's source: its sha256, recomputed here (cheap, and
-        on every rank), so that a folder re-prepared from another source is refused."""
-        settings = split_settings(
-            self.split_seed, self.train_frac, self.val_frac, self.on_bad_rows, self.split
-        )
+    def load_splits(self) -> dict[str, Table]:
+        """The prepared CSVs, if ``meta.json`` records this source's sha256 (recomputed on every
+        rank: a folder re-prepared from another source is refused)."""
         source = {"sha256": source_sha256(self.source)}
-        ours = f"data.source={self.source}"
-        out = {}
-        for split, (path, payload) in load_prepared(
-            self.data_dir, settings, source, "data", ours
-        ).items():
-            frame = pd.read_csv(
-                io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False
-            )
-            labels = frame["Label"].astype(int).tolist()
-            out[split] = SplitData(frame["Text"].tolist(), labels, str(path))
-        return out
+        paths = load_prepared(self.data_dir, self.settings, source, "data", f"data.source={self.source}")
+        tables = {s: read_prepared_table(p, b, "Text", "Label") for s, (p, b) in paths.items()}
+        return {s: replace(t, labels=[int(v) for v in t.labels]) for s, t in tables.items()}

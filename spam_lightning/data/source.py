@@ -1,10 +1,5 @@
-"""Where the raw ``SMSSpamCollection`` comes from (``data.source``), and safe file writing.
-
-``bundled`` (default): the copy in the package, checked by sha256; ``download``: a verified
-download from ``data.urls`` (tried in order) kept in ``data_dir``; anything else: a local file or
-the UCI zip holding it. Downloads are written with ``io_utils.atomic_write``: a failed one leaves
-nothing half-written.
-"""
+"""Where the raw ``SMSSpamCollection`` comes from (``data.source``): ``bundled`` (sha256-checked),
+``download`` (verified, from ``data.urls`` in order, written atomically) or a local file / zip."""
 
 from __future__ import annotations
 
@@ -67,8 +62,7 @@ def _is_pinned(data: bytes) -> bool:
 
 @dataclass(frozen=True)
 class SourceData:
-    """The raw bytes, the name errors use (a path, or ``zip!member``) and their ``meta.json`` origin;
-    ``verified``: the pinned file (sha256 checked), read as the chapter does, unvalidated."""
+    """Raw bytes, the name errors use, the ``meta.json`` origin; ``verified``: the pinned file."""
 
     data: bytes
     name: str
@@ -88,9 +82,8 @@ def read_zip_member(
     zip_data: bytes, name: str, expected_size: int | None = None,
     max_bytes: int = MAX_SOURCE_BYTES,
 ) -> bytes:
-    """The ``SMSSpamCollection`` member of a zip; ``expected_size`` rejects a wrong member before
-    decompressing it, and no member over ``max_bytes`` is decompressed (its recorded size, and
-    the bytes actually read, since a header can lie): no zip bombs."""
+    """The zip's ``SMSSpamCollection``; never more than ``max_bytes`` decompressed (by the recorded
+    size and the bytes read: a header can lie)."""
     try:
         with zipfile.ZipFile(io.BytesIO(zip_data)) as zf:
             members = [i for i in zf.infolist() if not i.is_dir()]
@@ -167,10 +160,9 @@ def path_problem(path: Path) -> str | None:
 
 
 def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
-    """A local file's bytes, at most ``max_bytes``; every problem (missing, permission, symlink
-    loop, a folder or device, too large) is one DataError naming ``option``, the file and the
-    limit. Opened non-blocking (a FIFO does not hang) and checked to be a regular file before
-    any byte is read (``/dev/zero`` is never read)."""
+    """A local file's bytes (at most ``max_bytes``); every problem is one DataError naming
+    ``option`` and the file. Opened non-blocking and checked to be a regular file first (a FIFO
+    does not hang, ``/dev/zero`` is never read)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -200,9 +192,8 @@ def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOU
 
 
 def load_local(source: str | os.PathLike[str]) -> SourceData:
-    """A local ``SMSSpamCollection`` or zip: not verified (a user may pass an edited copy on
-    purpose), so it is validated row by row; its sha256 goes into ``meta.json``. Read with the
-    download's size cap (the zip's member too); OS errors are DataErrors for data.source."""
+    """A local ``SMSSpamCollection`` or zip: not verified (a user may edit it on purpose), so it
+    is validated row by row later."""
     path = resolve_path(source)
     try:
         data = read_local(path, "data.source", MAX_SOURCE_BYTES)
@@ -255,9 +246,8 @@ def download_first(
     urls: Sequence[str], dest: Path, keep: Callable[[Path], None], what: str, hint: str,
     timeout: float = DOWNLOAD_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> str:
-    """Try each URL in turn; ``keep(tmp)`` checks the download (raising to refuse it, or
-    rewriting it) before it becomes ``dest``. Returns the URL that worked; raises DownloadError
-    listing every URL with its failure."""
+    """The first URL whose download ``keep(tmp)`` accepts (it may rewrite it) becomes ``dest``;
+    else a DownloadError listing every URL's failure."""
     failures: list[str] = []
     for url in urls:
         try:
@@ -295,12 +285,11 @@ def cached_download(data_dir: Path) -> SourceData | None:
     """``data_dir/SMSSpamCollection`` if it is the verified file (a finished download), else None."""
     dest = data_dir / MEMBER_NAME
     try:
-        data = read_local(dest, "data.source=download", MAX_DOWNLOAD_BYTES) if dest.is_file() else None
+        data = read_local(dest, "data.source=download", MAX_DOWNLOAD_BYTES)
     except DataError:
-        data = None
-    if data is None or not _is_pinned(data):
         return None
-    return SourceData(data, str(dest), {"kind": DOWNLOAD, "path": str(dest)}, verified=True)
+    origin = {"kind": DOWNLOAD, "path": str(dest)}
+    return SourceData(data, str(dest), origin, verified=True) if _is_pinned(data) else None
 
 
 def load_source(
@@ -324,9 +313,7 @@ def load_source(
 
 
 def source_sha256(source: str | os.PathLike[str] | None) -> str:
-    """The sha256 that ``meta.json`` records for ``source``, computed cheaply: the pinned one for
-    ``bundled`` / ``download`` (only that file is accepted), else the local file's (or its zip
-    member's), read with the same caps and errors as ``load_local``."""
+    """The sha256 ``meta.json`` records for ``source``: the pinned one for the keywords."""
     if source is None or str(source) in SOURCE_KEYWORDS:
         return EXPECTED_SHA256
     return load_local(source).sha256

@@ -1,12 +1,9 @@
-"""Read, validate, balance and split the SMS table exactly as chapter 6 does, and write the CSVs.
+"""Read, validate, balance and split the SMS table as chapter 6 does; prepare data folders once.
 
-The pinned file (bundled, or a download with the known sha256) is read with the chapter's own
-``pd.read_csv(sep="\\t", header=None, names=["Label", "Text"])``. A user-supplied file is read once
-with the standard library's ``csv`` reader instead: it splits rows by the same quoting rules as
-pandas (the real file's 5,574 lines give the chapter's 5,572 rows) and knows every row's lines, so
-each bad row is named by file, line and problem. (pandas' python engine, whose ``on_bad_lines``
-callable sees bad rows, silently drops rows it cannot split: 10 of the real file's; its C engine
-names rows, not lines, and truncates an over-long first row with only a warning.)
+The pinned file is read with the chapter's own ``pd.read_csv``. A user's file is read with the
+``csv`` module, which splits rows as pandas does but knows each row's lines, so every bad row is
+named by file and line (pandas' ``on_bad_lines`` silently drops rows it cannot split: 10 of the
+real file's; its C engine names rows, not lines).
 """
 
 from __future__ import annotations
@@ -50,9 +47,7 @@ META_NAME = "meta.json"
 LOCK_NAME = ".prepare.lock"
 FORMAT_VERSION = 1
 ON_BAD_ROWS = ("error", "skip")
-# data.split: whose procedure balances and splits the SMS table. chapter: gpt_class_finetune.py's
-# (balance, then random_split's shuffle); bonus: additional_experiments.py's create_dataset_csvs,
-# which shuffles the balanced table once more before the same random_split.
+# data.split: chapter (gpt_class_finetune.py) or bonus (additional_experiments.py: one more shuffle)
 SPLIT_PROCEDURES = ("chapter", "bonus")
 MAX_LISTED = 5  # problems spelled out in one error message
 SKIP_HINT = "(fix the file, or set data.on_bad_rows=skip to drop bad rows)"
@@ -61,23 +56,15 @@ csv.field_size_limit(2**31 - 1)  # pandas has no limit on a field (the default: 
 
 
 # ------------------------------------------------------------------ reading with line numbers
-
-
 class Row(NamedTuple):
-    """One row as pandas would split it, with the 1-based lines it starts and ends on."""
-
     line: int
     end_line: int
     fields: list[str]
 
 
 def read_rows(text: str, sep: str, name: str) -> tuple[list[Row], int | None]:
-    """The rows of ``text`` (blank lines skipped, as pandas does) and, if a quoted field is never
-    closed (pandas: "EOF inside string"), the line where that row starts.
-
-    A closing quote and a newline are fed after the text: they end an unclosed quoted field (that
-    row then ends past the last line), or else form one extra row; either way it is not data.
-    """
+    """The rows (blank lines skipped, as pandas) and the start line of a quoted field never
+    closed, if any: a closing quote fed after the text ends it, or forms one extra row."""
     lines = list(io.StringIO(text, newline=""))  # split at \\r, \\n, \\r\\n only, as pandas
     reader = csv.reader(itertools.chain(lines, ['"\n']), delimiter=sep, strict=False)
     rows: list[Row] = []
@@ -102,11 +89,11 @@ def bad_rows_error(name: str, problems: list[str], hint: str) -> DataError:
 
 @dataclass(frozen=True)
 class Table:
-    """A checked table as strings: every column (``frame``), its texts and labels, each row's
-    start line (None for our own prepared CSVs, read unchecked) and the skipped problems."""
+    """A table (labels: strings, or class indices once mapped); ``lines``: each row's start line
+    (None: our own CSVs, read unchecked)."""
 
     texts: list[str]
-    labels: list[str]
+    labels: list[Any]
     name: str
     frame: pd.DataFrame
     lines: list[int] | None = None
@@ -153,14 +140,9 @@ def read_checked(
     allowed: Sequence[str] | None = None, on_bad_rows: str = "error",
     require_all_labels: bool = False, allow_empty: bool = False, hint: str = SKIP_HINT,
 ) -> Table:
-    """Read a user-supplied table once and check every row; each problem names file and line.
-
-    ``fixed``: the exact columns (the SMS file has no header; a split CSV has exactly this one),
-    else the header names them. ``allowed``: the labels allowed (kept as written), else any
-    non-empty label (stripped). ``on_bad_rows="skip"`` drops bad rows and logs how many.
-    """
-    if on_bad_rows not in ON_BAD_ROWS:
-        raise ValueError(f"data.on_bad_rows={on_bad_rows!r}: allowed values are error, skip")
+    """Read a user's table once, checking every row (each problem names file and line).
+    ``fixed``: the exact columns, else the header's; ``allowed``: the labels, else any non-empty
+    one (stripped); ``on_bad_rows="skip"`` drops bad rows and logs how many."""
     if not data:
         raise DataError(f"{name}, line 1: the file is empty (0 bytes)")
     # a leading BOM dropped (as pandas does); bad bytes kept as lone surrogates, so that the
@@ -256,6 +238,12 @@ def read_split_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
     return parse_split_csv(Path(path).read_bytes(), str(path))
 
 
+def read_prepared_table(path: Path, payload: bytes, text_column: str, label_column: str) -> Table:
+    """One of our own split CSVs (sha256-checked against meta.json): a plain read."""
+    frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
+    return Table(frame[text_column].tolist(), frame[label_column].str.strip().tolist(), str(path), frame)
+
+
 def csv_bytes(frame: pd.DataFrame) -> bytes:
     """The chapter's ``to_csv(index=None)``; pandas leaves a bare carriage return unquoted (it
     would read back as a line break), so only then (never for the real data) texts are quoted."""
@@ -265,64 +253,46 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
 
 
 # ------------------------------------------------------------------ the chapter's balance and split
-
-
-def balance(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
-    """``create_balanced_dataset``: ham downsampled to the spam count, ham then spam; 0/1 labels."""
-    spam = df[df["Label"] == "spam"]
-    ham = df[df["Label"] == "ham"]
-    if len(ham) < len(spam):
-        raise DataError(f"cannot balance: {len(ham)} ham rows < {len(spam)} spam rows")
-    balanced = pd.concat([ham.sample(len(spam), random_state=seed), spam])
-    balanced["Label"] = balanced["Label"].map(LABEL_IDS).astype("int64")
-    return balanced
-
-
 def shuffle(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
-    """``df.sample(frac=1, random_state=seed).reset_index(drop=True)``, as both scripts write it."""
     return df.sample(frac=1, random_state=seed).reset_index(drop=True)
 
 
 def balance_for_split(df: pd.DataFrame, split: str = "chapter", seed: int = 123) -> pd.DataFrame:
-    """The balanced table ``random_split`` gets: the chapter's ``create_balanced_dataset`` as is,
-    or (``bonus``) shuffled once more, as the bonus script's ``create_dataset_csvs`` does."""
-    check_split(split)
-    balanced = balance(df, seed)
+    """``create_balanced_dataset`` (ham downsampled to the spam count, ham then spam, 0/1 labels),
+    shuffled once more for ``bonus`` as ``create_dataset_csvs`` does."""
+    spam, ham = df[df["Label"] == "spam"], df[df["Label"] == "ham"]
+    if len(ham) < len(spam):
+        raise DataError(f"cannot balance: {len(ham)} ham rows < {len(spam)} spam rows")
+    balanced = pd.concat([ham.sample(len(spam), random_state=seed), spam])
+    balanced["Label"] = balanced["Label"].map(LABEL_IDS).astype("int64")
     return shuffle(balanced, seed) if split == "bonus" else balanced
 
 
 def random_split(
-    df: pd.DataFrame, train_frac: float = 0.7, validation_frac: float = 0.1, seed: int = 123
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The chapter's ``random_split``: shuffle, then integer arithmetic -> 1,045 / 149 / 300."""
+    df: pd.DataFrame, train_frac: float, val_frac: float, seed: int, name: str
+) -> dict[str, pd.DataFrame]:
+    """The chapter's ``random_split`` (shuffle, then integer arithmetic -> 1,045 / 149 / 300);
+    an empty split (nothing to train on, NaN metrics) is refused before anything is written."""
     df = shuffle(df, seed)
     train_end = int(len(df) * train_frac)
-    validation_end = train_end + int(len(df) * validation_frac)
-    return df[:train_end], df[train_end:validation_end], df[validation_end:]
-
-
-def check_splits_not_empty(
-    name: str, rows: int, splits: Sequence[pd.DataFrame], train_frac: float, val_frac: float
-) -> None:
-    """An empty split would train on nothing or evaluate to NaN: refuse it before writing."""
-    for split, part in zip(SPLIT_FILES, splits, strict=True):
+    val_end = train_end + int(len(df) * val_frac)
+    splits = dict(zip(SPLIT_FILES, (df[:train_end], df[train_end:val_end], df[val_end:]), strict=True))
+    for split, part in splits.items():
         if len(part) == 0:
             raise DataError(
-                f"{name}: the {split} split is empty: {rows} rows split with "
+                f"{name}: the {split} split is empty: {len(df)} rows split with "
                 f"data.train_frac={train_frac:g}, data.val_frac={val_frac:g} (train gets "
                 f"int(rows * train_frac), validation int(rows * val_frac), test the rest); "
                 f"use more rows or larger fractions"
             )
+    return splits
 
 
 # ------------------------------------------------------------------ prepared folders (all datasets)
-
-
 @contextlib.contextmanager
 def locked(data_dir: Path) -> Iterator[None]:
-    """Hold ``data_dir``'s lock (DDP ranks and sweep jobs prepare once) and sweep the temporaries
-    killed writers left. A folder that cannot be written (read-only, or the lock cannot be
-    created) is one DataError naming the fix."""
+    """Hold ``data_dir``'s lock (ranks and jobs prepare once), sweeping killed writers' temporaries;
+    a folder that cannot be written is one DataError naming the fix."""
     held = contextlib.ExitStack()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -350,40 +320,22 @@ def read_meta(data_dir: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def prepared_files(data_dir: Path, meta: dict[str, Any]) -> dict[str, tuple[Path, bytes]] | None:
-    """Each split CSV as (path, bytes), read once, if every one has the sha256 ``meta`` records."""
-    files, out = meta.get("files") or {}, {}
-    for split, fname in SPLIT_FILES.items():
-        try:
-            payload = (data_dir / fname).read_bytes()
-        except OSError:
-            return None
-        if sha256_bytes(payload) != files.get(fname):
-            return None
-        out[split] = (data_dir / fname, payload)
-    return out
-
-
 def matching_meta(
     data_dir: Path, settings: dict[str, Any], source: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """``meta.json`` if it records these settings, this source (every key of ``source``) and
-    unchanged CSVs, else None."""
-    meta = read_meta(data_dir)
-    if meta is None or meta.get("settings") != settings or prepared_files(data_dir, meta) is None:
-        return None
-    recorded = meta.get("source", {})
-    return meta if all(recorded.get(k) == v for k, v in source.items()) else None
+    """``meta.json`` if ``load_prepared`` would accept the folder, else None."""
+    with contextlib.suppress(DataError):
+        return _prepared(data_dir, settings, source, "", "")[0]
+    return None
 
 
 def ensure_prepared(
     data_dir: Path, settings: dict[str, Any], identity: Callable[[bool], dict[str, Any] | None],
     build: Callable[[], tuple[dict[str, bytes], dict[str, Any]]], what: str,
 ) -> tuple[dict[str, Any], bool]:
-    """``(meta, reused)``: the prepared CSVs in ``data_dir`` if ``meta.json`` records
-    ``settings`` and ``identity(locked)`` (the source keys it must record; None: unknown until
-    locked), read without lock or write access; else, under the lock, checked again, then
-    ``build() -> (csv bytes by split, meta)`` written: each file atomically, ``meta.json`` last."""
+    """``(meta, reused)``: reuse ``data_dir`` if ``meta.json`` records ``settings`` and
+    ``identity(locked)`` (None: unknown until locked), with no lock; else under the lock check
+    again, then write ``build() -> (csv bytes by split, meta)`` atomically, ``meta.json`` last."""
     if read_meta(data_dir) is not None and (source := identity(False)) is not None:
         if (meta := matching_meta(data_dir, settings, source)) is not None:
             logger.info("reusing prepared %s in %s", what, data_dir)
@@ -403,22 +355,18 @@ def ensure_prepared(
         return meta, False
 
 
-def describe_source(recorded: dict[str, Any]) -> str:
-    """A recorded ``meta.json`` source as an error message names it."""
-    kind = recorded.get("kind")
-    if kind in SOURCE_KEYWORDS:
-        return f"data.source={kind}"
-    return str(recorded.get("name") or recorded.get("path") or recorded.get("url") or "unknown")
-
-
 def load_prepared(
     data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str, ours: str
 ) -> dict[str, tuple[Path, bytes]]:
-    """The CSVs ``prepare_data`` wrote for these settings *and this source*, as (path, bytes):
-    each read once and checked against the sha256 in ``meta.json``, which must record every key
-    of ``source`` (e.g. the sha256 of the source this datamodule was configured with, ``ours``).
-    Read-only: no lock, nothing written. A folder another run re-prepared from another source
-    since ``prepare_data`` is an error naming both sources, never silently used."""
+    """The CSVs ``prepare_data`` wrote for these settings and this source (every key of ``source``
+    recorded in ``meta.json``) as sha256-checked (path, bytes); read-only. A folder another run
+    re-prepared from another source is an error naming both (``ours``: this run's)."""
+    return _prepared(data_dir, settings, source, what, ours)[1]
+
+
+def _prepared(
+    data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str, ours: str
+) -> tuple[dict[str, Any], dict[str, tuple[Path, bytes]]]:
     meta = read_meta(data_dir)
     generic = DataError(
         f"{data_dir}: no prepared {what} with these settings (or it changed since); call "
@@ -432,21 +380,28 @@ def load_prepared(
     if differ:
         theirs = ", ".join(f"{k} {recorded.get(k)}" for k in differ)
         mine = ", ".join(f"{k} {source[k]}" for k in differ)
+        origin = recorded.get("kind")
+        named = (f"data.source={origin}" if origin in SOURCE_KEYWORDS else
+                 recorded.get("name") or recorded.get("path") or recorded.get("url") or "unknown")
         raise DataError(
             f"{data_dir}: the prepared {what} there was made from another source: "
-            f"{describe_source(recorded)} ({theirs}), not {ours} ({mine}), the source this run "
+            f"{named} ({theirs}), not {ours} ({mine}), the source this run "
             f"was configured with (another run re-prepared this folder after this one's "
             f"prepare_data). Rerun, or give each source its own data.data_dir"
         )
-    files = prepared_files(data_dir, meta)
-    if files is None:
-        raise generic
-    return files
+    files = {}  # each split CSV read once, checked against the sha256 meta.json records
+    for split, fname in SPLIT_FILES.items():
+        try:
+            payload = (data_dir / fname).read_bytes()
+        except OSError:
+            raise generic from None
+        if sha256_bytes(payload) != (meta.get("files") or {}).get(fname):
+            raise generic
+        files[split] = (data_dir / fname, payload)
+    return meta, files
 
 
 # ------------------------------------------------------------------ preparing the SMS data
-
-
 class Prepared(NamedTuple):
     data_dir: Path
     paths: dict[str, Path]
@@ -454,22 +409,18 @@ class Prepared(NamedTuple):
     reused: bool
 
 
-def check_split(split: str) -> None:
-    if split not in SPLIT_PROCEDURES:
-        raise ValueError(
-            f"data.split={split!r}: allowed values are chapter, bonus (chapter: the chapter's "
-            f"split, gpt_class_finetune.py; bonus: the follow-up table's, "
-            f"additional_experiments.py, which shuffles the balanced table once more)"
-        )
+def check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
 
 
 def split_settings(
     seed: int, train_frac: float, val_frac: float, on_bad_rows: str, split: str = "chapter"
 ) -> dict:
-    """The settings recorded in (and matched against) ``meta.json``. ``split`` is recorded only
-    when it is not ``chapter``: folders prepared before ``data.split`` existed hold exactly the
-    chapter's CSVs under exactly these settings, so they stay valid (and a bonus folder differs)."""
-    check_split(split)
+    """The settings ``meta.json`` records (``split`` only when not ``chapter``: older folders
+    stay valid)."""
+    check_choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
+    check_choice("data.split", split, SPLIT_PROCEDURES)
     settings = {"format": FORMAT_VERSION, "split_seed": int(seed), "train_frac": float(train_frac),
                 "val_frac": float(val_frac), "on_bad_rows": on_bad_rows}
     return settings if split == "chapter" else {**settings, "split": split}
@@ -481,10 +432,8 @@ def prepare(
     val_frac: float = 0.1, on_bad_rows: str = "error", timeout: float = DOWNLOAD_TIMEOUT,
     split: str = "chapter",
 ) -> Prepared:
-    """Get the source (``bundled``/``None``, ``download`` or a path), then write
-    ``train/validation/test.csv`` + ``meta.json`` in ``data_dir``; locked, and reused while
-    ``meta.json`` records the same source sha256 and split settings. ``split``: ``chapter``
-    (gpt_class_finetune.py) or ``bonus`` (additional_experiments.py: one more shuffle)."""
+    """Get the source (``bundled``/``None``, ``download`` or a path) and write the split CSVs +
+    ``meta.json`` in ``data_dir``, reused while the source sha256 and settings match."""
     data_dir = Path(data_dir).expanduser().resolve()
     settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
     src: SourceData | None = None
@@ -504,8 +453,7 @@ def prepare(
         else:
             table = read_table(src.data, src.name, on_bad_rows=on_bad_rows)
         balanced = balance_for_split(table.frame, split, split_seed)
-        splits = dict(zip(SPLIT_FILES, random_split(balanced, train_frac, val_frac, split_seed), strict=True))
-        check_splits_not_empty(src.name, len(balanced), list(splits.values()), train_frac, val_frac)
+        splits = random_split(balanced, train_frac, val_frac, split_seed, src.name)
         counts = {part: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
                   for part, f in splits.items()}
         rows = {"read": len(table.frame), "skipped": len(table.skipped),

@@ -1,7 +1,5 @@
-"""GPT-2 tokens: the tiktoken encoder built from the bundled BPE files, encoding, ``max_length``
-and batch collation, shared by training and inference so a message is tokenized, truncated and
-padded the same way everywhere.
-"""
+"""GPT-2 tokens (tiktoken from the bundled BPE files), ``max_length`` and collation, shared by
+training and inference so a message is tokenized, truncated and padded the same everywhere."""
 
 from __future__ import annotations
 
@@ -41,9 +39,8 @@ def _read_verified(path: Path) -> bytes:
 
 
 def gpt2_mergeable_ranks(folder: Path = GPT2_ASSETS) -> dict[bytes, int]:
-    """GPT-2's BPE ranks from ``vocab.bpe``, as ``tiktoken.load.data_gym_to_mergeable_bpe_ranks``
-    computes them (without copying the files into tiktoken's cache): the 256 bytes in GPT-2's
-    byte-to-unicode order, then every merge; checked to equal ``encoder.json``'s table."""
+    """``tiktoken.load.data_gym_to_mergeable_bpe_ranks`` without its cache (which writes copies):
+    the 256 bytes in GPT-2's order, then every merge; checked against ``encoder.json``."""
     vocab = _read_verified(Path(folder) / "vocab.bpe").decode("utf-8")
     encoder = json.loads(_read_verified(Path(folder) / "encoder.json"))
     # GPT-2 writes byte b as chr(b) if it is printable and not a space, else as chr(256 + n)
@@ -90,9 +87,8 @@ def encode_texts(
     texts: Sequence[str], max_length: int | None = None, context_length: int | None = None,
     tokenizer: Any = None,
 ) -> list[list[int]]:
-    """GPT-2 ids of each text, truncated to ``min(max_length, context_length)`` (those given), as
-    the chapter's ``SpamDataset`` / ``classify_review`` do. ``<|endoftext|>`` inside a text is
-    plain text (user input must never inject a pad token)."""
+    """GPT-2 ids, truncated to ``min(max_length, context_length)`` as the chapter does;
+    ``<|endoftext|>`` in a text is plain text (input never injects a pad token)."""
     tok = tokenizer if tokenizer is not None else get_tokenizer()
     limit = min((v for v in (max_length, context_length) if v is not None), default=None)
     return [ids[:limit] for ids in tok.encode_batch(list(texts), disallowed_special=())]
@@ -116,11 +112,13 @@ def resolve_max_length(
         return int(context_length)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(
-            f"data.max_length={max_length!r}: allowed values are null, model or an integer >= 1"
+            f"data.max_length={max_length!r}: allowed values are null (the longest training "
+            f"sequence), model (the context length) or an integer >= 1"
         )
     if max_length > context_length:
         raise ValueError(
-            f"data.max_length={max_length} exceeds the model's context length {context_length}"
+            f"data.max_length={max_length} exceeds the model's context length {context_length}; "
+            f"use an integer <= {context_length}, or model"
         )
     return max_length
 
@@ -130,40 +128,24 @@ def collate(
     padding: str = "longest", max_length: int | None = None, pad_token_id: int = PAD_TOKEN_ID,
     indices: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A batch dict: ``input_ids``, ``lengths`` (true lengths: a text may itself hold token
-    50256), ``index`` and, if given, ``labels``. ``padding``: ``longest`` right-pads to
-    ``max_length`` (the chapter), ``batch`` to the batch's longest, ``none`` stacks equally long
-    sequences. Sequences must be non-empty and already truncated to ``max_length``."""
+    """``input_ids``, ``lengths`` (a text may hold token 50256), ``index``, ``labels``; padded to
+    ``max_length`` (``longest``, the chapter), the batch's longest (``batch``) or not (``none``)."""
     if padding not in PADDING_MODES:
         raise ValueError(f"padding={padding!r}: allowed values are {', '.join(PADDING_MODES)}")
-    if not token_lists:
-        raise ValueError("collate() needs at least one sequence")
     lengths = [len(ids) for ids in token_lists]
-    for i, n in enumerate(lengths):
-        if n == 0:
-            raise ValueError(f"sequence {i} is empty (an empty text has no tokens)")
-        if max_length is not None and n > max_length:
-            raise ValueError(
-                f"sequence {i} has {n} tokens > max_length {max_length}; truncate it first "
-                f"(encode_texts(..., max_length=...))"
-            )
-    if padding == "longest" and max_length is None:
-        raise ValueError("padding='longest' pads to max_length, which must be given")
+    if 0 in lengths:
+        raise ValueError(f"sequence {lengths.index(0)} is empty (an empty text has no tokens)")
+    if max_length is not None and max(lengths) > max_length:
+        raise ValueError(f"a sequence has {max(lengths)} tokens > max_length {max_length}; truncate "
+                         f"it first (encode_texts(..., max_length=...))")
     if padding == "none" and len(set(lengths)) > 1:
-        raise ValueError(
-            "padding='none' cannot batch sequences of different lengths; use batch size 1"
-        )
+        raise ValueError("padding='none' cannot batch sequences of different lengths; use batch size 1")
     width = max_length if padding == "longest" else max(lengths)
     input_ids = torch.full((len(token_lists), width), pad_token_id, dtype=torch.long)
     for row, ids in enumerate(token_lists):
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    batch = {
-        "input_ids": input_ids,
-        "lengths": torch.tensor(lengths, dtype=torch.long),
-        "index": torch.as_tensor(
-            list(indices) if indices is not None else range(len(token_lists)), dtype=torch.long
-        ),
-    }
+    index = torch.as_tensor(list(indices) if indices is not None else range(len(lengths)))
+    batch = {"input_ids": input_ids, "lengths": torch.tensor(lengths), "index": index.long()}
     if labels is not None:
         batch["labels"] = torch.as_tensor(list(labels), dtype=torch.long)
     return batch
@@ -178,6 +160,3 @@ class Collator:
     def __call__(self, items: Sequence[tuple[list[int], int, int]]) -> dict[str, torch.Tensor]:
         ids, labels, indices = zip(*items, strict=True)
         return collate(ids, labels, self.padding, self.max_length, self.pad_token_id, indices)
-
-    def __repr__(self) -> str:
-        return f"Collator(padding={self.padding!r}, max_length={self.max_length})"
