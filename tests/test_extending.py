@@ -16,7 +16,8 @@ from conftest import TINY_RUN
 from spam_lightning.train import train
 
 TOY_DATA = '''
-from spam_lightning.data.datamodule import SplitData, TextClassificationDataModule
+from spam_lightning.data.datamodule import TextClassificationDataModule
+from spam_lightning.data.table import Table
 
 WORDS = {"red": "apple cherry tomato", "green": "lime leaf frog", "blue": "sky sea whale"}
 
@@ -39,7 +40,7 @@ class ColoursDataModule(TextClassificationDataModule):
         for split, n in (("train", self.rows_per_class), ("validation", 3), ("test", 3)):
             texts = [f"{WORDS[c]} {i}" for i in range(n) for c in WORDS]
             labels = [k for _ in range(n) for k in range(len(WORDS))]
-            out[split] = SplitData(texts, labels, f"<colours {split}>")
+            out[split] = Table(texts, labels, f"<colours {split}>")
         return out
 '''
 

@@ -90,12 +90,13 @@ def bad_rows_error(name: str, problems: list[str], hint: str) -> DataError:
 @dataclass(frozen=True)
 class Table:
     """A table (labels: strings, or class indices once mapped); ``lines``: each row's start line
-    (None: our own CSVs, read unchecked)."""
+    (None: our own CSVs, read unchecked); ``frame``: the rows as read, for splitting (a data
+    module's ``load_splits`` may leave it out)."""
 
     texts: list[str]
     labels: list[Any]
     name: str
-    frame: pd.DataFrame
+    frame: pd.DataFrame | None = None
     lines: list[int] | None = None
     skipped: tuple[str, ...] = ()
 
