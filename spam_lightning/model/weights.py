@@ -66,18 +66,24 @@ def build_gpt(name: str, weights: str = "pretrained", checkpoint: str | Path | N
         raise TypeError(f"build_gpt got unknown model options {unknown}; allowed: {list(CFG_KEYS)}")
     cfg = {**MODEL_CONFIGS[name], **{k: v for k, v in size_overrides.items() if v is not None}}
     cfg.update(drop_rate=drop_rate, causal_mask=causal_mask)
+    if problems := weights_problems(name, weights, checkpoint):
+        raise ValueError(problems[0])
     if weights == "random":
-        if checkpoint is not None:
-            raise ValueError(f"model.checkpoint={checkpoint} is ignored with model.weights=random; "
-                             "drop one of them (checkpoints need model.weights=pretrained)")
         return GPTModel(cfg)
-    if weights != "pretrained":
-        raise ValueError(f"unknown model.weights={weights!r}; allowed: pretrained, random")
-    if checkpoint is None and name not in HUB_REPOS:
-        raise ValueError(f"{name} has no pretrained weights; use model.weights=random "
-                         "or model.checkpoint=/path/to/model.safetensors")
     source = checkpoint if checkpoint is not None else name
     return load_gpt2(source, causal_mask=causal_mask, drop_rate=drop_rate, config=cfg)
+
+
+def weights_problems(name: str, weights: Any, checkpoint: Any) -> list[str]:
+    """``model.weights`` and ``model.checkpoint`` against each other and the size ``name``."""
+    if weights == "random" and checkpoint is not None:
+        return [f"model.checkpoint={checkpoint} is ignored with model.weights=random; drop one of "
+                "them (checkpoints need model.weights=pretrained)"]
+    if weights == "pretrained" and checkpoint is None and name in MODEL_CONFIGS and name not in HUB_REPOS:
+        return [f"model {name} has no pretrained weights; use model.weights=random or "
+                "model.checkpoint=/path/to/model.safetensors"]
+    return [] if weights in ("pretrained", "random") else [
+        f"model.weights={weights!r} is unknown; allowed: pretrained, random"]
 
 
 def load_gpt2(source: str | Path, *, causal_mask: bool = True, drop_rate: float = 0.0,
