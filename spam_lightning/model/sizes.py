@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_GPT2_BASE: dict[str, Any] = {
-    "vocab_size": 50257,
-    "context_length": 1024,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
+_GPT2_BASE: dict[str, Any] = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.0, "qkv_bias": True}
 # name: (emb_dim, n_layers, n_heads, Hub repo of the pretrained weights or None)
 _SIZES = {
     "gpt2-small": (768, 12, 12, "openai-community/gpt2"),
