@@ -100,10 +100,8 @@ class TrunkCache:
         return TrunkFeatures(self._states[split], offsets, dataset, self.start_block, pad_to)
 
     def split_nbytes(self, split: str) -> int:
-        states = self._states[split]
-        return states.numel() * states.element_size()
+        return self._states[split].numel() * self._states[split].element_size()
 
-    # ------------------------------------------------------------------ shared across runs
     def config_digest(self, model: nn.Module, device: torch.device, precision: str) -> str:
         """sha256 of everything but the data that ``build`` depends on."""
         h, device = hashlib.sha256(), torch.device(device)
@@ -154,22 +152,13 @@ class TrunkCache:
             raise CacheFileError(f"{path}: unreadable ({err})") from err
         if meta.get("format") != str(FORMAT_VERSION) or meta.get("key") != key:
             raise CacheFileError(f"{path}: written for another key or format ({meta})")
-        if set(tensors) != {"states", "stored"}:
-            raise CacheFileError(f"{path}: tensors {sorted(tensors)}, expected states, stored")
-        states, stored = tensors["states"], tensors["stored"]
         expected = torch.tensor(self._stored_lengths(dataset.token_ids, max_length), dtype=torch.long)
-        emb_dim = model.tok_emb.weight.shape[1]
-        if (
-            stored.dtype != torch.long or stored.shape != expected.shape
-            or not torch.equal(stored, expected) or states.dtype != self.dtype
-            or tuple(states.shape) != (int(expected.sum()), emb_dim)
-        ):
-            raise CacheFileError(
-                f"{path}: sizes do not match this split (states {tuple(states.shape)} "
-                f"{states.dtype}, {len(stored)} examples; expected {len(expected)} examples, "
-                f"{int(expected.sum())} positions x {emb_dim} {self.dtype})"
-            )
-        self._states[split], self._stored[split] = states, stored
+        want = {"states": ((int(expected.sum()), model.tok_emb.weight.shape[1]), self.dtype),
+                "stored": (tuple(expected.shape), torch.long)}
+        found = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+        if found != want or not torch.equal(tensors["stored"], expected):
+            raise CacheFileError(f"{path}: tensors {found} do not match this split's {want}")
+        self._states[split], self._stored[split] = tensors["states"], tensors["stored"]
 
     def estimate_bytes(self, dataset, model: nn.Module, max_length: int) -> int:
         emb_dim = model.tok_emb.weight.shape[1]
@@ -179,11 +168,10 @@ class TrunkCache:
     def _batches(self, stored: list[int]) -> list[list[int]]:
         """Example indices in trunk batches, shortest first (nearly no padding). A batch closes
         past ``max_batch_tokens`` padded positions or ~15% padding (sparse length ranges)."""
-        order = sorted(range(len(stored)), key=stored.__getitem__)
         batches: list[list[int]] = []
         current: list[int] = []
         real = 0
-        for i in order:
+        for i in sorted(range(len(stored)), key=stored.__getitem__):
             width = stored[i]  # ascending: the new row is the widest
             padded = width * (len(current) + 1)
             if current and (
@@ -199,10 +187,8 @@ class TrunkCache:
         return batches
 
     @torch.no_grad()
-    def build(
-        self, split: str, model: nn.Module, dataset, max_length: int, pad_token_id: int,
-        device: torch.device,
-    ) -> None:
+    def build(self, split: str, model: nn.Module, dataset, max_length: int, pad_token_id: int,
+              device: torch.device) -> None:
         """Run the trunk over ``dataset``, keeping per example the states the pooling can read."""
         was_training = model.training
         model.eval()
@@ -228,7 +214,6 @@ class TrunkCache:
         self._states[split], self._stored[split] = states, stored_t
 
 
-# ---------------------------------------------------------------------- the key's ingredients
 def frozen_modules(model: nn.Module, start_block: int) -> list[nn.Module]:
     """What ``build`` runs: the embeddings and ``trf_blocks[:start_block]``."""
     return [model.tok_emb, model.pos_emb, model.drop_emb, *model.trf_blocks[:start_block]]
@@ -278,7 +263,6 @@ def _code_digest(model: nn.Module, start_block: int) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- the shared store
 class SharedTrunkStore:
     """``<key>.safetensors`` files shared by runs and sweep jobs. The first job that needs a key
     computes it under the key's lock (others wait, then read it); after each write the least
@@ -288,8 +272,7 @@ class SharedTrunkStore:
     SUFFIX = ".safetensors"
 
     def __init__(self, directory: str | Path, max_bytes: float) -> None:
-        self.directory = Path(directory)
-        self.max_bytes = float(max_bytes)
+        self.directory, self.max_bytes = Path(directory), float(max_bytes)
         self.in_use: set[Path] = set()
         self.outcomes: dict[str, str] = {}  # split -> "hit" | "miss" (saved or not)
 
@@ -300,10 +283,8 @@ class SharedTrunkStore:
     def _lock(path: Path) -> Path:
         return Path(str(path) + ".lock")
 
-    def fetch(
-        self, cache: TrunkCache, split: str, key: str, compute: Callable[[], None],
-        load: Callable[[Path], None],
-    ) -> str:
+    def fetch(self, cache: TrunkCache, split: str, key: str, compute: Callable[[], None],
+              load: Callable[[Path], None]) -> str:
         """``load`` the file of ``key``, or ``compute`` the split and save it: "hit" or "miss"."""
         path = self.path(key)
         if path.is_file():
