@@ -16,8 +16,8 @@ import threading
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -93,32 +93,32 @@ def load_gpt2(source: str | Path, *, causal_mask: bool = True, drop_rate: float 
     path = resolve_weights_file(source)
     if config is None and str(source) in MODEL_CONFIGS:
         config = MODEL_CONFIGS[str(source)]
-    with open_tensors(path) as tensors:
-        expected, plan, layout = _checked_plan(path, tensors.shapes(), config)
-        expected.update(drop_rate=drop_rate, causal_mask=causal_mask)
+    shapes, get = open_tensors(path)
+    expected, plan, layout = _checked_plan(path, shapes, config)
+    expected.update(drop_rate=drop_rate, causal_mask=causal_mask)
 
-        # Build without storage, then allocate each parameter once (the head is tied to tok_emb)
-        with torch.device("meta"):
-            model = GPTModel(expected)
-        for child_name, child in model.named_children():
-            if child_name != "out_head":
-                child.to_empty(device="cpu")
-        model.out_head.weight = model.tok_emb.weight
-        params = dict(model.named_parameters())
-        not_finite = []
-        with torch.no_grad():
-            for key, entry in plan.items():
-                with tensors.get(layout[key]) as tensor:
-                    if tensor.is_floating_point() and tensor.numel() and not all(
-                        math.isfinite(float(v)) for v in torch.aminmax(tensor)
-                    ):  # min/max propagate NaN, see inf, and allocate nothing tensor-sized
-                        not_finite.append(layout[key])
-                    if entry.transpose:  # Conv1D [in, out] -> Linear [out, in]
-                        tensor = tensor.T
-                    parts = tensor.chunk(len(entry.targets), dim=0)  # c_attn -> q, k, v
-                    for target, part in zip(entry.targets, parts, strict=True):
-                        params[target].copy_(part)
-                    del tensor, parts
+    # Build without storage, then allocate each parameter once (the head is tied to tok_emb)
+    with torch.device("meta"):
+        model = GPTModel(expected)
+    for child_name, child in model.named_children():
+        if child_name != "out_head":
+            child.to_empty(device="cpu")
+    model.out_head.weight = model.tok_emb.weight
+    params = dict(model.named_parameters())
+    not_finite = []
+    with torch.no_grad():
+        for key, entry in plan.items():
+            with get(layout[key]) as tensor:
+                if tensor.is_floating_point() and tensor.numel() and not all(
+                    math.isfinite(float(v)) for v in torch.aminmax(tensor)
+                ):  # min/max propagate NaN, see inf, and allocate nothing tensor-sized
+                    not_finite.append(layout[key])
+                if entry.transpose:  # Conv1D [in, out] -> Linear [out, in]
+                    tensor = tensor.T
+                parts = tensor.chunk(len(entry.targets), dim=0)  # c_attn -> q, k, v
+                for target, part in zip(entry.targets, parts, strict=True):
+                    params[target].copy_(part)
+                del tensor, parts
     if not_finite:  # training on them gives a NaN loss from the first step
         raise CheckpointError(f"checkpoint {path}: {len(not_finite)} tensor(s) hold NaN or infinite "
                               f"values: {', '.join(not_finite[:5])}{' ...' if len(not_finite) > 5 else ''}; "
@@ -130,8 +130,7 @@ def check_checkpoint(source: str | Path, sizes: Mapping[str, Any]) -> None:
     """Raise a CheckpointError naming every missing, unexpected or mis-shaped tensor if the
     checkpoint at ``source`` is not GPT-2 of ``sizes``; reads only the file's header."""
     path = resolve_weights_file(source)
-    with open_tensors(path) as tensors:
-        _checked_plan(path, tensors.shapes(), sizes)
+    _checked_plan(path, open_tensors(path)[0], sizes)
 
 
 def _checked_plan(path: Path, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any] | None
@@ -256,47 +255,36 @@ def _download(name: str) -> Path:
         raise _unavailable(name, cache, f"downloading failed ({type(err).__name__}: {err})") from err
 
 
-class _Tensors:
-    """A checkpoint's shapes and one tensor at a time, each through its own short-lived memory
-    map (one map held open would add the whole file to RSS)."""
-
-    def __init__(self, path: Path | None = None, state: Mapping[str, torch.Tensor] | None = None):
-        self._path, self._state = path, state
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        if self._state is not None:
-            return {k: tuple(v.shape) for k, v in self._state.items()}
-        with safe_open(str(self._path), framework="pt", device="cpu") as handle:
-            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+def open_tensors(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], Any]]:
+    """(shapes, get) of a weights file, read without running any code from it (safetensors, or a
+    weights-only `torch.load`). ``get(key)`` is a context holding one tensor through its own
+    short-lived memory map (one map held open would add the whole file to RSS)."""
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        state = torch_load_safely(
+            path, "a plain tensor state dict", "Weights are read only from safetensors or with "
+            "torch.load(weights_only=True), because a pickle can run arbitrary code; convert the "
+            "file to .safetensors.")
+        if not isinstance(state, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise CheckpointError(f"{path} does not hold a flat {{name: tensor}} state dict")
+        return {k: tuple(v.shape) for k, v in state.items()}, lambda key: nullcontext(state[key])
+    if suffix not in SAFETENSORS_SUFFIXES:
+        raise CheckpointError(f"refusing to load {path}: unsupported file type {suffix or '(none)'}; "
+                              f"use {', '.join(SAFETENSORS_SUFFIXES)} (preferred) or a tensor-only "
+                              f"state dict ({', '.join(TORCH_SUFFIXES)})")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:  # validates the header
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except Exception as err:  # SafetensorError, OSError: truncated or not safetensors
+        raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
 
     @contextmanager
-    def get(self, key: str) -> Iterator[torch.Tensor]:
-        if self._state is not None:
-            yield self._state[key]
-            return
-        with safe_open(str(self._path), framework="pt", device="cpu") as handle:
+    def get(key: str) -> Iterator[torch.Tensor]:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
             yield handle.get_tensor(key)
 
-
-@contextmanager
-def open_tensors(path: Path) -> Iterator[_Tensors]:
-    """Open a weights file without running any code from it (safetensors, or a weights-only
-    `torch.load`); anything else is refused with a CheckpointError naming the file."""
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu"):  # validates the header
-                pass
-        except Exception as err:  # SafetensorError, OSError: truncated or not safetensors
-            raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
-        yield _Tensors(path=path)
-        return
-    if suffix in TORCH_SUFFIXES:
-        yield _Tensors(state=_torch_load_weights_only(path))
-        return
-    raise CheckpointError(f"refusing to load {path}: unsupported file type {suffix or '(none)'}; use "
-                          f"{', '.join(SAFETENSORS_SUFFIXES)} (preferred) or a tensor-only state dict "
-                          f"({', '.join(TORCH_SUFFIXES)})")
+    return shapes, get
 
 
 def torch_load_safely(path: Path, what: str, why: str, mmap: bool = True, noun: str = "") -> Any:
@@ -309,18 +297,6 @@ def torch_load_safely(path: Path, what: str, why: str, mmap: bool = True, noun: 
         found = re.search(r"WeightsUnpickler error: (.+?)(?:\. Please|\n|$)", str(err))
         reason = found.group(1) if found else f"{type(err).__name__}: {str(err)[:200]}"
         raise CheckpointError(f"refusing to load {noun}{path}: it is not {what} ({reason}). {why}") from err
-
-
-def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    state = torch_load_safely(
-        path, "a plain tensor state dict", "Weights are read only from safetensors or with "
-        "torch.load(weights_only=True), because a pickle can run arbitrary code; convert the file "
-        "to .safetensors.")
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(f"{path} does not hold a flat {{name: tensor}} state dict")
-    return dict(state)
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]], path: Path, strict: bool = True) -> dict[str, Any]:
