@@ -95,9 +95,8 @@ class EncoderTokenizer:
             return []
         specials = self._tok.num_special_tokens_to_add()
         if limit is not None and limit <= specials:  # transformers would silently not truncate
-            raise ValueError(
-                f"limit={limit} leaves no room for text: {self.name} adds {specials} special tokens"
-            )
+            raise ValueError(f"limit={limit} leaves no room for text: {self.name} adds {specials} "
+                             "special tokens")
         out = self._tok(list(texts), truncation=limit is not None, max_length=limit)
         return [list(ids) for ids in out["input_ids"]]
 
@@ -173,10 +172,9 @@ def set_trainable(model: EncoderClassifier, trainable: str) -> None:
         return
     table = _HEAD if trainable == "last_layer" else _LAST_BLOCK
     if model.family not in table:
-        raise ValueError(
-            f"trainable={trainable} is defined for the families {', '.join(table)}, not for "
-            f"{model.family!r} (config.model_type); use trainable=all, which works for any model"
-        )
+        raise ValueError(f"trainable={trainable} is defined for the families {', '.join(table)}, not "
+                         f"for {model.family!r} (config.model_type); use trainable=all, which works "
+                         "for any model")
     model.requires_grad_(False)
     for module in _modules(model.hf, table[model.family]):
         module.requires_grad_(True)
@@ -197,8 +195,7 @@ def _unavailable(name: str, reason: str) -> EncoderUnavailableError:
         f"model.name={name}: cannot load the encoder: {reason}. Fix: pass a local folder with "
         "model.name=/path/to/folder (written by save_pretrained of the model and its tokenizer, "
         "weights as .safetensors), or run where huggingface.co is reachable once to fill the "
-        "Hugging Face cache."
-    )
+        "Hugging Face cache.")
 
 
 def _check_folder(path: Path, weights: str) -> str | None:
@@ -213,10 +210,8 @@ def _check_folder(path: Path, weights: str) -> str | None:
         return f"{path}/config.json has no model_type: not a transformers checkpoint"
     if weights == "pretrained" and not any(path.glob("*.safetensors")):
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
-        return (
-            f"{path} holds no .safetensors weights{f' (only {found})' if found else ''}; "
-            "weights are read only from safetensors"
-        )
+        return (f"{path} holds no .safetensors weights{f' (only {found})' if found else ''}; "
+                "weights are read only from safetensors")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
     return None
@@ -227,8 +222,7 @@ def check_encoder_available(name_or_path: str, weights: str, timeout: float = HU
     pretrained weights) safetensors; a Hub id must be cached or served by the Hub (one probe)."""
     if importlib.util.find_spec("transformers") is None:
         raise ImportError(INSTALL)
-    path = Path(name_or_path).expanduser()
-    name = str(name_or_path)
+    path, name = Path(name_or_path).expanduser(), str(name_or_path)
     looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
     if path.exists() or looks_local:
         reason = _check_folder(path, weights) if path.exists() else f"no folder {path} exists"
@@ -240,10 +234,8 @@ def check_encoder_available(name_or_path: str, weights: str, timeout: float = HU
     cache, endpoint, offline = hub_settings()
     groups = [("config.json",)] + ([WEIGHT_FILES] if weights == "pretrained" else [])
     try:
-        if all(
-            any(isinstance(try_to_load_from_cache(name, f, cache_dir=cache), str) for f in group)
-            for group in groups
-        ):
+        if all(any(isinstance(try_to_load_from_cache(name, f, cache_dir=cache), str) for f in group)
+               for group in groups):
             return
     except ValueError as err:  # HFValidationError: not a possible repo id
         raise _unavailable(name, f"it is neither an existing folder nor a Hub id ({err})") from err
@@ -272,16 +264,14 @@ class EncoderFamily(ModelFamily):
         problems = choice_problems("model.weights", self.weights, WEIGHTS)
         problems += choice_problems("trainable.name", cfg.trainable.name, ENCODER_TRAINABLE, TRAINABLE_FIX)
         if importlib.util.find_spec("transformers") is None:
-            problems.append('model=encoder needs transformers: pip install -e ".[hf]"')
+            problems.append(INSTALL)
         if not isinstance(self.name, str) or not self.name.strip():
             problems.append(f"model.name={self.name!r}: a Hub id or a local save_pretrained folder")
         if not is_int(self.context_length, 1):
             problems.append(f"model.context_length={self.context_length!r}: must be an integer >= 1")
         if cfg.token.name != "last":  # each family pools its own way (BERT: the [CLS] token)
-            problems.append(
-                f"token={cfg.token.name}: the token option is GPT-2's; an encoder pools as its "
-                "family does (drop the token override)"
-            )
+            problems.append(f"token={cfg.token.name}: the token option is GPT-2's; an encoder pools "
+                            "as its family does (drop the token override)")
         if str(cfg.cache.trunk).lower() == "true":
             problems.append("cache.trunk=true: the frozen-trunk cache is GPT-2's; use cache.trunk=auto")
         return problems + super().problems(cfg)
@@ -314,11 +304,10 @@ class EncoderFamily(ModelFamily):
         out = fresh_bundle_dir(run_dir)
         model.save(out)
         datamodule.tokenizer.save(out)
-        return write_bundle_config(
-            out, self.kind, list(datamodule.class_names), max_length=int(datamodule.max_length),
-            padding=cfg.data.padding, pad_token_id=int(datamodule.tokenizer.pad_token_id),
-            family=model.family, trained=trained,
-        )
+        return write_bundle_config(out, self.kind, list(datamodule.class_names),
+                                   max_length=int(datamodule.max_length), padding=cfg.data.padding,
+                                   pad_token_id=int(datamodule.tokenizer.pad_token_id),
+                                   family=model.family, trained=trained)
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], device: torch.device,
@@ -338,10 +327,8 @@ class EncoderFamily(ModelFamily):
         except (OSError, ValueError) as err:
             raise BundleError(f"{folder}: cannot load the encoder ({err}); re-create the bundle.") from err
         if int(model.hf.config.num_labels) != config["num_classes"]:
-            raise BundleError(
-                f"{config_path}: num_classes is {config['num_classes']} but the model's head has "
-                f"{model.hf.config.num_labels} outputs; re-create the bundle."
-            )
+            raise BundleError(f"{config_path}: num_classes is {config['num_classes']} but the model's "
+                              f"head has {model.hf.config.num_labels} outputs; re-create the bundle.")
         return EncoderPredictor(model.to(device=device, dtype=dtype).eval(), tokenizer, config, device)
 
 
