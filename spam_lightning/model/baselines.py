@@ -30,12 +30,8 @@ FIX = "re-create the bundle with a training run"
 # as min_df): recorded at fit time, passed back to the rebuilt vectorizer.
 COUNT_OPTIONS = ("analyzer", "lowercase", "strip_accents", "stop_words", "token_pattern", "ngram_range", "binary")
 TFIDF_OPTIONS = (*COUNT_OPTIONS, "norm", "use_idf", "smooth_idf", "sublinear_tf")
-_SHAPES = {  # each tensor's shape, in words, for the error messages
-    "probs": "one per class",
-    "coef": "1 row for 2 classes, else 1 per class seen; 1 column per vocabulary token",
-    "intercept": "one per coef row",
-    "idf": "one per vocabulary token",
-}
+_SHAPES = {"probs": "one per class", "intercept": "one per coef row", "idf": "one per vocabulary token",
+           "coef": "1 row for 2 classes, else 1 per class seen; 1 column per vocabulary token"}
 
 
 class BaselineBundleError(ValueError):
@@ -220,10 +216,8 @@ def fit_baseline(name: str, texts: Sequence[str], labels: Sequence[int], num_cla
     vectorizer = _vectorizer_class(features)()
     model = LogisticRegression(max_iter=int(max_iter), random_state=int(seed))
     model.fit(vectorizer.fit_transform(list(texts)), y)
-    params = model.get_params().items()
     options = {"class": "LogisticRegression", **version} | {
-        k: v for k, v in params if v is None or isinstance(v, (bool, int, float, str))
-    }
+        k: v for k, v in model.get_params().items() if v is None or isinstance(v, (bool, int, float, str))}
     classes = tuple(model.classes_.tolist())
     return Baseline(name, features, num_classes, classes, vectorizer, model, options=options)
 

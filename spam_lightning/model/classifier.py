@@ -27,11 +27,7 @@ def first_trainable_block(trainable: str, n_layers: int) -> int | None:
         raise ValueError(f"unknown trainable={trainable!r}; allowed: {', '.join(TRAINABLE)}")
     if trainable == "last_two_blocks" and n_layers < 2:
         raise ValueError(f"trainable=last_two_blocks needs >= 2 transformer blocks, got {n_layers}")
-    return {
-        "last_layer": n_layers,
-        "last_block": n_layers - 1,
-        "last_two_blocks": n_layers - 2,
-    }.get(trainable)
+    return {"last_layer": n_layers, "last_block": n_layers - 1, "last_two_blocks": n_layers - 2}.get(trainable)
 
 
 def make_classifier(model: GPTModel, num_classes: int = 2, trainable: str = "last_block",

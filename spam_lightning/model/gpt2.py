@@ -167,11 +167,9 @@ class GPT2Predictor(Predictor):
         self.token = config["token"]
         if self.token == "mean" and not config.get("mean_includes_padding", False):
             self.token = "masked_mean"  # a bundle from before the rename: its mean was masked
-        self.padding = config["padding"]
-        self.pad_token_id = int(config["pad_token_id"])
-        # unpadded training (padding=none) pooled each message's own tokens (last -> flexible)
-        pooling = get_pooling(self.token)
-        pooled = pooling.unpadded() if self.padding == "none" else pooling
+        self.padding, self.pad_token_id = config["padding"], int(config["pad_token_id"])
+        pooled = get_pooling(self.token)  # padding=none pooled each message's own tokens (last -> flexible)
+        pooled = pooled.unpadded() if self.padding == "none" else pooled
         self.model = GPTClassifier(gpt, token=pooled).to(device=self.device, dtype=dtype).eval()
         self.dynamic = self.model.padding_free  # then per-batch padding is exact
         if self.padding == "none" and not self.dynamic:

@@ -27,6 +27,5 @@ CFG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "d
 
 
 def size(name: str, key: str) -> Any:
-    """One size of a registered model (the `${gpt2:NAME,KEY}` resolver); None for an unknown
-    name, which `validate_config` then reports with the allowed names."""
+    """One size of a registered model (the `${gpt2:NAME,KEY}` resolver); None for an unknown name."""
     return MODEL_CONFIGS.get(name, {}).get(key)

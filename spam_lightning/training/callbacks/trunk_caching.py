@@ -33,11 +33,9 @@ class TrunkCaching(L.Callback):
     runs through files in ``dir``, at most ``max_gb`` GiB of them.
     """
 
-    def __init__(
-        self, start_block: int | None, datamodule: Any, *, trunk: str | bool = "auto",
-        memory_budget_gb: float = 4.0, shared: bool = False, dir: str | None = None,  # noqa: A002
-        max_gb: float = 10.0,
-    ) -> None:
+    def __init__(self, start_block: int | None, datamodule: Any, *, trunk: str | bool = "auto",
+                 memory_budget_gb: float = 4.0, shared: bool = False,
+                 dir: str | None = None, max_gb: float = 10.0) -> None:  # noqa: A002
         self.start_block, self.datamodule = start_block, datamodule
         self.setting = {"true": True, "false": False}.get(str(trunk).lower(), "auto")
         self.budget_gb = memory_budget_gb
@@ -74,10 +72,8 @@ class TrunkCaching(L.Callback):
         model, strict, dm = pl_module.model, self.setting is True, self.datamodule
         # what the uncached forward feeds the first trainable block: float32 unless bf16-true
         dtype = next(model.parameters()).dtype
-        cache = self.cache or TrunkCache(
-            self.start_block or 0, token=model.pooling, causal=model.causal_mask,
-            dtype=dtype if dtype.is_floating_point else torch.float32,
-        )
+        cache = self.cache or TrunkCache(self.start_block or 0, token=model.pooling, causal=model.causal_mask,
+                                         dtype=dtype if dtype.is_floating_point else torch.float32)
         todo = [s for s in splits if not cache.has(s)]
         later = [s for s in dict.fromkeys(planned) if s not in todo and not cache.has(s)]
         reason = self._reason(model) or self._over_budget(cache, model, todo, later, strict)
@@ -119,12 +115,10 @@ class TrunkCaching(L.Callback):
         if strict and need_all > budget:
             cached = [s for s in ("train", "val", "test") if cache.has(s) or s in sizes]
             names = ", ".join(cached[:-1]) + f" and {cached[-1]}" if len(cached) > 1 else "".join(cached)
-            return (
-                f"the cache of {names} would need {need_all / 2**30:.3f} GiB, over "
-                f"cache.memory_budget_gb={self.budget_gb}; raise cache.memory_budget_gb to "
-                f"{math.ceil(need_all / 2**30 * 1000) / 1000:g} or more, or use cache.trunk=auto "
-                "(caches what fits)"
-            )
+            return (f"the cache of {names} would need {need_all / 2**30:.3f} GiB, over "
+                    f"cache.memory_budget_gb={self.budget_gb}; raise cache.memory_budget_gb to "
+                    f"{math.ceil(need_all / 2**30 * 1000) / 1000:g} or more, or use cache.trunk=auto "
+                    "(caches what fits)")
         if need > budget:
             return f"the cache would need {need / 2**30:.2f} GiB, over cache.memory_budget_gb={self.budget_gb}"
         return None
