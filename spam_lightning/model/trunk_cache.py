@@ -228,16 +228,14 @@ def frozen_tensors(model: nn.Module, start_block: int) -> Iterable[tuple[str, to
 
 def is_sharded(model: nn.Module, start_block: int) -> bool:
     """Whether the frozen trunk is sharded (FSDP): a rank would hash only its shard."""
-    for module in frozen_modules(model, start_block):
-        for m in module.modules():
-            if "FullyShardedDataParallel" in type(m).__name__ or "FSDP" in type(m).__name__:
-                return True
+    if any("FullyShardedDataParallel" in type(m).__name__ or "FSDP" in type(m).__name__
+           for module in frozen_modules(model, start_block) for m in module.modules()):
+        return True
     return any(type(t).__name__ == "DTensor" for _, t in frozen_tensors(model, start_block))
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _code_digest(model: nn.Module, start_block: int) -> str:

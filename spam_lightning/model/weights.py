@@ -135,9 +135,8 @@ def check_checkpoint(source: str | Path, sizes: Mapping[str, Any]) -> None:
 
 def _checked_plan(path: Path, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any] | None
                   ) -> tuple[dict[str, Any], dict[str, _Entry], dict[str, str]]:
-    """(sizes, plan, layout) of a checkpoint that holds GPT-2 of ``config`` (None: its own
-    inferred sizes), or a CheckpointError naming every missing, unexpected or mis-shaped tensor.
-    ``layout``: Hub key (`h.0.attn.c_attn.weight`) -> the file's, which may be `transformer.`-prefixed."""
+    """(sizes, plan, layout) of a checkpoint holding GPT-2 of ``config`` (None: its own sizes), or a
+    CheckpointError; ``layout``: Hub key -> the file's (which may be `transformer.`-prefixed)."""
     layout = {key.removeprefix("transformer."): key for key in shapes}
     found = infer_config({k: shapes[orig] for k, orig in layout.items()}, path, strict=config is None)
     expected = dict(config if config is not None else found)
@@ -321,14 +320,11 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], path: Path, strict: bool
     unknown = [k for k, v in sizes.items() if not isinstance(v, int)]
     if strict and unknown:
         if unknown == ["n_heads"]:
-            raise CheckpointError(
-                f"cannot infer n_heads of {path} (emb_dim={sizes['emb_dim']} is not a released "
-                "GPT-2 width); put the Hugging Face config.json (with n_head) next to it"
-            )
-        raise CheckpointError(
-            f"cannot infer {unknown} of {path}: it lacks wte.weight / wpe.weight / h.N.* "
-            "tensors and has no config.json; is this a GPT-2 checkpoint?"
-        )
+            raise CheckpointError(f"cannot infer n_heads of {path} (emb_dim={sizes['emb_dim']} is not a "
+                                  "released GPT-2 width); put the Hugging Face config.json (with "
+                                  "n_head) next to it")
+        raise CheckpointError(f"cannot infer {unknown} of {path}: it lacks wte.weight / wpe.weight / "
+                              "h.N.* tensors and has no config.json; is this a GPT-2 checkpoint?")
     return {**sizes, "drop_rate": 0.0, "qkv_bias": True}
 
 
