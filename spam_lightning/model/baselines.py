@@ -1,10 +1,8 @@
-"""The book's baselines as models of the framework: the majority class and logistic regression on
-bag-of-words features (``ch06/03_bonus_imdb-classification/train_sklearn_logreg.py``).
+"""The book's baselines (``ch06/03_bonus_imdb-classification/train_sklearn_logreg.py``): the
+majority class and logistic regression on bag-of-words features, the floor GPT-2 has to beat.
 
-They are the floor a fine-tuned GPT-2 has to beat. A fitted baseline is stored as JSON (options,
-vocabulary, classes) plus float64 tensors for safetensors, never as a pickle: unpickling a bundle
-could run arbitrary code. scikit-learn is imported only when needed (``pip install -e
-".[baselines]"``), so this module, and loading a majority baseline, work without it.
+A fitted baseline is stored as JSON plus float64 safetensors, never as a pickle (unpickling a
+bundle could run arbitrary code). scikit-learn is imported only when needed.
 """
 
 from __future__ import annotations
@@ -21,32 +19,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from spam_lightning.model.family import (
-    FINAL_SPLITS,
-    Fitted,
-    ModelFamily,
-    Predictor,
-    choice_problems,
-    is_int,
-)
+from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily, Predictor, choice_problems, is_int
 
 BASELINES = ("majority", "logreg")
 FEATURES = ("count", "tfidf")  # count: CountVectorizer() as the book; tfidf: TfidfVectorizer()
 BUNDLE_FORMAT = 1
 INSTALL_HINT = 'the baselines need scikit-learn: pip install -e ".[baselines]"'
 FIX = "re-create the bundle with a training run"
-# What shapes a vectorizer's transform once its vocabulary is fixed (fit-only options such as
-# min_df no longer matter): recorded at fit time, passed back to the rebuilt vectorizer.
-COUNT_OPTIONS = tuple(
-    "analyzer lowercase strip_accents stop_words token_pattern ngram_range binary".split()
-)
+# What shapes a vectorizer's transform once its vocabulary is fixed (not fit-only options such
+# as min_df): recorded at fit time, passed back to the rebuilt vectorizer.
+COUNT_OPTIONS = ("analyzer", "lowercase", "strip_accents", "stop_words", "token_pattern", "ngram_range", "binary")
 TFIDF_OPTIONS = (*COUNT_OPTIONS, "norm", "use_idf", "smooth_idf", "sublinear_tf")
-_SHAPES = {  # each tensor's shape, in words, for the error messages
-    "probs": "one per class",
-    "coef": "1 row for 2 classes, else 1 per class seen; 1 column per vocabulary token",
-    "intercept": "one per coef row",
-    "idf": "one per vocabulary token",
-}
+_SHAPES = {"probs": "one per class", "intercept": "one per coef row", "idf": "one per vocabulary token",
+           "coef": "1 row for 2 classes, else 1 per class seen; 1 column per vocabulary token"}
 
 
 class BaselineBundleError(ValueError):
@@ -74,11 +59,8 @@ def _vectorizer_class(features: str) -> type:
 
 @dataclass(eq=False)
 class Baseline:
-    """A fitted baseline (from ``fit_baseline`` or ``Baseline.from_bundle``).
-
-    ``classes``: the class indices seen in training (sklearn's ``classes_``); ``predict_proba``
-    spreads sklearn's columns over all ``num_classes`` indices, an unseen class getting 0.
-    """
+    """A fitted baseline. ``classes``: the class indices seen in training (sklearn's
+    ``classes_``); ``predict_proba`` gives an unseen class probability 0."""
 
     name: str
     features: str
@@ -105,13 +87,9 @@ class Baseline:
     def to_bundle(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """(JSON-serialisable config, float64 tensors for safetensors)."""
         config: dict[str, Any] = {
-            "format": BUNDLE_FORMAT,
-            "name": self.name,
-            "features": self.features,
-            "num_classes": self.num_classes,
-            "classes": list(self.classes),
-            "classifier": dict(self.options),
-        }
+            "format": BUNDLE_FORMAT, "name": self.name, "features": self.features,
+            "num_classes": self.num_classes, "classes": list(self.classes),
+            "classifier": dict(self.options)}
         if self.probs is not None:
             return config, {"probs": torch.tensor(self.probs, dtype=torch.float64)}
         vec, params = self.vectorizer, self.vectorizer.get_params()
@@ -123,22 +101,15 @@ class Baseline:
         if self.features == "tfidf":
             tensors["idf"] = vec.idf_
         # C order: sklearn's multiclass coef_ is Fortran-ordered, and safetensors wants contiguous
-        return config, {
-            k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).clone()
-            for k, v in tensors.items()
-        }
+        return config, {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).clone()
+                        for k, v in tensors.items()}
 
     @classmethod
-    def from_bundle(
-        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], num_classes: int
-    ) -> Baseline:
-        """Check a bundle's baseline part and rebuild the fitted sklearn objects (no unpickling).
-
-        ``CountVectorizer(vocabulary=...)`` / ``TfidfVectorizer(vocabulary=...)`` with ``idf_``
-        set, and ``LogisticRegression`` with ``classes_``, ``coef_``, ``intercept_`` set, are the
-        objects that were fitted: the same text analysis and formula, so the same probabilities,
-        where a numpy re-implementation would have to copy sklearn's tokenizing.
-        """
+    def from_bundle(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    num_classes: int) -> Baseline:
+        """Check a bundle's baseline part and rebuild the fitted sklearn objects (no unpickling):
+        the vectorizer with its vocabulary (and ``idf_``), LogisticRegression with its arrays,
+        so the same text analysis and the same probabilities."""
         if not isinstance(config, dict) or not isinstance(tensors, dict):
             raise _bad("config", "expected a JSON object and a dict of tensors")
 
@@ -153,42 +124,24 @@ class Baseline:
         features = get("features", lambda v: v in FEATURES, f"one of {', '.join(FEATURES)}")
         get("num_classes", lambda v: v == num_classes, f"{num_classes}, as the model")
         least = 1 if name == "majority" else 2
-        classes = get(
-            "classes",
-            lambda v: (
-                isinstance(v, list)
-                and len(v) >= least
-                and all(type(c) is int and 0 <= c < num_classes for c in v)
-                and v == sorted(set(v))
-            ),
-            f"at least {least} increasing class indices in 0..{num_classes - 1}",
-        )
+        classes = get("classes", lambda v: isinstance(v, list) and len(v) >= least and all(
+            type(c) is int and 0 <= c < num_classes for c in v) and v == sorted(set(v)),
+            f"at least {least} increasing class indices in 0..{num_classes - 1}")
         options = get("classifier", lambda v: isinstance(v, dict), "a JSON object")
         if name == "majority":
             probs = _arrays(tensors, {"probs": (num_classes,)})["probs"]
             if (probs < 0).any() or abs(probs.sum() - 1.0) > 1e-9:
                 raise _bad("tensor 'probs'", "not a probability distribution")
             return cls(name, features, num_classes, tuple(classes), probs=probs, options=options)
-        vocab = get(
-            "vocabulary",
-            lambda v: (
-                isinstance(v, list)
-                and v
-                and all(isinstance(t, str) for t in v)
-                and len(set(v)) == len(v)
-            ),
-            "a non-empty list of distinct tokens",
-        )
+        vocab = get("vocabulary", lambda v: isinstance(v, list) and v and all(
+            isinstance(t, str) for t in v) and len(set(v)) == len(v), "a non-empty list of distinct tokens")
         keys = COUNT_OPTIONS if features == "count" else TFIDF_OPTIONS
-        given = get(
-            "vectorizer",
-            lambda v: isinstance(v, dict) and set(v) == set(keys),
-            f"a JSON object of {', '.join(keys)}",
-        )
+        given = get("vectorizer", lambda v: isinstance(v, dict) and set(v) == set(keys),
+                    f"a JSON object of {', '.join(keys)}")
         k = 1 if len(classes) == 2 else len(classes)  # sklearn: one row for two classes
         shapes = {"coef": (k, len(vocab)), "intercept": (k,)}  # coef[:, j] weighs vocab[j]
         arrays = _arrays(tensors, shapes | ({"idf": (len(vocab),)} if features == "tfidf" else {}))
-        vectorizer_class = _vectorizer_class(features)
+        vectorizer_class = _vectorizer_class(features)  # the message that names the extra
         from sklearn.linear_model import LogisticRegression
 
         try:
@@ -231,21 +184,10 @@ def option_problems(name: Any, features: Any, max_iter: Any) -> list[str]:
     return problems + ([] if is_int(max_iter, 1) else [f"model.max_iter={max_iter!r}: must be an integer >= 1"])
 
 
-def fit_baseline(
-    name: str,
-    texts: Sequence[str],
-    labels: Sequence[int],
-    num_classes: int,
-    *,
-    features: str = "count",
-    max_iter: int = 1000,
-    seed: int = 123,
-) -> Baseline:
-    """Fit a baseline on the training split as the book's bonus script does.
-
-    ``majority``: ``DummyClassifier(strategy="most_frequent")``; ``logreg``: ``CountVectorizer()``
-    (or ``TfidfVectorizer()``) + ``LogisticRegression(max_iter=max_iter, random_state=seed)``.
-    """
+def fit_baseline(name: str, texts: Sequence[str], labels: Sequence[int], num_classes: int, *,
+                 features: str = "count", max_iter: int = 1000, seed: int = 123) -> Baseline:
+    """Fit as the book's bonus script: ``majority``: ``DummyClassifier("most_frequent")``;
+    ``logreg``: ``CountVectorizer()`` (or Tfidf) + ``LogisticRegression(max_iter, seed)``."""
     if problems := option_problems(name, features, max_iter):
         raise ValueError("; ".join(problems))
     if not is_int(num_classes, 2):
@@ -274,10 +216,8 @@ def fit_baseline(
     vectorizer = _vectorizer_class(features)()
     model = LogisticRegression(max_iter=int(max_iter), random_state=int(seed))
     model.fit(vectorizer.fit_transform(list(texts)), y)
-    params = model.get_params().items()
     options = {"class": "LogisticRegression", **version} | {
-        k: v for k, v in params if v is None or isinstance(v, (bool, int, float, str))
-    }
+        k: v for k, v in model.get_params().items() if v is None or isinstance(v, (bool, int, float, str))}
     classes = tuple(model.classes_.tolist())
     return Baseline(name, features, num_classes, classes, vectorizer, model, options=options)
 
@@ -351,14 +291,8 @@ class BaselineFamily(ModelFamily):
     def load(cls, folder: Path, config: dict[str, Any], device: Any, dtype: Any) -> Predictor:
         from safetensors.torch import load_file
 
-        from spam_lightning.inference.bundle import (
-            CONFIG,
-            WEIGHTS,
-            BundleError,
-            bad_field,
-            check_class_count,
-            read_header,
-        )
+        from spam_lightning.inference.bundle import (CONFIG, WEIGHTS, BundleError, bad_field,
+                                                     check_class_count, read_header)
 
         config_path = folder / CONFIG
         check_class_count(config, config_path)

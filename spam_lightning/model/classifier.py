@@ -1,7 +1,5 @@
-"""GPT-2 as a classifier (chapter 6.5): `make_classifier` swaps the head and chooses what
-trains (`trainable`); `GPTClassifier` is the whole classification forward, shared by training
-and inference: trunk (or its cached features), pruned last block, pooling (`token`), head.
-"""
+"""GPT-2 as a classifier (chapter 6.5): `make_classifier` swaps the head and chooses what trains;
+`GPTClassifier` is the one classification forward of training and inference."""
 
 from __future__ import annotations
 
@@ -29,35 +27,26 @@ def first_trainable_block(trainable: str, n_layers: int) -> int | None:
         raise ValueError(f"unknown trainable={trainable!r}; allowed: {', '.join(TRAINABLE)}")
     if trainable == "last_two_blocks" and n_layers < 2:
         raise ValueError(f"trainable=last_two_blocks needs >= 2 transformer blocks, got {n_layers}")
-    return {
-        "last_layer": n_layers,
-        "last_block": n_layers - 1,
-        "last_two_blocks": n_layers - 2,
-    }.get(trainable)
+    return {"last_layer": n_layers, "last_block": n_layers - 1, "last_two_blocks": n_layers - 2}.get(trainable)
 
 
-def make_classifier(
-    model: GPTModel, num_classes: int = 2, trainable: str = "last_block", rank: int = 16,
-    alpha: float = 16, seed: int = 123,
-) -> GPTModel:
-    """Chapter 6.5, in the book's order, in place: freeze everything, seed (the same new head
-    and LoRA A in every run), swap `out_head` for a `Linear(emb_dim, num_classes)`, unfreeze
-    what `trainable` names. `rank` and `alpha` are LoRA's, used as given."""
+def make_classifier(model: GPTModel, num_classes: int = 2, trainable: str = "last_block",
+                    rank: int = 16, alpha: float = 16, seed: int = 123) -> GPTModel:
+    """Chapter 6.5 in the book's order, in place: freeze everything, seed (the same new head and
+    LoRA A in every run), swap `out_head` for `Linear(emb_dim, num_classes)`, unfreeze `trainable`."""
     n_layers = len(model.trf_blocks)
     first = first_trainable_block(trainable, n_layers)  # validates the name and depth
     if trainable == "lora":
         check_lora_options(rank, alpha)
     model.requires_grad_(False)
     torch.manual_seed(seed)
-    emb_dim = model.tok_emb.embedding_dim
-    model.out_head = nn.Linear(emb_dim, num_classes, device=model.tok_emb.weight.device)
+    model.out_head = nn.Linear(model.tok_emb.embedding_dim, num_classes, device=model.tok_emb.weight.device)
     if trainable == "all":
         model.requires_grad_(True)
     elif trainable == "lora":
         replace_linear_with_lora(model, rank=rank, alpha=alpha)
         model.out_head.linear.requires_grad_(True)  # the new head is not pretrained: train it
     else:
-        assert first is not None
         for block in model.trf_blocks[first:]:
             block.requires_grad_(True)
         if trainable != "last_layer":
@@ -66,13 +55,8 @@ def make_classifier(
 
 
 class GPTClassifier(GPTModel):
-    """Class logits ``[B, num_classes]`` from token ids (or from the frozen trunk's features):
-    the one classification forward.
-
-    Takes over the modules of a GPTModel with a class head (``make_classifier``) under the same
-    names, so its state dict is that GPTModel's (checkpoints, bundles) and nothing is copied.
-    ``token``: a pooling (``model/pooling.py``) or its name.
-    """
+    """Class logits from token ids or the frozen trunk's features. Takes over the modules of a
+    GPTModel with a class head under the same names: the same state dict, nothing copied."""
 
     def __init__(self, gpt: GPTModel, token: str | Pooling = "last") -> None:
         nn.Module.__init__(self)
@@ -82,26 +66,19 @@ class GPTClassifier(GPTModel):
 
     @property
     def padding_free(self) -> bool:
-        """Whether right padding never changes the result (a causal mask and a pooling that
-        reads only real tokens): per-batch padding and cutting the batch are then exact."""
+        """Whether right padding never changes the result (then per-batch padding is exact)."""
         return self.causal_mask and not self.pooling.reads_padding()
 
     def needed_length(self, width: int, lengths: torch.Tensor) -> int:
-        """How many leading positions of a ``width``-wide batch the pooled vector depends on:
-        with a causal mask, what the pooling declares (cutting the rest is exact), else all."""
+        """How many leading positions the pooled vector depends on (cutting the rest is exact)."""
         return int(self.pooling.span(width, lengths).max()) if self.causal_mask else width
 
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor | None = None, start_block: int | None = None
     ) -> torch.Tensor:
-        """Class logits ``[B, num_classes]``. ``x``: token ids ``[B, T]``, or with ``start_block``
-        k the hidden states entering block k ``[B, T, D]`` (the frozen trunk's features,
-        ``trunk_cache.py``; k=0: the embeddings'); ``lengths``: true lengths (right padding).
-
-        Two exact shortcuts (equal to the full forward within float rounding): inputs are cut to
-        ``needed_length``; the last block runs only at the pooled position (``forward_at``) when
-        the pooling reads one position per row.
-        """
+        """``x``: token ids ``[B, T]``, or with ``start_block`` k the states entering block k;
+        ``lengths``: true lengths. Two exact shortcuts: inputs are cut to ``needed_length``; the
+        last block runs only at the pooled position when the pooling reads one per row."""
         if lengths is None:
             lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
         lengths = lengths.to(x.device)
@@ -121,8 +98,7 @@ class GPTClassifier(GPTModel):
 
 
 def load_classifier_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """`model.load_state_dict`, or one ClassifierStateError listing every missing, unexpected
-    or mis-shaped tensor and saying when the weights are of another size or class count."""
+    """`model.load_state_dict`, or one ClassifierStateError listing every mismatch."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
     problems = mismatch_lines(own, found)
@@ -138,7 +114,5 @@ def load_classifier_state(model: nn.Module, state_dict: Mapping[str, torch.Tenso
             lines.append(f"  its emb_dim is {found[head][1]}, the model's is {own[head][1]}")
     blocks = {k.split(".")[1] for k in found if k.startswith("trf_blocks.")}
     if blocks and len(blocks) != len(getattr(model, "trf_blocks", ())):
-        lines.append(
-            f"  it has {len(blocks)} transformer blocks, the model has {len(model.trf_blocks)}"
-        )
+        lines.append(f"  it has {len(blocks)} transformer blocks, the model has {len(model.trf_blocks)}")
     raise ClassifierStateError("\n".join(lines + [f"  {line}" for line in problems]))

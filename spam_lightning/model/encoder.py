@@ -1,10 +1,6 @@
-"""Encoder models (BERT family) as spam classifiers, as in the book's bonus scripts
-(ch06/03_bonus_imdb-classification/train_bert_hf*.py): `AutoModelForSequenceClassification`
-with a new head, attention masks for the right padding, and `trainable` mapped per family.
-
-transformers is imported inside the functions, so importing this module never needs it; without
-it every entry point raises one ImportError that names the extra to install.
-"""
+"""Encoder models (BERT family) as in the book's bonus scripts (ch06/03_bonus_imdb-classification/
+train_bert_hf*.py): `AutoModelForSequenceClassification` with a new head, attention masks for the
+right padding, `trainable` mapped per family. transformers is imported inside the functions."""
 
 from __future__ import annotations
 
@@ -21,12 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from spam_lightning.model.family import ModelFamily, Predictor, choice_problems, is_int
-from spam_lightning.model.weights import (
-    HUB_CHECK_TIMEOUT,
-    WeightsUnavailableError,
-    _probe,
-    hub_settings,
-)
+from spam_lightning.model.weights import HUB_CHECK_TIMEOUT, WeightsUnavailableError, _probe, hub_settings
 
 ENCODER_TRAINABLE = ("last_layer", "last_block", "all")
 TRAINABLE_FIX = " for encoders (choose one with trainable=NAME)"
@@ -45,13 +36,7 @@ _LAST_BLOCK = {
 }
 _HEAD = dict.fromkeys(_LAST_BLOCK, ("classifier",))  # last_layer: the head alone
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "vocab.json",
-    "spm.model",
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spm.model")
 
 
 class EncoderUnavailableError(WeightsUnavailableError):
@@ -71,24 +56,19 @@ def _is_folder(name_or_path: str | Path) -> bool:
     return Path(name_or_path).expanduser().is_dir()
 
 
-def _from_pretrained(
-    loader: Any, name_or_path: str | Path, local_files_only: bool = False, **kwargs: Any
-) -> Any:
-    """``loader.from_pretrained``: a folder directly; a Hub id from the cache first (no network
-    when it is there), then from the Hub unless ``local_files_only`` or HF_HUB_OFFLINE."""
+def _from_pretrained(loader: Any, name_or_path: str | Path, local_files_only: bool = False,
+                     **kwargs: Any) -> Any:
+    """``loader.from_pretrained``: a folder; a Hub id from the cache first, then from the Hub
+    unless ``local_files_only`` or HF_HUB_OFFLINE."""
     if _is_folder(name_or_path):
         return loader.from_pretrained(str(Path(name_or_path).expanduser()), **kwargs)
     cache, _, offline = hub_settings()
     try:
-        return loader.from_pretrained(
-            name_or_path, cache_dir=cache, local_files_only=True, **kwargs
-        )
+        return loader.from_pretrained(name_or_path, cache_dir=cache, local_files_only=True, **kwargs)
     except OSError as err:  # not (fully) cached
         if local_files_only or offline:
             why = "HF_HUB_OFFLINE is set" if offline else "local_files_only=True"
-            raise _unavailable(
-                str(name_or_path), f"it is not in the cache ({cache}); {why}"
-            ) from err
+            raise _unavailable(str(name_or_path), f"it is not in the cache ({cache}); {why}") from err
     try:
         return loader.from_pretrained(name_or_path, cache_dir=cache, **kwargs)
     except OSError as err:
@@ -115,9 +95,8 @@ class EncoderTokenizer:
             return []
         specials = self._tok.num_special_tokens_to_add()
         if limit is not None and limit <= specials:  # transformers would silently not truncate
-            raise ValueError(
-                f"limit={limit} leaves no room for text: {self.name} adds {specials} special tokens"
-            )
+            raise ValueError(f"limit={limit} leaves no room for text: {self.name} adds {specials} "
+                             "special tokens")
         out = self._tok(list(texts), truncation=limit is not None, max_length=limit)
         return [list(ids) for ids in out["input_ids"]]
 
@@ -126,19 +105,14 @@ class EncoderTokenizer:
 
 
 class EncoderClassifier(nn.Module):
-    """Class logits [B, num_classes] from right-padded token ids; same call signature as the
-    GPT classifier (``index``/``split`` are ignored: encoders have no trunk cache)."""
+    """Class logits [B, num_classes] from right-padded token ids, called as the GPT classifier."""
 
     def __init__(self, hf: nn.Module) -> None:
         super().__init__()
         self.hf = hf
         self.family: str = hf.config.model_type
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``lengths``: true lengths; the positions after them are padding, masked out."""
         if lengths is None:
             mask = torch.ones_like(input_ids)
@@ -151,19 +125,11 @@ class EncoderClassifier(nn.Module):
         self.hf.save_pretrained(str(folder), safe_serialization=True)  # safetensors, no pickle
 
 
-def build_encoder(
-    name_or_path: str,
-    *,
-    num_classes: int,
-    trainable: str = "all",
-    weights: str = "pretrained",
-    seed: int = 123,
-    local_files_only: bool = False,
-) -> EncoderClassifier:
-    """`AutoModelForSequenceClassification` of ``name_or_path`` with a new ``num_classes`` head
-    (seeded: the same head in every run), float32, in training mode, ``trainable`` applied.
-    ``weights="random"``: the same architecture from its config, nothing pretrained."""
-    _check_trainable(trainable)  # fail before loading anything
+def build_encoder(name_or_path: str, *, num_classes: int, trainable: str = "all",
+                  weights: str = "pretrained", seed: int = 123,
+                  local_files_only: bool = False) -> EncoderClassifier:
+    """`AutoModelForSequenceClassification` with a new seeded ``num_classes`` head, float32, in
+    training mode, ``trainable`` applied; ``weights="random"``: the architecture from its config."""
     transformers = _require_transformers()
     auto = transformers.AutoModelForSequenceClassification
     if weights == "pretrained":
@@ -171,14 +137,8 @@ def build_encoder(
         # a folder must hold safetensors (no pickle); the Hub's .bin files, where a repo has no
         # safetensors, are read by transformers with torch.load(weights_only=True)
         safe = {"use_safetensors": True} if _is_folder(name_or_path) else {}
-        hf = _from_pretrained(
-            auto,
-            name_or_path,
-            local_files_only,
-            num_labels=num_classes,
-            ignore_mismatched_sizes=True,
-            **safe,
-        )
+        hf = _from_pretrained(auto, name_or_path, local_files_only, num_labels=num_classes,
+                              ignore_mismatched_sizes=True, **safe)
     elif weights == "random":
         config = _from_pretrained(
             transformers.AutoConfig, name_or_path, local_files_only, num_labels=num_classes
@@ -187,17 +147,11 @@ def build_encoder(
         hf = auto.from_config(config)
     else:
         raise ValueError(choice_problems("model.weights", weights, WEIGHTS)[0])
-    # float32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto"; upcasting
-    # is exact); precision=bf16-mixed etc. autocast on top. `.float()`: no version-specific kwarg
+    # float32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto")
     model = EncoderClassifier(hf.float())
     model.train()  # from_pretrained returns eval mode; like build_gpt, start in training mode
     set_trainable(model, trainable)
     return model
-
-
-def _check_trainable(trainable: str) -> None:
-    if problems := choice_problems("trainable", trainable, ENCODER_TRAINABLE, TRAINABLE_FIX):
-        raise ValueError(problems[0])
 
 
 def _modules(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
@@ -210,35 +164,28 @@ def _modules(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
 
 
 def set_trainable(model: EncoderClassifier, trainable: str) -> None:
-    """Freeze everything but what ``trainable`` names for the model's family (the book's
-    mapping); ``all`` trains every parameter of any family."""
-    _check_trainable(trainable)
+    """Freeze all but what ``trainable`` names for the model's family (``all``: any family)."""
+    if problems := choice_problems("trainable", trainable, ENCODER_TRAINABLE, TRAINABLE_FIX):
+        raise ValueError(problems[0])
     if trainable == "all":
         model.requires_grad_(True)
         return
     table = _HEAD if trainable == "last_layer" else _LAST_BLOCK
     if model.family not in table:
-        raise ValueError(
-            f"trainable={trainable} is defined for the families {', '.join(table)}, not for "
-            f"{model.family!r} (config.model_type); use trainable=all, which works for any model"
-        )
+        raise ValueError(f"trainable={trainable} is defined for the families {', '.join(table)}, not "
+                         f"for {model.family!r} (config.model_type); use trainable=all, which works "
+                         "for any model")
     model.requires_grad_(False)
     for module in _modules(model.hf, table[model.family]):
         module.requires_grad_(True)
 
 
-def load_encoder(
-    folder: str | Path, device: str = "cpu"
-) -> tuple[EncoderClassifier, EncoderTokenizer]:
-    """A fine-tuned encoder and its tokenizer from a folder written by ``EncoderClassifier.save``
-    and ``EncoderTokenizer.save``, in eval mode on ``device``."""
+def load_encoder(folder: str | Path, device: str = "cpu") -> tuple[EncoderClassifier, EncoderTokenizer]:
+    """A fine-tuned encoder and its tokenizer from a bundle folder, in eval mode on ``device``."""
     transformers = _require_transformers()
     check_encoder_available(str(folder), "pretrained")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(
-        str(Path(folder).expanduser()),
-        local_files_only=True,
-        use_safetensors=True,
-    )
+        str(Path(folder).expanduser()), local_files_only=True, use_safetensors=True)
     model = EncoderClassifier(hf.float()).to(device).eval()
     return model, EncoderTokenizer(str(folder))
 
@@ -248,8 +195,7 @@ def _unavailable(name: str, reason: str) -> EncoderUnavailableError:
         f"model.name={name}: cannot load the encoder: {reason}. Fix: pass a local folder with "
         "model.name=/path/to/folder (written by save_pretrained of the model and its tokenizer, "
         "weights as .safetensors), or run where huggingface.co is reachable once to fill the "
-        "Hugging Face cache."
-    )
+        "Hugging Face cache.")
 
 
 def _check_folder(path: Path, weights: str) -> str | None:
@@ -263,28 +209,20 @@ def _check_folder(path: Path, weights: str) -> str | None:
     if not isinstance(config, dict) or "model_type" not in config:
         return f"{path}/config.json has no model_type: not a transformers checkpoint"
     if weights == "pretrained" and not any(path.glob("*.safetensors")):
-        found = sorted(
-            p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")
-        )
-        return (
-            f"{path} holds no .safetensors weights{f' (only {found})' if found else ''}; "
-            "weights are read only from safetensors"
-        )
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        return (f"{path} holds no .safetensors weights{f' (only {found})' if found else ''}; "
+                "weights are read only from safetensors")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
     return None
 
 
-def check_encoder_available(
-    name_or_path: str, weights: str, timeout: float = HUB_CHECK_TIMEOUT
-) -> None:
+def check_encoder_available(name_or_path: str, weights: str, timeout: float = HUB_CHECK_TIMEOUT) -> None:
     """Fail fast, before any data work: a folder must hold config.json, a tokenizer and (for
-    pretrained weights) safetensors; a Hub id must be in the cache or served by the Hub (one
-    short probe). Offline this answers within about ``timeout`` seconds."""
+    pretrained weights) safetensors; a Hub id must be cached or served by the Hub (one probe)."""
     if importlib.util.find_spec("transformers") is None:
         raise ImportError(INSTALL)
-    path = Path(name_or_path).expanduser()
-    name = str(name_or_path)
+    path, name = Path(name_or_path).expanduser(), str(name_or_path)
     looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
     if path.exists() or looks_local:
         reason = _check_folder(path, weights) if path.exists() else f"no folder {path} exists"
@@ -296,10 +234,8 @@ def check_encoder_available(
     cache, endpoint, offline = hub_settings()
     groups = [("config.json",)] + ([WEIGHT_FILES] if weights == "pretrained" else [])
     try:
-        if all(
-            any(isinstance(try_to_load_from_cache(name, f, cache_dir=cache), str) for f in group)
-            for group in groups
-        ):
+        if all(any(isinstance(try_to_load_from_cache(name, f, cache_dir=cache), str) for f in group)
+               for group in groups):
             return
     except ValueError as err:  # HFValidationError: not a possible repo id
         raise _unavailable(name, f"it is neither an existing folder nor a Hub id ({err})") from err
@@ -328,16 +264,14 @@ class EncoderFamily(ModelFamily):
         problems = choice_problems("model.weights", self.weights, WEIGHTS)
         problems += choice_problems("trainable.name", cfg.trainable.name, ENCODER_TRAINABLE, TRAINABLE_FIX)
         if importlib.util.find_spec("transformers") is None:
-            problems.append('model=encoder needs transformers: pip install -e ".[hf]"')
+            problems.append(INSTALL)
         if not isinstance(self.name, str) or not self.name.strip():
             problems.append(f"model.name={self.name!r}: a Hub id or a local save_pretrained folder")
         if not is_int(self.context_length, 1):
             problems.append(f"model.context_length={self.context_length!r}: must be an integer >= 1")
         if cfg.token.name != "last":  # each family pools its own way (BERT: the [CLS] token)
-            problems.append(
-                f"token={cfg.token.name}: the token option is GPT-2's; an encoder pools as its "
-                "family does (drop the token override)"
-            )
+            problems.append(f"token={cfg.token.name}: the token option is GPT-2's; an encoder pools "
+                            "as its family does (drop the token override)")
         if str(cfg.cache.trunk).lower() == "true":
             problems.append("cache.trunk=true: the frozen-trunk cache is GPT-2's; use cache.trunk=auto")
         return problems + super().problems(cfg)
@@ -370,22 +304,16 @@ class EncoderFamily(ModelFamily):
         out = fresh_bundle_dir(run_dir)
         model.save(out)
         datamodule.tokenizer.save(out)
-        return write_bundle_config(
-            out, self.kind, list(datamodule.class_names), max_length=int(datamodule.max_length),
-            padding=cfg.data.padding, pad_token_id=int(datamodule.tokenizer.pad_token_id),
-            family=model.family, trained=trained,
-        )
+        return write_bundle_config(out, self.kind, list(datamodule.class_names),
+                                   max_length=int(datamodule.max_length), padding=cfg.data.padding,
+                                   pad_token_id=int(datamodule.tokenizer.pad_token_id),
+                                   family=model.family, trained=trained)
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], device: torch.device,
              dtype: torch.dtype) -> Predictor:
         from spam_lightning.data.tokens import PADDING_MODES
-        from spam_lightning.inference.bundle import (
-            CONFIG,
-            BundleError,
-            bad_field,
-            check_class_count,
-        )
+        from spam_lightning.inference.bundle import CONFIG, BundleError, bad_field, check_class_count
 
         config_path = folder / CONFIG
         check_class_count(config, config_path)
@@ -399,10 +327,8 @@ class EncoderFamily(ModelFamily):
         except (OSError, ValueError) as err:
             raise BundleError(f"{folder}: cannot load the encoder ({err}); re-create the bundle.") from err
         if int(model.hf.config.num_labels) != config["num_classes"]:
-            raise BundleError(
-                f"{config_path}: num_classes is {config['num_classes']} but the model's head has "
-                f"{model.hf.config.num_labels} outputs; re-create the bundle."
-            )
+            raise BundleError(f"{config_path}: num_classes is {config['num_classes']} but the model's "
+                              f"head has {model.hf.config.num_labels} outputs; re-create the bundle.")
         return EncoderPredictor(model.to(device=device, dtype=dtype).eval(), tokenizer, config, device)
 
 
@@ -411,8 +337,8 @@ class EncoderPredictor(Predictor):
 
     dynamic = True
 
-    def __init__(self, model: EncoderClassifier, tokenizer: EncoderTokenizer, config: dict[str, Any],
-                 device: torch.device) -> None:
+    def __init__(self, model: EncoderClassifier, tokenizer: EncoderTokenizer,
+                 config: dict[str, Any], device: torch.device) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.max_length, self.padding = int(config["max_length"]), config["padding"]
         self.pad_token_id, self.family = int(config["pad_token_id"]), config.get("family")

@@ -1,10 +1,6 @@
-"""A model family: one module and one ``conf/model/*.yaml`` per kind of model.
-
-The yaml's ``_target_`` names the family's class, built from the section's other keys (name,
-weights, sizes, ...) as the lightning-hydra-template builds ``cfg.model``. ``train.py``, the
-checks, ``spam-classify``, ``spam-serve`` and the sweep summary ask the family; none of them
-compares kinds. A bundle names its family (``bundle.json``'s ``kind``); loading looks it up here.
-"""
+"""A model family: one module and one ``conf/model/*.yaml`` (whose ``_target_`` names the class)
+per kind of model. Training, checks, inference and the sweep summary ask the family, never
+compare kinds; a bundle names its family (``bundle.json``'s ``kind``)."""
 
 from __future__ import annotations
 
@@ -19,8 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 FINAL_SPLITS = ("train", "val", "test")
-# the families shipped with the package, imported when a bundle names them; a family defined
-# elsewhere registers itself when its module is imported (``kind`` in its class body)
+# imported when a bundle names them; any other family registers itself when its module is imported
 BUILTIN = {
     "gpt2": "spam_lightning.model.gpt2:GPT2Family",
     "encoder": "spam_lightning.model.encoder:EncoderFamily",
@@ -53,9 +48,8 @@ def known_kinds() -> list[str]:
 
 @dataclass
 class Fitted:
-    """What ``fit`` hands back: the model to bundle, each final split's metrics
-    (``{split}_{accuracy,loss,precision,recall,f1,count}``), the chapter monitor's history (plots,
-    history.json) and the run's facts: the fields after ``history``, metrics.json's keys."""
+    """What ``fit`` hands back: the model to bundle, each final split's metrics, the chapter
+    monitor's history and the run's facts (the fields after ``history``, metrics.json's keys)."""
 
     model: Any
     final: dict[str, float]
@@ -90,9 +84,8 @@ class Predictor:
         return texts
 
     def probs(self, items: list[Any]) -> torch.Tensor:
-        """Class probabilities ``[len(items), num_classes]`` (float32, CPU). Here: right-padded
-        token ids through ``model(input_ids, lengths)``, padded to ``max_length``
-        (``padding=longest``, not ``dynamic``) or to the batch's longest."""
+        """Class probabilities ``[len(items), num_classes]`` (float32, CPU) of right-padded token
+        ids, padded to ``max_length`` (``padding=longest``, not ``dynamic``) or the batch's longest."""
         from spam_lightning.data.tokens import collate
 
         longest = not self.dynamic and self.padding == "longest"
@@ -108,12 +101,8 @@ class Predictor:
 
 
 class ModelFamily:
-    """One kind of model: what its config section may hold, whether its weights can be had,
-    how it tokenizes, builds, trains, and saves and loads its bundle.
-
-    The defaults train an ``nn.Module`` classifier (``build``: ``forward(input_ids, lengths)
-    -> logits``) with Lightning; a family that fits otherwise overrides ``fit``.
-    """
+    """One kind of model: its config checks, weights, tokenizer, build, training and bundle. The
+    defaults train an ``nn.Module`` (``forward(input_ids, lengths) -> logits``) with Lightning."""
 
     kind: ClassVar[str] = ""
     # what the bundle records of the run (bundle.json's "trained"), from metrics.json
@@ -126,7 +115,6 @@ class ModelFamily:
         if cls.__dict__.get("kind"):
             _REGISTRY[cls.kind] = cls
 
-    # ------------------------------------------------------------------ before any work
     def problems(self, cfg: DictConfig) -> list[str]:
         """Every problem of the config for this family, one line each (cheap: no I/O)."""
         from spam_lightning.training.checks import run_problems
@@ -137,10 +125,8 @@ class ModelFamily:
         """Raise if the weights (or tokenizer) cannot be had: before the data is prepared."""
 
     def check_resume(self, cfg: DictConfig, path: Path, checkpoint: dict, num_classes: int | None) -> None:
-        """Compare a resumed checkpoint with this model before the data is prepared (optional:
-        ``fit`` compares every shape once the model is built)."""
+        """Compare a resumed checkpoint with the model before data work (``fit`` checks again)."""
 
-    # ------------------------------------------------------------------ training
     def tokenizer(self, cfg: DictConfig) -> Any | None:
         """The data module's tokenizer (``use_tokenizer``); None: GPT-2's."""
         return None
@@ -161,7 +147,6 @@ class ModelFamily:
                 "trainable": cfg.trainable.name, "token": None, "padding": cfg.data.padding}
 
     def hparams(self, cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, Any]:
-        """The run's options beside its final metrics in TensorBoard's hparams tab."""
         keys = ("model", "weights", "trainable", "token", "padding", "max_length", "precision")
         return {**{k: metrics[k] for k in keys}, "lr": cfg.optimizer.lr,
                 "weight_decay": cfg.optimizer.weight_decay, "batch_size": cfg.data.batch_size,
@@ -182,12 +167,10 @@ class ModelFamily:
         datamodule.prepare_data()
         datamodule.setup("fit")
         model = self.build(cfg, datamodule.num_classes)
-        module = TextClassifier(
-            model, num_classes=datamodule.num_classes, trainable=cfg.trainable.name,
-            lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
-            ignore_index=cfg.loss.ignore_index, class_names=list(datamodule.class_names),
-            final_splits=FINAL_SPLITS,
-        )
+        module = TextClassifier(model, num_classes=datamodule.num_classes, trainable=cfg.trainable.name,
+                                lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
+                                ignore_index=cfg.loss.ignore_index, final_splits=FINAL_SPLITS,
+                                class_names=list(datamodule.class_names))
         trainer.callbacks.extend(self.callbacks(cfg, model, datamodule))
         if checkpoint is not None:  # the head too, now that the data named the classes
             expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -216,12 +199,8 @@ class ModelFamily:
         )
 
     def _bundle_model(self, cfg: DictConfig, trainer: Any, module: Any, num_classes: int) -> Any:
-        """The trained classifier, unsharded, for the bundle (rank 0; None elsewhere).
-
-        Under FSDP the weights are sharded and ``state_dict()`` is a collective call: every rank
-        gathers (Lightning's full state dict, which lands on rank 0), and rank 0 loads the full
-        tensors into a copy built on the meta device (no memory until the tensors are assigned).
-        """
+        """The trained classifier, unsharded, for the bundle (rank 0; None elsewhere). Under FSDP
+        every rank joins the gather (a collective call); rank 0 assigns it into a meta copy."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         if not isinstance(trainer.strategy, FSDPStrategy):
@@ -241,7 +220,6 @@ class ModelFamily:
         model.load_state_dict(state, assign=True)
         return model
 
-    # ------------------------------------------------------------------ bundle
     def save(self, run_dir: Path, model: Any, datamodule: Any, cfg: DictConfig,
              trained: dict[str, Any]) -> Path:
         """Write ``run_dir/bundle`` (``bundle.json`` last, with ``kind``)."""
@@ -255,10 +233,8 @@ class ModelFamily:
 
 
 def final_loaders(datamodule: Any, trainer: Any) -> list[Any]:
-    """The final evaluation's train, val and test loaders. One process: the chapter's own
-    (``calc_accuracy_loader(train_loader, ...)``: the shuffled training loader, drop_last, from
-    the global RNG), so the final training accuracy is the book's. Under DDP, whose order differs
-    anyway: every example once, in order."""
+    """The final evaluation's loaders. One process: the chapter's own (the shuffled, drop_last
+    training loader), so the final training accuracy is the book's; under DDP every example once."""
     book = getattr(datamodule, "book_dataloader", None)
     if trainer.world_size == 1 and book is not None:
         return [book(s) for s in FINAL_SPLITS]

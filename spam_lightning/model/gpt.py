@@ -1,15 +1,9 @@
 """GPT-2 in plain PyTorch, as built in chapters 3-5 of "Build a Large Language Model (From Scratch)".
 
-The module names follow the book (`tok_emb`, `trf_blocks`, `att.W_query`, `ff.layers`, ...) so
-that `print(model)` reads like the chapter's listing and the book's code snippets apply as-is.
-Two deliberate departures, both numerically equivalent:
-
-- attention runs through `F.scaled_dot_product_attention` (fused kernels, no [T, T] mask buffer);
-  `causal_mask=False` turns the mask off for the "no causal mask" experiment;
-- the book's `drop_shortcut` is called `drop_resid` (it drops the residual branch).
-
-`forward` is split into `embed` -> `run_blocks` -> `head` so a frozen trunk can be run once and
-cached (see `trunk_cache.py`).
+The module names follow the book (`tok_emb`, `trf_blocks`, `att.W_query`, ...), so `print(model)`
+reads like the chapter's listing. Two numerically equivalent departures: attention runs through
+`F.scaled_dot_product_attention` (`causal_mask=False` turns the mask off), and `drop_shortcut` is
+called `drop_resid`. `forward` is `embed` -> `run_blocks` -> `head`, so a frozen trunk can be cached.
 """
 
 from __future__ import annotations
@@ -26,8 +20,7 @@ from spam_lightning.model.sizes import CFG_KEYS, MODEL_CONFIGS  # noqa: F401  (r
 
 def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The book's keys (+ `causal_mask`) as a plain dict; extra keys such as `name` are dropped."""
-    missing = [k for k in CFG_KEYS if k not in cfg]
-    if missing:
+    if missing := [k for k in CFG_KEYS if k not in cfg]:
         raise ValueError(f"model config is missing {missing}; it needs {list(CFG_KEYS)}")
     out = {k: cfg[k] for k in CFG_KEYS}
     out["causal_mask"] = bool(cfg.get("causal_mask", True))
@@ -39,10 +32,8 @@ def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention (chapter 3), computed by PyTorch's fused SDPA kernel."""
 
-    def __init__(
-        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
-        qkv_bias: bool = False, causal: bool = True,
-    ) -> None:
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False, causal: bool = True) -> None:
         super().__init__()
         assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
         self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
@@ -66,12 +57,8 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out))
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``forward(x)[b, positions[b]]``, ``[B, d_out]``: only one query row per sequence.
-
-        Keys and values come from every position; the causal mask becomes "keys <= position"
-        (none when every query is the last position). A classifier that reads one position per
-        sequence thus skips T-1 of T queries and output projections.
-        """
+        """``forward(x)[b, positions[b]]``: one query row per sequence, keys and values from every
+        position, the causal mask as "keys <= position" (none when every query is the last)."""
         b, num_tokens, _ = x.shape
         query_in = x[torch.arange(b, device=x.device), positions].unsqueeze(1)  # [B, 1, d_in]
         mask = None
@@ -175,9 +162,7 @@ class GPTModel(nn.Module):
         """Token ids [B, T] -> input of the first block [B, T, emb_dim]."""
         _, seq_len = in_idx.shape
         if seq_len > self.cfg["context_length"]:
-            raise ValueError(
-                f"sequence of {seq_len} tokens exceeds context_length={self.cfg['context_length']}"
-            )
+            raise ValueError(f"sequence of {seq_len} tokens exceeds context_length={self.cfg['context_length']}")
         tok_embeds = self.tok_emb(in_idx)
         pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))
         return self.drop_emb(tok_embeds + pos_embeds)
@@ -196,9 +181,8 @@ class GPTModel(nn.Module):
         return self.head(self.run_blocks(self.embed(in_idx)))
 
 
-def generate_text_simple(
-    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int
-) -> torch.Tensor:
+def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
+                         context_size: int) -> torch.Tensor:
     """The chapter's greedy decoding: append the argmax token `max_new_tokens` times."""
     for _ in range(max_new_tokens):
         idx_cond = idx[:, -context_size:]  # crop to the supported context

@@ -13,19 +13,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from spam_lightning.model.classifier import (
-    TRAINABLE,
-    GPTClassifier,
-    first_trainable_block,
-    make_classifier,
-)
+from spam_lightning.model.classifier import TRAINABLE, GPTClassifier, first_trainable_block, make_classifier
 from spam_lightning.model.family import Fitted, ModelFamily, Predictor, choice_problems, is_int
 from spam_lightning.model.pooling import get_pooling, pooling_names
 from spam_lightning.model.sizes import CFG_KEYS, HUB_REPOS, MODEL_CONFIGS
-from spam_lightning.model.weights import build_gpt
+from spam_lightning.model.weights import build_gpt, weights_problems
 
-# training code (Lightning, Hydra) is imported inside the methods that train: inference loads
-# this module without it
+# training code (Lightning, Hydra) is imported inside the methods: inference loads this module
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +64,7 @@ class GPT2Family(ModelFamily):
         from spam_lightning.training.checks import SIZE_KEYS, model_sizes
 
         problems = choice_problems("model.name", self.name, MODEL_CONFIGS, " (choose one with model=NAME)")
-        problems += choice_problems("model.weights", self.weights, ("pretrained", "random"))
+        problems += weights_problems(self.name, self.weights, self.checkpoint)
         for group, allowed in (("trainable", TRAINABLE), ("token", pooling_names(cfg.token))):
             fix = f" (choose one with {group}=NAME)"
             problems += choice_problems(f"{group}.name", cfg[group].name, allowed, fix)
@@ -81,36 +75,19 @@ class GPT2Family(ModelFamily):
             problems.append(f"model.emb_dim={sizes['emb_dim']} is not divisible by model.n_heads={sizes['n_heads']}")
         n_layers = sizes["n_layers"]
         if cfg.trainable.name == "last_two_blocks" and is_int(n_layers, 1) and n_layers < 2:
-            problems.append(
-                f"trainable=last_two_blocks needs at least 2 transformer blocks; model {self.name} "
-                f"has n_layers={n_layers}. Use trainable=last_block or a larger model."
-            )
-        if self.name in MODEL_CONFIGS and self.weights == "pretrained":
-            problems += self._pretrained_problems(sizes)
-        elif self.weights == "random" and self.checkpoint is not None:
-            problems.append(
-                f"model.checkpoint={self.checkpoint} is ignored with model.weights=random; drop one of "
-                "them (checkpoints need model.weights=pretrained)"
-            )
+            problems.append(f"trainable=last_two_blocks needs at least 2 transformer blocks; model "
+                            f"{self.name} has n_layers={n_layers}. Use trainable=last_block or a larger model.")
+        if self.weights == "pretrained" and self.checkpoint is not None:
+            if not Path(str(self.checkpoint)).expanduser().exists():
+                problems.append(f"model.checkpoint={self.checkpoint}: no such file or folder")
+        elif self.weights == "pretrained" and self.name in HUB_REPOS:  # the released sizes only
+            released = MODEL_CONFIGS[self.name]
+            if differ := [k for k in SIZE_KEYS if sizes[k] != released[k]]:
+                problems.append(
+                    f"pretrained {self.name} has {', '.join(f'{k}={released[k]}' for k in differ)}, "
+                    f"but the config asks for {', '.join(f'{k}={sizes[k]}' for k in differ)}; other "
+                    "sizes need model.weights=random or a model.checkpoint of that size")
         return problems + super().problems(cfg)
-
-    def _pretrained_problems(self, sizes: dict[str, Any]) -> list[str]:
-        """Pretrained weights exist only for the released sizes (or a given checkpoint)."""
-        from spam_lightning.training.checks import SIZE_KEYS
-
-        if self.checkpoint is not None:
-            path = Path(str(self.checkpoint)).expanduser()
-            return [] if path.exists() else [f"model.checkpoint={self.checkpoint}: no such file or folder"]
-        if self.name not in HUB_REPOS:
-            return [f"model {self.name} has no pretrained weights; use model.weights=random or "
-                    "model.checkpoint=/path/to/model.safetensors"]
-        released = MODEL_CONFIGS[self.name]
-        differ = [k for k in SIZE_KEYS if sizes[k] != released[k]]
-        return [] if not differ else [
-            f"pretrained {self.name} has {', '.join(f'{k}={released[k]}' for k in differ)}, but the "
-            f"config asks for {', '.join(f'{k}={sizes[k]}' for k in differ)}; other sizes need "
-            "model.weights=random or a model.checkpoint of that size"
-        ]
 
     def preflight(self, cfg: DictConfig) -> None:
         """The weights (a checkpoint's header, the cache or a quick Hub check) and the tokenizer."""
@@ -143,9 +120,8 @@ class GPT2Family(ModelFamily):
     def callbacks(self, cfg: DictConfig, model: GPTClassifier, datamodule: Any) -> list[Any]:
         from spam_lightning.training.callbacks import TrunkCaching
 
-        self._caching = TrunkCaching(
-            first_trainable_block(cfg.trainable.name, len(model.trf_blocks)), datamodule, **cfg.cache
-        )
+        start = first_trainable_block(cfg.trainable.name, len(model.trf_blocks))
+        self._caching = TrunkCaching(start, datamodule, **cfg.cache)
         return [self._caching]
 
     def fit(self, cfg: DictConfig, trainer: Any, datamodule: Any, ckpt_path: Path | None,
@@ -168,11 +144,9 @@ class GPT2Family(ModelFamily):
              trained: dict[str, Any]) -> Path:
         from spam_lightning.inference.bundle import save_bundle
 
-        return save_bundle(
-            run_dir, model, class_names=list(datamodule.class_names), token=cfg.token.name,
-            max_length=datamodule.max_length, padding=cfg.data.padding,
-            pad_token_id=datamodule.pad_token_id, extra={"trained": trained},
-        )
+        return save_bundle(run_dir, model, class_names=list(datamodule.class_names), token=cfg.token.name,
+                           max_length=datamodule.max_length, padding=cfg.data.padding,
+                           pad_token_id=datamodule.pad_token_id, extra={"trained": trained})
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], device: torch.device,
@@ -193,11 +167,9 @@ class GPT2Predictor(Predictor):
         self.token = config["token"]
         if self.token == "mean" and not config.get("mean_includes_padding", False):
             self.token = "masked_mean"  # a bundle from before the rename: its mean was masked
-        self.padding = config["padding"]
-        self.pad_token_id = int(config["pad_token_id"])
-        # unpadded training (padding=none) pooled each message's own tokens (last -> flexible)
-        pooling = get_pooling(self.token)
-        pooled = pooling.unpadded() if self.padding == "none" else pooling
+        self.padding, self.pad_token_id = config["padding"], int(config["pad_token_id"])
+        pooled = get_pooling(self.token)  # padding=none pooled each message's own tokens (last -> flexible)
+        pooled = pooled.unpadded() if self.padding == "none" else pooled
         self.model = GPTClassifier(gpt, token=pooled).to(device=self.device, dtype=dtype).eval()
         self.dynamic = self.model.padding_free  # then per-batch padding is exact
         if self.padding == "none" and not self.dynamic:

@@ -1,9 +1,5 @@
-"""LoRA, as in appendix E of the book: a trainable low-rank update next to each frozen Linear.
-
-`LinearWithLoRA(x) = linear(x) + alpha * (x @ A @ B)`. B starts at zero, so a freshly wrapped
-model computes exactly what the base model did; training then moves only A and B.
-`merge_lora` folds the update into the weights (W + alpha * (A @ B)^T) for inference.
-"""
+"""LoRA, as in appendix E of the book: `LinearWithLoRA(x) = linear(x) + alpha * (x @ A @ B)`
+next to each frozen Linear, B starting at zero (a no-op); `merge_lora` folds it in for inference."""
 
 from __future__ import annotations
 

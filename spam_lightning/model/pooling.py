@@ -1,15 +1,11 @@
-"""Pooling (``token=NAME``): the final hidden states ``[B, T, D]`` to one vector per message,
-before the head. The chapter reads the last position; exercise 6.3 the first; the book's row 19
-the mean.
+"""Pooling (``token=NAME``): the final hidden states ``[B, T, D]`` to one vector per message.
 
-A pooling computes its vector and declares which positions it ``reads``: every position
-(``ALL``, padding included), the real tokens (``REAL``), the last real token (``LAST_REAL``) or a
-position k (an int; negative counts from the end of the padded row). Everything else is derived
-from that: how many leading positions a causal model must run (``span``: the classifier's cut and
-what the frozen-trunk cache stores), the one position per row that lets the last block run on one
-row (``positions``), whether per-batch padding is exact (``reads_padding``) and what a pooling
-trained without padding is at inference (``unpadded``). Defining a subclass with a ``name``
-registers it; ``conf/token/NAME.yaml`` points at it with ``_target_``.
+A pooling declares which positions it ``reads``: every position (``ALL``, padding included), the
+real tokens (``REAL``), the last real token (``LAST_REAL``) or a position k (an int; negative from
+the end of the padded row). The rest is derived: what a causal model must run (``span``), the one
+position per row (``positions``), whether per-batch padding is exact (``reads_padding``), what it
+is without padding (``unpadded``). A subclass with a ``name`` registers itself;
+``conf/token/NAME.yaml`` points at it with ``_target_``.
 """
 
 from __future__ import annotations
@@ -24,9 +20,8 @@ POOLINGS: dict[str, type[Pooling]] = {}  # name -> class, in the order the class
 
 
 class Pooling:
-    """Base class: subclasses set ``name`` and ``reads`` and, unless they read one position per
-    row, implement ``__call__``. A pooling that reads padding subclasses the pooling it equals on a
-    message without padding (``Last(Flexible)``, ``Mean(MaskedMean)``)."""
+    """Subclasses set ``name`` and ``reads`` (and ``__call__`` unless they read one position); one
+    that reads padding subclasses its equal without padding (``Last(Flexible)``)."""
 
     name: ClassVar[str]
     reads: ClassVar[str | int]
@@ -54,8 +49,7 @@ class Pooling:
         return cls.reads == ALL or (isinstance(cls.reads, int) and cls.reads != 0)
 
     def span(self, width: int, lengths: torch.Tensor) -> torch.Tensor:
-        """Per row, how many leading positions of a ``width``-wide batch the result depends on
-        under a causal mask (position t sees positions <= t)."""
+        """Per row, how many leading positions the result depends on under a causal mask."""
         if self.reads in (REAL, LAST_REAL):
             return lengths.clamp(1, width)
         if isinstance(self.reads, int) and self.reads >= 0:
@@ -63,8 +57,7 @@ class Pooling:
         return torch.full_like(lengths, width)
 
     def positions(self, width: int, lengths: torch.Tensor) -> torch.Tensor | None:
-        """The one position each row reads (so only those rows of the last block are needed),
-        or None when it reads several."""
+        """The one position each row reads, or None when it reads several."""
         if self.reads == LAST_REAL:
             return (lengths.long() - 1).clamp(min=0, max=width - 1)
         if isinstance(self.reads, int):
@@ -73,8 +66,8 @@ class Pooling:
         return None
 
     def unpadded(self) -> Pooling:
-        """What this pooling computes on a message with no padding (``data.padding=none``), as a
-        pooling that never reads padding, so inference can batch: the nearest such base class."""
+        """This pooling on a message with no padding (``data.padding=none``) as one that never
+        reads padding, so inference can batch: the nearest such base class."""
         cls = next(c for c in type(self).__mro__ if issubclass(c, Pooling) and "name" in vars(c)
                    and not c.reads_padding())
         return cls()
@@ -135,8 +128,7 @@ def pooling_names(section: Mapping[str, Any] | None = None) -> tuple[str, ...]:
 
 
 def get_pooling(token: str | Pooling | Mapping[str, Any]) -> Pooling:
-    """A pooling from its name, an instance, or its config group (``_target_`` and ``name``:
-    importing the target registers it)."""
+    """A pooling from its name, an instance, or its config group (``_target_`` and ``name``)."""
     if isinstance(token, Pooling):
         return token
     if isinstance(token, Mapping):

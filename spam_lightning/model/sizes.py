@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_GPT2_BASE: dict[str, Any] = {
-    "vocab_size": 50257,
-    "context_length": 1024,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
+_GPT2_BASE: dict[str, Any] = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.0, "qkv_bias": True}
 # name: (emb_dim, n_layers, n_heads, Hub repo of the pretrained weights or None)
 _SIZES = {
     "gpt2-small": (768, 12, 12, "openai-community/gpt2"),
@@ -32,6 +27,5 @@ CFG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "d
 
 
 def size(name: str, key: str) -> Any:
-    """One size of a registered model (the `${gpt2:NAME,KEY}` resolver); None for an unknown
-    name, which `validate_config` then reports with the allowed names."""
+    """One size of a registered model (the `${gpt2:NAME,KEY}` resolver); None for an unknown name."""
     return MODEL_CONFIGS.get(name, {}).get(key)

@@ -1,27 +1,15 @@
 """The frozen trunk as a feature-extraction step: the hidden states after the frozen blocks,
-computed once per example (the chapter recomputes them for every batch of every epoch and every
-evaluation), handed to training and evaluation as an ordinary dataset (``TrunkFeatures``) whose
-batches enter the classifier at the first trainable block.
+computed once per example, served to training and evaluation as a dataset (``TrunkFeatures``)
+whose batches enter the classifier at the first trainable block.
 
-Exact: with a causal mask position t depends only on positions <= t, so a prefix's states do
-not depend on padding. What is stored per example is what the pooling can read (its ``span`` at
-``max_length``): every position up to ``max_length`` when it reads padding (computed padded, as
-in the chapter), the real tokens (computed in length-sorted batches), or up to position k;
-without a causal mask, the whole ``max_length`` (cached only under ``longest`` padding).
+Exact: under a causal mask position t depends only on positions <= t, so per example we store
+only what the pooling can read (its ``span``), computed at the width the uncached forward uses.
+Without a causal mask the whole ``max_length`` is stored (cached only under ``longest`` padding).
+States are packed per split, ``[sum(stored lengths), emb_dim]``, on the CPU.
 
-States are packed per split as ``[sum(stored lengths), emb_dim]``, on the CPU (loader workers
-collate them; batches move to the device as token batches do). Every rank builds the whole
-split: a distributed sampler may hand it any example.
-
-Shared across runs (``cache.shared=true``): a split's states are a pure function of what
-``build`` reads, so ``SharedTrunkStore`` keeps them on disk (one safetensors file per key,
-written atomically under a file lock, memory-mapped when read) and every later run with the same
-key (another seed, learning rate, head, epoch count...) loads them instead of computing them.
-The key (``split_key``) is a sha256 over the frozen weights (embeddings + ``trf_blocks[:start]``,
-their bytes), the source of the code that runs them, the torch version, ``start_block``, the
-cache dtype and batching, the device kind, the precision (autocast) and float32-matmul settings,
-and the split's token ids, stored lengths, ``max_length`` and ``pad_token_id``. Padding is not
-in it: ``build`` never reads it (it only decides whether caching is allowed).
+``cache.shared=true``: a split's states are a pure function of ``split_key`` (frozen weights'
+bytes, the code that runs them, torch version, numerics settings, device kind, and the split's
+token ids), so ``SharedTrunkStore`` keeps them as safetensors files for later runs.
 """
 
 from __future__ import annotations
@@ -58,11 +46,8 @@ class CacheFileError(ValueError):
 
 
 class TrunkFeatures(Dataset):
-    """One split as the trainable part's input: items are an example's stored states, label,
-    length and row number; ``collate`` pads them with zeros (positions the pooling never reads)
-    to the width its token batch would have (``pad_to``, the ``max_length`` of padding=longest,
-    else the batch's longest), so the forward from ``start_block`` sees what the full one does.
-    ``tokens``: the split's ``TokenDataset`` (labels, lengths, texts)."""
+    """One split's stored states; ``collate`` zero-pads them (positions the pooling never reads)
+    to the width the token batch would have (``pad_to``, else the batch's longest)."""
 
     def __init__(self, states: torch.Tensor, offsets: list[int], tokens, start_block: int,
                  pad_to: int | None) -> None:
@@ -91,11 +76,8 @@ class TrunkCache:
         self, start_block: int, token: str | Pooling = "last", causal: bool = True,
         dtype: torch.dtype = torch.float32, max_batch_tokens: int = 4096,
     ) -> None:
-        self.start_block = start_block
-        self.pooling = get_pooling(token)
-        self.causal = causal
-        self.dtype = dtype
-        self.max_batch_tokens = max_batch_tokens
+        self.start_block, self.pooling, self.causal = start_block, get_pooling(token), causal
+        self.dtype, self.max_batch_tokens = dtype, max_batch_tokens
         self._states: dict[str, torch.Tensor] = {}  # split -> [sum(stored), D]
         self._stored: dict[str, torch.Tensor] = {}  # split -> [N] stored positions per example (CPU)
 
@@ -107,36 +89,29 @@ class TrunkCache:
         return sum(map(self.split_nbytes, self._states))
 
     def _stored_lengths(self, token_ids: list[list[int]], max_length: int) -> list[int]:
-        """Per example, the positions the pooling can read at ``max_length`` (all without a
-        causal mask). Poolings that store the same share states (last and mean: every position)."""
+        """Per example, the positions the pooling can read at ``max_length``."""
         if not self.causal:
             return [max_length] * len(token_ids)
         lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
         return self.pooling.span(max_length, lengths).tolist()
 
     def features(self, split: str, dataset, pad_to: int | None) -> TrunkFeatures:
-        """``split``'s states as a dataset (``dataset``: its tokens, for labels and lengths)."""
         offsets = [0, *torch.cumsum(self._stored[split], 0).tolist()]
         return TrunkFeatures(self._states[split], offsets, dataset, self.start_block, pad_to)
 
     def split_nbytes(self, split: str) -> int:
-        states = self._states[split]
-        return states.numel() * states.element_size()
+        return self._states[split].numel() * self._states[split].element_size()
 
-    # ------------------------------------------------------------------ shared across runs
     def config_digest(self, model: nn.Module, device: torch.device, precision: str) -> str:
-        """sha256 of everything but the data that ``build`` depends on: the frozen weights'
-        bytes, the code that runs them, the settings and the numerics (device kind, autocast
-        precision, float32 matmul precision)."""
-        h = hashlib.sha256()
-        device = torch.device(device)
-        kind = device.type
-        if kind == "cuda":
-            kind += ":" + torch.cuda.get_device_name(device)
+        """sha256 of everything but the data that ``build`` depends on."""
+        h, device = hashlib.sha256(), torch.device(device)
+        device_name = device.type
+        if device_name == "cuda":
+            device_name += ":" + torch.cuda.get_device_name(device)
         fields = {
             "format": FORMAT_VERSION, "torch": torch.__version__, "start_block": self.start_block,
             "causal": self.causal, "dtype": str(self.dtype),
-            "max_batch_tokens": self.max_batch_tokens, "device": kind, "precision": str(precision),
+            "max_batch_tokens": self.max_batch_tokens, "device": device_name, "precision": str(precision),
             "matmul": torch.get_float32_matmul_precision(),
             "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
             "code": _code_digest(model, self.start_block),
@@ -148,8 +123,8 @@ class TrunkCache:
         return h.hexdigest()
 
     def split_key(self, config_digest: str, dataset, max_length: int, pad_token_id: int) -> str:
-        """The file key of one split: ``config_digest`` + the split's token ids, lengths and
-        stored lengths (what the pooling reads: poolings that store the same share the file)."""
+        """``config_digest`` + the split's token ids and stored lengths (poolings that store the
+        same share the file)."""
         h = hashlib.sha256(f"{config_digest};max_length={max_length};pad={pad_token_id};".encode())
         token_ids = dataset.token_ids
         h.update(array("q", [len(t) for t in token_ids]).tobytes())
@@ -158,7 +133,7 @@ class TrunkCache:
         return h.hexdigest()
 
     def save(self, split: str, path: Path, key: str) -> Path:
-        """Write ``split`` to ``path`` (safetensors, atomically: a reader sees all or nothing)."""
+        """Write ``split`` to ``path`` atomically (a reader sees all or nothing)."""
         from safetensors.torch import save_file
 
         tensors = {"states": self._states[split].detach().cpu().contiguous(), "stored": self._stored[split]}
@@ -166,9 +141,8 @@ class TrunkCache:
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load(self, split: str, path: Path, key: str, dataset, model: nn.Module, max_length: int) -> None:
-        """Memory-map ``split`` from ``path`` (the states stay in the file's pages, shared by
-        every job that reads it); raises ``CacheFileError`` for a file that is not
-        the complete cache of this key (unreadable header, truncated, other shapes)."""
+        """Memory-map ``split`` from ``path`` (pages shared by every job that reads it), or a
+        ``CacheFileError`` for a file that is not the complete cache of this key."""
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -178,22 +152,13 @@ class TrunkCache:
             raise CacheFileError(f"{path}: unreadable ({err})") from err
         if meta.get("format") != str(FORMAT_VERSION) or meta.get("key") != key:
             raise CacheFileError(f"{path}: written for another key or format ({meta})")
-        if set(tensors) != {"states", "stored"}:
-            raise CacheFileError(f"{path}: tensors {sorted(tensors)}, expected states, stored")
-        states, stored = tensors["states"], tensors["stored"]
         expected = torch.tensor(self._stored_lengths(dataset.token_ids, max_length), dtype=torch.long)
-        emb_dim = model.tok_emb.weight.shape[1]
-        if (
-            stored.dtype != torch.long or stored.shape != expected.shape
-            or not torch.equal(stored, expected) or states.dtype != self.dtype
-            or tuple(states.shape) != (int(expected.sum()), emb_dim)
-        ):
-            raise CacheFileError(
-                f"{path}: sizes do not match this split (states {tuple(states.shape)} "
-                f"{states.dtype}, {len(stored)} examples; expected {len(expected)} examples, "
-                f"{int(expected.sum())} positions x {emb_dim} {self.dtype})"
-            )
-        self._states[split], self._stored[split] = states, stored
+        want = {"states": ((int(expected.sum()), model.tok_emb.weight.shape[1]), self.dtype),
+                "stored": (tuple(expected.shape), torch.long)}
+        found = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+        if found != want or not torch.equal(tensors["stored"], expected):
+            raise CacheFileError(f"{path}: tensors {found} do not match this split's {want}")
+        self._states[split], self._stored[split] = tensors["states"], tensors["stored"]
 
     def estimate_bytes(self, dataset, model: nn.Module, max_length: int) -> int:
         emb_dim = model.tok_emb.weight.shape[1]
@@ -203,11 +168,10 @@ class TrunkCache:
     def _batches(self, stored: list[int]) -> list[list[int]]:
         """Example indices in trunk batches, shortest first (nearly no padding). A batch closes
         past ``max_batch_tokens`` padded positions or ~15% padding (sparse length ranges)."""
-        order = sorted(range(len(stored)), key=stored.__getitem__)
         batches: list[list[int]] = []
         current: list[int] = []
         real = 0
-        for i in order:
+        for i in sorted(range(len(stored)), key=stored.__getitem__):
             width = stored[i]  # ascending: the new row is the widest
             padded = width * (len(current) + 1)
             if current and (
@@ -223,21 +187,16 @@ class TrunkCache:
         return batches
 
     @torch.no_grad()
-    def build(
-        self, split: str, model: nn.Module, dataset, max_length: int, pad_token_id: int,
-        device: torch.device,
-    ) -> None:
-        """Run the trunk over ``dataset`` and keep, per example, the states the pooled token
-        can read, each computed padded to the width it stores (what the uncached forward sees)."""
+    def build(self, split: str, model: nn.Module, dataset, max_length: int, pad_token_id: int,
+              device: torch.device) -> None:
+        """Run the trunk over ``dataset``, keeping per example the states the pooling can read."""
         was_training = model.training
         model.eval()
         token_ids = dataset.token_ids
         stored = self._stored_lengths(token_ids, max_length)
-        emb_dim = model.tok_emb.weight.shape[1]
         stored_t = torch.tensor(stored, dtype=torch.long)
-        offsets = torch.zeros(len(stored) + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(stored_t, 0)
-        states = torch.empty((int(offsets[-1]), emb_dim), dtype=self.dtype)  # CPU: worker processes
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(stored_t, 0)])
+        states = torch.empty((int(offsets[-1]), model.tok_emb.weight.shape[1]), dtype=self.dtype)
         for rows in self._batches(stored):
             width = max(stored[i] for i in rows)
             ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -255,14 +214,12 @@ class TrunkCache:
         self._states[split], self._stored[split] = states, stored_t
 
 
-# ---------------------------------------------------------------------- the key's ingredients
 def frozen_modules(model: nn.Module, start_block: int) -> list[nn.Module]:
     """What ``build`` runs: the embeddings and ``trf_blocks[:start_block]``."""
     return [model.tok_emb, model.pos_emb, model.drop_emb, *model.trf_blocks[:start_block]]
 
 
 def frozen_tensors(model: nn.Module, start_block: int) -> Iterable[tuple[str, torch.Tensor]]:
-    """Parameters and buffers (the causal mask too) of the frozen trunk, named."""
     names = ["tok_emb", "pos_emb", "drop_emb", *(f"trf_blocks.{i}" for i in range(start_block))]
     for name, module in zip(names, frozen_modules(model, start_block), strict=True):
         for sub, tensor in (*module.named_parameters(), *module.named_buffers()):
@@ -270,23 +227,19 @@ def frozen_tensors(model: nn.Module, start_block: int) -> Iterable[tuple[str, to
 
 
 def is_sharded(model: nn.Module, start_block: int) -> bool:
-    """Whether the frozen trunk's weights are split across ranks (FSDP): each rank would hash
-    only its shard, so the key could not name the weights."""
-    for module in frozen_modules(model, start_block):
-        for m in module.modules():
-            if "FullyShardedDataParallel" in type(m).__name__ or "FSDP" in type(m).__name__:
-                return True
+    """Whether the frozen trunk is sharded (FSDP): a rank would hash only its shard."""
+    if any("FullyShardedDataParallel" in type(m).__name__ or "FSDP" in type(m).__name__
+           for module in frozen_modules(model, start_block) for m in module.modules()):
+        return True
     return any(type(t).__name__ == "DTensor" for _, t in frozen_tensors(model, start_block))
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _code_digest(model: nn.Module, start_block: int) -> str:
-    """sha256 of the source files of every class that runs in ``build`` (and of this file):
-    a change to the blocks' code (e.g. another attention kernel) is a new key."""
+    """sha256 of the source files of every class that runs in ``build`` (and of this file)."""
     classes = {type(model)} | {type(m) for f in frozen_modules(model, start_block) for m in f.modules()}
     files: set[str] = {__file__}
     for cls in classes:
@@ -308,19 +261,16 @@ def _code_digest(model: nn.Module, start_block: int) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- the shared store
 class SharedTrunkStore:
-    """A folder of trunk-cache files shared by runs and sweep jobs: ``<key>.safetensors`` plus
-    ``<key>.safetensors.lock``. The first job that needs a key computes it under the key's lock
-    (others wait for it, then read the file); files are memory-mapped when read; after each write
-    the least recently used files (mtime, touched on every hit) go until the folder is under
-    ``max_bytes``, never one this store (this run) uses or one another job is writing."""
+    """``<key>.safetensors`` files shared by runs and sweep jobs. The first job that needs a key
+    computes it under the key's lock (others wait, then read it); after each write the least
+    recently used files (mtime) go until the folder is under ``max_bytes``, never one this run
+    uses or one another job is writing."""
 
     SUFFIX = ".safetensors"
 
     def __init__(self, directory: str | Path, max_bytes: float) -> None:
-        self.directory = Path(directory)
-        self.max_bytes = float(max_bytes)
+        self.directory, self.max_bytes = Path(directory), float(max_bytes)
         self.in_use: set[Path] = set()
         self.outcomes: dict[str, str] = {}  # split -> "hit" | "miss" (saved or not)
 
@@ -331,12 +281,9 @@ class SharedTrunkStore:
     def _lock(path: Path) -> Path:
         return Path(str(path) + ".lock")
 
-    def fetch(
-        self, cache: TrunkCache, split: str, key: str, compute: Callable[[], None],
-        load: Callable[[Path], None],
-    ) -> str:
-        """Fill ``cache``'s ``split`` from the file of ``key`` (``load``), or ``compute`` it and
-        save the file; returns ``"hit"`` or ``"miss"``."""
+    def fetch(self, cache: TrunkCache, split: str, key: str, compute: Callable[[], None],
+              load: Callable[[Path], None]) -> str:
+        """``load`` the file of ``key``, or ``compute`` the split and save it: "hit" or "miss"."""
         path = self.path(key)
         if path.is_file():
             try:
@@ -368,10 +315,8 @@ class SharedTrunkStore:
             size = cache.split_nbytes(split)
             self.outcomes[split] = "miss"
             if size > self.max_bytes:
-                log.info(
-                    "Frozen-trunk cache miss: computed %s in %.1f s, not saved: %.1f MiB is over "
-                    "cache.max_gb=%g.", split, seconds, size / 2**20, self.max_bytes / 2**30,
-                )
+                log.info("Frozen-trunk cache miss: computed %s in %.1f s, not saved: %.1f MiB is "
+                         "over cache.max_gb=%g.", split, seconds, size / 2**20, self.max_bytes / 2**30)
                 return "miss"
             try:
                 cache.save(split, path, key)
@@ -379,35 +324,29 @@ class SharedTrunkStore:
                 log.warning("Frozen-trunk cache: could not save %s to %s (%s).", split, path, err)
                 return "miss"
             self.in_use.add(path)
-            log.info(
-                "Frozen-trunk cache miss: computed %s in %.1f s, saved to %s (%.1f MiB).",
-                split, seconds, path, size / 2**20,
-            )
+            log.info("Frozen-trunk cache miss: computed %s in %.1f s, saved to %s (%.1f MiB).",
+                     split, seconds, path, size / 2**20)
         self.evict()
         return "miss"
 
     def _hit(self, split: str, path: Path, load: Callable[[Path], None]) -> str:
         load(path)
         self.in_use.add(path)
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)  # the LRU clock: most recently used last to go
-        except OSError:
-            pass
         self.outcomes[split] = "hit"
         log.info("Frozen-trunk cache hit: %s from %s (%.1f MiB).", split, path, _size(path) / 2**20)
         return "hit"
 
     def evict(self) -> list[Path]:
-        """Delete least-recently-used files until the folder is under ``max_bytes``; returns
-        what went. Temporaries of interrupted writes go too (when no job holds their key)."""
+        """Delete least-recently-used files until the folder is under ``max_bytes`` (and stale
+        temporaries of killed writers); returns what went."""
         removed: list[Path] = []
         entries = []
         for p in self.directory.glob(f"*{self.SUFFIX}"):
-            try:
+            with contextlib.suppress(OSError):
                 st = p.stat()
-            except OSError:
-                continue
-            entries.append((st.st_mtime, st.st_size, p))
+                entries.append((st.st_mtime, st.st_size, p))
         total = sum(size for _, size, _ in entries)
         for _, size, p in sorted(entries, key=lambda e: e[0]):
             if total <= self.max_bytes:
@@ -422,11 +361,8 @@ class SharedTrunkStore:
             self._lock(p).unlink(missing_ok=True)
             total -= size
             removed.append(p)
-            log.info(
-                "Frozen-trunk cache: evicted %s (%.1f MiB, least recently used; cache.max_gb=%g).",
-                p.name, size / 2**20, self.max_bytes / 2**30,
-            )
-        # temporaries a killed writer left (not one whose key is being written right now)
+            log.info("Frozen-trunk cache: evicted %s (%.1f MiB, least recently used; cache.max_gb=%g).",
+                     p.name, size / 2**20, self.max_bytes / 2**30)
         remove_stale_temporaries(self.directory, recursive=False, min_age=60, lock_of=self._lock)
         return removed
 

@@ -1,10 +1,9 @@
 """Build GPT-2 models: random init, or OpenAI's pretrained weights in Hugging Face format.
 
-The book loads TensorFlow checkpoints; we read the Hub's `model.safetensors` (memory-mapped, no
-pickle). Its `Conv1D` layers are `nn.Linear` transposed and `c_attn` fuses query/key/value, so
-each tensor is transposed and split on its way into the book's `GPTModel`. The model is built on
-the meta device and every tensor copied straight from the file into its parameter: at most one
-copy of the weights (6 GB for gpt2-xl) is ever allocated.
+The book loads TensorFlow checkpoints; we read the Hub's `model.safetensors` (no pickle). Its
+`Conv1D` weights are `nn.Linear`'s transposed and `c_attn` fuses query/key/value, so each tensor
+is transposed and split into the book's `GPTModel`, built on the meta device: at most one copy of
+the weights is ever allocated.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import threading
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,16 +34,14 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # looked for inside a folder
 HUB_FILE = "model.safetensors"  # what is downloaded for a size name
-# The whole availability check (DNS, connection, answer), once, without retries: offline is
-# known in about a second instead of after the Hub client's retries.
+# The whole availability check (DNS, connection, answer), once, without the Hub client's retries
 HUB_CHECK_TIMEOUT = 1.0
 WEIGHTS_FIX = (
     "Fix: train from scratch with model.weights=random, or pass a copy downloaded elsewhere with "
     "model.checkpoint=/path/to/model.safetensors, or go online once to download them into the cache."
 )
 
-# Non-parameter tensors found in GPT-2 files: the causal-mask buffers of old `transformers`
-# versions (the Hub's files carry them) and the LM head, which is tied to `wte`.
+# Non-parameter tensors in GPT-2 files: old causal-mask buffers and the LM head (tied to `wte`)
 _IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
 _BLOCK = re.compile(r"^h\.(\d+)\.")
 
@@ -57,81 +54,75 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights are neither in the Hugging Face cache nor downloadable."""
 
 
-def build_gpt(
-    name: str, weights: str = "pretrained", checkpoint: str | Path | None = None,
-    causal_mask: bool = True, drop_rate: float = 0.0, compile: bool = False, **size_overrides: Any,
-) -> GPTModel:
-    """The model the `model` config group describes (`build_gpt(**cfg.model)`; `compile` is
-    the caller's job). `weights="random"`: torch's default init (seed before calling);
-    `"pretrained"`: `checkpoint`, else the Hub's `name`, which must have the sizes of `name`
-    plus `size_overrides` (a CheckpointError names the differences)."""
+def build_gpt(name: str, weights: str = "pretrained", checkpoint: str | Path | None = None,
+              causal_mask: bool = True, drop_rate: float = 0.0, compile: bool = False,
+              **size_overrides: Any) -> GPTModel:
+    """The model the `model` config group describes (`build_gpt(**cfg.model)`; `compile` is the
+    caller's job). `weights="random"`: torch's default init (seed before calling); `"pretrained"`:
+    `checkpoint`, else the Hub's `name`, of the sizes of `name` plus `size_overrides`."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_CONFIGS)}")
-    unknown = sorted(set(size_overrides) - set(CFG_KEYS))
-    if unknown:
+    if unknown := sorted(set(size_overrides) - set(CFG_KEYS)):
         raise TypeError(f"build_gpt got unknown model options {unknown}; allowed: {list(CFG_KEYS)}")
     cfg = {**MODEL_CONFIGS[name], **{k: v for k, v in size_overrides.items() if v is not None}}
     cfg.update(drop_rate=drop_rate, causal_mask=causal_mask)
+    if problems := weights_problems(name, weights, checkpoint):
+        raise ValueError(problems[0])
     if weights == "random":
-        if checkpoint is not None:
-            raise ValueError(
-                f"model.checkpoint={checkpoint} is ignored with model.weights=random; "
-                "drop one of them (checkpoints need model.weights=pretrained)"
-            )
         return GPTModel(cfg)
-    if weights != "pretrained":
-        raise ValueError(f"unknown model.weights={weights!r}; allowed: pretrained, random")
-    if checkpoint is None and name not in HUB_REPOS:
-        raise ValueError(
-            f"{name} has no pretrained weights; use model.weights=random "
-            "or model.checkpoint=/path/to/model.safetensors"
-        )
     source = checkpoint if checkpoint is not None else name
     return load_gpt2(source, causal_mask=causal_mask, drop_rate=drop_rate, config=cfg)
 
 
-def load_gpt2(
-    source: str | Path, *, causal_mask: bool = True, drop_rate: float = 0.0,
-    config: Mapping[str, Any] | None = None,
-) -> GPTModel:
+def weights_problems(name: str, weights: Any, checkpoint: Any) -> list[str]:
+    """``model.weights`` and ``model.checkpoint`` against each other and the size ``name``."""
+    if weights == "random" and checkpoint is not None:
+        return [f"model.checkpoint={checkpoint} is ignored with model.weights=random; drop one of "
+                "them (checkpoints need model.weights=pretrained)"]
+    if weights == "pretrained" and checkpoint is None and name in MODEL_CONFIGS and name not in HUB_REPOS:
+        return [f"model {name} has no pretrained weights; use model.weights=random or "
+                "model.checkpoint=/path/to/model.safetensors"]
+    return [] if weights in ("pretrained", "random") else [
+        f"model.weights={weights!r} is unknown; allowed: pretrained, random"]
+
+
+def load_gpt2(source: str | Path, *, causal_mask: bool = True, drop_rate: float = 0.0,
+              config: Mapping[str, Any] | None = None) -> GPTModel:
     """GPT-2 with pretrained weights from a size name (Hub), an HF folder or a weights file.
     `config` gives the sizes to expect (default: the size name's, or the file's shapes)."""
     path = resolve_weights_file(source)
     if config is None and str(source) in MODEL_CONFIGS:
         config = MODEL_CONFIGS[str(source)]
-    with open_tensors(path) as tensors:
-        expected, plan, layout = _checked_plan(path, tensors.shapes(), config)
-        expected.update(drop_rate=drop_rate, causal_mask=causal_mask)
+    shapes, get = open_tensors(path)
+    expected, plan, layout = _checked_plan(path, shapes, config)
+    expected.update(drop_rate=drop_rate, causal_mask=causal_mask)
 
-        # Build without storage, then allocate each parameter once; the head is tied to
-        # tok_emb, so it never gets storage of its own.
-        with torch.device("meta"):
-            model = GPTModel(expected)
-        for child_name, child in model.named_children():
-            if child_name != "out_head":
-                child.to_empty(device="cpu")
-        model.out_head.weight = model.tok_emb.weight
-        params = dict(model.named_parameters())
-        not_finite = []
-        with torch.no_grad():
-            for key, entry in plan.items():
-                with tensors.get(layout[key]) as tensor:
-                    if tensor.is_floating_point() and tensor.numel() and not all(
-                        math.isfinite(float(v)) for v in torch.aminmax(tensor)
-                    ):  # min/max propagate NaN, see inf, and allocate nothing tensor-sized
-                        not_finite.append(layout[key])
-                    if entry.transpose:  # Conv1D [in, out] -> Linear [out, in]
-                        tensor = tensor.T
-                    parts = tensor.chunk(len(entry.targets), dim=0)  # c_attn -> q, k, v
-                    for target, part in zip(entry.targets, parts, strict=True):
-                        params[target].copy_(part)
-                    del tensor, parts
+    # Build without storage, then allocate each parameter once (the head is tied to tok_emb)
+    with torch.device("meta"):
+        model = GPTModel(expected)
+    for child_name, child in model.named_children():
+        if child_name != "out_head":
+            child.to_empty(device="cpu")
+    model.out_head.weight = model.tok_emb.weight
+    params = dict(model.named_parameters())
+    not_finite = []
+    with torch.no_grad():
+        for key, entry in plan.items():
+            with get(layout[key]) as tensor:
+                if tensor.is_floating_point() and tensor.numel() and not all(
+                    math.isfinite(float(v)) for v in torch.aminmax(tensor)
+                ):  # min/max propagate NaN, see inf, and allocate nothing tensor-sized
+                    not_finite.append(layout[key])
+                if entry.transpose:  # Conv1D [in, out] -> Linear [out, in]
+                    tensor = tensor.T
+                parts = tensor.chunk(len(entry.targets), dim=0)  # c_attn -> q, k, v
+                for target, part in zip(entry.targets, parts, strict=True):
+                    params[target].copy_(part)
+                del tensor, parts
     if not_finite:  # training on them gives a NaN loss from the first step
-        raise CheckpointError(
-            f"checkpoint {path}: {len(not_finite)} tensor(s) hold NaN or infinite values: "
-            f"{', '.join(not_finite[:5])}{' ...' if len(not_finite) > 5 else ''}; the file is "
-            f"corrupt or was saved from a diverged run: use other weights"
-        )
+        raise CheckpointError(f"checkpoint {path}: {len(not_finite)} tensor(s) hold NaN or infinite "
+                              f"values: {', '.join(not_finite[:5])}{' ...' if len(not_finite) > 5 else ''}; "
+                              "the file is corrupt or was saved from a diverged run: use other weights")
     return model
 
 
@@ -139,16 +130,14 @@ def check_checkpoint(source: str | Path, sizes: Mapping[str, Any]) -> None:
     """Raise a CheckpointError naming every missing, unexpected or mis-shaped tensor if the
     checkpoint at ``source`` is not GPT-2 of ``sizes``; reads only the file's header."""
     path = resolve_weights_file(source)
-    with open_tensors(path) as tensors:
-        _checked_plan(path, tensors.shapes(), sizes)
+    _checked_plan(path, open_tensors(path)[0], sizes)
 
 
-def _checked_plan(
-    path: Path, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any] | None
-) -> tuple[dict[str, Any], dict[str, _Entry], dict[str, str]]:
-    """(sizes, plan, layout) of a checkpoint that holds GPT-2 of ``config`` (None: its own
-    inferred sizes), or a CheckpointError naming every missing, unexpected or mis-shaped tensor."""
-    layout = _normalise_keys(shapes)
+def _checked_plan(path: Path, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any] | None
+                  ) -> tuple[dict[str, Any], dict[str, _Entry], dict[str, str]]:
+    """(sizes, plan, layout) of a checkpoint holding GPT-2 of ``config`` (None: its own sizes), or a
+    CheckpointError; ``layout``: Hub key -> the file's (which may be `transformer.`-prefixed)."""
+    layout = {key.removeprefix("transformer."): key for key in shapes}
     found = infer_config({k: shapes[orig] for k, orig in layout.items()}, path, strict=config is None)
     expected = dict(config if config is not None else found)
     plan = hf_plan(expected)
@@ -162,26 +151,18 @@ def resolve_weights_file(source: str | Path) -> Path:
         return _download(str(source))
     path = Path(source).expanduser()
     if path.is_dir():
-        for filename in WEIGHT_FILES:
-            if (path / filename).is_file():
-                return path / filename
+        if found := next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None):
+            return found
         raise CheckpointError(f"{path} contains none of {', '.join(WEIGHT_FILES)}")
     if path.is_file():
         return path
-    raise ValueError(
-        f"{str(source)!r} is neither a model name (allowed: {', '.join(HUB_REPOS)}) "
-        "nor an existing checkpoint file or folder"
-    )
-
-
-def _env_flag(*names: str) -> bool:
-    return any(os.environ.get(n, "").strip().upper() in ("1", "ON", "YES", "TRUE") for n in names)
+    raise ValueError(f"{str(source)!r} is neither a model name (allowed: {', '.join(HUB_REPOS)}) "
+                     "nor an existing checkpoint file or folder")
 
 
 def hub_settings() -> tuple[str, str, bool]:
-    """(cache folder, endpoint, offline) as huggingface_hub reads them from the environment:
-    read now, not when huggingface_hub was imported (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT,
-    HF_HUB_OFFLINE)."""
+    """(cache folder, endpoint, offline) as huggingface_hub reads them from the environment,
+    read now, not when huggingface_hub was imported."""
     from huggingface_hub import constants
 
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
@@ -189,7 +170,8 @@ def hub_settings() -> tuple[str, str, bool]:
         cache = os.path.join(os.environ["HF_HOME"], "hub")
     cache = os.path.expandvars(os.path.expanduser(cache)) if cache else constants.HF_HUB_CACHE
     endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-    offline = _env_flag("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    offline = any(os.environ.get(n, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+                  for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     return cache, endpoint, offline
 
 
@@ -208,9 +190,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def _probe(url: str, timeout: float) -> str | None:
-    """None if the Hub serves ``url``, else why not: one HEAD request, no retries, and a hard
-    deadline of ``timeout`` seconds whatever DNS or the network do (the standard library's
-    urllib, so any huggingface_hub version will do)."""
+    """None if the Hub serves ``url``, else why not: one HEAD request (urllib), no retries, a hard
+    deadline of ``timeout`` seconds whatever DNS or the network do."""
     answer: dict[str, str | None] = {}
 
     def head() -> None:
@@ -219,28 +200,23 @@ def _probe(url: str, timeout: float) -> str | None:
             with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout):
                 answer["reason"] = None
         except urllib.error.HTTPError as err:
-            if err.code < 400:  # a redirect to the file's storage: the file exists
-                answer["reason"] = None
-            elif err.code == 404:
-                answer["reason"] = "it has no such file (HTTP 404)"
-            else:
-                answer["reason"] = f"it answered HTTP {err.code}"
+            answer["reason"] = (None if err.code < 400  # a redirect to the file's storage
+                                else "it has no such file (HTTP 404)" if err.code == 404
+                                else f"it answered HTTP {err.code}")
         except (OSError, ValueError) as err:  # URLError, timeouts, refused connections, bad URL
             cause = getattr(err, "reason", err)
             if not isinstance(cause, TimeoutError):
                 answer["reason"] = f"it is unreachable ({type(cause).__name__}: {cause})"
 
-    silent = f"it did not answer within {timeout:g} s"
     thread = threading.Thread(target=head, name="hub-check", daemon=True)
     thread.start()
     thread.join(timeout)  # the deadline, whatever DNS or a stalled connection do
-    return answer.get("reason", silent)
+    return answer.get("reason", f"it did not answer within {timeout:g} s")
 
 
 def check_weights_available(name: str, timeout: float = HUB_CHECK_TIMEOUT) -> str:
-    """Where the pretrained weights of ``name`` will come from: ``"cache"`` (looked up first,
-    no network) or ``"hub"`` (one quick request, unless HF_HUB_OFFLINE); else, within about
-    ``timeout`` seconds, a WeightsUnavailableError that names the fixes."""
+    """Where the weights of ``name`` will come from: ``"cache"`` (no network) or ``"hub"`` (one
+    quick request, unless HF_HUB_OFFLINE); else a WeightsUnavailableError naming the fixes."""
     if name not in HUB_REPOS:
         raise ValueError(f"{name} has no pretrained weights; allowed: {', '.join(HUB_REPOS)}")
     if cached_weights(name) is not None:
@@ -258,7 +234,6 @@ def check_weights_available(name: str, timeout: float = HUB_CHECK_TIMEOUT) -> st
 
 
 def _unavailable(name: str, cache: str, reason: str) -> WeightsUnavailableError:
-    """The one message for pretrained weights that can be had from neither cache nor Hub."""
     return WeightsUnavailableError(
         f"model.weights=pretrained needs the weights of {name} ({HUB_REPOS[name]}/{HUB_FILE}): "
         f"they are not in the Hugging Face cache ({cache}) and {reason}. {WEIGHTS_FIX}"
@@ -269,8 +244,7 @@ def _download(name: str) -> Path:
     """The cached `model.safetensors` (no network), else a download via huggingface_hub."""
     from huggingface_hub import hf_hub_download
 
-    cached = cached_weights(name)
-    if cached is not None:
+    if (cached := cached_weights(name)) is not None:
         return cached
     cache, endpoint, _ = hub_settings()
     repo = HUB_REPOS[name]
@@ -280,103 +254,58 @@ def _download(name: str) -> Path:
         raise _unavailable(name, cache, f"downloading failed ({type(err).__name__}: {err})") from err
 
 
-class _Tensors:
-    """Read-only view of a checkpoint's tensors: names, shapes and one tensor at a time, each
-    through its own short-lived memory map (loading peaks at the model's size plus one tensor;
-    one map held open would add the whole file to RSS)."""
-
-    def __init__(self, path: Path | None = None, state: Mapping[str, torch.Tensor] | None = None):
-        self._path, self._state = path, state
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        if self._state is not None:
-            return {k: tuple(v.shape) for k, v in self._state.items()}
-        with safe_open(str(self._path), framework="pt", device="cpu") as handle:
-            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+def open_tensors(path: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], Any]]:
+    """(shapes, get) of a weights file, read without running any code from it (safetensors, or a
+    weights-only `torch.load`). ``get(key)`` is a context holding one tensor through its own
+    short-lived memory map (one map held open would add the whole file to RSS)."""
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        state = torch_load_safely(
+            path, "a plain tensor state dict", "Weights are read only from safetensors or with "
+            "torch.load(weights_only=True), because a pickle can run arbitrary code; convert the "
+            "file to .safetensors.")
+        if not isinstance(state, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise CheckpointError(f"{path} does not hold a flat {{name: tensor}} state dict")
+        return {k: tuple(v.shape) for k, v in state.items()}, lambda key: nullcontext(state[key])
+    if suffix not in SAFETENSORS_SUFFIXES:
+        raise CheckpointError(f"refusing to load {path}: unsupported file type {suffix or '(none)'}; "
+                              f"use {', '.join(SAFETENSORS_SUFFIXES)} (preferred) or a tensor-only "
+                              f"state dict ({', '.join(TORCH_SUFFIXES)})")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:  # validates the header
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except Exception as err:  # SafetensorError, OSError: truncated or not safetensors
+        raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
 
     @contextmanager
-    def get(self, key: str) -> Iterator[torch.Tensor]:
-        """The tensor, valid inside the ``with`` block only (its memory map closes after)."""
-        if self._state is not None:
-            yield self._state[key]
-            return
-        with safe_open(str(self._path), framework="pt", device="cpu") as handle:
+    def get(key: str) -> Iterator[torch.Tensor]:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
             yield handle.get_tensor(key)
 
-
-@contextmanager
-def open_tensors(path: Path) -> Iterator[_Tensors]:
-    """Open a weights file without running any code from it (safetensors, or a weights-only
-    `torch.load`); anything else is refused with a CheckpointError naming the file."""
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu"):  # validates the header
-                pass
-        except Exception as err:  # SafetensorError, OSError: truncated or not safetensors
-            raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
-        yield _Tensors(path=path)
-        return
-    if suffix in TORCH_SUFFIXES:
-        yield _Tensors(state=_torch_load_weights_only(path))
-        return
-    raise CheckpointError(
-        f"refusing to load {path}: unsupported file type {suffix or '(none)'}; use "
-        f"{', '.join(SAFETENSORS_SUFFIXES)} (preferred) or a tensor-only state dict "
-        f"({', '.join(TORCH_SUFFIXES)})"
-    )
+    return shapes, get
 
 
 def torch_load_safely(path: Path, what: str, why: str, mmap: bool = True, noun: str = "") -> Any:
-    """`torch.load(weights_only=True)`: its unpickler only rebuilds tensors and plain
-    containers, so a crafted pickle fails before any of its code can run. The CheckpointError
-    names the file (after ``noun``), ``what`` it should have been and ``why`` only this loader is used."""
+    """`torch.load(weights_only=True)`: a crafted pickle fails before any of its code can run.
+    The CheckpointError names the file, ``what`` it should have been and ``why`` this loader."""
     try:
-        return torch.load(
-            path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
-        )
+        return torch.load(path, map_location="cpu", weights_only=True,
+                          mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # UnpicklingError for forbidden globals, anything for junk
         found = re.search(r"WeightsUnpickler error: (.+?)(?:\. Please|\n|$)", str(err))
         reason = found.group(1) if found else f"{type(err).__name__}: {str(err)[:200]}"
         raise CheckpointError(f"refusing to load {noun}{path}: it is not {what} ({reason}). {why}") from err
 
 
-def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    state = torch_load_safely(
-        path,
-        "a plain tensor state dict",
-        "Weights are read only from safetensors or with torch.load(weights_only=True), because "
-        "a pickle can run arbitrary code; convert the file to .safetensors.",
-    )
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(f"{path} does not hold a flat {{name: tensor}} state dict")
-    return dict(state)
-
-
-def _normalise_keys(shapes: Mapping[str, Any]) -> dict[str, str]:
-    """Hub key (`h.0.attn.c_attn.weight`) -> key in the file, for both the Hub's layout and
-    the `transformer.`-prefixed one `transformers` writes today."""
-    return {key.removeprefix("transformer."): key for key in shapes}
-
-
-def _read_config_json(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((path.parent / "config.json").read_text())
-    except (OSError, ValueError):  # no config.json, or not JSON
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def infer_config(
-    shapes: Mapping[str, tuple[int, ...]], path: Path, strict: bool = True
-) -> dict[str, Any]:
+def infer_config(shapes: Mapping[str, tuple[int, ...]], path: Path, strict: bool = True) -> dict[str, Any]:
     """Sizes of a GPT-2 checkpoint from its tensor shapes (Hub keys); config.json fills gaps.
-
-    With `strict=False` sizes that cannot be inferred stay None instead of raising (the caller
-    already knows what to expect and will report the missing tensors)."""
-    meta = _read_config_json(path)
+    `strict=False`: sizes that cannot be inferred stay None (the caller reports missing tensors)."""
+    try:
+        meta = json.loads((path.parent / "config.json").read_text())
+    except (OSError, ValueError):  # no config.json, or not JSON
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
     blocks = [int(m.group(1)) for key in shapes if (m := _BLOCK.match(key))]
     wte, wpe = shapes.get("wte.weight", ()), shapes.get("wpe.weight", ())
     sizes = {
@@ -391,14 +320,11 @@ def infer_config(
     unknown = [k for k, v in sizes.items() if not isinstance(v, int)]
     if strict and unknown:
         if unknown == ["n_heads"]:
-            raise CheckpointError(
-                f"cannot infer n_heads of {path} (emb_dim={sizes['emb_dim']} is not a released "
-                "GPT-2 width); put the Hugging Face config.json (with n_head) next to it"
-            )
-        raise CheckpointError(
-            f"cannot infer {unknown} of {path}: it lacks wte.weight / wpe.weight / h.N.* "
-            "tensors and has no config.json; is this a GPT-2 checkpoint?"
-        )
+            raise CheckpointError(f"cannot infer n_heads of {path} (emb_dim={sizes['emb_dim']} is not a "
+                                  "released GPT-2 width); put the Hugging Face config.json (with "
+                                  "n_head) next to it")
+        raise CheckpointError(f"cannot infer {unknown} of {path}: it lacks wte.weight / wpe.weight / "
+                              "h.N.* tensors and has no config.json; is this a GPT-2 checkpoint?")
     return {**sizes, "drop_rate": 0.0, "qkv_bias": True}
 
 
@@ -426,8 +352,8 @@ CONV1D = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def model_shapes(cfg: Mapping[str, Any], num_classes: int | None = None) -> dict[str, tuple[int, ...]]:
-    """The state dict shapes of ``GPTModel(cfg)`` (with a ``num_classes`` head), read from a
-    storage-less meta-device model: what every file's header is compared with."""
+    """The state dict shapes of a meta-device ``GPTModel(cfg)`` (with a ``num_classes`` head):
+    what every file's header is compared with."""
     with torch.device("meta"):
         model = GPTModel({"drop_rate": 0.0, **cfg})
         if num_classes is not None:
@@ -455,9 +381,8 @@ def _describe(cfg: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={cfg[k]}" for k in keys)
 
 
-def mismatch_lines(
-    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], most: int | None = None
-) -> list[str]:
+def mismatch_lines(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                   most: int | None = None) -> list[str]:
     """``missing``, ``unexpected`` and ``wrong shape`` lines naming tensors (at most ``most`` of
     each), or [] when names and shapes agree."""
     groups = {
@@ -476,10 +401,8 @@ def mismatch_lines(
     return lines
 
 
-def _check_tensors(
-    path: Path, plan: Mapping[str, _Entry], shapes: Mapping[str, tuple[int, ...]],
-    layout: Mapping[str, str], expected: Mapping[str, Any], found: Mapping[str, Any],
-) -> None:
+def _check_tensors(path: Path, plan: Mapping[str, _Entry], shapes: Mapping[str, tuple[int, ...]],
+                   layout: Mapping[str, str], expected: Mapping[str, Any], found: Mapping[str, Any]) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
     want = {layout.get(k, k): entry.shape for k, entry in plan.items()}  # the file's names
     have = {k: shapes[k] for k in sorted(shapes) if not _IGNORED.match(k.removeprefix("transformer."))}
@@ -489,8 +412,6 @@ def _check_tensors(
     lines = [f"checkpoint {path} does not match GPT-2 ({_describe(expected)}):"]
     lines += [f"  {line}" for line in problems]
     sizes = ("emb_dim", "n_layers", "context_length", "vocab_size")
-    if all(isinstance(found[k], int) for k in sizes) and any(
-        found[k] != expected[k] for k in sizes
-    ):
+    if all(isinstance(found[k], int) for k in sizes) and any(found[k] != expected[k] for k in sizes):
         lines.append(f"  the checkpoint looks like: {_describe(found)}")
     raise CheckpointError("\n".join(lines))

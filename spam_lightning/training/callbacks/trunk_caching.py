@@ -1,9 +1,6 @@
 """The frozen trunk as a feature-extraction step (``model/trunk_cache.py``): at the start of
-fitting (train, val) and at its end (the final evaluation's splits, before their loaders are
-made), on each rank's device, each split's token ids become hidden states once and the datamodule
-serves them (``use_features``) instead of tokens. With ``shared_dir`` the states of each split are
-shared with other runs through files there (``SharedTrunkStore``): a run whose frozen trunk, data
-and numerics match an earlier one loads them."""
+fitting (train, val) and at its end (the final evaluation's splits), each split's token ids become
+hidden states once and the datamodule serves them (``use_features``) instead of tokens."""
 
 from __future__ import annotations
 
@@ -28,26 +25,20 @@ log = logging.getLogger(__name__)
 
 
 class TrunkCaching(L.Callback):
-    """Computes blocks ``0..start_block-1`` once per example of the datamodule's splits.
+    """Computes blocks ``0..start_block-1`` (None: nothing frozen) once per example.
 
-    The options are the ``cache`` config section's: ``trunk`` ``auto`` caches what fits in
-    ``memory_budget_gb`` GiB, ``true`` fails if anything is impossible or over budget (the final
-    test's splits are budgeted before training), ``false`` never caches. ``start_block`` None
-    (``trainable=all|lora``) means nothing is frozen. ``shared`` shares each split's states with
-    other runs through files in ``dir``, at most ``max_gb`` GiB of them (least recently used go
-    first). ``active``: whether the splits are served as features.
+    The options are the ``cache`` config section's (checked in ``training/checks.py``): ``trunk``
+    ``auto`` caches what fits in ``memory_budget_gb`` GiB, ``true`` fails if anything is
+    impossible or over budget, ``false`` never caches; ``shared`` shares the states with other
+    runs through files in ``dir``, at most ``max_gb`` GiB of them.
     """
 
-    def __init__(
-        self, start_block: int | None, datamodule: Any, *, trunk: str | bool = "auto",
-        memory_budget_gb: float = 4.0, shared: bool = False, dir: str | None = None,  # noqa: A002
-        max_gb: float = 10.0,
-    ) -> None:
+    def __init__(self, start_block: int | None, datamodule: Any, *, trunk: str | bool = "auto",
+                 memory_budget_gb: float = 4.0, shared: bool = False,
+                 dir: str | None = None, max_gb: float = 10.0) -> None:  # noqa: A002
         self.start_block, self.datamodule = start_block, datamodule
         self.setting = {"true": True, "false": False}.get(str(trunk).lower(), "auto")
         self.budget_gb = memory_budget_gb
-        if shared and not (isinstance(max_gb, (int, float)) and math.isfinite(max_gb) and max_gb >= 0):
-            raise TrunkCacheError(f"cache.max_gb={max_gb!r}: must be a number >= 0 (GiB)")
         self.store = SharedTrunkStore(dir, float(max_gb) * 2**30) if shared and dir else None
         self.cache: TrunkCache | None = None
         self.seconds: dict[str, float] = {}  # split -> time its cache took to build (or load)
@@ -64,7 +55,6 @@ class TrunkCaching(L.Callback):
         self.build(trainer, pl_module, pl_module.final_splits)
 
     def _reason(self, model: nn.Module) -> str | None:
-        """Why no cache is possible, or None."""
         if self.start_block is None:
             return "the whole model trains (trainable=all or lora)"
         frozen = [model.drop_emb, *model.trf_blocks[: self.start_block]]
@@ -75,19 +65,15 @@ class TrunkCaching(L.Callback):
         return None
 
     def build(self, trainer, pl_module, splits: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
-        """Compute the frozen trunk once per example for ``splits`` (when allowed) and hand them
-        to the datamodule as features. ``planned`` splits are cached later (the final test's):
-        ``cache.trunk=true`` budgets them now."""
+        """Cache ``splits`` (when allowed) and hand them to the datamodule as features;
+        ``cache.trunk=true`` budgets the ``planned`` ones (cached later) now."""
         if self.setting is False:
             return
         model, strict, dm = pl_module.model, self.setting is True, self.datamodule
-        # store what the uncached forward feeds the first trainable block: float32, unless the
-        # weights themselves are half precision (bf16-true / 16-true)
+        # what the uncached forward feeds the first trainable block: float32 unless bf16-true
         dtype = next(model.parameters()).dtype
-        cache = self.cache or TrunkCache(
-            self.start_block or 0, token=model.pooling, causal=model.causal_mask,
-            dtype=dtype if dtype.is_floating_point else torch.float32,
-        )
+        cache = self.cache or TrunkCache(self.start_block or 0, token=model.pooling, causal=model.causal_mask,
+                                         dtype=dtype if dtype.is_floating_point else torch.float32)
         todo = [s for s in splits if not cache.has(s)]
         later = [s for s in dict.fromkeys(planned) if s not in todo and not cache.has(s)]
         reason = self._reason(model) or self._over_budget(cache, model, todo, later, strict)
@@ -96,8 +82,7 @@ class TrunkCaching(L.Callback):
                 raise TrunkCacheError(f"cache.trunk=true but caching is not possible: {reason}.")
             log.info("Frozen-trunk cache off for %s: %s.", ", ".join(splits), reason)
             return
-        self.cache = cache
-        store = self.store
+        self.cache, store = cache, self.store
         if todo and store is not None and is_sharded(model, cache.start_block):
             log.info("Frozen-trunk cache not shared: the frozen trunk is sharded (FSDP).")
             store = None
@@ -130,12 +115,10 @@ class TrunkCaching(L.Callback):
         if strict and need_all > budget:
             cached = [s for s in ("train", "val", "test") if cache.has(s) or s in sizes]
             names = ", ".join(cached[:-1]) + f" and {cached[-1]}" if len(cached) > 1 else "".join(cached)
-            return (
-                f"the cache of {names} would need {need_all / 2**30:.3f} GiB, over "
-                f"cache.memory_budget_gb={self.budget_gb}; raise cache.memory_budget_gb to "
-                f"{math.ceil(need_all / 2**30 * 1000) / 1000:g} or more, or use cache.trunk=auto "
-                "(caches what fits)"
-            )
+            return (f"the cache of {names} would need {need_all / 2**30:.3f} GiB, over "
+                    f"cache.memory_budget_gb={self.budget_gb}; raise cache.memory_budget_gb to "
+                    f"{math.ceil(need_all / 2**30 * 1000) / 1000:g} or more, or use cache.trunk=auto "
+                    "(caches what fits)")
         if need > budget:
             return f"the cache would need {need / 2**30:.2f} GiB, over cache.memory_budget_gb={self.budget_gb}"
         return None
