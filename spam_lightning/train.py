@@ -41,7 +41,11 @@ from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
 from spam_lightning.training.callbacks.sigterm_checkpoint import SigtermCheckpoint
 from spam_lightning.training.checks import ConfigError, TokenizerError, instantiate
 from spam_lightning.training.plots import plot_values
-from spam_lightning.training.run_lock import RunFolderBusy, remove_stale_temporaries, run_folder_lock
+from spam_lightning.training.run_lock import (
+    RunFolderBusy,
+    remove_stale_temporaries,
+    run_folder_lock,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily, Predictor, choice_problems, is_int
+from spam_lightning.model.family import (
+    FINAL_SPLITS,
+    Fitted,
+    ModelFamily,
+    Predictor,
+    choice_problems,
+    is_int,
+)
 
 BASELINES = ("majority", "logreg")
 FEATURES = ("count", "tfidf")  # count: CountVectorizer() as the book; tfidf: TfidfVectorizer()
@@ -291,8 +298,14 @@ class BaselineFamily(ModelFamily):
     def load(cls, folder: Path, config: dict[str, Any], device: Any, dtype: Any) -> Predictor:
         from safetensors.torch import load_file
 
-        from spam_lightning.inference.bundle import (CONFIG, WEIGHTS, BundleError, bad_field,
-                                                     check_class_count, read_header)
+        from spam_lightning.inference.bundle import (
+            CONFIG,
+            WEIGHTS,
+            BundleError,
+            bad_field,
+            check_class_count,
+            read_header,
+        )
 
         config_path = folder / CONFIG
         check_class_count(config, config_path)

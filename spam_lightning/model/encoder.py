@@ -17,7 +17,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from spam_lightning.model.family import ModelFamily, Predictor, choice_problems, is_int
-from spam_lightning.model.weights import HUB_CHECK_TIMEOUT, WeightsUnavailableError, _probe, hub_settings
+from spam_lightning.model.weights import (
+    HUB_CHECK_TIMEOUT,
+    WeightsUnavailableError,
+    _probe,
+    hub_settings,
+)
 
 ENCODER_TRAINABLE = ("last_layer", "last_block", "all")
 TRAINABLE_FIX = " for encoders (choose one with trainable=NAME)"
@@ -313,7 +318,12 @@ class EncoderFamily(ModelFamily):
     def load(cls, folder: Path, config: dict[str, Any], device: torch.device,
              dtype: torch.dtype) -> Predictor:
         from spam_lightning.data.tokens import PADDING_MODES
-        from spam_lightning.inference.bundle import CONFIG, BundleError, bad_field, check_class_count
+        from spam_lightning.inference.bundle import (
+            CONFIG,
+            BundleError,
+            bad_field,
+            check_class_count,
+        )
 
         config_path = folder / CONFIG
         check_class_count(config, config_path)

@@ -13,7 +13,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from spam_lightning.model.classifier import TRAINABLE, GPTClassifier, first_trainable_block, make_classifier
+from spam_lightning.model.classifier import (
+    TRAINABLE,
+    GPTClassifier,
+    first_trainable_block,
+    make_classifier,
+)
 from spam_lightning.model.family import Fitted, ModelFamily, Predictor, choice_problems, is_int
 from spam_lightning.model.pooling import get_pooling, pooling_names
 from spam_lightning.model.sizes import CFG_KEYS, HUB_REPOS, MODEL_CONFIGS
