@@ -1,6 +1,6 @@
 """docs/ARCHITECTURE.md's "how to add a dataset / a logger", followed from outside the package:
 each is a class in any importable module plus one yaml (here on Hydra's search path), nothing
-else. (A model family: tests/test_model_family.py; a pooling: tests/test_pooling.py.)"""
+else. (A model family: tests/model/test_model_family.py; a pooling: tests/model/test_pooling.py.)"""
 
 from __future__ import annotations
 

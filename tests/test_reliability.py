@@ -1,7 +1,7 @@
 """Reliability of training and inference (issue 7): bad configs fail before any heavy work,
 interrupted runs resume to the same result, checkpoints and bundles never unpickle code, and
 ``spam-classify`` takes whatever input arrives. The data layer's side (bad data, downloads,
-locking) is in tests/test_data_reliability.py.
+locking) is in tests/data/test_data_reliability.py.
 
 Runs alone: ``pytest tests/test_reliability.py`` (35-55 s on 2 CPU cores). The slow parts,
 two training subprocesses that get killed and a 100,000-message ``spam-classify --file`` run,

@@ -79,7 +79,7 @@ def load_gpt2_encoding(folder: Path = GPT2_ASSETS) -> Any:
 @functools.cache
 def get_tokenizer() -> Any:
     """The bundled ``gpt2`` encoding, once per process: no download, nothing written anywhere;
-    the ids equal ``tiktoken.get_encoding("gpt2")``'s (tests/test_tokenizer.py)."""
+    the ids equal ``tiktoken.get_encoding("gpt2")``'s (tests/data/test_tokenizer.py)."""
     return load_gpt2_encoding(GPT2_ASSETS)
 
 

@@ -24,7 +24,7 @@ from spam_lightning.model.weights import (
     load_gpt2,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IDS = torch.tensor(
     [[5211, 345, 423, 640, 11, 1312, 262, 50256], [40, 1101, 257, 3797, 13, 8, 9, 10]]
 )
@@ -348,7 +348,7 @@ def test_generate_script_prints_the_greedy_continuation(
         cwd=tmp_path,
         check=True,
     )
-    tokenizer = get_tokenizer()  # equal to tiktoken's gpt2 (tests/test_tokenizer.py)
+    tokenizer = get_tokenizer()  # equal to tiktoken's gpt2 (tests/data/test_tokenizer.py)
     prompt = torch.tensor([tokenizer.encode("Every effort moves you")])
     expected = hf_model.generate(
         prompt,

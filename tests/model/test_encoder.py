@@ -29,7 +29,7 @@ from spam_lightning.model.encoder import (
     set_trainable,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MESSAGES = [
     "Free entry in 2 a wkly comp to win FA Cup final tkts",
     "Ok lar... Joking wif u oni...",

@@ -30,7 +30,7 @@ from spam_lightning.model.baselines import (
     fit_baseline,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 Split = tuple[list[str], np.ndarray]
 
 

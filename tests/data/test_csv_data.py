@@ -20,7 +20,7 @@ from spam_lightning.data.source import DownloadError
 from spam_lightning.inference.classify import Classifier
 from spam_lightning.inference.classify import main as classify_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOPICS = {
     "sports": ["the match ended", "a late goal won it", "the team trains daily"],
     "politics": ["the vote passed", "parliament debated, again", "the minister resigned"],

@@ -41,7 +41,7 @@ from spam_lightning.data.source import (
 from spam_lightning.data.table import SPLIT_FILES, prepare
 from spam_lightning.data.tokens import Collator
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_zip(member: bytes, name: str = "SMSSpamCollection") -> bytes:

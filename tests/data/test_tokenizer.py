@@ -17,7 +17,7 @@ from spam_lightning.data import DataError, encode_texts, get_tokenizer, read_tab
 from spam_lightning.data.source import BUNDLED_PATH, sha256_bytes
 from spam_lightning.data.tokens import GPT2_ASSETS, GPT2_FILES, load_gpt2_encoding
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 MIXED = [
     "Do you have time",

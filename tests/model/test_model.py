@@ -21,7 +21,7 @@ from spam_lightning.model.gpt import (
     token_ids_to_text,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = MODEL_CONFIGS["gpt2-tiny"]
 
 

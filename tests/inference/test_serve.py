@@ -20,7 +20,7 @@ from spam_lightning.inference.serve import build_parser, create_app, main
 from spam_lightning.model.classifier import make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_CHARS = 2_000
 MAX_BATCH = 8
 CLASSES = ["ham", "spam"]

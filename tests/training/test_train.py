@@ -17,7 +17,7 @@ from spam_lightning.inference.bundle import load_bundle
 from spam_lightning.inference.classify import Classifier
 from spam_lightning.inference.classify import main as classify_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = [
     "model=gpt2-tiny",

@@ -51,7 +51,7 @@ MARKER = "ECHO-7f3a"  # put into bad bodies: no answer may contain it
 
 
 def make_bundle(run_dir: Path, token: str = "last", **sizes: Any) -> Path:
-    """A tiny untrained classifier saved as a run folder's bundle (as tests/test_serve.py does)."""
+    """A tiny untrained classifier saved as a run folder's bundle (as tests/inference/test_serve.py does)."""
     torch.manual_seed(0)
     model = make_classifier(
         GPTModel({**MODEL_CONFIGS["gpt2-tiny"], **sizes}), num_classes=2, trainable="last_block"

@@ -26,7 +26,7 @@ from spam_lightning.model.lora import (
 )
 from spam_lightning.model.pooling import POOLINGS, get_pooling
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = MODEL_CONFIGS["gpt2-tiny"]
 PAD = 50256
 IDS = torch.tensor([[5211, 345, 423, 640]])

@@ -13,7 +13,7 @@ import yaml
 from _compose import compose_train
 from conftest import TINY_RUN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # the whole test split, so each trial's final test accuracy is the chapter's 300 messages
 FAST = [*TINY_RUN, "trainer.limit_test_batches=null"]
 

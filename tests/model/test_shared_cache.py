@@ -31,7 +31,7 @@ from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 from spam_lightning.model.trunk_cache import SharedTrunkStore, TrunkCache
 from spam_lightning.model.weights import hf_plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOGGER = "spam_lightning.model.trunk_cache"
 SPLITS = ("train", "val", "test")
 # short messages: 8.5 MB of gpt2-tiny states for the chapter's train split instead of 32 MB

@@ -1,7 +1,7 @@
 """Reliability of the data layer (issue 7, points 1 and 4; issue 14, points 8-10): bad data,
 verified downloads, atomic and locked preparation, fuzzed readers, the source checked at setup,
 read-only reuse, size caps and OS errors for local sources.
-Runs alone: pytest tests/test_data_reliability.py
+Runs alone: pytest tests/data/test_data_reliability.py
 """
 
 from __future__ import annotations
