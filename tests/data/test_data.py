@@ -592,11 +592,8 @@ def test_wheel_ships_the_assets(tmp_path: Path) -> None:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(
-        REPO / "spam_lightning",
-        src / "spam_lightning",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
+    for folder in ("spam_lightning", "conf"):  # conf/ ships in the wheel as spam_lightning.conf
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     # the dev venv has setuptools (no registry needed); else pip fetches it for an isolated build
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     subprocess.run(
