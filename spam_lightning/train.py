@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
 from spam_lightning.data.source import DataError
 from spam_lightning.inference.bundle import BundleError
-from spam_lightning.io_utils import write_json
+from spam_lightning.io_utils import write_bytes, write_json
 from spam_lightning.model.classifier import ClassifierStateError
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily
 from spam_lightning.model.trunk_cache import TrunkCacheError
@@ -165,7 +165,7 @@ def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, train
     """metrics.json, the resolved config, plots, the bundle and the hparams dashboard."""
     write_json(output_dir / "metrics.json", metrics)
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(job_cfg, resolve=True), encoding="utf-8")
+    write_bytes(output_dir / "config.yaml", OmegaConf.to_yaml(job_cfg, resolve=True).encode())
     if fitted.history is not None:
         h, seen = fitted.history, metrics["examples_seen"]
         epochs = max(1, int(cfg.trainer.max_epochs))
