@@ -258,7 +258,7 @@ class BaselineFamily(ModelFamily):
 
         datamodule.prepare_data()
         datamodule.setup("fit")
-        splits = {s: getattr(datamodule, f"{s}_dataset") for s in FINAL_SPLITS}
+        splits = {s: datamodule.token_dataset(s) for s in FINAL_SPLITS}
         num_classes = datamodule.num_classes
         start = time.perf_counter()
         baseline = fit_baseline(self.name, splits["train"].texts, splits["train"].labels, num_classes,

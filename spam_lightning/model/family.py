@@ -137,7 +137,7 @@ class ModelFamily:
     def callbacks(self, cfg: DictConfig, model: nn.Module, datamodule: Any) -> list[Any]:
         return []
 
-    def trunk_cached(self, model: nn.Module) -> bool:
+    def trunk_cached(self) -> bool:
         """Whether training ran on cached frozen-trunk states (metrics.json's trunk_cache)."""
         return False
 
@@ -195,7 +195,7 @@ class ModelFamily:
             num_batches={s: len(getattr(datamodule, f"{s}_dataloader")()) for s in FINAL_SPLITS},
             epochs=int(trainer.current_epoch), global_step=int(trainer.global_step),
             precision=str(trainer.precision), device=_device_name(trainer),
-            trunk_cache=self.trunk_cached(model),
+            trunk_cache=self.trunk_cached(),
         )
 
     def _bundle_model(self, cfg: DictConfig, trainer: Any, module: Any, num_classes: int) -> Any:
@@ -235,9 +235,8 @@ class ModelFamily:
 def final_loaders(datamodule: Any, trainer: Any) -> list[Any]:
     """The final evaluation's loaders. One process: the chapter's own (the shuffled, drop_last
     training loader), so the final training accuracy is the book's; under DDP every example once."""
-    book = getattr(datamodule, "book_dataloader", None)
-    if trainer.world_size == 1 and book is not None:
-        return [book(s) for s in FINAL_SPLITS]
+    if trainer.world_size == 1:
+        return [datamodule.book_dataloader(s) for s in FINAL_SPLITS]
     return [datamodule.eval_dataloader(s) for s in FINAL_SPLITS]
 
 

@@ -139,7 +139,7 @@ class GPT2Family(ModelFamily):
                  total - cache_seconds)
         return fitted
 
-    def trunk_cached(self, model: GPTClassifier) -> bool:
+    def trunk_cached(self) -> bool:
         return self._caching.active
 
     def recorded(self, cfg: DictConfig) -> dict[str, Any]:
