@@ -15,10 +15,10 @@ from torch import nn
 
 from spam_lightning.io_utils import atomic_write, write_json
 from spam_lightning.model.classifier import ClassifierStateError, load_classifier_state
-from spam_lightning.model.family import is_int
 from spam_lightning.model.gpt import GPTModel
 from spam_lightning.model.sizes import CFG_KEYS
 from spam_lightning.model.weights import mismatch_lines, model_shapes
+from spam_lightning.rules import is_int
 
 BUNDLE_FORMAT = "spam-lightning-bundle/1"
 BUNDLE_DIR = "bundle"

@@ -24,9 +24,8 @@ from spam_lightning.model.family import (
     Fitted,
     ModelFamily,
     Predictor,
-    choice_problems,
-    is_int,
 )
+from spam_lightning.rules import choice_problems, is_int
 
 BASELINES = ("majority", "logreg")
 FEATURES = ("count", "tfidf")  # count: CountVectorizer() as the book; tfidf: TfidfVectorizer()

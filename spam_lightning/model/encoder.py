@@ -16,13 +16,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from spam_lightning.model.family import ModelFamily, Predictor, choice_problems, is_int
+from spam_lightning.model.family import ModelFamily, Predictor
 from spam_lightning.model.weights import (
     HUB_CHECK_TIMEOUT,
     WeightsUnavailableError,
     _probe,
     hub_settings,
 )
+from spam_lightning.rules import choice_problems, is_int
 
 ENCODER_TRAINABLE = ("last_layer", "last_block", "all")
 TRAINABLE_FIX = " for encoders (choose one with trainable=NAME)"

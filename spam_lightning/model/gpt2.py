@@ -19,10 +19,11 @@ from spam_lightning.model.classifier import (
     first_trainable_block,
     make_classifier,
 )
-from spam_lightning.model.family import Fitted, ModelFamily, Predictor, choice_problems, is_int
+from spam_lightning.model.family import Fitted, ModelFamily, Predictor
 from spam_lightning.model.pooling import get_pooling, pooling_names
 from spam_lightning.model.sizes import CFG_KEYS, HUB_REPOS, MODEL_CONFIGS
 from spam_lightning.model.weights import build_gpt, weights_problems
+from spam_lightning.rules import choice_problems, is_int
 
 # training code (Lightning, Hydra) is imported inside the methods: inference loads this module
 

@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 
 from spam_lightning.data.source import DataError
 from spam_lightning.model.classifier import make_classifier
-from spam_lightning.model.family import is_int
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 from spam_lightning.model.weights import CheckpointError, mismatch_lines
+from spam_lightning.rules import is_int
 from spam_lightning.training.callbacks.checkpoint_io import load_checkpoint_safely
 from spam_lightning.training.callbacks.run_config import flat_config, resume_differences
 

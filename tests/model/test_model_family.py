@@ -27,7 +27,8 @@ from spam_lightning.data.tokens import PAD_TOKEN_ID, encode_texts
 from spam_lightning.inference.bundle import WEIGHTS, fresh_bundle_dir, write_bundle_config
 from spam_lightning.inference.classify import Classifier
 from spam_lightning.inference.classify import main as classify_main
-from spam_lightning.model.family import ModelFamily, Predictor, family_class, is_int
+from spam_lightning.model.family import ModelFamily, Predictor, family_class
+from spam_lightning.rules import is_int
 from spam_lightning.train import train
 from spam_lightning.training.checks import ConfigError, validate_config
 
