@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spam_lightning.io_utils import atomic_write, write_json
+from spam_lightning.model.base import describe, digest, frozen_keys
 from spam_lightning.model.classifier import ClassifierStateError, load_classifier_state
 from spam_lightning.model.gpt import GPTModel
 from spam_lightning.model.sizes import CFG_KEYS
@@ -36,24 +37,35 @@ class BundleError(RuntimeError):
 def save_bundle(
     run_dir: str | Path, model: GPTModel, *, class_names: list[str], token: str, max_length: int,
     padding: str, pad_token_id: int, extra: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None, out: Path | None = None,
 ) -> Path:
-    """Write ``run_dir/bundle/{model.safetensors,bundle.json}`` atomically, LoRA adapters merged."""
+    """Write ``run_dir/bundle/{model.safetensors,bundle.json}`` atomically. With ``base`` (the
+    frozen base's identity and ``make_classifier`` options) only the tensors that trained are
+    kept, LoRA adapters unmerged, and ``bundle.json`` names the base and its digest; without it,
+    or when nothing was frozen (``trainable=all``), every tensor, LoRA merged: self-contained."""
     from spam_lightning.model.lora import LinearWithLoRA, merge_lora
 
-    out = fresh_bundle_dir(run_dir)
-    plain = model
-    if any(isinstance(m, LinearWithLoRA) for m in model.modules()):
-        plain = merge_lora(copy.deepcopy(model))
-    state = {k: v.detach().to("cpu").contiguous() for k, v in plain.state_dict().items()}
+    out = out or fresh_bundle_dir(run_dir)
+    full = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    frozen = frozen_keys(model)
+    if base is not None and frozen and all(full[k].dtype == torch.float32 for k in frozen):
+        state = {k: v for k, v in full.items() if k not in frozen}
+        base = {**base, "sha256": digest(full, frozen)}
+    else:
+        base = None
+        if any(isinstance(m, LinearWithLoRA) for m in model.modules()):
+            model = merge_lora(copy.deepcopy(model))
+            full = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        state = full
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    gpt_cfg = {k: plain.cfg[k] for k in CFG_KEYS}
-    gpt_cfg["causal_mask"] = bool(plain.cfg.get("causal_mask", True))
+    gpt_cfg = {k: model.cfg[k] for k in CFG_KEYS}
+    gpt_cfg["causal_mask"] = bool(model.cfg.get("causal_mask", True))
     return write_bundle_config(
         out, "gpt2", class_names, model=gpt_cfg, token=token, max_length=int(max_length),
         padding=padding, pad_token_id=int(pad_token_id), tokenizer="gpt2",
         # token=mean is the book's mean, padding included; bundles without this key are older,
         # from when token=mean averaged the real tokens only (read as masked_mean: model/gpt2.py)
-        mean_includes_padding=True, **(extra or {}),
+        mean_includes_padding=True, **({"base": base} if base else {}), **(extra or {}),
     )
 
 
@@ -133,6 +145,17 @@ def validate_config(config: dict[str, Any], where: str | Path = CONFIG) -> None:
              "(GPT-2's is 50256).")
     if not isinstance(flag := config.get("mean_includes_padding", True), bool):
         fail("mean_includes_padding", f"is {_show(flag)}; it must be true or false.")
+    if "base" in config:
+        from spam_lightning.model.classifier import TRAINABLE
+        from spam_lightning.model.sizes import MODEL_CONFIGS
+
+        base = config["base"]
+        if not (isinstance(base, dict) and base.get("source") in ("hub", "file", "random")
+                and base.get("name") in MODEL_CONFIGS and isinstance(base.get("sha256"), str)
+                and isinstance(base.get("classifier"), dict)
+                and base["classifier"].get("trainable") in [*TRAINABLE]):
+            fail("base", f"is {_show(base)}; it must name the frozen base (source hub, file or random, "
+                 "name, sha256, classifier). Re-create the bundle with a training run.")
     if config.get("tokenizer", "gpt2") != "gpt2":
         fail("tokenizer", f"is {_show(config['tokenizer'])}; only 'gpt2' is supported.")
 
@@ -224,10 +247,15 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> t
 
 def load_gpt2(folder: Path, config: dict[str, Any], map_location: str | torch.device = "cpu") -> tuple[GPTModel, dict]:
     """``bundle.json`` is checked, and against the safetensors header (dtypes, shapes), before any
-    model is built or tensor read: a corrupted config costs nothing."""
+    model is built or tensor read: a corrupted config costs nothing. A bundle that names its
+    ``base`` rebuilds it, checks its digest and loads the trained tensors on top."""
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     validate_config(config, config_path)
-    check_weights(config, read_header(weights_path), config_path, weights_path)
+    header = read_header(weights_path)
+    if "base" in config:
+        _check_delta(config, header, config_path, weights_path)
+    else:
+        check_weights(config, header, config_path, weights_path)
     try:
         # safetensors only: a bundle is never unpickled, so a crafted file cannot run code
         state = load_file(str(weights_path), device=str(map_location))
@@ -237,6 +265,8 @@ def load_gpt2(folder: Path, config: dict[str, Any], map_location: str | torch.de
     if bad:
         raise BundleError(f"{weights_path}: {len(bad)} tensor(s) hold NaN or infinite values (first: {bad[0]}); "
                           "the training run diverged. Retrain (e.g. with a lower optimizer.lr).")
+    if "base" in config:
+        return _on_base(config, state, config_path).to(map_location).eval(), config
     model = GPTModel(config["model"])
     model.out_head = nn.Linear(config["model"]["emb_dim"], config["num_classes"])
     try:
@@ -246,6 +276,48 @@ def load_gpt2(folder: Path, config: dict[str, Any], map_location: str | torch.de
         raise BundleError(f"{weights_path} does not match {config_path}: {first}") from err
     model.eval()
     return model, config
+
+
+def _check_delta(config: dict[str, Any], header: dict, config_path: Path, weights_path: Path) -> None:
+    """The trained tensors against the classifier ``bundle.json`` describes (a meta model)."""
+    from spam_lightning.model.gpt2 import base_classifier
+
+    with torch.device("meta"):
+        model = base_classifier(config, weights="random")
+    frozen = set(frozen_keys(model))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in frozen}
+    for key, (dtype, _) in header.items():
+        if dtype not in FLOAT_DTYPES:
+            raise BundleError(f"{weights_path}: tensor {key} has dtype {dtype}; bundle weights are floating "
+                              f"point ({', '.join(FLOAT_DTYPES)}). Re-create the bundle with a training run.")
+    if problems := mismatch_lines(expected, {k: s for k, (_, s) in header.items()}, most=1):
+        raise BundleError(f"{weights_path} does not match {config_path.name}: tensors {'; '.join(problems)}. "
+                          "Re-create the bundle with a training run.")
+
+
+def _on_base(config: dict[str, Any], state: dict[str, torch.Tensor], config_path: Path) -> GPTModel:
+    """The base rebuilt from its identity (Hub cache, local file or seeded random init), its
+    digest checked, the trained tensors loaded on top, LoRA merged."""
+    from spam_lightning.model.gpt2 import base_classifier
+    from spam_lightning.model.lora import merge_lora
+    from spam_lightning.model.weights import WeightsUnavailableError
+
+    base = config["base"]
+    fix = ("; or export a self-contained bundle on the machine that trained it: "
+           f"spam-export {config_path.parent.parent} OUT")
+    try:
+        model = base_classifier(config)
+    except (WeightsUnavailableError, OSError, ValueError) as err:
+        raise BundleError(f"{config_path}: this bundle keeps only the trained tensors and needs its base, "
+                          f"{describe(base)}, which cannot be loaded: {err}{fix}") from err
+    own = model.state_dict()
+    if (found := digest(own, [k for k in own if k not in state])) != base["sha256"]:
+        raise BundleError(
+            f"{config_path}: the base {describe(base)} rebuilt here has sha256 {found[:16]}…, not the "
+            f"{base['sha256'][:16]}… the bundle was trained on (a different file, Hub revision or torch "
+            f"version){fix}")
+    model.load_state_dict(state, strict=False)
+    return merge_lora(model)
 
 
 # ------------------------------------------------------------------ every family

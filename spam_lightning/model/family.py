@@ -117,6 +117,11 @@ class ModelFamily:
     def check_resume(self, cfg: DictConfig, path: Path, checkpoint: dict, num_classes: int | None) -> None:
         """Compare a resumed checkpoint with the model before data work (``fit`` checks again)."""
 
+    def base_identity(self, cfg: DictConfig) -> dict[str, Any] | None:
+        """Where the frozen weights come from (``model/base.py``), as checkpoints and bundles
+        record it; None: the family cannot name it (checkpoints still check its digest)."""
+        return None
+
     def tokenizer(self, cfg: DictConfig) -> Any | None:
         """The data module's tokenizer (``use_tokenizer``); None: GPT-2's."""
         return None
@@ -160,7 +165,7 @@ class ModelFamily:
         module = TextClassifier(model, num_classes=datamodule.num_classes, trainable=cfg.trainable.name,
                                 lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
                                 ignore_index=cfg.loss.ignore_index, final_splits=FINAL_SPLITS,
-                                class_names=list(datamodule.class_names))
+                                class_names=list(datamodule.class_names), base=self.base_identity(cfg))
         trainer.callbacks.extend(self.callbacks(cfg, model, datamodule))
         if checkpoint is not None:  # the head too, now that the data named the classes
             expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

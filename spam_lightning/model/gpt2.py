@@ -22,7 +22,7 @@ from spam_lightning.model.classifier import (
 from spam_lightning.model.family import Fitted, ModelFamily, Predictor
 from spam_lightning.model.pooling import get_pooling, pooling_names
 from spam_lightning.model.sizes import CFG_KEYS, HUB_REPOS, MODEL_CONFIGS
-from spam_lightning.model.weights import build_gpt, weights_problems
+from spam_lightning.model.weights import build_gpt, cached_weights, weights_problems
 from spam_lightning.rules import choice_problems, is_int
 
 # training code (Lightning, Hydra) is imported inside the methods: inference loads this module
@@ -45,6 +45,20 @@ def build_model(cfg: DictConfig, num_classes: int) -> GPTClassifier:
         for block in model.trf_blocks:
             block.compile(dynamic=True)
     return GPTClassifier(model, token=cfg.token)
+
+
+def base_classifier(config: dict[str, Any], weights: str | None = None) -> GPTClassifier:
+    """The classifier a bundle that keeps only its trained tensors was trained as, on its base
+    rebuilt from ``bundle.json``'s ``base`` (``weights="random"`` under ``torch.device("meta")``:
+    the shapes only). The random init is seeded as ``build_model`` seeds it."""
+    base, m = config["base"], config["model"]
+    weights = weights or ("random" if base["source"] == "random" else "pretrained")
+    path = base.get("path") if weights == "pretrained" else None
+    torch.manual_seed(int(base.get("seed", 0)))
+    gpt = build_gpt(base["name"], weights=weights, checkpoint=path, causal_mask=m.get("causal_mask", True),
+                    **{k: m[k] for k in CFG_KEYS})
+    return make_classifier(gpt, num_classes=config["num_classes"], seed=int(base.get("seed", 0)),
+                           **base["classifier"])
 
 
 @dataclass
@@ -140,6 +154,15 @@ class GPT2Family(ModelFamily):
                  total - cache_seconds)
         return fitted
 
+    def base_identity(self, cfg: DictConfig) -> dict[str, Any]:
+        if self.weights == "random":
+            return {"name": self.name, "source": "random", "seed": int(cfg.seed)}
+        if self.checkpoint is not None:
+            return {"name": self.name, "source": "file", "path": str(Path(self.checkpoint).expanduser().resolve())}
+        cached = cached_weights(self.name)  # .../snapshots/<revision>/model.safetensors
+        revision = cached.parent.name if cached is not None and cached.parent.parent.name == "snapshots" else None
+        return {"name": self.name, "source": "hub", "repo": HUB_REPOS[self.name], "revision": revision}
+
     def trunk_cached(self) -> bool:
         return self._caching.active
 
@@ -149,10 +172,12 @@ class GPT2Family(ModelFamily):
     def save(self, run_dir: Path, model: Any, datamodule: Any, cfg: DictConfig,
              trained: dict[str, Any]) -> Path:
         from spam_lightning.inference.bundle import save_bundle
+        from spam_lightning.training.checks import classifier_options
 
         return save_bundle(run_dir, model, class_names=list(datamodule.class_names), token=cfg.token.name,
                            max_length=datamodule.max_length, padding=cfg.data.padding,
-                           pad_token_id=datamodule.pad_token_id, extra={"trained": trained})
+                           pad_token_id=datamodule.pad_token_id, extra={"trained": trained},
+                           base={**self.base_identity(cfg), "classifier": classifier_options(cfg)})
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], device: torch.device,

@@ -201,7 +201,8 @@ def check_resume_checkpoint(
     """A resumed checkpoint must be this run's model: same size, class count and trainable
     parameters. One error names expected vs found, instead of Lightning's state-dict traceback."""
     state = checkpoint["state_dict"]
-    found = {k.removeprefix("model."): tuple(v.shape) for k, v in state.items() if k.startswith("model.")}
+    shapes = {**{k: v.shape for k, v in state.items()}, **(checkpoint.get("frozen_base") or {}).get("shapes", {})}
+    found = {k.removeprefix("model."): tuple(v) for k, v in shapes.items() if k.startswith("model.")}
     hparams = checkpoint.get("hyper_parameters") or {}
     lines = []
     if hparams.get("trainable") not in (None, cfg.trainable.name):

@@ -17,6 +17,8 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from spam_lightning.model.base import describe, digest, frozen_keys
+
 SPLITS = ("train", "val", "test")
 
 
@@ -75,10 +77,11 @@ class TextClassifier(L.LightningModule):
     def __init__(
         self, model: nn.Module, *, num_classes: int = 2, trainable: str = "last_block", lr: float = 5e-5,
         weight_decay: float = 0.1, ignore_index: int = -100, class_names: list[str] | None = None,
-        final_splits: tuple[str, ...] = ("test",),
+        final_splits: tuple[str, ...] = ("test",), base: dict | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "final_splits"])
+        self.save_hyperparameters(ignore=["model", "final_splits", "base"])
+        self.base, self._base_sha256 = base, None  # the frozen base's identity (model/base.py)
         self.model = model
         self.num_classes = num_classes
         self.loss_fn = nn.CrossEntropyLoss(ignore_index=ignore_index)
@@ -164,6 +167,42 @@ class TextClassifier(L.LightningModule):
             short = "acc" if name == "accuracy" else name
             self.log(f"{split}/{short}", _positive(value), prog_bar=prog_bar and name == "accuracy")
         metrics.reset()
+
+    # ------------------------------------------------------------------ checkpoints
+    def base_sha256(self) -> str:
+        """The frozen parameters' digest; computed once (they never change)."""
+        if self._base_sha256 is None:
+            self._base_sha256 = digest(self.state_dict(), frozen_keys(self))
+        return self._base_sha256
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep what trains: the frozen parameters are left out, named by the base's identity,
+        their shapes and digest. Sharded strategies (FSDP) keep Lightning's full checkpoint."""
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        state, frozen = checkpoint["state_dict"], frozen_keys(self)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not frozen or not isinstance(strategy, SingleDeviceStrategy | DDPStrategy) or not set(frozen) <= state.keys():
+            return
+        checkpoint["frozen_base"] = {"identity": self.base, "sha256": self.base_sha256(),
+                                     "shapes": {k: list(state[k].shape) for k in frozen}}
+        for key in frozen:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Put this run's frozen parameters back into a checkpoint that left them out, after
+        checking they are the ones it trained on (a changed Hub file, seed or local file is refused)."""
+        if (base := checkpoint.get("frozen_base")) is None:  # a full checkpoint: nothing left out
+            return
+        if (found := self.base_sha256()) != base["sha256"]:
+            from spam_lightning.model.weights import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint was trained on {describe(base.get('identity'))}, whose frozen weights have "
+                f"sha256 {base['sha256'][:16]}…, but this run's model has {found[:16]}…; resume with the "
+                "model.* and seed settings (and weights file) the checkpoint was trained with, or start a new run")
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: own[k] for k in base["shapes"]})
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> torch.optim.Optimizer:
