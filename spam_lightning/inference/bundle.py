@@ -361,3 +361,34 @@ def open_bundle(path: str | Path) -> tuple[type, Path, dict[str, Any]]:
         return family_class(kind), folder, config
     except (KeyError, TypeError):
         raise BundleError(f"{folder / CONFIG}: kind {_show(kind)}; allowed: {', '.join(known_kinds())}.") from None
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``spam-export RUN OUT``: RUN's bundle as a self-contained folder (every tensor, LoRA
+    merged, no base to rebuild) for a machine without the base; it predicts as RUN's does."""
+    import argparse
+    import shutil
+    import sys
+
+    parser = argparse.ArgumentParser(prog="spam-export", description=export_main.__doc__.split(": ", 1)[1])
+    parser.add_argument("run", help="a run folder (or its bundle/ folder)")
+    parser.add_argument("out", type=Path, help="a new or empty folder for the self-contained bundle")
+    args = parser.parse_args(argv)
+    try:
+        if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+            raise BundleError(f"{args.out} exists and is not an empty folder; pick a new OUT folder.")
+        _, folder, config = open_bundle(args.run)
+        if "base" not in config:  # already self-contained (older GPT-2 bundles, other families)
+            shutil.copytree(folder, args.out, dirs_exist_ok=True)
+        else:
+            model, config = load_gpt2(folder, config)
+            args.out.mkdir(parents=True, exist_ok=True)
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            atomic_write(args.out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+            write_json(args.out / CONFIG, {k: v for k, v in config.items() if k != "base"})  # last
+    except (BundleError, OSError) as err:
+        print(f"spam-export: {err}", file=sys.stderr)
+        return 1
+    size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
+    print(f"wrote {args.out} ({size:.1f} MB): spam-classify {args.out} MESSAGE")
+    return 0

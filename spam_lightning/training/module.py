@@ -198,7 +198,7 @@ class TextClassifier(L.LightningModule):
             from spam_lightning.model.weights import CheckpointError
 
             raise CheckpointError(
-                f"the checkpoint was trained on {describe(base.get('identity'))}, whose frozen weights have "
+                f"ckpt_path={self._trainer.ckpt_path if self._trainer else ''}: it was trained on {describe(base.get('identity'))}, whose frozen weights have "
                 f"sha256 {base['sha256'][:16]}…, but this run's model has {found[:16]}…; resume with the "
                 "model.* and seed settings (and weights file) the checkpoint was trained with, or start a new run")
         own = self.state_dict()

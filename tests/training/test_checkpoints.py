@@ -34,3 +34,56 @@ def test_resuming_a_finished_run_trains_nothing(tiny_run, tmp_path: Path) -> Non
     assert again["global_step"] == first["global_step"] == before["global_step"]
     for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_loss"):
         assert again[key] == first[key], key
+
+
+def hf_weights(path: Path, seed: int) -> Path:
+    """gpt2-tiny weights drawn with ``seed``, in the Hub's layout: a local ``model.checkpoint``."""
+    from safetensors.torch import save_file
+
+    from spam_lightning.model.gpt import GPTModel
+    from spam_lightning.model.sizes import MODEL_CONFIGS
+    from spam_lightning.model.weights import hf_plan
+
+    torch.manual_seed(seed)
+    model = GPTModel({**MODEL_CONFIGS["gpt2-tiny"]})
+    state = model.state_dict()
+    tensors = {}
+    for key, entry in hf_plan(model.cfg).items():
+        tensor = torch.cat([state[name] for name in entry.targets], 0)
+        tensors[key] = (tensor.T if entry.transpose else tensor).contiguous()
+    save_file(tensors, str(path))
+    return path
+
+
+def test_checkpoints_keep_what_trains_and_the_best_is_a_link_to_last(tiny_run) -> None:
+    import os
+
+    _, _, run = tiny_run()
+    last = _load(run / "checkpoints" / "last.ckpt")
+    kept = set(last["state_dict"])  # last_block of 2 blocks: what trains
+    assert all(k.startswith(("model.trf_blocks.1.", "model.final_norm.", "model.out_head.")) for k in kept)
+    assert {"model.trf_blocks.1.att.W_query.weight", "model.final_norm.scale", "model.out_head.weight"} <= kept
+    base = last["frozen_base"]
+    assert base["identity"] == {"name": "gpt2-tiny", "source": "random", "seed": 123}
+    assert "model.tok_emb.weight" in base["shapes"] and "model.trf_blocks.0.att.W_query.weight" in base["shapes"]
+    assert not set(base["shapes"]) & set(last["state_dict"]) and len(base["sha256"]) == 64
+    best = run / "checkpoints" / "epoch00.ckpt"  # written at the same step: the same file
+    assert os.stat(best).st_ino == os.stat(run / "checkpoints" / "last.ckpt").st_ino
+
+
+def test_resume_needs_the_base_it_trained_on(tiny_run, tmp_path: Path) -> None:
+    from spam_lightning.training.checks import ConfigError
+    from spam_lightning.model.weights import CheckpointError
+
+    weights = hf_weights(tmp_path / "model.safetensors", seed=0)
+    base = ["model.weights=pretrained", f"model.checkpoint={weights}"]
+    _, _, run = tiny_run(*base)
+    resume = [*base, "trainer.max_epochs=2", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+    hf_weights(weights, seed=1)  # the file changed since: other frozen weights
+    with pytest.raises(CheckpointError) as err:
+        tiny_run(*resume)
+    assert f"{weights}" in str(err.value) and "sha256" in str(err.value)
+    assert "resume with the model.* and seed settings" in str(err.value)
+    weights.unlink()  # gone: refused by the config checks, before any data work
+    with pytest.raises(ConfigError, match=f"model.checkpoint={weights}: no such file"):
+        tiny_run(*resume)

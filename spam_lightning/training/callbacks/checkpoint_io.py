@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from spam_lightning.io_utils import atomic_write
 from spam_lightning.model.weights import CheckpointError, torch_load_safely
+from spam_lightning.training.callbacks.sigterm_checkpoint import last_checkpoint_path
 
 
 def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -50,3 +55,29 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().load_checkpoint(path, weights_only=True)
         return load_checkpoint_safely(path)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose file, when ``last.ckpt`` was written at the same step
+    (the ``last_checkpoint`` callback runs first), is a hard link to it: one checkpoint write per
+    epoch, not two. A later ``last.ckpt`` is a new file renamed into place, so the link keeps
+    this epoch's. Elsewhere (other ranks' file systems, no hard links) it writes as Lightning does."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        last = last_checkpoint_path(trainer)
+        fresh = [cb for cb in trainer.checkpoint_callbacks if cb is not self and cb.filename == "last"
+                 and cb._last_global_step_saved == trainer.global_step]
+        if trainer.world_size > 1 or last is None or not fresh or not last.is_file():
+            return super()._save_checkpoint(trainer, filepath)
+
+        def link(tmp: Path) -> None:
+            tmp.unlink()
+            os.link(last, tmp)
+
+        try:
+            atomic_write(filepath, link)
+        except OSError:  # a file system without hard links
+            return super()._save_checkpoint(trainer, filepath)
+        self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, filepath
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(proxy(self))
