@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _weights import hf_weights
 
 
 def _load(path: Path) -> dict:
@@ -36,25 +37,6 @@ def test_resuming_a_finished_run_trains_nothing(tiny_run, tmp_path: Path) -> Non
         assert again[key] == first[key], key
 
 
-def hf_weights(path: Path, seed: int) -> Path:
-    """gpt2-tiny weights drawn with ``seed``, in the Hub's layout: a local ``model.checkpoint``."""
-    from safetensors.torch import save_file
-
-    from spam_lightning.model.gpt import GPTModel
-    from spam_lightning.model.sizes import MODEL_CONFIGS
-    from spam_lightning.model.weights import hf_plan
-
-    torch.manual_seed(seed)
-    model = GPTModel({**MODEL_CONFIGS["gpt2-tiny"]})
-    state = model.state_dict()
-    tensors = {}
-    for key, entry in hf_plan(model.cfg).items():
-        tensor = torch.cat([state[name] for name in entry.targets], 0)
-        tensors[key] = (tensor.T if entry.transpose else tensor).contiguous()
-    save_file(tensors, str(path))
-    return path
-
-
 def test_checkpoints_keep_what_trains_and_the_best_is_a_link_to_last(tiny_run) -> None:
     import os
 
@@ -72,8 +54,8 @@ def test_checkpoints_keep_what_trains_and_the_best_is_a_link_to_last(tiny_run) -
 
 
 def test_resume_needs_the_base_it_trained_on(tiny_run, tmp_path: Path) -> None:
-    from spam_lightning.training.checks import ConfigError
     from spam_lightning.model.weights import CheckpointError
+    from spam_lightning.training.checks import ConfigError
 
     weights = hf_weights(tmp_path / "model.safetensors", seed=0)
     base = ["model.weights=pretrained", f"model.checkpoint={weights}"]
