@@ -200,14 +200,15 @@ def phase_train(ctx: Ctx, experiment: str | None) -> dict[str, Any]:
         *ctx.get("job_overrides", [])]
     probe = ["+callbacks.benchmark_probe._target_=__main__.Probe"]  # not a setting
     Probe.last = None
-    start = time.perf_counter()
+    start, written = time.perf_counter(), tools.bytes_written()
     metrics = train_mod.train(compose(overrides + (probe if experiment else []), work))
-    seconds = time.perf_counter() - start
+    seconds, written = time.perf_counter() - start, tools.bytes_written() - written
     history = json.loads((work / "run" / "history.json").read_text())
     got = Probe.last or Probe()  # sweep jobs (f): no probe; no digest, they load a checkpoint
     return {"seconds": seconds - got.excluded_seconds, "excluded_seconds": got.excluded_seconds,
             "steps": got.report() if Probe.last else {}, "overrides": overrides,
             "training_seconds": metrics["training_seconds"], "flops": got.flops.total(),
+            "bytes_written": written, "run_folder_bytes": tools.folder_bytes(work / "run"),
             "precision": "bf16" if "bf16" in metrics["precision"] else "fp32",
             **({"weights": got.digest} if got.digest else {}),
             **{k: metrics[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy",

@@ -212,3 +212,23 @@ def write_random_hf_safetensors(path: Path, model_name: str, seed: int = 0) -> i
         for shape in shapes.values():
             fh.write((torch.randn(shape, generator=gen) * 0.02).numpy().tobytes())
     return path.stat().st_size
+
+
+def bytes_written() -> int:
+    """What this process has handed to ``write()`` so far (Linux ``/proc/self/io`` wchar; 0
+    elsewhere): checkpoints, bundle, logs and cache files of a run, rewrites included."""
+    try:
+        with open("/proc/self/io") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("wchar:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def folder_bytes(folder: Path) -> int:
+    """A folder's size on disk as ``du`` counts it: hard-linked files once."""
+    seen, total = set(), 0
+    for path in folder.rglob("*"):
+        if path.is_file() and (st := path.stat()).st_ino not in seen:
+            seen.add(st.st_ino)
+            total += st.st_size
+    return total

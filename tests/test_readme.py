@@ -137,6 +137,8 @@ ROWS = [
     Row(r"^RUN=", "define"),
     Row(r"^SWEEP=", "define"),
     Row(r'^spam-classify "\$RUN" ', check=_prints_labels),
+    Row(r'^spam-export "\$RUN" my-model$'),
+    Row(r"^spam-classify my-model ", check=_prints_labels),
     Row(r"^python - <<", why="the README's Python example"),
     Row(r"^python scripts/summarize\.py \"\$SWEEP\"$"),
     Row(r"^python scripts/generate\.py", suffix="model.weights=random",
