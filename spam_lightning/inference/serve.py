@@ -1,10 +1,6 @@
-"""The ``spam-serve`` web demo: a small page and a JSON API around a trained run's classifier.
-
-``GET /`` is a self-contained HTML page (no external assets), ``POST /api/classify`` classifies
-``{"text": ...}`` or ``{"texts": [...]}``, ``GET /api/health`` describes the loaded model. The
-model is loaded once; requests run in FastAPI's threadpool and inference is serialized by a lock,
-so concurrent requests are safe and each gets exactly the answer it would get alone.
-"""
+"""``spam-serve``: ``GET /`` a self-contained demo page, ``POST /api/classify`` classifies
+``{"text": ...}`` or ``{"texts": [...]}``, ``GET /api/health`` describes the model. Requests run in
+FastAPI's threadpool and a lock serializes inference: each gets exactly the answer it would alone."""
 
 from __future__ import annotations
 
@@ -36,7 +32,6 @@ PAGE_CSP = (
 )
 
 
-# ------------------------------------------------------------------ API models
 class ClassifyRequest(BaseModel):
     """Exactly one of ``text`` or ``texts``: the schema ``/openapi.json`` documents. Bodies are
     checked by ``parse_request``, which stops at the first problem and never echoes the input."""
@@ -128,13 +123,11 @@ def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: 
     return texts
 
 
-# ------------------------------------------------------------------ body size limit
 class BodyLimit:
     """Reject request bodies over ``max_bytes`` with 413 before they are parsed (pure ASGI)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
+        self.app, self.max_bytes = app, max_bytes
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = f"request body is larger than {self.max_bytes:,} bytes"
@@ -166,7 +159,6 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-# ------------------------------------------------------------------ page
 PAGE = Path(__file__).with_name("page.html")  # with {classes}, {length_note} and {max_chars}
 
 
@@ -178,7 +170,6 @@ def render_page(class_names: list[str], max_length: int | None, max_chars: int) 
             .replace("{length_note}", note).replace("{max_chars}", str(int(max_chars))))
 
 
-# ------------------------------------------------------------------ app
 def body_limit(max_chars: int, max_batch: int, max_total_chars: int) -> int:
     """The largest body a valid request can need: its characters JSON-escaped, plus framing."""
     chars = min(max_total_chars, max_batch * max_chars)
@@ -253,7 +244,6 @@ def create_app(
     return app
 
 
-# ------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spam-serve",
                                 description="Serve a web demo and JSON API for a trained spam-lightning run.")
