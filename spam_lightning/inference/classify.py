@@ -172,11 +172,10 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
         for row in reader:
             if row:  # blank lines are not records
                 if len(row) != len(header):
-                    raise ValueError(
-                        f"{where()}: {len(row)} field(s), the header has {len(header)}; a stray or "
-                        'unclosed quote (") joins lines. Quote fields that hold commas, quotes or '
-                        'line breaks, doubling each quote inside ("say ""hi""")'
-                    )
+                    raise ValueError(f"{where()}: {len(row)} field(s), the header has {len(header)}; a "
+                                     'stray or unclosed quote (") joins lines. Quote fields that hold '
+                                     'commas, quotes or line breaks, doubling each quote inside ("say '
+                                     '""hi""")')
                 yield row[column]
             before = reader.line_num
     except csv.Error as err:
@@ -185,9 +184,8 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
                 f"{name}, line {before + 1}: a quoted field that starts in this record is never closed "
                 f'(the file ends inside it); look for a stray quote (") on line {before + 1}'
             ) from None
-        raise ValueError(
-            f'{where()}: bad CSV ({err}); look for a stray quote (") in the record on line {before + 1}'
-        ) from None
+        raise ValueError(f'{where()}: bad CSV ({err}); look for a stray quote (") in the record on '
+                         f"line {before + 1}") from None
 
 
 def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterator[str]:
@@ -209,10 +207,7 @@ def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterat
                 csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
                 yield from _csv_messages(lines, name, text_column)
             else:
-                for line in lines:
-                    line = line.rstrip("\r\n")
-                    if line.strip():
-                        yield line
+                yield from (line.rstrip("\r\n") for line in lines if line.strip())
     except OSError as err:
         raise ValueError(f"--file {name}: cannot read it ({err.strerror or err})") from None
 

@@ -18,7 +18,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -26,10 +25,8 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_TOTAL_CHARS = 100_000
 # worst case JSON bytes per character: a non-BMP code point escaped as a surrogate pair "\ud83d\ude00"
 JSON_BYTES_PER_CHAR = 12
-PAGE_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class ClassifyRequest(BaseModel):
@@ -123,42 +120,6 @@ def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: 
     return texts
 
 
-class BodyLimit:
-    """Reject request bodies over ``max_bytes`` with 413 before they are parsed (pure ASGI)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = f"request body is larger than {self.max_bytes:,} bytes"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(scope, receive, send)
-            return
-        body, more = b"", True
-        while more:  # also bounds chunked bodies that carry no Content-Length
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await self._reject(scope, receive, send)
-                return
-            more = message.get("more_body", False)
-        pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def replay() -> Message:
-            return pending.pop() if pending else await receive()
-
-        await self.app(scope, replay, send)
-
-
 PAGE = Path(__file__).with_name("page.html")  # with {classes}, {length_note} and {max_chars}
 
 
@@ -176,10 +137,8 @@ def body_limit(max_chars: int, max_batch: int, max_total_chars: int) -> int:
     return chars * JSON_BYTES_PER_CHAR + max_batch * 16 + 1024
 
 
-def create_app(
-    run_dir: str | Path, precision: str = "32", max_chars: int = 10_000, max_batch: int = 64,
-    device: str = "cpu", max_total_chars: int = DEFAULT_MAX_TOTAL_CHARS,
-) -> FastAPI:
+def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_000, max_batch: int = 64,
+               device: str = "cpu", max_total_chars: int = DEFAULT_MAX_TOTAL_CHARS) -> FastAPI:
     """The demo app for a run folder; raises ``BundleError``/``ValueError`` for a bad run or option."""
     if min(max_chars, max_batch, max_total_chars) < 1:
         raise ValueError(f"--max-chars, --max-batch and --max-total-chars must be >= 1, got {max_chars}, "
@@ -200,7 +159,7 @@ def create_app(
     # no Swagger/ReDoc pages: they load assets from a CDN; /openapi.json stays
     app = FastAPI(title="spam-lightning demo", summary="Classify SMS messages with a fine-tuned GPT-2.",
                   docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, max_bytes=body_limit(max_chars, max_batch, max_total_chars))
+    max_bytes = body_limit(max_chars, max_batch, max_total_chars)
     app.state.classifier = clf
 
     @app.exception_handler(RequestValidationError)
@@ -232,10 +191,17 @@ def create_app(
     async def api_classify(request: Request) -> Any:
         """Label, its probability and every class's probability, one per message, in order.
         The body is ``{"text": "..."}`` or ``{"texts": ["...", ...]}``."""
+        too_large = BadRequest(413, f"request body is larger than {max_bytes:,} bytes").response()
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_bytes:  # refused before it is read
+            return too_large
+        body = b""
+        async for chunk in request.stream():  # also bounds chunked bodies without Content-Length
+            if len(body := body + chunk) > max_bytes:
+                return too_large
         media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             return BadRequest(415, "send the body as JSON (Content-Type: application/json)").response()
-        body = await request.body()  # at most the body limit: BodyLimit has read it already
         try:  # parsing and inference in the threadpool: the event loop stays free for others
             return await run_in_threadpool(classify, body)
         except BadRequest as err:

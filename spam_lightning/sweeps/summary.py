@@ -1,9 +1,6 @@
-"""Sweep summaries: one row per configuration with the book's columns, seeds as mean ± std.
-
-Written into the sweep folder as ``summary.md`` and ``summary.csv`` by a Hydra callback at the
-end of every multirun, and on demand by ``python scripts/summarize.py SWEEP_DIR``. A job without
-``metrics.json`` (crashed, killed, still running) shows as a failed row instead of breaking the table.
-"""
+"""A sweep's ``summary.md`` and ``summary.csv`` (a Hydra callback, ``scripts/summarize.py``): one row
+per configuration with the book's columns, seeds as mean ± std; a job without ``metrics.json``
+(crashed, killed, still running) is a failed row."""
 
 from __future__ import annotations
 
@@ -23,10 +20,8 @@ from spam_lightning.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 
-BOOK_COLUMNS = [
-    "Model", "Weights", "Trainable token", "Trainable layers", "Context length",
-    "Training acc", "Validation acc", "Test acc", "Training time", "Device",
-]
+BOOK_COLUMNS = ["Model", "Weights", "Trainable token", "Trainable layers", "Context length",
+                "Training acc", "Validation acc", "Test acc", "Training time", "Device"]
 SPLITS = ("train", "val", "test")
 
 
@@ -50,8 +45,7 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
     overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or []
     config = _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
     key = ",".join(sorted(o for o in overrides if not o.split("=")[0].lstrip("+~") == "seed"))
-    model = config.get("model", {}) or {}
-    data = config.get("data", {}) or {}
+    model, data = config.get("model") or {}, config.get("data") or {}
     record: dict[str, Any] = {
         "job": job_dir.name,
         "config": key or "(defaults)",
@@ -75,9 +69,8 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
             record[column] = m.get(key, record[column])
         record.update({f"{split}_acc": m.get(f"{split}_accuracy") for split in SPLITS},
                       minutes=(m.get("training_seconds") or 0) / 60, Device=m.get("device"), status="ok")
-        record["Context length"] = _context_label(data.get("max_length"), m.get("max_length"))
-    if m and "max_length" in m and m["max_length"] is None:  # no tokens: every word counts
-        record["Context length"] = "—"
+        record["Context length"] = ("—" if m.get("max_length", 0) is None  # no tokens: every word counts
+                                    else _context_label(data.get("max_length"), m.get("max_length")))
     if record["Trainable token"] == "masked_mean":
         # the book's row 19 (96.33 %) is token=mean, padding included; it has no masked_mean row
         record["reference"] = None

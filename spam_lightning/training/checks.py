@@ -30,8 +30,7 @@ SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
 
 
 class ConfigError(ValueError):
-    """A bad option or an impossible combination; the message names each option, its value and
-    what is allowed."""
+    """A bad option or combination; the message names each option, its value and what is allowed."""
 
 
 class TokenizerError(RuntimeError):
@@ -174,9 +173,8 @@ def _sizes_of(shapes: dict[str, tuple[int, ...]]) -> str:
     return ", ".join(parts)
 
 
-def check_resume_checkpoint(
-    cfg: DictConfig, path: Path, checkpoint: dict[str, Any], expected: dict[str, tuple[int, ...]],
-) -> None:
+def check_resume_checkpoint(cfg: DictConfig, path: Path, checkpoint: dict[str, Any],
+                            expected: dict[str, tuple[int, ...]]) -> None:
     """A resumed checkpoint must be this run's model: same size, class count and trainable
     parameters. One error names expected vs found, instead of Lightning's state-dict traceback."""
     state = checkpoint["state_dict"]
@@ -195,9 +193,8 @@ def check_resume_checkpoint(
 
 
 def check_resume_config(cfg: DictConfig, path: Path, checkpoint: dict[str, Any]) -> None:
-    """A resume continues the same run: refuse any setting that differs from the checkpoint's
-    run and could change what is trained or measured (``run_config.MAY_DIFFER`` lists those
-    that may: logging, progress, paths, how long to train, workers, the exact trunk cache)."""
+    """A resume continues the same run: refuse any setting that differs from the checkpoint's run
+    and could change what is trained or measured (``run_config.MAY_DIFFER`` lists those that may)."""
     saved = ((checkpoint.get("callbacks") or {}).get("RunConfig") or {}).get("config")
     if not isinstance(saved, dict):  # a checkpoint from before configs were recorded
         log.warning("ckpt_path=%s records no run config: the overrides cannot be compared", path)
@@ -208,9 +205,8 @@ def check_resume_config(cfg: DictConfig, path: Path, checkpoint: dict[str, Any])
                           "(its config.yaml), or start a new run in another folder.")
 
 
-def preflight(
-    cfg: DictConfig, family: Any, callbacks: list[Any], num_classes: int | None
-) -> tuple[Path | None, dict[str, Any] | None]:
+def preflight(cfg: DictConfig, family: Any, callbacks: list[Any],
+              num_classes: int | None) -> tuple[Path | None, dict[str, Any] | None]:
     """Weights, tokenizer and checkpoint checks before any work: the resolved ``ckpt_path`` and its
     safely loaded (memory-mapped) contents."""
     family.preflight(cfg)
