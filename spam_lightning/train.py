@@ -58,21 +58,19 @@ class TrainingInterrupted(SystemExit):
     """SIGTERM stopped training: exit 143, where Lightning's SIGTERMException exits 0 (success)."""
 
 
-def resume_command(cfg: DictConfig) -> str:
-    """The command that continues this run in its own folder from its last checkpoint."""
+def _interrupted(cfg: DictConfig, trainer: L.Trainer) -> TrainingInterrupted:
+    """Log where the run stopped and the command that continues it in its own folder."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     keep = [o for o in overrides if not o.startswith(("ckpt_path=", "+ckpt_path="))]
-    return shlex.join(["python", "train.py", *keep, f"hydra.run.dir={cfg.paths.output_dir}", "ckpt_path=last"])
-
-
-def _interrupted(cfg: DictConfig, trainer: L.Trainer) -> TrainingInterrupted:
+    resume = shlex.join(["python", "train.py", *keep, f"hydra.run.dir={cfg.paths.output_dir}",
+                         "ckpt_path=last"])
     saved = next((c.saved for c in trainer.callbacks if isinstance(c, SigtermCheckpoint)), None)
     last = checks.last_checkpoint(cfg, trainer.callbacks)
     where = (f"This step is saved in {saved}; the resume continues from it." if saved else
              f"The last complete epoch is saved in {last}; work after it is redone on resume." if last else
              "No checkpoint exists (no checkpoint callback); resuming starts anew.")
     log.error("SIGTERM: stopped at epoch %d, step %d. %s Resume with:\n  %s",
-              trainer.current_epoch + 1, trainer.global_step, where, resume_command(cfg))
+              trainer.current_epoch + 1, trainer.global_step, where, resume)
     return TrainingInterrupted(EXIT_SIGTERM)
 
 

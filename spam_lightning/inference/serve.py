@@ -15,7 +15,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -107,14 +106,12 @@ def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: 
             if not isinstance(text, str):
                 raise BadRequest(422, f'"texts" item {i} is {_type_name(text)}; expected a string',
                                  ("texts", i), "string_type")
-    total = 0
     for i, text in enumerate(texts, 1):
         if len(text) > max_chars:
             raise BadRequest(413, f"message {i} has {len(text):,} characters; the limit is {max_chars:,}")
         if not text.strip():
             raise BadRequest(422, f"message {i} is empty or only whitespace; nothing to classify")
-        total += len(text)
-    if total > max_total_chars:
+    if (total := sum(map(len, texts))) > max_total_chars:
         raise BadRequest(413, f"{total:,} characters in one request; the limit is {max_total_chars:,} "
                          f"(--max-total-chars); send fewer or shorter {field}")
     return texts
@@ -143,10 +140,8 @@ def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_0
     if min(max_chars, max_batch, max_total_chars) < 1:
         raise ValueError(f"--max-chars, --max-batch and --max-total-chars must be >= 1, got {max_chars}, "
                          f"{max_batch} and {max_total_chars}")
-    from spam_lightning.inference.bundle import find_bundle  # torch: after --help, not at import
-    from spam_lightning.inference.classify import Classifier
+    from spam_lightning.inference.classify import Classifier  # torch: after --help, not at import
 
-    find_bundle(run_dir)  # a bad folder fails fast, before the model loads
     clf = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch)
     lock = threading.Lock()
     page = render_page(clf.class_names, clf.max_length, max_chars)
@@ -161,12 +156,6 @@ def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_0
                   docs_url=None, redoc_url=None)
     max_bytes = body_limit(max_chars, max_batch, max_total_chars)
     app.state.classifier = clf
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """FastAPI's own validation errors (paths, queries) without the input they would echo."""
-        errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()[:1]]
-        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:

@@ -46,35 +46,25 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
     config = _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
     key = ",".join(sorted(o for o in overrides if not o.split("=")[0].lstrip("+~") == "seed"))
     model, data = config.get("model") or {}, config.get("data") or {}
-    record: dict[str, Any] = {
-        "job": job_dir.name,
-        "config": key or "(defaults)",
-        "Model": model.get("name"),
-        "Weights": model.get("weights"),
-        "Trainable token": (config.get("token") or {}).get("name"),
-        "Trainable layers": (config.get("trainable") or {}).get("name"),
-        "Context length": _context_label(data.get("max_length"), None),
-        "padding": data.get("padding"),
-        "seed": config.get("seed"),
-        "status": "failed",
-        "reference": (config.get("reference") or {}).get("test_acc"),
-    }
-    try:
-        m = json.loads((job_dir / "metrics.json").read_text(encoding="utf-8"))
+    try:  # metrics.json's values win over the config's: a family may record what it ran
+        m = json.loads((job_dir / "metrics.json").read_text(encoding="utf-8")) or {}
     except (OSError, json.JSONDecodeError):
-        m = None
-    if m:
-        for column, key in (("Model", "model"), ("Weights", "weights"), ("Trainable token", "token"),
-                            ("Trainable layers", "trainable"), ("seed", "seed")):
-            record[column] = m.get(key, record[column])
-        record.update({f"{split}_acc": m.get(f"{split}_accuracy") for split in SPLITS},
-                      minutes=(m.get("training_seconds") or 0) / 60, Device=m.get("device"), status="ok")
-        record["Context length"] = ("—" if m.get("max_length", 0) is None  # no tokens: every word counts
-                                    else _context_label(data.get("max_length"), m.get("max_length")))
-    if record["Trainable token"] == "masked_mean":
+        m = {}
+    token = m.get("token", (config.get("token") or {}).get("name"))
+    return {
+        "job": job_dir.name, "config": key or "(defaults)",
+        "Model": m.get("model", model.get("name")), "Weights": m.get("weights", model.get("weights")),
+        "Trainable token": token,
+        "Trainable layers": m.get("trainable", (config.get("trainable") or {}).get("name")),
+        "Context length": ("—" if m.get("max_length", 0) is None  # no tokens: every word counts
+                           else _context_label(data.get("max_length"), m.get("max_length"))),
+        "padding": data.get("padding"), "seed": m.get("seed", config.get("seed")),
+        "status": "ok" if m else "failed",
         # the book's row 19 (96.33 %) is token=mean, padding included; it has no masked_mean row
-        record["reference"] = None
-    return record
+        "reference": None if token == "masked_mean" else (config.get("reference") or {}).get("test_acc"),
+        **{f"{split}_acc": m.get(f"{split}_accuracy") for split in SPLITS},
+        "minutes": (m.get("training_seconds") or 0) / 60, "Device": m.get("device"),
+    }
 
 
 def _fmt(values: list[float], percent: bool) -> str:
