@@ -188,9 +188,10 @@ def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[s
         if "=glob(" in arg and not arg.startswith("-"):
             override = parser.parse_override(arg)
             root = Path(config_dir) / (group := override.key_or_group)
-            if isinstance(override._value, Glob) and root.is_dir():  # every config, `table/row01` too
-                options = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
-                names = override._value.filter(options)
+            if isinstance(override._value, Glob) and root.is_dir():
+                # every config of the group, sub-folders included (`table/row01`)
+                names = override._value.filter(
+                    sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")))
                 if not names:
                     raise SystemExit(f"{arg}: no config in conf/{group} matches")
                 arg = f"{override.get_key_element()}={','.join(names)}"

@@ -1,6 +1,6 @@
 """Classify messages with a trained run (chapter 6.8): a Python API and the ``spam-classify`` CLI.
 Preprocessing is the training run's, as the bundle's model family loads it (``Predictor``); where
-the model never reads padding, messages are grouped by length and padded per batch (same outputs)."""
+the model never reads padding, messages are grouped by length and padded per batch (same output)."""
 
 from __future__ import annotations
 
@@ -172,10 +172,11 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
         for row in reader:
             if row:  # blank lines are not records
                 if len(row) != len(header):
-                    raise ValueError(f"{where()}: {len(row)} field(s), the header has {len(header)}; a "
-                                     'stray or unclosed quote (") joins lines. Quote fields that hold '
-                                     'commas, quotes or line breaks, doubling each quote inside ("say '
-                                     '""hi""")')
+                    raise ValueError(
+                        f"{where()}: {len(row)} field(s), the header has {len(header)}; a stray or "
+                        'unclosed quote (") joins lines. Quote fields that hold commas, quotes or '
+                        'line breaks, doubling each quote inside ("say ""hi""")'
+                    )
                 yield row[column]
             before = reader.line_num
     except csv.Error as err:

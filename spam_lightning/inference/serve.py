@@ -1,6 +1,6 @@
 """``spam-serve``: ``GET /`` a self-contained demo page, ``POST /api/classify`` classifies
 ``{"text": ...}`` or ``{"texts": [...]}``, ``GET /api/health`` describes the model. Requests run in
-FastAPI's threadpool and a lock serializes inference: each gets exactly the answer it would alone."""
+FastAPI's threadpool and a lock serializes inference: each gets the answer it would get alone."""
 
 from __future__ import annotations
 
@@ -56,11 +56,10 @@ class BadRequest(Exception):
         self.status, self.message, self.loc, self.error_type = status, message, loc, error_type
 
     def response(self) -> JSONResponse:
-        if not self.error_type:
-            return JSONResponse({"detail": self.message}, status_code=self.status)
-        # the shape of FastAPI's validation errors, one entry and no "input"
-        error = {"type": self.error_type, "loc": ["body", *self.loc], "msg": self.message}
-        return JSONResponse({"detail": [error]}, status_code=self.status)
+        # with an error type: the shape of FastAPI's validation errors, one entry and no "input"
+        errors = [{"type": self.error_type, "loc": ["body", *self.loc], "msg": self.message}]
+        detail = errors if self.error_type else self.message
+        return JSONResponse({"detail": detail}, status_code=self.status)
 
 
 def _type_name(value: Any) -> str:
@@ -69,9 +68,8 @@ def _type_name(value: Any) -> str:
 
 
 def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: int) -> list[str]:
-    """The messages of a ``/api/classify`` body, or ``BadRequest`` for the first problem. Cheap
-    checks first (JSON, shape, count): an absurd body costs one ``json.loads`` of at most the body
-    limit. Nothing of the input is repeated in an error."""
+    """The messages of a ``/api/classify`` body, or ``BadRequest`` for the first problem (never
+    repeating the input). Cheap checks first: an absurd body costs one ``json.loads``."""
     try:
         data = json.loads(body)
     except RecursionError:
@@ -134,8 +132,9 @@ def body_limit(max_chars: int, max_batch: int, max_total_chars: int) -> int:
     return chars * JSON_BYTES_PER_CHAR + max_batch * 16 + 1024
 
 
-def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_000, max_batch: int = 64,
-               device: str = "cpu", max_total_chars: int = DEFAULT_MAX_TOTAL_CHARS) -> FastAPI:
+def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_000,
+               max_batch: int = 64, device: str = "cpu",
+               max_total_chars: int = DEFAULT_MAX_TOTAL_CHARS) -> FastAPI:
     """The demo app for a run folder; raises ``BundleError``/``ValueError`` for a bad run or option."""
     if min(max_chars, max_batch, max_total_chars) < 1:
         raise ValueError(f"--max-chars, --max-batch and --max-total-chars must be >= 1, got {max_chars}, "
@@ -178,8 +177,7 @@ def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_0
     }, openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
     async def api_classify(request: Request) -> Any:
-        """Label, its probability and every class's probability, one per message, in order.
-        The body is ``{"text": "..."}`` or ``{"texts": ["...", ...]}``."""
+        """Label, its probability and every class's probability, one per message, in order."""
         too_large = BadRequest(413, f"request body is larger than {max_bytes:,} bytes").response()
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_bytes:  # refused before it is read

@@ -1,7 +1,6 @@
-"""DDP inside Hydra multiruns: Lightning's ``trainer=ddp`` starts ranks 1..N-1 by re-running
-``sys.argv`` (in a multirun: the whole sweep again), and after a job the parent keeps a process group
-whose peers have exited (Lightning-AI/pytorch-lightning#11300). ``HydraDDPCallback`` fixes both per
-job: children re-run *this job*, and at its end the process group and rank variables go."""
+"""DDP inside Hydra multiruns: Lightning's ranks 1..N-1 re-run ``sys.argv`` (the whole sweep), and
+a job's process group outlives it (Lightning-AI/pytorch-lightning#11300): ``HydraDDPCallback``
+makes the ranks re-run this job only, and ends the group and its rank variables after it."""
 
 from __future__ import annotations
 
@@ -68,7 +67,8 @@ class HydraDDPCallback(Callback):
         self._env = {name: os.environ.get(name) for name in DDP_ENV}
         if HydraConfig.get().mode == RunMode.MULTIRUN and not install_job_command():
             log.warning("could not adapt Lightning's DDP launcher to Hydra multiruns (Lightning "
-                        "changed?); trainer=ddp inside a sweep may start the whole sweep in every rank")
+                        "changed?); trainer=ddp inside a sweep may start the whole sweep in every "
+                        "rank")
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         torch = sys.modules.get("torch")
@@ -76,8 +76,6 @@ class HydraDDPCallback(Callback):
             torch.distributed.destroy_process_group()
         # Lightning's launcher exported these for this job's ranks; left set, the next job in
         # this process would believe an outside launcher started it and wait for ranks forever
-        for name, value in self._env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        os.environ.update({name: value for name, value in self._env.items() if value is not None})
+        for name in (name for name, value in self._env.items() if value is None):
+            os.environ.pop(name, None)

@@ -1,4 +1,4 @@
-"""A sweep's ``summary.md`` and ``summary.csv`` (a Hydra callback, ``scripts/summarize.py``): one row
+"""A sweep's ``summary.md`` and ``summary.csv`` (Hydra callback, ``scripts/summarize.py``): one row
 per configuration with the book's columns, seeds as mean ± std; a job without ``metrics.json``
 (crashed, killed, still running) is a failed row."""
 
@@ -53,15 +53,16 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
     token = m.get("token", (config.get("token") or {}).get("name"))
     return {
         "job": job_dir.name, "config": key or "(defaults)",
-        "Model": m.get("model", model.get("name")), "Weights": m.get("weights", model.get("weights")),
-        "Trainable token": token,
+        "Model": m.get("model", model.get("name")),
+        "Weights": m.get("weights", model.get("weights")), "Trainable token": token,
         "Trainable layers": m.get("trainable", (config.get("trainable") or {}).get("name")),
         "Context length": ("—" if m.get("max_length", 0) is None  # no tokens: every word counts
                            else _context_label(data.get("max_length"), m.get("max_length"))),
         "padding": data.get("padding"), "seed": m.get("seed", config.get("seed")),
         "status": "ok" if m else "failed",
         # the book's row 19 (96.33 %) is token=mean, padding included; it has no masked_mean row
-        "reference": None if token == "masked_mean" else (config.get("reference") or {}).get("test_acc"),
+        "reference": None if token == "masked_mean" else (config.get("reference") or {}).get(
+            "test_acc"),
         **{f"{split}_acc": m.get(f"{split}_accuracy") for split in SPLITS},
         "minutes": (m.get("training_seconds") or 0) / 60, "Device": m.get("device"),
     }
@@ -110,11 +111,8 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
 
 def _markdown(table: pd.DataFrame) -> str:
     """A GitHub Markdown table (pandas' to_markdown needs the optional tabulate)."""
-    cols = list(table.columns)
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(str(row[c]).replace("|", "\\|") for c in cols) + " |")
-    return "\n".join(lines)
+    rows = [list(table.columns), ["---"] * table.shape[1], *table.values.tolist()]
+    return "\n".join("| " + " | ".join(str(v).replace("|", "\\|") for v in r) + " |" for r in rows)
 
 
 class SweepSummaryCallback(Callback):

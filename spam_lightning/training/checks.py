@@ -54,8 +54,8 @@ def model_sizes(cfg: DictConfig) -> dict[str, Any]:
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` raising the target's own error, not Hydra's wrapper; a constructor
-    refusing an option (``ValueError``, Lightning's) is a ConfigError."""
+    """``hydra.utils.instantiate`` raising the target's own error, not Hydra's wrapper; a
+    constructor refusing an option (``ValueError``, Lightning's) is a ConfigError."""
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -150,7 +150,7 @@ def last_checkpoint(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
 
 
 def classifier_options(cfg: DictConfig) -> dict[str, Any]:
-    """``make_classifier``'s ``trainable`` (LoRA: ``rank``, ``alpha``) as configured, no defaults."""
+    """``make_classifier``'s ``trainable`` (LoRA: ``rank``, ``alpha``) as configured."""
     t = cfg.trainable
     return {"trainable": t.name, **({"rank": t.rank, "alpha": t.alpha} if t.name == "lora" else {})}
 
@@ -192,33 +192,28 @@ def check_resume_checkpoint(cfg: DictConfig, path: Path, checkpoint: dict[str, A
                               + "\n  Resume with the overrides the checkpoint was trained with, or start a new run.")
 
 
-def check_resume_config(cfg: DictConfig, path: Path, checkpoint: dict[str, Any]) -> None:
-    """A resume continues the same run: refuse any setting that differs from the checkpoint's run
-    and could change what is trained or measured (``run_config.MAY_DIFFER`` lists those that may)."""
-    saved = ((checkpoint.get("callbacks") or {}).get("RunConfig") or {}).get("config")
-    if not isinstance(saved, dict):  # a checkpoint from before configs were recorded
-        log.warning("ckpt_path=%s records no run config: the overrides cannot be compared", path)
-        return
-    if lines := resume_differences(saved, flat_config(cfg)):
-        raise ConfigError(f"ckpt_path={path} continues a run trained with other settings, which a resume would "
-                          "partly ignore:\n  " + "\n  ".join(lines) + "\n  Resume with the run's own settings "
-                          "(its config.yaml), or start a new run in another folder.")
-
-
 def preflight(cfg: DictConfig, family: Any, callbacks: list[Any],
               num_classes: int | None) -> tuple[Path | None, dict[str, Any] | None]:
     """Weights, tokenizer and checkpoint checks before any work: the resolved ``ckpt_path`` and its
-    safely loaded (memory-mapped) contents."""
+    safely loaded (memory-mapped) contents. A resume continues the same run: a setting that
+    differs from the checkpoint's and could change what is trained or measured is refused."""
     family.preflight(cfg)
     if (value := cfg.get("ckpt_path")) is None:
         return None, None
     path = Path(str(value)) if value != "last" else last_checkpoint(cfg, callbacks)
     if path is None:
-        log.warning("ckpt_path=last: no last.ckpt in %s yet, so training starts anew. To continue another "
-                    "run, add hydra.run.dir=<its folder> or pass ckpt_path=<its last.ckpt>.",
+        log.warning("ckpt_path=last: no last.ckpt in %s yet, so training starts anew. To continue "
+                    "another run, add hydra.run.dir=<its folder> or pass ckpt_path=<its "
+                    "last.ckpt>.",
                     Path(cfg.paths.output_dir) / "checkpoints")
         return None, None
     checkpoint = load_checkpoint_safely(path, mmap=True)
-    check_resume_config(cfg, path, checkpoint)
+    saved = ((checkpoint.get("callbacks") or {}).get("RunConfig") or {}).get("config")
+    if not isinstance(saved, dict):  # a checkpoint from before configs were recorded
+        log.warning("ckpt_path=%s records no run config: the overrides cannot be compared", path)
+    elif lines := resume_differences(saved, flat_config(cfg)):
+        raise ConfigError(f"ckpt_path={path} continues a run trained with other settings, which a resume would "
+                          "partly ignore:\n  " + "\n  ".join(lines) + "\n  Resume with the run's own settings "
+                          "(its config.yaml), or start a new run in another folder.")
     family.check_resume(cfg, path, checkpoint, num_classes)
     return path, checkpoint

@@ -1,6 +1,6 @@
-"""The chapter's monitoring (section 6.7): every ``eval_freq`` batches the loss, after each epoch the
-accuracy, on ``eval_iter`` batches of the chapter's own loaders (so the global RNG advances as in
-``train_classifier_simple``), printed as the chapter does and kept for the plots and checkpoints."""
+"""The chapter's monitoring (section 6.7): every ``eval_freq`` batches the loss, after each epoch
+the accuracy, on ``eval_iter`` batches of the chapter's own loaders (so the global RNG advances as
+in ``train_classifier_simple``), printed as the chapter does and kept for plots and checkpoints."""
 
 from __future__ import annotations
 
@@ -65,10 +65,9 @@ class ChapterMonitor(L.Callback):
         if self._book_loaders is None:
             self._book_loaders = (trainer.datamodule.book_dataloader("train"),
                                   trainer.datamodule.book_dataloader("val"))
-        train_loader, val_loader = self._book_loaders
         pl_module.eval()
-        train = _evaluate(pl_module, trainer, train_loader, self.eval_iter)
-        val = _evaluate(pl_module, trainer, val_loader, self.eval_iter)
+        train, val = [_evaluate(pl_module, trainer, loader, self.eval_iter)
+                      for loader in self._book_loaders]
         pl_module.train()
         return train, val
 

@@ -17,8 +17,9 @@ class FiniteLoss(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and not math.isfinite(value := float(loss.detach())):
-            raise NonFiniteLossError(f"the training loss is {value} at epoch {trainer.current_epoch + 1}, "
-                                     f"step {trainer.global_step} (batch {batch_idx} of the epoch): "
-                                     "training stopped. Lower optimizer.lr, use trainer.precision=32-true, "
-                                     "or check the weights and the data; the last good epoch is in "
-                                     "checkpoints/last.ckpt")
+            raise NonFiniteLossError(
+                f"the training loss is {value} at epoch {trainer.current_epoch + 1}, step "
+                f"{trainer.global_step} (batch {batch_idx} of the epoch): training stopped. Lower "
+                f"optimizer.lr, use trainer.precision=32-true, or check the weights and the data; "
+                f"the last good epoch is in checkpoints/last.ckpt"
+            )

@@ -11,8 +11,8 @@ import torch
 
 
 class RNGState(L.Callback):
-    """The global generators (torch, CUDA, numpy, ``random``) saved and restored (Lightning does not).
-    Resuming a finished run trains nothing, yet Lightning draws the DataLoader's base seed: undone."""
+    """Saves and restores the global generators (torch, CUDA, numpy, ``random``); Lightning does
+    not. Resuming a finished run trains nothing, yet Lightning draws a DataLoader seed: undone."""
 
     _at_fit_start: torch.Tensor | None = None
     _trained = False

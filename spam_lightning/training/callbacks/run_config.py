@@ -51,4 +51,4 @@ class RunConfig(L.Callback):
         return {"config": self.config}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # compared before training (checks.check_resume_config), never restored
+        pass  # compared before training (checks.preflight), never restored

@@ -30,10 +30,11 @@ class TestDashboard(L.Callback):
         preds = probs.argmax(-1)
         confusion = multiclass_confusion_matrix(preds, labels, num_classes=len(names))
         figure, _ = plot_confusion_matrix(confusion, labels=names, cmap="Blues")  # rows: the true class
-        loaders = trainer.test_dataloaders  # the one that ran the split: its messages, if it keeps them
+        loaders = trainer.test_dataloaders  # the split's loader: its messages, if it keeps them
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         k = list(results.outputs).index(self.split)
-        texts = getattr(getattr(loaders[k], "dataset", None), "texts", None) if k < len(loaders) else None
+        dataset = getattr(loaders[k], "dataset", None) if k < len(loaders) else None
+        texts = getattr(dataset, "texts", None)
         wrong = (preds != labels).nonzero().flatten().tolist()[: self.max_examples]
         rows = ["| # | true | predicted | p(predicted) | message |", "|---|---|---|---|---|"]
         for i in wrong:

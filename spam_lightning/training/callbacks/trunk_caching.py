@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 class TrunkCaching(L.Callback):
     """Computes blocks ``0..start_block-1`` (None: nothing frozen) once per example. The ``cache``
-    config section: ``trunk`` ``auto`` caches what fits in ``memory_budget_gb`` GiB, ``true`` fails
-    if anything does not, ``false`` never caches; ``shared``: through files in ``dir`` (``max_gb``)."""
+    config section: ``trunk`` ``auto`` caches what fits in ``memory_budget_gb`` GiB, ``true``
+    fails if anything does not, ``false`` never caches; ``shared``: in ``dir`` (``max_gb``)."""
 
     def __init__(self, start_block: int | None, datamodule: Any, *, trunk: str | bool = "auto",
                  memory_budget_gb: float = 4.0, shared: bool = False,
