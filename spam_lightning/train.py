@@ -91,8 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # one run per folder (rank 0 holds it; DDP's other ranks run inside rank 0's job)
-    lock = run_folder_lock(output_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext()
-    with lock:
+    with run_folder_lock(output_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext():
         for tmp in remove_stale_temporaries(output_dir):
             log.info("removed %s, left by an interrupted write", tmp)
         try:
