@@ -33,8 +33,7 @@ class Prediction:
 
 
 class Classifier:
-    """A trained classifier with its preprocessing, loaded from a run folder's bundle; the
-    bundle's model family (``bundle.json``'s ``kind``) loads it and prepares the messages."""
+    """A run's classifier with its preprocessing, as the bundle's model family loads it."""
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64) -> None:
         import torch

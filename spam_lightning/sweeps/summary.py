@@ -1,6 +1,5 @@
-"""A sweep's ``summary.md`` and ``summary.csv`` (Hydra callback, ``scripts/summarize.py``): one row
-per configuration with the book's columns, seeds as mean ± std; a job without ``metrics.json``
-(crashed, killed, still running) is a failed row."""
+"""A sweep's ``summary.md`` and ``summary.csv``: one row per configuration with the book's columns,
+seeds as mean ± std; a job without ``metrics.json`` (crashed, killed, running) is a failed row."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The frozen trunk as a feature-extraction step (``model/trunk_cache.py``): at the start of
-fitting (train, val) and at its end (the final evaluation's splits), each split's token ids become
-hidden states once and the datamodule serves them (``use_features``) instead of tokens."""
+"""The frozen trunk as a feature-extraction step (``model/trunk_cache.py``): when fitting starts and
+ends, each split's token ids become hidden states once, which the datamodule serves instead."""
 
 from __future__ import annotations
 
