@@ -70,12 +70,10 @@ def file_lock(path: str | Path, wait: bool = True, on_wait: Callable[[], None] |
         lock.release()
 
 
-def remove_stale_temporaries(
-    folder: Path, recursive: bool = True, min_age: float = 0.0, lock_of: Callable[[Path], Path] | None = None,
-) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files interrupted atomic writes left in ``folder`` (call while
-    holding the folder's lock), or, with ``lock_of``, each one whose target's lock is free (and
-    older than ``min_age`` seconds): no other process can be writing those."""
+def remove_stale_temporaries(folder: Path, recursive: bool = True, min_age: float = 0.0,
+                             lock_of: Callable[[Path], Path] | None = None) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files interrupted writes left in ``folder`` (holding its lock), or
+    with ``lock_of``, each whose target's lock is free (and older than ``min_age`` seconds)."""
     removed = []
     found = (folder.rglob if recursive else folder.glob)(".*.tmp") if folder.is_dir() else ()
     for tmp in found:

@@ -1,9 +1,6 @@
-"""OmegaConf resolvers the configs use; importing this module registers them.
-
-``${cwd:}``: the folder the command runs in; unlike ``${hydra:runtime.cwd}`` it resolves in the
-multirun parent too, where ``hydra.sweep.dir`` is computed before ``HydraConfig`` is set.
-``${gpt2:NAME,KEY}``: one size from ``spam_lightning.model.sizes``, read by ``conf/model/*.yaml``.
-"""
+"""OmegaConf resolvers the configs use, registered on import. ``${cwd:}``: the folder the command
+runs in (unlike ``${hydra:runtime.cwd}``, also in a multirun's parent, before ``HydraConfig`` is
+set). ``${gpt2:NAME,KEY}``: one size from ``model/sizes.py``, read by ``conf/model/*.yaml``."""
 
 from __future__ import annotations
 

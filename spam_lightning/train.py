@@ -1,8 +1,5 @@
-"""Hydra entry point: ``python train.py <overrides>`` or ``spam-train <overrides>``.
-
-config -> model family + datamodule -> Lightning Trainer -> run folder (metrics.json, plots,
-bundle, checkpoints, TensorBoard events).
-"""
+"""Hydra entry point (``python train.py <overrides>``, ``spam-train``): config -> model family +
+datamodule -> Lightning Trainer -> run folder (metrics.json, plots, bundle, checkpoints)."""
 
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
 from spam_lightning.data.source import DataError
 from spam_lightning.inference.bundle import BundleError
-from spam_lightning.io_utils import write_bytes, write_json
+from spam_lightning.io_utils import remove_stale_temporaries, write_bytes, write_json
 from spam_lightning.model.classifier import ClassifierStateError
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily
 from spam_lightning.model.trunk_cache import TrunkCacheError
@@ -41,11 +38,7 @@ from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
 from spam_lightning.training.callbacks.sigterm_checkpoint import SigtermCheckpoint
 from spam_lightning.training.checks import ConfigError, TokenizerError, instantiate
 from spam_lightning.training.plots import plot_values
-from spam_lightning.training.run_lock import (
-    RunFolderBusy,
-    remove_stale_temporaries,
-    run_folder_lock,
-)
+from spam_lightning.training.run_lock import RunFolderBusy, run_folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +58,19 @@ class TrainingInterrupted(SystemExit):
     """SIGTERM stopped training: exit 143, where Lightning's SIGTERMException exits 0 (success)."""
 
 
-def resume_command(cfg: DictConfig) -> str:
-    """The command that continues this run in its own folder from its last checkpoint."""
-    try:
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not running under Hydra
-        overrides = []
-    keep = [o for o in overrides if not o.startswith(("ckpt_path=", "+ckpt_path="))]
-    return shlex.join(["python", "train.py", *keep, f"hydra.run.dir={cfg.paths.output_dir}", "ckpt_path=last"])
-
-
 def _interrupted(cfg: DictConfig, trainer: L.Trainer) -> TrainingInterrupted:
+    """Log where the run stopped and the command that continues it in its own folder."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    keep = [o for o in overrides if not o.startswith(("ckpt_path=", "+ckpt_path="))]
+    resume = shlex.join(["python", "train.py", *keep, f"hydra.run.dir={cfg.paths.output_dir}",
+                         "ckpt_path=last"])
     saved = next((c.saved for c in trainer.callbacks if isinstance(c, SigtermCheckpoint)), None)
     last = checks.last_checkpoint(cfg, trainer.callbacks)
     where = (f"This step is saved in {saved}; the resume continues from it." if saved else
              f"The last complete epoch is saved in {last}; work after it is redone on resume." if last else
              "No checkpoint exists (no checkpoint callback); resuming starts anew.")
     log.error("SIGTERM: stopped at epoch %d, step %d. %s Resume with:\n  %s",
-              trainer.current_epoch + 1, trainer.global_step, where, resume_command(cfg))
+              trainer.current_epoch + 1, trainer.global_step, where, resume)
     return TrainingInterrupted(EXIT_SIGTERM)
 
 
@@ -94,16 +82,16 @@ warnings.filterwarnings("ignore", message="Your `test_dataloader`'s sampler has 
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns the metrics written to ``metrics.json``. Everything cheap to
-    check (config, data options, trainer flags, weights, checkpoints) is checked before any work."""
+    """Run one training job (everything cheap checked first); returns metrics.json's metrics."""
     family, datamodule = checks.validate_config(cfg)  # cfg.model and cfg.data, instantiated
     trainer = _trainer(cfg)
-    ckpt_path, checkpoint = checks.preflight(cfg, family, trainer.callbacks, checks.known_num_classes(datamodule))
+    # the class count if known before reading data (SMS spam: 2); else num_classes is AttributeError
+    num_classes = getattr(datamodule, "num_classes", None)
+    ckpt_path, checkpoint = checks.preflight(cfg, family, trainer.callbacks, num_classes)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # one run per folder (rank 0 holds it; DDP's other ranks run inside rank 0's job)
-    lock = run_folder_lock(output_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext()
-    with lock:
+    with run_folder_lock(output_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext():
         for tmp in remove_stale_temporaries(output_dir):
             log.info("removed %s, left by an interrupted write", tmp)
         try:
@@ -144,15 +132,10 @@ def _metrics(cfg: DictConfig, family: ModelFamily, fitted: Fitted) -> dict[str, 
     metrics: dict[str, Any] = {f"{s}_{n}": int(final[f"{s}_{n}"]) if n == "count" else final[f"{s}_{n}"]
                                for s in FINAL_SPLITS for n in ("accuracy", "loss", "precision", "recall", "f1", "count")}
     metrics.update(fitted.facts())
-    metrics.update(family.recorded(cfg), seed=int(cfg.seed), experiment=_experiment_name(cfg))
+    hydra_on = HydraConfig.initialized()  # not when tests call train() directly
+    experiment = HydraConfig.get().runtime.choices.get("experiment") if hydra_on else None
+    metrics.update(family.recorded(cfg), seed=int(cfg.seed), experiment=experiment)
     return metrics
-
-
-def _experiment_name(cfg: DictConfig) -> str | None:
-    try:
-        return HydraConfig.get().runtime.choices.get("experiment")
-    except ValueError:  # not running under Hydra (tests calling train() directly)
-        return None
 
 
 def _print_final(metrics: dict[str, Any]) -> None:
@@ -192,12 +175,6 @@ def _log_hparams(loggers: list[Any], hparams: dict[str, Any], metrics: dict[str,
         lg.save()
 
 
-def nested_options(group: str, config_dir: str = CONFIG_DIR) -> list[str]:
-    """Every config of a group, sub-folders included (`table/row01`), as `group=` accepts them."""
-    root = Path(config_dir) / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
-
-
 def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[str]:
     """Expand `group=glob(...)` over sub-folders too, e.g. `experiment=glob(table/*)`: Hydra's own
     glob lists only a group's top level. Hydra's parser reads the pattern; the nested names match."""
@@ -209,9 +186,11 @@ def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[s
     for arg in argv:
         if "=glob(" in arg and not arg.startswith("-"):
             override = parser.parse_override(arg)
-            group = override.key_or_group
-            if isinstance(override._value, Glob) and (Path(config_dir) / group).is_dir():
-                names = override._value.filter(nested_options(group, config_dir))
+            root = Path(config_dir) / (group := override.key_or_group)
+            if isinstance(override._value, Glob) and root.is_dir():
+                # every config of the group, sub-folders included (`table/row01`)
+                names = override._value.filter(
+                    sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")))
                 if not names:
                     raise SystemExit(f"{arg}: no config in conf/{group} matches")
                 arg = f"{override.get_key_element()}={','.join(names)}"
@@ -220,13 +199,12 @@ def expand_nested_globs(argv: list[str], config_dir: str = CONFIG_DIR) -> list[s
 
 
 class RunFailed(CompactHydraException):
-    """A known failure: Hydra prints only this message and exits with status 1
-    (``HYDRA_FULL_ERROR=1`` shows the original error's traceback, chained as ``__cause__``)."""
+    """A known failure: Hydra prints only this message and exits 1 (``HYDRA_FULL_ERROR=1``
+    shows the cause's traceback)."""
 
 
 def _log_to_files(message: str) -> None:
-    """Write an error into the run's log files (Hydra's ``train.log``) but not to the console,
-    where Hydra prints the same message once when the job exits."""
+    """An error into the run's log files (``train.log``), not the console: Hydra prints it there."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
     for logger in (log, logging.getLogger()):
         for handler in logger.handlers:

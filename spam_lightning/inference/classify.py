@@ -1,10 +1,6 @@
 """Classify messages with a trained run (chapter 6.8): a Python API and the ``spam-classify`` CLI.
-
-Preprocessing is the training run's, as the bundle's model family loads it (``Predictor``): for
-GPT-2 its tokenizer, truncation to the training ``max_length``, the same padding and pooling.
-Where the model never reads padding, messages are grouped by length and padded per batch, which
-gives identical outputs at a fraction of the cost.
-"""
+Preprocessing is the training run's, as the bundle's model family loads it (``Predictor``); where
+the model never reads padding, messages are grouped by length and padded per batch (same output)."""
 
 from __future__ import annotations
 
@@ -37,8 +33,7 @@ class Prediction:
 
 
 class Classifier:
-    """A trained classifier with its preprocessing, loaded from a run folder's bundle; the
-    bundle's model family (``bundle.json``'s ``kind``) loads it and prepares the messages."""
+    """A run's classifier with its preprocessing, as the bundle's model family loads it."""
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64) -> None:
         import torch
@@ -66,8 +61,16 @@ class Classifier:
     def _iter_probs(self, texts: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages. A bad message
         or input (a malformed file) stops the stream with its error, after every message before it."""
-        offset = 0
-        for chunk, error in _chunks(iter(texts)):
+        offset, it = 0, iter(texts)
+        while True:
+            chunk: list[str] = []
+            error: Exception | None = None
+            try:
+                chunk.extend(itertools.islice(it, CHUNK))
+            except Exception as err:  # a malformed file: classify what came before, then report it
+                error = err
+            if not chunk and error is None:
+                return
             bad = next((i for i, t in enumerate(chunk) if not isinstance(t, str) or not t.strip()), None)
             if bad is not None:
                 n, text, chunk = offset + bad + 1, chunk[bad], chunk[:bad]
@@ -96,20 +99,6 @@ class Classifier:
     def predict(self, texts: str | Iterable[str]) -> list[Prediction]:
         """Predictions for one text or many."""
         return list(self.iter_predict([texts] if isinstance(texts, str) else texts))
-
-
-def _chunks(it: Iterator[str]) -> Iterator[tuple[list[str], Exception | None]]:
-    """``(up to CHUNK items, None)``; the last one carries the exception the input raised."""
-    while True:
-        chunk: list[str] = []
-        try:
-            chunk.extend(itertools.islice(it, CHUNK))
-        except Exception as err:  # a malformed file: classify what came before, then report it
-            yield chunk, err
-            return
-        if not chunk:
-            return
-        yield chunk, None
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -195,9 +184,8 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
                 f"{name}, line {before + 1}: a quoted field that starts in this record is never closed "
                 f'(the file ends inside it); look for a stray quote (") on line {before + 1}'
             ) from None
-        raise ValueError(
-            f'{where()}: bad CSV ({err}); look for a stray quote (") in the record on line {before + 1}'
-        ) from None
+        raise ValueError(f'{where()}: bad CSV ({err}); look for a stray quote (") in the record on '
+                         f"line {before + 1}") from None
 
 
 def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterator[str]:
@@ -219,10 +207,7 @@ def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterat
                 csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
                 yield from _csv_messages(lines, name, text_column)
             else:
-                for line in lines:
-                    line = line.rstrip("\r\n")
-                    if line.strip():
-                        yield line
+                yield from (line.rstrip("\r\n") for line in lines if line.strip())
     except OSError as err:
         raise ValueError(f"--file {name}: cannot read it ({err.strerror or err})") from None
 

@@ -1,10 +1,6 @@
-"""The ``spam-serve`` web demo: a small page and a JSON API around a trained run's classifier.
-
-``GET /`` is a self-contained HTML page (no external assets), ``POST /api/classify`` classifies
-``{"text": ...}`` or ``{"texts": [...]}``, ``GET /api/health`` describes the loaded model. The
-model is loaded once; requests run in FastAPI's threadpool and inference is serialized by a lock,
-so concurrent requests are safe and each gets exactly the answer it would get alone.
-"""
+"""``spam-serve``: ``GET /`` a self-contained demo page, ``POST /api/classify`` classifies
+``{"text": ...}`` or ``{"texts": [...]}``, ``GET /api/health`` describes the model. Requests run in
+FastAPI's threadpool and a lock serializes inference: each gets the answer it would get alone."""
 
 from __future__ import annotations
 
@@ -19,10 +15,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -30,13 +24,10 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_TOTAL_CHARS = 100_000
 # worst case JSON bytes per character: a non-BMP code point escaped as a surrogate pair "\ud83d\ude00"
 JSON_BYTES_PER_CHAR = 12
-PAGE_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-# ------------------------------------------------------------------ API models
 class ClassifyRequest(BaseModel):
     """Exactly one of ``text`` or ``texts``: the schema ``/openapi.json`` documents. Bodies are
     checked by ``parse_request``, which stops at the first problem and never echoes the input."""
@@ -65,11 +56,10 @@ class BadRequest(Exception):
         self.status, self.message, self.loc, self.error_type = status, message, loc, error_type
 
     def response(self) -> JSONResponse:
-        if not self.error_type:
-            return JSONResponse({"detail": self.message}, status_code=self.status)
-        # the shape of FastAPI's validation errors, one entry and no "input"
-        error = {"type": self.error_type, "loc": ["body", *self.loc], "msg": self.message}
-        return JSONResponse({"detail": [error]}, status_code=self.status)
+        # with an error type: the shape of FastAPI's validation errors, one entry and no "input"
+        errors = [{"type": self.error_type, "loc": ["body", *self.loc], "msg": self.message}]
+        detail = errors if self.error_type else self.message
+        return JSONResponse({"detail": detail}, status_code=self.status)
 
 
 def _type_name(value: Any) -> str:
@@ -78,9 +68,8 @@ def _type_name(value: Any) -> str:
 
 
 def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: int) -> list[str]:
-    """The messages of a ``/api/classify`` body, or ``BadRequest`` for the first problem. Cheap
-    checks first (JSON, shape, count): an absurd body costs one ``json.loads`` of at most the body
-    limit. Nothing of the input is repeated in an error."""
+    """The messages of a ``/api/classify`` body, or ``BadRequest`` for the first problem (never
+    repeating the input). Cheap checks first: an absurd body costs one ``json.loads``."""
     try:
         data = json.loads(body)
     except RecursionError:
@@ -115,58 +104,17 @@ def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: 
             if not isinstance(text, str):
                 raise BadRequest(422, f'"texts" item {i} is {_type_name(text)}; expected a string',
                                  ("texts", i), "string_type")
-    total = 0
     for i, text in enumerate(texts, 1):
         if len(text) > max_chars:
             raise BadRequest(413, f"message {i} has {len(text):,} characters; the limit is {max_chars:,}")
         if not text.strip():
             raise BadRequest(422, f"message {i} is empty or only whitespace; nothing to classify")
-        total += len(text)
-    if total > max_total_chars:
+    if (total := sum(map(len, texts))) > max_total_chars:
         raise BadRequest(413, f"{total:,} characters in one request; the limit is {max_total_chars:,} "
                          f"(--max-total-chars); send fewer or shorter {field}")
     return texts
 
 
-# ------------------------------------------------------------------ body size limit
-class BodyLimit:
-    """Reject request bodies over ``max_bytes`` with 413 before they are parsed (pure ASGI)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = f"request body is larger than {self.max_bytes:,} bytes"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(scope, receive, send)
-            return
-        body, more = b"", True
-        while more:  # also bounds chunked bodies that carry no Content-Length
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await self._reject(scope, receive, send)
-                return
-            more = message.get("more_body", False)
-        pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def replay() -> Message:
-            return pending.pop() if pending else await receive()
-
-        await self.app(scope, replay, send)
-
-
-# ------------------------------------------------------------------ page
 PAGE = Path(__file__).with_name("page.html")  # with {classes}, {length_note} and {max_chars}
 
 
@@ -178,25 +126,21 @@ def render_page(class_names: list[str], max_length: int | None, max_chars: int) 
             .replace("{length_note}", note).replace("{max_chars}", str(int(max_chars))))
 
 
-# ------------------------------------------------------------------ app
 def body_limit(max_chars: int, max_batch: int, max_total_chars: int) -> int:
     """The largest body a valid request can need: its characters JSON-escaped, plus framing."""
     chars = min(max_total_chars, max_batch * max_chars)
     return chars * JSON_BYTES_PER_CHAR + max_batch * 16 + 1024
 
 
-def create_app(
-    run_dir: str | Path, precision: str = "32", max_chars: int = 10_000, max_batch: int = 64,
-    device: str = "cpu", max_total_chars: int = DEFAULT_MAX_TOTAL_CHARS,
-) -> FastAPI:
+def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_000,
+               max_batch: int = 64, device: str = "cpu",
+               max_total_chars: int = DEFAULT_MAX_TOTAL_CHARS) -> FastAPI:
     """The demo app for a run folder; raises ``BundleError``/``ValueError`` for a bad run or option."""
     if min(max_chars, max_batch, max_total_chars) < 1:
         raise ValueError(f"--max-chars, --max-batch and --max-total-chars must be >= 1, got {max_chars}, "
                          f"{max_batch} and {max_total_chars}")
-    from spam_lightning.inference.bundle import find_bundle  # torch: after --help, not at import
-    from spam_lightning.inference.classify import Classifier
+    from spam_lightning.inference.classify import Classifier  # torch: after --help, not at import
 
-    find_bundle(run_dir)  # a bad folder fails fast, before the model loads
     clf = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch)
     lock = threading.Lock()
     page = render_page(clf.class_names, clf.max_length, max_chars)
@@ -209,14 +153,8 @@ def create_app(
     # no Swagger/ReDoc pages: they load assets from a CDN; /openapi.json stays
     app = FastAPI(title="spam-lightning demo", summary="Classify SMS messages with a fine-tuned GPT-2.",
                   docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, max_bytes=body_limit(max_chars, max_batch, max_total_chars))
+    max_bytes = body_limit(max_chars, max_batch, max_total_chars)
     app.state.classifier = clf
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """FastAPI's own validation errors (paths, queries) without the input they would echo."""
-        errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()[:1]]
-        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -239,12 +177,18 @@ def create_app(
     }, openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
     async def api_classify(request: Request) -> Any:
-        """Label, its probability and every class's probability, one per message, in order.
-        The body is ``{"text": "..."}`` or ``{"texts": ["...", ...]}``."""
+        """Label, its probability and every class's probability, one per message, in order."""
+        too_large = BadRequest(413, f"request body is larger than {max_bytes:,} bytes").response()
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_bytes:  # refused before it is read
+            return too_large
+        body = b""
+        async for chunk in request.stream():  # also bounds chunked bodies without Content-Length
+            if len(body := body + chunk) > max_bytes:
+                return too_large
         media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             return BadRequest(415, "send the body as JSON (Content-Type: application/json)").response()
-        body = await request.body()  # at most the body limit: BodyLimit has read it already
         try:  # parsing and inference in the threadpool: the event loop stays free for others
             return await run_in_threadpool(classify, body)
         except BadRequest as err:
@@ -253,7 +197,6 @@ def create_app(
     return app
 
 
-# ------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spam-serve",
                                 description="Serve a web demo and JSON API for a trained spam-lightning run.")

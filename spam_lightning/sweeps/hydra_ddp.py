@@ -1,16 +1,10 @@
-"""DDP inside Hydra multiruns (joblib, Optuna, ``-m`` sweeps): a Hydra callback.
-
-Lightning's ``trainer=ddp`` starts ranks 1..N-1 by re-running ``sys.argv`` plus
-``hydra.run.dir=<this run>``: right for a single run, wrong twice in a multirun. ``sys.argv``
-holds ``-m`` and the sweep, so every child would start the whole sweep again; and after the first
-job the parent keeps a process group whose peers have exited, so the next job's ranks never meet
-(Lightning-AI/pytorch-lightning#11300). ``HydraDDPCallback`` fixes both per job: children re-run
-*this job* (its overrides, its sweep sub-folder, ``hydra.mode=RUN``), and at the job's end the
-process group is destroyed and the rank variables Lightning exported are restored.
-"""
+"""DDP inside Hydra multiruns: Lightning's ranks 1..N-1 re-run ``sys.argv`` (the whole sweep), and
+a job's process group outlives it (Lightning-AI/pytorch-lightning#11300): ``HydraDDPCallback``
+makes the ranks re-run this job only, and ends the group and its rank variables after it."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -32,16 +26,9 @@ _LAUNCHER_MODULES = (
 )
 
 
-def _quote(value: str) -> str:
-    """A Hydra override value that stays one string whatever the path holds."""
-    return "'" + value.replace("'", "\\'") + "'"
-
-
 def job_command(local_rank: int) -> tuple[list[str], str]:
-    """The command that re-runs the current Hydra job (not its sweep) as DDP rank ``local_rank``.
-
-    Same signature as Lightning's ``_hydra_subprocess_cmd``; in RUN mode it defers to it.
-    """
+    """The command that re-runs the current Hydra job (not its sweep) as DDP rank ``local_rank``
+    (Lightning's ``_hydra_subprocess_cmd``, which RUN mode uses as it is)."""
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         from lightning.fabric.strategies.launchers.subprocess_script import _hydra_subprocess_cmd
@@ -53,8 +40,9 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
         if source.provider == "command-line" and source.schema == "file":
             command.append(f"--config-dir={source.path}")
     # hydra.output_subdir: the parent job already wrote .hydra/; hydra.mode: e.g. hparams_search=optuna
-    # sets MULTIRUN in the config
-    command += [*hc.overrides.task, f"hydra.run.dir={_quote(hc.runtime.output_dir)}",
+    # sets MULTIRUN in the config; the run dir quoted: one string whatever the path holds
+    run_dir = "'" + hc.runtime.output_dir.replace("'", "\\'") + "'"
+    command += [*hc.overrides.task, f"hydra.run.dir={run_dir}",
                 f"hydra.job.name=train_ddp_process_{local_rank}", "hydra.output_subdir=null", "hydra.mode=RUN"]
     return command, hc.runtime.cwd
 
@@ -63,13 +51,10 @@ def install_job_command() -> bool:
     """Point Lightning's subprocess launcher at ``job_command`` (False if Lightning changed)."""
     installed = False
     for name in _LAUNCHER_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "_hydra_subprocess_cmd"):
-            module._hydra_subprocess_cmd = job_command
-            installed = True
+        with contextlib.suppress(ImportError):
+            if hasattr(module := importlib.import_module(name), "_hydra_subprocess_cmd"):
+                module._hydra_subprocess_cmd = job_command
+                installed = True
     return installed
 
 
@@ -81,10 +66,9 @@ class HydraDDPCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._env = {name: os.environ.get(name) for name in DDP_ENV}
         if HydraConfig.get().mode == RunMode.MULTIRUN and not install_job_command():
-            log.warning(
-                "could not adapt Lightning's DDP launcher to Hydra multiruns (Lightning changed?); "
-                "trainer=ddp inside a sweep may start the whole sweep in every rank"
-            )
+            log.warning("could not adapt Lightning's DDP launcher to Hydra multiruns (Lightning "
+                        "changed?); trainer=ddp inside a sweep may start the whole sweep in every "
+                        "rank")
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         torch = sys.modules.get("torch")
@@ -92,8 +76,6 @@ class HydraDDPCallback(Callback):
             torch.distributed.destroy_process_group()
         # Lightning's launcher exported these for this job's ranks; left set, the next job in
         # this process would believe an outside launcher started it and wait for ranks forever
-        for name, value in self._env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        os.environ.update({name: value for name, value in self._env.items() if value is not None})
+        for name in (name for name, value in self._env.items() if value is None):
+            os.environ.pop(name, None)

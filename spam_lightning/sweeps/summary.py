@@ -1,9 +1,5 @@
-"""Sweep summaries: one row per configuration with the book's columns, seeds as mean ± std.
-
-Written into the sweep folder as ``summary.md`` and ``summary.csv`` by a Hydra callback at the
-end of every multirun, and on demand by ``python scripts/summarize.py SWEEP_DIR``. A job without
-``metrics.json`` (crashed, killed, still running) shows as a failed row instead of breaking the table.
-"""
+"""A sweep's ``summary.md`` and ``summary.csv``: one row per configuration with the book's columns,
+seeds as mean ± std; a job without ``metrics.json`` (crashed, killed, running) is a failed row."""
 
 from __future__ import annotations
 
@@ -23,10 +19,8 @@ from spam_lightning.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 
-BOOK_COLUMNS = [
-    "Model", "Weights", "Trainable token", "Trainable layers", "Context length",
-    "Training acc", "Validation acc", "Test acc", "Training time", "Device",
-]
+BOOK_COLUMNS = ["Model", "Weights", "Trainable token", "Trainable layers", "Context length",
+                "Training acc", "Validation acc", "Test acc", "Training time", "Device"]
 SPLITS = ("train", "val", "test")
 
 
@@ -50,38 +44,27 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
     overrides = _load_yaml(job_dir / ".hydra" / "overrides.yaml") or []
     config = _load_yaml(job_dir / ".hydra" / "config.yaml") or {}
     key = ",".join(sorted(o for o in overrides if not o.split("=")[0].lstrip("+~") == "seed"))
-    model = config.get("model", {}) or {}
-    data = config.get("data", {}) or {}
-    record: dict[str, Any] = {
-        "job": job_dir.name,
-        "config": key or "(defaults)",
-        "Model": model.get("name"),
-        "Weights": model.get("weights"),
-        "Trainable token": (config.get("token") or {}).get("name"),
-        "Trainable layers": (config.get("trainable") or {}).get("name"),
-        "Context length": _context_label(data.get("max_length"), None),
-        "padding": data.get("padding"),
-        "seed": config.get("seed"),
-        "status": "failed",
-        "reference": (config.get("reference") or {}).get("test_acc"),
-    }
-    try:
-        m = json.loads((job_dir / "metrics.json").read_text(encoding="utf-8"))
+    model, data = config.get("model") or {}, config.get("data") or {}
+    try:  # metrics.json's values win over the config's: a family may record what it ran
+        m = json.loads((job_dir / "metrics.json").read_text(encoding="utf-8")) or {}
     except (OSError, json.JSONDecodeError):
-        m = None
-    if m:
-        for column, key in (("Model", "model"), ("Weights", "weights"), ("Trainable token", "token"),
-                            ("Trainable layers", "trainable"), ("seed", "seed")):
-            record[column] = m.get(key, record[column])
-        record.update({f"{split}_acc": m.get(f"{split}_accuracy") for split in SPLITS},
-                      minutes=(m.get("training_seconds") or 0) / 60, Device=m.get("device"), status="ok")
-        record["Context length"] = _context_label(data.get("max_length"), m.get("max_length"))
-    if m and "max_length" in m and m["max_length"] is None:  # no tokens: every word counts
-        record["Context length"] = "—"
-    if record["Trainable token"] == "masked_mean":
+        m = {}
+    token = m.get("token", (config.get("token") or {}).get("name"))
+    return {
+        "job": job_dir.name, "config": key or "(defaults)",
+        "Model": m.get("model", model.get("name")),
+        "Weights": m.get("weights", model.get("weights")), "Trainable token": token,
+        "Trainable layers": m.get("trainable", (config.get("trainable") or {}).get("name")),
+        "Context length": ("—" if m.get("max_length", 0) is None  # no tokens: every word counts
+                           else _context_label(data.get("max_length"), m.get("max_length"))),
+        "padding": data.get("padding"), "seed": m.get("seed", config.get("seed")),
+        "status": "ok" if m else "failed",
         # the book's row 19 (96.33 %) is token=mean, padding included; it has no masked_mean row
-        record["reference"] = None
-    return record
+        "reference": None if token == "masked_mean" else (config.get("reference") or {}).get(
+            "test_acc"),
+        **{f"{split}_acc": m.get(f"{split}_accuracy") for split in SPLITS},
+        "minutes": (m.get("training_seconds") or 0) / 60, "Device": m.get("device"),
+    }
 
 
 def _fmt(values: list[float], percent: bool) -> str:
@@ -127,11 +110,8 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
 
 def _markdown(table: pd.DataFrame) -> str:
     """A GitHub Markdown table (pandas' to_markdown needs the optional tabulate)."""
-    cols = list(table.columns)
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(str(row[c]).replace("|", "\\|") for c in cols) + " |")
-    return "\n".join(lines)
+    rows = [list(table.columns), ["---"] * table.shape[1], *table.values.tolist()]
+    return "\n".join("| " + " | ".join(str(v).replace("|", "\\|") for v in r) + " |" for r in rows)
 
 
 class SweepSummaryCallback(Callback):

@@ -30,16 +30,14 @@ SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
 
 
 class ConfigError(ValueError):
-    """A bad option or an impossible combination; the message names each option, its value and
-    what is allowed."""
+    """A bad option or combination; the message names each option, its value and what is allowed."""
 
 
 class TokenizerError(RuntimeError):
     """A model's tokenizer cannot be loaded (its files are missing or unreadable)."""
 
 
-def _is_number(value: Any) -> bool:
-    """A finite int or float (not a bool, not a string such as ``fast``)."""
+def _is_number(value: Any) -> bool:  # not a bool, not a string such as ``fast``
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -56,9 +54,8 @@ def model_sizes(cfg: DictConfig) -> dict[str, Any]:
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that raises the target's own error (e.g. the datamodule's
-    ``data.batch_size=0: must be an integer >= 1``) instead of Hydra's wrapper around it; a
-    constructor refusing a configured option (``ValueError``, Lightning's) is a ConfigError."""
+    """``hydra.utils.instantiate`` raising the target's own error, not Hydra's wrapper; a
+    constructor refusing an option (``ValueError``, Lightning's) is a ConfigError."""
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -71,10 +68,8 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
-    """Build the model family (``cfg.model``'s ``_target_``) and the data module, and fail on bad
-    names and impossible combinations before any download or tokenizing: every problem the
-    family finds, and the data module's, in one message with the allowed values.
-    Returns ``(family, datamodule)``."""
+    """``(family, datamodule)`` built from ``cfg.model`` and ``cfg.data``, before any download or
+    tokenizing; every problem of both in one message with the allowed values."""
     family = _family(cfg.model)
     problems = family.problems(cfg) + number_problems(  # IMDB: every split gets examples
         cfg.data, "data.", {"val_size": ("an integer >= 1", lambda v: is_int(v, 1))})
@@ -106,9 +101,8 @@ def _family(node: DictConfig) -> Any:
 
 
 def run_problems(cfg: DictConfig) -> list[str]:
-    """What every model trained with Lightning shares: optimizer, dropout, LoRA, monitoring,
-    trainer numbers and strategy, trunk cache and resume path; each a clear line instead of a
-    torch error (or silent nonsense) after the data is prepared."""
+    """The options every model trained with Lightning shares, each a clear line instead of a torch
+    error (or silent nonsense) after the data is prepared."""
     problems: list[str] = []
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and "spawn" in strategy:
@@ -155,26 +149,10 @@ def last_checkpoint(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def _resolve_ckpt_path(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
-    value = cfg.get("ckpt_path")
-    if value is None:
-        return None
-    if value != "last":
-        return Path(str(value))
-    if (path := last_checkpoint(cfg, callbacks)) is None:
-        log.warning("ckpt_path=last: no last.ckpt in %s yet, so training starts anew. To continue another "
-                    "run, add hydra.run.dir=<its folder> or pass ckpt_path=<its last.ckpt>.",
-                    Path(cfg.paths.output_dir) / "checkpoints")
-    return path
-
-
 def classifier_options(cfg: DictConfig) -> dict[str, Any]:
-    """``make_classifier``'s ``trainable`` (and, for LoRA, ``rank`` and ``alpha``) exactly as
-    configured: validate_config has checked them, nothing falls back to a default."""
-    options: dict[str, Any] = {"trainable": cfg.trainable.name}
-    if cfg.trainable.name == "lora":
-        options.update(rank=cfg.trainable.rank, alpha=cfg.trainable.alpha)
-    return options
+    """``make_classifier``'s ``trainable`` (LoRA: ``rank``, ``alpha``) as configured."""
+    t = cfg.trainable
+    return {"trainable": t.name, **({"rank": t.rank, "alpha": t.alpha} if t.name == "lora" else {})}
 
 
 def _expected_shapes(cfg: DictConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
@@ -195,9 +173,8 @@ def _sizes_of(shapes: dict[str, tuple[int, ...]]) -> str:
     return ", ".join(parts)
 
 
-def check_resume_checkpoint(
-    cfg: DictConfig, path: Path, checkpoint: dict[str, Any], expected: dict[str, tuple[int, ...]],
-) -> None:
+def check_resume_checkpoint(cfg: DictConfig, path: Path, checkpoint: dict[str, Any],
+                            expected: dict[str, tuple[int, ...]]) -> None:
     """A resumed checkpoint must be this run's model: same size, class count and trainable
     parameters. One error names expected vs found, instead of Lightning's state-dict traceback."""
     state = checkpoint["state_dict"]
@@ -216,37 +193,28 @@ def check_resume_checkpoint(
                               + "\n  Resume with the overrides the checkpoint was trained with, or start a new run.")
 
 
-def check_resume_config(cfg: DictConfig, path: Path, checkpoint: dict[str, Any]) -> None:
-    """A resume continues the same run: refuse any setting that differs from the checkpoint's
-    run and could change what is trained or measured (``run_config.MAY_DIFFER`` lists those
-    that may: logging, progress, paths, how long to train, workers, the exact trunk cache)."""
+def preflight(cfg: DictConfig, family: Any, callbacks: list[Any],
+              num_classes: int | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """Weights, tokenizer and checkpoint checks before any work: the resolved ``ckpt_path`` and its
+    safely loaded (memory-mapped) contents. A resume continues the same run: a setting that
+    differs from the checkpoint's and could change what is trained or measured is refused."""
+    family.preflight(cfg)
+    if (value := cfg.get("ckpt_path")) is None:
+        return None, None
+    path = Path(str(value)) if value != "last" else last_checkpoint(cfg, callbacks)
+    if path is None:
+        log.warning("ckpt_path=last: no last.ckpt in %s yet, so training starts anew. To continue "
+                    "another run, add hydra.run.dir=<its folder> or pass ckpt_path=<its "
+                    "last.ckpt>.",
+                    Path(cfg.paths.output_dir) / "checkpoints")
+        return None, None
+    checkpoint = load_checkpoint_safely(path, mmap=True)
     saved = ((checkpoint.get("callbacks") or {}).get("RunConfig") or {}).get("config")
     if not isinstance(saved, dict):  # a checkpoint from before configs were recorded
         log.warning("ckpt_path=%s records no run config: the overrides cannot be compared", path)
-        return
-    if lines := resume_differences(saved, flat_config(cfg)):
+    elif lines := resume_differences(saved, flat_config(cfg)):
         raise ConfigError(f"ckpt_path={path} continues a run trained with other settings, which a resume would "
                           "partly ignore:\n  " + "\n  ".join(lines) + "\n  Resume with the run's own settings "
                           "(its config.yaml), or start a new run in another folder.")
-
-
-def known_num_classes(datamodule: Any) -> int | None:
-    """The class count if the datamodule knows it before reading data (SMS spam: 2)."""
-    try:
-        return int(datamodule.num_classes)
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def preflight(
-    cfg: DictConfig, family: Any, callbacks: list[Any], num_classes: int | None
-) -> tuple[Path | None, dict[str, Any] | None]:
-    """Weights, tokenizer and checkpoint checks before any work: the resolved ``ckpt_path`` and its
-    safely loaded (memory-mapped) contents."""
-    family.preflight(cfg)
-    if (path := _resolve_ckpt_path(cfg, callbacks)) is None:
-        return None, None
-    checkpoint = load_checkpoint_safely(path, mmap=True)
-    check_resume_config(cfg, path, checkpoint)
     family.check_resume(cfg, path, checkpoint, num_classes)
     return path, checkpoint

@@ -15,10 +15,8 @@ from matplotlib.figure import Figure  # noqa: E402
 MAX_MARKED_POINTS = 60
 
 
-def draw_values(
-    num_epochs: int, examples_seen: int, train_values: list[float], val_values: list[float],
-    label: str,
-) -> Figure:
+def draw_values(num_epochs: int, examples_seen: int, train_values: list[float],
+                val_values: list[float], label: str) -> Figure:
     """The figure of ``plot_values``: the values spread evenly over ``num_epochs``."""
     n = len(train_values)
     epochs = [i * num_epochs / (n - 1) for i in range(n)] if n > 1 else [0.0]
@@ -39,10 +37,8 @@ def draw_values(
     return fig
 
 
-def plot_values(
-    num_epochs: int, examples_seen: int, train_values: list[float], val_values: list[float],
-    label: str, out_dir: str | Path,
-) -> list[Path]:
+def plot_values(num_epochs: int, examples_seen: int, train_values: list[float],
+                val_values: list[float], label: str, out_dir: str | Path) -> list[Path]:
     """Write ``{label}-plot.pdf`` and ``.png`` as the chapter's ``plot_values`` draws them."""
     fig = draw_values(num_epochs, examples_seen, train_values, val_values, label)
     paths = [Path(out_dir) / f"{label}-plot.{ext}" for ext in ("pdf", "png")]

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from spam_lightning.io_utils import LockBusy, file_lock, remove_stale_temporaries  # noqa: F401
+from spam_lightning.io_utils import LockBusy, file_lock
 
 LOCK_NAME = ".run.lock"
 PID_NAME = ".run.pid"  # beside the lock: acquiring a FileLock truncates the lock file itself
@@ -24,10 +24,9 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
     try:
         held.enter_context(file_lock(folder / LOCK_NAME, wait=False))
     except LockBusy:
-        try:
-            holder = pid_file.read_text(encoding="utf-8").strip() or "unknown"
-        except OSError:
-            holder = "unknown"
+        holder = "unknown"
+        with contextlib.suppress(OSError):
+            holder = pid_file.read_text(encoding="utf-8").strip() or holder
         raise RunFolderBusy(
             f"the run folder {folder} is in use by another run (PID {holder}); wait for it to "
             f"end, or give this run its own folder (drop hydra.run.dir=, or set another one)"

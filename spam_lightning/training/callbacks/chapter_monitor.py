@@ -1,8 +1,6 @@
-"""The chapter's monitoring (section 6.7) as a Lightning callback: every ``eval_freq`` batches the
-loss, after each epoch the accuracy, on ``eval_iter`` train and validation batches, printed as the
-chapter does and kept (with examples seen) for the plots and the checkpoint. It iterates the
-chapter's own loaders, so the global torch RNG advances exactly as in ``train_classifier_simple``.
-"""
+"""The chapter's monitoring (section 6.7): every ``eval_freq`` batches the loss, after each epoch
+the accuracy, on ``eval_iter`` batches of the chapter's own loaders (so the global RNG advances as
+in ``train_classifier_simple``), printed as the chapter does and kept for plots and checkpoints."""
 
 from __future__ import annotations
 
@@ -34,7 +32,6 @@ class ChapterMonitor(L.Callback):
     """Prints and records the chapter's periodic losses and per-epoch accuracies."""
 
     def __init__(self, eval_freq: int = 50, eval_iter: int = 5) -> None:
-        # eval_freq, eval_iter >= 1: checked with the config (training.checks.run_problems)
         self.eval_freq, self.eval_iter = eval_freq, eval_iter
         self.examples_seen, self.batches_seen, self.training_seconds = 0, 0, 0.0
         self.history: dict[str, list[float]] = {k: [] for k in (
@@ -42,7 +39,6 @@ class ChapterMonitor(L.Callback):
         self._t0: float | None = None
         self._book_loaders = None
 
-    # Lightning saves callback state in checkpoints: a resumed run keeps its history.
     def state_dict(self) -> dict[str, Any]:
         return {"examples_seen": self.examples_seen, "batches_seen": self.batches_seen,
                 "training_seconds": self.training_seconds + self._elapsed(), "history": self.history}
@@ -65,15 +61,13 @@ class ChapterMonitor(L.Callback):
 
     def _evaluate_both(self, trainer, pl_module) -> tuple[tuple[float, float], tuple[float, float]]:
         """(loss, accuracy) on the first ``eval_iter`` train and validation batches, in eval mode."""
-        # the chapter's loaders, made once like the book's: each iter() draws from the global RNG
-        # what the book's iterating its train_loader / val_loader again draws
+        # made once like the book's: each iter() draws from the global RNG what the book's does
         if self._book_loaders is None:
             self._book_loaders = (trainer.datamodule.book_dataloader("train"),
                                   trainer.datamodule.book_dataloader("val"))
-        train_loader, val_loader = self._book_loaders
         pl_module.eval()
-        train = _evaluate(pl_module, trainer, train_loader, self.eval_iter)
-        val = _evaluate(pl_module, trainer, val_loader, self.eval_iter)
+        train, val = [_evaluate(pl_module, trainer, loader, self.eval_iter)
+                      for loader in self._book_loaders]
         pl_module.train()
         return train, val
 
@@ -89,10 +83,8 @@ class ChapterMonitor(L.Callback):
         self._record(train_losses=train_loss, val_losses=val_loss, loss_examples_seen=self.examples_seen)
         pl_module.log_dict({"chapter/train_loss": train_loss, "chapter/val_loss": val_loss},
                            on_step=True, on_epoch=False)
-        self._print(
-            f"Ep {trainer.current_epoch + 1} (Step {self.batches_seen - 1:06d}): "
-            f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-        )
+        self._print(f"Ep {trainer.current_epoch + 1} (Step {self.batches_seen - 1:06d}): "
+                    f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         (_, train_acc), (_, val_acc) = self._evaluate_both(trainer, pl_module)

@@ -11,10 +11,8 @@ import torch
 
 
 class RNGState(L.Callback):
-    """Saves the global random generators (torch, CUDA, numpy, ``random``) in each checkpoint and
-    restores them on resume (Lightning does not), so shuffling, dropout and any other draw continue
-    as in an uninterrupted run. Resuming a finished run trains nothing, yet Lightning still draws
-    the DataLoader's base seed (``FitLoop.setup_data``): that draw is undone."""
+    """Saves and restores the global generators (torch, CUDA, numpy, ``random``); Lightning does
+    not. Resuming a finished run trains nothing, yet Lightning draws a DataLoader seed: undone."""
 
     _at_fit_start: torch.Tensor | None = None
     _trained = False

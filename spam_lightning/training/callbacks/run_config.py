@@ -7,9 +7,8 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-# Settings a resume may change: they cannot change what is trained or measured (where the run's
-# files go, logging and progress display, how long to go on, workers, the exact trunk cache).
-# Anything else that differs is refused (see `resume_differences`).
+# Settings a resume may change: they cannot change what is trained or measured (files, logging,
+# how long to go on, workers, the exact trunk cache); anything else that differs is refused.
 MAY_DIFFER = (
     "ckpt_path", "paths.", "task_name", "optimized_metric", "hparams_search", "logger",
     "callbacks.progress_bar", "callbacks.learning_rate_monitor", "callbacks.test_dashboard",
@@ -20,8 +19,8 @@ MAY_DIFFER = (
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved job config (no ``hydra`` node) as ``{"optimizer.lr": 5e-05, ...}``: plain
-    values, so a checkpoint holding it still loads with ``weights_only=True``."""
+    """The resolved job config (no ``hydra`` node) as ``{"optimizer.lr": 5e-05, ...}``: plain values
+    (a checkpoint holding it loads with ``weights_only=True``)."""
     job = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     flat: dict[str, Any] = {}
 
@@ -52,4 +51,4 @@ class RunConfig(L.Callback):
         return {"config": self.config}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # compared before training (checks.check_resume_config), never restored
+        pass  # compared before training (checks.preflight), never restored

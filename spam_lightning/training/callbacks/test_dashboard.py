@@ -12,9 +12,8 @@ from spam_lightning.training.plots import plt
 
 
 class TestDashboard(L.Callback):
-    """After the final evaluation: confusion matrix, precision-recall curve and the misclassified
-    test messages in TensorBoard, so a run can be inspected without writing code. Reads the
-    module's public ``test_results`` and the texts of the test dataloader that ran the split."""
+    """After the final evaluation, from the module's ``test_results`` and the test loader's texts:
+    confusion matrix, precision-recall curves and the misclassified messages in TensorBoard."""
 
     def __init__(self, split: str = "test", max_examples: int = 50) -> None:
         self.split, self.max_examples = split, max_examples
@@ -31,7 +30,11 @@ class TestDashboard(L.Callback):
         preds = probs.argmax(-1)
         confusion = multiclass_confusion_matrix(preds, labels, num_classes=len(names))
         figure, _ = plot_confusion_matrix(confusion, labels=names, cmap="Blues")  # rows: the true class
-        texts = _loader_texts(trainer, list(results.outputs).index(self.split))
+        loaders = trainer.test_dataloaders  # the split's loader: its messages, if it keeps them
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        k = list(results.outputs).index(self.split)
+        dataset = getattr(loaders[k], "dataset", None) if k < len(loaders) else None
+        texts = getattr(dataset, "texts", None)
         wrong = (preds != labels).nonzero().flatten().tolist()[: self.max_examples]
         rows = ["| # | true | predicted | p(predicted) | message |", "|---|---|---|---|---|"]
         for i in wrong:
@@ -52,10 +55,3 @@ class TestDashboard(L.Callback):
             writer.add_text(f"{self.split}/misclassified", "\n".join(rows), global_step=step)
             writer.flush()
         plt.close(figure)
-
-
-def _loader_texts(trainer, k: int) -> list[str] | None:
-    """The messages of the ``k``-th test dataloader's dataset (None if it keeps no texts)."""
-    loaders = trainer.test_dataloaders
-    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    return getattr(getattr(loaders[k], "dataset", None), "texts", None) if k < len(loaders) else None

@@ -1,6 +1,5 @@
-"""The frozen trunk as a feature-extraction step (``model/trunk_cache.py``): at the start of
-fitting (train, val) and at its end (the final evaluation's splits), each split's token ids become
-hidden states once and the datamodule serves them (``use_features``) instead of tokens."""
+"""The frozen trunk as a feature-extraction step (``model/trunk_cache.py``): when fitting starts and
+ends, each split's token ids become hidden states once, which the datamodule serves instead."""
 
 from __future__ import annotations
 
@@ -25,13 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class TrunkCaching(L.Callback):
-    """Computes blocks ``0..start_block-1`` (None: nothing frozen) once per example.
-
-    The options are the ``cache`` config section's (checked in ``training/checks.py``): ``trunk``
-    ``auto`` caches what fits in ``memory_budget_gb`` GiB, ``true`` fails if anything is
-    impossible or over budget, ``false`` never caches; ``shared`` shares the states with other
-    runs through files in ``dir``, at most ``max_gb`` GiB of them.
-    """
+    """Computes blocks ``0..start_block-1`` (None: nothing frozen) once per example. The ``cache``
+    config section: ``trunk`` ``auto`` caches what fits in ``memory_budget_gb`` GiB, ``true``
+    fails if anything does not, ``false`` never caches; ``shared``: in ``dir`` (``max_gb``)."""
 
     def __init__(self, start_block: int | None, datamodule: Any, *, trunk: str | bool = "auto",
                  memory_budget_gb: float = 4.0, shared: bool = False,
