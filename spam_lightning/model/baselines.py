@@ -19,12 +19,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from spam_lightning.model.family import (
-    FINAL_SPLITS,
-    Fitted,
-    ModelFamily,
-    Predictor,
-)
+from spam_lightning.io_utils import atomic_write
+from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily, Predictor
 from spam_lightning.rules import choice_problems, is_int
 
 BASELINES = ("majority", "logreg")
@@ -284,38 +280,30 @@ class BaselineFamily(ModelFamily):
         """Options and vocabulary in ``bundle.json``, arrays as safetensors."""
         from safetensors.torch import save_file
 
-        from spam_lightning.inference.bundle import WEIGHTS, fresh_bundle_dir, write_bundle_config
-        from spam_lightning.io_utils import atomic_write
+        from spam_lightning.inference import bundle
 
-        out = fresh_bundle_dir(run_dir)
-        part, tensors = model.to_bundle()
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        return write_bundle_config(out, self.kind, list(datamodule.class_names), baseline=part, trained=trained)
+        out, (part, tensors) = bundle.fresh_bundle_dir(run_dir), model.to_bundle()  # contiguous
+        atomic_write(out / bundle.WEIGHTS,
+                     lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        return bundle.write_bundle_config(out, self.kind, list(datamodule.class_names),
+                                          baseline=part, trained=trained)
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], device: Any, dtype: Any) -> Predictor:
         from safetensors.torch import load_file
 
-        from spam_lightning.inference.bundle import (
-            CONFIG,
-            WEIGHTS,
-            BundleError,
-            bad_field,
-            check_class_count,
-            read_header,
-        )
+        from spam_lightning.inference import bundle
 
-        config_path = folder / CONFIG
-        check_class_count(config, config_path)
-        read_header(folder / WEIGHTS)  # a clear error for a file that is not safetensors
+        config_path = folder / bundle.CONFIG
+        bundle.check_class_count(config, config_path)
+        bundle.read_header(folder / bundle.WEIGHTS)  # a clear error for a non-safetensors file
         if not isinstance(config.get("baseline"), dict):
-            raise bad_field(config_path, "baseline", config.get("baseline"))
+            raise bundle.bad_field(config_path, "baseline", config.get("baseline"))
         try:
-            tensors = load_file(str(folder / WEIGHTS))
+            tensors = load_file(str(folder / bundle.WEIGHTS))
             return BaselinePredictor(Baseline.from_bundle(config["baseline"], tensors, config["num_classes"]))
         except BaselineBundleError as err:
-            raise BundleError(f"{config_path}: {err}") from err
+            raise bundle.BundleError(f"{config_path}: {err}") from err
 
 
 class BaselinePredictor(Predictor):

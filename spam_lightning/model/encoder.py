@@ -120,11 +120,9 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``lengths``: true lengths; the positions after them are padding, masked out."""
-        if lengths is None:
-            mask = torch.ones_like(input_ids)
-        else:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            mask = (positions[None, :] < lengths.to(input_ids.device)[:, None]).long()
+        mask = None if lengths is None else (  # None: no padding
+            torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            < lengths.to(input_ids.device)[:, None]).long()
         return self.hf(input_ids=input_ids, attention_mask=mask).logits
 
     def save(self, folder: str | Path) -> None:
@@ -160,15 +158,6 @@ def build_encoder(name_or_path: str, *, num_classes: int, trainable: str = "all"
     return model
 
 
-def _modules(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
-    found = []
-    for path in paths:
-        head, last = path.removesuffix(".-1"), path.endswith(".-1")
-        module = model.get_submodule(head)
-        found.append(module[-1] if last else module)  # type: ignore[index]
-    return found
-
-
 def set_trainable(model: EncoderClassifier, trainable: str) -> None:
     """Freeze all but what ``trainable`` names for the model's family (``all``: any family)."""
     if problems := choice_problems("trainable", trainable, ENCODER_TRAINABLE, TRAINABLE_FIX):
@@ -182,8 +171,9 @@ def set_trainable(model: EncoderClassifier, trainable: str) -> None:
                          f"for {model.family!r} (config.model_type); use trainable=all, which works "
                          "for any model")
     model.requires_grad_(False)
-    for module in _modules(model.hf, table[model.family]):
-        module.requires_grad_(True)
+    for path in table[model.family]:  # `.-1`: the last layer of a ModuleList
+        module = model.hf.get_submodule(path.removesuffix(".-1"))
+        (module[-1] if path.endswith(".-1") else module).requires_grad_(True)
 
 
 def load_encoder(folder: str | Path, device: str = "cpu") -> tuple[EncoderClassifier, EncoderTokenizer]:
@@ -319,27 +309,23 @@ class EncoderFamily(ModelFamily):
     def load(cls, folder: Path, config: dict[str, Any], device: torch.device,
              dtype: torch.dtype) -> Predictor:
         from spam_lightning.data.tokens import PADDING_MODES
-        from spam_lightning.inference.bundle import (
-            CONFIG,
-            BundleError,
-            bad_field,
-            check_class_count,
-        )
+        from spam_lightning.inference import bundle
 
-        config_path = folder / CONFIG
-        check_class_count(config, config_path)
+        config_path = folder / bundle.CONFIG
+        bundle.check_class_count(config, config_path)
         for key, low in (("max_length", 1), ("pad_token_id", 0)):
             if not is_int(config.get(key), low):
-                raise bad_field(config_path, key, config.get(key))
+                raise bundle.bad_field(config_path, key, config.get(key))
         if config.get("padding") not in PADDING_MODES:
-            raise bad_field(config_path, "padding", config.get("padding"))
+            raise bundle.bad_field(config_path, "padding", config.get("padding"))
         try:
             model, tokenizer = load_encoder(folder)
         except (OSError, ValueError) as err:
-            raise BundleError(f"{folder}: cannot load the encoder ({err}); re-create the bundle.") from err
-        if int(model.hf.config.num_labels) != config["num_classes"]:
-            raise BundleError(f"{config_path}: num_classes is {config['num_classes']} but the model's "
-                              f"head has {model.hf.config.num_labels} outputs; re-create the bundle.")
+            raise bundle.BundleError(f"{folder}: cannot load the encoder ({err}); "
+                                     "re-create the bundle.") from err
+        if (outputs := int(model.hf.config.num_labels)) != config["num_classes"]:
+            raise bundle.BundleError(f"{config_path}: num_classes is {config['num_classes']} but the "
+                                     f"model's head has {outputs} outputs; re-create the bundle.")
         return EncoderPredictor(model.to(device=device, dtype=dtype).eval(), tokenizer, config, device)
 
 
