@@ -82,8 +82,7 @@ class Baseline:
         if self.probs is not None:  # majority: the same distribution whatever the text
             out[:] = self.probs
         elif texts:
-            scores = self.model.predict_proba(self.vectorizer.transform(texts))
-            out[:, list(self.classes)] = scores
+            out[:, list(self.classes)] = self.model.predict_proba(self.vectorizer.transform(texts))
         return out
 
     def to_bundle(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -58,16 +58,12 @@ def _require_transformers() -> Any:
     return transformers
 
 
-def _is_folder(name_or_path: str | Path) -> bool:
-    return Path(name_or_path).expanduser().is_dir()
-
-
 def _from_pretrained(loader: Any, name_or_path: str | Path, local_files_only: bool = False,
                      **kwargs: Any) -> Any:
     """``loader.from_pretrained``: a folder; a Hub id from the cache first, then from the Hub
     unless ``local_files_only`` or HF_HUB_OFFLINE."""
-    if _is_folder(name_or_path):
-        return loader.from_pretrained(str(Path(name_or_path).expanduser()), **kwargs)
+    if (folder := Path(name_or_path).expanduser()).is_dir():
+        return loader.from_pretrained(str(folder), **kwargs)
     cache, _, offline = hub_settings()
     try:
         return loader.from_pretrained(name_or_path, cache_dir=cache, local_files_only=True, **kwargs)
@@ -120,7 +116,7 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``lengths``: true lengths; the positions after them are padding, masked out."""
-        mask = None if lengths is None else (  # None: no padding
+        mask = torch.ones_like(input_ids) if lengths is None else (
             torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
             < lengths.to(input_ids.device)[:, None]).long()
         return self.hf(input_ids=input_ids, attention_mask=mask).logits
@@ -140,13 +136,12 @@ def build_encoder(name_or_path: str, *, num_classes: int, trainable: str = "all"
         torch.manual_seed(seed)
         # a folder must hold safetensors (no pickle); the Hub's .bin files, where a repo has no
         # safetensors, are read by transformers with torch.load(weights_only=True)
-        safe = {"use_safetensors": True} if _is_folder(name_or_path) else {}
+        safe = {"use_safetensors": True} if Path(name_or_path).expanduser().is_dir() else {}
         hf = _from_pretrained(auto, name_or_path, local_files_only, num_labels=num_classes,
                               ignore_mismatched_sizes=True, **safe)
     elif weights == "random":
-        config = _from_pretrained(
-            transformers.AutoConfig, name_or_path, local_files_only, num_labels=num_classes
-        )
+        config = _from_pretrained(transformers.AutoConfig, name_or_path, local_files_only,
+                                  num_labels=num_classes)
         torch.manual_seed(seed)
         hf = auto.from_config(config)
     else:

@@ -315,11 +315,9 @@ class SharedTrunkStore:
                 st = p.stat()
                 entries.append((st.st_mtime, st.st_size, p))
         total = sum(size for _, size, _ in entries)
-        for _, size, p in sorted(entries, key=lambda e: e[0]):
+        for _, size, p in sorted(e for e in entries if e[2] not in self.in_use):  # oldest first
             if total <= self.max_bytes:
                 break
-            if p in self.in_use:
-                continue
             try:
                 with file_lock(self._lock(p), wait=False):
                     p.unlink(missing_ok=True)  # a job reading it keeps its mapping (POSIX)
