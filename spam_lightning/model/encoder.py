@@ -192,7 +192,7 @@ def _unavailable(name: str, reason: str) -> EncoderUnavailableError:
 def _check_folder(path: Path, weights: str) -> str | None:
     """Why the folder cannot serve as an encoder checkpoint, or None."""
     if not path.is_dir():
-        return f"{path} is not a folder"
+        return f"{path} is not a folder" if path.exists() else f"no folder {path} exists"
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as err:
@@ -216,8 +216,7 @@ def check_encoder_available(name_or_path: str, weights: str, timeout: float = HU
     path, name = Path(name_or_path).expanduser(), str(name_or_path)
     looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
     if path.exists() or looks_local:
-        reason = _check_folder(path, weights) if path.exists() else f"no folder {path} exists"
-        if reason is not None:
+        if reason := _check_folder(path, weights):
             raise _unavailable(name, reason)
         return
     from huggingface_hub import get_token, try_to_load_from_cache

@@ -68,10 +68,8 @@ class TrunkCache:
     """Per-split packed hidden states of ``embed`` + ``trf_blocks[:start_block]``, stored as
     ``dtype`` (float32: the residual stream stays float32 under bf16-mixed autocast)."""
 
-    def __init__(
-        self, start_block: int, token: str | Pooling = "last", causal: bool = True,
-        dtype: torch.dtype = torch.float32, max_batch_tokens: int = 4096,
-    ) -> None:
+    def __init__(self, start_block: int, token: str | Pooling = "last", causal: bool = True,
+                 dtype: torch.dtype = torch.float32, max_batch_tokens: int = 4096) -> None:
         self.start_block, self.pooling, self.causal = start_block, get_pooling(token), causal
         self.dtype, self.max_batch_tokens = dtype, max_batch_tokens
         self._states: dict[str, torch.Tensor] = {}  # split -> [sum(stored), D]
@@ -98,14 +96,12 @@ class TrunkCache:
         """sha256 of everything but the data that ``build`` depends on."""
         kind = torch.device(device).type
         device_name = f"cuda:{torch.cuda.get_device_name(device)}" if kind == "cuda" else kind
-        fields = {
-            "format": FORMAT_VERSION, "torch": torch.__version__, "start_block": self.start_block,
-            "causal": self.causal, "dtype": str(self.dtype),
-            "max_batch_tokens": self.max_batch_tokens, "device": device_name, "precision": str(precision),
-            "matmul": torch.get_float32_matmul_precision(),
-            "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
-            "code": _code_digest(model, self.start_block),
-        }
+        fields = {"format": FORMAT_VERSION, "torch": torch.__version__, "dtype": str(self.dtype),
+                  "start_block": self.start_block, "causal": self.causal, "device": device_name,
+                  "max_batch_tokens": self.max_batch_tokens, "precision": str(precision),
+                  "matmul": torch.get_float32_matmul_precision(),
+                  "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+                  "code": _code_digest(model, self.start_block)}
         h = hashlib.sha256(repr(sorted(fields.items())).encode())
         for name, tensor in frozen_tensors(model, self.start_block):
             h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
@@ -113,8 +109,7 @@ class TrunkCache:
         return h.hexdigest()
 
     def split_key(self, config_digest: str, dataset, max_length: int, pad_token_id: int) -> str:
-        """``config_digest`` + the split's token ids and stored lengths (poolings that store the
-        same share the file)."""
+        """``config_digest`` + the split's token ids and stored lengths (not the pooling's name)."""
         h = hashlib.sha256(f"{config_digest};max_length={max_length};pad={pad_token_id};".encode())
         token_ids = dataset.token_ids
         h.update(array("q", [len(t) for t in token_ids]).tobytes())
@@ -236,8 +231,7 @@ def _code_digest(model: nn.Module, start_block: int) -> str:
 class SharedTrunkStore:
     """``<key>.safetensors`` files shared by runs and sweep jobs. The first job that needs a key
     computes it under the key's lock (others wait, then read it); after each write the least
-    recently used files (mtime) go until the folder is under ``max_bytes``, never one this run
-    uses or one another job is writing."""
+    recently used files go until the folder is under ``max_bytes`` (never one in use)."""
 
     SUFFIX = ".safetensors"
 
