@@ -37,26 +37,23 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, num_tokens, _ = x.shape
+        q, k, v = (self._heads(w, x) for w in (self.W_query, self.W_key, self.W_value))
         context = F.scaled_dot_product_attention(
-            self._heads(self.W_query, x), self._heads(self.W_key, x), self._heads(self.W_value, x),
-            dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal,
-        )
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal)
         return self.out_proj(context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out))
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``forward(x)[b, positions[b]]``: one query row per sequence, keys and values from every
         position, the causal mask as "keys <= position" (none when every query is the last)."""
         b, num_tokens, _ = x.shape
-        query_in = x[torch.arange(b, device=x.device), positions].unsqueeze(1)  # [B, 1, d_in]
+        q = self._heads(self.W_query, x[torch.arange(b, device=x.device), positions].unsqueeze(1))
+        k, v = self._heads(self.W_key, x), self._heads(self.W_value, x)
         mask = None
         if self.causal and not bool((positions == num_tokens - 1).all()):
             keep = torch.arange(num_tokens, device=x.device)[None, :] <= positions[:, None]
             mask = keep[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and the query
         context = F.scaled_dot_product_attention(
-            self._heads(self.W_query, query_in), self._heads(self.W_key, x),
-            self._heads(self.W_value, x), attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(context.transpose(1, 2).reshape(b, self.d_out))
 
     def extra_repr(self) -> str:
@@ -106,8 +103,7 @@ class TransformerBlock(nn.Module):
         self.att = MultiHeadAttention(
             d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
             dropout=cfg["drop_rate"], num_heads=cfg["n_heads"], qkv_bias=cfg["qkv_bias"],
-            causal=cfg.get("causal_mask", True),
-        )
+            causal=cfg.get("causal_mask", True))
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg["emb_dim"])
         self.norm2 = LayerNorm(cfg["emb_dim"])

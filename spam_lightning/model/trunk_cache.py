@@ -299,10 +299,9 @@ class SharedTrunkStore:
         log.info("Frozen-trunk cache hit: %s from %s (%.1f MiB).", split, path, mib)
         return "hit"
 
-    def evict(self) -> list[Path]:
+    def evict(self) -> None:
         """Delete least-recently-used files until the folder is under ``max_bytes`` (and stale
-        temporaries of killed writers); returns what went."""
-        removed: list[Path] = []
+        temporaries of killed writers)."""
         entries: list[tuple[float, int, Path]] = []
         for p in self.directory.glob(f"*{self.SUFFIX}"):
             with contextlib.suppress(OSError):
@@ -319,8 +318,6 @@ class SharedTrunkStore:
                 continue
             self._lock(p).unlink(missing_ok=True)
             total -= size
-            removed.append(p)
             log.info("Frozen-trunk cache: evicted %s (%.1f MiB, least recently used; cache.max_gb=%g).",
                      p.name, size / 2**20, self.max_bytes / 2**30)
         remove_stale_temporaries(self.directory, recursive=False, min_age=60, lock_of=self._lock)
-        return removed
