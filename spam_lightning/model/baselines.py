@@ -1,8 +1,7 @@
 """The book's baselines (``ch06/03_bonus_imdb-classification/train_sklearn_logreg.py``): the
 majority class and logistic regression on bag-of-words features, the floor GPT-2 has to beat.
-
-A fitted baseline is stored as JSON plus float64 safetensors, never as a pickle (unpickling a
-bundle could run arbitrary code). scikit-learn is imported only when needed.
+Stored as JSON plus float64 safetensors, never as a pickle (unpickling could run arbitrary code);
+scikit-learn is imported only when needed.
 """
 
 from __future__ import annotations
@@ -19,12 +18,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from spam_lightning.model.family import (
-    FINAL_SPLITS,
-    Fitted,
-    ModelFamily,
-    Predictor,
-)
+from spam_lightning.io_utils import atomic_write
+from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily, Predictor
 from spam_lightning.rules import choice_problems, is_int
 
 BASELINES = ("majority", "logreg")
@@ -48,19 +43,20 @@ def _bad(field_name: str, problem: str) -> BaselineBundleError:
     return BaselineBundleError(f"baseline bundle, {field_name}: {problem}; {FIX}")
 
 
-def _require_sklearn() -> Any:
+def _sklearn() -> Any:
+    """scikit-learn with the parts used here, or an ImportError that names the extra."""
     try:
-        import sklearn
+        import sklearn.dummy
+        import sklearn.feature_extraction.text
+        import sklearn.linear_model
     except ImportError as e:
         raise ImportError(INSTALL_HINT) from e
     return sklearn
 
 
 def _vectorizer_class(features: str) -> type:
-    _require_sklearn()
-    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
-
-    return CountVectorizer if features == "count" else TfidfVectorizer
+    text = _sklearn().feature_extraction.text
+    return text.CountVectorizer if features == "count" else text.TfidfVectorizer
 
 
 @dataclass(eq=False)
@@ -86,8 +82,7 @@ class Baseline:
         if self.probs is not None:  # majority: the same distribution whatever the text
             out[:] = self.probs
         elif texts:
-            scores = self.model.predict_proba(self.vectorizer.transform(texts))
-            out[:, list(self.classes)] = scores
+            out[:, list(self.classes)] = self.model.predict_proba(self.vectorizer.transform(texts))
         return out
 
     def to_bundle(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -148,8 +143,6 @@ class Baseline:
         shapes = {"coef": (k, len(vocab)), "intercept": (k,)}  # coef[:, j] weighs vocab[j]
         arrays = _arrays(tensors, shapes | ({"idf": (len(vocab),)} if features == "tfidf" else {}))
         vectorizer_class = _vectorizer_class(features)  # the message that names the extra
-        from sklearn.linear_model import LogisticRegression
-
         try:
             kwargs = {k: tuple(v) if k == "ngram_range" else v for k, v in given.items()}
             vectorizer = vectorizer_class(vocabulary=vocab, **kwargs)
@@ -158,7 +151,7 @@ class Baseline:
                 vectorizer.idf_ = arrays["idf"]
         except (TypeError, ValueError) as e:
             raise _bad("vectorizer", str(e)) from e
-        model = LogisticRegression()
+        model = _sklearn().linear_model.LogisticRegression()
         model.classes_ = np.asarray(classes, dtype=np.int64)
         model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
         model.n_features_in_ = len(vocab)
@@ -205,11 +198,10 @@ def fit_baseline(name: str, texts: Sequence[str], labels: Sequence[int], num_cla
         raise ValueError(f"{len(texts)} texts and {len(y)} labels: need as many, at least one")
     if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels: need class indices in 0..{num_classes - 1}")
-    y, version = y.astype(np.int64), {"sklearn_version": _require_sklearn().__version__}
+    sk = _sklearn()
+    y, version = y.astype(np.int64), {"sklearn_version": sk.__version__}
     if name == "majority":
-        from sklearn.dummy import DummyClassifier
-
-        dummy = DummyClassifier(strategy="most_frequent").fit(np.zeros((len(y), 1)), y)  # X unused
+        dummy = sk.dummy.DummyClassifier(strategy="most_frequent").fit(np.zeros((len(y), 1)), y)  # X unused
         probs = np.zeros(num_classes, dtype=np.float64)
         probs[dummy.classes_] = dummy.predict_proba(np.zeros((1, 1)))[0]
         options = {"class": "DummyClassifier", "strategy": "most_frequent", **version}
@@ -217,10 +209,8 @@ def fit_baseline(name: str, texts: Sequence[str], labels: Sequence[int], num_cla
         return Baseline(name, features, num_classes, classes, probs=probs, options=options)
     if len(np.unique(y)) < 2:
         raise ValueError(f"labels: only class {y[0]} in the training split; logreg needs two")
-    from sklearn.linear_model import LogisticRegression
-
     vectorizer = _vectorizer_class(features)()
-    model = LogisticRegression(max_iter=int(max_iter), random_state=int(seed))
+    model = sk.linear_model.LogisticRegression(max_iter=int(max_iter), random_state=int(seed))
     model.fit(vectorizer.fit_transform(list(texts)), y)
     options = {"class": "LogisticRegression", **version} | {
         k: v for k, v in model.get_params().items() if v is None or isinstance(v, (bool, int, float, str))}
@@ -284,38 +274,30 @@ class BaselineFamily(ModelFamily):
         """Options and vocabulary in ``bundle.json``, arrays as safetensors."""
         from safetensors.torch import save_file
 
-        from spam_lightning.inference.bundle import WEIGHTS, fresh_bundle_dir, write_bundle_config
-        from spam_lightning.io_utils import atomic_write
+        from spam_lightning.inference import bundle
 
-        out = fresh_bundle_dir(run_dir)
-        part, tensors = model.to_bundle()
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        return write_bundle_config(out, self.kind, list(datamodule.class_names), baseline=part, trained=trained)
+        out, (part, tensors) = bundle.fresh_bundle_dir(run_dir), model.to_bundle()  # contiguous
+        atomic_write(out / bundle.WEIGHTS,
+                     lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        return bundle.write_bundle_config(out, self.kind, list(datamodule.class_names),
+                                          baseline=part, trained=trained)
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], device: Any, dtype: Any) -> Predictor:
         from safetensors.torch import load_file
 
-        from spam_lightning.inference.bundle import (
-            CONFIG,
-            WEIGHTS,
-            BundleError,
-            bad_field,
-            check_class_count,
-            read_header,
-        )
+        from spam_lightning.inference import bundle
 
-        config_path = folder / CONFIG
-        check_class_count(config, config_path)
-        read_header(folder / WEIGHTS)  # a clear error for a file that is not safetensors
+        config_path = folder / bundle.CONFIG
+        bundle.check_class_count(config, config_path)
+        bundle.read_header(folder / bundle.WEIGHTS)  # a clear error for a non-safetensors file
         if not isinstance(config.get("baseline"), dict):
-            raise bad_field(config_path, "baseline", config.get("baseline"))
+            raise bundle.bad_field(config_path, "baseline", config.get("baseline"))
         try:
-            tensors = load_file(str(folder / WEIGHTS))
+            tensors = load_file(str(folder / bundle.WEIGHTS))
             return BaselinePredictor(Baseline.from_bundle(config["baseline"], tensors, config["num_classes"]))
         except BaselineBundleError as err:
-            raise BundleError(f"{config_path}: {err}") from err
+            raise bundle.BundleError(f"{config_path}: {err}") from err
 
 
 class BaselinePredictor(Predictor):

@@ -79,9 +79,7 @@ class GPTClassifier(GPTModel):
         """``x``: token ids ``[B, T]``, or with ``start_block`` k the states entering block k;
         ``lengths``: true lengths. Two exact shortcuts: inputs are cut to ``needed_length``; the
         last block runs only at the pooled position when the pooling reads one per row."""
-        if lengths is None:
-            lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
-        lengths = lengths.to(x.device)
+        lengths = (torch.full((len(x),), x.shape[1]) if lengths is None else lengths).to(x.device)
         width = self.needed_length(x.shape[1], lengths)
         x = self.embed(x[:, :width]) if start_block is None else x[:, :width]
         start_block = start_block or 0
@@ -90,11 +88,10 @@ class GPTClassifier(GPTModel):
         last_block = self.trf_blocks[n_blocks - 1] if start_block < n_blocks else None
         # an FSDP-wrapped block must go through its own forward (which gathers its weights)
         if positions is not None and isinstance(last_block, TransformerBlock):
-            x = last_block.forward_at(self.run_blocks(x, start=start_block, end=n_blocks - 1), positions)
+            x = last_block.forward_at(self.run_blocks(x, start_block, n_blocks - 1), positions)
             return self.out_head(self.final_norm(x))
-        x = self.final_norm(self.run_blocks(x, start=start_block))
         # pool before the (affine) head: identical result, computed on B rows instead of B*T
-        return self.out_head(self.pooling(x, lengths))
+        return self.out_head(self.pooling(self.final_norm(self.run_blocks(x, start_block)), lengths))
 
 
 def load_classifier_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

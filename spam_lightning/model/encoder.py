@@ -58,16 +58,12 @@ def _require_transformers() -> Any:
     return transformers
 
 
-def _is_folder(name_or_path: str | Path) -> bool:
-    return Path(name_or_path).expanduser().is_dir()
-
-
 def _from_pretrained(loader: Any, name_or_path: str | Path, local_files_only: bool = False,
                      **kwargs: Any) -> Any:
     """``loader.from_pretrained``: a folder; a Hub id from the cache first, then from the Hub
     unless ``local_files_only`` or HF_HUB_OFFLINE."""
-    if _is_folder(name_or_path):
-        return loader.from_pretrained(str(Path(name_or_path).expanduser()), **kwargs)
+    if (folder := Path(name_or_path).expanduser()).is_dir():
+        return loader.from_pretrained(str(folder), **kwargs)
     cache, _, offline = hub_settings()
     try:
         return loader.from_pretrained(name_or_path, cache_dir=cache, local_files_only=True, **kwargs)
@@ -120,11 +116,9 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``lengths``: true lengths; the positions after them are padding, masked out."""
-        if lengths is None:
-            mask = torch.ones_like(input_ids)
-        else:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            mask = (positions[None, :] < lengths.to(input_ids.device)[:, None]).long()
+        mask = torch.ones_like(input_ids) if lengths is None else (
+            torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            < lengths.to(input_ids.device)[:, None]).long()
         return self.hf(input_ids=input_ids, attention_mask=mask).logits
 
     def save(self, folder: str | Path) -> None:
@@ -142,13 +136,12 @@ def build_encoder(name_or_path: str, *, num_classes: int, trainable: str = "all"
         torch.manual_seed(seed)
         # a folder must hold safetensors (no pickle); the Hub's .bin files, where a repo has no
         # safetensors, are read by transformers with torch.load(weights_only=True)
-        safe = {"use_safetensors": True} if _is_folder(name_or_path) else {}
+        safe = {"use_safetensors": True} if Path(name_or_path).expanduser().is_dir() else {}
         hf = _from_pretrained(auto, name_or_path, local_files_only, num_labels=num_classes,
                               ignore_mismatched_sizes=True, **safe)
     elif weights == "random":
-        config = _from_pretrained(
-            transformers.AutoConfig, name_or_path, local_files_only, num_labels=num_classes
-        )
+        config = _from_pretrained(transformers.AutoConfig, name_or_path, local_files_only,
+                                  num_labels=num_classes)
         torch.manual_seed(seed)
         hf = auto.from_config(config)
     else:
@@ -158,15 +151,6 @@ def build_encoder(name_or_path: str, *, num_classes: int, trainable: str = "all"
     model.train()  # from_pretrained returns eval mode; like build_gpt, start in training mode
     set_trainable(model, trainable)
     return model
-
-
-def _modules(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
-    found = []
-    for path in paths:
-        head, last = path.removesuffix(".-1"), path.endswith(".-1")
-        module = model.get_submodule(head)
-        found.append(module[-1] if last else module)  # type: ignore[index]
-    return found
 
 
 def set_trainable(model: EncoderClassifier, trainable: str) -> None:
@@ -182,8 +166,9 @@ def set_trainable(model: EncoderClassifier, trainable: str) -> None:
                          f"for {model.family!r} (config.model_type); use trainable=all, which works "
                          "for any model")
     model.requires_grad_(False)
-    for module in _modules(model.hf, table[model.family]):
-        module.requires_grad_(True)
+    for path in table[model.family]:  # `.-1`: the last layer of a ModuleList
+        module = model.hf.get_submodule(path.removesuffix(".-1"))
+        (module[-1] if path.endswith(".-1") else module).requires_grad_(True)
 
 
 def load_encoder(folder: str | Path, device: str = "cpu") -> tuple[EncoderClassifier, EncoderTokenizer]:
@@ -207,7 +192,7 @@ def _unavailable(name: str, reason: str) -> EncoderUnavailableError:
 def _check_folder(path: Path, weights: str) -> str | None:
     """Why the folder cannot serve as an encoder checkpoint, or None."""
     if not path.is_dir():
-        return f"{path} is not a folder"
+        return f"{path} is not a folder" if path.exists() else f"no folder {path} exists"
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as err:
@@ -231,8 +216,7 @@ def check_encoder_available(name_or_path: str, weights: str, timeout: float = HU
     path, name = Path(name_or_path).expanduser(), str(name_or_path)
     looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
     if path.exists() or looks_local:
-        reason = _check_folder(path, weights) if path.exists() else f"no folder {path} exists"
-        if reason is not None:
+        if reason := _check_folder(path, weights):
             raise _unavailable(name, reason)
         return
     from huggingface_hub import get_token, try_to_load_from_cache
@@ -319,27 +303,23 @@ class EncoderFamily(ModelFamily):
     def load(cls, folder: Path, config: dict[str, Any], device: torch.device,
              dtype: torch.dtype) -> Predictor:
         from spam_lightning.data.tokens import PADDING_MODES
-        from spam_lightning.inference.bundle import (
-            CONFIG,
-            BundleError,
-            bad_field,
-            check_class_count,
-        )
+        from spam_lightning.inference import bundle
 
-        config_path = folder / CONFIG
-        check_class_count(config, config_path)
+        config_path = folder / bundle.CONFIG
+        bundle.check_class_count(config, config_path)
         for key, low in (("max_length", 1), ("pad_token_id", 0)):
             if not is_int(config.get(key), low):
-                raise bad_field(config_path, key, config.get(key))
+                raise bundle.bad_field(config_path, key, config.get(key))
         if config.get("padding") not in PADDING_MODES:
-            raise bad_field(config_path, "padding", config.get("padding"))
+            raise bundle.bad_field(config_path, "padding", config.get("padding"))
         try:
             model, tokenizer = load_encoder(folder)
         except (OSError, ValueError) as err:
-            raise BundleError(f"{folder}: cannot load the encoder ({err}); re-create the bundle.") from err
-        if int(model.hf.config.num_labels) != config["num_classes"]:
-            raise BundleError(f"{config_path}: num_classes is {config['num_classes']} but the model's "
-                              f"head has {model.hf.config.num_labels} outputs; re-create the bundle.")
+            raise bundle.BundleError(f"{folder}: cannot load the encoder ({err}); "
+                                     "re-create the bundle.") from err
+        if (outputs := int(model.hf.config.num_labels)) != config["num_classes"]:
+            raise bundle.BundleError(f"{config_path}: num_classes is {config['num_classes']} but the "
+                                     f"model's head has {outputs} outputs; re-create the bundle.")
         return EncoderPredictor(model.to(device=device, dtype=dtype).eval(), tokenizer, config, device)
 
 

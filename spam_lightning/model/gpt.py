@@ -1,9 +1,7 @@
-"""GPT-2 in plain PyTorch, as built in chapters 3-5 of "Build a Large Language Model (From Scratch)".
-
-The module names follow the book (`tok_emb`, `trf_blocks`, `att.W_query`, ...), so `print(model)`
-reads like the chapter's listing. Two numerically equivalent departures: attention runs through
-`F.scaled_dot_product_attention` (`causal_mask=False` turns the mask off), and `drop_shortcut` is
-called `drop_resid`. `forward` is `embed` -> `run_blocks` -> `head`, so a frozen trunk can be cached.
+"""GPT-2 in plain PyTorch, as built in chapters 3-5 of "Build a Large Language Model (From
+Scratch)", with the book's module names (`tok_emb`, `trf_blocks`, `att.W_query`, ...). Attention
+runs through `F.scaled_dot_product_attention` (same maths; `causal_mask=False` turns the mask
+off), and `forward` is `embed` -> `run_blocks` -> `head`, so a frozen trunk can be cached.
 """
 
 from __future__ import annotations
@@ -15,18 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spam_lightning.data.tokens import get_tokenizer
 from spam_lightning.model.sizes import CFG_KEYS, MODEL_CONFIGS  # noqa: F401  (re-exported)
-
-
-def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The book's keys (+ `causal_mask`) as a plain dict; extra keys such as `name` are dropped."""
-    if missing := [k for k in CFG_KEYS if k not in cfg]:
-        raise ValueError(f"model config is missing {missing}; it needs {list(CFG_KEYS)}")
-    out = {k: cfg[k] for k in CFG_KEYS}
-    out["causal_mask"] = bool(cfg.get("causal_mask", True))
-    if out["emb_dim"] % out["n_heads"] != 0:
-        raise ValueError(f"emb_dim={out['emb_dim']} is not divisible by n_heads={out['n_heads']}")
-    return out
 
 
 class MultiHeadAttention(nn.Module):
@@ -37,7 +25,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
         self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.context_length, self.dropout, self.causal = context_length, dropout, causal
+        self.dropout, self.causal = dropout, causal  # SDPA masks itself: no `mask` buffer
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -49,27 +37,23 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, num_tokens, _ = x.shape
-        # Same maths as the book's masked softmax(QK^T / sqrt(d)) V, with dropout on the weights.
+        q, k, v = (self._heads(w, x) for w in (self.W_query, self.W_key, self.W_value))
         context = F.scaled_dot_product_attention(
-            self._heads(self.W_query, x), self._heads(self.W_key, x), self._heads(self.W_value, x),
-            dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal,
-        )
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal)
         return self.out_proj(context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out))
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``forward(x)[b, positions[b]]``: one query row per sequence, keys and values from every
         position, the causal mask as "keys <= position" (none when every query is the last)."""
         b, num_tokens, _ = x.shape
-        query_in = x[torch.arange(b, device=x.device), positions].unsqueeze(1)  # [B, 1, d_in]
+        q = self._heads(self.W_query, x[torch.arange(b, device=x.device), positions].unsqueeze(1))
+        k, v = self._heads(self.W_key, x), self._heads(self.W_value, x)
         mask = None
         if self.causal and not bool((positions == num_tokens - 1).all()):
             keep = torch.arange(num_tokens, device=x.device)[None, :] <= positions[:, None]
             mask = keep[:, None, None, :]  # [B, 1, 1, T]: broadcast over heads and the query
         context = F.scaled_dot_product_attention(
-            self._heads(self.W_query, query_in), self._heads(self.W_key, x),
-            self._heads(self.W_value, x), attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(context.transpose(1, 2).reshape(b, self.d_out))
 
     def extra_repr(self) -> str:
@@ -119,8 +103,7 @@ class TransformerBlock(nn.Module):
         self.att = MultiHeadAttention(
             d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
             dropout=cfg["drop_rate"], num_heads=cfg["n_heads"], qkv_bias=cfg["qkv_bias"],
-            causal=cfg.get("causal_mask", True),
-        )
+            causal=cfg.get("causal_mask", True))
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg["emb_dim"])
         self.norm2 = LayerNorm(cfg["emb_dim"])
@@ -144,8 +127,14 @@ class GPTModel(nn.Module):
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__()
-        cfg = model_config(cfg)
-        self.cfg = cfg
+        if missing := [k for k in CFG_KEYS if k not in cfg]:
+            raise ValueError(f"model config is missing {missing}; it needs {list(CFG_KEYS)}")
+        if cfg["emb_dim"] % cfg["n_heads"] != 0:
+            raise ValueError(f"emb_dim={cfg['emb_dim']} is not divisible by "
+                             f"n_heads={cfg['n_heads']}")
+        # the book's keys (+ causal_mask) as a plain dict; extra keys such as `name` are dropped
+        causal = bool(cfg.get("causal_mask", True))
+        self.cfg = cfg = {**{k: cfg[k] for k in CFG_KEYS}, "causal_mask": causal}
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
@@ -160,12 +149,11 @@ class GPTModel(nn.Module):
 
     def embed(self, in_idx: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> input of the first block [B, T, emb_dim]."""
-        _, seq_len = in_idx.shape
-        if seq_len > self.cfg["context_length"]:
-            raise ValueError(f"sequence of {seq_len} tokens exceeds context_length={self.cfg['context_length']}")
-        tok_embeds = self.tok_emb(in_idx)
+        seq_len, limit = in_idx.shape[1], self.cfg["context_length"]
+        if seq_len > limit:
+            raise ValueError(f"sequence of {seq_len} tokens exceeds context_length={limit}")
         pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))
-        return self.drop_emb(tok_embeds + pos_embeds)
+        return self.drop_emb(self.tok_emb(in_idx) + pos_embeds)
 
     def run_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run blocks `start:end` (Python slice semantics), so the trunk can be split anywhere."""
@@ -194,20 +182,13 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
     return idx
 
 
-def _gpt2_tokenizer() -> Any:
-    from spam_lightning.data.tokens import get_tokenizer  # the bundled BPE files, offline
-
-    return get_tokenizer()
-
-
 def text_to_token_ids(text: str, tokenizer: Any = None) -> torch.Tensor:
-    """Text -> [1, T] tensor of GPT-2 ids (tiktoken's gpt2 encoding by default)."""
-    tokenizer = tokenizer or _gpt2_tokenizer()
-    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    return torch.tensor(encoded).unsqueeze(0)
+    """Text -> [1, T] tensor of GPT-2 ids (the bundled gpt2 BPE files by default)."""
+    tokenizer = tokenizer or get_tokenizer()
+    return torch.tensor(tokenizer.encode(text, allowed_special={"<|endoftext|>"})).unsqueeze(0)
 
 
 def token_ids_to_text(token_ids: torch.Tensor, tokenizer: Any = None) -> str:
     """[1, T] (or [T]) tensor of ids -> text."""
-    tokenizer = tokenizer or _gpt2_tokenizer()
+    tokenizer = tokenizer or get_tokenizer()
     return tokenizer.decode(token_ids.reshape(-1).tolist())

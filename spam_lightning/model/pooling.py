@@ -1,11 +1,9 @@
 """Pooling (``token=NAME``): the final hidden states ``[B, T, D]`` to one vector per message.
 
-A pooling declares which positions it ``reads``: every position (``ALL``, padding included), the
-real tokens (``REAL``), the last real token (``LAST_REAL``) or a position k (an int; negative from
-the end of the padded row). The rest is derived: what a causal model must run (``span``), the one
-position per row (``positions``), whether per-batch padding is exact (``reads_padding``), what it
-is without padding (``unpadded``). A subclass with a ``name`` registers itself;
-``conf/token/NAME.yaml`` points at it with ``_target_``.
+A pooling declares which positions it ``reads``: ``ALL`` (padding included), the ``REAL`` tokens,
+the ``LAST_REAL`` one or a position k (an int; negative from the end of the padded row); the
+rest (``span``, ``positions``, ``reads_padding``, ``unpadded``) is derived. A subclass with a
+``name`` registers itself; ``conf/token/NAME.yaml`` points at it with ``_target_``.
 """
 
 from __future__ import annotations
@@ -20,8 +18,7 @@ POOLINGS: dict[str, type[Pooling]] = {}  # name -> class, in the order the class
 
 
 class Pooling:
-    """Subclasses set ``name`` and ``reads`` (and ``__call__`` unless they read one position); one
-    that reads padding subclasses its equal without padding (``Last(Flexible)``)."""
+    """Subclasses set ``name``, ``reads`` and, unless they read one position, ``__call__``."""
 
     name: ClassVar[str]
     reads: ClassVar[str | int]
@@ -66,11 +63,10 @@ class Pooling:
         return None
 
     def unpadded(self) -> Pooling:
-        """This pooling on a message with no padding (``data.padding=none``) as one that never
-        reads padding, so inference can batch: the nearest such base class."""
-        cls = next(c for c in type(self).__mro__ if issubclass(c, Pooling) and "name" in vars(c)
-                   and not c.reads_padding())
-        return cls()
+        """This pooling without padding (``data.padding=none``): its nearest named base class that
+        never reads padding (``Last(Flexible)``: flexible), so inference can batch."""
+        return next(c for c in type(self).__mro__ if issubclass(c, Pooling) and "name" in vars(c)
+                    and not c.reads_padding())()
 
 
 class Flexible(Pooling):

@@ -1,8 +1,6 @@
 """The one registry of GPT-2 sizes (the book's `model_configs`), read by the model, the weights
-loader, the bundle and the configs (`conf/model/*.yaml` via the `${gpt2:NAME,KEY}` resolver).
-
-No torch import here, so configs resolve without loading the model code.
-"""
+loader, the bundle and `conf/model/*.yaml` (`${gpt2:NAME,KEY}`); no torch import, so configs
+resolve without loading the model code."""
 
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
 """The frozen trunk as a feature-extraction step: the hidden states after the frozen blocks,
-computed once per example, served to training and evaluation as a dataset (``TrunkFeatures``)
-whose batches enter the classifier at the first trainable block.
+computed once per example and served as a dataset (``TrunkFeatures``) whose batches enter the
+classifier at the first trainable block.
 
-Exact: under a causal mask position t depends only on positions <= t, so per example we store
-only what the pooling can read (its ``span``), computed at the width the uncached forward uses.
-Without a causal mask the whole ``max_length`` is stored (cached only under ``longest`` padding).
-States are packed per split, ``[sum(stored lengths), emb_dim]``, on the CPU.
-
-``cache.shared=true``: a split's states are a pure function of ``split_key`` (frozen weights'
-bytes, the code that runs them, torch version, numerics settings, device kind, and the split's
-token ids), so ``SharedTrunkStore`` keeps them as safetensors files for later runs.
+Exact: under a causal mask position t depends only on positions <= t, so per example only what
+the pooling can read (its ``span``) is stored, packed per split as ``[sum(spans), emb_dim]`` on
+the CPU (without a causal mask: all of ``max_length``). ``cache.shared=true``: a split's states
+are a pure function of ``split_key``, so ``SharedTrunkStore`` keeps them for later runs.
 """
 
 from __future__ import annotations
@@ -72,10 +68,8 @@ class TrunkCache:
     """Per-split packed hidden states of ``embed`` + ``trf_blocks[:start_block]``, stored as
     ``dtype`` (float32: the residual stream stays float32 under bf16-mixed autocast)."""
 
-    def __init__(
-        self, start_block: int, token: str | Pooling = "last", causal: bool = True,
-        dtype: torch.dtype = torch.float32, max_batch_tokens: int = 4096,
-    ) -> None:
+    def __init__(self, start_block: int, token: str | Pooling = "last", causal: bool = True,
+                 dtype: torch.dtype = torch.float32, max_batch_tokens: int = 4096) -> None:
         self.start_block, self.pooling, self.causal = start_block, get_pooling(token), causal
         self.dtype, self.max_batch_tokens = dtype, max_batch_tokens
         self._states: dict[str, torch.Tensor] = {}  # split -> [sum(stored), D]
@@ -86,45 +80,36 @@ class TrunkCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(map(self.split_nbytes, self._states))
+        return sum(states.nbytes for states in self._states.values())
 
     def _stored_lengths(self, token_ids: list[list[int]], max_length: int) -> list[int]:
         """Per example, the positions the pooling can read at ``max_length``."""
         if not self.causal:
             return [max_length] * len(token_ids)
-        lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
-        return self.pooling.span(max_length, lengths).tolist()
+        return self.pooling.span(max_length, torch.tensor([len(t) for t in token_ids])).tolist()
 
     def features(self, split: str, dataset, pad_to: int | None) -> TrunkFeatures:
         offsets = [0, *torch.cumsum(self._stored[split], 0).tolist()]
         return TrunkFeatures(self._states[split], offsets, dataset, self.start_block, pad_to)
 
-    def split_nbytes(self, split: str) -> int:
-        return self._states[split].numel() * self._states[split].element_size()
-
     def config_digest(self, model: nn.Module, device: torch.device, precision: str) -> str:
         """sha256 of everything but the data that ``build`` depends on."""
-        h, device = hashlib.sha256(), torch.device(device)
-        device_name = device.type
-        if device_name == "cuda":
-            device_name += ":" + torch.cuda.get_device_name(device)
-        fields = {
-            "format": FORMAT_VERSION, "torch": torch.__version__, "start_block": self.start_block,
-            "causal": self.causal, "dtype": str(self.dtype),
-            "max_batch_tokens": self.max_batch_tokens, "device": device_name, "precision": str(precision),
-            "matmul": torch.get_float32_matmul_precision(),
-            "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
-            "code": _code_digest(model, self.start_block),
-        }
-        h.update(repr(sorted(fields.items())).encode())
+        kind = torch.device(device).type
+        device_name = f"cuda:{torch.cuda.get_device_name(device)}" if kind == "cuda" else kind
+        fields = {"format": FORMAT_VERSION, "torch": torch.__version__, "dtype": str(self.dtype),
+                  "start_block": self.start_block, "causal": self.causal, "device": device_name,
+                  "max_batch_tokens": self.max_batch_tokens, "precision": str(precision),
+                  "matmul": torch.get_float32_matmul_precision(),
+                  "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+                  "code": _code_digest(model, self.start_block)}
+        h = hashlib.sha256(repr(sorted(fields.items())).encode())
         for name, tensor in frozen_tensors(model, self.start_block):
             h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-            h.update(_tensor_bytes(tensor))
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
 
     def split_key(self, config_digest: str, dataset, max_length: int, pad_token_id: int) -> str:
-        """``config_digest`` + the split's token ids and stored lengths (poolings that store the
-        same share the file)."""
+        """``config_digest`` + the split's token ids and stored lengths (not the pooling's name)."""
         h = hashlib.sha256(f"{config_digest};max_length={max_length};pad={pad_token_id};".encode())
         token_ids = dataset.token_ids
         h.update(array("q", [len(t) for t in token_ids]).tobytes())
@@ -161,30 +146,24 @@ class TrunkCache:
         self._states[split], self._stored[split] = tensors["states"], tensors["stored"]
 
     def estimate_bytes(self, dataset, model: nn.Module, max_length: int) -> int:
-        emb_dim = model.tok_emb.weight.shape[1]
         stored = sum(self._stored_lengths(dataset.token_ids, max_length))
-        return stored * emb_dim * torch.empty((), dtype=self.dtype).element_size()
+        return stored * model.tok_emb.weight.shape[1] * self.dtype.itemsize
 
     def _batches(self, stored: list[int]) -> list[list[int]]:
         """Example indices in trunk batches, shortest first (nearly no padding). A batch closes
         past ``max_batch_tokens`` padded positions or ~15% padding (sparse length ranges)."""
-        batches: list[list[int]] = []
-        current: list[int] = []
-        real = 0
+        batches: list[list[int]] = [[]]
+        real = 0  # real (unpadded) positions in the open batch, batches[-1]
         for i in sorted(range(len(stored)), key=stored.__getitem__):
-            width = stored[i]  # ascending: the new row is the widest
+            width, current = stored[i], batches[-1]  # ascending: the new row is the widest
             padded = width * (len(current) + 1)
-            if current and (
-                padded > self.max_batch_tokens
-                or (padded > 1.15 * (real + width) and width * len(current) >= 512)
-            ):
-                batches.append(current)
+            if current and (padded > self.max_batch_tokens
+                            or padded > 1.15 * (real + width) and width * len(current) >= 512):
                 current, real = [], 0
+                batches.append(current)
             current.append(i)
             real += width
-        if current:
-            batches.append(current)
-        return batches
+        return [rows for rows in batches if rows]
 
     @torch.no_grad()
     def build(self, split: str, model: nn.Module, dataset, max_length: int, pad_token_id: int,
@@ -192,26 +171,21 @@ class TrunkCache:
         """Run the trunk over ``dataset``, keeping per example the states the pooling can read."""
         was_training = model.training
         model.eval()
-        token_ids = dataset.token_ids
-        stored = self._stored_lengths(token_ids, max_length)
-        stored_t = torch.tensor(stored, dtype=torch.long)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(stored_t, 0)])
-        states = torch.empty((int(offsets[-1]), model.tok_emb.weight.shape[1]), dtype=self.dtype)
+        token_ids, stored = dataset.token_ids, self._stored_lengths(dataset.token_ids, max_length)
+        offsets = [0, *torch.cumsum(torch.tensor(stored), 0).tolist()]
+        states = torch.empty((offsets[-1], model.tok_emb.weight.shape[1]), dtype=self.dtype)
         for rows in self._batches(stored):
             width = max(stored[i] for i in rows)
             ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
             for r, i in enumerate(rows):
-                seq = token_ids[i][:width]
-                ids[r, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+                ids[r, : min(len(token_ids[i]), width)] = torch.as_tensor(token_ids[i][:width])
             x = model.run_blocks(model.embed(ids.to(device)), start=0, end=self.start_block)
-            n = stored_t[rows]  # [b] positions kept per row (all of them for `last`)
-            keep = torch.arange(width)[None, :] < n[:, None]  # [b, width]
-            dest = torch.repeat_interleave(offsets[rows], n) + (
-                torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
-            )
+            n = torch.tensor([stored[i] for i in rows])  # positions kept per row (all for `last`)
+            keep = torch.arange(width)[None, :] < n[:, None]  # [b, width], rows in order
+            dest = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in rows])
             states.index_copy_(0, dest, x[keep.to(device)].to("cpu", self.dtype))
         model.train(was_training)
-        self._states[split], self._stored[split] = states, stored_t
+        self._states[split], self._stored[split] = states, torch.tensor(stored, dtype=torch.long)
 
 
 def frozen_modules(model: nn.Module, start_block: int) -> list[nn.Module]:
@@ -228,24 +202,17 @@ def frozen_tensors(model: nn.Module, start_block: int) -> Iterable[tuple[str, to
 
 def is_sharded(model: nn.Module, start_block: int) -> bool:
     """Whether the frozen trunk is sharded (FSDP): a rank would hash only its shard."""
-    if any("FullyShardedDataParallel" in type(m).__name__ or "FSDP" in type(m).__name__
-           for module in frozen_modules(model, start_block) for m in module.modules()):
-        return True
-    return any(type(t).__name__ == "DTensor" for _, t in frozen_tensors(model, start_block))
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    kinds = {type(m).__name__ for f in frozen_modules(model, start_block) for m in f.modules()}
+    kinds |= {type(t).__name__ for _, t in frozen_tensors(model, start_block)}
+    return "DTensor" in kinds or any("FullyShardedDataParallel" in k or "FSDP" in k for k in kinds)
 
 
 def _code_digest(model: nn.Module, start_block: int) -> str:
     """sha256 of the source files of every class that runs in ``build`` (and of this file)."""
     classes = {type(model)} | {type(m) for f in frozen_modules(model, start_block) for m in f.modules()}
     files: set[str] = {__file__}
-    for cls in classes:
-        for klass in cls.__mro__:
-            if klass.__module__.startswith(("torch", "builtins")):
-                continue
+    for klass in {k for cls in classes for k in cls.__mro__}:
+        if not klass.__module__.startswith(("torch", "builtins")):
             try:
                 files.add(inspect.getfile(klass))
             except (TypeError, OSError):
@@ -264,15 +231,13 @@ def _code_digest(model: nn.Module, start_block: int) -> str:
 class SharedTrunkStore:
     """``<key>.safetensors`` files shared by runs and sweep jobs. The first job that needs a key
     computes it under the key's lock (others wait, then read it); after each write the least
-    recently used files (mtime) go until the folder is under ``max_bytes``, never one this run
-    uses or one another job is writing."""
+    recently used files go until the folder is under ``max_bytes`` (never one in use)."""
 
     SUFFIX = ".safetensors"
 
     def __init__(self, directory: str | Path, max_bytes: float) -> None:
         self.directory, self.max_bytes = Path(directory), float(max_bytes)
         self.in_use: set[Path] = set()
-        self.outcomes: dict[str, str] = {}  # split -> "hit" | "miss" (saved or not)
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}{self.SUFFIX}"
@@ -286,10 +251,8 @@ class SharedTrunkStore:
         """``load`` the file of ``key``, or ``compute`` the split and save it: "hit" or "miss"."""
         path = self.path(key)
         if path.is_file():
-            try:
+            with contextlib.suppress(CacheFileError):  # else looked at again under the lock
                 return self._hit(split, path, load)
-            except CacheFileError:
-                pass  # looked at again under the lock (another job may be replacing it)
         held = contextlib.ExitStack()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -299,7 +262,6 @@ class SharedTrunkStore:
             log.warning("Frozen-trunk cache: cannot use %s (%s); computing %s without sharing it.",
                         self.directory, err, split)
             compute()
-            self.outcomes[split] = "miss"
             return "miss"
         with held:
             if path.is_file():
@@ -311,9 +273,7 @@ class SharedTrunkStore:
             log.info("Frozen-trunk cache miss: computing %s (key %s...)", split, key[:12])
             t0 = time.perf_counter()
             compute()
-            seconds = time.perf_counter() - t0
-            size = cache.split_nbytes(split)
-            self.outcomes[split] = "miss"
+            seconds, size = time.perf_counter() - t0, cache._states[split].nbytes
             if size > self.max_bytes:
                 log.info("Frozen-trunk cache miss: computed %s in %.1f s, not saved: %.1f MiB is "
                          "over cache.max_gb=%g.", split, seconds, size / 2**20, self.max_bytes / 2**30)
@@ -332,27 +292,25 @@ class SharedTrunkStore:
     def _hit(self, split: str, path: Path, load: Callable[[Path], None]) -> str:
         load(path)
         self.in_use.add(path)
-        with contextlib.suppress(OSError):
+        mib = 0.0
+        with contextlib.suppress(OSError):  # evicted by another job meanwhile: this run keeps its map
             os.utime(path)  # the LRU clock: most recently used last to go
-        self.outcomes[split] = "hit"
-        log.info("Frozen-trunk cache hit: %s from %s (%.1f MiB).", split, path, _size(path) / 2**20)
+            mib = path.stat().st_size / 2**20
+        log.info("Frozen-trunk cache hit: %s from %s (%.1f MiB).", split, path, mib)
         return "hit"
 
-    def evict(self) -> list[Path]:
+    def evict(self) -> None:
         """Delete least-recently-used files until the folder is under ``max_bytes`` (and stale
-        temporaries of killed writers); returns what went."""
-        removed: list[Path] = []
-        entries = []
+        temporaries of killed writers)."""
+        entries: list[tuple[float, int, Path]] = []
         for p in self.directory.glob(f"*{self.SUFFIX}"):
             with contextlib.suppress(OSError):
                 st = p.stat()
                 entries.append((st.st_mtime, st.st_size, p))
         total = sum(size for _, size, _ in entries)
-        for _, size, p in sorted(entries, key=lambda e: e[0]):
+        for _, size, p in sorted(e for e in entries if e[2] not in self.in_use):  # oldest first
             if total <= self.max_bytes:
                 break
-            if p in self.in_use:
-                continue
             try:
                 with file_lock(self._lock(p), wait=False):
                     p.unlink(missing_ok=True)  # a job reading it keeps its mapping (POSIX)
@@ -360,15 +318,6 @@ class SharedTrunkStore:
                 continue
             self._lock(p).unlink(missing_ok=True)
             total -= size
-            removed.append(p)
             log.info("Frozen-trunk cache: evicted %s (%.1f MiB, least recently used; cache.max_gb=%g).",
                      p.name, size / 2**20, self.max_bytes / 2**30)
         remove_stale_temporaries(self.directory, recursive=False, min_age=60, lock_of=self._lock)
-        return removed
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:  # evicted by another job meanwhile (this run keeps its mapping)
-        return 0

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from llms_from_scratch import ch03 as book_ch03
+from llms_from_scratch import ch04 as book_ch04
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -104,22 +105,19 @@ def test_gelu_is_gpt2s_tanh_approximation() -> None:
     from transformers.activations import ACT2FN
 
     x = torch.linspace(-8, 8, 2001)
-    book = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    assert torch.allclose(GELU()(x), book, atol=1e-6)
+    assert torch.allclose(GELU()(x), book_ch04.GELU()(x), atol=1e-6)
     assert torch.allclose(GELU()(x), ACT2FN["gelu_new"](x), atol=1e-6)
 
 
 def test_layernorm_is_the_books() -> None:
-    norm = LayerNorm(16)
+    norm, book = LayerNorm(16), book_ch04.LayerNorm(16)
     with torch.no_grad():
         norm.scale.normal_()
         norm.shift.normal_()
+    book.load_state_dict(norm.state_dict())  # the same names: scale, shift
     x = torch.randn(3, 5, 16) * 4 + 2
-    mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True, unbiased=False)
-    book = norm.scale * (x - mean) / torch.sqrt(var + 1e-5) + norm.shift
-    assert torch.allclose(norm(x), book, atol=1e-5)
-    assert norm.eps == 1e-5
+    assert torch.allclose(norm(x), book(x), atol=1e-5)
+    assert norm.eps == book.eps == 1e-5
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -127,16 +125,11 @@ def test_attention_is_the_books_masked_softmax(causal: bool) -> None:
     torch.manual_seed(0)
     att = MultiHeadAttention(8, 8, context_length=6, dropout=0.0, num_heads=2, qkv_bias=True)
     att.causal = causal
+    # chapter 3's module with the same weights; its mask buffer zeroed: no causal mask
+    book = book_ch03.MultiHeadAttention(8, 8, context_length=6, dropout=0.0, num_heads=2, qkv_bias=True)
+    book.load_state_dict({**att.state_dict(), "mask": book.mask * causal})
     x = torch.randn(2, 6, 8)
-    # chapter 3: scores, causal mask to -inf, softmax over keys scaled by sqrt(head_dim)
-    q, k, v = (w(x).view(2, 6, 2, 4).transpose(1, 2) for w in (att.W_query, att.W_key, att.W_value))
-    scores = q @ k.transpose(2, 3)
-    if causal:
-        mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), diagonal=1)
-        scores = scores.masked_fill(mask, -torch.inf)
-    weights = torch.softmax(scores / 4**0.5, dim=-1)
-    book = att.out_proj((weights @ v).transpose(1, 2).reshape(2, 6, 8))
-    assert torch.allclose(att(x), book, atol=1e-6)
+    assert torch.allclose(att(x), book(x), atol=1e-6)
 
 
 @pytest.mark.parametrize("causal_mask", [True, False])
