@@ -19,8 +19,8 @@ import pandas as pd
 
 from spam_lightning.data.datamodule import (
     TextClassificationDataModule,
-    _int_at_least,
-    check_split_fractions,
+    int_problems,
+    split_problems,
 )
 from spam_lightning.data.source import (
     DOWNLOAD_TIMEOUT,
@@ -118,16 +118,12 @@ def to_splits(
     return names, {s: replace(t, labels=[lookup[lab] for lab in t.labels]) for s, t in tables.items()}
 
 
-def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
-    if class_names is None:
-        return None
-    names = [str(n) for n in class_names]
-    if len(names) < 2 or len(set(names)) != len(names) or any(not n.strip() for n in names):
-        raise ValueError(
-            f"data.class_names={names}: need at least 2 distinct, non-empty names (or null to "
-            f"take them from the data)"
-        )
-    return names
+def class_names_problems(class_names: Sequence[str] | None) -> list[str]:
+    names = None if class_names is None else [str(n) for n in class_names]
+    if names is None or len(set(names)) == len(names) >= 2 and all(n.strip() for n in names):
+        return []
+    return [f"data.class_names={names}: need at least 2 distinct, non-empty names (or null to "
+            f"take them from the data)"]
 
 
 def _path(p: str | os.PathLike[str] | None) -> Path | None:
@@ -146,36 +142,34 @@ class CSVDataModule(TextClassificationDataModule):
         padding: str = "longest", bucketing: bool = False, batch_size: int = 8,
         num_workers: int = 0, seed: int = 123, pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
-                         num_workers, seed, pad_token_id)
-        train_frac, val_frac = check_split_fractions(train_frac, val_frac)
+        problems = split_problems(split_seed, train_frac, val_frac)
+        problems += class_names_problems(class_names)
         files = {"train": train, "validation": validation, "test": test}
         given = {k: v for k, v in files.items() if v is not None}
         if source is not None and given:
-            raise ValueError(
-                f"data.source={source} and data.{'/'.join(given)} are both set: give one file to "
-                f"split (data.source) or the three split files, not both"
-            )
+            problems.append(f"data.source={source} and data.{'/'.join(given)} are both set: give "
+                            f"one file to split (data.source) or the three split files, not both")
         if source is None and len(given) < 3:
             missing = ", ".join(f"data.{k}" for k in files if k not in given)
-            raise ValueError(
-                f"data=csv needs data.train, data.validation and data.test (missing: {missing}), "
-                f"or data.source=ONE_FILE to split {train_frac:g}/{val_frac:g}/rest"
-            )
+            problems.append(f"data=csv needs data.train, data.validation and data.test (missing: "
+                            f"{missing}), or data.source=ONE_FILE to split "
+                            f"{train_frac}/{val_frac}/rest")
+        if not text_column or not label_column or text_column == label_column:
+            problems.append(f"data.text_column={text_column!r}, data.label_column={label_column!r}: "
+                            f"need two different column names")
+        if balance and source is None:
+            problems.append("data.balance=true balances one file before it is split: it needs "
+                            "data.source")
+        try:
+            sep = resolve_sep(sep, source or train)
+        except ValueError as err:
+            problems.append(str(err))
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id, problems)
         for option, path in {**given, **({"source": source} if source else {})}.items():
             if (problem := path_problem(_path(path))) is not None:
                 raise DataError(f"data.{option}: {_path(path)}: {problem}")
-        if not text_column or not label_column or text_column == label_column:
-            raise ValueError(
-                f"data.text_column={text_column!r}, data.label_column={label_column!r}: need two "
-                f"different column names"
-            )
-        if balance and source is None:
-            raise ValueError(
-                "data.balance=true balances one file before it is split: it needs data.source"
-            )
-        _int_at_least("data.split_seed", split_seed, 0)
-        self.fixed_class_names = _check_class_names(class_names)
+        self.fixed_class_names = None if class_names is None else [str(n) for n in class_names]
         # class_names: the LightningModule records the resolved names under that key, and the
         # logger merges both hparams (a null here, "from the data", would conflict with them)
         self.save_hyperparameters(ignore=["class_names"])
@@ -185,9 +179,8 @@ class CSVDataModule(TextClassificationDataModule):
         self.class_names = list(self.fixed_class_names or [])
         self.settings = {
             "format": CSV_FORMAT_VERSION, "kind": "csv", "text_column": self.text_column,
-            "label_column": self.label_column, "sep": resolve_sep(sep, source or train),
-            "balance": bool(balance), "split_seed": int(split_seed), "train_frac": train_frac,
-            "val_frac": val_frac,
+            "label_column": self.label_column, "sep": sep, "balance": bool(balance),
+            "split_seed": int(split_seed), "train_frac": float(train_frac), "val_frac": float(val_frac),
         }
 
     def prepare_data(self) -> None:
@@ -462,18 +455,16 @@ class IMDBDataModule(TextClassificationDataModule):
         batch_size: int = 8, num_workers: int = 0, seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
-                         num_workers, seed, pad_token_id)
-        for option, value, low in (("train_size", train_size, 1), ("val_size", val_size, 0),
-                                   ("test_size", 1 if test_size is None else test_size, 1),
-                                   ("shuffle_seed", shuffle_seed, 0)):
-            _int_at_least(f"data.{option}", value, low)
-        names = [str(n) for n in class_names]
+        names, urls = [str(n) for n in class_names], [str(u) for u in (urls or ())]
+        problems = int_problems(train_size=(train_size, 1), val_size=(val_size, 0),
+                                test_size=(1 if test_size is None else test_size, 1),
+                                shuffle_seed=(shuffle_seed, 0))
         if len(names) != 2 or len(set(names)) != 2:
-            raise ValueError(f"data.class_names={names}: IMDB has 2 classes (negative, positive)")
-        urls = [str(u) for u in (urls or ())]
+            problems.append(f"data.class_names={names}: IMDB has 2 classes (negative, positive)")
         if source is None and not urls:
-            raise ValueError("data.source is null and data.urls is empty: nothing to read")
+            problems.append("data.source is null and data.urls is empty: nothing to read")
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id, problems)
         problem = None if source is None else path_problem(_path(source))
         if problem == NO_SUCH_FILE:
             raise DataError(

@@ -26,10 +26,10 @@ from spam_lightning.data.source import (
 )
 from spam_lightning.data.table import (
     Table,
-    check_choice,
     load_prepared,
     prepare,
     read_prepared_table,
+    settings_problems,
     split_settings,
 )
 from spam_lightning.data.tokens import (
@@ -40,6 +40,7 @@ from spam_lightning.data.tokens import (
     get_tokenizer,
     resolve_max_length,
 )
+from spam_lightning.rules import choice_problems, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -117,27 +118,35 @@ class BookShuffleSampler(RandomSampler):
         self._resume = state
 
 
-def _int_at_least(option: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{option}={value!r}: must be an integer >= {low}")
-    return value
+def int_problems(**options: tuple[Any, int]) -> list[str]:
+    """``data.NAME=value: must be an integer >= low`` for each ``NAME=(value, low)`` that is not."""
+    return [f"data.{k}={v!r}: must be an integer >= {low}" for k, (v, low) in options.items()
+            if not is_int(v, low)]
 
 
-def check_split_fractions(train_frac: Any, val_frac: Any) -> tuple[float, float]:
-    """Both in (0, 1) with a sum < 1: an empty validation or test split breaks evaluation."""
+def split_problems(split_seed: Any, train_frac: Any, val_frac: Any) -> list[str]:
+    """A seed, and fractions both in (0, 1) with a sum < 1: an empty validation or test split
+    breaks evaluation."""
+    problems: list[str] = []
     allowed = "a number with 0 < value < 1"
     for option, value in (("data.train_frac", train_frac), ("data.val_frac", val_frac)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{option}={value!r}: must be {allowed} (got {type(value).__name__})")
-        if not 0.0 < float(value) < 1.0:  # also rejects nan
-            raise ValueError(f"{option}={value!r}: must be {allowed}")
-    if float(train_frac) + float(val_frac) >= 1.0:
-        raise ValueError(
+            problems.append(f"{option}={value!r}: must be {allowed} (got {type(value).__name__})")
+        elif not 0.0 < float(value) < 1.0:  # also rejects nan
+            problems.append(f"{option}={value!r}: must be {allowed}")
+    if not problems and float(train_frac) + float(val_frac) >= 1.0:
+        problems.append(
             f"data.train_frac={train_frac!r} + data.val_frac={val_frac!r} = "
             f"{float(train_frac) + float(val_frac):g}: must be < 1 (the test split gets the rest, "
             f"1 - train_frac - val_frac)"
         )
-    return float(train_frac), float(val_frac)
+    return int_problems(split_seed=(split_seed, 0)) + problems
+
+
+def raise_problems(problems: Sequence[str]) -> None:
+    """One ValueError holding every problem, a line each (as validate_config lists them)."""
+    if problems:
+        raise ValueError("\n  - ".join(problems))
 
 
 class TextClassificationDataModule(L.LightningDataModule):
@@ -148,33 +157,37 @@ class TextClassificationDataModule(L.LightningDataModule):
         self, data_dir: str = "data", max_length: int | str | None = None,
         context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
         batch_size: int = 8, num_workers: int = 0, seed: int = 123,
-        pad_token_id: int = PAD_TOKEN_ID,
+        pad_token_id: int = PAD_TOKEN_ID, problems: Sequence[str] = (),
     ) -> None:
-        super().__init__()  # impossible options fail here, before any download
-        check_choice("data.padding", padding, PADDING_MODES)
-        for option, value, low in (
-            ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-            ("context_length", context_length, 1), ("pad_token_id", pad_token_id, 0), ("seed", seed, 0),
-        ):
-            _int_at_least(f"data.{option}", value, low)
-        if padding == "none" and batch_size > 1:
-            raise ValueError(
+        """Impossible options fail here, before any download: all of them (and a subclass's
+        ``problems``) in one ValueError."""
+        super().__init__()
+        problems = choice_problems("data.padding", padding, PADDING_MODES) + int_problems(
+            batch_size=(batch_size, 1), num_workers=(num_workers, 0),
+            context_length=(context_length, 1), pad_token_id=(pad_token_id, 0), seed=(seed, 0),
+        ) + list(problems)
+        if padding == "none" and is_int(batch_size, 2):
+            problems.append(
                 f"data.padding=none cannot batch sequences of different lengths, but "
                 f"data.batch_size={batch_size}: use data.batch_size=1 and "
                 f"trainer.accumulate_grad_batches={batch_size} for an effective batch of {batch_size}"
             )
         if bucketing and padding != "batch":
-            raise ValueError(f"data.bucketing=true groups examples of similar length, which only saves "
-                             f"work with data.padding=batch (got data.padding={padding})")
+            problems.append(f"data.bucketing=true groups examples of similar length, which only "
+                            f"saves work with data.padding=batch (got data.padding={padding})")
+        self._max_length: int | None = None
+        if max_length is not None and is_int(context_length, 1):
+            try:
+                self._max_length = resolve_max_length(max_length, [], context_length)
+            except ValueError as err:
+                problems.append(str(err))
+        raise_problems(problems)
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.max_length_option = max_length
         self.context_length, self.padding, self.bucketing = int(context_length), padding, bucketing
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.seed, self.pad_token_id = int(seed), int(pad_token_id)
         self.class_names: list[str] = []
-        self._max_length: int | None = None
-        if max_length is not None:
-            self._max_length = resolve_max_length(max_length, [], self.context_length)
         # data.bucketing only: one generator for the whole fit, saved in checkpoints. The plain
         # shuffled loader draws from the global torch RNG, as the chapter's does.
         self._train_generator = torch.Generator().manual_seed(self.seed)
@@ -241,8 +254,8 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def token_dataset(self, split: str) -> TokenDataset:
         """A split's tokens (``train``, ``val``/``validation``, ``test``), after ``setup``."""
-        if split not in _SPLIT_ALIASES:
-            raise ValueError(f"split={split!r}: allowed values are train, val, test")
+        if problems := choice_problems("split", split, _SPLIT_ALIASES):
+            raise ValueError(problems[0])
         ds = {"train": self.train_dataset, "validation": self.val_dataset,
               "test": self.test_dataset}[_SPLIT_ALIASES[split]]
         if ds is None:
@@ -347,18 +360,16 @@ class SpamDataModule(TextClassificationDataModule):
         pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error", split_seed: int = 123,
         train_frac: float = 0.7, val_frac: float = 0.1, split: str = "chapter",
     ) -> None:
-        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
-                         num_workers, seed, pad_token_id)
-        _int_at_least("data.split_seed", split_seed, 0)
-        train_frac, val_frac = check_split_fractions(train_frac, val_frac)
-        self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
         urls = [str(u) for u in (urls or ())]  # plain values: hparams go into checkpoints
         source = BUNDLED if source is None else str(source)
+        problems = split_problems(split_seed, train_frac, val_frac)
+        problems += settings_problems(on_bad_rows, split)
         if source == DOWNLOAD and not urls:
-            raise ValueError(
-                "data.source=download, but data.urls is empty: nothing to download from "
-                "(use data.source=bundled, the default, or a path)"
-            )
+            problems.append("data.source=download, but data.urls is empty: nothing to download "
+                            "from (use data.source=bundled, the default, or a path)")
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id, problems)
+        self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
         if source not in SOURCE_KEYWORDS:
             path = resolve_path(source)
             problem = path_problem(path)  # one stat: missing, unreadable, a loop, not a file
@@ -373,8 +384,8 @@ class SpamDataModule(TextClassificationDataModule):
             source = str(path)
         self.save_hyperparameters()
         self.source, self.urls, self.on_bad_rows = source, urls, on_bad_rows
-        self.split_seed, self.train_frac, self.val_frac = int(split_seed), train_frac, val_frac
-        self.split = split
+        self.split_seed, self.split = int(split_seed), split
+        self.train_frac, self.val_frac = float(train_frac), float(val_frac)
         self.class_names = ["ham", "spam"]
 
     def prepare_data(self) -> None:

@@ -36,6 +36,7 @@ from spam_lightning.data.source import (
     sha256_bytes,
 )
 from spam_lightning.io_utils import file_lock, remove_stale_temporaries, write_bytes, write_json
+from spam_lightning.rules import choice_problems
 
 logger = logging.getLogger(__name__)
 
@@ -410,9 +411,10 @@ class Prepared(NamedTuple):
     reused: bool
 
 
-def check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
+def settings_problems(on_bad_rows: Any, split: Any) -> list[str]:
+    """``data.on_bad_rows`` and ``data.split``, each one of its choices."""
+    return (choice_problems("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
+            + choice_problems("data.split", split, SPLIT_PROCEDURES))
 
 
 def split_settings(
@@ -420,8 +422,8 @@ def split_settings(
 ) -> dict:
     """The settings ``meta.json`` records (``split`` only when not ``chapter``: older folders
     stay valid)."""
-    check_choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
-    check_choice("data.split", split, SPLIT_PROCEDURES)
+    if problems := settings_problems(on_bad_rows, split):
+        raise ValueError("\n  - ".join(problems))
     settings = {"format": FORMAT_VERSION, "split_seed": int(seed), "train_frac": float(train_frac),
                 "val_frac": float(val_frac), "on_bad_rows": on_bad_rows}
     return settings if split == "chapter" else {**settings, "split": split}

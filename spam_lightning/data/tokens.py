@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from spam_lightning.data.source import DataError, sha256_bytes
+from spam_lightning.rules import choice_problems
 
 PAD_TOKEN_ID = 50256  # <|endoftext|>, the chapter's pad token
 PADDING_MODES = ("longest", "batch", "none")
@@ -130,8 +131,8 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """``input_ids``, ``lengths`` (a text may hold token 50256), ``index``, ``labels``; padded to
     ``max_length`` (``longest``, the chapter), the batch's longest (``batch``) or not (``none``)."""
-    if padding not in PADDING_MODES:
-        raise ValueError(f"padding={padding!r}: allowed values are {', '.join(PADDING_MODES)}")
+    if problems := choice_problems("padding", padding, PADDING_MODES):
+        raise ValueError(problems[0])
     lengths = [len(ids) for ids in token_lists]
     if 0 in lengths:
         raise ValueError(f"sequence {lengths.index(0)} is empty (an empty text has no tokens)")
