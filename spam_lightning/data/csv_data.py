@@ -40,7 +40,6 @@ from spam_lightning.data.table import (
     ensure_prepared,
     load_prepared,
     random_split,
-    read_prepared_table,
     read_text_table,
 )
 from spam_lightning.data.tokens import PAD_TOKEN_ID
@@ -186,9 +185,8 @@ class CSVDataModule(TextClassificationDataModule):
         else:  # checked against the source as it is now (every rank: cheap, one hash)
             data = read_local(self.source, "data.source", MAX_CSV_BYTES)
             identity = {"path": str(self.source), "sha256": sha256_bytes(data)}
-            paths = load_prepared(self.data_dir, self.settings, identity, f"split of {self.source}",
-                                  f"data.source={self.source}")
-            tables = {s: read_prepared_table(p, b, *cols) for s, (p, b) in paths.items()}
+            tables = load_prepared(self.data_dir, self.settings, identity, f"split of {self.source}",
+                                   f"data.source={self.source}", *cols)
         self.class_names, splits = to_splits(tables, self.fixed_class_names)
         return splits
 
@@ -448,7 +446,6 @@ class IMDBDataModule(TextClassificationDataModule):
         settings = imdb_settings(self.sizes, self.shuffle_seed)
         identity = _imdb_identity(self.source, self.data_dir)  # the source as it is now
         ours = f"data.source={self.source or 'null (the download)'}"
-        paths = load_prepared(self.data_dir, settings, identity, "IMDB data", ours)
-        tables = {s: read_prepared_table(p, b, "text", "label") for s, (p, b) in paths.items()}
+        tables = load_prepared(self.data_dir, settings, identity, "IMDB data", ours, "text", "label")
         self.class_names, splits = to_splits(tables, self.class_names)
         return splits

@@ -28,7 +28,6 @@ from spam_lightning.data.table import (
     Table,
     load_prepared,
     prepare,
-    read_prepared_table,
     settings_problems,
     split_settings,
 )
@@ -46,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+_DATASETS = {"train": "train_dataset", "validation": "val_dataset", "test": "test_dataset"}
 
 
 class TokenDataset(Dataset):
@@ -70,22 +70,18 @@ class LengthGroupedSampler(BatchSampler):
     ``mega_batch_mult * batch_size`` sorted by length and cut into batches, the batch order
     shuffled by ``generator``: every kept example once per epoch, little padding, reproducible."""
 
-    def __init__(
-        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool,
-        lengths: Sequence[int], mega_batch_mult: int = 50,
-        generator: torch.Generator | None = None, seed: int = 123,
-    ) -> None:
+    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool,
+                 lengths: Sequence[int], mega_batch_mult: int = 50,
+                 generator: torch.Generator | None = None, seed: int = 123) -> None:
         super().__init__(sampler, batch_size, drop_last)
         self.lengths, self.mega_batch_mult = [int(n) for n in lengths], mega_batch_mult
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[list[int]]:
-        bs = self.batch_size
-        order = list(self.sampler)
+        bs, order, batches = self.batch_size, list(self.sampler), []
         if self.drop_last:
             order = order[: len(order) - len(order) % bs]
         chunk = self.mega_batch_mult * bs
-        batches: list[list[int]] = []
         for start in range(0, len(order), chunk):
             group = sorted(order[start : start + chunk], key=self.lengths.__getitem__, reverse=True)
             batches.extend(group[j : j + bs] for j in range(0, len(group), bs))
@@ -101,7 +97,7 @@ class BookShuffleSampler(RandomSampler):
     def __init__(self, data_source: Sized) -> None:
         super().__init__(data_source)
         self.epoch_seed: int | None = None
-        self._resume: dict[str, Any] | None = None
+        self._resume: dict[str, Any] | None = None  # resume_at's state, for the next iter()
 
     def __iter__(self) -> Iterator[int]:
         resume, self._resume = self._resume, None
@@ -143,22 +139,14 @@ def split_problems(split_seed: Any, train_frac: Any, val_frac: Any) -> list[str]
     return int_problems(split_seed=(split_seed, 0)) + problems
 
 
-def raise_problems(problems: Sequence[str]) -> None:
-    """One ValueError holding every problem, a line each (as validate_config lists them)."""
-    if problems:
-        raise ValueError("\n  - ".join(problems))
-
-
 class TextClassificationDataModule(L.LightningDataModule):
     """Any labelled text dataset as token batches. Subclasses implement ``prepare_data`` (files,
     once per node) and ``load_splits`` (the three splits, ``class_names``); ``setup`` tokenizes."""
 
-    def __init__(
-        self, data_dir: str = "data", max_length: int | str | None = None,
-        context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
-        batch_size: int = 8, num_workers: int = 0, seed: int = 123,
-        pad_token_id: int = PAD_TOKEN_ID, problems: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, data_dir: str = "data", max_length: int | str | None = None,
+                 context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
+                 batch_size: int = 8, num_workers: int = 0, seed: int = 123,
+                 pad_token_id: int = PAD_TOKEN_ID, problems: Sequence[str] = ()) -> None:
         """Impossible options fail here, before any download: all of them (and a subclass's
         ``problems``) in one ValueError."""
         super().__init__()
@@ -167,11 +155,10 @@ class TextClassificationDataModule(L.LightningDataModule):
             context_length=(context_length, 1), pad_token_id=(pad_token_id, 0), seed=(seed, 0),
         ) + list(problems)
         if padding == "none" and is_int(batch_size, 2):
-            problems.append(
-                f"data.padding=none cannot batch sequences of different lengths, but "
-                f"data.batch_size={batch_size}: use data.batch_size=1 and "
-                f"trainer.accumulate_grad_batches={batch_size} for an effective batch of {batch_size}"
-            )
+            problems.append(f"data.padding=none cannot batch sequences of different lengths, but "
+                            f"data.batch_size={batch_size}: use data.batch_size=1 and trainer."
+                            f"accumulate_grad_batches={batch_size} for an effective batch of "
+                            f"{batch_size}")
         if bucketing and padding != "batch":
             problems.append(f"data.bucketing=true groups examples of similar length, which only "
                             f"saves work with data.padding=batch (got data.padding={padding})")
@@ -181,7 +168,8 @@ class TextClassificationDataModule(L.LightningDataModule):
                 self._max_length = resolve_max_length(max_length, [], context_length)
             except ValueError as err:
                 problems.append(str(err))
-        raise_problems(problems)
+        if problems:  # a line each, as validate_config lists them
+            raise ValueError("\n  - ".join(problems))
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.max_length_option = max_length
         self.context_length, self.padding, self.bucketing = int(context_length), padding, bucketing
@@ -212,7 +200,8 @@ class TextClassificationDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         if not self.class_names:
-            raise AttributeError("num_classes is known after setup(): the classes come from the data")
+            raise AttributeError("num_classes is known after setup(): the classes come from the "
+                                 "data")
         return len(self.class_names)
 
     @property
@@ -243,22 +232,19 @@ class TextClassificationDataModule(L.LightningDataModule):
                 raise DataError(f"{data.name}, line {data.line(empty)}: empty text")
             datasets.append(TokenDataset(ids, data.labels, data.texts))
         if len(datasets[0]) < self.batch_size:
-            raise DataError(f"{splits['train'].name}: {len(datasets[0])} training rows < data.batch_size="
-                            f"{self.batch_size}, so drop_last leaves no training batch")
+            raise DataError(f"{splits['train'].name}: {len(datasets[0])} training rows < "
+                            f"data.batch_size={self.batch_size}, so drop_last leaves no training "
+                            f"batch")
         self._max_length = max_length
         self.train_dataset, self.val_dataset, self.test_dataset = datasets
-        logger.info(
-            "data: train %d, validation %d, test %d rows; %d classes; max_length %d; padding %s",
-            *map(len, datasets), len(self.class_names), max_length, self.padding,
-        )
+        logger.info("data: train %d, validation %d, test %d rows; %d classes; max_length %d; "
+                    "padding %s", *map(len, datasets), len(self.class_names), max_length, self.padding)
 
     def token_dataset(self, split: str) -> TokenDataset:
         """A split's tokens (``train``, ``val``/``validation``, ``test``), after ``setup``."""
         if problems := choice_problems("split", split, _SPLIT_ALIASES):
             raise ValueError(problems[0])
-        ds = {"train": self.train_dataset, "validation": self.val_dataset,
-              "test": self.test_dataset}[_SPLIT_ALIASES[split]]
-        if ds is None:
+        if (ds := getattr(self, _DATASETS[_SPLIT_ALIASES[split]])) is None:
             raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
         return ds
 
@@ -272,19 +258,14 @@ class TextClassificationDataModule(L.LightningDataModule):
         if kwargs.pop("bucketing", False):
             kwargs["batch_sampler"] = LengthGroupedSampler(
                 RandomSampler(ds, generator=generator), self.batch_size, drop_last=True,
-                lengths=ds.lengths, generator=generator,
-            )
+                lengths=ds.lengths, generator=generator)
         else:
             kwargs["batch_size"] = self.batch_size
-        return DataLoader(
-            ds if features is None else features,
-            generator=generator,
-            collate_fn=Collator(self.padding, self.max_length, self.pad_token_id)
-            if features is None else features.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+        collate_fn = Collator(self.padding, self.max_length, self.pad_token_id)
+        return DataLoader(ds if features is None else features, generator=generator,
+                          collate_fn=collate_fn if features is None else features.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """The chapter's ``DataLoader(shuffle=True, drop_last=True)``: each ``iter()`` draws from
@@ -292,9 +273,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         if self.bucketing:
             return self._loader("train", self._train_generator, bucketing=True)
         if self._book_sampler is None:
-            if self.train_dataset is None:
-                raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
-            self._book_sampler = BookShuffleSampler(self.train_dataset)
+            self._book_sampler = BookShuffleSampler(self.token_dataset("train"))
             if self._pending_resume is not None:
                 self._book_sampler.resume_at(self._pending_resume)
                 self._pending_resume = None
@@ -321,11 +300,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The bucketing generator and, mid-epoch (SIGTERM), the epoch's seed, how far it got and
         the global RNG: a resumed fit continues the same order."""
-        state: dict[str, Any] = {
-            "train_generator_state": self._train_generator.get_state(), "max_length": self._max_length,
-        }
-        trainer = getattr(self, "trainer", None)
-        sampler = self._book_sampler
+        state: dict[str, Any] = {"train_generator_state": self._train_generator.get_state(),
+                                 "max_length": self._max_length}
+        trainer, sampler = getattr(self, "trainer", None), self._book_sampler
         if trainer is not None and sampler is not None and sampler.epoch_seed is not None:
             done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
             if 0 < done < trainer.num_training_batches:  # mid-epoch
@@ -343,23 +320,21 @@ class TextClassificationDataModule(L.LightningDataModule):
                 self._pending_resume = state_dict["book_shuffle"]
         saved = state_dict.get("max_length")
         if saved is not None and self._max_length is not None and saved != self._max_length:
-            logger.warning(
-                "checkpoint was trained with max_length %d, this data gives %d", saved, self._max_length
-            )
+            logger.warning("checkpoint was trained with max_length %d, this data gives %d", saved,
+                           self._max_length)
 
 
 class SpamDataModule(TextClassificationDataModule):
     """The UCI SMS Spam Collection, balanced and split as in chapter 6. ``source``: ``bundled``
     (the verified copy in the package), ``download`` (from ``urls``) or a file / the UCI zip."""
 
-    def __init__(
-        self, source: str | None = BUNDLED, urls: Sequence[str] = DEFAULT_URLS,
-        data_dir: str = "data/sms_spam", max_length: int | str | None = None,
-        context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
-        batch_size: int = 8, num_workers: int = 0, seed: int = 123,
-        pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error", split_seed: int = 123,
-        train_frac: float = 0.7, val_frac: float = 0.1, split: str = "chapter",
-    ) -> None:
+    def __init__(self, source: str | None = BUNDLED, urls: Sequence[str] = DEFAULT_URLS,
+                 data_dir: str = "data/sms_spam", max_length: int | str | None = None,
+                 context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
+                 batch_size: int = 8, num_workers: int = 0, seed: int = 123,
+                 pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error",
+                 split_seed: int = 123, train_frac: float = 0.7, val_frac: float = 0.1,
+                 split: str = "chapter") -> None:
         urls = [str(u) for u in (urls or ())]  # plain values: hparams go into checkpoints
         source = BUNDLED if source is None else str(source)
         problems = split_problems(split_seed, train_frac, val_frac)
@@ -374,11 +349,8 @@ class SpamDataModule(TextClassificationDataModule):
             path = resolve_path(source)
             problem = path_problem(path)  # one stat: missing, unreadable, a loop, not a file
             if problem == NO_SUCH_FILE:
-                raise DataError(
-                    f"data.source: {path}: no such file (expected "
-                    f"bundled, download, or the path of an SMSSpamCollection file or the zip "
-                    f"holding it)"
-                )
+                raise DataError(f"data.source: {path}: no such file (expected bundled, download, "
+                                f"or the path of an SMSSpamCollection file or the zip holding it)")
             if problem is not None:
                 raise DataError(f"data.source: {path}: {problem}")
             source = str(path)
@@ -389,16 +361,14 @@ class SpamDataModule(TextClassificationDataModule):
         self.class_names = ["ham", "spam"]
 
     def prepare_data(self) -> None:
-        prepare(
-            self.source, self.data_dir, self.urls, split_seed=self.split_seed,
-            train_frac=self.train_frac, val_frac=self.val_frac, on_bad_rows=self.on_bad_rows,
-            split=self.split,
-        )
+        prepare(self.source, self.data_dir, self.urls, split_seed=self.split_seed,
+                train_frac=self.train_frac, val_frac=self.val_frac, on_bad_rows=self.on_bad_rows,
+                split=self.split)
 
     def load_splits(self) -> dict[str, Table]:
         """The prepared CSVs, if ``meta.json`` records this source's sha256 (recomputed on every
         rank: a folder re-prepared from another source is refused)."""
         source = {"sha256": source_sha256(self.source)}
-        paths = load_prepared(self.data_dir, self.settings, source, "data", f"data.source={self.source}")
-        tables = {s: read_prepared_table(p, b, "Text", "Label") for s, (p, b) in paths.items()}
+        tables = load_prepared(self.data_dir, self.settings, source, "data",
+                               f"data.source={self.source}", "Text", "Label")
         return {s: replace(t, labels=[int(v) for v in t.labels]) for s, t in tables.items()}

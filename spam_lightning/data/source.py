@@ -78,10 +78,8 @@ def _limit(max_bytes: int) -> str:
     return f"{max_bytes:,}-byte limit ({max_bytes / 2**20:g} MiB)"
 
 
-def read_zip_member(
-    zip_data: bytes, name: str, expected_size: int | None = None,
-    max_bytes: int = MAX_SOURCE_BYTES,
-) -> bytes:
+def read_zip_member(zip_data: bytes, name: str, expected_size: int | None = None,
+                    max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
     """The zip's ``SMSSpamCollection``; never more than ``max_bytes`` decompressed (by the recorded
     size and the bytes read: a header can lie)."""
     try:
@@ -93,15 +91,11 @@ def read_zip_member(
                 raise DataError(f"{name}: the zip has no {MEMBER_NAME} member (it holds {listed})")
             info = match[0]
             if expected_size is not None and info.file_size != expected_size:
-                raise DataError(
-                    f"{name}: {info.filename} has size {info.file_size:,} bytes, "
-                    f"expected {expected_size:,}"
-                )
-            too_big = DataError(
-                f"{name}: {info.filename} decompresses to more than the {_limit(max_bytes)} "
-                f"for data.source (the real {MEMBER_NAME} is {EXPECTED_SIZE:,} bytes); not read. "
-                f"{FIX_HINT}"
-            )
+                raise DataError(f"{name}: {info.filename} has size {info.file_size:,} bytes, "
+                                f"expected {expected_size:,}")
+            too_big = DataError(f"{name}: {info.filename} decompresses to more than the "
+                                f"{_limit(max_bytes)} for data.source (the real {MEMBER_NAME} is "
+                                f"{EXPECTED_SIZE:,} bytes); not read. {FIX_HINT}")
             if info.file_size > max_bytes:
                 raise too_big
             with zf.open(info) as member:
@@ -170,22 +164,15 @@ def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOU
         raise DataError(f"{option}: {path}: {os_problem(e)}") from e
     data = b""
     try:
-        st = os.fstat(fd)
-        problem = _kind_problem(st.st_mode)
-        if problem is None and st.st_size > max_bytes:
-            problem = f"{st.st_size:,} bytes, over the {_limit(max_bytes)} for {option}; not read"
-        if problem is None:
-            chunks, total = [], 0
-            while total <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total))):
-                chunks.append(chunk)
-                total += len(chunk)
-            data = b"".join(chunks)
-            if total > max_bytes:  # it grew while being read
+        with os.fdopen(fd, "rb") as f:  # closes fd
+            st = os.fstat(fd)
+            problem = _kind_problem(st.st_mode)
+            if problem is None and st.st_size > max_bytes:
+                problem = f"{st.st_size:,} bytes, over the {_limit(max_bytes)} for {option}; not read"
+            if problem is None and len(data := f.read(max_bytes + 1)) > max_bytes:  # it grew
                 problem = f"more than the {_limit(max_bytes)} for {option}; not read"
     except OSError as e:
         problem = os_problem(e)
-    finally:
-        os.close(fd)
     if problem is not None:
         raise DataError(f"{option}: {path}: {problem}")
     return data
@@ -215,16 +202,14 @@ def load_bundled(path: str | os.PathLike[str] = BUNDLED_PATH) -> SourceData:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise DataError(
-            f"data.source=bundled: cannot read {path} ({e.strerror or e}): the package is "
-            f"incomplete; reinstall spam-lightning, or pass data.source=download or a path"
-        ) from e
+        raise DataError(f"data.source=bundled: cannot read {path} ({e.strerror or e}): the package "
+                        f"is incomplete; reinstall spam-lightning, or pass data.source=download or "
+                        f"a path") from e
     if not _is_pinned(data):
-        raise DataError(
-            f"data.source=bundled: {path} is damaged: {len(data):,} bytes sha256 "
-            f"{sha256_bytes(data)}, expected {EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}; "
-            f"reinstall spam-lightning, or pass data.source=download or a path"
-        )
+        raise DataError(f"data.source=bundled: {path} is damaged: {len(data):,} bytes sha256 "
+                        f"{sha256_bytes(data)}, expected {EXPECTED_SIZE:,} bytes sha256 "
+                        f"{EXPECTED_SHA256}; reinstall spam-lightning, or pass data.source=download "
+                        f"or a path")
     return SourceData(data, str(path), {"kind": BUNDLED, "path": str(path)}, verified=True)
 
 
@@ -242,10 +227,9 @@ def fetch(url: str, dest: Path, timeout: float, max_bytes: int = MAX_DOWNLOAD_BY
             raise DataError(f"download truncated: got {total:,} of {int(expected):,} bytes")
 
 
-def download_first(
-    urls: Sequence[str], dest: Path, keep: Callable[[Path], None], what: str, hint: str,
-    timeout: float = DOWNLOAD_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES,
-) -> str:
+def download_first(urls: Sequence[str], dest: Path, keep: Callable[[Path], None], what: str,
+                   hint: str, timeout: float = DOWNLOAD_TIMEOUT,
+                   max_bytes: int = MAX_DOWNLOAD_BYTES) -> str:
     """The first URL whose download ``keep(tmp)`` accepts (it may rewrite it) becomes ``dest``;
     else a DownloadError listing every URL's failure."""
     failures: list[str] = []
@@ -271,11 +255,9 @@ def download(urls: Sequence[str], dest: Path, timeout: float = DOWNLOAD_TIMEOUT)
         if data.startswith(b"PK"):
             data = read_zip_member(data, "the downloaded zip", expected_size=EXPECTED_SIZE)
         if not _is_pinned(data):
-            raise DataError(
-                f"the downloaded file: {MEMBER_NAME} does not match the known file: expected "
-                f"{EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}, got {len(data):,} bytes "
-                f"sha256 {sha256_bytes(data)}; not kept"
-            )
+            raise DataError(f"the downloaded file: {MEMBER_NAME} does not match the known file: "
+                            f"expected {EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}, got "
+                            f"{len(data):,} bytes sha256 {sha256_bytes(data)}; not kept")
         tmp.write_bytes(data)
 
     return download_first(urls, dest, keep, MEMBER_NAME, FIX_HINT, timeout)
@@ -292,18 +274,15 @@ def cached_download(data_dir: Path) -> SourceData | None:
     return SourceData(data, str(dest), origin, verified=True) if _is_pinned(data) else None
 
 
-def load_source(
-    source: str | os.PathLike[str] | None, urls: Sequence[str], data_dir: Path,
-    timeout: float = DOWNLOAD_TIMEOUT,
-) -> SourceData:
+def load_source(source: str | os.PathLike[str] | None, urls: Sequence[str], data_dir: Path,
+                timeout: float = DOWNLOAD_TIMEOUT) -> SourceData:
     """``bundled``/``None``, ``download`` (reusing a verified ``data_dir/SMSSpamCollection``) or a
     local path. Call while holding the preparation lock (a download writes to ``data_dir``)."""
     if source is None or str(source) == BUNDLED:
         return load_bundled()
     if str(source) != DOWNLOAD:
         return load_local(source)
-    cached = cached_download(data_dir)
-    if cached is not None:
+    if (cached := cached_download(data_dir)) is not None:
         return cached
     dest = data_dir / MEMBER_NAME
     if dest.is_file():

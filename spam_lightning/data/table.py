@@ -211,12 +211,6 @@ def read_split_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
     return parse_split_csv(Path(path).read_bytes(), str(path))
 
 
-def read_prepared_table(path: Path, payload: bytes, text_column: str, label_column: str) -> Table:
-    """One of our own split CSVs (sha256-checked against meta.json): a plain read."""
-    frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
-    return Table(frame[text_column].tolist(), frame[label_column].str.strip().tolist(), str(path), frame)
-
-
 def csv_bytes(frame: pd.DataFrame) -> bytes:
     """The chapter's ``to_csv(index=None)``; pandas leaves a bare carriage return unquoted (it
     would read back as a line break), so only then (never for the real data) texts are quoted."""
@@ -322,11 +316,16 @@ def ensure_prepared(
 
 
 def load_prepared(data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str,
-                  ours: str) -> dict[str, tuple[Path, bytes]]:
-    """The CSVs ``prepare_data`` wrote for these settings and this source (every key of ``source``
-    recorded in ``meta.json``) as sha256-checked (path, bytes); read-only. A folder another run
-    re-prepared from another source is an error naming both (``ours``: this run's)."""
-    return _prepared(data_dir, settings, source, what, ours)[1]
+                  ours: str, text_column: str, label_column: str) -> dict[str, Table]:
+    """The splits ``prepare_data`` wrote for these settings and this source (every key of
+    ``source`` recorded in ``meta.json``), sha256-checked, so read plainly; read-only. A folder
+    another run re-prepared from another source is an error naming both (``ours``: this run's)."""
+    tables = {}
+    for split, (path, payload) in _prepared(data_dir, settings, source, what, ours)[1].items():
+        frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
+        labels = frame[label_column].str.strip().tolist()
+        tables[split] = Table(frame[text_column].tolist(), labels, str(path), frame)
+    return tables
 
 
 def _prepared(data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str,
