@@ -37,11 +37,10 @@ NO_SUCH_FILE = "no such file"
 BUNDLED, DOWNLOAD = "bundled", "download"  # data.source keywords; any other value is a path
 SOURCE_KEYWORDS = (BUNDLED, DOWNLOAD)
 BUNDLED_PATH = Path(__file__).resolve().parent / "assets" / MEMBER_NAME
-FIX_HINT = (
-    "Fix: use the copy bundled with the package (data.source=bundled, the default), or download "
-    "the UCI 'SMS Spam Collection' zip by other means and pass "
-    "data.source=/path/to/SMSSpamCollection (or data.source=/path/to/sms+spam+collection.zip)."
-)
+FIX_HINT = ("Fix: use the copy bundled with the package (data.source=bundled, the default), or "
+            "download the UCI 'SMS Spam Collection' zip by other means and pass "
+            "data.source=/path/to/SMSSpamCollection "
+            "(or data.source=/path/to/sms+spam+collection.zip).")
 
 
 class DataError(ValueError):
@@ -93,15 +92,11 @@ def read_zip_member(zip_data: bytes, name: str, expected_size: int | None = None
             if expected_size is not None and info.file_size != expected_size:
                 raise DataError(f"{name}: {info.filename} has size {info.file_size:,} bytes, "
                                 f"expected {expected_size:,}")
-            too_big = DataError(f"{name}: {info.filename} decompresses to more than the "
-                                f"{_limit(max_bytes)} for data.source (the real {MEMBER_NAME} is "
-                                f"{EXPECTED_SIZE:,} bytes); not read. {FIX_HINT}")
-            if info.file_size > max_bytes:
-                raise too_big
-            with zf.open(info) as member:
-                data = member.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise too_big
+            with zf.open(info) as member:  # the recorded size first: nothing read if too big
+                if info.file_size > max_bytes or len(data := member.read(max_bytes + 1)) > max_bytes:
+                    raise DataError(f"{name}: {info.filename} decompresses to more than the "
+                                    f"{_limit(max_bytes)} for data.source (the real {MEMBER_NAME} "
+                                    f"is {EXPECTED_SIZE:,} bytes); not read. {FIX_HINT}")
             return data
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
         raise DataError(f"{name}: not a valid zip file (corrupt or truncated): {e}") from e
@@ -135,9 +130,8 @@ def os_problem(e: OSError) -> str:
 def _kind_problem(mode: int) -> str | None:
     if stat.S_ISDIR(mode):
         return "is a folder, not a file"
-    if not stat.S_ISREG(mode):
-        return "not a regular file (a device, pipe or socket, such as /dev/zero); pass a file"
-    return None
+    return None if stat.S_ISREG(mode) else ("not a regular file (a device, pipe or socket, such as "
+                                            "/dev/zero); pass a file")
 
 
 def path_problem(path: Path) -> str | None:
@@ -162,7 +156,6 @@ def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOU
         fd = os.open(path, flags)
     except OSError as e:
         raise DataError(f"{option}: {path}: {os_problem(e)}") from e
-    data = b""
     try:
         with os.fdopen(fd, "rb") as f:  # closes fd
             st = os.fstat(fd)
