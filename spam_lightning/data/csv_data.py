@@ -53,16 +53,6 @@ _SEP_ALIASES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";"}
 _INT_RE = re.compile(r"[+-]?\d+")
 
 
-def resolve_sep(sep: str | None, path: str | os.PathLike[str] | None) -> str:
-    """``null`` -> tab for ``.tsv`` / ``.tab`` files, else comma; ``tab`` is an alias for ``\\t``."""
-    if sep is None:
-        return "\t" if Path(str(path or "")).suffix.lower() in (".tsv", ".tab") else ","
-    sep = _SEP_ALIASES.get(str(sep), str(sep))
-    if len(sep) != 1 or sep in ('"', "\n", "\r"):
-        raise ValueError(f"data.sep={sep!r}: need one character (or tab, comma, semicolon)")
-    return sep
-
-
 def natural_sorted(labels: Sequence[str]) -> list[str]:
     """Unique labels, numerically when all are integers (2 before 10), else as strings."""
     unique = set(labels)
@@ -108,14 +98,6 @@ def to_splits(tables: dict[str, Table],
     return names, {s: replace(t, labels=[lookup[lab] for lab in t.labels]) for s, t in tables.items()}
 
 
-def class_names_problems(class_names: Sequence[str] | None) -> list[str]:
-    names = None if class_names is None else [str(n) for n in class_names]
-    if names is None or len(set(names)) == len(names) >= 2 and all(n.strip() for n in names):
-        return []
-    return [f"data.class_names={names}: need at least 2 distinct, non-empty names (or null to "
-            f"take them from the data)"]
-
-
 def _path(p: str | os.PathLike[str] | None) -> Path | None:
     return None if p is None else resolve_path(str(p))
 
@@ -133,7 +115,11 @@ class CSVDataModule(TextClassificationDataModule):
         num_workers: int = 0, seed: int = 123, pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
         problems = split_problems(split_seed, train_frac, val_frac)
-        problems += class_names_problems(class_names)
+        names = None if class_names is None else [str(n) for n in class_names]
+        if names is not None and (len(names) < 2 or len(set(names)) != len(names)
+                                  or not all(n.strip() for n in names)):
+            problems.append(f"data.class_names={names}: need at least 2 distinct, non-empty names "
+                            f"(or null to take them from the data)")
         files = {"train": train, "validation": validation, "test": test}
         given = {k: v for k, v in files.items() if v is not None}
         if source is not None and given:
@@ -150,16 +136,17 @@ class CSVDataModule(TextClassificationDataModule):
         if balance and source is None:
             problems.append("data.balance=true balances one file before it is split: it needs "
                             "data.source")
-        try:
-            sep = resolve_sep(sep, source or train)
-        except ValueError as err:
-            problems.append(str(err))
+        if sep is None:  # tab for .tsv / .tab files, else comma
+            sep = "\t" if Path(str(source or train)).suffix.lower() in (".tsv", ".tab") else ","
+        sep = _SEP_ALIASES.get(str(sep), str(sep))
+        if len(sep) != 1 or sep in ('"', "\n", "\r"):
+            problems.append(f"data.sep={sep!r}: need one character (or tab, comma, semicolon)")
         super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
                          num_workers, seed, pad_token_id, problems)
         for option, path in {**given, **({"source": source} if source else {})}.items():
             if (problem := path_problem(_path(path))) is not None:
                 raise DataError(f"data.{option}: {_path(path)}: {problem}")
-        self.fixed_class_names = None if class_names is None else [str(n) for n in class_names]
+        self.fixed_class_names = names
         # class_names: the LightningModule records the resolved names under that key, and the
         # logger merges both hparams (a null here, "from the data", would conflict with them)
         self.save_hyperparameters(ignore=["class_names"])
@@ -191,13 +178,6 @@ class CSVDataModule(TextClassificationDataModule):
         return splits
 
 
-def balance_classes(frame: pd.DataFrame, labels: pd.Series, seed: int) -> pd.DataFrame:
-    """Downsample every class to the rarest one's count (the chapter's balancing, for k classes)."""
-    smallest = int(labels.value_counts().min())
-    return pd.concat(frame[labels == label].sample(smallest, random_state=seed)
-                     for label in natural_sorted(labels.tolist()))
-
-
 def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Shuffle + split one CSV into ``data_dir`` (every column kept, every cell quoted so that
     any text reads back unchanged), reused while its sha256 and the settings match."""
@@ -208,8 +188,11 @@ def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) ->
         cols = settings["text_column"], settings["label_column"]
         table = read_text_table(data, str(source), *cols, settings["sep"])
         frame, seed = table.frame, settings["split_seed"]
-        if settings["balance"]:
-            frame = balance_classes(frame, pd.Series(table.labels, index=frame.index), seed)
+        if settings["balance"]:  # every class downsampled to the rarest one's count (as chapter 6)
+            labels = pd.Series(table.labels, index=frame.index)
+            smallest = int(labels.value_counts().min())
+            frame = pd.concat(frame[labels == label].sample(smallest, random_state=seed)
+                              for label in natural_sorted(table.labels))
         splits = random_split(frame, settings["train_frac"], settings["val_frac"], seed, str(source))
         counts = {}
         for split, part in splits.items():
@@ -251,18 +234,14 @@ def _review(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: bytes that are not valid UTF-8 at offset {e.start}") from e
 
 
-def imdb_root(folder: Path) -> Path:
-    """``folder`` itself when it holds ``train/`` and ``test/``, else ``folder/aclImdb``."""
-    for root in (folder, folder / "aclImdb"):
-        if all((root / subset / label).is_dir() for subset, label in ORDER):
-            return root
-    raise DataError(f"data.source: {folder}: not an extracted IMDB folder (expected "
-                    f"aclImdb/train/pos, train/neg, test/pos and test/neg holding *.txt reviews)")
-
-
 def _review_files(folder: Path) -> Iterator[tuple[str, str, str, Path, os.stat_result]]:
-    """(subset, label, name, path, stat) of each ``*.txt`` review, in the book's order."""
-    root = imdb_root(folder)
+    """(subset, label, name, path, stat) of each ``*.txt`` review in ``folder`` (or
+    ``folder/aclImdb``), in the book's order."""
+    roots = (folder, folder / "aclImdb")
+    root = next((r for r in roots if all((r / s / lab).is_dir() for s, lab in ORDER)), None)
+    if root is None:
+        raise DataError(f"data.source: {folder}: not an extracted IMDB folder (expected "
+                        f"aclImdb/train/pos, train/neg, test/pos and test/neg holding *.txt reviews)")
     for subset, label in ORDER:
         where = root / subset / label
         try:
