@@ -24,14 +24,13 @@ from spam_lightning.data.datamodule import (
 )
 from spam_lightning.data.source import (
     DOWNLOAD_TIMEOUT,
-    NO_SUCH_FILE,
     DataError,
     DownloadError,
+    checked_path,
     download_first,
     os_problem,
     path_problem,
     read_local,
-    resolve_path,
     sha256_bytes,
 )
 from spam_lightning.data.table import (
@@ -98,10 +97,6 @@ def to_splits(tables: dict[str, Table],
     return names, {s: replace(t, labels=[lookup[lab] for lab in t.labels]) for s, t in tables.items()}
 
 
-def _path(p: str | os.PathLike[str] | None) -> Path | None:
-    return None if p is None else resolve_path(str(p))
-
-
 class CSVDataModule(TextClassificationDataModule):
     """Any text-classification CSV: three split files, or one file split 70/10/20 (seeded)."""
 
@@ -143,15 +138,12 @@ class CSVDataModule(TextClassificationDataModule):
             problems.append(f"data.sep={sep!r}: need one character (or tab, comma, semicolon)")
         super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
                          num_workers, seed, pad_token_id, problems)
-        for option, path in {**given, **({"source": source} if source else {})}.items():
-            if (problem := path_problem(_path(path))) is not None:
-                raise DataError(f"data.{option}: {_path(path)}: {problem}")
         self.fixed_class_names = names
         # class_names: the LightningModule records the resolved names under that key, and the
         # logger merges both hparams (a null here, "from the data", would conflict with them)
         self.save_hyperparameters(ignore=["class_names"])
-        self.source = _path(source)
-        self.files = {k: _path(v) for k, v in files.items()}
+        self.files = {k: checked_path(f"data.{k}", v) for k, v in given.items()}
+        self.source = None if source is None else checked_path("data.source", source)
         self.text_column, self.label_column = str(text_column), str(label_column)
         self.class_names = list(self.fixed_class_names or [])
         self.settings = {"format": CSV_FORMAT_VERSION, "kind": "csv", "text_column": self.text_column,
@@ -404,13 +396,10 @@ class IMDBDataModule(TextClassificationDataModule):
             problems.append("data.source is null and data.urls is empty: nothing to read")
         super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
                          num_workers, seed, pad_token_id, problems)
-        self.source, self.urls = _path(source), urls
-        problem = None if source is None else path_problem(self.source)
-        if problem == NO_SUCH_FILE:
-            raise DataError(f"data.source: {self.source}: no such file or folder (expected "
-                            f"{ARCHIVE_NAME} or the extracted aclImdb folder)")
-        if problem is not None and not problem.startswith("is a folder"):
-            raise DataError(f"data.source: {self.source}: {problem}")
+        self.source = None if source is None else checked_path(
+            "data.source", source, f"no such file or folder (expected {ARCHIVE_NAME} or the "
+            "extracted aclImdb folder)", folder=True)
+        self.urls = urls
         # class_names: recorded (resolved) by the LightningModule under the same key
         self.save_hyperparameters(ignore=["class_names"])
         self.sizes = (int(train_size), int(val_size), None if test_size is None else int(test_size))

@@ -17,11 +17,9 @@ from spam_lightning.data.source import (
     BUNDLED,
     DEFAULT_URLS,
     DOWNLOAD,
-    NO_SUCH_FILE,
     SOURCE_KEYWORDS,
     DataError,
-    path_problem,
-    resolve_path,
+    checked_path,
     source_sha256,
 )
 from spam_lightning.data.table import (
@@ -345,15 +343,10 @@ class SpamDataModule(TextClassificationDataModule):
         super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
                          num_workers, seed, pad_token_id, problems)
         self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
-        if source not in SOURCE_KEYWORDS:
-            path = resolve_path(source)
-            problem = path_problem(path)  # one stat: missing, unreadable, a loop, not a file
-            if problem == NO_SUCH_FILE:
-                raise DataError(f"data.source: {path}: no such file (expected bundled, download, "
-                                f"or the path of an SMSSpamCollection file or the zip holding it)")
-            if problem is not None:
-                raise DataError(f"data.source: {path}: {problem}")
-            source = str(path)
+        if source not in SOURCE_KEYWORDS:  # one stat: missing, unreadable, a loop, not a file
+            source = str(checked_path("data.source", source, "no such file (expected bundled, "
+                                      "download, or the path of an SMSSpamCollection file or the "
+                                      "zip holding it)"))
         self.save_hyperparameters()
         self.source, self.urls, self.on_bad_rows = source, urls, on_bad_rows
         self.split_seed, self.split = int(split_seed), split

@@ -33,7 +33,7 @@ MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 # a local data.source (file, zip, and the zip's member) gets the download's cap: the real file is
 # 477,907 bytes, so anything this large is not it (and is never read whole into memory)
 MAX_SOURCE_BYTES = MAX_DOWNLOAD_BYTES
-NO_SUCH_FILE = "no such file"
+NO_SUCH_FILE, IS_A_FOLDER = "no such file", "is a folder, not a file"
 BUNDLED, DOWNLOAD = "bundled", "download"  # data.source keywords; any other value is a path
 SOURCE_KEYWORDS = (BUNDLED, DOWNLOAD)
 BUNDLED_PATH = Path(__file__).resolve().parent / "assets" / MEMBER_NAME
@@ -123,13 +123,13 @@ def os_problem(e: OSError) -> str:
     if isinstance(e, NotADirectoryError):
         return "no such file (a part of the path is a file, not a folder)"
     if isinstance(e, IsADirectoryError):
-        return "is a folder, not a file"
+        return IS_A_FOLDER
     return f"cannot read it: {e.strerror or e}"
 
 
 def _kind_problem(mode: int) -> str | None:
     if stat.S_ISDIR(mode):
-        return "is a folder, not a file"
+        return IS_A_FOLDER
     return None if stat.S_ISREG(mode) else ("not a regular file (a device, pipe or socket, such as "
                                             "/dev/zero); pass a file")
 
@@ -145,6 +145,16 @@ def path_problem(path: Path) -> str | None:
     if problem is None and not os.access(path, os.R_OK):
         return os_problem(PermissionError(errno.EACCES, "Permission denied"))
     return problem
+
+
+def checked_path(option: str, value: str | os.PathLike[str], missing: str = NO_SUCH_FILE,
+                 folder: bool = False) -> Path:
+    """``value`` resolved, or a DataError naming ``option`` unless it is a readable file (or a
+    ``folder``); ``missing``: what a missing one is called."""
+    path = resolve_path(value)
+    if (problem := path_problem(path)) is not None and not (folder and problem == IS_A_FOLDER):
+        raise DataError(f"{option}: {path}: {missing if problem == NO_SUCH_FILE else problem}")
+    return path
 
 
 def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
@@ -180,7 +190,7 @@ def load_local(source: str | os.PathLike[str]) -> SourceData:
     except DataError as e:
         if str(e).endswith(NO_SUCH_FILE):
             raise DataError(f"{e} {FIX_HINT}") from None
-        if str(e).endswith("is a folder, not a file"):
+        if str(e).endswith(IS_A_FOLDER):
             raise DataError(f"{e}; pass the {MEMBER_NAME} file or the zip holding it") from None
         raise
     if path.suffix.lower() == ".zip" or data.startswith(b"PK\x03\x04"):
