@@ -126,8 +126,8 @@ class CSVDataModule(TextClassificationDataModule):
                             f"{missing}), or data.source=ONE_FILE to split "
                             f"{train_frac}/{val_frac}/rest")
         if not text_column or not label_column or text_column == label_column:
-            problems.append(f"data.text_column={text_column!r}, data.label_column={label_column!r}: "
-                            f"need two different column names")
+            problems.append(f"data.text_column={text_column!r}, data.label_column="
+                            f"{label_column!r}: need two different column names")
         if balance and source is None:
             problems.append("data.balance=true balances one file before it is split: it needs "
                             "data.source")
@@ -146,8 +146,9 @@ class CSVDataModule(TextClassificationDataModule):
         self.source = None if source is None else checked_path("data.source", source)
         self.text_column, self.label_column = str(text_column), str(label_column)
         self.class_names = list(self.fixed_class_names or [])
-        self.settings = {"format": CSV_FORMAT_VERSION, "kind": "csv", "text_column": self.text_column,
-                         "label_column": self.label_column, "sep": sep, "balance": bool(balance),
+        self.settings = {"format": CSV_FORMAT_VERSION, "kind": "csv", "sep": sep,
+                         "text_column": self.text_column, "label_column": self.label_column,
+                         "balance": bool(balance),
                          "split_seed": int(split_seed), "train_frac": float(train_frac),
                          "val_frac": float(val_frac)}
 
@@ -164,15 +165,14 @@ class CSVDataModule(TextClassificationDataModule):
         else:  # checked against the source as it is now (every rank: cheap, one hash)
             data = read_local(self.source, "data.source", MAX_CSV_BYTES)
             identity = {"path": str(self.source), "sha256": sha256_bytes(data)}
-            tables = load_prepared(self.data_dir, self.settings, identity, f"split of {self.source}",
-                                   f"data.source={self.source}", *cols)
+            tables = load_prepared(self.data_dir, self.settings, identity,
+                                   f"split of {self.source}", f"data.source={self.source}", *cols)
         self.class_names, splits = to_splits(tables, self.fixed_class_names)
         return splits
 
 
 def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Shuffle + split one CSV into ``data_dir`` (every column kept, every cell quoted so that
-    any text reads back unchanged), reused while its sha256 and the settings match."""
+    """Shuffle + split one CSV into ``data_dir`` (every cell quoted: any text reads back as is)."""
     data = read_local(source, "data.source", MAX_CSV_BYTES)  # the lock guards data_dir only
     identity = {"path": str(source), "sha256": sha256_bytes(data)}  # what meta.json records
 
@@ -185,7 +185,8 @@ def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) ->
             smallest = int(labels.value_counts().min())
             frame = pd.concat(frame[labels == label].sample(smallest, random_state=seed)
                               for label in natural_sorted(table.labels))
-        splits = random_split(frame, settings["train_frac"], settings["val_frac"], seed, str(source))
+        fracs = settings["train_frac"], settings["val_frac"]
+        splits = random_split(frame, *fracs, seed, str(source))
         counts = {}
         for split, part in splits.items():
             labels = part[settings["label_column"]].str.strip().value_counts().sort_index()
@@ -207,6 +208,7 @@ MAX_REVIEW_BYTES = 1024 * 1024  # one review (the longest real one is about 14 K
 MAX_REVIEWS_BYTES = 1024 * 1024 * 1024  # all reviews read (the real ones: about 130 MB)
 IMDB_FORMAT_VERSION = 1
 CLASS_NAMES = ("negative", "positive")
+COLUMNS = ("text", "label")  # the book's CSVs
 # the book's reading order: subsets, then labels (1 = pos, 0 = neg), then files sorted by name
 ORDER = [(subset, label) for subset in ("test", "train") for label in ("pos", "neg")]
 IMDB_HINT = (
@@ -227,13 +229,12 @@ def _review(raw: bytes, where: str) -> str:
 
 
 def _review_files(folder: Path) -> Iterator[tuple[str, str, str, Path, os.stat_result]]:
-    """(subset, label, name, path, stat) of each ``*.txt`` review in ``folder`` (or
-    ``folder/aclImdb``), in the book's order."""
+    """(subset, label, name, path, stat) of each ``*.txt`` review, in the book's order."""
     roots = (folder, folder / "aclImdb")
     root = next((r for r in roots if all((r / s / lab).is_dir() for s, lab in ORDER)), None)
     if root is None:
-        raise DataError(f"data.source: {folder}: not an extracted IMDB folder (expected "
-                        f"aclImdb/train/pos, train/neg, test/pos and test/neg holding *.txt reviews)")
+        raise DataError(f"data.source: {folder}: not an extracted IMDB folder (expected aclImdb/"
+                        f"train/pos, train/neg, test/pos and test/neg holding *.txt reviews)")
     for subset, label in ORDER:
         where = root / subset / label
         try:
@@ -267,8 +268,9 @@ def read_reviews(source: Path) -> Reviews:
             raise DataError(f"{where}: {size:,} bytes, over the {MAX_REVIEW_BYTES:,}-byte limit "
                             f"for one review")
         if total > MAX_REVIEWS_BYTES:
-            raise DataError(f"{where}: the reviews read so far exceed the {MAX_REVIEWS_BYTES:,}-byte "
-                            f"limit for data.source (is this the IMDB archive aclImdb_v1.tar.gz?)")
+            raise DataError(f"{where}: the reviews read so far exceed the {MAX_REVIEWS_BYTES:,}-"
+                            f"byte limit for data.source (is this the IMDB archive "
+                            f"aclImdb_v1.tar.gz?)")
 
     if source.is_dir():
         for subset, label, name, path, _ in _review_files(source):
@@ -341,8 +343,7 @@ def _imdb_identity(source: Path | None, data_dir: Path) -> dict[str, Any]:
 def prepare_imdb(source: Path | None, data_dir: Path, urls: Sequence[str] = IMDB_URLS,
                  sizes: Sequence[int | None] = (35_000, 5_000, 10_000), seed: int = 123,
                  timeout: float = DOWNLOAD_TIMEOUT) -> dict[str, Any]:
-    """Write the book's ``train/validation/test.csv`` (``text,label``) + ``meta.json``; locked,
-    atomic, and reused while the source and the settings match."""
+    """Write the book's ``train/validation/test.csv`` + ``meta.json`` (locked, atomic, reused)."""
     settings = imdb_settings(sizes, seed)
     origin: dict[str, Any] = {}
 
@@ -414,6 +415,6 @@ class IMDBDataModule(TextClassificationDataModule):
         settings = imdb_settings(self.sizes, self.shuffle_seed)
         identity = _imdb_identity(self.source, self.data_dir)  # the source as it is now
         ours = f"data.source={self.source or 'null (the download)'}"
-        tables = load_prepared(self.data_dir, settings, identity, "IMDB data", ours, "text", "label")
+        tables = load_prepared(self.data_dir, settings, identity, "IMDB data", ours, *COLUMNS)
         self.class_names, splits = to_splits(tables, self.class_names)
         return splits

@@ -119,8 +119,7 @@ def int_problems(**options: tuple[Any, int]) -> list[str]:
 
 
 def split_problems(split_seed: Any, train_frac: Any, val_frac: Any) -> list[str]:
-    """A seed, and fractions both in (0, 1) with a sum < 1: an empty validation or test split
-    breaks evaluation."""
+    """A seed; fractions in (0, 1) summing < 1 (an empty validation or test split breaks eval)."""
     problems: list[str] = []
     allowed = "a number with 0 < value < 1"
     for option, value in (("data.train_frac", train_frac), ("data.val_frac", val_frac)):
@@ -145,8 +144,7 @@ class TextClassificationDataModule(L.LightningDataModule):
                  context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
                  batch_size: int = 8, num_workers: int = 0, seed: int = 123,
                  pad_token_id: int = PAD_TOKEN_ID, problems: Sequence[str] = ()) -> None:
-        """Impossible options fail here, before any download: all of them (and a subclass's
-        ``problems``) in one ValueError."""
+        """Every impossible option (and a subclass's ``problems``): one ValueError, before work."""
         super().__init__()
         problems = choice_problems("data.padding", padding, PADDING_MODES) + int_problems(
             batch_size=(batch_size, 1), num_workers=(num_workers, 0),
@@ -184,8 +182,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._features: dict[str, Dataset] = {}  # split -> what use_features gave
 
     def use_tokenizer(self, tokenizer: Any) -> None:
-        """Before ``setup``: a model's own tokenizer (``encode(texts, limit)``, ``pad_token_id``,
-        ``model_max_length``) instead of GPT-2's."""
+        """Before ``setup``: a model's tokenizer (``encode(texts, limit)``) instead of GPT-2's."""
         self.tokenizer = tokenizer
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.context_length = min(self.context_length, int(tokenizer.model_max_length))
@@ -236,7 +233,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._max_length = max_length
         self.train_dataset, self.val_dataset, self.test_dataset = datasets
         logger.info("data: train %d, validation %d, test %d rows; %d classes; max_length %d; "
-                    "padding %s", *map(len, datasets), len(self.class_names), max_length, self.padding)
+                    "padding %s", *map(len, datasets), len(self.class_names), max_length,
+                    self.padding)
 
     def token_dataset(self, split: str) -> TokenDataset:
         """A split's tokens (``train``, ``val``/``validation``, ``test``), after ``setup``."""
@@ -278,9 +276,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self._loader("train", None, sampler=self._book_sampler, drop_last=True)
 
     def book_dataloader(self, split: str) -> DataLoader:
-        """The chapter's loaders for its own evaluations: ``train`` shuffled with ``drop_last`` (from
-        the global RNG, as iterating the book's one ``train_loader`` again), ``val``/``test`` in
-        order; the training epoch's sampler is left alone."""
+        """The chapter's loaders for its evaluations: ``train`` shuffled from the global RNG (the
+        book's ``train_loader`` iterated again; the epoch's sampler untouched), others in order."""
         if _SPLIT_ALIASES.get(split) == "train":
             return self._loader("train", None, shuffle=True, drop_last=True)
         return self._loader(split, None, shuffle=False)
@@ -359,8 +356,7 @@ class SpamDataModule(TextClassificationDataModule):
                 split=self.split)
 
     def load_splits(self) -> dict[str, Table]:
-        """The prepared CSVs, if ``meta.json`` records this source's sha256 (recomputed on every
-        rank: a folder re-prepared from another source is refused)."""
+        """The prepared CSVs, refused unless ``meta.json`` records this source's sha256."""
         source = {"sha256": source_sha256(self.source)}
         tables = load_prepared(self.data_dir, self.settings, source, "data",
                                f"data.source={self.source}", "Text", "Label")

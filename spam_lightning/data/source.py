@@ -93,7 +93,8 @@ def read_zip_member(zip_data: bytes, name: str, expected_size: int | None = None
                 raise DataError(f"{name}: {info.filename} has size {info.file_size:,} bytes, "
                                 f"expected {expected_size:,}")
             with zf.open(info) as member:  # the recorded size first: nothing read if too big
-                if info.file_size > max_bytes or len(data := member.read(max_bytes + 1)) > max_bytes:
+                data = b"" if info.file_size > max_bytes else member.read(max_bytes + 1)
+                if info.file_size > max_bytes or len(data) > max_bytes:
                     raise DataError(f"{name}: {info.filename} decompresses to more than the "
                                     f"{_limit(max_bytes)} for data.source (the real {MEMBER_NAME} "
                                     f"is {EXPECTED_SIZE:,} bytes); not read. {FIX_HINT}")
@@ -135,8 +136,7 @@ def _kind_problem(mode: int) -> str | None:
 
 
 def path_problem(path: Path) -> str | None:
-    """What keeps ``path`` from being read as a data file (None: a readable regular file);
-    cheap (one ``stat``), for constructors to refuse a bad path before any heavy work."""
+    """What keeps ``path`` from being read as a data file (None: nothing); one ``stat``, cheap."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -149,8 +149,7 @@ def path_problem(path: Path) -> str | None:
 
 def checked_path(option: str, value: str | os.PathLike[str], missing: str = NO_SUCH_FILE,
                  folder: bool = False) -> Path:
-    """``value`` resolved, or a DataError naming ``option`` unless it is a readable file (or a
-    ``folder``); ``missing``: what a missing one is called."""
+    """``value`` resolved if a readable file (or ``folder``), else a DataError naming ``option``."""
     path = resolve_path(value)
     if (problem := path_problem(path)) is not None and not (folder and problem == IS_A_FOLDER):
         raise DataError(f"{option}: {path}: {missing if problem == NO_SUCH_FILE else problem}")
@@ -158,9 +157,8 @@ def checked_path(option: str, value: str | os.PathLike[str], missing: str = NO_S
 
 
 def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
-    """A local file's bytes (at most ``max_bytes``); every problem is one DataError naming
-    ``option`` and the file. Opened non-blocking and checked to be a regular file first (a FIFO
-    does not hang, ``/dev/zero`` is never read)."""
+    """A local file's bytes (at most ``max_bytes``), else a DataError naming ``option``; opened
+    non-blocking, a regular file checked first (a FIFO does not hang, ``/dev/zero`` is not read)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -168,12 +166,12 @@ def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOU
         raise DataError(f"{option}: {path}: {os_problem(e)}") from e
     try:
         with os.fdopen(fd, "rb") as f:  # closes fd
-            st = os.fstat(fd)
+            st, limit = os.fstat(fd), f"the {_limit(max_bytes)} for {option}; not read"
             problem = _kind_problem(st.st_mode)
             if problem is None and st.st_size > max_bytes:
-                problem = f"{st.st_size:,} bytes, over the {_limit(max_bytes)} for {option}; not read"
+                problem = f"{st.st_size:,} bytes, over {limit}"
             if problem is None and len(data := f.read(max_bytes + 1)) > max_bytes:  # it grew
-                problem = f"more than the {_limit(max_bytes)} for {option}; not read"
+                problem = f"more than {limit}"
     except OSError as e:
         problem = os_problem(e)
     if problem is not None:
@@ -182,8 +180,7 @@ def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOU
 
 
 def load_local(source: str | os.PathLike[str]) -> SourceData:
-    """A local ``SMSSpamCollection`` or zip: not verified (a user may edit it on purpose), so it
-    is validated row by row later."""
+    """A local ``SMSSpamCollection`` or zip: unverified (a user may edit it), checked row by row."""
     path = resolve_path(source)
     try:
         data = read_local(path, "data.source", MAX_SOURCE_BYTES)
@@ -211,8 +208,8 @@ def load_bundled(path: str | os.PathLike[str] = BUNDLED_PATH) -> SourceData:
     if not _is_pinned(data):
         raise DataError(f"data.source=bundled: {path} is damaged: {len(data):,} bytes sha256 "
                         f"{sha256_bytes(data)}, expected {EXPECTED_SIZE:,} bytes sha256 "
-                        f"{EXPECTED_SHA256}; reinstall spam-lightning, or pass data.source=download "
-                        f"or a path")
+                        f"{EXPECTED_SHA256}; reinstall spam-lightning, or pass "
+                        f"data.source=download or a path")
     return SourceData(data, str(path), {"kind": BUNDLED, "path": str(path)}, verified=True)
 
 
@@ -233,8 +230,7 @@ def fetch(url: str, dest: Path, timeout: float, max_bytes: int = MAX_DOWNLOAD_BY
 def download_first(urls: Sequence[str], dest: Path, keep: Callable[[Path], None], what: str,
                    hint: str, timeout: float = DOWNLOAD_TIMEOUT,
                    max_bytes: int = MAX_DOWNLOAD_BYTES) -> str:
-    """The first URL whose download ``keep(tmp)`` accepts (it may rewrite it) becomes ``dest``;
-    else a DownloadError listing every URL's failure."""
+    """The first URL whose download ``keep(tmp)`` accepts becomes ``dest``; else a DownloadError."""
     failures: list[str] = []
     for url in urls:
         try:

@@ -165,7 +165,8 @@ def read_checked(
                         f'quote (") that is never closed, so the row runs to the end of the file')
     if problems and on_bad_rows == "error":  # the first MAX_LISTED, each "name, line N: what"
         listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        extra = len(problems) - MAX_LISTED
+        more = f"\n  ... and {extra} more" if extra > 0 else ""
         raise DataError(f"{name}: {len(problems)} bad row(s):\n{listed}{more}\n{hint}")
     if problems:
         logger.warning("%s: skipped %d bad row(s) (data.on_bad_rows=skip); first: %s", name,
@@ -266,9 +267,9 @@ def locked(data_dir: Path) -> Iterator[None]:
     except OSError as e:
         held.close()
         raise DataError(f"data.data_dir={data_dir}: cannot write there ("
-                        f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}), and it holds "
-                        f"no prepared data for this source and these settings, so it must be "
-                        f"(re)written; set data.data_dir to a writable folder") from e
+                        f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}), and it "
+                        f"holds no prepared data for this source and these settings, so it must "
+                        f"be (re)written; set data.data_dir to a writable folder") from e
     with held:
         yield
 
@@ -317,9 +318,8 @@ def ensure_prepared(
 
 def load_prepared(data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str,
                   ours: str, text_column: str, label_column: str) -> dict[str, Table]:
-    """The splits ``prepare_data`` wrote for these settings and this source (every key of
-    ``source`` recorded in ``meta.json``), sha256-checked, so read plainly; read-only. A folder
-    another run re-prepared from another source is an error naming both (``ours``: this run's)."""
+    """The splits ``prepare_data`` wrote for these settings and ``source`` (sha256-checked: read
+    plainly); a folder re-prepared from another source is an error naming both (``ours``: ours)."""
     tables = {}
     for split, (path, payload) in _prepared(data_dir, settings, source, what, ours)[1].items():
         frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
@@ -331,9 +331,9 @@ def load_prepared(data_dir: Path, settings: dict[str, Any], source: dict[str, An
 def _prepared(data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str,
               ours: str) -> tuple[dict[str, Any], dict[str, tuple[Path, bytes]]]:
     meta = read_meta(data_dir)
-    generic = DataError(f"{data_dir}: no prepared {what} with these settings (or it changed since); "
-                        f"call prepare_data() first (the Trainer does). If another run shares this "
-                        f"data.data_dir, give each its own")
+    generic = DataError(f"{data_dir}: no prepared {what} with these settings (or it changed "
+                        f"since); call prepare_data() first (the Trainer does). If another run "
+                        f"shares this data.data_dir, give each its own")
     if meta is None or meta.get("settings") != settings:
         raise generic
     recorded = meta.get("source") or {}
@@ -376,7 +376,7 @@ def settings_problems(on_bad_rows: Any, split: Any) -> list[str]:
 
 def split_settings(seed: int, train_frac: float, val_frac: float, on_bad_rows: str,
                    split: str = "chapter") -> dict:
-    """What ``meta.json`` records (``split`` only when not ``chapter``: older folders stay valid)."""
+    """What ``meta.json`` records (``split`` unless ``chapter``: older folders stay valid)."""
     if problems := settings_problems(on_bad_rows, split):
         raise ValueError("\n  - ".join(problems))
     settings = {"format": FORMAT_VERSION, "split_seed": int(seed), "train_frac": float(train_frac),
@@ -388,8 +388,7 @@ def prepare(source: str | os.PathLike[str] | None, data_dir: str | os.PathLike[s
             urls: Sequence[str] = DEFAULT_URLS, *, split_seed: int = 123, train_frac: float = 0.7,
             val_frac: float = 0.1, on_bad_rows: str = "error", timeout: float = DOWNLOAD_TIMEOUT,
             split: str = "chapter") -> Prepared:
-    """Get the source (``bundled``/``None``, ``download`` or a path) and write the split CSVs +
-    ``meta.json`` in ``data_dir``, reused while the source sha256 and settings match."""
+    """Write the split CSVs + ``meta.json`` to ``data_dir`` (reused while nothing changed)."""
     data_dir = Path(data_dir).expanduser().resolve()
     settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
     src: SourceData | None = None
