@@ -211,10 +211,8 @@ CLASS_NAMES = ("negative", "positive")
 COLUMNS = ("text", "label")  # the book's CSVs
 # the book's reading order: subsets, then labels (1 = pos, 0 = neg), then files sorted by name
 ORDER = [(subset, label) for subset in ("test", "train") for label in ("pos", "neg")]
-IMDB_HINT = (
-    f"Fix: download {IMDB_URLS[0]} by other means and pass data.source=/path/to/{ARCHIVE_NAME} "
-    f"(or the extracted aclImdb folder)."
-)
+IMDB_HINT = (f"Fix: download {IMDB_URLS[0]} by other means and pass "
+             f"data.source=/path/to/{ARCHIVE_NAME} (or the extracted aclImdb folder).")
 _MEMBER_RE = re.compile(r"^(?:\./)?(?:.*/)?aclImdb/(train|test)/(pos|neg)/([^/]+\.txt)$")
 
 Reviews = dict[tuple[str, str], list[tuple[str, str]]]  # (subset, label) -> [(file name, text)]

@@ -308,11 +308,10 @@ class TextClassificationDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_generator_state" in state_dict:
             self._train_generator.set_state(state_dict["train_generator_state"])
-        if "book_shuffle" in state_dict:
-            if self._book_sampler is not None:
-                self._book_sampler.resume_at(state_dict["book_shuffle"])
-            else:
-                self._pending_resume = state_dict["book_shuffle"]
+        if "book_shuffle" in state_dict and self._book_sampler is not None:
+            self._book_sampler.resume_at(state_dict["book_shuffle"])
+        elif "book_shuffle" in state_dict:  # for train_dataloader's sampler
+            self._pending_resume = state_dict["book_shuffle"]
         saved = state_dict.get("max_length")
         if saved is not None and self._max_length is not None and saved != self._max_length:
             logger.warning("checkpoint was trained with max_length %d, this data gives %d", saved,
@@ -345,15 +344,12 @@ class SpamDataModule(TextClassificationDataModule):
                                       "download, or the path of an SMSSpamCollection file or the "
                                       "zip holding it)"))
         self.save_hyperparameters()
-        self.source, self.urls, self.on_bad_rows = source, urls, on_bad_rows
-        self.split_seed, self.split = int(split_seed), split
-        self.train_frac, self.val_frac = float(train_frac), float(val_frac)
-        self.class_names = ["ham", "spam"]
+        self.source, self.urls, self.class_names = source, urls, ["ham", "spam"]
+        self.split_options = {"split_seed": int(split_seed), "train_frac": float(train_frac),
+                              "val_frac": float(val_frac), "on_bad_rows": on_bad_rows, "split": split}
 
     def prepare_data(self) -> None:
-        prepare(self.source, self.data_dir, self.urls, split_seed=self.split_seed,
-                train_frac=self.train_frac, val_frac=self.val_frac, on_bad_rows=self.on_bad_rows,
-                split=self.split)
+        prepare(self.source, self.data_dir, self.urls, **self.split_options)
 
     def load_splits(self) -> dict[str, Table]:
         """The prepared CSVs, refused unless ``meta.json`` records this source's sha256."""
