@@ -34,7 +34,6 @@ from spam_lightning.data.tokens import (
     PADDING_MODES,
     Collator,
     encode_texts,
-    get_tokenizer,
     resolve_max_length,
 )
 from spam_lightning.rules import choice_problems, is_int
@@ -189,7 +188,7 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def _encode(self, texts: list[str], limit: int | None) -> list[list[int]]:
         if self.tokenizer is None:
-            return encode_texts(texts, max_length=limit, tokenizer=get_tokenizer())
+            return encode_texts(texts, max_length=limit)  # GPT-2's
         return self.tokenizer.encode(texts, limit)
 
     @property
@@ -346,7 +345,8 @@ class SpamDataModule(TextClassificationDataModule):
         self.save_hyperparameters()
         self.source, self.urls, self.class_names = source, urls, ["ham", "spam"]
         self.split_options = {"split_seed": int(split_seed), "train_frac": float(train_frac),
-                              "val_frac": float(val_frac), "on_bad_rows": on_bad_rows, "split": split}
+                              "val_frac": float(val_frac), "on_bad_rows": on_bad_rows,
+                              "split": split}
 
     def prepare_data(self) -> None:
         prepare(self.source, self.data_dir, self.urls, **self.split_options)
