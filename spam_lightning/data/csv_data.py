@@ -131,11 +131,11 @@ class CSVDataModule(TextClassificationDataModule):
         if balance and source is None:
             problems.append("data.balance=true balances one file before it is split: it needs "
                             "data.source")
-        if sep is None:  # tab for .tsv / .tab files, else comma
-            sep = "\t" if Path(str(source or train)).suffix.lower() in (".tsv", ".tab") else ","
-        sep = _SEP_ALIASES.get(str(sep), str(sep))
-        if len(sep) != 1 or sep in ('"', "\n", "\r"):
-            problems.append(f"data.sep={sep!r}: need one character (or tab, comma, semicolon)")
+        tsv = Path(str(source or train)).suffix.lower() in (".tsv", ".tab")
+        delimiter = ("\t" if tsv else ",") if sep is None else _SEP_ALIASES.get(str(sep), str(sep))
+        if len(delimiter) != 1 or delimiter in ('"', "\n", "\r"):
+            problems.append(f"data.sep={delimiter!r}: need one character (or tab, comma, "
+                            f"semicolon)")
         super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
                          num_workers, seed, pad_token_id, problems)
         self.fixed_class_names = names
@@ -146,7 +146,7 @@ class CSVDataModule(TextClassificationDataModule):
         self.source = None if source is None else checked_path("data.source", source)
         self.text_column, self.label_column = str(text_column), str(label_column)
         self.class_names = list(self.fixed_class_names or [])
-        self.settings = {"format": CSV_FORMAT_VERSION, "kind": "csv", "sep": sep,
+        self.settings = {"format": CSV_FORMAT_VERSION, "kind": "csv", "sep": delimiter,
                          "text_column": self.text_column, "label_column": self.label_column,
                          "balance": bool(balance),
                          "split_seed": int(split_seed), "train_frac": float(train_frac),
