@@ -19,19 +19,18 @@ import pandas as pd
 
 from spam_lightning.data.datamodule import (
     TextClassificationDataModule,
-    _int_at_least,
-    check_split_fractions,
+    int_problems,
+    split_problems,
 )
 from spam_lightning.data.source import (
     DOWNLOAD_TIMEOUT,
-    NO_SUCH_FILE,
     DataError,
     DownloadError,
+    checked_path,
     download_first,
     os_problem,
     path_problem,
     read_local,
-    resolve_path,
     sha256_bytes,
 )
 from spam_lightning.data.table import (
@@ -40,7 +39,6 @@ from spam_lightning.data.table import (
     ensure_prepared,
     load_prepared,
     random_split,
-    read_prepared_table,
     read_text_table,
 )
 from spam_lightning.data.tokens import PAD_TOKEN_ID
@@ -48,21 +46,10 @@ from spam_lightning.data.tokens import PAD_TOKEN_ID
 logger = logging.getLogger(__name__)
 
 CSV_FORMAT_VERSION = 1
-# a user's CSV (data.source, data.train/validation/test) is read whole into memory and parsed:
-# refuse anything larger (and devices such as /dev/zero) before reading a byte
+# a user's CSV is read whole into memory: refuse anything larger before reading a byte
 MAX_CSV_BYTES = 1024 * 1024 * 1024
 _SEP_ALIASES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";"}
 _INT_RE = re.compile(r"[+-]?\d+")
-
-
-def resolve_sep(sep: str | None, path: str | os.PathLike[str] | None) -> str:
-    """``null`` -> tab for ``.tsv`` / ``.tab`` files, else comma; ``tab`` is an alias for ``\\t``."""
-    if sep is None:
-        return "\t" if Path(str(path or "")).suffix.lower() in (".tsv", ".tab") else ","
-    sep = _SEP_ALIASES.get(str(sep), str(sep))
-    if len(sep) != 1 or sep in ('"', "\n", "\r"):
-        raise ValueError(f"data.sep={sep!r}: need one character (or tab, comma, semicolon)")
-    return sep
 
 
 def natural_sorted(labels: Sequence[str]) -> list[str]:
@@ -71,67 +58,43 @@ def natural_sorted(labels: Sequence[str]) -> list[str]:
     return sorted(unique, key=int) if all(_INT_RE.fullmatch(v) for v in unique) else sorted(unique)
 
 
-def to_splits(
-    tables: dict[str, Table], class_names: Sequence[str] | None
-) -> tuple[list[str], dict[str, Table]]:
+def to_splits(tables: dict[str, Table],
+              class_names: Sequence[str] | None) -> tuple[list[str], dict[str, Table]]:
     """Class names (given: matched by name, or as indices when no label is a name; else the
     sorted training labels, which every validation / test label must be) and class indices."""
     train = tables["train"]
     every = {lab for t in tables.values() for lab in t.labels}
     if class_names:
         names = list(class_names)
-        by_index = not every & set(names) and all(
-            _INT_RE.fullmatch(v) and 0 <= int(v) < len(names) for v in every
-        )
+        by_index = not every & set(names) and all(_INT_RE.fullmatch(v) and 0 <= int(v) < len(names)
+                                                  for v in every)
         lookup = {(str(i) if by_index else n): i for i, n in enumerate(names)}
         checked = list(tables)
     else:
         names = natural_sorted(train.labels)
         lookup = {n: i for i, n in enumerate(names)}
         checked = ["validation", "test"]
-    for split in checked:
-        table = tables[split]
+    for table in (tables[split] for split in checked):
         for row, label in enumerate(table.labels):
             if label in lookup:
                 continue
+            where = f"{table.name}, line {table.line(row)}"
             if class_names:
-                raise DataError(
-                    f"{table.name}, line {table.line(row)}: unknown label {label!r}; "
-                    f"data.class_names={names} (labels must be one of these names, or "
-                    f"integer indices 0..{len(names) - 1} into them)"
-                )
-            raise DataError(
-                f"{table.name}, line {table.line(row)}: label {label!r} does not occur in the "
-                f"training split ({train.name}), so the model could never predict it; the "
-                f"training labels are: {', '.join(names)}. Fix the label, or list every class in "
-                f"data.class_names=[...]"
-            )
+                raise DataError(f"{where}: unknown label {label!r}; data.class_names={names} "
+                                f"(labels must be one of these names, or integer indices "
+                                f"0..{len(names) - 1} into them)")
+            raise DataError(f"{where}: label {label!r} does not occur in the training split "
+                            f"({train.name}), so the model could never predict it; the training "
+                            f"labels are: {', '.join(names)}. Fix the label, or list every class "
+                            f"in data.class_names=[...]")
     if len(names) < 2:
-        raise DataError(
-            f"{train.name}: only one class ({names[0]!r}) in the training labels; a classifier "
-            f"needs at least 2"
-        )
+        raise DataError(f"{train.name}: only one class ({names[0]!r}) in the training labels; a "
+                        f"classifier needs at least 2")
     missing = set(range(len(names))) - {lookup[lab] for lab in train.labels}
     if missing:
         missed = ", ".join(names[i] for i in sorted(missing))
         logger.warning("%s: no training examples of class(es) %s", train.name, missed)
     return names, {s: replace(t, labels=[lookup[lab] for lab in t.labels]) for s, t in tables.items()}
-
-
-def _check_class_names(class_names: Sequence[str] | None) -> list[str] | None:
-    if class_names is None:
-        return None
-    names = [str(n) for n in class_names]
-    if len(names) < 2 or len(set(names)) != len(names) or any(not n.strip() for n in names):
-        raise ValueError(
-            f"data.class_names={names}: need at least 2 distinct, non-empty names (or null to "
-            f"take them from the data)"
-        )
-    return names
-
-
-def _path(p: str | os.PathLike[str] | None) -> Path | None:
-    return None if p is None else resolve_path(str(p))
 
 
 class CSVDataModule(TextClassificationDataModule):
@@ -146,49 +109,48 @@ class CSVDataModule(TextClassificationDataModule):
         padding: str = "longest", bucketing: bool = False, batch_size: int = 8,
         num_workers: int = 0, seed: int = 123, pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
-                         num_workers, seed, pad_token_id)
-        train_frac, val_frac = check_split_fractions(train_frac, val_frac)
+        problems = split_problems(split_seed, train_frac, val_frac)
+        names = None if class_names is None else [str(n) for n in class_names]
+        if names is not None and (len(names) < 2 or len(set(names)) != len(names)
+                                  or not all(n.strip() for n in names)):
+            problems.append(f"data.class_names={names}: need at least 2 distinct, non-empty names "
+                            f"(or null to take them from the data)")
         files = {"train": train, "validation": validation, "test": test}
         given = {k: v for k, v in files.items() if v is not None}
         if source is not None and given:
-            raise ValueError(
-                f"data.source={source} and data.{'/'.join(given)} are both set: give one file to "
-                f"split (data.source) or the three split files, not both"
-            )
+            problems.append(f"data.source={source} and data.{'/'.join(given)} are both set: give "
+                            f"one file to split (data.source) or the three split files, not both")
         if source is None and len(given) < 3:
             missing = ", ".join(f"data.{k}" for k in files if k not in given)
-            raise ValueError(
-                f"data=csv needs data.train, data.validation and data.test (missing: {missing}), "
-                f"or data.source=ONE_FILE to split {train_frac:g}/{val_frac:g}/rest"
-            )
-        for option, path in {**given, **({"source": source} if source else {})}.items():
-            if (problem := path_problem(_path(path))) is not None:
-                raise DataError(f"data.{option}: {_path(path)}: {problem}")
+            problems.append(f"data=csv needs data.train, data.validation and data.test (missing: "
+                            f"{missing}), or data.source=ONE_FILE to split "
+                            f"{train_frac}/{val_frac}/rest")
         if not text_column or not label_column or text_column == label_column:
-            raise ValueError(
-                f"data.text_column={text_column!r}, data.label_column={label_column!r}: need two "
-                f"different column names"
-            )
+            problems.append(f"data.text_column={text_column!r}, data.label_column="
+                            f"{label_column!r}: need two different column names")
         if balance and source is None:
-            raise ValueError(
-                "data.balance=true balances one file before it is split: it needs data.source"
-            )
-        _int_at_least("data.split_seed", split_seed, 0)
-        self.fixed_class_names = _check_class_names(class_names)
+            problems.append("data.balance=true balances one file before it is split: it needs "
+                            "data.source")
+        tsv = Path(str(source or train)).suffix.lower() in (".tsv", ".tab")
+        delimiter = ("\t" if tsv else ",") if sep is None else _SEP_ALIASES.get(str(sep), str(sep))
+        if len(delimiter) != 1 or delimiter in ('"', "\n", "\r"):
+            problems.append(f"data.sep={delimiter!r}: need one character (or tab, comma, "
+                            f"semicolon)")
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id, problems)
+        self.fixed_class_names = names
         # class_names: the LightningModule records the resolved names under that key, and the
         # logger merges both hparams (a null here, "from the data", would conflict with them)
         self.save_hyperparameters(ignore=["class_names"])
-        self.source = _path(source)
-        self.files = {k: _path(v) for k, v in files.items()}
+        self.files = {k: checked_path(f"data.{k}", v) for k, v in given.items()}
+        self.source = None if source is None else checked_path("data.source", source)
         self.text_column, self.label_column = str(text_column), str(label_column)
         self.class_names = list(self.fixed_class_names or [])
-        self.settings = {
-            "format": CSV_FORMAT_VERSION, "kind": "csv", "text_column": self.text_column,
-            "label_column": self.label_column, "sep": resolve_sep(sep, source or train),
-            "balance": bool(balance), "split_seed": int(split_seed), "train_frac": train_frac,
-            "val_frac": val_frac,
-        }
+        self.settings = {"format": CSV_FORMAT_VERSION, "kind": "csv", "sep": delimiter,
+                         "text_column": self.text_column, "label_column": self.label_column,
+                         "balance": bool(balance),
+                         "split_seed": int(split_seed), "train_frac": float(train_frac),
+                         "val_frac": float(val_frac)}
 
     def prepare_data(self) -> None:
         """Split ``data.source`` into ``data_dir`` (locked, atomic, reused); three files: nothing."""
@@ -198,54 +160,39 @@ class CSVDataModule(TextClassificationDataModule):
     def load_splits(self) -> dict[str, Table]:
         cols = (self.text_column, self.label_column)
         if self.source is None:  # the user's own files: checked
-            tables = {
-                s: read_text_table(read_local(p, f"data.{s}", MAX_CSV_BYTES), str(p), *cols,
-                                   self.settings["sep"])
-                for s, p in self.files.items()
-                if p is not None
-            }
+            tables = {s: read_text_table(read_local(p, f"data.{s}", MAX_CSV_BYTES), str(p), *cols,
+                                         self.settings["sep"]) for s, p in self.files.items()}
         else:  # checked against the source as it is now (every rank: cheap, one hash)
-            identity = csv_identity(self.source, read_local(self.source, "data.source", MAX_CSV_BYTES))
-            paths = load_prepared(self.data_dir, self.settings, identity, f"split of {self.source}",
-                                  f"data.source={self.source}")
-            tables = {s: read_prepared_table(p, b, *cols) for s, (p, b) in paths.items()}
+            data = read_local(self.source, "data.source", MAX_CSV_BYTES)
+            identity = {"path": str(self.source), "sha256": sha256_bytes(data)}
+            tables = load_prepared(self.data_dir, self.settings, identity,
+                                   f"split of {self.source}", f"data.source={self.source}", *cols)
         self.class_names, splits = to_splits(tables, self.fixed_class_names)
         return splits
 
 
-def balance_classes(frame: pd.DataFrame, labels: pd.Series, seed: int) -> pd.DataFrame:
-    """Downsample every class to the rarest one's count (the chapter's balancing, for k classes)."""
-    smallest = int(labels.value_counts().min())
-    return pd.concat(
-        frame[labels == label].sample(smallest, random_state=seed)
-        for label in natural_sorted(labels.tolist())
-    )
-
-
-def csv_identity(source: Path, data: bytes) -> dict[str, Any]:
-    """What identifies a CSV source in ``meta.json``: its path and sha256."""
-    return {"path": str(source), "sha256": sha256_bytes(data)}
-
-
 def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Shuffle + split one CSV into ``data_dir`` (every column kept, every cell quoted so that
-    any text reads back unchanged), reused while its sha256 and the settings match."""
+    """Shuffle + split one CSV into ``data_dir`` (every cell quoted: any text reads back as is)."""
     data = read_local(source, "data.source", MAX_CSV_BYTES)  # the lock guards data_dir only
-    identity = csv_identity(source, data)
+    identity = {"path": str(source), "sha256": sha256_bytes(data)}  # what meta.json records
 
     def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         cols = settings["text_column"], settings["label_column"]
         table = read_text_table(data, str(source), *cols, settings["sep"])
-        frame = table.frame
-        if settings["balance"]:
-            frame = balance_classes(frame, pd.Series(table.labels, index=frame.index), settings["split_seed"])
-        splits = random_split(frame, settings["train_frac"], settings["val_frac"],
-                              settings["split_seed"], str(source))
+        frame, seed = table.frame, settings["split_seed"]
+        if settings["balance"]:  # every class downsampled to the rarest one's count (as chapter 6)
+            labels = pd.Series(table.labels, index=frame.index)
+            smallest = int(labels.value_counts().min())
+            frame = pd.concat(frame[labels == label].sample(smallest, random_state=seed)
+                              for label in natural_sorted(table.labels))
+        fracs = settings["train_frac"], settings["val_frac"]
+        splits = random_split(frame, *fracs, seed, str(source))
         counts = {}
         for split, part in splits.items():
             labels = part[settings["label_column"]].str.strip().value_counts().sort_index()
             counts[split] = {"rows": len(part), "labels": {k: int(v) for k, v in labels.items()}}
-        parts = {s: p.to_csv(index=False, quoting=csv.QUOTE_ALL).encode("utf-8") for s, p in splits.items()}
+        parts = {s: p.to_csv(index=False, quoting=csv.QUOTE_ALL).encode("utf-8")
+                 for s, p in splits.items()}
         return parts, {"source": {**identity, "bytes": len(data)},
                        "rows": {"read": len(table.frame), "used": len(frame)}, "splits": counts}
 
@@ -261,12 +208,11 @@ MAX_REVIEW_BYTES = 1024 * 1024  # one review (the longest real one is about 14 K
 MAX_REVIEWS_BYTES = 1024 * 1024 * 1024  # all reviews read (the real ones: about 130 MB)
 IMDB_FORMAT_VERSION = 1
 CLASS_NAMES = ("negative", "positive")
+COLUMNS = ("text", "label")  # the book's CSVs
 # the book's reading order: subsets, then labels (1 = pos, 0 = neg), then files sorted by name
 ORDER = [(subset, label) for subset in ("test", "train") for label in ("pos", "neg")]
-IMDB_HINT = (
-    f"Fix: download {IMDB_URLS[0]} by other means and pass data.source=/path/to/{ARCHIVE_NAME} "
-    f"(or the extracted aclImdb folder)."
-)
+IMDB_HINT = (f"Fix: download {IMDB_URLS[0]} by other means and pass "
+             f"data.source=/path/to/{ARCHIVE_NAME} (or the extracted aclImdb folder).")
 _MEMBER_RE = re.compile(r"^(?:\./)?(?:.*/)?aclImdb/(train|test)/(pos|neg)/([^/]+\.txt)$")
 
 Reviews = dict[tuple[str, str], list[tuple[str, str]]]  # (subset, label) -> [(file name, text)]
@@ -280,25 +226,19 @@ def _review(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: bytes that are not valid UTF-8 at offset {e.start}") from e
 
 
-def imdb_root(folder: Path) -> Path:
-    """``folder`` itself when it holds ``train/`` and ``test/``, else ``folder/aclImdb``."""
-    for root in (folder, folder / "aclImdb"):
-        if all((root / subset / label).is_dir() for subset, label in ORDER):
-            return root
-    raise DataError(
-        f"data.source: {folder}: not an extracted IMDB folder (expected aclImdb/train/pos, "
-        f"train/neg, test/pos and test/neg holding *.txt reviews)"
-    )
-
-
 def _review_files(folder: Path) -> Iterator[tuple[str, str, str, Path, os.stat_result]]:
     """(subset, label, name, path, stat) of each ``*.txt`` review, in the book's order."""
-    root = imdb_root(folder)
+    roots = (folder, folder / "aclImdb")
+    root = next((r for r in roots if all((r / s / lab).is_dir() for s, lab in ORDER)), None)
+    if root is None:
+        raise DataError(f"data.source: {folder}: not an extracted IMDB folder (expected aclImdb/"
+                        f"train/pos, train/neg, test/pos and test/neg holding *.txt reviews)")
     for subset, label in ORDER:
         where = root / subset / label
         try:
             with os.scandir(where) as entries:
-                found = sorted((e.name, Path(e.path), e.stat()) for e in entries if e.name.endswith(".txt"))
+                found = sorted((e.name, Path(e.path), e.stat()) for e in entries
+                               if e.name.endswith(".txt"))
         except OSError as e:
             raise DataError(f"data.source: {where}: {os_problem(e)}") from e
         yield from ((subset, label, *f) for f in found)
@@ -323,14 +263,12 @@ def read_reviews(source: Path) -> Reviews:
         nonlocal total
         total += size
         if size > MAX_REVIEW_BYTES:
-            raise DataError(
-                f"{where}: {size:,} bytes, over the {MAX_REVIEW_BYTES:,}-byte limit for one review"
-            )
+            raise DataError(f"{where}: {size:,} bytes, over the {MAX_REVIEW_BYTES:,}-byte limit "
+                            f"for one review")
         if total > MAX_REVIEWS_BYTES:
-            raise DataError(
-                f"{where}: the reviews read so far exceed the {MAX_REVIEWS_BYTES:,}-byte limit "
-                f"for data.source (is this the IMDB archive aclImdb_v1.tar.gz?)"
-            )
+            raise DataError(f"{where}: the reviews read so far exceed the {MAX_REVIEWS_BYTES:,}-"
+                            f"byte limit for data.source (is this the IMDB archive "
+                            f"aclImdb_v1.tar.gz?)")
 
     if source.is_dir():
         for subset, label, name, path, _ in _review_files(source):
@@ -352,18 +290,14 @@ def read_reviews(source: Path) -> Reviews:
                     reviews[(subset, label)].append((name, _review(raw, where)))
     except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
         raise DataError(f"{source}: not a readable .tar.gz (corrupt or truncated): {e}") from e
-    empty = [f"{s}/{lab}" for (s, lab), rows in reviews.items() if not rows]
-    if empty:
-        raise DataError(
-            f"{source}: no reviews under aclImdb/{', aclImdb/'.join(empty)} (is this the IMDB "
-            f"archive aclImdb_v1.tar.gz?)"
-        )
+    if empty := [f"{s}/{lab}" for (s, lab), rows in reviews.items() if not rows]:
+        raise DataError(f"{source}: no reviews under aclImdb/{', aclImdb/'.join(empty)} (is this "
+                        f"the IMDB archive aclImdb_v1.tar.gz?)")
     return {key: sorted(rows) for key, rows in reviews.items()}
 
 
-def book_partition(
-    reviews: Reviews, sizes: Sequence[int | None], seed: int = 123
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def book_partition(reviews: Reviews, sizes: Sequence[int | None],
+                   seed: int = 123) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``load_dataset_to_dataframe`` + ``partition_and_save``: shuffled twice, then the first /
     next / remaining rows (``sizes[2]`` None: all the rest)."""
     texts = [text for key in ORDER for _, text in reviews[key]]
@@ -372,10 +306,8 @@ def book_partition(
     train_size, val_size, test_size = sizes
     need = train_size + val_size + (test_size or 1)
     if len(df) < need:
-        raise DataError(
-            f"the IMDB data has {len(df):,} reviews, fewer than data.train_size + data.val_size "
-            f"+ data.test_size = {need:,}"
-        )
+        raise DataError(f"the IMDB data has {len(df):,} reviews, fewer than data.train_size + "
+                        f"data.val_size + data.test_size = {need:,}")
     for _ in range(2):
         df = df.sample(frac=1, random_state=seed).reset_index(drop=True)
     val_end = train_size + val_size
@@ -406,13 +338,10 @@ def _imdb_identity(source: Path | None, data_dir: Path) -> dict[str, Any]:
     return {**identity, "sha256": digest.hexdigest()}
 
 
-def prepare_imdb(
-    source: Path | None, data_dir: Path, urls: Sequence[str] = IMDB_URLS,
-    sizes: Sequence[int | None] = (35_000, 5_000, 10_000), seed: int = 123,
-    timeout: float = DOWNLOAD_TIMEOUT,
-) -> dict[str, Any]:
-    """Write the book's ``train/validation/test.csv`` (``text,label``) + ``meta.json``; locked,
-    atomic, and reused while the source and the settings match."""
+def prepare_imdb(source: Path | None, data_dir: Path, urls: Sequence[str] = IMDB_URLS,
+                 sizes: Sequence[int | None] = (35_000, 5_000, 10_000), seed: int = 123,
+                 timeout: float = DOWNLOAD_TIMEOUT) -> dict[str, Any]:
+    """Write the book's ``train/validation/test.csv`` + ``meta.json`` (locked, atomic, reused)."""
     settings = imdb_settings(sizes, seed)
     origin: dict[str, Any] = {}
 
@@ -422,8 +351,7 @@ def prepare_imdb(
             if not urls:
                 raise DownloadError(f"no data.source and no data.urls to download from. {IMDB_HINT}")
             origin["url"] = download_first(  # read_reviews verifies: whole gzip, four folders
-                urls, archive, read_reviews, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES
-            )
+                urls, archive, read_reviews, ARCHIVE_NAME, IMDB_HINT, timeout, MAX_ARCHIVE_BYTES)
         found = _imdb_identity(source, data_dir)
         origin.update(found)
         return found if "sha256" in found or "fingerprint" in found else None
@@ -431,16 +359,11 @@ def prepare_imdb(
     def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         reviews = read_reviews(Path(origin["path"]))
         parts = dict(zip(SPLIT_FILES, book_partition(reviews, sizes, seed), strict=True))
-        counts = {
-            split: {"rows": len(p), "negative": int((p["label"] == 0).sum()),
-                    "positive": int((p["label"] == 1).sum())}
-            for split, p in parts.items()
-        }
+        counts = {split: {"rows": len(p), "negative": int((p["label"] == 0).sum()),
+                          "positive": int((p["label"] == 1).sum())} for split, p in parts.items()}
         return {s: p.to_csv(index=False).encode("utf-8") for s, p in parts.items()}, {
-            "source": origin,
-            "reviews": {f"{s}/{lab}": len(reviews[(s, lab)]) for s, lab in ORDER},
-            "splits": counts,
-        }
+            "source": origin, "splits": counts,
+            "reviews": {f"{s}/{lab}": len(reviews[(s, lab)]) for s, lab in ORDER}}
 
     return ensure_prepared(data_dir, settings, identity, build, "IMDB data")[0]
 
@@ -462,30 +385,22 @@ class IMDBDataModule(TextClassificationDataModule):
         batch_size: int = 8, num_workers: int = 0, seed: int = 123,
         pad_token_id: int = PAD_TOKEN_ID,
     ) -> None:
-        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
-                         num_workers, seed, pad_token_id)
-        for option, value, low in (("train_size", train_size, 1), ("val_size", val_size, 0),
-                                   ("test_size", 1 if test_size is None else test_size, 1),
-                                   ("shuffle_seed", shuffle_seed, 0)):
-            _int_at_least(f"data.{option}", value, low)
-        names = [str(n) for n in class_names]
+        names, urls = [str(n) for n in class_names], [str(u) for u in (urls or ())]
+        problems = int_problems(train_size=(train_size, 1), val_size=(val_size, 0),
+                                test_size=(1 if test_size is None else test_size, 1),
+                                shuffle_seed=(shuffle_seed, 0))
         if len(names) != 2 or len(set(names)) != 2:
-            raise ValueError(f"data.class_names={names}: IMDB has 2 classes (negative, positive)")
-        urls = [str(u) for u in (urls or ())]
+            problems.append(f"data.class_names={names}: IMDB has 2 classes (negative, positive)")
         if source is None and not urls:
-            raise ValueError("data.source is null and data.urls is empty: nothing to read")
-        problem = None if source is None else path_problem(_path(source))
-        if problem == NO_SUCH_FILE:
-            raise DataError(
-                f"data.source: {_path(source)}: no such file or folder (expected {ARCHIVE_NAME} "
-                f"or the extracted aclImdb folder)"
-            )
-        if problem is not None and not problem.startswith("is a folder"):
-            raise DataError(f"data.source: {_path(source)}: {problem}")
+            problems.append("data.source is null and data.urls is empty: nothing to read")
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id, problems)
+        self.source = None if source is None else checked_path(
+            "data.source", source, f"no such file or folder (expected {ARCHIVE_NAME} or the "
+            "extracted aclImdb folder)", folder=True)
+        self.urls = urls
         # class_names: recorded (resolved) by the LightningModule under the same key
         self.save_hyperparameters(ignore=["class_names"])
-        self.source = _path(source)
-        self.urls = urls
         self.sizes = (int(train_size), int(val_size), None if test_size is None else int(test_size))
         self.shuffle_seed = int(shuffle_seed)
         self.class_names = names
@@ -498,7 +413,6 @@ class IMDBDataModule(TextClassificationDataModule):
         settings = imdb_settings(self.sizes, self.shuffle_seed)
         identity = _imdb_identity(self.source, self.data_dir)  # the source as it is now
         ours = f"data.source={self.source or 'null (the download)'}"
-        paths = load_prepared(self.data_dir, settings, identity, "IMDB data", ours)
-        tables = {s: read_prepared_table(p, b, "text", "label") for s, (p, b) in paths.items()}
+        tables = load_prepared(self.data_dir, settings, identity, "IMDB data", ours, *COLUMNS)
         self.class_names, splits = to_splits(tables, self.class_names)
         return splits

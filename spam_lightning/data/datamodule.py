@@ -17,19 +17,16 @@ from spam_lightning.data.source import (
     BUNDLED,
     DEFAULT_URLS,
     DOWNLOAD,
-    NO_SUCH_FILE,
     SOURCE_KEYWORDS,
     DataError,
-    path_problem,
-    resolve_path,
+    checked_path,
     source_sha256,
 )
 from spam_lightning.data.table import (
     Table,
-    check_choice,
     load_prepared,
     prepare,
-    read_prepared_table,
+    settings_problems,
     split_settings,
 )
 from spam_lightning.data.tokens import (
@@ -37,14 +34,15 @@ from spam_lightning.data.tokens import (
     PADDING_MODES,
     Collator,
     encode_texts,
-    get_tokenizer,
     resolve_max_length,
 )
+from spam_lightning.rules import choice_problems, is_int
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+_DATASETS = {"train": "train_dataset", "validation": "val_dataset", "test": "test_dataset"}
 
 
 class TokenDataset(Dataset):
@@ -69,22 +67,18 @@ class LengthGroupedSampler(BatchSampler):
     ``mega_batch_mult * batch_size`` sorted by length and cut into batches, the batch order
     shuffled by ``generator``: every kept example once per epoch, little padding, reproducible."""
 
-    def __init__(
-        self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool,
-        lengths: Sequence[int], mega_batch_mult: int = 50,
-        generator: torch.Generator | None = None, seed: int = 123,
-    ) -> None:
+    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool,
+                 lengths: Sequence[int], mega_batch_mult: int = 50,
+                 generator: torch.Generator | None = None, seed: int = 123) -> None:
         super().__init__(sampler, batch_size, drop_last)
         self.lengths, self.mega_batch_mult = [int(n) for n in lengths], mega_batch_mult
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[list[int]]:
-        bs = self.batch_size
-        order = list(self.sampler)
+        bs, order, batches = self.batch_size, list(self.sampler), []
         if self.drop_last:
             order = order[: len(order) - len(order) % bs]
         chunk = self.mega_batch_mult * bs
-        batches: list[list[int]] = []
         for start in range(0, len(order), chunk):
             group = sorted(order[start : start + chunk], key=self.lengths.__getitem__, reverse=True)
             batches.extend(group[j : j + bs] for j in range(0, len(group), bs))
@@ -100,7 +94,7 @@ class BookShuffleSampler(RandomSampler):
     def __init__(self, data_source: Sized) -> None:
         super().__init__(data_source)
         self.epoch_seed: int | None = None
-        self._resume: dict[str, Any] | None = None
+        self._resume: dict[str, Any] | None = None  # resume_at's state, for the next iter()
 
     def __iter__(self) -> Iterator[int]:
         resume, self._resume = self._resume, None
@@ -117,64 +111,66 @@ class BookShuffleSampler(RandomSampler):
         self._resume = state
 
 
-def _int_at_least(option: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{option}={value!r}: must be an integer >= {low}")
-    return value
+def int_problems(**options: tuple[Any, int]) -> list[str]:
+    """``data.NAME=value: must be an integer >= low`` for each ``NAME=(value, low)`` that is not."""
+    return [f"data.{k}={v!r}: must be an integer >= {low}" for k, (v, low) in options.items()
+            if not is_int(v, low)]
 
 
-def check_split_fractions(train_frac: Any, val_frac: Any) -> tuple[float, float]:
-    """Both in (0, 1) with a sum < 1: an empty validation or test split breaks evaluation."""
+def split_problems(split_seed: Any, train_frac: Any, val_frac: Any) -> list[str]:
+    """A seed; fractions in (0, 1) summing < 1 (an empty validation or test split breaks eval)."""
+    problems: list[str] = []
     allowed = "a number with 0 < value < 1"
     for option, value in (("data.train_frac", train_frac), ("data.val_frac", val_frac)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{option}={value!r}: must be {allowed} (got {type(value).__name__})")
-        if not 0.0 < float(value) < 1.0:  # also rejects nan
-            raise ValueError(f"{option}={value!r}: must be {allowed}")
-    if float(train_frac) + float(val_frac) >= 1.0:
-        raise ValueError(
+            problems.append(f"{option}={value!r}: must be {allowed} (got {type(value).__name__})")
+        elif not 0.0 < float(value) < 1.0:  # also rejects nan
+            problems.append(f"{option}={value!r}: must be {allowed}")
+    if not problems and float(train_frac) + float(val_frac) >= 1.0:
+        problems.append(
             f"data.train_frac={train_frac!r} + data.val_frac={val_frac!r} = "
             f"{float(train_frac) + float(val_frac):g}: must be < 1 (the test split gets the rest, "
             f"1 - train_frac - val_frac)"
         )
-    return float(train_frac), float(val_frac)
+    return int_problems(split_seed=(split_seed, 0)) + problems
 
 
 class TextClassificationDataModule(L.LightningDataModule):
     """Any labelled text dataset as token batches. Subclasses implement ``prepare_data`` (files,
     once per node) and ``load_splits`` (the three splits, ``class_names``); ``setup`` tokenizes."""
 
-    def __init__(
-        self, data_dir: str = "data", max_length: int | str | None = None,
-        context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
-        batch_size: int = 8, num_workers: int = 0, seed: int = 123,
-        pad_token_id: int = PAD_TOKEN_ID,
-    ) -> None:
-        super().__init__()  # impossible options fail here, before any download
-        check_choice("data.padding", padding, PADDING_MODES)
-        for option, value, low in (
-            ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-            ("context_length", context_length, 1), ("pad_token_id", pad_token_id, 0), ("seed", seed, 0),
-        ):
-            _int_at_least(f"data.{option}", value, low)
-        if padding == "none" and batch_size > 1:
-            raise ValueError(
-                f"data.padding=none cannot batch sequences of different lengths, but "
-                f"data.batch_size={batch_size}: use data.batch_size=1 and "
-                f"trainer.accumulate_grad_batches={batch_size} for an effective batch of {batch_size}"
-            )
+    def __init__(self, data_dir: str = "data", max_length: int | str | None = None,
+                 context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
+                 batch_size: int = 8, num_workers: int = 0, seed: int = 123,
+                 pad_token_id: int = PAD_TOKEN_ID, problems: Sequence[str] = ()) -> None:
+        """Every impossible option (and a subclass's ``problems``): one ValueError, before work."""
+        super().__init__()
+        problems = choice_problems("data.padding", padding, PADDING_MODES) + int_problems(
+            batch_size=(batch_size, 1), num_workers=(num_workers, 0),
+            context_length=(context_length, 1), pad_token_id=(pad_token_id, 0), seed=(seed, 0),
+        ) + list(problems)
+        if padding == "none" and is_int(batch_size, 2):
+            problems.append(f"data.padding=none cannot batch sequences of different lengths, but "
+                            f"data.batch_size={batch_size}: use data.batch_size=1 and trainer."
+                            f"accumulate_grad_batches={batch_size} for an effective batch of "
+                            f"{batch_size}")
         if bucketing and padding != "batch":
-            raise ValueError(f"data.bucketing=true groups examples of similar length, which only saves "
-                             f"work with data.padding=batch (got data.padding={padding})")
+            problems.append(f"data.bucketing=true groups examples of similar length, which only "
+                            f"saves work with data.padding=batch (got data.padding={padding})")
+        self._max_length: int | None = None
+        if max_length is not None and is_int(context_length, 1):
+            try:
+                self._max_length = resolve_max_length(max_length, [], context_length)
+            except ValueError as err:
+                problems.append(str(err))
+        if problems:  # a line each, as validate_config lists them
+            raise ValueError("\n  - ".join(problems))
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.max_length_option = max_length
         self.context_length, self.padding, self.bucketing = int(context_length), padding, bucketing
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.seed, self.pad_token_id = int(seed), int(pad_token_id)
         self.class_names: list[str] = []
-        self._max_length: int | None = None
-        if max_length is not None:
-            self._max_length = resolve_max_length(max_length, [], self.context_length)
         # data.bucketing only: one generator for the whole fit, saved in checkpoints. The plain
         # shuffled loader draws from the global torch RNG, as the chapter's does.
         self._train_generator = torch.Generator().manual_seed(self.seed)
@@ -185,21 +181,21 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._features: dict[str, Dataset] = {}  # split -> what use_features gave
 
     def use_tokenizer(self, tokenizer: Any) -> None:
-        """Before ``setup``: a model's own tokenizer (``encode(texts, limit)``, ``pad_token_id``,
-        ``model_max_length``) instead of GPT-2's."""
+        """Before ``setup``: a model's tokenizer (``encode(texts, limit)``) instead of GPT-2's."""
         self.tokenizer = tokenizer
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.context_length = min(self.context_length, int(tokenizer.model_max_length))
 
     def _encode(self, texts: list[str], limit: int | None) -> list[list[int]]:
         if self.tokenizer is None:
-            return encode_texts(texts, max_length=limit, tokenizer=get_tokenizer())
+            return encode_texts(texts, max_length=limit)  # GPT-2's
         return self.tokenizer.encode(texts, limit)
 
     @property
     def num_classes(self) -> int:
         if not self.class_names:
-            raise AttributeError("num_classes is known after setup(): the classes come from the data")
+            raise AttributeError("num_classes is known after setup(): the classes come from the "
+                                 "data")
         return len(self.class_names)
 
     @property
@@ -230,22 +226,20 @@ class TextClassificationDataModule(L.LightningDataModule):
                 raise DataError(f"{data.name}, line {data.line(empty)}: empty text")
             datasets.append(TokenDataset(ids, data.labels, data.texts))
         if len(datasets[0]) < self.batch_size:
-            raise DataError(f"{splits['train'].name}: {len(datasets[0])} training rows < data.batch_size="
-                            f"{self.batch_size}, so drop_last leaves no training batch")
+            raise DataError(f"{splits['train'].name}: {len(datasets[0])} training rows < "
+                            f"data.batch_size={self.batch_size}, so drop_last leaves no training "
+                            f"batch")
         self._max_length = max_length
         self.train_dataset, self.val_dataset, self.test_dataset = datasets
-        logger.info(
-            "data: train %d, validation %d, test %d rows; %d classes; max_length %d; padding %s",
-            *map(len, datasets), len(self.class_names), max_length, self.padding,
-        )
+        logger.info("data: train %d, validation %d, test %d rows; %d classes; max_length %d; "
+                    "padding %s", *map(len, datasets), len(self.class_names), max_length,
+                    self.padding)
 
     def token_dataset(self, split: str) -> TokenDataset:
         """A split's tokens (``train``, ``val``/``validation``, ``test``), after ``setup``."""
-        if split not in _SPLIT_ALIASES:
-            raise ValueError(f"split={split!r}: allowed values are train, val, test")
-        ds = {"train": self.train_dataset, "validation": self.val_dataset,
-              "test": self.test_dataset}[_SPLIT_ALIASES[split]]
-        if ds is None:
+        if problems := choice_problems("split", split, _SPLIT_ALIASES):
+            raise ValueError(problems[0])
+        if (ds := getattr(self, _DATASETS[_SPLIT_ALIASES[split]])) is None:
             raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
         return ds
 
@@ -259,19 +253,14 @@ class TextClassificationDataModule(L.LightningDataModule):
         if kwargs.pop("bucketing", False):
             kwargs["batch_sampler"] = LengthGroupedSampler(
                 RandomSampler(ds, generator=generator), self.batch_size, drop_last=True,
-                lengths=ds.lengths, generator=generator,
-            )
+                lengths=ds.lengths, generator=generator)
         else:
             kwargs["batch_size"] = self.batch_size
-        return DataLoader(
-            ds if features is None else features,
-            generator=generator,
-            collate_fn=Collator(self.padding, self.max_length, self.pad_token_id)
-            if features is None else features.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+        collate_fn = Collator(self.padding, self.max_length, self.pad_token_id)
+        return DataLoader(ds if features is None else features, generator=generator,
+                          collate_fn=collate_fn if features is None else features.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """The chapter's ``DataLoader(shuffle=True, drop_last=True)``: each ``iter()`` draws from
@@ -279,18 +268,15 @@ class TextClassificationDataModule(L.LightningDataModule):
         if self.bucketing:
             return self._loader("train", self._train_generator, bucketing=True)
         if self._book_sampler is None:
-            if self.train_dataset is None:
-                raise RuntimeError("call prepare_data() and setup() before asking for dataloaders")
-            self._book_sampler = BookShuffleSampler(self.train_dataset)
+            self._book_sampler = BookShuffleSampler(self.token_dataset("train"))
             if self._pending_resume is not None:
                 self._book_sampler.resume_at(self._pending_resume)
                 self._pending_resume = None
         return self._loader("train", None, sampler=self._book_sampler, drop_last=True)
 
     def book_dataloader(self, split: str) -> DataLoader:
-        """The chapter's loaders for its own evaluations: ``train`` shuffled with ``drop_last`` (from
-        the global RNG, as iterating the book's one ``train_loader`` again), ``val``/``test`` in
-        order; the training epoch's sampler is left alone."""
+        """The chapter's loaders for its evaluations: ``train`` shuffled from the global RNG (the
+        book's ``train_loader`` iterated again; the epoch's sampler untouched), others in order."""
         if _SPLIT_ALIASES.get(split) == "train":
             return self._loader("train", None, shuffle=True, drop_last=True)
         return self._loader(split, None, shuffle=False)
@@ -308,11 +294,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The bucketing generator and, mid-epoch (SIGTERM), the epoch's seed, how far it got and
         the global RNG: a resumed fit continues the same order."""
-        state: dict[str, Any] = {
-            "train_generator_state": self._train_generator.get_state(), "max_length": self._max_length,
-        }
-        trainer = getattr(self, "trainer", None)
-        sampler = self._book_sampler
+        state: dict[str, Any] = {"train_generator_state": self._train_generator.get_state(),
+                                 "max_length": self._max_length}
+        trainer, sampler = getattr(self, "trainer", None), self._book_sampler
         if trainer is not None and sampler is not None and sampler.epoch_seed is not None:
             done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
             if 0 < done < trainer.num_training_batches:  # mid-epoch
@@ -323,71 +307,53 @@ class TextClassificationDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_generator_state" in state_dict:
             self._train_generator.set_state(state_dict["train_generator_state"])
-        if "book_shuffle" in state_dict:
-            if self._book_sampler is not None:
-                self._book_sampler.resume_at(state_dict["book_shuffle"])
-            else:
-                self._pending_resume = state_dict["book_shuffle"]
+        if "book_shuffle" in state_dict and self._book_sampler is not None:
+            self._book_sampler.resume_at(state_dict["book_shuffle"])
+        elif "book_shuffle" in state_dict:  # for train_dataloader's sampler
+            self._pending_resume = state_dict["book_shuffle"]
         saved = state_dict.get("max_length")
         if saved is not None and self._max_length is not None and saved != self._max_length:
-            logger.warning(
-                "checkpoint was trained with max_length %d, this data gives %d", saved, self._max_length
-            )
+            logger.warning("checkpoint was trained with max_length %d, this data gives %d", saved,
+                           self._max_length)
 
 
 class SpamDataModule(TextClassificationDataModule):
     """The UCI SMS Spam Collection, balanced and split as in chapter 6. ``source``: ``bundled``
     (the verified copy in the package), ``download`` (from ``urls``) or a file / the UCI zip."""
 
-    def __init__(
-        self, source: str | None = BUNDLED, urls: Sequence[str] = DEFAULT_URLS,
-        data_dir: str = "data/sms_spam", max_length: int | str | None = None,
-        context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
-        batch_size: int = 8, num_workers: int = 0, seed: int = 123,
-        pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error", split_seed: int = 123,
-        train_frac: float = 0.7, val_frac: float = 0.1, split: str = "chapter",
-    ) -> None:
-        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
-                         num_workers, seed, pad_token_id)
-        _int_at_least("data.split_seed", split_seed, 0)
-        train_frac, val_frac = check_split_fractions(train_frac, val_frac)
-        self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
+    def __init__(self, source: str | None = BUNDLED, urls: Sequence[str] = DEFAULT_URLS,
+                 data_dir: str = "data/sms_spam", max_length: int | str | None = None,
+                 context_length: int = 1024, padding: str = "longest", bucketing: bool = False,
+                 batch_size: int = 8, num_workers: int = 0, seed: int = 123,
+                 pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error",
+                 split_seed: int = 123, train_frac: float = 0.7, val_frac: float = 0.1,
+                 split: str = "chapter") -> None:
         urls = [str(u) for u in (urls or ())]  # plain values: hparams go into checkpoints
         source = BUNDLED if source is None else str(source)
+        problems = split_problems(split_seed, train_frac, val_frac)
+        problems += settings_problems(on_bad_rows, split)
         if source == DOWNLOAD and not urls:
-            raise ValueError(
-                "data.source=download, but data.urls is empty: nothing to download from "
-                "(use data.source=bundled, the default, or a path)"
-            )
-        if source not in SOURCE_KEYWORDS:
-            path = resolve_path(source)
-            problem = path_problem(path)  # one stat: missing, unreadable, a loop, not a file
-            if problem == NO_SUCH_FILE:
-                raise DataError(
-                    f"data.source: {path}: no such file (expected "
-                    f"bundled, download, or the path of an SMSSpamCollection file or the zip "
-                    f"holding it)"
-                )
-            if problem is not None:
-                raise DataError(f"data.source: {path}: {problem}")
-            source = str(path)
+            problems.append("data.source=download, but data.urls is empty: nothing to download "
+                            "from (use data.source=bundled, the default, or a path)")
+        super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
+                         num_workers, seed, pad_token_id, problems)
+        self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
+        if source not in SOURCE_KEYWORDS:  # one stat: missing, unreadable, a loop, not a file
+            source = str(checked_path("data.source", source, "no such file (expected bundled, "
+                                      "download, or the path of an SMSSpamCollection file or the "
+                                      "zip holding it)"))
         self.save_hyperparameters()
-        self.source, self.urls, self.on_bad_rows = source, urls, on_bad_rows
-        self.split_seed, self.train_frac, self.val_frac = int(split_seed), train_frac, val_frac
-        self.split = split
-        self.class_names = ["ham", "spam"]
+        self.source, self.urls, self.class_names = source, urls, ["ham", "spam"]
+        self.split_options = {"split_seed": int(split_seed), "train_frac": float(train_frac),
+                              "val_frac": float(val_frac), "on_bad_rows": on_bad_rows,
+                              "split": split}
 
     def prepare_data(self) -> None:
-        prepare(
-            self.source, self.data_dir, self.urls, split_seed=self.split_seed,
-            train_frac=self.train_frac, val_frac=self.val_frac, on_bad_rows=self.on_bad_rows,
-            split=self.split,
-        )
+        prepare(self.source, self.data_dir, self.urls, **self.split_options)
 
     def load_splits(self) -> dict[str, Table]:
-        """The prepared CSVs, if ``meta.json`` records this source's sha256 (recomputed on every
-        rank: a folder re-prepared from another source is refused)."""
+        """The prepared CSVs, refused unless ``meta.json`` records this source's sha256."""
         source = {"sha256": source_sha256(self.source)}
-        paths = load_prepared(self.data_dir, self.settings, source, "data", f"data.source={self.source}")
-        tables = {s: read_prepared_table(p, b, "Text", "Label") for s, (p, b) in paths.items()}
+        tables = load_prepared(self.data_dir, self.settings, source, "data",
+                               f"data.source={self.source}", "Text", "Label")
         return {s: replace(t, labels=[int(v) for v in t.labels]) for s, t in tables.items()}

@@ -33,15 +33,14 @@ MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 # a local data.source (file, zip, and the zip's member) gets the download's cap: the real file is
 # 477,907 bytes, so anything this large is not it (and is never read whole into memory)
 MAX_SOURCE_BYTES = MAX_DOWNLOAD_BYTES
-NO_SUCH_FILE = "no such file"
+NO_SUCH_FILE, IS_A_FOLDER = "no such file", "is a folder, not a file"
 BUNDLED, DOWNLOAD = "bundled", "download"  # data.source keywords; any other value is a path
 SOURCE_KEYWORDS = (BUNDLED, DOWNLOAD)
 BUNDLED_PATH = Path(__file__).resolve().parent / "assets" / MEMBER_NAME
-FIX_HINT = (
-    "Fix: use the copy bundled with the package (data.source=bundled, the default), or download "
-    "the UCI 'SMS Spam Collection' zip by other means and pass "
-    "data.source=/path/to/SMSSpamCollection (or data.source=/path/to/sms+spam+collection.zip)."
-)
+FIX_HINT = ("Fix: use the copy bundled with the package (data.source=bundled, the default), or "
+            "download the UCI 'SMS Spam Collection' zip by other means and pass "
+            "data.source=/path/to/SMSSpamCollection "
+            "(or data.source=/path/to/sms+spam+collection.zip).")
 
 
 class DataError(ValueError):
@@ -78,10 +77,8 @@ def _limit(max_bytes: int) -> str:
     return f"{max_bytes:,}-byte limit ({max_bytes / 2**20:g} MiB)"
 
 
-def read_zip_member(
-    zip_data: bytes, name: str, expected_size: int | None = None,
-    max_bytes: int = MAX_SOURCE_BYTES,
-) -> bytes:
+def read_zip_member(zip_data: bytes, name: str, expected_size: int | None = None,
+                    max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
     """The zip's ``SMSSpamCollection``; never more than ``max_bytes`` decompressed (by the recorded
     size and the bytes read: a header can lie)."""
     try:
@@ -93,21 +90,14 @@ def read_zip_member(
                 raise DataError(f"{name}: the zip has no {MEMBER_NAME} member (it holds {listed})")
             info = match[0]
             if expected_size is not None and info.file_size != expected_size:
-                raise DataError(
-                    f"{name}: {info.filename} has size {info.file_size:,} bytes, "
-                    f"expected {expected_size:,}"
-                )
-            too_big = DataError(
-                f"{name}: {info.filename} decompresses to more than the {_limit(max_bytes)} "
-                f"for data.source (the real {MEMBER_NAME} is {EXPECTED_SIZE:,} bytes); not read. "
-                f"{FIX_HINT}"
-            )
-            if info.file_size > max_bytes:
-                raise too_big
-            with zf.open(info) as member:
-                data = member.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise too_big
+                raise DataError(f"{name}: {info.filename} has size {info.file_size:,} bytes, "
+                                f"expected {expected_size:,}")
+            with zf.open(info) as member:  # the recorded size first: nothing read if too big
+                data = b"" if info.file_size > max_bytes else member.read(max_bytes + 1)
+                if info.file_size > max_bytes or len(data) > max_bytes:
+                    raise DataError(f"{name}: {info.filename} decompresses to more than the "
+                                    f"{_limit(max_bytes)} for data.source (the real {MEMBER_NAME} "
+                                    f"is {EXPECTED_SIZE:,} bytes); not read. {FIX_HINT}")
             return data
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
         raise DataError(f"{name}: not a valid zip file (corrupt or truncated): {e}") from e
@@ -134,21 +124,19 @@ def os_problem(e: OSError) -> str:
     if isinstance(e, NotADirectoryError):
         return "no such file (a part of the path is a file, not a folder)"
     if isinstance(e, IsADirectoryError):
-        return "is a folder, not a file"
+        return IS_A_FOLDER
     return f"cannot read it: {e.strerror or e}"
 
 
 def _kind_problem(mode: int) -> str | None:
     if stat.S_ISDIR(mode):
-        return "is a folder, not a file"
-    if not stat.S_ISREG(mode):
-        return "not a regular file (a device, pipe or socket, such as /dev/zero); pass a file"
-    return None
+        return IS_A_FOLDER
+    return None if stat.S_ISREG(mode) else ("not a regular file (a device, pipe or socket, such as "
+                                            "/dev/zero); pass a file")
 
 
 def path_problem(path: Path) -> str | None:
-    """What keeps ``path`` from being read as a data file (None: a readable regular file);
-    cheap (one ``stat``), for constructors to refuse a bad path before any heavy work."""
+    """What keeps ``path`` from being read as a data file (None: nothing); one ``stat``, cheap."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -159,48 +147,47 @@ def path_problem(path: Path) -> str | None:
     return problem
 
 
+def checked_path(option: str, value: str | os.PathLike[str], missing: str = NO_SUCH_FILE,
+                 folder: bool = False) -> Path:
+    """``value`` resolved if a readable file (or ``folder``), else a DataError naming ``option``."""
+    path = resolve_path(value)
+    if (problem := path_problem(path)) is not None and not (folder and problem == IS_A_FOLDER):
+        raise DataError(f"{option}: {path}: {missing if problem == NO_SUCH_FILE else problem}")
+    return path
+
+
 def read_local(path: Path, option: str = "data.source", max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
-    """A local file's bytes (at most ``max_bytes``); every problem is one DataError naming
-    ``option`` and the file. Opened non-blocking and checked to be a regular file first (a FIFO
-    does not hang, ``/dev/zero`` is never read)."""
+    """A local file's bytes (at most ``max_bytes``), else a DataError naming ``option``; opened
+    non-blocking, a regular file checked first (a FIFO does not hang, ``/dev/zero`` is not read)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
     except OSError as e:
         raise DataError(f"{option}: {path}: {os_problem(e)}") from e
-    data = b""
     try:
-        st = os.fstat(fd)
-        problem = _kind_problem(st.st_mode)
-        if problem is None and st.st_size > max_bytes:
-            problem = f"{st.st_size:,} bytes, over the {_limit(max_bytes)} for {option}; not read"
-        if problem is None:
-            chunks, total = [], 0
-            while total <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total))):
-                chunks.append(chunk)
-                total += len(chunk)
-            data = b"".join(chunks)
-            if total > max_bytes:  # it grew while being read
-                problem = f"more than the {_limit(max_bytes)} for {option}; not read"
+        with os.fdopen(fd, "rb") as f:  # closes fd
+            st, limit = os.fstat(fd), f"the {_limit(max_bytes)} for {option}; not read"
+            problem = _kind_problem(st.st_mode)
+            if problem is None and st.st_size > max_bytes:
+                problem = f"{st.st_size:,} bytes, over {limit}"
+            if problem is None and len(data := f.read(max_bytes + 1)) > max_bytes:  # it grew
+                problem = f"more than {limit}"
     except OSError as e:
         problem = os_problem(e)
-    finally:
-        os.close(fd)
     if problem is not None:
         raise DataError(f"{option}: {path}: {problem}")
     return data
 
 
 def load_local(source: str | os.PathLike[str]) -> SourceData:
-    """A local ``SMSSpamCollection`` or zip: not verified (a user may edit it on purpose), so it
-    is validated row by row later."""
+    """A local ``SMSSpamCollection`` or zip: unverified (a user may edit it), checked row by row."""
     path = resolve_path(source)
     try:
         data = read_local(path, "data.source", MAX_SOURCE_BYTES)
     except DataError as e:
         if str(e).endswith(NO_SUCH_FILE):
             raise DataError(f"{e} {FIX_HINT}") from None
-        if str(e).endswith("is a folder, not a file"):
+        if str(e).endswith(IS_A_FOLDER):
             raise DataError(f"{e}; pass the {MEMBER_NAME} file or the zip holding it") from None
         raise
     if path.suffix.lower() == ".zip" or data.startswith(b"PK\x03\x04"):
@@ -215,16 +202,14 @@ def load_bundled(path: str | os.PathLike[str] = BUNDLED_PATH) -> SourceData:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise DataError(
-            f"data.source=bundled: cannot read {path} ({e.strerror or e}): the package is "
-            f"incomplete; reinstall spam-lightning, or pass data.source=download or a path"
-        ) from e
+        raise DataError(f"data.source=bundled: cannot read {path} ({e.strerror or e}): the package "
+                        f"is incomplete; reinstall spam-lightning, or pass data.source=download or "
+                        f"a path") from e
     if not _is_pinned(data):
-        raise DataError(
-            f"data.source=bundled: {path} is damaged: {len(data):,} bytes sha256 "
-            f"{sha256_bytes(data)}, expected {EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}; "
-            f"reinstall spam-lightning, or pass data.source=download or a path"
-        )
+        raise DataError(f"data.source=bundled: {path} is damaged: {len(data):,} bytes sha256 "
+                        f"{sha256_bytes(data)}, expected {EXPECTED_SIZE:,} bytes sha256 "
+                        f"{EXPECTED_SHA256}; reinstall spam-lightning, or pass "
+                        f"data.source=download or a path")
     return SourceData(data, str(path), {"kind": BUNDLED, "path": str(path)}, verified=True)
 
 
@@ -242,12 +227,10 @@ def fetch(url: str, dest: Path, timeout: float, max_bytes: int = MAX_DOWNLOAD_BY
             raise DataError(f"download truncated: got {total:,} of {int(expected):,} bytes")
 
 
-def download_first(
-    urls: Sequence[str], dest: Path, keep: Callable[[Path], None], what: str, hint: str,
-    timeout: float = DOWNLOAD_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES,
-) -> str:
-    """The first URL whose download ``keep(tmp)`` accepts (it may rewrite it) becomes ``dest``;
-    else a DownloadError listing every URL's failure."""
+def download_first(urls: Sequence[str], dest: Path, keep: Callable[[Path], None], what: str,
+                   hint: str, timeout: float = DOWNLOAD_TIMEOUT,
+                   max_bytes: int = MAX_DOWNLOAD_BYTES) -> str:
+    """The first URL whose download ``keep(tmp)`` accepts becomes ``dest``; else a DownloadError."""
     failures: list[str] = []
     for url in urls:
         try:
@@ -271,11 +254,9 @@ def download(urls: Sequence[str], dest: Path, timeout: float = DOWNLOAD_TIMEOUT)
         if data.startswith(b"PK"):
             data = read_zip_member(data, "the downloaded zip", expected_size=EXPECTED_SIZE)
         if not _is_pinned(data):
-            raise DataError(
-                f"the downloaded file: {MEMBER_NAME} does not match the known file: expected "
-                f"{EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}, got {len(data):,} bytes "
-                f"sha256 {sha256_bytes(data)}; not kept"
-            )
+            raise DataError(f"the downloaded file: {MEMBER_NAME} does not match the known file: "
+                            f"expected {EXPECTED_SIZE:,} bytes sha256 {EXPECTED_SHA256}, got "
+                            f"{len(data):,} bytes sha256 {sha256_bytes(data)}; not kept")
         tmp.write_bytes(data)
 
     return download_first(urls, dest, keep, MEMBER_NAME, FIX_HINT, timeout)
@@ -292,18 +273,15 @@ def cached_download(data_dir: Path) -> SourceData | None:
     return SourceData(data, str(dest), origin, verified=True) if _is_pinned(data) else None
 
 
-def load_source(
-    source: str | os.PathLike[str] | None, urls: Sequence[str], data_dir: Path,
-    timeout: float = DOWNLOAD_TIMEOUT,
-) -> SourceData:
+def load_source(source: str | os.PathLike[str] | None, urls: Sequence[str], data_dir: Path,
+                timeout: float = DOWNLOAD_TIMEOUT) -> SourceData:
     """``bundled``/``None``, ``download`` (reusing a verified ``data_dir/SMSSpamCollection``) or a
     local path. Call while holding the preparation lock (a download writes to ``data_dir``)."""
     if source is None or str(source) == BUNDLED:
         return load_bundled()
     if str(source) != DOWNLOAD:
         return load_local(source)
-    cached = cached_download(data_dir)
-    if cached is not None:
+    if (cached := cached_download(data_dir)) is not None:
         return cached
     dest = data_dir / MEMBER_NAME
     if dest.is_file():

@@ -1,10 +1,7 @@
 """Read, validate, balance and split the SMS table as chapter 6 does; prepare data folders once.
-
-The pinned file is read with the chapter's own ``pd.read_csv``. A user's file is read with the
-``csv`` module, which splits rows as pandas does but knows each row's lines, so every bad row is
-named by file and line (pandas' ``on_bad_lines`` silently drops rows it cannot split: 10 of the
-real file's; its C engine names rows, not lines).
-"""
+The pinned file is read with the chapter's ``pd.read_csv``; a user's file with the ``csv`` module,
+which splits rows as pandas does but knows their lines, so every bad row is named by file and line
+(pandas' ``on_bad_lines`` silently drops rows it cannot split: 10 of the real file's)."""
 
 from __future__ import annotations
 
@@ -36,11 +33,11 @@ from spam_lightning.data.source import (
     sha256_bytes,
 )
 from spam_lightning.io_utils import file_lock, remove_stale_temporaries, write_bytes, write_json
+from spam_lightning.rules import choice_problems
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("Label", "Text")
-TSV_LABELS = ("ham", "spam")
 LABEL_IDS = {"ham": 0, "spam": 1}
 SPLIT_FILES = {"train": "train.csv", "validation": "validation.csv", "test": "test.csv"}
 META_NAME = "meta.json"
@@ -80,18 +77,10 @@ def read_rows(text: str, sep: str, name: str) -> tuple[list[Row], int | None]:
     return rows, (last.line if last.line <= len(lines) else None)
 
 
-def bad_rows_error(name: str, problems: list[str], hint: str) -> DataError:
-    """One error listing the first ``MAX_LISTED`` problems (each ``name, line N: what``)."""
-    listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
-    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    return DataError(f"{name}: {len(problems)} bad row(s):\n{listed}{more}\n{hint}")
-
-
 @dataclass(frozen=True)
 class Table:
-    """A table (labels: strings, or class indices once mapped); ``lines``: each row's start line
-    (None: our own CSVs, read unchecked); ``frame``: the rows as read, for splitting (a data
-    module's ``load_splits`` may leave it out)."""
+    """Labels: strings, or class indices once mapped; ``lines``: each row's start line (None: our
+    own CSVs, read unchecked); ``frame``: the rows as read, for splitting."""
 
     texts: list[str]
     labels: list[Any]
@@ -104,10 +93,8 @@ class Table:
         return self.lines[row] if self.lines is not None else f"? (data row {row + 1})"
 
 
-def _check_row(
-    row: Row, cols: list[str], ti: int, li: int, sep: str, allowed: Sequence[str] | None,
-    fixed: bool,
-) -> str | None:
+def _check_row(row: Row, cols: list[str], ti: int, li: int, sep: str,
+               allowed: Sequence[str] | None, fixed: bool) -> str | None:
     """What is wrong with one row (None if it is fine)."""
     f, problems = row.fields, []
     if len(f) != len(cols):
@@ -128,10 +115,8 @@ def _check_row(
     if allowed is None and len(f) == len(cols) and not f[li].strip():
         problems.append(f"empty label (column {cols[li]!r})")
     if problems and row.end_line > row.line:
-        problems.append(
-            f"this row spans lines {row.line}-{row.end_line} (a field that starts with a quote "
-            f"runs to the next closing quote)"
-        )
+        problems.append(f"this row spans lines {row.line}-{row.end_line} (a field that starts "
+                        f"with a quote runs to the next closing quote)")
     return "; ".join(problems) or None
 
 
@@ -146,8 +131,7 @@ def read_checked(
     one (stripped); ``on_bad_rows="skip"`` drops bad rows and logs how many."""
     if not data:
         raise DataError(f"{name}, line 1: the file is empty (0 bytes)")
-    # a leading BOM dropped (as pandas does); bad bytes kept as lone surrogates, so that the
-    # rows holding them can be named (and skipped)
+    # a leading BOM dropped (as pandas does); bad bytes kept as lone surrogates, to name their rows
     text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
     rows, unterminated = read_rows(text, sep, name)
     cols = list(fixed or ())
@@ -157,16 +141,12 @@ def read_checked(
             raise DataError(f"{name}, line 1: no header line ({what})")
         head, rows = rows[0].fields, rows[1:]
         if fixed and head != cols:
-            raise DataError(
-                f"{name}, line 1: missing columns: expected the header "
-                f"{sep.join(cols)!r}, found {sep.join(head)[:80]!r}"
-            )
+            raise DataError(f"{name}, line 1: missing columns: expected the header "
+                            f"{sep.join(cols)!r}, found {sep.join(head)[:80]!r}")
         for option, column in (("data.text_column", text_column), ("data.label_column", label_column)):
             if column not in head:
-                raise DataError(
-                    f"{name}, line 1: missing column {column!r} ({option}); the header has: "
-                    f"{', '.join(map(repr, head))[:200]}"
-                )
+                raise DataError(f"{name}, line 1: missing column {column!r} ({option}); the "
+                                f"header has: {', '.join(map(repr, head))[:200]}")
         if len(set(head)) != len(head):
             raise DataError(f"{name}, line 1: duplicate column names in the header {head}")
         if not rows and unterminated is None and not allow_empty:
@@ -181,12 +161,13 @@ def read_checked(
         else:
             problems.append(f"{name}, line {row.line}: {msg}")
     if unterminated is not None:
-        problems.append(
-            f'{name}, line {unterminated}: malformed line: a field starts with a quote (") that '
-            f"is never closed, so the row runs to the end of the file"
-        )
-    if problems and on_bad_rows == "error":
-        raise bad_rows_error(name, problems, hint)
+        problems.append(f'{name}, line {unterminated}: malformed line: a field starts with a '
+                        f'quote (") that is never closed, so the row runs to the end of the file')
+    if problems and on_bad_rows == "error":  # the first MAX_LISTED, each "name, line N: what"
+        listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
+        extra = len(problems) - MAX_LISTED
+        more = f"\n  ... and {extra} more" if extra > 0 else ""
+        raise DataError(f"{name}: {len(problems)} bad row(s):\n{listed}{more}\n{hint}")
     if problems:
         logger.warning("%s: skipped %d bad row(s) (data.on_bad_rows=skip); first: %s", name,
                        len(problems), problems[0])
@@ -195,37 +176,29 @@ def read_checked(
     present = {r.fields[li] for r in good}
     for label in allowed if require_all_labels and good else ():
         if label not in present:
-            raise DataError(
-                f"{name}, lines {good[0].line}-{good[-1].line}: a class with no examples: "
-                f"no {label!r} rows among {len(good)} rows (need every label: "
-                f"{', '.join(allowed)})"
-            )
+            raise DataError(f"{name}, lines {good[0].line}-{good[-1].line}: a class with no "
+                            f"examples: no {label!r} rows among {len(good)} rows (need every "
+                            f"label: {', '.join(allowed)})")
     labels = [r.fields[li] if allowed is not None else r.fields[li].strip() for r in good]
     frame = pd.DataFrame([r.fields for r in good], columns=cols, dtype=str)
-    lines_of = [r.line for r in good]
-    return Table([r.fields[ti] for r in good], labels, name, frame, lines_of, tuple(problems))
+    return Table([r.fields[ti] for r in good], labels, name, frame, [r.line for r in good],
+                 tuple(problems))
 
 
 def read_table(data: bytes, name: str, on_bad_rows: str = "error") -> Table:
     """A user-supplied ``SMSSpamCollection`` TSV (``ham``/``spam`` labels), checked row by row."""
-    return read_checked(
-        data, name, "\t", fixed=COLUMNS, header=False, allowed=TSV_LABELS,
-        on_bad_rows=on_bad_rows, require_all_labels=True,
-    )
+    return read_checked(data, name, "\t", fixed=COLUMNS, header=False, allowed=tuple(LABEL_IDS),
+                        on_bad_rows=on_bad_rows, require_all_labels=True)
 
 
-def read_text_table(
-    data: bytes, name: str, text_column: str, label_column: str, sep: str = ","
-) -> Table:
+def read_text_table(data: bytes, name: str, text_column: str, label_column: str,
+                    sep: str = ",") -> Table:
     """A user's CSV with a header (``data=csv``), checked row by row; labels are stripped."""
     sep_name = "tab" if sep == "\t" else repr(sep)
-    hint = (
-        f"(quote texts that contain {sep!r}, quotes or line breaks; set data.sep if the file is "
-        f"not {sep_name}-separated)"
-    )
-    return read_checked(
-        data, name, sep, text_column=text_column, label_column=label_column, hint=hint
-    )
+    hint = (f"(quote texts that contain {sep!r}, quotes or line breaks; set data.sep if the file "
+            f"is not {sep_name}-separated)")
+    return read_checked(data, name, sep, text_column=text_column, label_column=label_column,
+                        hint=hint)
 
 
 def parse_split_csv(data: bytes, name: str) -> tuple[list[str], list[int]]:
@@ -237,12 +210,6 @@ def parse_split_csv(data: bytes, name: str) -> tuple[list[str], list[int]]:
 def read_split_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
     """A ``train/validation/test.csv`` in the chapter's format -> texts, labels (checked)."""
     return parse_split_csv(Path(path).read_bytes(), str(path))
-
-
-def read_prepared_table(path: Path, payload: bytes, text_column: str, label_column: str) -> Table:
-    """One of our own split CSVs (sha256-checked against meta.json): a plain read."""
-    frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
-    return Table(frame[text_column].tolist(), frame[label_column].str.strip().tolist(), str(path), frame)
 
 
 def csv_bytes(frame: pd.DataFrame) -> bytes:
@@ -269,23 +236,19 @@ def balance_for_split(df: pd.DataFrame, split: str = "chapter", seed: int = 123)
     return shuffle(balanced, seed) if split == "bonus" else balanced
 
 
-def random_split(
-    df: pd.DataFrame, train_frac: float, val_frac: float, seed: int, name: str
-) -> dict[str, pd.DataFrame]:
+def random_split(df: pd.DataFrame, train_frac: float, val_frac: float, seed: int,
+                 name: str) -> dict[str, pd.DataFrame]:
     """The chapter's ``random_split`` (shuffle, then integer arithmetic -> 1,045 / 149 / 300);
     an empty split (nothing to train on, NaN metrics) is refused before anything is written."""
     df = shuffle(df, seed)
     train_end = int(len(df) * train_frac)
     val_end = train_end + int(len(df) * val_frac)
     splits = dict(zip(SPLIT_FILES, (df[:train_end], df[train_end:val_end], df[val_end:]), strict=True))
-    for split, part in splits.items():
-        if len(part) == 0:
-            raise DataError(
-                f"{name}: the {split} split is empty: {len(df)} rows split with "
-                f"data.train_frac={train_frac:g}, data.val_frac={val_frac:g} (train gets "
-                f"int(rows * train_frac), validation int(rows * val_frac), test the rest); "
-                f"use more rows or larger fractions"
-            )
+    if empty := next((split for split, part in splits.items() if len(part) == 0), None):
+        raise DataError(f"{name}: the {empty} split is empty: {len(df)} rows split with "
+                        f"data.train_frac={train_frac:g}, data.val_frac={val_frac:g} (train gets "
+                        f"int(rows * train_frac), validation int(rows * val_frac), test the rest); "
+                        f"use more rows or larger fractions")
     return splits
 
 
@@ -303,12 +266,10 @@ def locked(data_dir: Path) -> Iterator[None]:
         remove_stale_temporaries(data_dir, recursive=False)
     except OSError as e:
         held.close()
-        raise DataError(
-            f"data.data_dir={data_dir}: cannot write there ("
-            f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}), and it holds no "
-            f"prepared data for this source and these settings, so it must be (re)written; set "
-            f"data.data_dir to a writable folder"
-        ) from e
+        raise DataError(f"data.data_dir={data_dir}: cannot write there ("
+                        f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e}), and it "
+                        f"holds no prepared data for this source and these settings, so it must "
+                        f"be (re)written; set data.data_dir to a writable folder") from e
     with held:
         yield
 
@@ -321,9 +282,7 @@ def read_meta(data_dir: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def matching_meta(
-    data_dir: Path, settings: dict[str, Any], source: dict[str, Any]
-) -> dict[str, Any] | None:
+def matching_meta(data_dir: Path, settings: dict[str, Any], source: dict[str, Any]) -> dict | None:
     """``meta.json`` if ``load_prepared`` would accept the folder, else None."""
     with contextlib.suppress(DataError):
         return _prepared(data_dir, settings, source, "", "")[0]
@@ -337,10 +296,10 @@ def ensure_prepared(
     """``(meta, reused)``: reuse ``data_dir`` if ``meta.json`` records ``settings`` and
     ``identity(locked)`` (None: unknown until locked), with no lock; else under the lock check
     again, then write ``build() -> (csv bytes by split, meta)`` atomically, ``meta.json`` last."""
-    if read_meta(data_dir) is not None and (source := identity(False)) is not None:
-        if (meta := matching_meta(data_dir, settings, source)) is not None:
-            logger.info("reusing prepared %s in %s", what, data_dir)
-            return meta, True
+    source = identity(False) if read_meta(data_dir) is not None else None
+    if source is not None and (meta := matching_meta(data_dir, settings, source)) is not None:
+        logger.info("reusing prepared %s in %s", what, data_dir)
+        return meta, True
     with locked(data_dir):
         if (meta := matching_meta(data_dir, settings, identity(True))) is not None:
             logger.info("reusing prepared %s in %s (prepared meanwhile)", what, data_dir)
@@ -352,28 +311,29 @@ def ensure_prepared(
         files = {SPLIT_FILES[split]: sha256_bytes(payload) for split, payload in parts.items()}
         meta = {**meta, "settings": settings, "files": files}
         write_json(data_dir / META_NAME, meta)
-        logger.info("prepared %s in %s: %s", what, data_dir, {s: c["rows"] for s, c in meta["splits"].items()})
+        rows = {split: counts["rows"] for split, counts in meta["splits"].items()}
+        logger.info("prepared %s in %s: %s", what, data_dir, rows)
         return meta, False
 
 
-def load_prepared(
-    data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str, ours: str
-) -> dict[str, tuple[Path, bytes]]:
-    """The CSVs ``prepare_data`` wrote for these settings and this source (every key of ``source``
-    recorded in ``meta.json``) as sha256-checked (path, bytes); read-only. A folder another run
-    re-prepared from another source is an error naming both (``ours``: this run's)."""
-    return _prepared(data_dir, settings, source, what, ours)[1]
+def load_prepared(data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str,
+                  ours: str, text_column: str, label_column: str) -> dict[str, Table]:
+    """The splits ``prepare_data`` wrote for these settings and ``source`` (sha256-checked: read
+    plainly); a folder re-prepared from another source is an error naming both (``ours``: ours)."""
+    tables = {}
+    for split, (path, payload) in _prepared(data_dir, settings, source, what, ours)[1].items():
+        frame = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False, na_filter=False)
+        labels = frame[label_column].str.strip().tolist()
+        tables[split] = Table(frame[text_column].tolist(), labels, str(path), frame)
+    return tables
 
 
-def _prepared(
-    data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str, ours: str
-) -> tuple[dict[str, Any], dict[str, tuple[Path, bytes]]]:
+def _prepared(data_dir: Path, settings: dict[str, Any], source: dict[str, Any], what: str,
+              ours: str) -> tuple[dict[str, Any], dict[str, tuple[Path, bytes]]]:
     meta = read_meta(data_dir)
-    generic = DataError(
-        f"{data_dir}: no prepared {what} with these settings (or it changed since); call "
-        f"prepare_data() first (the Trainer does). If another run shares this data.data_dir, "
-        f"give each its own"
-    )
+    generic = DataError(f"{data_dir}: no prepared {what} with these settings (or it changed "
+                        f"since); call prepare_data() first (the Trainer does). If another run "
+                        f"shares this data.data_dir, give each its own")
     if meta is None or meta.get("settings") != settings:
         raise generic
     recorded = meta.get("source") or {}
@@ -384,12 +344,10 @@ def _prepared(
         origin = recorded.get("kind")
         named = (f"data.source={origin}" if origin in SOURCE_KEYWORDS else
                  recorded.get("name") or recorded.get("path") or recorded.get("url") or "unknown")
-        raise DataError(
-            f"{data_dir}: the prepared {what} there was made from another source: "
-            f"{named} ({theirs}), not {ours} ({mine}), the source this run "
-            f"was configured with (another run re-prepared this folder after this one's "
-            f"prepare_data). Rerun, or give each source its own data.data_dir"
-        )
+        raise DataError(f"{data_dir}: the prepared {what} there was made from another source: "
+                        f"{named} ({theirs}), not {ours} ({mine}), the source this run was "
+                        f"configured with (another run re-prepared this folder after this one's "
+                        f"prepare_data). Rerun, or give each source its own data.data_dir")
     files = {}  # each split CSV read once, checked against the sha256 meta.json records
     for split, fname in SPLIT_FILES.items():
         try:
@@ -410,31 +368,27 @@ class Prepared(NamedTuple):
     reused: bool
 
 
-def check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{option}={value!r}: allowed values are {', '.join(allowed)}")
+def settings_problems(on_bad_rows: Any, split: Any) -> list[str]:
+    """``data.on_bad_rows`` and ``data.split``, each one of its choices."""
+    return (choice_problems("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
+            + choice_problems("data.split", split, SPLIT_PROCEDURES))
 
 
-def split_settings(
-    seed: int, train_frac: float, val_frac: float, on_bad_rows: str, split: str = "chapter"
-) -> dict:
-    """The settings ``meta.json`` records (``split`` only when not ``chapter``: older folders
-    stay valid)."""
-    check_choice("data.on_bad_rows", on_bad_rows, ON_BAD_ROWS)
-    check_choice("data.split", split, SPLIT_PROCEDURES)
+def split_settings(seed: int, train_frac: float, val_frac: float, on_bad_rows: str,
+                   split: str = "chapter") -> dict:
+    """What ``meta.json`` records (``split`` unless ``chapter``: older folders stay valid)."""
+    if problems := settings_problems(on_bad_rows, split):
+        raise ValueError("\n  - ".join(problems))
     settings = {"format": FORMAT_VERSION, "split_seed": int(seed), "train_frac": float(train_frac),
                 "val_frac": float(val_frac), "on_bad_rows": on_bad_rows}
     return settings if split == "chapter" else {**settings, "split": split}
 
 
-def prepare(
-    source: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str],
-    urls: Sequence[str] = DEFAULT_URLS, *, split_seed: int = 123, train_frac: float = 0.7,
-    val_frac: float = 0.1, on_bad_rows: str = "error", timeout: float = DOWNLOAD_TIMEOUT,
-    split: str = "chapter",
-) -> Prepared:
-    """Get the source (``bundled``/``None``, ``download`` or a path) and write the split CSVs +
-    ``meta.json`` in ``data_dir``, reused while the source sha256 and settings match."""
+def prepare(source: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str],
+            urls: Sequence[str] = DEFAULT_URLS, *, split_seed: int = 123, train_frac: float = 0.7,
+            val_frac: float = 0.1, on_bad_rows: str = "error", timeout: float = DOWNLOAD_TIMEOUT,
+            split: str = "chapter") -> Prepared:
+    """Write the split CSVs + ``meta.json`` to ``data_dir`` (reused while nothing changed)."""
     data_dir = Path(data_dir).expanduser().resolve()
     settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
     src: SourceData | None = None
@@ -455,13 +409,14 @@ def prepare(
             table = read_table(src.data, src.name, on_bad_rows=on_bad_rows)
         balanced = balance_for_split(table.frame, split, split_seed)
         splits = random_split(balanced, train_frac, val_frac, split_seed, src.name)
-        counts = {part: {"rows": len(f), **{k: int((f["Label"] == v).sum()) for k, v in LABEL_IDS.items()}}
+        counts = {part: {"rows": len(f), **{k: int((f["Label"] == v).sum())
+                                            for k, v in LABEL_IDS.items()}}
                   for part, f in splits.items()}
         rows = {"read": len(table.frame), "skipped": len(table.skipped),
                 **{k: int((table.frame["Label"] == k).sum()) for k in LABEL_IDS}}
-        source_meta = {**src.origin, "name": src.name, "sha256": src.sha256, "bytes": len(src.data)}
-        meta = {"source": source_meta, "splits": counts, "rows": rows}
-        return {part: csv_bytes(f) for part, f in splits.items()}, meta
+        origin = {**src.origin, "name": src.name, "sha256": src.sha256, "bytes": len(src.data)}
+        return ({part: csv_bytes(f) for part, f in splits.items()},
+                {"source": origin, "splits": counts, "rows": rows})
 
     meta, reused = ensure_prepared(data_dir, settings, identity, build, "data")
     return Prepared(data_dir, {part: data_dir / f for part, f in SPLIT_FILES.items()}, meta, reused)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from spam_lightning.data.source import DataError, sha256_bytes
+from spam_lightning.rules import choice_problems, is_int
 
 PAD_TOKEN_ID = 50256  # <|endoftext|>, the chapter's pad token
 PADDING_MODES = ("longest", "batch", "none")
@@ -26,15 +27,11 @@ def _read_verified(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise DataError(
-            f"{path}: cannot read the bundled GPT-2 BPE file ({e.strerror or e}); the package "
-            f"is incomplete: reinstall spam-lightning"
-        ) from e
+        raise DataError(f"{path}: cannot read the bundled GPT-2 BPE file ({e.strerror or e}); the "
+                        f"package is incomplete: reinstall spam-lightning") from e
     if (actual := sha256_bytes(data)) != GPT2_FILES[path.name]:
-        raise DataError(
-            f"{path}: the bundled GPT-2 BPE file is damaged: sha256 {actual}, expected "
-            f"{GPT2_FILES[path.name]}; reinstall spam-lightning"
-        )
+        raise DataError(f"{path}: the bundled GPT-2 BPE file is damaged: sha256 {actual}, "
+                        f"expected {GPT2_FILES[path.name]}; reinstall spam-lightning")
     return data
 
 
@@ -46,13 +43,12 @@ def gpt2_mergeable_ranks(folder: Path = GPT2_ASSETS) -> dict[bytes, int]:
     # GPT-2 writes byte b as chr(b) if it is printable and not a space, else as chr(256 + n)
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     rest = [b for b in range(256) if b not in printable]
-    rank_to_byte = printable + rest
     char_to_byte = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(rest)}
 
     def decode(token: str) -> bytes:
         return bytes(char_to_byte[c] for c in token)
 
-    ranks = {bytes([b]): i for i, b in enumerate(rank_to_byte)}
+    ranks = {bytes([b]): i for i, b in enumerate(printable + rest)}
     for line in vocab.split("\n")[1:-1]:  # a "#version" header, then "first second" per line
         first, second = line.split()
         ranks[decode(first) + decode(second)] = len(ranks)
@@ -67,13 +63,9 @@ def load_gpt2_encoding(folder: Path = GPT2_ASSETS) -> Any:
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split pattern
 
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=gpt2_mergeable_ranks(folder),
-        special_tokens={"<|endoftext|>": PAD_TOKEN_ID},
-        explicit_n_vocab=50257,
-    )
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str,
+                             mergeable_ranks=gpt2_mergeable_ranks(folder),
+                             special_tokens={"<|endoftext|>": PAD_TOKEN_ID}, explicit_n_vocab=50257)
 
 
 @functools.cache
@@ -83,10 +75,8 @@ def get_tokenizer() -> Any:
     return load_gpt2_encoding(GPT2_ASSETS)
 
 
-def encode_texts(
-    texts: Sequence[str], max_length: int | None = None, context_length: int | None = None,
-    tokenizer: Any = None,
-) -> list[list[int]]:
+def encode_texts(texts: Sequence[str], max_length: int | None = None,
+                 context_length: int | None = None, tokenizer: Any = None) -> list[list[int]]:
     """GPT-2 ids, truncated to ``min(max_length, context_length)`` as the chapter does;
     ``<|endoftext|>`` in a text is plain text (input never injects a pad token)."""
     tok = tokenizer if tokenizer is not None else get_tokenizer()
@@ -94,44 +84,37 @@ def encode_texts(
     return [ids[:limit] for ids in tok.encode_batch(list(texts), disallowed_special=())]
 
 
-def resolve_max_length(
-    max_length: int | str | None, train_token_ids: Sequence[Sequence[int]], context_length: int
-) -> int:
+def resolve_max_length(max_length: int | str | None, train_token_ids: Sequence[Sequence[int]],
+                       context_length: int) -> int:
     """``null`` -> the longest training sequence, ``"model"`` -> ``context_length``, or an int;
     never more than the context length (the chapter's assert)."""
     if max_length is None:
         longest = max((len(ids) for ids in train_token_ids), default=0)
         if longest > context_length:
-            raise ValueError(
-                f"the longest training sequence has {longest} tokens, more than the model's "
-                f"context length {context_length} (data.max_length=null pads to the longest). "
-                f"Set data.max_length=model or an integer <= {context_length} to truncate."
-            )
+            raise ValueError(f"the longest training sequence has {longest} tokens, more than the "
+                             f"model's context length {context_length} (data.max_length=null pads "
+                             f"to the longest). Set data.max_length=model or an integer <= "
+                             f"{context_length} to truncate.")
         return max(longest, 1)
     if max_length == "model":
         return int(context_length)
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(
-            f"data.max_length={max_length!r}: allowed values are null (the longest training "
-            f"sequence), model (the context length) or an integer >= 1"
-        )
+    if not is_int(max_length, 1):
+        raise ValueError(f"data.max_length={max_length!r}: allowed values are null (the longest "
+                         f"training sequence), model (the context length) or an integer >= 1")
     if max_length > context_length:
-        raise ValueError(
-            f"data.max_length={max_length} exceeds the model's context length {context_length}; "
-            f"use an integer <= {context_length}, or model"
-        )
+        raise ValueError(f"data.max_length={max_length} exceeds the model's context length "
+                         f"{context_length}; use an integer <= {context_length}, or model")
     return max_length
 
 
-def collate(
-    token_lists: Sequence[Sequence[int]], labels: Sequence[int] | None = None,
-    padding: str = "longest", max_length: int | None = None, pad_token_id: int = PAD_TOKEN_ID,
-    indices: Sequence[int] | None = None,
-) -> dict[str, torch.Tensor]:
+def collate(token_lists: Sequence[Sequence[int]], labels: Sequence[int] | None = None,
+            padding: str = "longest", max_length: int | None = None,
+            pad_token_id: int = PAD_TOKEN_ID,
+            indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """``input_ids``, ``lengths`` (a text may hold token 50256), ``index``, ``labels``; padded to
     ``max_length`` (``longest``, the chapter), the batch's longest (``batch``) or not (``none``)."""
-    if padding not in PADDING_MODES:
-        raise ValueError(f"padding={padding!r}: allowed values are {', '.join(PADDING_MODES)}")
+    if problems := choice_problems("padding", padding, PADDING_MODES):
+        raise ValueError(problems[0])
     lengths = [len(ids) for ids in token_lists]
     if 0 in lengths:
         raise ValueError(f"sequence {lengths.index(0)} is empty (an empty text has no tokens)")
@@ -139,7 +122,8 @@ def collate(
         raise ValueError(f"a sequence has {max(lengths)} tokens > max_length {max_length}; truncate "
                          f"it first (encode_texts(..., max_length=...))")
     if padding == "none" and len(set(lengths)) > 1:
-        raise ValueError("padding='none' cannot batch sequences of different lengths; use batch size 1")
+        raise ValueError("padding='none' cannot batch sequences of different lengths; use batch "
+                         "size 1")
     width = max_length if padding == "longest" else max(lengths)
     input_ids = torch.full((len(token_lists), width), pad_token_id, dtype=torch.long)
     for row, ids in enumerate(token_lists):

@@ -171,7 +171,7 @@ def test_a_folder_is_not_reused_for_the_other_split(sms_file: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("bad", ["Bonus", "book", "", None, 1])
 def test_bad_split_value_is_one_clear_error(sms_file: Path, tmp_path: Path, bad: object) -> None:
-    message = f"data.split={bad!r}: allowed values are chapter, bonus"
+    message = f"data.split={bad!r} is unknown; allowed: chapter, bonus"
     with pytest.raises(ValueError, match=re.escape(message)):
         prepare(sms_file, tmp_path / "data", split=bad)
     assert not (tmp_path / "data").exists()  # refused before anything is read or written

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from _compose import compose_train
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
@@ -40,6 +41,7 @@ from spam_lightning.data.source import (
 )
 from spam_lightning.data.table import SPLIT_FILES, prepare
 from spam_lightning.data.tokens import Collator
+from spam_lightning.training.checks import ConfigError, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -185,7 +187,7 @@ def test_eval_dataloader(dm: SpamDataModule) -> None:
         loader = dm.eval_dataloader(split)
         idx = [i for b in loader for i in b["index"].tolist()]
         assert idx == list(range(n)) and len(loader) == batches
-    with pytest.raises(ValueError, match="train, val, test"):
+    with pytest.raises(ValueError, match="allowed: train, val, validation, test"):
         dm.eval_dataloader("dev")
 
 
@@ -351,12 +353,12 @@ def test_encode_texts_and_collate() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"padding": "dynamic"}, "data.padding='dynamic': allowed values are longest, batch, none"),
+        ({"padding": "dynamic"}, "data.padding='dynamic' is unknown; allowed: longest, batch, none"),
         ({"batch_size": 0}, "data.batch_size=0"),
         ({"padding": "none"}, "data.batch_size=1 and trainer.accumulate_grad_batches=8"),
         ({"max_length": 2048}, "data.max_length=2048 exceeds the model's context length 1024"),
         ({"max_length": "longest"}, "data.max_length='longest': allowed values are null"),
-        ({"on_bad_rows": "ignore"}, "data.on_bad_rows='ignore': allowed values are error, skip"),
+        ({"on_bad_rows": "ignore"}, "data.on_bad_rows='ignore' is unknown; allowed: error, skip"),
         ({"bucketing": True}, "data.padding=batch"),
         ({"train_frac": 0.95}, "data.train_frac=0.95 + data.val_frac=0.1 = 1.05: must be < 1"),
         ({"train_frac": 0.9}, "data.train_frac=0.9 + data.val_frac=0.1 = 1: must be < 1"),
@@ -382,6 +384,34 @@ def test_encode_texts_and_collate() -> None:
 def test_bad_config_fails_in_init(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         SpamDataModule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.batch_size=0", "data.val_frac=2"],
+         ["data.batch_size=0: must be an integer >= 1",
+          "data.val_frac=2: must be a number with 0 < value < 1"]),
+        (["data=csv", "data.padding=dynamic", "data.split_seed=-1"],
+         ["data.padding='dynamic' is unknown; allowed: longest, batch, none",
+          "data.split_seed=-1: must be an integer >= 0",
+          "data=csv needs data.train, data.validation and data.test (missing: data.train, "
+          "data.validation, data.test), or data.source=ONE_FILE to split 0.7/0.1/rest"]),
+        (["data=imdb", "data.num_workers=-1", "data.shuffle_seed=x"],
+         ["data.num_workers=-1: must be an integer >= 0",
+          "data.shuffle_seed='x': must be an integer >= 0"]),
+    ],
+)
+def test_every_bad_data_option_is_its_own_line(
+    overrides: list[str], expected: list[str], tmp_path: Path
+) -> None:
+    """A data module reports all its bad options in one run, each a line of the message."""
+    cfg = compose_train(["model=gpt2-tiny", *overrides], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "Invalid configuration:"
+    assert sorted(lines[1:]) == sorted(f"  - {line}" for line in expected)
 
 
 def test_config_file_lists_every_argument() -> None:
