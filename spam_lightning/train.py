@@ -34,6 +34,7 @@ from spam_lightning.model.weights import CheckpointError, WeightsUnavailableErro
 from spam_lightning.training import checks
 from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO
 from spam_lightning.training.callbacks.finite_loss import FiniteLoss, NonFiniteLossError
+from spam_lightning.training.callbacks.predictions import Predictions
 from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
 from spam_lightning.training.callbacks.sigterm_checkpoint import SigtermCheckpoint
 from spam_lightning.training.checks import ConfigError, TokenizerError, instantiate
@@ -116,7 +117,8 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     # RNGState after ModelCheckpoint: resumes continue the same random draws; RunConfig: what a
     # resume is compared with
-    callbacks += [RNGState(), FiniteLoss(), SigtermCheckpoint(), RunConfig(flat_config(cfg))]
+    callbacks += [RNGState(), FiniteLoss(), SigtermCheckpoint(), RunConfig(flat_config(cfg)),
+                  Predictions(cfg.paths.output_dir)]
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except ConfigError as err:  # Lightning's own message names the flag and what it accepts
