@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,11 @@ def test_multirun_writes_summary_with_mean_and_std(tmp_path, sms_file):
         ("last_layer", "last"), ("last_layer", "flexible"),
         ("last_block", "last"), ("last_block", "flexible"),
     }
+    for i, row in enumerate(rows):  # intervals over messages and seeds; verdicts against row 1
+        low, high = (float(x) for x in row["Test acc 95% CI"].strip("[]").split(", "))
+        assert low <= float(row["Test acc"].split(" ")[0]) <= high
+        assert row["vs row 1"] == "baseline" if i == 0 else re.match(
+            r"(within noise|better|worse) \([+-]\d+\.\d\d points \[95% CI [+-]", row["vs row 1"])
     md = (sweep / "summary.md").read_text()
     assert md.count("\n| ") == 5  # a separator and 4 rows after the header
     for col in ("Model", "Weights", "Trainable token", "Trainable layers", "Context length",

@@ -87,3 +87,51 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, split: str = "test") -> Comparison
     only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
     return Comparison(len(a), float(right_a.mean()), float(right_b.mean()), only_a, only_b,
                       mcnemar_exact(only_a, only_b), flips)
+
+
+def correct_matrix(runs: list[pd.DataFrame], split: str = "test") -> np.ndarray:
+    """``[seeds, messages]`` of 0/1 (message order: ``row``) for runs of one configuration."""
+    parts = [p[p["split"] == split].sort_values("row") for p in runs]
+    if len({tuple(p["row"]) for p in parts}) != 1:
+        raise StatsError(f"the seeds of one row predicted different {split} messages")
+    return np.stack([(p["predicted"] == p["label"]).to_numpy(dtype=float) for p in parts])
+
+
+def _resampled_means(correct: np.ndarray, rng: np.random.Generator, resamples: int,
+                     messages: np.ndarray | None = None) -> np.ndarray:
+    """Bootstrap means over seeds, then messages within each (the two sources of noise; scipy's
+    ``bootstrap`` resamples one level only). ``messages``: shared indices (paired rows)."""
+    seeds, n = correct.shape
+    pick = rng.integers(seeds, size=(resamples, seeds))
+    if messages is None:
+        messages = rng.integers(n, size=(resamples, n))
+    return correct[pick[:, :, None], messages[:, None, :]].mean(axis=(1, 2))
+
+
+def row_interval(correct: np.ndarray, level: float = 0.95, seed: int = 0,
+                 resamples: int = 2_000) -> tuple[float, float]:
+    """A row's interval on accuracy: over messages, and over seeds when it has several."""
+    if correct.shape[0] == 1:
+        return accuracy_interval(correct[0], level, seed)
+    means = _resampled_means(correct, np.random.default_rng(seed), resamples)
+    return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
+
+
+def row_verdict(base: np.ndarray, other: np.ndarray, seed: int = 0, resamples: int = 2_000) -> str:
+    """``other`` against the baseline row on the same messages: McNemar's exact test for one
+    seed each, else a paired bootstrap (same messages, seeds resampled per row) of the difference."""
+    if base.shape[1] != other.shape[1]:
+        return "not comparable (other messages)"
+    if base.shape[0] == other.shape[0] == 1:
+        only_base = int(((base[0] == 1) & (other[0] == 0)).sum())
+        only_other = int(((other[0] == 1) & (base[0] == 0)).sum())
+        p = mcnemar_exact(only_base, only_other)
+        if p >= ALPHA:
+            return f"within noise (p = {p:.3g})"
+        return f"{'better' if only_other > only_base else 'worse'}, p = {p:.3g}"
+    rng = np.random.default_rng(seed)
+    messages = rng.integers(base.shape[1], size=(resamples, base.shape[1]))
+    diff = _resampled_means(other, rng, resamples, messages) - _resampled_means(base, rng, resamples, messages)
+    low, high = np.quantile(diff, [ALPHA / 2, 1 - ALPHA / 2])
+    span = f"{100 * (other.mean() - base.mean()):+.2f} points [95% CI {100 * low:+.2f}, {100 * high:+.2f}]"
+    return f"within noise ({span})" if low <= 0 <= high else f"{'better' if low > 0 else 'worse'} ({span})"

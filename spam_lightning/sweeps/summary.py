@@ -51,7 +51,7 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
         m = {}
     token = m.get("token", (config.get("token") or {}).get("name"))
     return {
-        "job": job_dir.name, "config": key or "(defaults)",
+        "job": job_dir.name, "dir": job_dir, "config": key or "(defaults)",
         "Model": m.get("model", model.get("name")),
         "Weights": m.get("weights", model.get("weights")), "Trainable token": token,
         "Trainable layers": m.get("trainable", (config.get("trainable") or {}).get("name")),
@@ -76,17 +76,50 @@ def _fmt(values: list[float], percent: bool) -> str:
     return f"{mean:.2f}{unit}" if len(vals) == 1 else f"{mean:.2f} ± {statistics.stdev(vals) * scale:.2f}{unit}"
 
 
-def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
-    """Build (and write) the summary table of a Hydra multirun folder."""
+def _uncertainty(groups: list[list[dict[str, Any]]], baseline: int) -> list[tuple[str, str]]:
+    """Per row: the 95 % interval on test accuracy and the verdict against row ``baseline``
+    (``sweeps/stats.py``), from the jobs' ``predictions.csv``; "—" where they are missing."""
+    from spam_lightning.sweeps.stats import (
+        StatsError,
+        correct_matrix,
+        read_predictions,
+        row_interval,
+        row_verdict,
+    )
+
+    matrices: list[Any] = []
+    for ok in groups:
+        try:
+            matrices.append(correct_matrix([read_predictions(r["dir"]) for r in ok]) if ok else None)
+        except (StatsError, OSError, KeyError, ValueError):
+            matrices.append(None)
+    base = matrices[baseline] if 0 <= baseline < len(matrices) else None
+    out = []
+    for i, m in enumerate(matrices):
+        try:
+            low, high = row_interval(m) if m is not None else (None, None)
+            ci = "—" if low is None else f"[{100 * low:.2f}, {100 * high:.2f}]"
+            verdict = ("baseline" if i == baseline else "—" if m is None or base is None
+                       else row_verdict(base, m))
+        except StatsError:  # no scipy: the table without the statistics
+            ci, verdict = "—", "—"
+        out.append((ci, verdict))
+    return out
+
+
+def summarize(sweep_dir: str | Path, write: bool = True, baseline: int = 0) -> pd.DataFrame:
+    """Build (and write) the summary table of a Hydra multirun folder; ``baseline``: the row
+    (0-based) every other row is tested against."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"Sweep folder not found: {sweep_dir}")
     jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: (len(p.name), p.name))
     records = [_job_record(j) for j in jobs]
-    rows = []
+    rows, groups = [], []
     for key in dict.fromkeys(r["config"] for r in records):  # keeps sweep order
         group = [r for r in records if r["config"] == key]
         ok = [r for r in group if r["status"] == "ok"]
+        groups.append(ok)
         first = (ok or group)[0]
         failed = len(group) - len(ok)
         rows.append({
@@ -100,7 +133,11 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> pd.DataFrame:
             "Seeds": len(ok),
             "Status": "ok" if not failed else f"failed ({failed}/{len(group)})",
         })
-    table = pd.DataFrame(rows, columns=["Config", *BOOK_COLUMNS, "Reference test acc", "Seeds", "Status"])
+    vs = f"vs row {baseline + 1}"
+    for row, (ci, verdict) in zip(rows, _uncertainty(groups, baseline), strict=True):
+        row.update({"Test acc 95% CI": ci, vs: verdict})
+    columns = ["Config", *BOOK_COLUMNS, "Test acc 95% CI", "Reference test acc", vs, "Seeds", "Status"]
+    table = pd.DataFrame(rows, columns=columns)
     if write:
         atomic_write(sweep_dir / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))
         md = _markdown(table)

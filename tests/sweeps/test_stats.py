@@ -91,3 +91,33 @@ def test_runs_write_predictions_and_compare_py_tests_them(tiny_run, tmp_path: Pa
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "predictions.csv: no such file" in missing.stderr
     assert json.loads((run_a / "metrics.json").read_text())["test_accuracy"] == metrics_a["test_accuracy"]
+
+
+def test_summary_rows_get_intervals_and_verdicts_against_the_first(tmp_path: Path) -> None:
+    """Three rows x three seeds, written as jobs write them: the better row is called better,
+    the equal one within noise, and every interval holds its row's mean."""
+    import yaml
+
+    from spam_lightning.sweeps.summary import summarize
+
+    rng = np.random.default_rng(1)
+    labels = rng.choice(["ham", "spam"], size=300)
+    rates = {"last_layer": 0.80, "last_block": 0.80, "all": 0.95}
+    for job, (trainable, rate) in enumerate((t, r) for t, r in rates.items() for _ in range(3)):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"trainable={trainable}", f"seed={job}"]))
+        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": job}))
+        right = (rng.random(300) < rate).tolist()
+        predictions(right, list(labels)).to_csv(folder / "predictions.csv", index=False)
+        (folder / "metrics.json").write_text(json.dumps({
+            "test_accuracy": float(np.mean(right)), "trainable": trainable, "seed": job}))
+    table = summarize(tmp_path).set_index("Trainable layers")
+    assert list(table["vs row 1"]).count("baseline") == 1 and table.loc["last_layer", "vs row 1"] == "baseline"
+    assert table.loc["last_block", "vs row 1"].startswith("within noise (")
+    assert table.loc["all", "vs row 1"].startswith("better (+")
+    for name, row in table.iterrows():
+        low, high = (float(x) for x in row["Test acc 95% CI"].strip("[]").split(", "))
+        mean = float(row["Test acc"].split(" ")[0])
+        assert low < mean < high and high - low < 12, name  # 900 predictions: a few points wide
+    assert "Test acc 95% CI" in (tmp_path / "summary.md").read_text()
