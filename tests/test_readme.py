@@ -107,6 +107,14 @@ def _prints_labels(_: Path, proc: subprocess.CompletedProcess) -> None:
                          for line in lines), proc.stdout
 
 
+def _has_verdicts(work: Path, proc: subprocess.CompletedProcess) -> None:
+    assert "vs row 2" in proc.stdout and "| baseline |" in proc.stdout, proc.stdout
+
+
+def _prints_mcnemar(_: Path, proc: subprocess.CompletedProcess) -> None:
+    assert "McNemar exact p = " in proc.stdout and "[95% CI" in proc.stdout, proc.stdout
+
+
 def _prints_json_prediction(_: Path, proc: subprocess.CompletedProcess) -> None:
     body = json.loads(proc.stdout)
     assert body["predictions"][0]["label"] in ("ham", "spam"), body
@@ -141,6 +149,8 @@ ROWS = [
     Row(r"^spam-classify my-model ", check=_prints_labels),
     Row(r"^python - <<", why="the README's Python example"),
     Row(r"^python scripts/summarize\.py \"\$SWEEP\"$"),
+    Row(r"^python scripts/summarize\.py \"\$SWEEP\" --baseline 2$", check=_has_verdicts),
+    Row(r'^python scripts/compare\.py "\$SWEEP/0" "\$SWEEP/1"$', check=_prints_mcnemar),
     Row(r"^python scripts/generate\.py", suffix="model.weights=random",
         why="pretrained weights are unobtainable here"),
     Row(r"^python scripts/prepare_data\.py"),
@@ -193,6 +203,8 @@ DEFAULT_RUN = {
     "python train.py -m trainable=last_layer,last_block token=last,flexible",
     "SWEEP=$(ls -d outputs/multirun/* | tail -n 1)",
     'python scripts/summarize.py "$SWEEP"',
+    'python scripts/summarize.py "$SWEEP" --baseline 2',
+    'python scripts/compare.py "$SWEEP/0" "$SWEEP/1"',
     "python scripts/prepare_data.py --data-dir data/sms_spam",
     "python train.py data=csv data.train=train.csv data.validation=val.csv data.test=test.csv "
     "data.text_column=review data.label_column=topic",
