@@ -14,6 +14,7 @@ no command: README and tests cannot drift apart.
 
 from __future__ import annotations
 
+import csv
 import functools
 import http.server
 import json
@@ -111,6 +112,14 @@ def _has_verdicts(work: Path, proc: subprocess.CompletedProcess) -> None:
     assert "vs row 2" in proc.stdout and "| baseline |" in proc.stdout, proc.stdout
 
 
+def _has_probe(work: Path, proc: subprocess.CompletedProcess) -> None:
+    folder = _newest(work, "outputs/probes")
+    table = list(csv.DictReader((folder / "probe.csv").open()))
+    assert {r["pooling"] for r in table} == {"last", "first", "flexible", "mean", "masked_mean"}
+    assert len(table) == 5 * 3 and (folder / "probe.png").stat().st_size > 10_000  # emb + 2 blocks
+    assert "masked_mean" in proc.stdout, proc.stdout
+
+
 def _prints_mcnemar(_: Path, proc: subprocess.CompletedProcess) -> None:
     assert "McNemar exact p = " in proc.stdout and "[95% CI" in proc.stdout, proc.stdout
 
@@ -151,6 +160,7 @@ ROWS = [
     Row(r"^python scripts/summarize\.py \"\$SWEEP\"$"),
     Row(r"^python scripts/summarize\.py \"\$SWEEP\" --baseline 2$", check=_has_verdicts),
     Row(r'^python scripts/compare\.py "\$SWEEP/0" "\$SWEEP/1"$', check=_prints_mcnemar),
+    Row(r"^python scripts/probe\.py model=gpt2-small model\.weights=random$", suffix=TINY, check=_has_probe),
     Row(r"^python scripts/generate\.py", suffix="model.weights=random",
         why="pretrained weights are unobtainable here"),
     Row(r"^python scripts/prepare_data\.py"),
