@@ -142,7 +142,38 @@ def summarize(sweep_dir: str | Path, write: bool = True, baseline: int = 0) -> p
         atomic_write(sweep_dir / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))
         md = _markdown(table)
         atomic_write(sweep_dir / "summary.md", lambda tmp: tmp.write_text(md + "\n", encoding="utf-8"))
+        _figure(table, sweep_dir / "summary.png")
     return table
+
+
+def _figure(table: pd.DataFrame, path: Path) -> None:
+    """Each row's test accuracy with its 95 % interval, the reference value beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def number(text: Any) -> float:
+        try:
+            return float(str(text).split(" ")[0].rstrip("%"))
+        except ValueError:
+            return math.nan
+
+    acc = table["Test acc"].map(number)
+    ci = table["Test acc 95% CI"].map(lambda c: [number(x) for x in c.strip("[]").split(", ")]
+                                      if c.startswith("[") else [math.nan, math.nan])
+    low, high = acc - ci.map(lambda c: c[0]), ci.map(lambda c: c[1]) - acc
+    rows = range(len(table))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(table) + 1.5))
+    ax.errorbar(acc, rows, xerr=[low.fillna(0), high.fillna(0)], fmt="o", capsize=3, label="test accuracy, 95% CI")
+    ax.plot(table["Reference test acc"].map(number), rows, "rx", label="reference (book)")
+    ax.set_yticks(list(rows), [f"{i + 1}: {c[:50]}" for i, c in enumerate(table["Config"])], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy (%)")
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
 
 
 def _markdown(table: pd.DataFrame) -> str:

@@ -121,3 +121,4 @@ def test_summary_rows_get_intervals_and_verdicts_against_the_first(tmp_path: Pat
         mean = float(row["Test acc"].split(" ")[0])
         assert low < mean < high and high - low < 12, name  # 900 predictions: a few points wide
     assert "Test acc 95% CI" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"  # the intervals, drawn
