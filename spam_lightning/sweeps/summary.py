@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,27 @@ def _markdown(table: pd.DataFrame) -> str:
 
 
 class SweepSummaryCallback(Callback):
-    """Hydra callback: writes the summary into the sweep folder when a multirun ends."""
+    """Hydra callback: writes the summary into the sweep folder after every job and when a
+    multirun ends. Hydra stops a sweep by raising at the end of a batch with a failed job, before
+    ``on_multirun_end``: the summary written after each job still shows that job as a failed row."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            table = summarize(sweep_dir)
+        except Exception as err:  # a summary must never turn a job into a failure
+            log.warning("Could not write the sweep summary for %s: %s", sweep_dir, err)
+            return
+        if job_return.status == JobStatus.FAILED:
+            failed = int((table["Status"] != "ok").sum())
+            print(f"Job {config.hydra.job.num} failed ({', '.join(config.hydra.overrides.task)}): "
+                  f"{Path(config.hydra.runtime.output_dir) / 'train.log'}; {failed} of {len(table)} "
+                  f"rows failed so far; summary: {sweep_dir / 'summary.md'}", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -109,3 +109,21 @@ def test_submitit_slurm_config_composes(tmp_path: Path) -> None:
     )
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 2)
     assert launcher.timeout_min == 60 and cfg.trainer.strategy == "ddp"
+
+
+@pytest.mark.slow  # a two-job sweep in a subprocess
+def test_a_sweep_with_a_failed_job_still_writes_its_summary(tmp_path: Path) -> None:
+    """Issue 29 item 2, as a user runs it offline: gpt2-small's pretrained weights are unavailable,
+    so its job fails; the sweep exits 1 and the summary shows the failed row and says where."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-m", "model=gpt2-tiny,gpt2-small", "trainer.max_epochs=1",
+         "debug=limit"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)},  # a clean environment
+    )
+    assert proc.returncode == 1
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").iterdir()
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert [(r["Model"], r["Status"]) for r in rows] == [("gpt2-tiny", "ok"), ("gpt2-small", "failed (1/1)")]
+    assert f"Job 1 failed (model=gpt2-small, trainer.max_epochs=1, debug=limit): {sweep_dir / '1' / 'train.log'}" in proc.stderr
+    assert f"1 of 2 rows failed so far; summary: {sweep_dir / 'summary.md'}" in proc.stderr
