@@ -19,7 +19,12 @@ from omegaconf import DictConfig
 
 import spam_lightning.resolvers  # noqa: F401  (${gpt2:...} sizes in the model configs)
 from spam_lightning.model.gpt import generate_text_simple, text_to_token_ids, token_ids_to_text
-from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError, build_gpt
+from spam_lightning.model.weights import (
+    CheckpointError,
+    WeightsUnavailableError,
+    build_gpt,
+    check_weights_available,
+)
 
 
 @hydra.main(config_path="pkg://spam_lightning.conf", config_name="generate", version_base="1.3")
@@ -28,6 +33,8 @@ def main(cfg: DictConfig) -> None:
     options = {k: v for k, v in cfg.model.items() if k not in ("checkpoint", "_target_")}
     checkpoint = cfg.model.checkpoint
     try:
+        if cfg.model.weights == "pretrained" and not checkpoint:  # train.py's quick check, not
+            check_weights_available(cfg.model.name)  # huggingface_hub's retries (25 s offline)
         model = build_gpt(
             **options, checkpoint=to_absolute_path(checkpoint) if checkpoint else None
         )

@@ -328,6 +328,19 @@ def test_offline_without_checkpoint_names_both_fixes(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_generate_offline_stops_at_the_quick_hub_check(tmp_path: Path) -> None:
+    """Without HF_HUB_OFFLINE (a user offline does not set it): the one quick request train.py
+    makes, not huggingface_hub's download retries (25 s) before the same advice."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "generate.py"), "model=gpt2-small"],
+        capture_output=True, text=True, cwd=tmp_path,
+        env=_env(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT="http://127.0.0.1:9"),  # nothing listens
+    )
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "the Hub (http://127.0.0.1:9) cannot serve them" in out.stderr, out.stderr
+    assert "downloading failed" not in out.stderr and "model.weights=random" in out.stderr
+
+
 @pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
 def test_generate_script_prints_the_greedy_continuation(
     hf_model, hf_dir: Path, tmp_path: Path
