@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
 from spam_lightning.data.source import DataError
 from spam_lightning.inference.bundle import BundleError
-from spam_lightning.io_utils import remove_stale_temporaries, write_bytes, write_json
+from spam_lightning.io_utils import NoSpaceError, remove_stale_temporaries, write_bytes, write_json
 from spam_lightning.model.classifier import ClassifierStateError
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily
 from spam_lightning.model.trunk_cache import TrunkCacheError
@@ -52,7 +52,8 @@ EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed b
 
 # Failures whose message says what to fix: printed without a traceback (a family's errors subclass one)
 KNOWN_ERRORS = (ConfigError, DataError, TokenizerError, WeightsUnavailableError, CheckpointError,
-                ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, NonFiniteLossError)
+                ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, NonFiniteLossError,
+                NoSpaceError)
 
 
 class TrainingInterrupted(SystemExit):

@@ -64,3 +64,39 @@ def test_lock_refuses_at_once_or_waits(tmp_path: Path) -> None:
     with file_lock(tmp_path / "x.lock", on_wait=lambda: waited.append(1)):
         pass
     assert waited == []  # free: taken without waiting
+
+
+def test_sweep_removes_what_a_killed_safetensors_writer_left(tmp_path: Path) -> None:
+    """Issue 24 item 7: ``safetensors.torch.save_file`` makes its own ``.tmpXXXXXX`` beside its
+    target; one left by a killed writer goes with the run folder's sweep (its age decides when
+    another job may be writing)."""
+    stray, young = tmp_path / "bundle" / ".tmpQ3x9Zk", tmp_path / ".tmpAAAAAA"
+    stray.parent.mkdir()
+    for p in (stray, young):
+        p.write_bytes(b"half")
+    keep = [tmp_path / ".tmprc", tmp_path / "tmpQ3x9Zk", tmp_path / ".tmpQ3x9Zk.json"]
+    for p in keep:
+        p.write_text("not a temporary")
+    old = time.time() - 120
+    os.utime(stray, (old, old))
+    assert remove_stale_temporaries(tmp_path, min_age=60) == [stray]
+    assert remove_stale_temporaries(tmp_path) == [young] and all(p.exists() for p in keep)
+
+
+def test_safetensors_written_through_atomic_write_read_by_the_library(tmp_path: Path) -> None:
+    """``write_safetensors``: safetensors' own reader loads every dtype and shape back, and
+    nothing but the file is left beside it."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from spam_lightning.io_utils import write_safetensors
+
+    tensors = {"w": torch.randn(3, 5).to(torch.bfloat16), "ids": torch.arange(7), "none": torch.zeros(0, 4),
+               "mask": torch.tensor([True, False]), "column": torch.randn(4, 4)[:, 1]}
+    path = write_safetensors(tmp_path / "model.safetensors", tensors, {"format": "pt"})
+    back = load_file(str(path))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], t) for k, t in tensors.items())
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert os.listdir(tmp_path) == ["model.safetensors"]

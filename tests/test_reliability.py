@@ -489,7 +489,7 @@ def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
     io_.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
 
     def dies_half_way(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        Path(f).write_bytes(b"half a checkpoint")
+        f.write(b"half a checkpoint")  # torch.save writes into the file atomic_write opened
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", dies_half_way)

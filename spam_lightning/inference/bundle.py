@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from spam_lightning.io_utils import atomic_write, write_json
+from spam_lightning.io_utils import write_json, write_safetensors
 from spam_lightning.model.base import describe, digest, frozen_keys
 from spam_lightning.model.classifier import ClassifierStateError, load_classifier_state
 from spam_lightning.model.gpt import GPTModel
@@ -57,7 +57,7 @@ def save_bundle(
             model = merge_lora(copy.deepcopy(model))
             full = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         state = full
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_safetensors(out / WEIGHTS, state, {"format": "pt"})
     gpt_cfg = {k: model.cfg[k] for k in CFG_KEYS}
     gpt_cfg["causal_mask"] = bool(model.cfg.get("causal_mask", True))
     return write_bundle_config(
@@ -384,7 +384,7 @@ def export_main(argv: list[str] | None = None) -> int:
             model, config = load_gpt2(folder, config)
             args.out.mkdir(parents=True, exist_ok=True)
             state = {k: v.contiguous() for k, v in model.state_dict().items()}
-            atomic_write(args.out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+            write_safetensors(args.out / WEIGHTS, state, {"format": "pt"})
             write_json(args.out / CONFIG, {k: v for k, v in config.items() if k != "base"})  # last
     except (BundleError, OSError) as err:
         print(f"spam-export: {err}", file=sys.stderr)

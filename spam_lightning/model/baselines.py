@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from spam_lightning.io_utils import atomic_write
+from spam_lightning.io_utils import write_safetensors
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily, Predictor
 from spam_lightning.rules import choice_problems, is_int
 
@@ -272,13 +272,10 @@ class BaselineFamily(ModelFamily):
     def save(self, run_dir: Path, model: Baseline, datamodule: Any, cfg: DictConfig,
              trained: dict[str, Any]) -> Path:
         """Options and vocabulary in ``bundle.json``, arrays as safetensors."""
-        from safetensors.torch import save_file
-
         from spam_lightning.inference import bundle
 
         out, (part, tensors) = bundle.fresh_bundle_dir(run_dir), model.to_bundle()  # contiguous
-        atomic_write(out / bundle.WEIGHTS,
-                     lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        write_safetensors(out / bundle.WEIGHTS, tensors, {"format": "pt"})
         return bundle.write_bundle_config(out, self.kind, list(datamodule.class_names),
                                           baseline=part, trained=trained)
 

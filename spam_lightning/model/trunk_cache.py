@@ -5,7 +5,8 @@ classifier at the first trainable block.
 Exact: under a causal mask position t depends only on positions <= t, so per example only what
 the pooling can read (its ``span``) is stored, packed per split as ``[sum(spans), emb_dim]`` on
 the CPU (without a causal mask: all of ``max_length``). ``cache.shared=true``: a split's states
-are a pure function of ``split_key``, so ``SharedTrunkStore`` keeps them for later runs.
+are a pure function of ``split_key``, so ``SharedTrunkStore`` keeps them for later runs; each file
+records a sha256 of its tensors' bytes (``tensor_digest``), checked whenever it is read.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import time
 from array import array
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -25,12 +27,33 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from spam_lightning.io_utils import atomic_write, file_lock, remove_stale_temporaries
+from spam_lightning.io_utils import (
+    NO_SPACE,
+    file_lock,
+    remove_stale_temporaries,
+    temporaries,
+    write_safetensors,
+)
 from spam_lightning.model.pooling import Pooling, get_pooling
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the file layout or what `build` computes changes
+FORMAT_VERSION = 3  # bump when the file layout or what `build` computes changes (3: sha256)
+DIGEST_CHUNK = 64 * 2**20  # tensor_digest hashes chunks of this many bytes in parallel
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sha256 of each ``DIGEST_CHUNK``-byte chunk of every tensor's bytes (name,
+    dtype and shape included): hashlib releases the GIL, so the chunks hash on every core."""
+    views, head = [], hashlib.sha256()
+    for name, t in tensors.items():
+        head.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        flat = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        views += [flat[i : i + DIGEST_CHUNK] for i in range(0, len(flat), DIGEST_CHUNK)]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(views), os.cpu_count() or 1))) as pool:
+        for digest in pool.map(lambda v: hashlib.sha256(v).digest(), views):
+            head.update(digest)
+    return head.hexdigest()
 
 
 class TrunkCacheError(ValueError):
@@ -118,12 +141,12 @@ class TrunkCache:
         return h.hexdigest()
 
     def save(self, split: str, path: Path, key: str) -> Path:
-        """Write ``split`` to ``path`` atomically (a reader sees all or nothing)."""
-        from safetensors.torch import save_file
-
+        """Write ``split`` to ``path`` atomically (a reader sees all or nothing), with the sha256
+        of its tensors' bytes."""
         tensors = {"states": self._states[split].detach().cpu().contiguous(), "stored": self._stored[split]}
-        meta = {"format": str(FORMAT_VERSION), "key": key, "start_block": str(self.start_block)}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        meta = {"format": str(FORMAT_VERSION), "key": key, "start_block": str(self.start_block),
+                "sha256": tensor_digest(tensors)}
+        return write_safetensors(path, tensors, meta)
 
     def load(self, split: str, path: Path, key: str, dataset, model: nn.Module, max_length: int) -> None:
         """Memory-map ``split`` from ``path`` (pages shared by every job that reads it), or a
@@ -143,6 +166,9 @@ class TrunkCache:
         found = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
         if found != want or not torch.equal(tensors["stored"], expected):
             raise CacheFileError(f"{path}: tensors {found} do not match this split's {want}")
+        if tensor_digest(tensors) != meta.get("sha256"):  # bytes changed on disk since written
+            raise CacheFileError(f"{path}: damaged (its tensors' sha256 differs from the one "
+                                 "recorded when it was written)")
         self._states[split], self._stored[split] = tensors["states"], tensors["stored"]
 
     def estimate_bytes(self, dataset, model: nn.Module, max_length: int) -> int:
@@ -238,6 +264,13 @@ class SharedTrunkStore:
     def __init__(self, directory: str | Path, max_bytes: float) -> None:
         self.directory, self.max_bytes = Path(directory), float(max_bytes)
         self.in_use: set[Path] = set()
+        self.unusable = False  # read-only or full: warned once, the rest of the run does not share
+        self.swept = False  # the first fetch removes what killed writers left
+
+    def _stop_sharing(self, problem: str, split: str) -> None:
+        log.warning("Frozen-trunk cache: %s; continuing without sharing (%s and the later splits "
+                    "of this run are computed, not saved).", problem, split)
+        self.unusable = True
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}{self.SUFFIX}"
@@ -250,17 +283,24 @@ class SharedTrunkStore:
               load: Callable[[Path], None]) -> str:
         """``load`` the file of ``key``, or ``compute`` the split and save it: "hit" or "miss"."""
         path = self.path(key)
+        if not self.swept:
+            self.swept = True
+            self._sweep()
         if path.is_file():
             with contextlib.suppress(CacheFileError):  # else looked at again under the lock
                 return self._hit(split, path, load)
+        if self.unusable:
+            compute()
+            return "miss"
         held = contextlib.ExitStack()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             held.enter_context(file_lock(self._lock(path), on_wait=lambda: log.info(
                 "Frozen-trunk cache: waiting for another job computing %s into %s", split, path)))
         except OSError as err:  # e.g. a read-only cache.dir: compute it for this run only
-            log.warning("Frozen-trunk cache: cannot use %s (%s); computing %s without sharing it.",
-                        self.directory, err, split)
+            full = err.errno in NO_SPACE
+            self._stop_sharing(f"no space left in {self.directory} ({err})" if full
+                               else f"cannot use {self.directory} ({err})", split)
             compute()
             return "miss"
         with held:
@@ -280,8 +320,10 @@ class SharedTrunkStore:
                 return "miss"
             try:
                 cache.save(split, path, key)
-            except OSError as err:
-                log.warning("Frozen-trunk cache: could not save %s to %s (%s).", split, path, err)
+            except OSError as err:  # nothing of it is left: atomic_write removed its temporary
+                full = err.errno in NO_SPACE
+                self._stop_sharing(f"no space left in {self.directory} to save {split} ({err})" if full
+                                   else f"could not save {split} to {path} ({err})", split)
                 return "miss"
             self.in_use.add(path)
             log.info("Frozen-trunk cache miss: computed %s in %.1f s, saved to %s (%.1f MiB).",
@@ -299,15 +341,24 @@ class SharedTrunkStore:
         log.info("Frozen-trunk cache hit: %s from %s (%.1f MiB).", split, path, mib)
         return "hit"
 
+    def _sweep(self) -> None:
+        """Remove the temporaries of killed writers (a minute old, their key's lock free)."""
+        for tmp in remove_stale_temporaries(self.directory, recursive=False, min_age=60, lock_of=self._lock):
+            log.info("Frozen-trunk cache: removed %s, left by an interrupted write.", tmp.name)
+
     def evict(self) -> None:
-        """Delete least-recently-used files until the folder is under ``max_bytes`` (and stale
-        temporaries of killed writers)."""
+        """Delete stale temporaries of killed writers, then least-recently-used files until the
+        folder (temporaries of writes in progress included) is under ``max_bytes``."""
+        self._sweep()
         entries: list[tuple[float, int, Path]] = []
         for p in self.directory.glob(f"*{self.SUFFIX}"):
             with contextlib.suppress(OSError):
                 st = p.stat()
                 entries.append((st.st_mtime, st.st_size, p))
         total = sum(size for _, size, _ in entries)
+        for tmp in temporaries(self.directory, recursive=False):  # being written now: they count
+            with contextlib.suppress(OSError):
+                total += tmp.stat().st_size
         for _, size, p in sorted(e for e in entries if e[2] not in self.in_use):  # oldest first
             if total <= self.max_bytes:
                 break
@@ -320,4 +371,3 @@ class SharedTrunkStore:
             total -= size
             log.info("Frozen-trunk cache: evicted %s (%.1f MiB, least recently used; cache.max_gb=%g).",
                      p.name, size / 2**20, self.max_bytes / 2**30)
-        remove_stale_temporaries(self.directory, recursive=False, min_age=60, lock_of=self._lock)

@@ -6,7 +6,9 @@
   max_length, precision, frozen weights or block range is another key (miss);
 - two processes that need the same key at once compute it once (the second waits, then loads);
 - least-recently-used files go past the size cap, never one the current run uses;
-- a truncated or corrupt file is noticed (safetensors header, sizes, key) and recomputed.
+- a truncated or corrupt file is noticed (safetensors header, sizes, key) and recomputed;
+- so is one whose tensor bytes changed with its header intact (the sha256 of its tensors, issue 24
+  item 3), and a full disk or a killed writer leaves nothing that is not swept (items 6, 7).
 """
 
 from __future__ import annotations
@@ -257,7 +259,16 @@ def test_lru_eviction_keeps_the_cap_and_the_files_in_use(tmp_path: Path, caplog)
     assert "not saved" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "other key"])
+def zero_inside(path: Path) -> None:
+    """Zero the middle third of a safetensors file's tensor bytes; the header stays intact."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    third = (len(data) - start) // 3
+    data[start + third : start + 2 * third] = bytes(third)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other key", "zeroed inside"])
 def test_a_damaged_file_is_recomputed_with_a_warning(tmp_path: Path, caplog, damage: str) -> None:
     model, data = tiny_model(), toy_data(n=8)
     key = key_of(model, data, token="flexible")
@@ -267,6 +278,8 @@ def test_a_damaged_file_is_recomputed_with_a_warning(tmp_path: Path, caplog, dam
         path.write_bytes(path.read_bytes()[:-64])
     elif damage == "garbage":
         path.write_bytes(b"\x00" * 16 + os.urandom(256))
+    elif damage == "zeroed inside":  # issue 24 item 3: header, sizes and key all intact
+        zero_inside(path)
     else:  # a complete file of another split under this key's name
         other = toy_data(n=9, seed=3)
         other_key = key_of(model, other, token="flexible")
@@ -359,3 +372,125 @@ def test_default_dir_is_under_outputs(tmp_path: Path) -> None:
     cfg = compose_train([], tmp_path)
     assert Path(cfg.cache.dir) == tmp_path / "outputs" / "trunk_cache"
     assert cfg.cache.shared is True and cfg.cache.max_gb > 0
+
+
+@pytest.mark.slow  # two tiny training runs: about 20 s
+def test_a_run_recomputes_a_cache_file_damaged_inside(
+    tmp_path: Path, sms_file: Path, tiny_data_dir: Path, tiny_checkpoint: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 24 item 3, through train(): 1/3 of the cached train split's bytes zeroed, header
+    intact, was used silently. Now the second run warns, recomputes it, and ends as the first."""
+    from spam_lightning.train import train
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    cache_dir = tmp_path / "trunk_cache"
+
+    def run(name: str) -> dict:
+        cfg = compose_train(
+            [*RUN, f"data.source={sms_file}", f"paths.data_dir={tiny_data_dir}",
+             "model.weights=pretrained", f"model.checkpoint={tiny_checkpoint}", f"cache.dir={cache_dir}"],
+            tmp_path / name,
+        )
+        caplog.clear()
+        metrics = train(cfg)
+        out = tmp_path / name / "run"
+        return {"metrics": metrics, "history": json.loads((out / "history.json").read_text()),
+                "bundle": load_file(str(out / "bundle" / "model.safetensors")), "log": cache_messages(caplog),
+                "text": caplog.text}
+
+    first = run("first")
+    assert first["log"] == [("miss", s) for s in SPLITS]
+    (train_file,) = [p for p in cache_dir.glob("*.safetensors") if f"saved to {p}" in
+                     next(r.getMessage() for r in caplog.records if "computed train" in r.getMessage())]
+    zero_inside(train_file)
+    again = run("again")
+    assert again["log"] == [("miss", "train"), ("hit", "val"), ("hit", "test")]
+    assert f"{train_file}: damaged (its tensors' sha256 differs" in again["text"]
+    assert "removing it and recomputing train" in again["text"]
+    assert_identical(first, again)
+
+
+def test_tensor_digest_covers_every_byte_and_the_names(tmp_path: Path) -> None:
+    """The sha256 read check covers every byte: 1 byte changed anywhere is another digest."""
+    from spam_lightning.model.trunk_cache import tensor_digest
+
+    states = torch.randn(3000, 64)
+    base = tensor_digest({"states": states})
+    changed = states.clone()
+    changed.view(-1)[-1] = 0.0
+    assert tensor_digest({"states": changed}) != base
+    assert tensor_digest({"states": states.clone()}) == base
+    assert tensor_digest({"other": states}) != base  # the names count too
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import torch
+    from spam_lightning.model.trunk_cache import SharedTrunkStore, TrunkCache
+    cache = TrunkCache(1)
+    def compute():  # a large split: the write takes a while
+        cache._states["train"] = torch.ones(2**26 // 64, 64)
+        cache._stored["train"] = torch.ones(2**26 // 64, dtype=torch.long)
+    print("writing", flush=True)
+    SharedTrunkStore(Path(sys.argv[1]), 2**40).fetch(cache, "train", "k" * 64, compute, None)
+    """
+)
+
+
+@pytest.mark.slow  # a child process killed mid-write: about 15 s
+def test_kill_during_a_cache_write_leaves_only_what_the_sweep_removes(tmp_path: Path, caplog) -> None:
+    """Issue 24 item 7: kill -9 while a split is written. safetensors' own writer left a
+    ``.tmpXXXXXX`` (as large as the split) that no sweep removed; the write goes through the
+    project's atomic_write, whose temporary the next run's sweep removes."""
+    import signal
+    import time
+
+    folder = tmp_path / "cache"
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, str(script), str(folder)], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    try:  # killed as soon as a temporary holds a MiB of the split
+        while time.monotonic() < deadline and child.poll() is None:
+            if any(p.name.startswith(".") and p.stat().st_size > 2**20 for p in folder.glob(".*")):
+                break
+            time.sleep(0.002)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in folder.glob(".*") if not p.name.endswith(".lock"))
+    assert left and all(n.startswith(f".{'k' * 64}.safetensors.") and n.endswith(".tmp") for n in left), left
+    old = time.time() - 3600
+    for name in left:
+        os.utime(folder / name, (old, old))
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    model, data = tiny_model(), toy_data(n=4)
+    assert fetch(SharedTrunkStore(folder, 2**30), key_of(model, data, token="flexible"), model, data)[0] == "miss"
+    assert not [p for p in folder.glob(".*") if not p.name.endswith(".lock")]
+    assert "left by an interrupted write" in caplog.text
+
+
+def test_temporaries_count_against_the_cap_and_strays_go(tmp_path: Path) -> None:
+    """Issue 24 item 7: what is being written counts against cache.max_gb, and an old
+    ``.tmpXXXXXX`` (what safetensors' own writer left when killed) is removed."""
+    model = tiny_model()
+    datasets = [toy_data(n=10, seed=s, length=10) for s in range(2)]
+    keys = [key_of(model, d, token="flexible") for d in datasets]
+    paths = [SharedTrunkStore(tmp_path, 0).path(k) for k in keys]
+    assert fetch(SharedTrunkStore(tmp_path, 2**30), keys[0], model, datasets[0])[0] == "miss"
+    size = paths[0].stat().st_size
+    os.utime(paths[0], (1_000, 1_000))
+    writing = tmp_path / f".{'f' * 64}.safetensors.a1b2c3.tmp"  # another job's write in progress
+    writing.write_bytes(b"\0" * size)
+    stray = tmp_path / ".tmpAb12Cd"
+    stray.write_bytes(b"\0" * size)
+    os.utime(stray, (1_000, 1_000))
+    # two files fit the cap; with the write in progress they do not: the older one goes
+    assert fetch(SharedTrunkStore(tmp_path, 2 * size + 100), keys[1], model, datasets[1])[0] == "miss"
+    assert not stray.exists() and writing.exists()
+    assert [p.exists() for p in paths] == [False, True]

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from spam_lightning.io_utils import atomic_write
+from spam_lightning.io_utils import NoSpaceError, atomic_write
 from spam_lightning.model.weights import CheckpointError, torch_load_safely
 from spam_lightning.training.callbacks.sigterm_checkpoint import last_checkpoint_path
 
@@ -41,20 +41,33 @@ class SafeCheckpointIO(TorchCheckpointIO):
     Lightning's writer fills a temporary file in the system temp folder and then moves it,
     which is a copy when that folder is another file system: a SIGKILL can leave a truncated
     ``last.ckpt`` (and a stray multi-GB temp file). Here the temporary file sits next to the
-    target and is renamed onto it, so a kill leaves the previous checkpoint intact. Reading is
-    always ``weights_only=True``.
+    target and is renamed onto it, so a kill leaves the previous checkpoint intact. A full disk
+    stops the run with one message (``NoSpaceError``: the folder, "no space left", how to resume),
+    the previous checkpoints intact. Reading is always ``weights_only=True``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):  # remote or custom: Lightning's way
             super().save_checkpoint(checkpoint, path, storage_options)
-        else:
-            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+            return
+        try:
+            atomic_write(path, lambda tmp: save_torch(checkpoint, tmp))
+        except NoSpaceError as err:
+            raise NoSpaceError(err.errno, f"checkpoint: {err}. Free space there, then continue "
+                               "this run from its last checkpoint: the same command with "
+                               "hydra.run.dir=<this run's folder> ckpt_path=last") from err
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if "://" in str(path):
             return super().load_checkpoint(path, weights_only=True)
         return load_checkpoint_safely(path)
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file: a full disk is an ``OSError`` with its errno, where
+    torch's own writer (given a path) raises a RuntimeError from ``inline_container.cc``."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 class BestCheckpoint(ModelCheckpoint):

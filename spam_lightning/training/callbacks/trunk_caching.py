@@ -71,7 +71,8 @@ class TrunkCaching(L.Callback):
                                          dtype=dtype if dtype.is_floating_point else torch.float32)
         todo = [s for s in splits if not cache.has(s)]
         later = [s for s in dict.fromkeys(planned) if s not in todo and not cache.has(s)]
-        reason = self._reason(model) or self._over_budget(cache, model, todo, later, strict)
+        reason = (self._reason(model) or (None if strict else few_batches(trainer))
+                  or self._over_budget(cache, model, todo, later, strict))
         if reason is not None:
             if strict:
                 raise TrunkCacheError(f"cache.trunk=true but caching is not possible: {reason}.")
@@ -117,3 +118,16 @@ class TrunkCaching(L.Callback):
         if need > budget:
             return f"the cache would need {need / 2**30:.2f} GiB, over cache.memory_budget_gb={self.budget_gb}"
         return None
+
+
+def few_batches(trainer) -> str | None:
+    """Why caching costs more than the batches of a debugging run: Lightning's
+    ``fast_dev_run`` and ``overfit_batches`` read a few batches, the cache every example."""
+    if trainer.fast_dev_run:
+        what = f"trainer.fast_dev_run reads {int(trainer.fast_dev_run)} batch(es) of each split"
+    elif trainer.overfit_batches:
+        what = f"trainer.overfit_batches={trainer.overfit_batches} reads a few batches"
+    else:
+        return None
+    return (f"{what}, the cache would run the frozen blocks over every example "
+            "(cache.trunk=true caches anyway)")
