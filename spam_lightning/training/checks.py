@@ -18,16 +18,14 @@ from omegaconf import DictConfig
 
 from spam_lightning.data.source import DataError
 from spam_lightning.model.classifier import make_classifier
-from spam_lightning.model.family import FINAL_SPLITS
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 from spam_lightning.model.weights import CheckpointError, mismatch_lines
-from spam_lightning.rules import SEED_RANGE, bool_problems, choice_problems, is_int, is_seed
+from spam_lightning.rules import is_int
 from spam_lightning.training.callbacks.checkpoint_io import load_checkpoint_safely
 from spam_lightning.training.callbacks.run_config import flat_config, resume_differences
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("accuracy", "loss", "precision", "recall", "f1")  # metrics.json's per split
 SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
 
 
@@ -105,6 +103,9 @@ def _family(node: DictConfig) -> Any:
 def run_problems(cfg: DictConfig) -> list[str]:
     """The options every model trained with Lightning shares, each a clear line instead of a torch
     error (or silent nonsense) after the data is prepared."""
+    from spam_lightning.model.family import FINAL_SPLITS
+    from spam_lightning.rules import SEED_RANGE, bool_problems, choice_problems, is_seed
+
     problems: list[str] = []
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and "spawn" in strategy:
@@ -153,7 +154,8 @@ def run_problems(cfg: DictConfig) -> list[str]:
                                    or (isinstance(v, float) and 0 < v <= 1))}),
     ):
         problems += number_problems(node, prefix, rules)
-    metrics = [f"{split}_{name}" for split in FINAL_SPLITS for name in METRIC_NAMES]
+    metrics = [f"{split}_{name}" for split in FINAL_SPLITS  # metrics.json's, per split
+               for name in ("accuracy", "loss", "precision", "recall", "f1")]
     problems += choice_problems("optimized_metric", cfg.get("optimized_metric", "val_accuracy"),
                                 metrics, " (what train.py returns to an Optuna sweep)")
     return problems
