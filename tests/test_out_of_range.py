@@ -52,6 +52,9 @@ OUT_OF_RANGE = {
     "trainer.num_sanity_val_steps=-5": "trainer.num_sanity_val_steps=-5: must be an integer >= 0, "
                                        "or -1 (all)",
     "trainer.min_epochs=-3": "trainer.min_epochs=-3: must be an integer >= 0, or null",
+    # one process per device on a CPU: devices=1000 forked until the OOM killer came
+    "trainer.accelerator=cpu trainer.devices=1000": "trainer.devices=1000: more CPU processes than "
+                                                    "this machine's",
     # what train.py returns to Optuna: None, silently
     "optimized_metric=nope": "optimized_metric='nope' is unknown; allowed: train_accuracy,",
 }
@@ -76,6 +79,14 @@ def test_legal_edges_still_pass_the_check(tmp_path: Path) -> None:
                        "optimized_metric=test_f1", "loss.ignore_index=50256"],
                       ["trainable=lora", "trainable.rank=64", "model.compile=false"]):
         validate_config(compose_train([*SMOKE, *overrides], tmp_path))
+
+
+def test_data_dir_that_is_a_file_is_named(tmp_path: Path, sms_file: Path) -> None:
+    """paths.data_dir (or data.data_dir) naming a file: NotADirectoryError's traceback before."""
+    (a_file := tmp_path / "a-file").write_text("x")
+    cfg = compose_train([*SMOKE, f"paths.data_dir={a_file}", f"data.source={sms_file}"], tmp_path)
+    with pytest.raises(DataError, match=f"data.data_dir={a_file}/sms_spam: cannot write there"):
+        train(cfg)
 
 
 def long_text_csvs(folder: Path) -> list[str]:

@@ -305,8 +305,8 @@ def locked(data_dir: Path) -> Iterator[None]:
 def read_meta(data_dir: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((data_dir / META_NAME).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):  # (bad UTF-8 is a ValueError too)
-        return None
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # (bad UTF-8: a ValueError too)
+        return None  # data_dir (or a parent) a file: `locked` names it when preparing
     return meta if isinstance(meta, dict) else None
 
 

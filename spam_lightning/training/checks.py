@@ -103,6 +103,8 @@ def _family(node: DictConfig) -> Any:
 def run_problems(cfg: DictConfig) -> list[str]:
     """The options every model trained with Lightning shares, each a clear line instead of a torch
     error (or silent nonsense) after the data is prepared."""
+    import os
+
     from spam_lightning.model.family import FINAL_SPLITS
     from spam_lightning.rules import SEED_RANGE, bool_problems, choice_problems, is_seed
 
@@ -113,6 +115,12 @@ def run_problems(cfg: DictConfig) -> list[str]:
                         "themselves; use trainer=ddp (strategy=ddp) instead")
     if str(cfg.cache.trunk).lower() not in ("auto", "true", "false"):
         problems.append(f"cache.trunk={cfg.cache.trunk!r}; allowed: auto, true, false")
+    devices, cores = cfg.trainer.get("devices"), os.cpu_count() or 1
+    on_cpu = cfg.trainer.get("accelerator") == "cpu" or (
+        cfg.trainer.get("accelerator") == "auto" and not torch.cuda.is_available())
+    if on_cpu and is_int(devices) and devices > max(cores, 2):  # one process each: memory
+        problems.append(f"trainer.devices={devices}: more CPU processes than this machine's "
+                        f"{cores} cores; use at most {max(cores, 2)}")
     # switches: a string such as `maybe` would count as true
     switches = {f"model.{k}": cfg.model[k] for k in ("compile", "causal_mask", "qkv_bias")
                 if k in cfg.model}
