@@ -502,7 +502,7 @@ def test_benchmark_quick_on_tiny_model(tmp_path, sms_file) -> None:
     assert set(startup) == {"import_torch", "import_lightning", "import_train", "classify_help",
                             "classify_first_prediction_tiny"}
     assert all(v > 0 for v in startup.values()) and results["startup_seconds"] == startup
-    assert all(len(w) == 3 for w in phases["s"]["runs_seconds"].values())
+    assert all(len(w) == 1 for w in phases["s"]["runs_seconds"].values())  # --quick: once
     ceiling = results["gemm_ceiling"]
     assert ceiling["fp32"]["trunk_batch"]["rows"] == 4096  # TrunkCache's max_batch_tokens
     assert {r["rows"] for p in ceiling.values() for r in p.values()} == {
