@@ -499,7 +499,9 @@ def _startup_lines(s: dict[str, Any] | None) -> list[str]:
     if not s or not s.get("median_seconds"):
         return []
     rows = [f"| {STARTUP_TITLES.get(k, k)} | {v:.2f} s |" for k, v in s["median_seconds"].items()]
-    return ["", f"| start-up, fresh process (median of 3; other CPU {_other(s)}) | wall |",
+    repeats = len(next(iter(s.get("runs_seconds", {}).values()), [None] * 3))
+    how = f"median of {repeats}" if repeats > 1 else "one run"
+    return ["", f"| start-up, fresh process ({how}; other CPU {_other(s)}) | wall |",
             "| --- | ---: |", *rows]
 
 

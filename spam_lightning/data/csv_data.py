@@ -20,6 +20,7 @@ import pandas as pd
 from spam_lightning.data.datamodule import (
     TextClassificationDataModule,
     int_problems,
+    seed_problems,
     split_problems,
 )
 from spam_lightning.data.source import (
@@ -42,6 +43,7 @@ from spam_lightning.data.table import (
     read_text_table,
 )
 from spam_lightning.data.tokens import PAD_TOKEN_ID
+from spam_lightning.rules import bool_problems
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +60,36 @@ def natural_sorted(labels: Sequence[str]) -> list[str]:
     return sorted(unique, key=int) if all(_INT_RE.fullmatch(v) for v in unique) else sorted(unique)
 
 
-def to_splits(tables: dict[str, Table],
-              class_names: Sequence[str] | None) -> tuple[list[str], dict[str, Table]]:
+# what pandas' read_csv turns into NaN (na_values' defaults, compared case-insensitively)
+MISSING_LABELS = frozenset({"nan", "-nan", "na", "n/a", "#n/a", "#na", "<na>", "null", "none"})
+
+
+def check_labels(table: Table, column: str = "label") -> None:
+    """Labels that would silently become classes of their own (``data.class_names`` unset): a
+    missing-value marker (``NaN``, ``null``, ...) or a class with a single example (a typo?).
+    A DataError names the file, line, label, count and the fix."""
+    counts: dict[str, int] = {}
+    for label in table.labels:
+        counts[label] = counts.get(label, 0) + 1
+    first = {label: row for row, label in reversed(list(enumerate(table.labels)))}
+    keep = "list every class in data.class_names=[...] to keep it as a class"
+    if missing := [lab for lab in counts if lab.lower() in MISSING_LABELS]:
+        label = missing[0]
+        raise DataError(f"{table.name}, line {table.line(first[label])}: label {label!r} (column "
+                        f"{column!r}, {counts[label]} row(s)) is a missing-value marker, which "
+                        f"pandas reads as NaN: give these rows their labels or drop them, or "
+                        f"{keep}")
+    if len(counts) > 1 and (single := [lab for lab, n in counts.items() if n == 1]):
+        others = ", ".join(f"{lab!r} {n:,}" for lab, n in sorted(counts.items()) if n > 1)
+        label, more = single[0], f" ({len(single)} labels do)" if len(single) > 1 else ""
+        raise DataError(f"{table.name}, line {table.line(first[label])}: label {label!r} (column "
+                        f"{column!r}) occurs once{more}; the other classes have "
+                        f"{others or 'one row each'} rows. A class needs examples to learn from "
+                        f"and to test on; a typo? Fix or drop the row, or {keep}")
+
+
+def to_splits(tables: dict[str, Table], class_names: Sequence[str] | None,
+              label_column: str = "label") -> tuple[list[str], dict[str, Table]]:
     """Class names (given: matched by name, or as indices when no label is a name; else the
     sorted training labels, which every validation / test label must be) and class indices."""
     train = tables["train"]
@@ -71,6 +101,7 @@ def to_splits(tables: dict[str, Table],
         lookup = {(str(i) if by_index else n): i for i, n in enumerate(names)}
         checked = list(tables)
     else:
+        check_labels(train, label_column)
         names = natural_sorted(train.labels)
         lookup = {n: i for i, n in enumerate(names)}
         checked = ["validation", "test"]
@@ -128,7 +159,8 @@ class CSVDataModule(TextClassificationDataModule):
         if not text_column or not label_column or text_column == label_column:
             problems.append(f"data.text_column={text_column!r}, data.label_column="
                             f"{label_column!r}: need two different column names")
-        if balance and source is None:
+        problems += bool_problems(**{"data.balance": balance})
+        if balance is True and source is None:
             problems.append("data.balance=true balances one file before it is split: it needs "
                             "data.source")
         tsv = Path(str(source or train)).suffix.lower() in (".tsv", ".tab")
@@ -155,7 +187,8 @@ class CSVDataModule(TextClassificationDataModule):
     def prepare_data(self) -> None:
         """Split ``data.source`` into ``data_dir`` (locked, atomic, reused); three files: nothing."""
         if self.source is not None:
-            prepare_csv_split(self.source, self.data_dir, self.settings)
+            prepare_csv_split(self.source, self.data_dir, self.settings,
+                              declared=bool(self.fixed_class_names))
 
     def load_splits(self) -> dict[str, Table]:
         cols = (self.text_column, self.label_column)
@@ -167,11 +200,12 @@ class CSVDataModule(TextClassificationDataModule):
             identity = {"path": str(self.source), "sha256": sha256_bytes(data)}
             tables = load_prepared(self.data_dir, self.settings, identity,
                                    f"split of {self.source}", f"data.source={self.source}", *cols)
-        self.class_names, splits = to_splits(tables, self.fixed_class_names)
+        self.class_names, splits = to_splits(tables, self.fixed_class_names, self.label_column)
         return splits
 
 
-def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any],
+                      declared: bool = False) -> dict[str, Any]:
     """Shuffle + split one CSV into ``data_dir`` (every cell quoted: any text reads back as is)."""
     data = read_local(source, "data.source", MAX_CSV_BYTES)  # the lock guards data_dir only
     identity = {"path": str(source), "sha256": sha256_bytes(data)}  # what meta.json records
@@ -179,6 +213,8 @@ def prepare_csv_split(source: Path, data_dir: Path, settings: dict[str, Any]) ->
     def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         cols = settings["text_column"], settings["label_column"]
         table = read_text_table(data, str(source), *cols, settings["sep"])
+        if not declared:  # data.class_names: the classes are taken as declared
+            check_labels(table, cols[1])
         frame, seed = table.frame, settings["split_seed"]
         if settings["balance"]:  # every class downsampled to the rarest one's count (as chapter 6)
             labels = pd.Series(table.labels, index=frame.index)
@@ -387,8 +423,8 @@ class IMDBDataModule(TextClassificationDataModule):
     ) -> None:
         names, urls = [str(n) for n in class_names], [str(u) for u in (urls or ())]
         problems = int_problems(train_size=(train_size, 1), val_size=(val_size, 0),
-                                test_size=(1 if test_size is None else test_size, 1),
-                                shuffle_seed=(shuffle_seed, 0))
+                                test_size=(1 if test_size is None else test_size, 1))
+        problems += seed_problems(shuffle_seed=shuffle_seed)
         if len(names) != 2 or len(set(names)) != 2:
             problems.append(f"data.class_names={names}: IMDB has 2 classes (negative, positive)")
         if source is None and not urls:

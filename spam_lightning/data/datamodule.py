@@ -36,7 +36,7 @@ from spam_lightning.data.tokens import (
     encode_texts,
     resolve_max_length,
 )
-from spam_lightning.rules import choice_problems, is_int
+from spam_lightning.rules import SEED_RANGE, bool_problems, choice_problems, is_int, is_seed
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,11 @@ def int_problems(**options: tuple[Any, int]) -> list[str]:
             if not is_int(v, low)]
 
 
+def seed_problems(**options: Any) -> list[str]:
+    """``data.NAME=value: must be an integer in [0, 2**32 - 1]`` for each seed numpy refuses."""
+    return [f"data.{k}={v!r}: must be {SEED_RANGE}" for k, v in options.items() if not is_seed(v)]
+
+
 def split_problems(split_seed: Any, train_frac: Any, val_frac: Any) -> list[str]:
     """A seed; fractions in (0, 1) summing < 1 (an empty validation or test split breaks eval)."""
     problems: list[str] = []
@@ -132,7 +137,7 @@ def split_problems(split_seed: Any, train_frac: Any, val_frac: Any) -> list[str]
             f"{float(train_frac) + float(val_frac):g}: must be < 1 (the test split gets the rest, "
             f"1 - train_frac - val_frac)"
         )
-    return int_problems(split_seed=(split_seed, 0)) + problems
+    return seed_problems(split_seed=split_seed) + problems
 
 
 class TextClassificationDataModule(L.LightningDataModule):
@@ -148,7 +153,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         problems = choice_problems("data.padding", padding, PADDING_MODES) + int_problems(
             batch_size=(batch_size, 1), num_workers=(num_workers, 0),
             context_length=(context_length, 1), pad_token_id=(pad_token_id, 0), seed=(seed, 0),
-        ) + list(problems)
+        ) + bool_problems(**{"data.bucketing": bucketing}) + list(problems)
         if padding == "none" and is_int(batch_size, 2):
             problems.append(f"data.padding=none cannot batch sequences of different lengths, but "
                             f"data.batch_size={batch_size}: use data.batch_size=1 and trainer."
@@ -215,7 +220,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         # an encoder's tokenizer truncates within its special tokens: no longer than it can read
         limit = None if self.tokenizer is None else self.context_length
         raw = {split: self._encode(splits[split].texts, limit) for split in SPLITS}
-        max_length = resolve_max_length(self.max_length_option, raw["train"], self.context_length)
+        max_length = self._resolved_max_length(raw["train"], splits["train"])
         datasets = []
         for split in SPLITS:
             data = splits[split]
@@ -234,6 +239,23 @@ class TextClassificationDataModule(L.LightningDataModule):
         logger.info("data: train %d, validation %d, test %d rows; %d classes; max_length %d; "
                     "padding %s", *map(len, datasets), len(self.class_names), max_length,
                     self.padding)
+
+    def _resolved_max_length(self, train_ids: list[list[int]], train: Table) -> int:
+        """``data.max_length`` for these training tokens; null with a text longer than the
+        context: a DataError naming that text's file and line, the token counts and the fix."""
+        try:
+            return resolve_max_length(self.max_length_option, train_ids, self.context_length)
+        except ValueError as err:
+            if self.max_length_option is not None or not train_ids:
+                raise DataError(str(err)) from err
+            row = max(range(len(train_ids)), key=lambda i: len(train_ids[i]))
+            longer = sum(len(ids) > self.context_length for ids in train_ids)
+            raise DataError(
+                f"{train.name}, line {train.line(row)}: a training text of {len(train_ids[row])} "
+                f"tokens ({longer} of {len(train_ids)} are longer than the model's context length "
+                f"{self.context_length}); data.max_length=null pads to the longest training "
+                f"text. Set data.max_length=model (truncate to {self.context_length} tokens) or "
+                f"an integer <= {self.context_length}, or shorten the texts") from err
 
     def token_dataset(self, split: str) -> TokenDataset:
         """A split's tokens (``train``, ``val``/``validation``, ``test``), after ``setup``."""

@@ -120,6 +120,35 @@ def _check_row(row: Row, cols: list[str], ti: int, li: int, sep: str,
     return "; ".join(problems) or None
 
 
+# byte-order marks of the encodings a text file announces (UTF-32 first: it starts like UTF-16)
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """A user's file as text: UTF-8 (a leading BOM dropped, as pandas does; bad bytes kept as lone
+    surrogates, to name their rows), or UTF-16 / UTF-32 when a byte-order mark says so (Excel's
+    "Unicode text"). UTF-16 without a mark: a DataError naming the encoding and the fix."""
+    if encoding := next((enc for bom, enc in _BOMS if data.startswith(bom)), None):
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}: starts with a {encoding.upper()} byte-order mark, but "
+                            f"bytes {e.start}-{e.end - 1} are not valid {encoding.upper()}; save "
+                            f"the file as UTF-8") from e
+        logger.info("%s: read as %s (its byte-order mark)", name, encoding.upper())
+        return text.removeprefix("\ufeff")
+    head = data[:4096]  # UTF-16 without a mark: every other byte of ASCII text is NUL
+    if max(head[0::2].count(0), head[1::2].count(0)) > len(head) // 4:
+        nul = data.find(b"\x00")
+        line = data.count(b"\n", 0, nul) + 1
+        raise DataError(f"{name}, line {line}: NUL bytes (the first at "
+                        f"byte {nul:,}): this looks like UTF-16 without a byte-order mark. Save "
+                        f"it as UTF-8 (e.g. iconv -f UTF-16LE -t UTF-8 IN > OUT, or \"CSV "
+                        f"UTF-8\" in a spreadsheet)")
+    return data.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
+
+
 def read_checked(
     data: bytes, name: str, sep: str = ",", *, fixed: Sequence[str] | None = None,
     header: bool = True, text_column: str = "Text", label_column: str = "Label",
@@ -131,8 +160,7 @@ def read_checked(
     one (stripped); ``on_bad_rows="skip"`` drops bad rows and logs how many."""
     if not data:
         raise DataError(f"{name}, line 1: the file is empty (0 bytes)")
-    # a leading BOM dropped (as pandas does); bad bytes kept as lone surrogates, to name their rows
-    text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
+    text = decode_text(data, name)
     rows, unterminated = read_rows(text, sep, name)
     cols = list(fixed or ())
     if header:
@@ -277,8 +305,8 @@ def locked(data_dir: Path) -> Iterator[None]:
 def read_meta(data_dir: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((data_dir / META_NAME).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):  # (bad UTF-8 is a ValueError too)
-        return None
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # (bad UTF-8: a ValueError too)
+        return None  # data_dir (or a parent) a file: `locked` names it when preparing
     return meta if isinstance(meta, dict) else None
 
 

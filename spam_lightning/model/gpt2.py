@@ -5,6 +5,7 @@ pretrained, checkpoint or random weights, turned into a classifier per ``trainab
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,33 @@ def base_classifier(config: dict[str, Any], weights: str | None = None) -> GPTCl
                            **base["classifier"])
 
 
+GPT2_VOCAB = 50257  # the GPT-2 tokenizer's ids are 0 .. 50256
+
+
+def _size_problems(sizes: dict[str, Any], pad_token_id: Any) -> list[str]:
+    """Sizes the embedding or the machine cannot take: a vocabulary without GPT-2's token ids or
+    the pad id (an IndexError mid-training), or weights larger than this machine's memory."""
+    import os
+
+    vocab, emb, problems = sizes["vocab_size"], sizes["emb_dim"], []
+    if vocab < GPT2_VOCAB:
+        problems.append(f"model.vocab_size={vocab}: must be >= {GPT2_VOCAB} (the GPT-2 tokenizer's "
+                        f"token ids go up to {GPT2_VOCAB - 1})")
+    elif is_int(pad_token_id) and pad_token_id >= vocab:
+        problems.append(f"data.pad_token_id={pad_token_id}: must be < model.vocab_size={vocab} "
+                        f"(an embedding row; GPT-2 pads with 50256)")
+    params = (2 * vocab + sizes["context_length"]) * emb + 12 * sizes["n_layers"] * emb * emb
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # no sysconf: no check
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if 4 * params > memory:
+            problems.append(
+                f"model sizes (vocab_size={vocab}, context_length={sizes['context_length']}, "
+                f"emb_dim={emb}, n_layers={sizes['n_layers']}) give about {params:.3g} parameters, "
+                f"{4 * params / 2**30:,.0f} GiB in fp32: more than this machine's "
+                f"{memory / 2**30:,.0f} GiB of memory; use smaller model sizes")
+    return problems
+
+
 @dataclass
 class GPT2Family(ModelFamily):
     """The chapter's model. Options: ``conf/model/gpt2-small.yaml``."""
@@ -93,6 +121,13 @@ class GPT2Family(ModelFamily):
         problems += [f"model.{key}={sizes[key]!r}: must be an integer >= 1" for key in bad_sizes]
         if not bad_sizes and sizes["emb_dim"] % sizes["n_heads"]:
             problems.append(f"model.emb_dim={sizes['emb_dim']} is not divisible by model.n_heads={sizes['n_heads']}")
+        if not bad_sizes:
+            problems += _size_problems(sizes, cfg.data.get("pad_token_id"))
+            rank = cfg.trainable.get("rank") if cfg.trainable.name == "lora" else None
+            if is_int(rank, 1) and rank > sizes["emb_dim"]:  # the out head's B: rank x vocab
+                problems.append(f"trainable.rank={rank}: must be <= model.emb_dim="
+                                f"{sizes['emb_dim']} (a LoRA rank above a layer's smaller side "
+                                f"adds only memory)")
         n_layers = sizes["n_layers"]
         if cfg.trainable.name == "last_two_blocks" and is_int(n_layers, 1) and n_layers < 2:
             problems.append(f"trainable=last_two_blocks needs at least 2 transformer blocks; model "

@@ -103,6 +103,11 @@ def _family(node: DictConfig) -> Any:
 def run_problems(cfg: DictConfig) -> list[str]:
     """The options every model trained with Lightning shares, each a clear line instead of a torch
     error (or silent nonsense) after the data is prepared."""
+    import os
+
+    from spam_lightning.model.family import FINAL_SPLITS
+    from spam_lightning.rules import SEED_RANGE, bool_problems, choice_problems, is_seed
+
     problems: list[str] = []
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and "spawn" in strategy:
@@ -110,6 +115,16 @@ def run_problems(cfg: DictConfig) -> list[str]:
                         "themselves; use trainer=ddp (strategy=ddp) instead")
     if str(cfg.cache.trunk).lower() not in ("auto", "true", "false"):
         problems.append(f"cache.trunk={cfg.cache.trunk!r}; allowed: auto, true, false")
+    devices, cores = cfg.trainer.get("devices"), os.cpu_count() or 1
+    on_cpu = cfg.trainer.get("accelerator") == "cpu" or (
+        cfg.trainer.get("accelerator") == "auto" and not torch.cuda.is_available())
+    if on_cpu and is_int(devices) and devices > max(cores, 2):  # one process each: memory
+        problems.append(f"trainer.devices={devices}: more CPU processes than this machine's "
+                        f"{cores} cores; use at most {max(cores, 2)}")
+    # switches: a string such as `maybe` would count as true
+    switches = {f"model.{k}": cfg.model[k] for k in ("compile", "causal_mask", "qkv_bias")
+                if k in cfg.model}
+    problems += bool_problems(**{"cache.shared": cfg.cache.get("shared", True), **switches})
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path != "last" and not Path(str(ckpt_path)).is_file():
         problems.append(f"ckpt_path={ckpt_path}: no such file; pass a run's checkpoints/last.ckpt, or "
@@ -127,15 +142,30 @@ def run_problems(cfg: DictConfig) -> list[str]:
                                        "alpha": ("a finite number > 0 for trainable=lora", positive[1])}
          if cfg.trainable.name == "lora" else {}),
         (cfg, "", {"eval_freq": at_least_one, "eval_iter": at_least_one,
-                   "seed": ("an integer >= 0", lambda v: is_int(v, 0))}),
+                   "seed": (SEED_RANGE, is_seed)}),
+        (cfg.get("loss") or {}, "loss.", {
+            "ignore_index": ("an integer (a label index never used, e.g. -100)", is_int)}),
         (t, "trainer.", {  # limit_*_batches: Lightning's Trainer refuses bad ones itself
             "max_epochs": ("an integer >= 1, or -1 (no limit, with trainer.max_steps)",
                            lambda v: is_int(v, 1) or (v == -1 and is_int(t.get("max_steps"), 1))),
             "max_steps": ("an integer >= 1, or -1 (no limit)", lambda v: is_int(v, 1) or v == -1),
             "accumulate_grad_batches": at_least_one,
-            "check_val_every_n_epoch": ("an integer >= 1, or null", lambda v: v is None or is_int(v, 1))}),
+            "check_val_every_n_epoch": ("an integer >= 1, or null",
+                                        lambda v: v is None or is_int(v, 1)),
+            "min_epochs": ("an integer >= 0, or null", lambda v: v is None or is_int(v, 0)),
+            "min_steps": ("an integer >= 0, or null", lambda v: v is None or is_int(v, 0)),
+            "num_sanity_val_steps": ("an integer >= 0, or -1 (all)", lambda v: is_int(v, -1)),
+            "gradient_clip_val": ("a finite number >= 0, or null",
+                                  lambda v: v is None or (_is_number(v) and v >= 0)),
+            "val_check_interval": ("an integer >= 1 (batches), a fraction in (0, 1] of an epoch, "
+                                   "or null", lambda v: v is None or is_int(v, 1)
+                                   or (isinstance(v, float) and 0 < v <= 1))}),
     ):
         problems += number_problems(node, prefix, rules)
+    metrics = [f"{split}_{name}" for split in FINAL_SPLITS  # metrics.json's, per split
+               for name in ("accuracy", "loss", "precision", "recall", "f1")]
+    problems += choice_problems("optimized_metric", cfg.get("optimized_metric", "val_accuracy"),
+                                metrics, " (what train.py returns to an Optuna sweep)")
     return problems
 
 

@@ -394,12 +394,12 @@ def test_bad_config_fails_in_init(kwargs: dict, message: str) -> None:
           "data.val_frac=2: must be a number with 0 < value < 1"]),
         (["data=csv", "data.padding=dynamic", "data.split_seed=-1"],
          ["data.padding='dynamic' is unknown; allowed: longest, batch, none",
-          "data.split_seed=-1: must be an integer >= 0",
+          "data.split_seed=-1: must be an integer in [0, 4294967295] (numpy's seed range)",
           "data=csv needs data.train, data.validation and data.test (missing: data.train, "
           "data.validation, data.test), or data.source=ONE_FILE to split 0.7/0.1/rest"]),
         (["data=imdb", "data.num_workers=-1", "data.shuffle_seed=x"],
          ["data.num_workers=-1: must be an integer >= 0",
-          "data.shuffle_seed='x': must be an integer >= 0"]),
+          "data.shuffle_seed='x': must be an integer in [0, 4294967295] (numpy's seed range)"]),
     ],
 )
 def test_every_bad_data_option_is_its_own_line(
