@@ -40,8 +40,12 @@ from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
 from spam_lightning.training.callbacks.sigterm_checkpoint import SigtermCheckpoint
 from spam_lightning.training.checks import ConfigError, TokenizerError, instantiate
 from spam_lightning.training.plots import plot_values
-from spam_lightning.training.run_lock import (RunFolderBusy, RunFolderTaken, folder_problem,
-                                             run_folder_lock)
+from spam_lightning.training.run_lock import (
+    RunFolderBusy,
+    RunFolderTaken,
+    folder_problem,
+    run_folder_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     # one run per folder (rank 0 holds it; DDP's other ranks run inside rank 0's job)
     with run_folder_lock(output_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext():
-        if rank_zero_only.rank == 0 and (problem := folder_problem(output_dir, cfg.get("ckpt_path"))):
+        problem = folder_problem(output_dir, cfg.get("ckpt_path"))
+        if problem and rank_zero_only.rank == 0:  # a finished run's folder: resumed or refused
             raise RunFolderTaken(problem)
         for tmp in remove_stale_temporaries(output_dir):
             log.info("removed %s, left by an interrupted write", tmp)

@@ -45,8 +45,8 @@ def _in_run_folder(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(run, str) or not run:
         return config
     run = run.rstrip("/")
-    return {k: "<run folder>" + v[len(run):] if isinstance(v, str) and (v == run or v.startswith(run + "/"))
-            else v for k, v in config.items()}
+    inside = (lambda v: isinstance(v, str) and (v == run or v.startswith(run + "/")))  # noqa: E731
+    return {k: "<run folder>" + v[len(run):] if inside(v) else v for k, v in config.items()}
 
 
 def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
