@@ -52,7 +52,9 @@ class SigtermCheckpoint(L.Callback):
         Lightning stops after the current batch and ``on_exception`` saves it. Outside a
         Lightning loop (data preparation) it stops at once (``KeyboardInterrupt``); a second
         Ctrl-C stops at once too, without saving."""
-        if threading.current_thread() is not threading.main_thread():  # signals: main thread only
+        # signals reach the main thread only; a process started with SIGINT ignored keeps it so
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
             yield
             return
 
