@@ -44,6 +44,7 @@ from spam_lightning.training.run_lock import (
     RunFolderBusy,
     RunFolderTaken,
     folder_problem,
+    held_run,
     run_folder_lock,
 )
 
@@ -257,8 +258,29 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except KNOWN_ERRORS as err:  # bugs (anything else) keep their traceback
         _log_to_files(f"{type(err).__name__}: {err}")
+        _set_aside_failed()
         raise RunFailed(f"Error: {err}") from err
     return metrics.get(cfg.get("optimized_metric", "val_accuracy"))
+
+
+FAILED_SUFFIX = "-failed"
+
+
+def _set_aside_failed() -> None:
+    """A run that failed before it left anything to resume or use: its folder (one Hydra named,
+    not a ``hydra.run.dir`` the user chose) becomes ``<name>-failed``, so it does not look like
+    a result; its ``train.log`` says why."""
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.RUN or rank_zero_only.rank != 0:
+        return
+    if any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra):
+        return
+    folder = Path(hc.runtime.output_dir)
+    if held_run(folder) is None and folder.is_dir():
+        with contextlib.suppress(OSError):
+            folder.rename(folder.with_name(folder.name + FAILED_SUFFIX))
 
 
 def main() -> None:
