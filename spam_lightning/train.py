@@ -177,16 +177,21 @@ def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, train
         write_json(output_dir / "history.json", h)
     trained = {k: metrics[k] for k in family.trained_keys}
     family.save(output_dir, fitted.model, datamodule, cfg, trained)
-    _point_latest(Path(cfg.paths.latest) if cfg.paths.get("latest") else None, output_dir)
+    if cfg.paths.get("latest") and not _in_sweep():  # a sweep's jobs: its summary lists them
+        _point_latest(Path(cfg.paths.latest), output_dir)
     _log_hparams(trainer.loggers, family.hparams(cfg, metrics), metrics, trainer.global_step)
 
 
-def _point_latest(link: Path | None, run: Path) -> None:
+def _in_sweep() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _point_latest(link: Path, run: Path) -> None:
     """``paths.latest`` (``outputs/runs/latest``) -> this run, now that its bundle is written:
     a relative symlink made beside the link, then renamed over it (atomic: readers see the old
     run or the new one, never no link)."""
-    if link is None:
-        return
     tmp = link.parent / f".{link.name}.{secrets.token_hex(4)}.tmp"
     try:
         link.parent.mkdir(parents=True, exist_ok=True)
