@@ -182,7 +182,7 @@ def test_a_finished_runs_folder_is_only_resumed(tiny_run, tmp_path, sms_file, ti
         assert "Traceback" not in proc.stderr
         assert {p: p.read_bytes() for p in kept} == kept  # .hydra/, train.log, results untouched
     with pytest.raises(RunFolderTaken, match="holds a finished run"):  # in-process: train() too
-        tiny_run("seed=5")
+        train(compose_train([*same[:-1], "seed=5"], tmp_path))
     _, again, _ = tiny_run("trainer.max_epochs=2", "ckpt_path=last")
     assert again["global_step"] == 2 * first["global_step"]
     assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]

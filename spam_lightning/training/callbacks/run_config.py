@@ -45,8 +45,12 @@ def _in_run_folder(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(run, str) or not run:
         return config
     run = run.rstrip("/")
-    inside = (lambda v: isinstance(v, str) and (v == run or v.startswith(run + "/")))  # noqa: E731
-    return {k: "<run folder>" + v[len(run):] if inside(v) else v for k, v in config.items()}
+
+    def relative(value: Any) -> Any:
+        inside = isinstance(value, str) and (value == run or value.startswith(run + "/"))
+        return "<run folder>" + value[len(run):] if inside else value
+
+    return {key: relative(value) for key, value in config.items()}
 
 
 def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
