@@ -189,7 +189,7 @@ DEFAULT_RUN = {
     'pip install -e ".[dev]"',
     "pip install --no-deps llms-from-scratch==1.0.19",
     "python train.py",
-    "RUN=outputs/runs/latest",
+    "RUN=$(readlink -f outputs/runs/latest)",
     'spam-classify "$RUN" "first message" "second message" --json',
     "python train.py -m trainable=last_layer,last_block token=last,flexible",
     "SWEEP=$(ls -d outputs/multirun/* | tail -n 1)",
