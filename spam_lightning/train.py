@@ -7,6 +7,8 @@ import contextlib
 import importlib.resources
 import inspect
 import logging
+import os
+import secrets
 import shlex
 import sys
 import warnings
@@ -20,7 +22,7 @@ from hydra.errors import CompactHydraException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
@@ -39,7 +41,13 @@ from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
 from spam_lightning.training.callbacks.sigterm_checkpoint import SigtermCheckpoint
 from spam_lightning.training.checks import ConfigError, TokenizerError, instantiate
 from spam_lightning.training.plots import plot_values
-from spam_lightning.training.run_lock import RunFolderBusy, run_folder_lock
+from spam_lightning.training.run_lock import (
+    RunFolderBusy,
+    RunFolderTaken,
+    folder_problem,
+    held_run,
+    run_folder_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +55,22 @@ log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://spam_lightning.conf"
 CONFIG_DIR = str(importlib.resources.files("spam_lightning.conf"))  # the same folder, for nested globs
 SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
-EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
+# 128 + the signal, what a shell reports for a process killed by it
+EXIT_STATUS = {"SIGTERM": 143, "SIGINT": 130}
 
 
 # Failures whose message says what to fix: printed without a traceback (a family's errors subclass one)
 KNOWN_ERRORS = (ConfigError, DataError, TokenizerError, WeightsUnavailableError, CheckpointError,
-                ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, NonFiniteLossError,
-                NoSpaceError)
+                ClassifierStateError, TrunkCacheError, BundleError, RunFolderBusy, RunFolderTaken,
+                NonFiniteLossError, NoSpaceError)
 
 
 class TrainingInterrupted(SystemExit):
-    """SIGTERM stopped training: exit 143, where Lightning's SIGTERMException exits 0 (success)."""
+    """SIGTERM or Ctrl-C stopped training: exit 143 or 130, where Lightning's SIGTERMException
+    exits 0 (success) and its KeyboardInterrupt handling 1."""
 
 
-def _interrupted(cfg: DictConfig, trainer: L.Trainer) -> TrainingInterrupted:
+def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str) -> TrainingInterrupted:
     """Log where the run stopped and the command that continues it in its own folder."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     keep = [o for o in overrides if not o.startswith(("ckpt_path=", "+ckpt_path="))]
@@ -71,9 +81,9 @@ def _interrupted(cfg: DictConfig, trainer: L.Trainer) -> TrainingInterrupted:
     where = (f"This step is saved in {saved}; the resume continues from it." if saved else
              f"The last complete epoch is saved in {last}; work after it is redone on resume." if last else
              "No checkpoint exists (no checkpoint callback); resuming starts anew.")
-    log.error("SIGTERM: stopped at epoch %d, step %d. %s Resume with:\n  %s",
+    log.error("%s: stopped at epoch %d, step %d. %s Resume with:\n  %s", signal_name,
               trainer.current_epoch + 1, trainer.global_step, where, resume)
-    return TrainingInterrupted(EXIT_SIGTERM)
+    return TrainingInterrupted(EXIT_STATUS[signal_name])
 
 
 # The data module's sampler resumes a mid-epoch checkpoint exactly (BookShuffleSampler), which
@@ -94,12 +104,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     # one run per folder (rank 0 holds it; DDP's other ranks run inside rank 0's job)
     with run_folder_lock(output_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext():
+        problem = folder_problem(output_dir, cfg.get("ckpt_path"))
+        if problem and rank_zero_only.rank == 0:  # a finished run's folder: resumed or refused
+            raise RunFolderTaken(problem)
         for tmp in remove_stale_temporaries(output_dir):
             log.info("removed %s, left by an interrupted write", tmp)
+        stop = next(c for c in trainer.callbacks if isinstance(c, SigtermCheckpoint))
         try:
-            fitted = family.fit(cfg, trainer, datamodule, ckpt_path, checkpoint)
+            with stop.interrupts_like_sigterm(trainer):
+                fitted = family.fit(cfg, trainer, datamodule, ckpt_path, checkpoint)
         except SIGTERMException as err:
-            raise _interrupted(cfg, trainer) from err
+            raise _interrupted(cfg, trainer, stop.signal_name) from err
+        except KeyboardInterrupt as err:  # Ctrl-C outside a Lightning loop (data preparation)
+            raise _interrupted(cfg, trainer, "SIGINT") from err
+        except MisconfigurationException as err:  # e.g. limit_val_batches=0.0001: < 1 batch
+            raise ConfigError(f"trainer: {err}") from err
         del checkpoint
         metrics = _metrics(cfg, family, fitted)
         if trainer.is_global_zero:
@@ -160,7 +179,31 @@ def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, train
         write_json(output_dir / "history.json", h)
     trained = {k: metrics[k] for k in family.trained_keys}
     family.save(output_dir, fitted.model, datamodule, cfg, trained)
+    if cfg.paths.get("latest") and not _in_sweep():  # a sweep's jobs: its summary lists them
+        _point_latest(Path(cfg.paths.latest), output_dir)
     _log_hparams(trainer.loggers, family.hparams(cfg, metrics), metrics, trainer.global_step)
+
+
+def _in_sweep() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _point_latest(link: Path, run: Path) -> None:
+    """``paths.latest`` (``outputs/runs/latest``) -> this run, now that its bundle is written:
+    a relative symlink made beside the link, then renamed over it (atomic: readers see the old
+    run or the new one, never no link)."""
+    tmp = link.parent / f".{link.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(run.absolute(), link.parent.absolute()), tmp)
+        os.replace(tmp, link)
+    except OSError as err:  # e.g. a folder named like the link, or no symlinks (some Windows)
+        tmp.unlink(missing_ok=True)
+        log.warning("could not point %s at this run (%s)", link, err)
+        return
+    log.info("%s -> %s", link, run)
 
 
 def _log_hparams(loggers: list[Any], hparams: dict[str, Any], metrics: dict[str, Any], step: int) -> None:
@@ -222,8 +265,29 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except KNOWN_ERRORS as err:  # bugs (anything else) keep their traceback
         _log_to_files(f"{type(err).__name__}: {err}")
+        _set_aside_failed()
         raise RunFailed(f"Error: {err}") from err
     return metrics.get(cfg.get("optimized_metric", "val_accuracy"))
+
+
+FAILED_SUFFIX = "-failed"
+
+
+def _set_aside_failed() -> None:
+    """A run that failed before it left anything to resume or use: its folder (one Hydra named,
+    not a ``hydra.run.dir`` the user chose) becomes ``<name>-failed``, so it does not look like
+    a result; its ``train.log`` says why."""
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.RUN or rank_zero_only.rank != 0:
+        return
+    if any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra):
+        return
+    folder = Path(hc.runtime.output_dir)
+    if held_run(folder) is None and folder.is_dir():
+        with contextlib.suppress(OSError):
+            folder.rename(folder.with_name(folder.name + FAILED_SUFFIX))
 
 
 def main() -> None:

@@ -55,14 +55,24 @@ def tiny_run(
     tmp_path: Path, sms_file: Path, tiny_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., tuple[Any, dict[str, Any], Path]]:
     """``tiny_run(*overrides)`` -> (config, metrics, run folder): ``TINY_RUN`` plus the overrides
-    on the real SMS file, composed from the package's configs and trained in-process."""
+    on the real SMS file, composed from the package's configs and trained in-process. Each run
+    gets ``tmp_path/run``, or ``run-2``, ``run-3``, … once that holds a run (a folder holding a
+    run is only resumed): a resume (``ckpt_path=…``) stays in ``run``."""
     from _compose import compose_train
+    from omegaconf import open_dict
 
     from spam_lightning.train import train
+    from spam_lightning.training.run_lock import held_run
 
     def run(*overrides: str) -> tuple[Any, dict[str, Any], Path]:
         data = [f"data.source={sms_file}", f"paths.data_dir={tiny_data_dir}"]
         cfg = compose_train([*TINY_RUN, *data, *overrides], tmp_path)
+        folder, n = Path(cfg.paths.output_dir), 1
+        while held_run(folder) and not any(o.startswith("ckpt_path=") for o in overrides):
+            n += 1
+            folder = tmp_path / f"run-{n}"
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(folder)
         for key, value in (cfg.hydra.job.env_set or {}).items():  # as Hydra's run_job sets them
             monkeypatch.setenv(key, str(value))
         metrics = train(cfg)

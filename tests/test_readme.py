@@ -83,7 +83,8 @@ class Row:
 
 
 def _newest(work: Path, folder: str) -> Path:
-    runs = sorted(p for p in (work / folder).iterdir() if p.is_dir())
+    # the folders themselves: not the `latest` link, which names the newest *finished* run
+    runs = sorted(p for p in (work / folder).iterdir() if p.is_dir() and not p.is_symlink())
     assert runs, f"no folder in {folder}"
     return runs[-1]
 
@@ -190,9 +191,9 @@ ROWS = [
         why="the test writes a small aclImdb_v1.tar.gz first"),
     Row(r"^python train\.py data=imdb", suffix=IMDB + " data.urls=[{serve}/aclImdb_v1.tar.gz]",
         check=_has_run_files, why="no network: a local server has the test's archive"),
-    Row(r"^python train\.py experiment=chapter seed=1$", suffix=TINY),
-    Row(r"^python train\.py experiment=chapter seed=1 hydra\.run\.dir=", suffix=TINY,
-        check=_has_run_files),
+    Row(r"^python train\.py experiment=chapter seed=1 hydra\.run\.dir=\S+$", suffix=TINY),
+    Row(r"^python train\.py experiment=chapter seed=1 hydra\.run\.dir=\S+ ckpt_path=last$",
+        suffix=TINY, check=_has_run_files),
     Row(r"^spam-serve \"\$RUN\"$", "server", ready="http://127.0.0.1:8000/api/health"),
     Row(r"^curl -s localhost:8000/api/classify", check=_prints_json_prediction),
     Row(r"^spam-serve \"\$RUN\" --port 8080", "server", ready="http://127.0.0.1:8080/api/health"),
@@ -208,7 +209,7 @@ DEFAULT_RUN = {
     'pip install -e ".[dev]"',
     "pip install --no-deps llms-from-scratch==1.0.19",
     "python train.py",
-    "RUN=$(ls -d outputs/runs/* | tail -n 1)",
+    "RUN=$(readlink -f outputs/runs/latest)",
     'spam-classify "$RUN" "first message" "second message" --json',
     "python train.py -m trainable=last_layer,last_block token=last,flexible",
     "SWEEP=$(ls -d outputs/multirun/* | tail -n 1)",
@@ -500,3 +501,30 @@ def _execute(command: Command, session: Session) -> None:
         proc = _run(f"{text} {suffix}".strip(), work, env)
         if row.check is not None:
             row.check(work, proc)
+
+
+def _readme_line(start: str) -> str:
+    (text,) = {c.text for c in COMMANDS if c.text.startswith(start)}
+    return text
+
+
+@pytest.mark.slow
+def test_the_readme_run_names_the_newest_finished_run(tmp_path: Path) -> None:
+    """The README's own `python train.py` fails without network and leaves a run folder; the
+    README's `RUN=` line then still names the run that finished before it, and its
+    `spam-classify` line works (before: `ls -d outputs/runs/* | tail -n 1` named the failed one)."""
+    work, env = tmp_path / "work", _readme_env(tmp_path / "home")
+    work.mkdir()
+    shutil.copy(REPO / "train.py", work / "train.py")
+    smoke = _readme_line("python train.py model=gpt2-tiny trainer.max_epochs=1")
+    _run(f"{smoke} {_row_for(Command(0, smoke, 'bash')).suffix}", work, env)
+    failed = subprocess.run(["bash", "-c", "python train.py"], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "Error: model.weights=pretrained" in failed.stderr
+    folders = sorted(p.name for p in (work / "outputs" / "runs").iterdir())
+    assert len(folders) == 3 and folders[1].endswith("-failed"), folders  # the run, the failed, latest
+    line = _readme_line("RUN=")
+    name = line.partition("=")[0]
+    env[name] = _run(f'{line}; printf %s "${name}"', work, env).stdout
+    classify = _readme_line('spam-classify "$RUN" "first message"')
+    _prints_labels(work, _run(classify, work, env))

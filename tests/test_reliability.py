@@ -232,6 +232,9 @@ def background(request, sms_file, data_dir, bundles, tmp_path_factory) -> Iterat
     if "test_sigterm_then_resume_ends_like_an_uninterrupted_run" in selected:
         run = tmp_path_factory.mktemp("sigterm") / "run"
         jobs["SIGTERM"] = KilledRun(signal.SIGTERM, run, [*TINY, *data])
+    if "test_ctrl_c_then_resume_ends_like_an_uninterrupted_run" in selected:
+        run = tmp_path_factory.mktemp("sigint") / "run"
+        jobs["SIGINT"] = KilledRun(signal.SIGINT, run, [*TINY, *data])
     if "test_sigkill_then_resume_ends_like_an_uninterrupted_run" in selected:
         run = tmp_path_factory.mktemp("sigkill") / "run"
         jobs["SIGKILL"] = KilledRun(signal.SIGKILL, run, [*TINY, *DROPOUT, *data])
@@ -670,7 +673,7 @@ def test_same_seed_twice_gives_the_same_metrics(run_in_process, monkeypatch) -> 
     assert seen["weights_only"] is True and isinstance(seen["io"], SafeCheckpointIO)
 
 
-def check_killed(job: KilledRun, returncode: int) -> str:
+def check_killed(job: KilledRun, returncode: int, name: str = "SIGTERM") -> str:
     rc, output = job.result()
     assert job.signalled, output[-3000:]
     assert rc == returncode, output[-3000:]
@@ -678,7 +681,7 @@ def check_killed(job: KilledRun, returncode: int) -> str:
     if returncode == -signal.SIGKILL:  # nothing ran: epoch 1's end is what is left
         assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 10)
     else:  # SIGTERM: the very step it stopped at, mid-epoch 2 (10 batches per epoch)
-        stopped = re.search(r"SIGTERM: stopped at epoch 2, step (\d+)\.", output)
+        stopped = re.search(rf"{name}: stopped at epoch 2, step (\d+)\.", output)
         assert stopped, output[-3000:]
         assert checkpoint["epoch"] == 1 and 10 < checkpoint["global_step"] < 20
         assert checkpoint["global_step"] == int(stopped.group(1))
@@ -702,6 +705,22 @@ def test_sigterm_then_resume_ends_like_an_uninterrupted_run(
     assert f"hydra.run.dir={job.run_dir} ckpt_path=last" in output
     resumed = resume_in_process(job.run_dir, sms_file, data_dir)
     assert json.loads((resumed / "metrics.json").read_text())["trunk_cache"] is True
+    assert_same_run(resumed, run_in_process())
+
+
+@pytest.mark.slow  # default suite under 4 min; runs in CI's slow pass
+def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(
+    background, run_in_process, sms_file, data_dir
+) -> None:
+    """Ctrl-C (SIGINT) as SIGTERM: the step saved, the resume command printed and in train.log,
+    exit 130 (128 + SIGINT); the resume ends like an uninterrupted run."""
+    job = background["SIGINT"]
+    output = check_killed(job, 128 + signal.SIGINT, "SIGINT")
+    assert "the resume continues from it" in output
+    resume = f"hydra.run.dir={job.run_dir} ckpt_path=last"
+    log = (job.run_dir / "train.log").read_text(encoding="utf-8")
+    assert resume in output and "SIGINT: stopped at epoch 2" in log and resume in log
+    resumed = resume_in_process(job.run_dir, sms_file, data_dir)
     assert_same_run(resumed, run_in_process())
 
 

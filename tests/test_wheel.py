@@ -56,7 +56,8 @@ def test_wheel_trains_from_an_empty_folder(tmp_path: Path) -> None:
     assert Path(where.stdout.strip()).parent == site / "spam_lightning"
 
     run([str(spam_train), *RUN], cwd=empty, env=env)
-    (run_dir,) = (empty / "outputs" / "runs").iterdir()
+    (run_dir,) = (p for p in (empty / "outputs" / "runs").iterdir() if not p.is_symlink())
+    assert (empty / "outputs" / "runs" / "latest").resolve() == run_dir.resolve()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == "gpt2-tiny" and metrics["global_step"] == 2
     assert metrics["test_count"] == 300  # the bundled SMS file, split as the chapter does

@@ -108,7 +108,7 @@ def run_problems(cfg: DictConfig) -> list[str]:
     from spam_lightning.model.family import FINAL_SPLITS
     from spam_lightning.rules import SEED_RANGE, bool_problems, choice_problems, is_seed
 
-    problems: list[str] = []
+    problems: list[str] = limit_problems(cfg.trainer)
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and "spawn" in strategy:
         problems.append(f"trainer.strategy={strategy}: spawned processes keep the final results to "
@@ -167,6 +167,22 @@ def run_problems(cfg: DictConfig) -> list[str]:
     problems += choice_problems("optimized_metric", cfg.get("optimized_metric", "val_accuracy"),
                                 metrics, " (what train.py returns to an Optuna sweep)")
     return problems
+
+
+# limit_*_batches=0 that Lightning accepts but that break the run's results
+EMPTY_LIMITS = {
+    "limit_train_batches": "trains nothing: the run would bundle the untrained model",
+    "limit_test_batches": "leaves the final evaluation (metrics.json) without batches",
+}
+
+
+def limit_problems(trainer: DictConfig) -> list[str]:
+    """``trainer.limit_train_batches=0`` and its siblings that would give results of nothing
+    (``limit_val_batches=0`` only turns Lightning's validation off: allowed)."""
+    return [f"trainer.{key}={trainer.get(key)!r} {why}; use a number of batches >= 1 or a "
+            f"fraction in (0, 1] (debug=limit runs a few batches of each)"
+            for key, why in EMPTY_LIMITS.items()
+            if _is_number(trainer.get(key)) and trainer.get(key) == 0]
 
 
 def last_checkpoint(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
@@ -239,6 +255,14 @@ def preflight(cfg: DictConfig, family: Any, callbacks: list[Any],
                     Path(cfg.paths.output_dir) / "checkpoints")
         return None, None
     checkpoint = load_checkpoint_safely(path, mmap=True)
+    _compare_settings(cfg, path, checkpoint)
+    family.check_resume(cfg, path, checkpoint, num_classes)
+    return path, checkpoint
+
+
+def _compare_settings(cfg: DictConfig, path: Path, checkpoint: dict[str, Any]) -> None:
+    """Refuse a resume whose settings differ from those its checkpoint recorded (paths under
+    either run folder may differ: a run continued in another folder)."""
     saved = ((checkpoint.get("callbacks") or {}).get("RunConfig") or {}).get("config")
     if not isinstance(saved, dict):  # a checkpoint from before configs were recorded
         log.warning("ckpt_path=%s records no run config: the overrides cannot be compared", path)
@@ -246,5 +270,15 @@ def preflight(cfg: DictConfig, family: Any, callbacks: list[Any],
         raise ConfigError(f"ckpt_path={path} continues a run trained with other settings, which a resume would "
                           "partly ignore:\n  " + "\n  ".join(lines) + "\n  Resume with the run's own settings "
                           "(its config.yaml), or start a new run in another folder.")
-    family.check_resume(cfg, path, checkpoint, num_classes)
-    return path, checkpoint
+
+
+def check_resume_settings(cfg: DictConfig) -> None:
+    """``preflight``'s settings comparison alone, for the run folder's guard (before Hydra
+    writes into the folder): ``ckpt_path`` resolved as Lightning resolves it."""
+    value = cfg.get("ckpt_path")
+    if value is None:
+        return
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    path = Path(str(value)) if value != "last" else last_checkpoint(cfg, callbacks)
+    if path is not None and path.is_file():
+        _compare_settings(cfg, path, load_checkpoint_safely(path, mmap=True))
