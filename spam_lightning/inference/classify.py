@@ -212,8 +212,29 @@ def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterat
         raise ValueError(f"--file {name}: cannot read it ({err.strerror or err})") from None
 
 
-# characters that would split one prediction over several output lines or TSV columns
-_ONE_LINE = str.maketrans(dict.fromkeys("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
+# characters that would split one prediction over several output lines or TSV columns: a space
+_ONE_LINE = dict.fromkeys(map(ord, "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"), " ")
+# every other control character (C0, DEL, C1: ESC, CSI, NUL, BEL, ...) and the bidirectional
+# overrides and isolates that reorder what a terminal shows: written as a visible escape
+_SHOWN = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+          for c in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+_TERMINAL_SAFE = str.maketrans(_SHOWN | _ONE_LINE)
+
+
+def terminal_text(text: str) -> str:
+    """``text`` on one line with nothing a terminal would act on: line and column breaks become
+    spaces, other control characters a visible ``\\x1b``-style escape (``--json`` is JSON's)."""
+    return text.translate(_TERMINAL_SAFE)
+
+
+# JSON escapes C0 itself; DEL, C1 (U+009B is CSI to some terminals), the bidi controls and the
+# line separators still pass raw with ensure_ascii=False: escaped too, the same JSON value
+_JSON_SAFE = str.maketrans({c: f"\\u{c:04x}" for c in [*_SHOWN, 0x2028, 0x2029] if c >= 0x7F})
+
+
+def json_line(pred: Prediction) -> str:
+    """One prediction as a JSON Lines record that is safe to print to a terminal."""
+    return json.dumps(asdict(pred), ensure_ascii=False).translate(_JSON_SAFE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             texts = itertools.chain(args.texts, _read_texts(args.file, args.text_column, args.format))
         for pred in clf.iter_predict(texts):
             if args.json:
-                print(json.dumps(asdict(pred), ensure_ascii=False))
+                print(json_line(pred))
             else:
-                text = pred.text.translate(_ONE_LINE)
+                text = terminal_text(pred.text)
                 snippet = text if len(text) <= 60 else text[:57] + "..."
                 print(f"{pred.label}\t{pred.probability:.4f}\t{snippet}")
     except BrokenPipeError:  # `spam-classify ... | head`: the reader has all it wanted
