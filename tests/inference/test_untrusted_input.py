@@ -4,11 +4,26 @@ terminal escapes in ``spam-classify``'s output, memory bounded by what the model
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from test_inference_reliability import cli, make_bundle
+
+from spam_lightning.inference.serve import (
+    DEFAULT_READ_TIMEOUT,
+    create_app,
+    default_allowed_hosts,
+    server_config,
+)
+from spam_lightning.inference.serve import main as serve_main
 
 # what a hostile message may hold: clear screen, a colour, NUL, BEL, 8-bit CSI, DEL, a bidi override
 HOSTILE = "win\x1b[2J\x1b[31m now\x00\x07\x9b6n\x7f \u202eelif\u202c..."
@@ -41,3 +56,111 @@ def test_text_and_json_output_are_terminal_safe(
     assert rc == 0, err
     assert not raw_controls("\n".join(out))
     assert [json.loads(x)["text"] for x in out] == [HOSTILE, "plain message"]  # the same values
+
+
+# ------------------------------------------------------------------ 11. spam-serve: hosts, paths, time
+@contextlib.contextmanager
+def serving(app: Any, read_timeout: float = DEFAULT_READ_TIMEOUT) -> Iterator[tuple[str, int]]:
+    """``app`` on a free loopback port, run with spam-serve's own uvicorn settings."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, read_timeout, log_level="warning",
+                                          lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield sock.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def exchange(address: tuple[str, int], request: bytes, wait: float = 15) -> tuple[bytes, float]:
+    """Send ``request`` (perhaps incomplete), then read until the server closes: (answer, seconds)."""
+    start = time.monotonic()
+    with socket.create_connection(address, timeout=wait) as s:
+        s.sendall(request)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            answer += b"<still open>"
+    return answer, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def app(run_dir: Path) -> Any:
+    return create_app(run_dir, read_timeout=1.5)  # the default hosts: the loopback names
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.nip.io", "10.0.0.1"])
+def test_other_host_headers_are_refused(app: Any, host: str) -> None:
+    """DNS rebinding: a browser on evil.example whose name now resolves to 127.0.0.1 sends its own
+    name as Host; the server answers only the names it is reached by."""
+    with TestClient(app, base_url=f"http://{host}") as client:
+        for r in (client.get("/"), client.get("/api/health"),
+                  client.post("/api/classify", json={"text": "hello"})):
+            assert r.status_code == 400 and r.text == "Invalid host header"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost", "[::1]:8000", "LOCALHOST:1"])
+def test_loopback_host_headers_are_answered(app: Any, host: str) -> None:
+    with TestClient(app, base_url=f"http://{host}") as client:
+        assert client.post("/api/classify", json={"text": "hello"}).status_code == 200
+
+
+def test_allowed_hosts_widen_and_default_follows_the_bind(run_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    wide = create_app(run_dir, allowed_hosts=["*.example.com", "demo.lan"])
+    for host, status in [("a.example.com", 200), ("demo.lan:80", 200), ("localhost", 400)]:
+        with TestClient(wide, base_url=f"http://{host}") as client:
+            assert client.get("/api/health").status_code == status, host
+    with TestClient(create_app(run_dir, allowed_hosts=["*"]), base_url="http://any.where") as client:
+        assert client.get("/api/health").status_code == 200
+    assert default_allowed_hosts("127.0.0.1") == ["127.0.0.1", "localhost", "[::1]"]
+    assert default_allowed_hosts("192.168.1.20") == ["192.168.1.20"]
+    assert default_allowed_hosts("fe80::1") == ["[fe80::1]"]
+    assert {"127.0.0.1", "localhost", socket.gethostname().lower()} <= set(default_allowed_hosts("0.0.0.0"))
+    assert serve_main([str(run_dir), "--allowed-hosts", "local*host"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--allowed-hosts entry 'local*host'" in err
+    assert "Traceback" not in err
+
+
+def test_health_discloses_no_path(app: Any, run_dir: Path) -> None:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        text = client.get("/api/health").text
+        openapi = client.get("/openapi.json").text + client.get("/").text
+    assert "run_dir" not in text
+    for part in (str(run_dir), str(run_dir.parent), str(Path.home())):
+        assert part not in text and part not in openapi
+
+
+def test_a_trickling_body_is_timed_out(app: Any) -> None:
+    with serving(app, read_timeout=1.5) as address:
+        head = (b"POST /api/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 100\r\n\r\n")
+        answer, seconds = exchange(address, head + b'{"text": "hel')
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"did not arrive within 1.5 s" in answer and 1.4 < seconds < 8
+        good = b'{"text": "hello"}'  # a whole body still gets its answer, on its own connection
+        answer, _ = exchange(address, head.replace(b"100", str(len(good)).encode()).replace(
+            b"1.1", b"1.0", 1) + good)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
+def test_trickling_headers_are_timed_out(app: Any) -> None:
+    """Slowloris: headers that never end; uvicorn alone keeps such a connection open for ever."""
+    with serving(app, read_timeout=1.5) as address:
+        answer, seconds = exchange(address, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-a: b")
+        assert answer == b"" and 1.4 < seconds < 8
+        answer, _ = exchange(address, b"GET /api/health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ")
