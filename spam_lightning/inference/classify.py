@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 # torch and the model load on first use, not at import: `spam-classify --help` answers at once
 CHUNK = 1024  # messages read ahead and sorted by length; bounds memory for any input size
+CHUNK_CHARS = 1 << 20  # ... and at most this many characters of them (one longer message alone)
+MAX_MESSAGE_BYTES = 4 << 20  # the longest line, or CSV record, --file reads (4 MiB)
+
+
+_END = object()
 
 
 @dataclass
@@ -66,7 +71,10 @@ class Classifier:
             chunk: list[str] = []
             error: Exception | None = None
             try:
-                chunk.extend(itertools.islice(it, CHUNK))
+                size = 0
+                while len(chunk) < CHUNK and size < CHUNK_CHARS and (text := next(it, _END)) is not _END:
+                    chunk.append(text)
+                    size += len(text) if isinstance(text, str) else 1
             except Exception as err:  # a malformed file: classify what came before, then report it
                 error = err
             if not chunk and error is None:
@@ -132,9 +140,14 @@ _LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # old Mac line ends, kept as line brea
 
 def _lines(fh: BinaryIO, name: str) -> Iterator[str]:
     """Decoded lines with their line ends (as ``open(newline="")`` gives), decoded one by one so a
-    bad byte is reported with its line number and its offset in the file."""
+    bad byte is reported with its line number and its offset in the file; a line longer than
+    ``MAX_MESSAGE_BYTES`` is an error, found before more of it is read."""
     offset, number = 0, 0
-    for raw in fh:
+    while raw := fh.readline(MAX_MESSAGE_BYTES + 2):  # + a line end
+        if len(raw.rstrip(b"\r\n")) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"{name}, line {number + 1}: longer than {MAX_MESSAGE_BYTES:,} bytes, the "
+                             "most spam-classify reads as one message; split the line or shorten it "
+                             "(a model reads only its first max_length tokens)")
         for piece in _LONE_CR.split(raw) if b"\r" in raw else (raw,):
             number += 1
             try:
@@ -153,7 +166,18 @@ def _lines(fh: BinaryIO, name: str) -> Iterator[str]:
 
 def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator[str]:
     """The ``text_column`` of each CSV record; a malformed record is an error naming its lines."""
-    reader = csv.reader(lines, strict=True)
+    size = 0  # characters of the record being read: a quoted field may run over many lines
+
+    def bounded(lines: Iterator[str]) -> Iterator[str]:
+        nonlocal size
+        for line in lines:
+            if (size := size + len(line)) > MAX_MESSAGE_BYTES:
+                raise ValueError(f"{where()}: a record longer than {MAX_MESSAGE_BYTES:,} characters, the "
+                                 'most spam-classify reads as one message; look for a stray quote (") '
+                                 f"on line {before + 1}, or shorten the message")
+            yield line
+
+    reader = csv.reader(bounded(lines), strict=True)
     before = 0
 
     def where() -> str:
@@ -167,7 +191,7 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
         if text_column not in header:
             raise ValueError(f"{name}: no column {text_column!r} (columns: {header}); use --text-column NAME")
         column = header.index(text_column)
-        before = reader.line_num
+        before, size = reader.line_num, 0
         for row in reader:
             if row:  # blank lines are not records
                 if len(row) != len(header):
@@ -177,7 +201,7 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
                         'line breaks, doubling each quote inside ("say ""hi""")'
                     )
                 yield row[column]
-            before = reader.line_num
+            before, size = reader.line_num, 0
     except csv.Error as err:
         if "end of data" in str(err):
             raise ValueError(

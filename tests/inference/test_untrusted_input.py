@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +18,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from test_inference_reliability import cli, make_bundle
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_inference_reliability import cli, make_bundle, one_line_error
 
+from spam_lightning.data.tokens import encode_texts, get_tokenizer, token_prefix
+from spam_lightning.inference.classify import MAX_MESSAGE_BYTES
 from spam_lightning.inference.serve import (
     DEFAULT_READ_TIMEOUT,
     create_app,
@@ -164,3 +171,74 @@ def test_trickling_headers_are_timed_out(app: Any) -> None:
         assert answer == b"" and 1.4 < seconds < 8
         answer, _ = exchange(address, b"GET /api/health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+# ------------------------------------------------------------------ 5. memory bounded by what is read
+# what GPT-2's pattern treats specially: whitespace runs before letters, digits, symbols and line
+# ends; contractions; combining marks; multi-byte characters; the special token's text
+PIECES = ["a", "b", "ab", "Word", " ", "  ", "\n", "\r\n", "\t", "\u00a0", "'", "'s", "'ll", "'re",
+          "s", "1", "23", "!", "?!", ".", "é", "e\u0301", "🎉", "中文", "<|endoftext|>", " \n "]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), min_size=1, max_size=80), st.integers(1, 24))
+def test_token_prefix_gives_the_ids_of_full_tokenization(parts: list[str], limit: int) -> None:
+    text = "".join(parts)
+    full = get_tokenizer().encode(text, disallowed_special=())
+    assert encode_texts([text], max_length=limit) == [full[:limit]]
+    assert len(token_prefix(text, limit)) <= len(text)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 7, 120, 1024])
+def test_long_texts_tokenize_as_in_full(limit: int) -> None:
+    """Texts far longer than the limit, cut where the proof says, against the whole text's ids."""
+    rng = random.Random(limit)
+    texts = ["".join(rng.choice(PIECES) for _ in range(3 * limit + 50)) for _ in range(30)]
+    texts += [" " * 5000 + "a", "a" * 5000, "\n" * 3000 + "x y", "🎉" * 3000, "x" + " \t" * 2000 + "y"]
+    full = [ids[:limit] for ids in get_tokenizer().encode_batch(texts, disallowed_special=())]
+    assert encode_texts(texts, max_length=limit) == full
+    assert sum(len(token_prefix(t, limit)) < len(t) for t in texts) >= 30  # cut, not kept whole
+
+
+def peak_rss_mib(run_dir: Path, path: Path) -> tuple[int, float, list[str]]:
+    """``spam-classify RUN --file PATH`` in a fresh process: exit code, peak RSS (MiB), stdout lines."""
+    code = ("import resource, sys\nfrom spam_lightning.inference.classify import main\n"
+            "rc = main(sys.argv[1:])\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(run_dir), "--file", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, int(done.stderr.strip().splitlines()[-1]) / 1024, done.stdout.splitlines()
+
+
+@pytest.mark.slow  # two fresh processes (torch imports): ~25 s
+def test_long_lines_cost_what_the_model_reads(run_dir: Path, tmp_path: Path) -> None:
+    """Issue 24: 200 lines of 1 MB took 2.3 GB; memory now follows what max_length reads."""
+    short = tmp_path / "short.txt"
+    short.write_text("win a free prize now\nsee you at dinner\n", encoding="utf-8")
+    long = tmp_path / "long.txt"
+    line = "WIN a FREE prize 1000 now! call 0800 " * 28_000  # 1 MiB, ~280,000 tokens
+    with long.open("w", encoding="utf-8") as fh:
+        for i in range(48):
+            fh.write(f"{i} {line}\n")
+    rc, base, _ = peak_rss_mib(run_dir, short)
+    assert rc == 0
+    rc, peak, out = peak_rss_mib(run_dir, long)
+    assert rc == 0 and len(out) == 48
+    assert peak - base < 150, f"{peak - base:.0f} MiB more for 48 MiB of text"  # was 528 MiB more
+
+
+def test_a_line_longer_than_the_limit_is_named(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "huge.txt"
+    longest = b"x " * (MAX_MESSAGE_BYTES // 2)
+    path.write_bytes(b"first\n" + longest + b"\r\n" + b"y" * (MAX_MESSAGE_BYTES + 1) + b"\nlast\n")
+    rc, out, err = cli([str(run_dir), "--file", str(path)], capsys)
+    assert rc == 1 and len(out) == 2  # the lines before it, the longest allowed one among them
+    assert f"{path}, line 3: longer than {MAX_MESSAGE_BYTES:,} bytes" in one_line_error(err)
+    csv_path = tmp_path / "huge.csv"  # a quoted field over many short lines
+    csv_path.write_text('Text\nfirst\n"' + "y\n" * (MAX_MESSAGE_BYTES // 2 + 1) + '"\nlast\n',
+                        encoding="utf-8")
+    rc, out, err = cli([str(run_dir), "--file", str(csv_path)], capsys)
+    assert rc == 1 and len(out) == 1
+    assert f"{csv_path}, lines 3-" in one_line_error(err) and "a record longer than" in err
