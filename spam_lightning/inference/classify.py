@@ -72,7 +72,9 @@ class Classifier:
             error: Exception | None = None
             try:
                 size = 0
-                while len(chunk) < CHUNK and size < CHUNK_CHARS and (text := next(it, _END)) is not _END:
+                while len(chunk) < CHUNK and size < CHUNK_CHARS:
+                    if (text := next(it, _END)) is _END:
+                        break
                     chunk.append(text)
                     size += len(text) if isinstance(text, str) else 1
             except Exception as err:  # a malformed file: classify what came before, then report it
@@ -145,9 +147,9 @@ def _lines(fh: BinaryIO, name: str) -> Iterator[str]:
     offset, number = 0, 0
     while raw := fh.readline(MAX_MESSAGE_BYTES + 2):  # + a line end
         if len(raw.rstrip(b"\r\n")) > MAX_MESSAGE_BYTES:
-            raise ValueError(f"{name}, line {number + 1}: longer than {MAX_MESSAGE_BYTES:,} bytes, the "
-                             "most spam-classify reads as one message; split the line or shorten it "
-                             "(a model reads only its first max_length tokens)")
+            raise ValueError(f"{name}, line {number + 1}: longer than {MAX_MESSAGE_BYTES:,} bytes, "
+                             "the most spam-classify reads as one message; split the line or "
+                             "shorten it (a model reads only its first max_length tokens)")
         for piece in _LONE_CR.split(raw) if b"\r" in raw else (raw,):
             number += 1
             try:
@@ -172,9 +174,9 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
         nonlocal size
         for line in lines:
             if (size := size + len(line)) > MAX_MESSAGE_BYTES:
-                raise ValueError(f"{where()}: a record longer than {MAX_MESSAGE_BYTES:,} characters, the "
-                                 'most spam-classify reads as one message; look for a stray quote (") '
-                                 f"on line {before + 1}, or shorten the message")
+                raise ValueError(f"{where()}: a record longer than {MAX_MESSAGE_BYTES:,} "
+                                 "characters, the most spam-classify reads as one message; look "
+                                 f'for a stray quote (") on line {before + 1}, or shorten it')
             yield line
 
     reader = csv.reader(bounded(lines), strict=True)
@@ -240,8 +242,8 @@ def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterat
 _ONE_LINE = dict.fromkeys(map(ord, "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"), " ")
 # every other control character (C0, DEL, C1: ESC, CSI, NUL, BEL, ...) and the bidirectional
 # overrides and isolates that reorder what a terminal shows: written as a visible escape
-_SHOWN = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-          for c in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_SHOWN = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _CONTROLS}
 _TERMINAL_SAFE = str.maketrans(_SHOWN | _ONE_LINE)
 
 

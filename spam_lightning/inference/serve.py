@@ -186,7 +186,8 @@ def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_0
                          f"{max_batch} and {max_total_chars}")
     if not read_timeout > 0:
         raise ValueError(f"--read-timeout must be > 0 seconds, got {read_timeout}")
-    if problems := host_problems(allowed_hosts) or ([] if allowed_hosts else ["--allowed-hosts is empty"]):
+    problems = host_problems(allowed_hosts) or ([] if allowed_hosts else ["no --allowed-hosts"])
+    if problems:
         raise ValueError("; ".join(problems))
     from spam_lightning.inference.classify import Classifier  # torch: after --help, not at import
 
@@ -236,7 +237,7 @@ def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_0
             return too_large
         async def read() -> bytes | None:
             body = b""
-            async for chunk in request.stream():  # also bounds chunked bodies without Content-Length
+            async for chunk in request.stream():  # bounds chunked bodies without Content-Length too
                 if len(body := body + chunk) > max_bytes:
                     return None
             return body
@@ -244,8 +245,8 @@ def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_0
         try:  # a body that trickles in holds a connection for read_timeout seconds at most
             body = await asyncio.wait_for(read(), read_timeout)
         except asyncio.TimeoutError:
-            return JSONResponse({"detail": f"the request body did not arrive within {read_timeout:g} s"},
-                                status_code=408, headers={"Connection": "close"})
+            late = f"the request body did not arrive within {read_timeout:g} s"
+            return JSONResponse({"detail": late}, status_code=408, headers={"Connection": "close"})
         if body is None:
             return too_large
         media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
@@ -321,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-chars", type=int, default=DEFAULT_MAX_TOTAL_CHARS,
                    help=f"most characters per request, all messages together ({DEFAULT_MAX_TOTAL_CHARS})")
     p.add_argument("--allowed-hosts", metavar="HOST,...",
-                   help="Host header values to answer, comma-separated; * for any, *.example.com for "
-                   "a domain (default: the names of the --host address; loopback: 127.0.0.1, "
+                   help="Host header values to answer, comma-separated; * for any, *.example.com "
+                   "for a domain (default: the names of the --host address; loopback: 127.0.0.1, "
                    "localhost, [::1])")
     p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
                    help=f"time a request's headers, and then its body, may take to arrive "
@@ -359,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     classes = ", ".join(app.state.classifier.class_names)
     print(f"spam-serve: {args.run_dir} ({classes}) on http://{shown}:{args.port}/", flush=True)
     print(f"spam-serve: answering Host {', '.join(allowed)} (--allowed-hosts)", flush=True)
-    uvicorn.Server(server_config(app, args.host, args.port, args.read_timeout, log_level="info")).run()
+    config = server_config(app, args.host, args.port, args.read_timeout, log_level="info")
+    uvicorn.Server(config).run()
     return 0
 
 
