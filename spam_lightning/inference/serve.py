@@ -163,14 +163,24 @@ def default_allowed_hosts(host: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def parse_allowed_hosts(option: str) -> list[str]:
+    """``--allowed-hosts a.example,::1`` -> ``["a.example", "[::1]"]`` (a ``Host`` header writes
+    an IPv6 address in brackets)."""
+    hosts = [h.strip().lower() for h in option.split(",")]
+    return [f"[{h}]" if h.count(":") > 1 and not h.startswith("[") else h for h in hosts]
+
+
 def host_problems(hosts: Sequence[str]) -> list[str]:
-    """``--allowed-hosts`` entries that are not a name, an address, ``*`` or ``*.domain``."""
+    """``--allowed-hosts`` entries that are not a name, an address, ``*`` or ``*.domain`` (a port
+    never matches: the port is not part of the name compared)."""
 
     def bad(h: str) -> bool:
         pattern = h != "*" and h.startswith("*")
-        return not h or h != h.strip() or "*" in h[1:] or (pattern and not h.startswith("*."))
+        port = ":" in (h.rsplit("]", 1)[-1] if h.startswith("[") else h)
+        return (not h or h != h.strip() or "*" in h[1:] or (pattern and not h.startswith("*."))
+                or port)
 
-    return [f"--allowed-hosts entry {h!r}: use a host name, an address ([::1] for IPv6), * (any) "
+    return [f"--allowed-hosts entry {h!r}: use a host name or an address without a port, * (any) "
             "or *.example.com" for h in hosts if bad(h)]
 
 
@@ -342,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.allowed_hosts is None:
         allowed = default_allowed_hosts(args.host)
     else:
-        allowed = [h.strip().lower() for h in args.allowed_hosts.split(",")]
+        allowed = parse_allowed_hosts(args.allowed_hosts)
         if problems := host_problems(allowed):
             print(f"spam-serve: error: {problems[0]}", file=sys.stderr)
             return 2

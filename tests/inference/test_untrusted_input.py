@@ -28,6 +28,7 @@ from spam_lightning.inference.serve import (
     DEFAULT_READ_TIMEOUT,
     create_app,
     default_allowed_hosts,
+    parse_allowed_hosts,
     server_config,
 )
 from spam_lightning.inference.serve import main as serve_main
@@ -139,10 +140,12 @@ def test_allowed_hosts_widen_and_default_follows_the_bind(
     assert default_allowed_hosts("fe80::1") == ["[fe80::1]"]
     names = {"127.0.0.1", "localhost", socket.gethostname().lower()}
     assert names <= set(default_allowed_hosts("0.0.0.0"))
-    assert serve_main([str(run_dir), "--allowed-hosts", "local*host"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--allowed-hosts entry 'local*host'" in err
-    assert "Traceback" not in err
+    assert parse_allowed_hosts("Demo.LAN, ::1") == ["demo.lan", "[::1]"]
+    for entry in ("local*host", "localhost:8000", "*example.com", ""):
+        assert serve_main([str(run_dir), "--allowed-hosts", f"localhost,{entry}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--allowed-hosts entry {entry!r}" in err
+        assert "Traceback" not in err
 
 
 def test_health_discloses_no_path(app: Any, run_dir: Path) -> None:
