@@ -130,7 +130,9 @@ def encode_texts(texts: Sequence[str], max_length: int | None = None,
     what is kept, however long the text; texts are tokenized ``ENCODE_BATCH_CHARS`` at a time."""
     tok = tokenizer if tokenizer is not None else get_tokenizer()
     limit = min((v for v in (max_length, context_length) if v is not None), default=None)
-    cut = [token_prefix(t, limit) for t in texts] if limit is not None else list(texts)
+    # the proof is for GPT-2's split pattern: another encoding tokenizes whole texts
+    gpt2_split = tokenizer is None or getattr(tok, "_pat_str", None) == gpt2_pieces().pattern
+    cut = [token_prefix(t, limit) for t in texts] if limit and gpt2_split else list(texts)
     return [ids[:limit] for batch in _char_batches(cut)
             for ids in tok.encode_batch(batch, disallowed_special=())]
 
