@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ from spam_lightning.data.source import DataError, sha256_bytes
 from spam_lightning.rules import choice_problems, is_int
 
 PAD_TOKEN_ID = 50256  # <|endoftext|>, the chapter's pad token
+# characters tokenized in one encode_batch call: a batch holds at most this many texts' tokens
+ENCODE_BATCH_CHARS = 1 << 20
 PADDING_MODES = ("longest", "batch", "none")
 GPT2_ASSETS = Path(__file__).resolve().parent / "assets" / "gpt2"  # see assets/README.md
 GPT2_FILES = {
@@ -69,6 +71,51 @@ def load_gpt2_encoding(folder: Path = GPT2_ASSETS) -> Any:
 
 
 @functools.cache
+def gpt2_pieces() -> Any:
+    """GPT-2's split pattern, compiled (``regex``, tiktoken's dependency, has ``\\p{L}``)."""
+    import regex
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    return regex.compile(r50k_pat_str)
+
+
+def token_prefix(text: str, limit: int) -> str:
+    """A prefix of ``text`` whose first ``limit`` GPT-2 tokens are exactly those of ``text``: the
+    text up to and including the first character of its piece ``limit + 2`` (the whole text if
+    it has fewer pieces). Proof: GPT-2 cuts a text into pieces with its pattern (a contraction,
+    `` ?letters``, `` ?digits``, `` ?other symbols``, whitespace) and byte-pair encodes each piece
+    on its own, so every piece gives at least one token and the first ``limit`` tokens come from
+    the first ``limit`` pieces. Matching a piece reads no further than the first character of the
+    piece after next: a letter, digit or symbol run stops at the first character of the next
+    piece; a contraction reads at most two characters past its quote; a whitespace run reads the
+    character after the run and may leave its last space to the next piece, so that character
+    begins the next piece or the one after. Matching pieces 1..``limit`` therefore reads nothing
+    past the first character of piece ``limit + 2``: cut there, they are the same pieces with the
+    same tokens. The cost is the pieces read (at most ``limit + 2``), not the text's length
+    (tests/inference/test_untrusted_input.py compares it with full tokenization)."""
+    if len(text) <= limit + 1:  # at most limit + 1 pieces: nothing to cut
+        return text
+    for n, piece in enumerate(gpt2_pieces().finditer(text)):
+        if n == limit + 1:
+            return text[: piece.start() + 1]
+    return text
+
+
+def _char_batches(texts: list[str], budget: int = ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
+    """Consecutive texts of at most ``budget`` characters in all (a longer text on its own)."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        if batch and size + len(text) > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(text)
+        size += len(text)
+    if batch:
+        yield batch
+
+
+@functools.cache
 def get_tokenizer() -> Any:
     """The bundled ``gpt2`` encoding, once per process: no download, nothing written anywhere;
     the ids equal ``tiktoken.get_encoding("gpt2")``'s (tests/data/test_tokenizer.py)."""
@@ -78,10 +125,16 @@ def get_tokenizer() -> Any:
 def encode_texts(texts: Sequence[str], max_length: int | None = None,
                  context_length: int | None = None, tokenizer: Any = None) -> list[list[int]]:
     """GPT-2 ids, truncated to ``min(max_length, context_length)`` as the chapter does;
-    ``<|endoftext|>`` in a text is plain text (input never injects a pad token)."""
+    ``<|endoftext|>`` in a text is plain text (input never injects a pad token). With a limit,
+    each text is cut to its ``token_prefix`` first: the same ids, in time and memory bounded by
+    what is kept, however long the text; texts are tokenized ``ENCODE_BATCH_CHARS`` at a time."""
     tok = tokenizer if tokenizer is not None else get_tokenizer()
     limit = min((v for v in (max_length, context_length) if v is not None), default=None)
-    return [ids[:limit] for ids in tok.encode_batch(list(texts), disallowed_special=())]
+    # the proof is for GPT-2's split pattern: another encoding tokenizes whole texts
+    gpt2_split = tokenizer is None or getattr(tok, "_pat_str", None) == gpt2_pieces().pattern
+    cut = [token_prefix(t, limit) for t in texts] if limit and gpt2_split else list(texts)
+    return [ids[:limit] for batch in _char_batches(cut)
+            for ids in tok.encode_batch(batch, disallowed_special=())]
 
 
 def resolve_max_length(max_length: int | str | None, train_token_ids: Sequence[Sequence[int]],

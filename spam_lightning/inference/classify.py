@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 # torch and the model load on first use, not at import: `spam-classify --help` answers at once
 CHUNK = 1024  # messages read ahead and sorted by length; bounds memory for any input size
+CHUNK_CHARS = 1 << 20  # ... and at most this many characters of them (one longer message alone)
+MAX_MESSAGE_BYTES = 4 << 20  # the longest line, or CSV record, --file reads (4 MiB)
+
+
+_END = object()
 
 
 @dataclass
@@ -66,7 +71,12 @@ class Classifier:
             chunk: list[str] = []
             error: Exception | None = None
             try:
-                chunk.extend(itertools.islice(it, CHUNK))
+                size = 0
+                while len(chunk) < CHUNK and size < CHUNK_CHARS:
+                    if (text := next(it, _END)) is _END:
+                        break
+                    chunk.append(text)
+                    size += len(text) if isinstance(text, str) else 1
             except Exception as err:  # a malformed file: classify what came before, then report it
                 error = err
             if not chunk and error is None:
@@ -132,9 +142,14 @@ _LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # old Mac line ends, kept as line brea
 
 def _lines(fh: BinaryIO, name: str) -> Iterator[str]:
     """Decoded lines with their line ends (as ``open(newline="")`` gives), decoded one by one so a
-    bad byte is reported with its line number and its offset in the file."""
+    bad byte is reported with its line number and its offset in the file; a line longer than
+    ``MAX_MESSAGE_BYTES`` is an error, found before more of it is read."""
     offset, number = 0, 0
-    for raw in fh:
+    while raw := fh.readline(MAX_MESSAGE_BYTES + 2):  # + a line end
+        if len(raw.rstrip(b"\r\n")) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"{name}, line {number + 1}: longer than {MAX_MESSAGE_BYTES:,} bytes, "
+                             "the most spam-classify reads as one message; split the line or "
+                             "shorten it (a model reads only its first max_length tokens)")
         for piece in _LONE_CR.split(raw) if b"\r" in raw else (raw,):
             number += 1
             try:
@@ -153,7 +168,18 @@ def _lines(fh: BinaryIO, name: str) -> Iterator[str]:
 
 def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator[str]:
     """The ``text_column`` of each CSV record; a malformed record is an error naming its lines."""
-    reader = csv.reader(lines, strict=True)
+    size = 0  # characters of the record being read: a quoted field may run over many lines
+
+    def bounded(lines: Iterator[str]) -> Iterator[str]:
+        nonlocal size
+        for line in lines:
+            if (size := size + len(line)) > MAX_MESSAGE_BYTES:
+                raise ValueError(f"{where()}: a record longer than {MAX_MESSAGE_BYTES:,} "
+                                 "characters, the most spam-classify reads as one message; look "
+                                 f'for a stray quote (") on line {before + 1}, or shorten it')
+            yield line
+
+    reader = csv.reader(bounded(lines), strict=True)
     before = 0
 
     def where() -> str:
@@ -167,7 +193,7 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
         if text_column not in header:
             raise ValueError(f"{name}: no column {text_column!r} (columns: {header}); use --text-column NAME")
         column = header.index(text_column)
-        before = reader.line_num
+        before, size = reader.line_num, 0
         for row in reader:
             if row:  # blank lines are not records
                 if len(row) != len(header):
@@ -177,7 +203,7 @@ def _csv_messages(lines: Iterator[str], name: str, text_column: str) -> Iterator
                         'line breaks, doubling each quote inside ("say ""hi""")'
                     )
                 yield row[column]
-            before = reader.line_num
+            before, size = reader.line_num, 0
     except csv.Error as err:
         if "end of data" in str(err):
             raise ValueError(
@@ -212,8 +238,29 @@ def _read_texts(path: str | Path, text_column: str, fmt: str = "auto") -> Iterat
         raise ValueError(f"--file {name}: cannot read it ({err.strerror or err})") from None
 
 
-# characters that would split one prediction over several output lines or TSV columns
-_ONE_LINE = str.maketrans(dict.fromkeys("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
+# characters that would split one prediction over several output lines or TSV columns: a space
+_ONE_LINE = dict.fromkeys(map(ord, "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"), " ")
+# every other control character (C0, DEL, C1: ESC, CSI, NUL, BEL, ...) and the bidirectional
+# overrides and isolates that reorder what a terminal shows: written as a visible escape
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_SHOWN = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _CONTROLS}
+_TERMINAL_SAFE = str.maketrans(_SHOWN | _ONE_LINE)
+
+
+def terminal_text(text: str) -> str:
+    """``text`` on one line with nothing a terminal would act on: line and column breaks become
+    spaces, other control characters a visible ``\\x1b``-style escape (``--json`` is JSON's)."""
+    return text.translate(_TERMINAL_SAFE)
+
+
+# JSON escapes C0 itself; DEL, C1 (U+009B is CSI to some terminals), the bidi controls and the
+# line separators still pass raw with ensure_ascii=False: escaped too, the same JSON value
+_JSON_SAFE = str.maketrans({c: f"\\u{c:04x}" for c in [*_SHOWN, 0x2028, 0x2029] if c >= 0x7F})
+
+
+def json_line(pred: Prediction) -> str:
+    """One prediction as a JSON Lines record that is safe to print to a terminal."""
+    return json.dumps(asdict(pred), ensure_ascii=False).translate(_JSON_SAFE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             texts = itertools.chain(args.texts, _read_texts(args.file, args.text_column, args.format))
         for pred in clf.iter_predict(texts):
             if args.json:
-                print(json.dumps(asdict(pred), ensure_ascii=False))
+                print(json_line(pred))
             else:
-                text = pred.text.translate(_ONE_LINE)
+                text = terminal_text(pred.text)
                 snippet = text if len(text) <= 60 else text[:57] + "..."
                 print(f"{pred.label}\t{pred.probability:.4f}\t{snippet}")
     except BrokenPipeError:  # `spam-classify ... | head`: the reader has all it wanted

@@ -141,7 +141,8 @@ def test_bad_request_does_not_delay_a_good_one(server: str) -> None:
 @pytest.fixture(scope="module")
 def api(run_dir: Path) -> Iterator[TestClient]:
     """The real app in-process, with small limits: max 4 messages, 50 chars, 80 in all."""
-    with TestClient(create_app(run_dir, max_chars=50, max_batch=4, max_total_chars=80)) as c:
+    with TestClient(create_app(run_dir, max_chars=50, max_batch=4, max_total_chars=80),
+                    base_url="http://127.0.0.1") as c:  # a Host the server answers
         yield c
 
 
@@ -179,7 +180,8 @@ def test_item_count_and_work_limits_are_options(run_dir: Path) -> None:
     args = build_parser().parse_args([str(run_dir), "--max-batch", "3", "--max-total-chars", "20"])
     assert args.max_batch == 3 and args.max_total_chars == 20
     assert build_parser().parse_args([str(run_dir)]).max_total_chars == 100_000
-    with TestClient(create_app(run_dir, max_batch=3, max_total_chars=20)) as c:
+    app = create_app(run_dir, max_batch=3, max_total_chars=20)
+    with TestClient(app, base_url="http://localhost") as c:
         info = c.get("/api/health").json()
         assert info["max_batch"] == 3 and info["max_total_chars"] == 20
         assert c.post("/api/classify", json={"texts": ["a", "b", "c"]}).status_code == 200
