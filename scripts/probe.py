@@ -38,7 +38,7 @@ def hidden_states(model, loader, poolings, limit: int | None) -> tuple[dict, tor
                 if block:
                     x = model.trf_blocks[block - 1](x)
                 for name, pool in poolings.items():
-                    feats.setdefault((block, name), []).append(pool(x, lengths).float())
+                    feats.setdefault((block, name), []).append(pool(x, lengths).float().clone())  # no view of x
             labels.append(batch["labels"])
             seen += len(ids)
             if limit is not None and seen >= limit:
