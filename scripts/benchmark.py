@@ -19,6 +19,7 @@ import inspect
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -199,6 +200,7 @@ def phase_train(ctx: Ctx, experiment: str | None) -> dict[str, Any]:
         *(["cache.shared=false"] if experiment and "shared" in ctx["cache_keys"] else []),
         *ctx.get("job_overrides", [])]
     probe = ["+callbacks.benchmark_probe._target_=__main__.Probe"]  # not a setting
+    shutil.rmtree(work / "run", ignore_errors=True)  # a repeat is a new run (a run's folder is only resumed)
     Probe.last = None
     start, written = time.perf_counter(), tools.bytes_written()
     metrics = train_mod.train(compose(overrides + (probe if experiment else []), work))
