@@ -51,7 +51,7 @@ def train_py(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *overrides: str) -
         for handler in [h for h in root.handlers if h not in before]:
             root.removeHandler(handler)
             handler.close()
-    (run,) = (tmp_path / "outputs" / "runs").iterdir()
+    (run,) = (p for p in (tmp_path / "outputs" / "runs").iterdir() if p.name != "latest")  # not the link
     return code, run
 
 
