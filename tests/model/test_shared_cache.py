@@ -25,13 +25,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from _compose import compose_train
-from safetensors.torch import load_file, save_file
+from _weights import hf_weights
+from safetensors.torch import load_file
 
 from spam_lightning.data.datamodule import TokenDataset
 from spam_lightning.model.classifier import GPTClassifier, make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
 from spam_lightning.model.trunk_cache import SharedTrunkStore, TrunkCache
-from spam_lightning.model.weights import hf_plan
 
 REPO = Path(__file__).resolve().parents[2]
 LOGGER = "spam_lightning.model.trunk_cache"
@@ -55,16 +55,7 @@ def one_thread():
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gpt2-tiny weights in the Hub's layout, so the trunk does not depend on ``seed``
     (random weights are drawn from it) and other seeds can share it."""
-    torch.manual_seed(0)
-    model = GPTModel({**MODEL_CONFIGS["gpt2-tiny"]})
-    state = model.state_dict()
-    tensors = {}
-    for key, entry in hf_plan(model.cfg).items():
-        tensor = torch.cat([state[name] for name in entry.targets], 0)
-        tensors[key] = (tensor.T if entry.transpose else tensor).contiguous()
-    path = tmp_path_factory.mktemp("tiny-weights") / "model.safetensors"
-    save_file(tensors, str(path))
-    return path
+    return hf_weights(tmp_path_factory.mktemp("tiny-weights") / "model.safetensors", seed=0)
 
 
 def cache_messages(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
