@@ -26,8 +26,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from omegaconf import DictConfig, OmegaConf
 
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
+from spam_lightning.calibration import threshold_problems
 from spam_lightning.data.source import DataError
-from spam_lightning.inference.bundle import BundleError
+from spam_lightning.inference.bundle import BundleError, add_operating_point
 from spam_lightning.io_utils import NoSpaceError, remove_stale_temporaries, write_bytes, write_json
 from spam_lightning.model.classifier import ClassifierStateError
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily
@@ -35,6 +36,7 @@ from spam_lightning.model.trunk_cache import TrunkCacheError
 from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError
 from spam_lightning.training import checks
 from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO
+from spam_lightning.training.callbacks.calibration import Calibration
 from spam_lightning.training.callbacks.finite_loss import FiniteLoss, NonFiniteLossError
 from spam_lightning.training.callbacks.predictions import Predictions
 from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
@@ -99,6 +101,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = _trainer(cfg)
     # the class count if known before reading data (SMS spam: 2); else num_classes is AttributeError
     num_classes = getattr(datamodule, "num_classes", None)
+    if problems := threshold_problems(OmegaConf.select(cfg, "threshold.max_fpr"), num_classes):
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     ckpt_path, checkpoint = checks.preflight(cfg, family, trainer.callbacks, num_classes)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except MisconfigurationException as err:  # e.g. limit_val_batches=0.0001: < 1 batch
             raise ConfigError(f"trainer: {err}") from err
         del checkpoint
-        metrics = _metrics(cfg, family, fitted)
+        metrics = _metrics(cfg, family, fitted, trainer)
         if trainer.is_global_zero:
             _print_final(metrics)
             _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, trainer)
@@ -138,7 +142,10 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
     # RNGState after ModelCheckpoint: resumes continue the same random draws; RunConfig: what a
     # resume is compared with
     callbacks += [RNGState(), FiniteLoss(), SigtermCheckpoint(), RunConfig(flat_config(cfg)),
-                  Predictions(cfg.paths.output_dir)]
+                  Predictions(cfg.paths.output_dir),
+                  Calibration(cfg.paths.output_dir, OmegaConf.select(cfg, "threshold.max_fpr"),
+                              OmegaConf.select(cfg, "calibration.temperature", default=True),
+                              OmegaConf.select(cfg, "calibration.bins", default=15))]
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except ConfigError as err:  # Lightning's own message names the flag and what it accepts
@@ -148,7 +155,7 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
     return trainer
 
 
-def _metrics(cfg: DictConfig, family: ModelFamily, fitted: Fitted) -> dict[str, Any]:
+def _metrics(cfg: DictConfig, family: ModelFamily, fitted: Fitted, trainer: L.Trainer) -> dict[str, Any]:
     """metrics.json: each split's final metrics, then the run's facts and options."""
     final = fitted.final
     metrics: dict[str, Any] = {f"{s}_{n}": int(final[f"{s}_{n}"]) if n == "count" else final[f"{s}_{n}"]
@@ -157,7 +164,12 @@ def _metrics(cfg: DictConfig, family: ModelFamily, fitted: Fitted) -> dict[str, 
     hydra_on = HydraConfig.initialized()  # not when tests call train() directly
     experiment = HydraConfig.get().runtime.choices.get("experiment") if hydra_on else None
     metrics.update(family.recorded(cfg), seed=int(cfg.seed), experiment=experiment)
+    metrics.update(_calibration(trainer).metrics or {})  # temperature, ECE, threshold, *_op
     return metrics
+
+
+def _calibration(trainer: L.Trainer) -> Calibration:
+    return next(c for c in trainer.callbacks if isinstance(c, Calibration))
 
 
 def _print_final(metrics: dict[str, Any]) -> None:
@@ -178,7 +190,9 @@ def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, train
         plot_values(epochs, seen, h["train_accs"], h["val_accs"], "accuracy", output_dir)
         write_json(output_dir / "history.json", h)
     trained = {k: metrics[k] for k in family.trained_keys}
-    family.save(output_dir, fitted.model, datamodule, cfg, trained)
+    bundle = family.save(output_dir, fitted.model, datamodule, cfg, trained)
+    if (op := _calibration(trainer).operating_point) is not None:
+        add_operating_point(bundle, op)
     if cfg.paths.get("latest") and not _in_sweep():  # a sweep's jobs: its summary lists them
         _point_latest(Path(cfg.paths.latest), output_dir)
     _log_hparams(trainer.loggers, family.hparams(cfg, metrics), metrics, trainer.global_step)

@@ -338,6 +338,26 @@ def write_bundle_config(out: Path, kind: str, class_names: list[str], **fields: 
     return out
 
 
+def add_operating_point(out: Path, op: Any) -> Path:
+    """``bundle.json`` with the run's operating point (``calibration.OperatingPoint``: temperature,
+    threshold), rewritten atomically: the bundle stays complete throughout."""
+    config = _read_config(out)
+    config["operating_point"] = op.as_json()
+    write_json(out / CONFIG, config)
+    return out
+
+
+def operating_point(config: dict[str, Any], where: str | Path = CONFIG) -> Any:
+    """The bundle's ``calibration.OperatingPoint``; a bundle without one (older, a baseline):
+    temperature 1 and the argmax, as before. A bad field is one ``BundleError`` line."""
+    from spam_lightning.calibration import OperatingPoint
+
+    try:
+        return OperatingPoint.from_bundle(config, str(where))
+    except ValueError as err:
+        raise BundleError(str(err)) from None
+
+
 def check_class_count(config: dict[str, Any], config_path: Path) -> None:
     """``check_classes``, and as many names as classes (GPT-2: checked against the head's rows)."""
     check_classes(config, config_path)

@@ -40,15 +40,32 @@ class Prediction:
 class Classifier:
     """A run's classifier with its preprocessing, as the bundle's model family loads it."""
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64) -> None:
+    def __init__(self, run_dir: str | Path, device: str = "cpu", precision: str = "32", batch_size: int = 64,
+                 threshold: float | None = None, raw: bool = False) -> None:
+        """``threshold``: a decision threshold on P(class 1) of two classes instead of the bundle's
+        (0.5: the argmax); ``raw``: the model's own probabilities, without the bundle's temperature
+        (the bundle's threshold, mapped to them, still decides: the same labels)."""
         import torch
 
-        from spam_lightning.inference.bundle import open_bundle
+        from spam_lightning.inference.bundle import CONFIG, open_bundle, operating_point
 
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+                                      or not 0 <= threshold <= 1):
+            raise ValueError(f"threshold={threshold!r}; it must be a probability in [0, 1] (0.5: the argmax)")
         self.device = resolve_device(device)  # before the bundle loads: a typo costs nothing
         family, folder, config = open_bundle(run_dir)
+        self.operating_point = op = operating_point(config, folder / CONFIG)
+        if threshold is not None and config["num_classes"] != 2:
+            raise ValueError(f"threshold={threshold}: a threshold needs two classes (class 1 is the positive "
+                             f"one); this model has {config['num_classes']}")
+        # the probabilities reported: calibrated (the bundle's temperature) unless raw
+        self.temperature = 1.0 if raw else op.temperature
+        if threshold is not None:
+            self.threshold: float | None = float(threshold)
+        else:  # the bundle's, on the probabilities reported (raw: mapped back through T)
+            self.threshold = op.threshold if not raw else raw_threshold(op.threshold, op.temperature)
         self.kind = family.kind
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.predictor = p = family.load(folder, config, self.device, self.dtype)
@@ -57,7 +74,8 @@ class Classifier:
         self.model, self.max_length, self.token, self.padding = p.model, p.max_length, p.token, p.padding
 
     def predict_proba(self, texts: Iterable[str]) -> torch.Tensor:
-        """Class probabilities ``[N, num_classes]``, in input order."""
+        """Class probabilities ``[N, num_classes]``, in input order (with the bundle's temperature
+        unless ``raw``)."""
         import torch
 
         rows = [p for _, p in self._iter_probs(texts)]
@@ -92,7 +110,8 @@ class Classifier:
             probs: list[torch.Tensor | None] = [None] * len(ids)
             for start in range(0, len(order), self.batch_size):
                 sel = order[start : start + self.batch_size]
-                for i, p in zip(sel, self.predictor.probs([ids[i] for i in sel]), strict=True):
+                batch = apply_temperature(self.predictor.probs([ids[i] for i in sel]), self.temperature)
+                for i, p in zip(sel, batch, strict=True):
                     probs[i] = p
             yield from zip(chunk, probs, strict=True)
             if error is not None:
@@ -101,14 +120,33 @@ class Classifier:
 
     def iter_predict(self, texts: Iterable[str]) -> Iterator[Prediction]:
         """Predictions one by one, streaming: works for inputs of any length."""
+        from spam_lightning.calibration import decide
+
         for text, p in self._iter_probs(texts):
-            k = int(p.argmax())
+            k = int(decide(p[None], self.threshold)[0])  # the argmax, or P(class 1) >= threshold
             probabilities = {n: float(v) for n, v in zip(self.class_names, p, strict=True)}
             yield Prediction(self.class_names[k], float(p[k]), probabilities, text)
 
     def predict(self, texts: str | Iterable[str]) -> list[Prediction]:
         """Predictions for one text or many."""
         return list(self.iter_predict([texts] if isinstance(texts, str) else texts))
+
+
+def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    from spam_lightning.calibration import apply
+
+    return apply(probs, temperature)
+
+
+def raw_threshold(threshold: float | None, temperature: float) -> float | None:
+    """A threshold on calibrated P(class 1) as the same decision on the raw probabilities: with two
+    classes, calibrated ``logit = raw logit / T``, so ``raw = sigmoid(T * logit(threshold))``."""
+    import math
+
+    if threshold is None or temperature == 1.0 or threshold in (0.0, 1.0):
+        return threshold
+    z = temperature * math.log(threshold / (1 - threshold))
+    return 1 / (1 + math.exp(-z)) if z > -700 else 0.0
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -277,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
+    p.add_argument("--threshold", type=float, metavar="P",
+                   help="label class 1 (spam) when its probability is >= P, instead of the run's "
+                   "operating point (0.5: the argmax, as the book); two classes only")
+    p.add_argument("--raw", action="store_true",
+                   help="the model's own probabilities, without the run's temperature scaling "
+                   "(the run's threshold still decides, on them: the same labels)")
     return p
 
 
@@ -291,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print("spam-classify: --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
-        clf = Classifier(args.run_dir, args.device, args.precision, args.batch_size)
+        clf = Classifier(args.run_dir, args.device, args.precision, args.batch_size, args.threshold, args.raw)
         texts: Iterable[str] = args.texts
         if args.file is not None:
             texts = itertools.chain(args.texts, _read_texts(args.file, args.text_column, args.format))

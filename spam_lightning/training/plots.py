@@ -46,3 +46,27 @@ def plot_values(num_epochs: int, examples_seen: int, train_values: list[float],
         fig.savefig(path, dpi=120 if path.suffix == ".png" else None)
     plt.close(fig)
     return paths
+
+
+def draw_reliability(before: dict[str, list[float]], after: dict[str, list[float]],
+                     ece_before: float, ece_after: float, temperature: float,
+                     split: str = "validation") -> Figure:
+    """The reliability diagram (``calibration.reliability``'s bins): accuracy per confidence bin
+    before and after temperature scaling, beside the diagonal of perfect calibration; the bar
+    widths are the bins'. Empty bins are left out."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    width = before["centre"][1] - before["centre"][0] if len(before["centre"]) > 1 else 1.0
+    for bins, label, shift, colour in (
+        (before, f"before (ECE {ece_before * 100:.2f}%)", -width / 4, "tab:red"),
+        (after, f"T = {temperature:.3g} (ECE {ece_after * 100:.2f}%)", width / 4, "tab:blue"),
+    ):
+        shown = [i for i, n in enumerate(bins["count"]) if n > 0]
+        ax.bar([bins["centre"][i] + shift for i in shown], [bins["accuracy"][i] for i in shown],
+               width=width / 2, color=colour, alpha=0.75, edgecolor="black", linewidth=0.5,
+               label=label)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence (top class)", ylabel="Accuracy",
+           title=f"Reliability, {split} set")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig

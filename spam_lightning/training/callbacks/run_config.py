@@ -18,6 +18,7 @@ MAY_DIFFER = (
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.default_root_dir", "trainer.max_epochs", "trainer.max_steps", "trainer.max_time",
     "data.num_workers", "data.data_dir", "data.urls", "cache.",
+    "calibration.", "threshold.",  # fitted after training, on its final predictions
 )
 
 
