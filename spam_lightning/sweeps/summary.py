@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 BOOK_COLUMNS = ["Model", "Weights", "Trainable token", "Trainable layers", "Context length",
                 "Training acc", "Validation acc", "Test acc", "Training time", "Device"]
 SPLITS = ("train", "val", "test")
+# the operating point's test metrics (metrics.json's ``test_*_op``: at the run's threshold, or the
+# argmax): columns where some job has them (runs before calibration, baselines: none)
+OP_COLUMNS = {"Test precision": "precision", "Test recall": "recall", "Test FPR": "fpr"}
 
 
 def _load_yaml(path: Path) -> Any:
@@ -65,6 +68,8 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
             "test_acc"),
         **{f"{split}_acc": m.get(f"{split}_accuracy") for split in SPLITS},
         "minutes": (m.get("training_seconds") or 0) / 60, "Device": m.get("device"),
+        **{f"op_{k}": m.get(f"test_{k}_op") for k in OP_COLUMNS.values()},
+        "threshold": m.get("threshold"), "has_op": "test_fpr_op" in m,
     }
 
 
@@ -75,6 +80,19 @@ def _fmt(values: list[float], percent: bool) -> str:
     scale, unit = (100, "%") if percent else (1, " min")
     mean = sum(vals) / len(vals) * scale
     return f"{mean:.2f}{unit}" if len(vals) == 1 else f"{mean:.2f} ± {statistics.stdev(vals) * scale:.2f}{unit}"
+
+
+def _threshold(jobs: list[dict[str, Any]]) -> str:
+    """The rows' decision threshold on P(class 1): "argmax", a value, or a range over seeds."""
+    values = [r["threshold"] for r in jobs]
+    if not values:
+        return "—"
+    if all(v is None for v in values):
+        return "argmax"
+    numbers = [v for v in values if v is not None]
+    low, high = min(numbers), max(numbers)
+    text = f"{low:.3g}" if low == high else f"{low:.3g}–{high:.3g}"
+    return text if len(numbers) == len(values) else f"{text}, argmax"
 
 
 def _uncertainty(groups: list[list[dict[str, Any]]], baseline: int) -> list[tuple[str, str]]:
@@ -131,13 +149,16 @@ def summarize(sweep_dir: str | Path, write: bool = True, baseline: int = 0) -> p
             "Training time": _fmt([r["minutes"] for r in ok], False),
             "Device": first.get("Device") or "—",
             "Reference test acc": "—" if first["reference"] is None else f"{first['reference']:.2f}%",
+            **{c: _fmt([r[f"op_{k}"] for r in ok], True) for c, k in OP_COLUMNS.items()},
+            "Threshold": _threshold([r for r in ok if r["has_op"]]),
             "Seeds": len(ok),
             "Status": "ok" if not failed else f"failed ({failed}/{len(group)})",
         })
     vs = f"vs row {baseline + 1}"
     for row, (ci, verdict) in zip(rows, _uncertainty(groups, baseline), strict=True):
         row.update({"Test acc 95% CI": ci, vs: verdict})
-    columns = ["Config", *BOOK_COLUMNS, "Test acc 95% CI", "Reference test acc", vs, "Seeds", "Status"]
+    op = [*OP_COLUMNS, "Threshold"] if any(r["has_op"] for r in records) else []
+    columns = ["Config", *BOOK_COLUMNS, "Test acc 95% CI", *op, "Reference test acc", vs, "Seeds", "Status"]
     table = pd.DataFrame(rows, columns=columns)
     if write:
         atomic_write(sweep_dir / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))
