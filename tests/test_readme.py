@@ -95,6 +95,15 @@ def _has_run_files(work: Path, _: subprocess.CompletedProcess) -> None:
         assert (run / name).is_file(), f"{run} has no {name}"
 
 
+def _has_operating_point(work: Path, _: subprocess.CompletedProcess) -> None:
+    run = _newest(work, "outputs/runs")
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    bundle = json.loads((run / "bundle" / "bundle.json").read_text(encoding="utf-8"))
+    assert metrics["threshold"] is not None and metrics["val_fpr_op"] <= 0.01, metrics
+    assert bundle["operating_point"]["threshold"] == metrics["threshold"], bundle
+    assert (run / "reliability.png").is_file()
+
+
 def _has_summary(work: Path, _: subprocess.CompletedProcess) -> None:
     sweep = _newest(work, "outputs/multirun")
     summary = sweep / "summary.csv"
@@ -135,6 +144,8 @@ ROWS = [
     Row(r"^pip install (-e|--no-deps)", "ci", why="installing takes minutes; .ci/run does it first"),
     Row(r"^python train\.py$", suffix=TINY, check=_has_run_files),
     Row(r"^python train\.py model\.weights=random$", suffix=TINY, check=_has_run_files),
+    Row(r"^python train\.py model\.weights=random threshold\.max_fpr=0\.01$", suffix=TINY,
+        check=_has_operating_point),
     Row(r"^python train\.py model=gpt2-tiny trainer\.max_epochs=1$",
         suffix="trainer.limit_train_batches=3 trainer.limit_val_batches=2 eval_iter=1",
         check=_has_run_files),

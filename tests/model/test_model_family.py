@@ -131,7 +131,8 @@ def test_toy_family_trains_resumes_bundles_and_classifies(bag_run, capsys) -> No
     assert bundle["kind"] == "toy-bag" and bundle["trained"]["model"] == "bag"
     assert family_class("toy-bag") is BagFamily
     # spam-classify: the bundle's family loads it; the predictions are the trained model's own
-    clf = Classifier(run)
+    # (raw: without the temperature the run fitted on its validation set)
+    clf = Classifier(run, raw=True)
     texts = ["WIN a FREE prize! Call now", "see you at dinner", "ok"]
     model = BagOfEmbeddings(16, 2)
     model.load_state_dict(load_file(run / "bundle" / WEIGHTS))

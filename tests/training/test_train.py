@@ -12,6 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from spam_lightning.calibration import apply as apply_temperature
 from spam_lightning.data.tokens import collate, encode_texts
 from spam_lightning.inference.bundle import load_bundle
 from spam_lightning.inference.classify import Classifier
@@ -147,7 +148,9 @@ def test_classify_cli_agrees_with_module(tiny_run):
         probs = torch.softmax(model(batch["input_ids"])[:, -1, :], dim=-1)
     expected = [cfg["class_names"][i] for i in probs.argmax(-1).tolist()]
     assert [r["label"] for r in rows] == expected
-    for r, p in zip(rows, probs, strict=True):
+    # the reported probabilities carry the run's temperature (the argmax is the same)
+    calibrated = apply_temperature(probs, cfg["operating_point"]["temperature"])
+    for r, p in zip(rows, calibrated, strict=True):
         assert r["label"] in ("ham", "spam")
         assert abs(r["probability"] - float(p.max())) < 1e-4
 
