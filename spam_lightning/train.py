@@ -127,6 +127,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics = _metrics(cfg, family, fitted, trainer)
         if trainer.is_global_zero:
             _print_final(metrics)
+            if line := _calibration(trainer).summary():
+                log.info(line)
             _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, trainer)
     return metrics
 

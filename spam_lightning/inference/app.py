@@ -75,7 +75,7 @@ def create_app(run_dir: str | Path, precision: str = "32", max_chars: int = 10_0
     clf = Classifier(run_dir, device=device, precision=precision, batch_size=max_batch,
                      threshold=threshold, raw=raw)
     lock = threading.Lock()
-    page = render_page(clf.class_names, clf.max_length, max_chars)
+    page = render_page(clf.class_names, clf.max_length, max_chars, clf.threshold)
     health: dict[str, Any] = {  # no paths: what is on this machine is not the API's to tell
         "status": "ok", "class_names": clf.class_names, "max_length": clf.max_length,
         "token": clf.token, "padding": clf.padding, "precision": precision, "device": str(clf.device),

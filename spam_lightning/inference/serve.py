@@ -115,10 +115,14 @@ def parse_request(body: bytes, max_batch: int, max_chars: int, max_total_chars: 
 PAGE = Path(__file__).with_name("page.html")  # with {classes}, {length_note} and {max_chars}
 
 
-def render_page(class_names: list[str], max_length: int | None, max_chars: int) -> str:
-    """The demo page with the model's facts filled in; ``max_length`` None: a bag-of-words baseline."""
+def render_page(class_names: list[str], max_length: int | None, max_chars: int,
+                threshold: float | None = None) -> str:
+    """The demo page with the model's facts filled in; ``max_length`` None: a bag-of-words baseline;
+    ``threshold``: the decision threshold on P(class 1) (None: the most probable class)."""
     note = ("A bag-of-words baseline: every word counts." if max_length is None
             else f"Messages longer than {int(max_length)} tokens are truncated, as in training.")
+    if threshold is not None and len(class_names) == 2:
+        note += f" Labelled {html.escape(class_names[1])} when its probability is at least {threshold:.4g}."
     return (PAGE.read_text(encoding="utf-8").replace("{classes}", html.escape(", ".join(class_names)))
             .replace("{length_note}", note).replace("{max_chars}", str(int(max_chars))))
 

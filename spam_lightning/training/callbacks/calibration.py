@@ -4,7 +4,6 @@ reliability diagram (``reliability.png`` in the run folder and TensorBoard's ``c
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from spam_lightning import calibration
 from spam_lightning.training.checks import ConfigError
 
-log = logging.getLogger(__name__)
 FIGURE = "reliability.png"
 
 
@@ -45,13 +43,18 @@ class Calibration(L.Callback):
         self.operating_point, self.metrics = calibration.fit(
             val["probs"].float(), val["labels"], test.get("probs"), test.get("labels"),
             max_fpr=self.max_fpr, temperature=self.temperature, bins=self.bins)
-        m = self.metrics
-        log.info("calibration: temperature %.4g, validation ECE %.2f%% -> %.2f%% (%d bins); "
-                 "threshold %s", m["temperature"], m["val_ece"] * 100, m["val_ece_calibrated"] * 100,
-                 self.bins, "argmax" if m["threshold"] is None else f"{m['threshold']:.4g} on "
-                 f"P({results.class_names[calibration.POSITIVE]}) for max_fpr={self.max_fpr}")
+        self._positive = results.class_names[calibration.POSITIVE] if len(results.class_names) > 1 else ""
         if trainer.is_global_zero:
             self._draw(trainer, val)
+
+    def summary(self) -> str | None:
+        """One line for the log after the chapter's final lines (train.py), or None."""
+        if (m := self.metrics) is None:
+            return None
+        decision = ("argmax" if m["threshold"] is None else
+                    f"P({self._positive}) >= {m['threshold']:.4g} (threshold.max_fpr={self.max_fpr})")
+        return (f"Calibration: temperature {m['temperature']:.4g}, validation ECE {m['val_ece'] * 100:.2f}% "
+                f"-> {m['val_ece_calibrated'] * 100:.2f}% ({self.bins} bins); decision: {decision}")
 
     def _draw(self, trainer: L.Trainer, val: dict[str, Any]) -> None:
         from spam_lightning.training.plots import draw_reliability, plt
