@@ -180,3 +180,31 @@ def test_bundles_without_an_operating_point_load_as_before(tmp_path: Path) -> No
                        ({"threshold": 2}, "threshold"), ("x", "operating_point")):
         with pytest.raises(BundleError, match=field):
             operating_point({"num_classes": 2, "operating_point": bad})
+
+
+def test_summary_shows_the_operating_point_where_jobs_have_it(tmp_path: Path) -> None:
+    import yaml
+
+    from spam_lightning.sweeps.summary import summarize
+
+    jobs = [("a", 1, {"threshold": 0.9, "test_precision_op": 1.0, "test_recall_op": 0.5, "test_fpr_op": 0.0}),
+            ("a", 2, {"threshold": 0.8, "test_precision_op": 0.9, "test_recall_op": 0.7, "test_fpr_op": 0.01}),
+            ("b", 1, {"threshold": None, "test_precision_op": 0.8, "test_recall_op": 0.9, "test_fpr_op": 0.02}),
+            ("c", 1, {})]  # a run from before calibration, or a baseline
+    for job, (trainable, seed, op) in enumerate(jobs):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"trainable={trainable}", f"seed={seed}"]))
+        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
+        (folder / "metrics.json").write_text(json.dumps({"test_accuracy": 0.9, "trainable": trainable,
+                                                         "seed": seed, **op}))
+    table = summarize(tmp_path, write=False).set_index("Trainable layers")
+    assert list(table.loc["a", ["Test precision", "Test recall", "Test FPR", "Threshold"]]) == [
+        "95.00 ± 7.07%", "60.00 ± 14.14%", "0.50 ± 0.71%", "0.8–0.9"]
+    assert list(table.loc["b", ["Test FPR", "Threshold"]]) == ["2.00%", "argmax"]
+    assert list(table.loc["c", ["Test FPR", "Threshold"]]) == ["—", "—"]
+    for folder in tmp_path.iterdir():  # no job with an operating point: no such columns
+        metrics = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items()
+                                                         if k != "threshold" and not k.endswith("_op")}))
+    assert "Test FPR" not in summarize(tmp_path, write=False).columns
