@@ -50,10 +50,11 @@ def plot_values(num_epochs: int, examples_seen: int, train_values: list[float],
 
 def draw_reliability(before: dict[str, list[float]], after: dict[str, list[float]],
                      ece_before: float, ece_after: float, temperature: float,
-                     split: str = "validation") -> Figure:
+                     split: str = "validation", low: float = 0.0) -> Figure:
     """The reliability diagram (``calibration.reliability``'s bins): accuracy per confidence bin
     before and after temperature scaling, beside the diagonal of perfect calibration; the bar
-    widths are the bins'. Empty bins are left out."""
+    widths are the bins'. Empty bins are left out; ``low``: the lowest possible confidence
+    (1 / classes), where the x axis starts."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     width = before["centre"][1] - before["centre"][0] if len(before["centre"]) > 1 else 1.0
     for bins, label, shift, colour in (
@@ -64,8 +65,8 @@ def draw_reliability(before: dict[str, list[float]], after: dict[str, list[float
         ax.bar([bins["centre"][i] + shift for i in shown], [bins["accuracy"][i] for i in shown],
                width=width / 2, color=colour, alpha=0.75, edgecolor="black", linewidth=0.5,
                label=label)
-    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence (top class)", ylabel="Accuracy",
+    ax.plot([low, 1], [low, 1], linestyle="--", color="gray", label="perfect calibration")
+    ax.set(xlim=(max(0.0, low - width / 2), 1), ylim=(0, 1), xlabel="Confidence (top class)", ylabel="Accuracy",
            title=f"Reliability, {split} set")
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()

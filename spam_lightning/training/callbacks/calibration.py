@@ -62,7 +62,8 @@ class Calibration(L.Callback):
         probs, labels, t = val["probs"].float(), val["labels"], self.metrics["temperature"]
         fig = draw_reliability(calibration.reliability(probs, labels, self.bins),
                                calibration.reliability(calibration.apply(probs, t), labels, self.bins),
-                               self.metrics["val_ece"], self.metrics["val_ece_calibrated"], t)
+                               self.metrics["val_ece"], self.metrics["val_ece_calibrated"], t,
+                               low=1 / probs.shape[1])
         self.output_dir.mkdir(parents=True, exist_ok=True)
         from spam_lightning.io_utils import atomic_write
 
