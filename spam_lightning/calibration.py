@@ -129,6 +129,20 @@ def threshold_problems(max_fpr: Any, num_classes: int | None) -> list[str]:
     return []
 
 
+def config_problems(cfg: Any, num_classes: int | None) -> list[str]:
+    """The ``calibration`` and ``threshold`` options of a run config, one line per problem."""
+    from omegaconf import OmegaConf
+
+    from spam_lightning.rules import bool_problems, is_int
+
+    bins = OmegaConf.select(cfg, "calibration.bins", default=DEFAULT_BINS)
+    problems = bool_problems(**{"calibration.temperature": OmegaConf.select(
+        cfg, "calibration.temperature", default=True)})
+    if not is_int(bins, 1):
+        problems.append(f"calibration.bins={bins!r}: the number of ECE bins, an integer >= 1 (15)")
+    return problems + threshold_problems(OmegaConf.select(cfg, "threshold.max_fpr"), num_classes)
+
+
 @dataclass
 class OperatingPoint:
     """What a bundle stores (``bundle.json``'s ``operating_point``) and inference applies."""

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from omegaconf import DictConfig, OmegaConf
 
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
-from spam_lightning.calibration import threshold_problems
+from spam_lightning.calibration import config_problems
 from spam_lightning.data.source import DataError
 from spam_lightning.inference.bundle import BundleError, add_operating_point
 from spam_lightning.io_utils import NoSpaceError, remove_stale_temporaries, write_bytes, write_json
@@ -101,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = _trainer(cfg)
     # the class count if known before reading data (SMS spam: 2); else num_classes is AttributeError
     num_classes = getattr(datamodule, "num_classes", None)
-    if problems := threshold_problems(OmegaConf.select(cfg, "threshold.max_fpr"), num_classes):
+    if problems := config_problems(cfg, num_classes):  # calibration.*, threshold.max_fpr
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     ckpt_path, checkpoint = checks.preflight(cfg, family, trainer.callbacks, num_classes)
     output_dir = Path(cfg.paths.output_dir)

@@ -92,6 +92,20 @@ def test_threshold_problems_name_the_option() -> None:
         assert "null" in line
 
 
+def test_calibration_options_are_checked_before_work(tmp_path: Path) -> None:
+    from spam_lightning.train import train
+
+    cfg = compose_train(["calibration.bins=0", "calibration.temperature=maybe", "threshold.max_fpr=2",
+                         "paths.data_dir=/nonexistent"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).splitlines() == [
+        "Invalid configuration:", "  - calibration.temperature='maybe': must be true or false",
+        "  - calibration.bins=0: the number of ECE bins, an integer >= 1 (15)",
+        "  - threshold.max_fpr=2: a false-positive rate in [0, 1) such as 0.01, or null for the argmax "
+        "(the book)"]
+
+
 def labels_of(capsys: pytest.CaptureFixture[str], run: Path, *options: str) -> list[str]:
     capsys.readouterr()
     assert classify_main([str(run), *MESSAGES, "--json", *options]) == 0
