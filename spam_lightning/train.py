@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
 from spam_lightning.calibration import config_problems
 from spam_lightning.data.source import DataError
-from spam_lightning.inference.bundle import BundleError, add_operating_point
+from spam_lightning.inference.bundle import BUNDLE_DIR, BundleError, add_operating_point
 from spam_lightning.io_utils import NoSpaceError, remove_stale_temporaries, write_bytes, write_json
 from spam_lightning.model.classifier import ClassifierStateError
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily
@@ -192,9 +192,9 @@ def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, train
         plot_values(epochs, seen, h["train_accs"], h["val_accs"], "accuracy", output_dir)
         write_json(output_dir / "history.json", h)
     trained = {k: metrics[k] for k in family.trained_keys}
-    bundle = family.save(output_dir, fitted.model, datamodule, cfg, trained)
+    bundle = family.save(output_dir, fitted.model, datamodule, cfg, trained) or output_dir / BUNDLE_DIR
     if (op := _calibration(trainer).operating_point) is not None:
-        add_operating_point(bundle, op)
+        add_operating_point(Path(bundle), op)
     if cfg.paths.get("latest") and not _in_sweep():  # a sweep's jobs: its summary lists them
         _point_latest(Path(cfg.paths.latest), output_dir)
     _log_hparams(trainer.loggers, family.hparams(cfg, metrics), metrics, trainer.global_step)
