@@ -153,6 +153,8 @@ def _metrics(cfg: DictConfig, family: ModelFamily, fitted: Fitted) -> dict[str, 
     final = fitted.final
     metrics: dict[str, Any] = {f"{s}_{n}": int(final[f"{s}_{n}"]) if n == "count" else final[f"{s}_{n}"]
                                for s in FINAL_SPLITS for n in ("accuracy", "loss", "precision", "recall", "f1", "count")}
+    # each class's recall ({class name: recall}), where the family's final evaluation gives it
+    metrics.update({k: final[k] for s in FINAL_SPLITS if (k := f"{s}_recall_per_class") in final})
     metrics.update(fitted.facts())
     hydra_on = HydraConfig.initialized()  # not when tests call train() directly
     experiment = HydraConfig.get().runtime.choices.get("experiment") if hydra_on else None
