@@ -317,7 +317,9 @@ class TextClassifier(L.LightningModule):
         extra = {"fused": fused or None} if make.func in FUSED and "fused" not in node else {}
         optimizer = make(params, **extra)
         schedule = hydra.utils.instantiate(hp.scheduler) if hp.get("scheduler") else None
-        scheduler = schedule.build(optimizer, int(self.trainer.estimated_stepping_batches)) if schedule else None
+        # the step count once training runs (asked now, it would fix the training loader before
+        # the frozen-trunk cache replaces it)
+        scheduler = schedule.build(optimizer, lambda: self.trainer.estimated_stepping_batches) if schedule else None
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

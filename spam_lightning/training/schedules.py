@@ -2,12 +2,15 @@
 each builds a ``torch.optim.lr_scheduler.LambdaLR`` for the run's optimizer and its number of
 optimizer steps, stepped after every optimizer step. The factor is a closed formula of the step
 (Hugging Face's ``get_linear_schedule_with_warmup`` / ``get_cosine_schedule_with_warmup``), so a
-resume, which restores the step count, continues exactly."""
+resume, which restores the step count, continues exactly. The number of steps is asked for at the
+first step that needs it (``trainer.estimated_stepping_batches`` once training runs: asked in
+``configure_optimizers`` it would fix the training loader before the frozen-trunk cache replaces it)."""
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,8 +27,21 @@ class Constant:
     def problems(self) -> list[str]:
         return []
 
-    def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler | None:
+    def build(self, optimizer: torch.optim.Optimizer,
+              total_steps: int | Callable[[], int]) -> LRScheduler | None:
         return None
+
+
+def _once(value: int | Callable[[], int]) -> Callable[[], int]:
+    """``value``, or what calling it returns the first time (asked once, then kept)."""
+    kept: list[int] = [] if callable(value) else [int(value)]
+
+    def get() -> int:
+        if not kept:
+            kept.append(int(value()))  # type: ignore[operator]
+        return kept[0]
+
+    return get
 
 
 @dataclass
@@ -67,9 +83,17 @@ class LinearWarmup(Constant):
             return step / warmup
         return self.decay((step - warmup) / max(1, total_steps - warmup))
 
-    def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler:
-        lam = functools.partial(self.factor, warmup=self.warmup(total_steps), total_steps=total_steps)
-        return LambdaLR(optimizer, lam)
+    def at(self, step: int, total_steps: Callable[[], int]) -> float:
+        """``factor`` at ``step``; step 0's (what LambdaLR sets when built) needs no step count:
+        0 with any warmup, else 1."""
+        total = total_steps() if step > 0 else 1
+        return self.factor(step, self.warmup(total), total)
+
+    def build(self, optimizer: torch.optim.Optimizer,
+              total_steps: int | Callable[[], int]) -> LRScheduler:
+        # a partial keeps nothing in LambdaLR's state_dict (its __dict__ is empty): checkpoints
+        # hold the step count only, and load with weights_only
+        return LambdaLR(optimizer, functools.partial(self.at, total_steps=_once(total_steps)))
 
 
 @dataclass
