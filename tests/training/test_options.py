@@ -214,3 +214,61 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path) -> N
     (plain, grads), (checkpointed, cgrads) = results
     assert torch.equal(plain, checkpointed)
     assert all(torch.equal(grads[n], cgrads[n]) for n in grads)
+
+
+# ------------------------------------------------------------------ bad values, the summary
+BAD = {
+    "scheduler.warmup_fraction=1.5": "scheduler.warmup_fraction=1.5: must be a number in [0, 1]",
+    "scheduler.warmup_steps=-2": "scheduler.warmup_steps=-2: must be an integer >= 0",
+    "loss.label_smoothing=-0.1": "loss.label_smoothing=-0.1: must be a number in [0, 1)",
+    "loss.class_weights=[1.0,2.0,3.0]": "loss.class_weights=[1.0, 2.0, 3.0]: 3 weights, but the data "
+                                        "has 2 classes",
+    "final_weights=first": "final_weights='first' is unknown; allowed: last, best",
+    "callbacks.early_stopping.monitor=val/accuracy": "callbacks.early_stopping.monitor="
+        "'val/accuracy' is not logged; allowed: val/loss, val/acc, val/precision, val/recall, val/f1",
+    "callbacks.early_stopping.patience=0": "callbacks.early_stopping.patience=0: must be an integer >= 1",
+    "optimizer._target_=torch.optim.Nope": "optimizer._target_=torch.optim.Nope: not a "
+                                           "torch.optim.Optimizer class",
+    "model.gradient_checkpointing=maybe": "model.gradient_checkpointing='maybe': must be true or false",
+}
+
+
+def test_each_bad_option_is_one_line_of_one_config_error(tmp_path, sms_file, monkeypatch) -> None:
+    """Every bad value above in one run: one ConfigError naming each option and what is allowed,
+    before any model is built (and with no traceback: train.py prints it as `Error: ...`)."""
+    from spam_lightning.train import train
+    from spam_lightning.training.checks import ConfigError
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was built before the configuration error")
+
+    monkeypatch.setattr("spam_lightning.model.gpt2.build_gpt", boom)
+    cfg = compose_train([*TINY, f"data.source={sms_file}", "scheduler=linear_warmup",
+                         "callbacks=early_stopping", *BAD], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    text = str(err.value)
+    assert text.startswith("Invalid configuration:")
+    for message in BAD.values():
+        assert message in text
+    assert not (tmp_path / "data").exists()
+    cfg = compose_train([*TINY, "final_weights=best", "callbacks=none", "loss.class_weights=heavy",
+                         "data.balance=maybe"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert "final_weights=best needs a checkpoint callback" in str(err.value)
+    assert "loss.class_weights='heavy': must be null, balanced, or a list" in str(err.value)
+    assert "data.balance='maybe': must be true or false" in str(err.value)
+
+
+def test_sweep_summary_shows_each_class_recall(tmp_path) -> None:
+    from spam_lightning.sweeps.summary import summarize
+
+    for job, spam in enumerate((0.9, 0.8)):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (folder / "metrics.json").write_text(json.dumps(
+            {"test_accuracy": 0.9, "test_recall_per_class": {"ham": 1.0, "spam": spam}}))
+    table = summarize(tmp_path, write=False)
+    assert table.iloc[0]["Test recall per class"] == "ham 100.00 ± 0.00%, spam 85.00 ± 7.07%"
