@@ -175,7 +175,8 @@ def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, train
     write_bytes(output_dir / "config.yaml", OmegaConf.to_yaml(job_cfg, resolve=True).encode())
     if fitted.history is not None:
         h, seen = fitted.history, metrics["examples_seen"]
-        epochs = max(1, int(cfg.trainer.max_epochs))
+        # the epochs run: fewer than max_epochs when early stopping ended the run
+        epochs = max(1, min(int(cfg.trainer.max_epochs), int(fitted.epochs)))
         plot_values(epochs, seen, h["train_losses"], h["val_losses"], "loss", output_dir)
         plot_values(epochs, seen, h["train_accs"], h["val_accs"], "accuracy", output_dir)
         write_json(output_dir / "history.json", h)

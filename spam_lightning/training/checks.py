@@ -238,6 +238,9 @@ def training_option_problems(cfg: DictConfig) -> list[str]:
             and issubclass(cls, ModelCheckpoint) for c in callbacks.values()):
         problems.append("final_weights=best needs a checkpoint callback that keeps the best epoch "
                         "(callbacks=default or early_stopping: model_checkpoint, on val/acc)")
+    if final == "best" and "fsdp" in str(cfg.trainer.get("strategy")).lower():
+        problems.append("final_weights=best loads a whole checkpoint into the model: not with "
+                        "trainer=fsdp (sharded); use final_weights=last")
     no_validation = cfg.trainer.get("limit_val_batches") == 0
     for name, node in callbacks.items():
         if not (isinstance(cls := _target_class(node), type) and issubclass(cls, EarlyStopping)):
