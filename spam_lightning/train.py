@@ -162,6 +162,8 @@ def _metrics(cfg: DictConfig, family: ModelFamily, fitted: Fitted, trainer: L.Tr
     final = fitted.final
     metrics: dict[str, Any] = {f"{s}_{n}": int(final[f"{s}_{n}"]) if n == "count" else final[f"{s}_{n}"]
                                for s in FINAL_SPLITS for n in ("accuracy", "loss", "precision", "recall", "f1", "count")}
+    # each class's recall ({class name: recall}), where the family's final evaluation gives it
+    metrics.update({k: final[k] for s in FINAL_SPLITS if (k := f"{s}_recall_per_class") in final})
     metrics.update(fitted.facts())
     hydra_on = HydraConfig.initialized()  # not when tests call train() directly
     experiment = HydraConfig.get().runtime.choices.get("experiment") if hydra_on else None
@@ -187,7 +189,8 @@ def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, train
     write_bytes(output_dir / "config.yaml", OmegaConf.to_yaml(job_cfg, resolve=True).encode())
     if fitted.history is not None:
         h, seen = fitted.history, metrics["examples_seen"]
-        epochs = max(1, int(cfg.trainer.max_epochs))
+        # the epochs run: fewer than max_epochs when early stopping ended the run
+        epochs = max(1, min(int(cfg.trainer.max_epochs), int(fitted.epochs)))
         plot_values(epochs, seen, h["train_losses"], h["val_losses"], "loss", output_dir)
         plot_values(epochs, seen, h["train_accs"], h["val_accs"], "accuracy", output_dir)
         write_json(output_dir / "history.json", h)

@@ -12,7 +12,9 @@ from _compose import CONF, compose_train
 NEW_OPTIONS = {
     "debug": {"fdr", "limit", "overfit", "profiler"},
     "logger": {"tensorboard", "csv", "wandb", "mlflow", "none"},
-    "callbacks": {"default", "none"},
+    "callbacks": {"default", "none", "early_stopping"},
+    "optimizer": {"adamw", "sgd"},
+    "scheduler": {"none", "linear_warmup", "cosine"},
 }
 
 

@@ -150,6 +150,10 @@ ROWS = [
         suffix="trainer.limit_train_batches=3 trainer.limit_val_batches=2 eval_iter=1",
         check=_has_run_files),
     Row(r"^python train\.py model=gpt2-medium$", suffix=TINY),
+    # the training options (issue 26), one line each
+    Row(r"^python train\.py (callbacks=early_stopping|scheduler=|data\.balance=|loss\.label_smoothing="
+        r"|optimizer[=.]|model=gpt2-medium trainable=all model\.gradient_checkpointing=)",
+        suffix=TINY, check=_has_run_files),
     Row(r"^python train\.py debug=(fdr|limit) ", suffix=TINY),
     Row(r"^python train\.py logger=csv$", suffix=TINY),
     Row(r"^python train\.py trainer\.max_epochs=1 trainer\.precision=bf16-mixed$", suffix=TINY),

@@ -341,7 +341,8 @@ class TextClassificationDataModule(L.LightningDataModule):
 
 class SpamDataModule(TextClassificationDataModule):
     """The UCI SMS Spam Collection, balanced and split as in chapter 6. ``source``: ``bundled``
-    (the verified copy in the package), ``download`` (from ``urls``) or a file / the UCI zip."""
+    (the verified copy in the package), ``download`` (from ``urls``) or a file / the UCI zip;
+    ``balance=False``: every message (4,825 ham, 747 spam) split as the chapter splits."""
 
     def __init__(self, source: str | None = BUNDLED, urls: Sequence[str] = DEFAULT_URLS,
                  data_dir: str = "data/sms_spam", max_length: int | str | None = None,
@@ -349,17 +350,18 @@ class SpamDataModule(TextClassificationDataModule):
                  batch_size: int = 8, num_workers: int = 0, seed: int = 123,
                  pad_token_id: int = PAD_TOKEN_ID, on_bad_rows: str = "error",
                  split_seed: int = 123, train_frac: float = 0.7, val_frac: float = 0.1,
-                 split: str = "chapter") -> None:
+                 split: str = "chapter", balance: bool = True) -> None:
         urls = [str(u) for u in (urls or ())]  # plain values: hparams go into checkpoints
         source = BUNDLED if source is None else str(source)
         problems = split_problems(split_seed, train_frac, val_frac)
         problems += settings_problems(on_bad_rows, split)
+        problems += bool_problems(**{"data.balance": balance})
         if source == DOWNLOAD and not urls:
             problems.append("data.source=download, but data.urls is empty: nothing to download "
                             "from (use data.source=bundled, the default, or a path)")
         super().__init__(data_dir, max_length, context_length, padding, bucketing, batch_size,
                          num_workers, seed, pad_token_id, problems)
-        self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
+        self.settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split, balance)
         if source not in SOURCE_KEYWORDS:  # one stat: missing, unreadable, a loop, not a file
             source = str(checked_path("data.source", source, "no such file (expected bundled, "
                                       "download, or the path of an SMSSpamCollection file or the "
@@ -368,7 +370,7 @@ class SpamDataModule(TextClassificationDataModule):
         self.source, self.urls, self.class_names = source, urls, ["ham", "spam"]
         self.split_options = {"split_seed": int(split_seed), "train_frac": float(train_frac),
                               "val_frac": float(val_frac), "on_bad_rows": on_bad_rows,
-                              "split": split}
+                              "split": split, "balance": balance}
 
     def prepare_data(self) -> None:
         prepare(self.source, self.data_dir, self.urls, **self.split_options)

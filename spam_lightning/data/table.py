@@ -253,13 +253,18 @@ def shuffle(df: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
     return df.sample(frac=1, random_state=seed).reset_index(drop=True)
 
 
-def balance_for_split(df: pd.DataFrame, split: str = "chapter", seed: int = 123) -> pd.DataFrame:
+def balance_for_split(df: pd.DataFrame, split: str = "chapter", seed: int = 123,
+                      balance: bool = True) -> pd.DataFrame:
     """``create_balanced_dataset`` (ham downsampled to the spam count, ham then spam, 0/1 labels),
-    shuffled once more for ``bonus`` as ``create_dataset_csvs`` does."""
+    shuffled once more for ``bonus`` as ``create_dataset_csvs`` does. ``balance=False``: every
+    row in the file's order (all 4,825 ham of the collection), labels 0/1 as well."""
     spam, ham = df[df["Label"] == "spam"], df[df["Label"] == "ham"]
-    if len(ham) < len(spam):
+    if not balance:
+        balanced = df.copy()
+    elif len(ham) < len(spam):
         raise DataError(f"cannot balance: {len(ham)} ham rows < {len(spam)} spam rows")
-    balanced = pd.concat([ham.sample(len(spam), random_state=seed), spam])
+    else:
+        balanced = pd.concat([ham.sample(len(spam), random_state=seed), spam])
     balanced["Label"] = balanced["Label"].map(LABEL_IDS).astype("int64")
     return shuffle(balanced, seed) if split == "bonus" else balanced
 
@@ -403,22 +408,25 @@ def settings_problems(on_bad_rows: Any, split: Any) -> list[str]:
 
 
 def split_settings(seed: int, train_frac: float, val_frac: float, on_bad_rows: str,
-                   split: str = "chapter") -> dict:
-    """What ``meta.json`` records (``split`` unless ``chapter``: older folders stay valid)."""
+                   split: str = "chapter", balance: bool = True) -> dict:
+    """What ``meta.json`` records (``split`` unless ``chapter``, ``balance`` unless true: older
+    folders stay valid; an unbalanced split is another identity, never reused for a balanced one)."""
     if problems := settings_problems(on_bad_rows, split):
         raise ValueError("\n  - ".join(problems))
     settings = {"format": FORMAT_VERSION, "split_seed": int(seed), "train_frac": float(train_frac),
                 "val_frac": float(val_frac), "on_bad_rows": on_bad_rows}
-    return settings if split == "chapter" else {**settings, "split": split}
+    settings = settings if split == "chapter" else {**settings, "split": split}
+    return settings if balance else {**settings, "balance": False}
 
 
 def prepare(source: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str],
             urls: Sequence[str] = DEFAULT_URLS, *, split_seed: int = 123, train_frac: float = 0.7,
             val_frac: float = 0.1, on_bad_rows: str = "error", timeout: float = DOWNLOAD_TIMEOUT,
-            split: str = "chapter") -> Prepared:
-    """Write the split CSVs + ``meta.json`` to ``data_dir`` (reused while nothing changed)."""
+            split: str = "chapter", balance: bool = True) -> Prepared:
+    """Write the split CSVs + ``meta.json`` to ``data_dir`` (reused while nothing changed);
+    ``balance=False`` keeps every ham message (the chapter downsamples ham to the spam count)."""
     data_dir = Path(data_dir).expanduser().resolve()
-    settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split)
+    settings = split_settings(split_seed, train_frac, val_frac, on_bad_rows, split, balance)
     src: SourceData | None = None
 
     def identity(locked: bool) -> dict[str, Any] | None:
@@ -435,7 +443,7 @@ def prepare(source: str | os.PathLike[str] | None, data_dir: str | os.PathLike[s
             table = Table(frame["Text"].tolist(), frame["Label"].tolist(), src.name, frame)
         else:
             table = read_table(src.data, src.name, on_bad_rows=on_bad_rows)
-        balanced = balance_for_split(table.frame, split, split_seed)
+        balanced = balance_for_split(table.frame, split, split_seed, balance)
         splits = random_split(balanced, train_frac, val_frac, split_seed, src.name)
         counts = {part: {"rows": len(f), **{k: int((f["Label"] == v).sum())
                                             for k, v in LABEL_IDS.items()}}

@@ -88,7 +88,8 @@ class GPTClassifier(GPTModel):
         last_block = self.trf_blocks[n_blocks - 1] if start_block < n_blocks else None
         # an FSDP-wrapped block must go through its own forward (which gathers its weights)
         if positions is not None and isinstance(last_block, TransformerBlock):
-            x = last_block.forward_at(self.run_blocks(x, start_block, n_blocks - 1), positions)
+            x = self.call_block(last_block, self.run_blocks(x, start_block, n_blocks - 1), positions,
+                                method="forward_at")
             return self.out_head(self.final_norm(x))
         # pool before the (affine) head: identical result, computed on B rows instead of B*T
         return self.out_head(self.pooling(self.final_norm(self.run_blocks(x, start_block)), lengths))

@@ -154,7 +154,7 @@ class ModelFamily:
 
         from spam_lightning.training.callbacks import ChapterMonitor
         from spam_lightning.training.checks import check_resume_checkpoint
-        from spam_lightning.training.module import TextClassifier
+        from spam_lightning.training.module import TextClassifier, training_options
 
         L.seed_everything(cfg.seed, workers=True)
         if (tokenizer := self.tokenizer(cfg)) is not None:  # its own special tokens, pad token
@@ -163,8 +163,7 @@ class ModelFamily:
         datamodule.setup("fit")
         model = self.build(cfg, datamodule.num_classes)
         module = TextClassifier(model, num_classes=datamodule.num_classes, trainable=cfg.trainable.name,
-                                lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
-                                ignore_index=cfg.loss.ignore_index, final_splits=FINAL_SPLITS,
+                                **training_options(cfg), final_splits=FINAL_SPLITS,
                                 class_names=list(datamodule.class_names), base=self.base_identity(cfg))
         trainer.callbacks.extend(self.callbacks(cfg, model, datamodule))
         if checkpoint is not None:  # the head too, now that the data named the classes

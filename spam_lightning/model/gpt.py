@@ -123,7 +123,11 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """GPT-2: token + position embeddings, `n_layers` transformer blocks, final norm, LM head."""
+    """GPT-2: token + position embeddings, `n_layers` transformer blocks, final norm, LM head.
+    ``gradient_checkpointing``: a block with trainable parameters keeps no activations for the
+    backward pass; it runs again there (``torch.utils.checkpoint``, the same dropout masks)."""
+
+    gradient_checkpointing: bool = False
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__()
@@ -158,8 +162,19 @@ class GPTModel(nn.Module):
     def run_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run blocks `start:end` (Python slice semantics), so the trunk can be split anywhere."""
         for block in self.trf_blocks[start:end]:
-            x = block(x)
+            x = self.call_block(block, x)
         return x
+
+    def call_block(self, block: nn.Module, *args: Any, method: str = "forward") -> torch.Tensor:
+        """``block.<method>(*args)``, checkpointed where ``gradient_checkpointing`` asks for it
+        and the block trains (non-reentrant; the RNG state is restored for the recomputation)."""
+        fn = block if method == "forward" else getattr(block, method)  # __call__: hooks, compile
+        if (self.gradient_checkpointing and torch.is_grad_enabled()
+                and any(p.requires_grad for p in block.parameters())):
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+        return fn(*args)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Last block's output -> logits (`final_norm` then `out_head`)."""

@@ -45,7 +45,9 @@ def build_model(cfg: DictConfig, num_classes: int) -> GPTClassifier:
     if m.get("compile", False):
         for block in model.trf_blocks:
             block.compile(dynamic=True)
-    return GPTClassifier(model, token=cfg.token)
+    classifier = GPTClassifier(model, token=cfg.token)
+    classifier.gradient_checkpointing = bool(m.get("gradient_checkpointing", False))
+    return classifier
 
 
 def base_classifier(config: dict[str, Any], weights: str | None = None) -> GPTClassifier:
@@ -94,12 +96,14 @@ class GPT2Family(ModelFamily):
     """The chapter's model. Options: ``conf/model/gpt2-small.yaml``."""
 
     kind = "gpt2"
-    plain_options = {"weights": "random", "checkpoint": None, "compile": False}
+    plain_options = {"weights": "random", "checkpoint": None, "compile": False,
+                     "gradient_checkpointing": False}
     name: str = "gpt2-small"
     weights: str = "pretrained"
     checkpoint: str | None = None
     causal_mask: bool = True
     compile: bool = False
+    gradient_checkpointing: bool = False
     vocab_size: Any = None
     context_length: Any = None
     emb_dim: Any = None

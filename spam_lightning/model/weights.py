@@ -56,9 +56,9 @@ class WeightsUnavailableError(RuntimeError):
 
 def build_gpt(name: str, weights: str = "pretrained", checkpoint: str | Path | None = None,
               causal_mask: bool = True, drop_rate: float = 0.0, compile: bool = False,
-              **size_overrides: Any) -> GPTModel:
-    """The model the `model` config group describes (`build_gpt(**cfg.model)`; `compile` is the
-    caller's job). `weights="random"`: torch's default init (seed before calling); `"pretrained"`:
+              gradient_checkpointing: bool = False, **size_overrides: Any) -> GPTModel:
+    """The model the `model` config group describes (`build_gpt(**cfg.model)`; `compile` and
+    `gradient_checkpointing` are the caller's job). `weights="random"`: torch's default init (seed before calling); `"pretrained"`:
     `checkpoint`, else the Hub's `name`, of the sizes of `name` plus `size_overrides`."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_CONFIGS)}")

@@ -70,7 +70,18 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
         "minutes": (m.get("training_seconds") or 0) / 60, "Device": m.get("device"),
         **{f"op_{k}": m.get(f"test_{k}_op") for k in OP_COLUMNS.values()},
         "threshold": m.get("threshold"), "has_op": "test_fpr_op" in m,
+        "test_recall_per_class": m.get("test_recall_per_class"),
     }
+
+
+def _per_class(records: list[dict[str, Any]]) -> str:
+    """Each class's test recall (mean ± std over seeds), e.g. ``ham 98.00%, spam 91.33%``:
+    what class weights and unbalanced data change; "—" where metrics.json has none."""
+    found = [r["test_recall_per_class"] for r in records if r.get("test_recall_per_class")]
+    if not found:
+        return "—"
+    names = list(dict.fromkeys(n for f in found for n in f))
+    return ", ".join(f"{n} {_fmt([f.get(n) for f in found], True)}" for n in names)
 
 
 def _fmt(values: list[float], percent: bool) -> str:
@@ -152,13 +163,15 @@ def summarize(sweep_dir: str | Path, write: bool = True, baseline: int = 0) -> p
             **{c: _fmt([r[f"op_{k}"] for r in ok], True) for c, k in OP_COLUMNS.items()},
             "Threshold": _threshold([r for r in ok if r["has_op"]]),
             "Seeds": len(ok),
+            "Test recall per class": _per_class(ok),
             "Status": "ok" if not failed else f"failed ({failed}/{len(group)})",
         })
     vs = f"vs row {baseline + 1}"
     for row, (ci, verdict) in zip(rows, _uncertainty(groups, baseline), strict=True):
         row.update({"Test acc 95% CI": ci, vs: verdict})
     op = [*OP_COLUMNS, "Threshold"] if any(r["has_op"] for r in records) else []
-    columns = ["Config", *BOOK_COLUMNS, "Test acc 95% CI", *op, "Reference test acc", vs, "Seeds", "Status"]
+    columns = ["Config", *BOOK_COLUMNS, "Test acc 95% CI", *op, "Reference test acc", vs, "Seeds", "Status",
+               "Test recall per class"]
     table = pd.DataFrame(rows, columns=columns)
     if write:
         atomic_write(sweep_dir / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))

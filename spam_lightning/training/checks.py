@@ -81,6 +81,11 @@ def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
     except DataError:
         if not problems:
             raise
+    if datamodule is not None:  # the class count, where known before the data is read
+        try:
+            problems += class_weight_problems(cfg, datamodule.num_classes)
+        except AttributeError:
+            pass
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     return family, datamodule
@@ -122,8 +127,8 @@ def run_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"trainer.devices={devices}: more CPU processes than this machine's "
                         f"{cores} cores; use at most {max(cores, 2)}")
     # switches: a string such as `maybe` would count as true
-    switches = {f"model.{k}": cfg.model[k] for k in ("compile", "causal_mask", "qkv_bias")
-                if k in cfg.model}
+    switches = {f"model.{k}": cfg.model[k] for k in ("compile", "causal_mask", "qkv_bias",
+                                                      "gradient_checkpointing") if k in cfg.model}
     problems += bool_problems(**{"cache.shared": cfg.cache.get("shared", True), **switches})
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path != "last" and not Path(str(ckpt_path)).is_file():
@@ -162,11 +167,111 @@ def run_problems(cfg: DictConfig) -> list[str]:
                                    or (isinstance(v, float) and 0 < v <= 1))}),
     ):
         problems += number_problems(node, prefix, rules)
+    problems += training_option_problems(cfg)
     metrics = [f"{split}_{name}" for split in FINAL_SPLITS  # metrics.json's, per split
                for name in ("accuracy", "loss", "precision", "recall", "f1")]
     problems += choice_problems("optimized_metric", cfg.get("optimized_metric", "val_accuracy"),
                                 metrics, " (what train.py returns to an Optuna sweep)")
     return problems
+
+
+# what the module logs after each validation: what EarlyStopping may monitor, and its mode
+VAL_METRICS = {"val/loss": "min", "val/acc": "max", "val/precision": "max", "val/recall": "max",
+               "val/f1": "max"}
+
+
+def _target_class(node: Any) -> Any:
+    """The class a ``_target_`` node names, or None (no target, or one that cannot be imported);
+    quiet, where ``hydra.utils.get_class`` logs an error."""
+    import importlib
+
+    module, _, name = str(node.get("_target_")).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def training_option_problems(cfg: DictConfig) -> list[str]:
+    """The options of issue 26, each off by default: ``optimizer``, ``scheduler``, ``loss.*``,
+    ``final_weights`` and an ``EarlyStopping`` among the callbacks. Cheap: nothing is built but
+    the scheduler's small settings object."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from spam_lightning.rules import choice_problems
+    from spam_lightning.training.module import FINAL_WEIGHTS
+
+    problems: list[str] = []
+    opt = cfg.get("optimizer")
+    if not isinstance(opt, DictConfig) or "_target_" not in opt:
+        problems.append("optimizer: must be a _target_ node (optimizer=adamw|sgd, or "
+                        "optimizer._target_=torch.optim.CLASS)")
+    else:
+        target = _target_class(opt)
+        if not (isinstance(target, type) and issubclass(target, torch.optim.Optimizer)):
+            problems.append(f"optimizer._target_={opt._target_}: not a torch.optim.Optimizer class "
+                            "(e.g. torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop)")
+        if opt.get("_partial_") is not True:
+            problems.append(f"optimizer._partial_={opt.get('_partial_')!r}: must be true (the "
+                            "trainable parameters are passed when the optimizer is built)")
+    if (sched := cfg.get("scheduler")) is not None:
+        try:
+            problems += instantiate(sched).problems()
+        except (ConfigError, TypeError, AttributeError) as err:
+            problems.append(f"scheduler: {err} (choose one with scheduler=none|linear_warmup|cosine)")
+    loss = cfg.get("loss") or {}
+    smoothing = loss.get("label_smoothing", 0.0)
+    if not (_is_number(smoothing) and 0 <= smoothing < 1):
+        problems.append(f"loss.label_smoothing={smoothing!r}: must be a number in [0, 1) "
+                        "(0.0: none, the chapter)")
+    weights = loss.get("class_weights")
+    if weights is not None and weights != "balanced":
+        values = list(weights) if not isinstance(weights, str | int | float) else None
+        if not values or not all(_is_number(w) and w >= 0 for w in values) or not any(values):
+            problems.append(f"loss.class_weights={weights!r}: must be null, balanced, or a list of "
+                            "one number >= 0 per class (not all 0), e.g. [1.0, 3.0]")
+    final = cfg.get("final_weights", "last")
+    problems += choice_problems("final_weights", final, FINAL_WEIGHTS)
+    callbacks = {k: c for k, c in (cfg.get("callbacks") or {}).items() if isinstance(c, DictConfig)}
+    if final == "best" and not any(
+            "monitor" in c and c.monitor and isinstance(cls := _target_class(c), type)
+            and issubclass(cls, ModelCheckpoint) for c in callbacks.values()):
+        problems.append("final_weights=best needs a checkpoint callback that keeps the best epoch "
+                        "(callbacks=default or early_stopping: model_checkpoint, on val/acc)")
+    if final == "best" and "fsdp" in str(cfg.trainer.get("strategy")).lower():
+        problems.append("final_weights=best loads a whole checkpoint into the model: not with "
+                        "trainer=fsdp (sharded); use final_weights=last")
+    no_validation = cfg.trainer.get("limit_val_batches") == 0
+    for name, node in callbacks.items():
+        if not (isinstance(cls := _target_class(node), type) and issubclass(cls, EarlyStopping)):
+            continue
+        where, monitor, mode = f"callbacks.{name}", node.get("monitor"), node.get("mode", "min")
+        if monitor not in VAL_METRICS:
+            problems.append(f"{where}.monitor={monitor!r} is not logged; allowed: "
+                            f"{', '.join(VAL_METRICS)}")
+        elif mode != VAL_METRICS[monitor]:
+            problems.append(f"{where}.mode={mode!r}: {monitor} improves when it goes "
+                            f"{'down' if VAL_METRICS[monitor] == 'min' else 'up'}; use "
+                            f"{where}.mode={VAL_METRICS[monitor]}")
+        problems += number_problems(node, f"{where}.", {
+            "patience": ("an integer >= 1 (validations without improvement)", lambda v: is_int(v, 1)),
+            "min_delta": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)})
+        if no_validation:
+            problems.append(f"{where} monitors {monitor}, but trainer.limit_val_batches=0 runs no "
+                            "validation; allow validation batches or drop early stopping")
+    return problems
+
+
+def class_weight_problems(cfg: DictConfig, num_classes: int | None) -> list[str]:
+    """``loss.class_weights`` as a list: one weight per class, where the class count is known
+    before the data is read (SMS spam: 2; a CSV with ``data.class_names``)."""
+    weights = (cfg.get("loss") or {}).get("class_weights")
+    if num_classes is None or weights is None or isinstance(weights, str | int | float):
+        return []
+    if len(weights) == num_classes:
+        return []
+    return [f"loss.class_weights={list(weights)}: {len(weights)} weights, but the data has "
+            f"{num_classes} classes; give one weight per class, or balanced, or null"]
 
 
 # limit_*_batches=0 that Lightning accepts but that break the run's results
