@@ -602,7 +602,7 @@ class DecoderFamily(TrunkCachedFamily):
         except (OSError, ValueError, WeightsUnavailableError) as err:
             where = "model.tokenizer_source" if self.tokenizer_source else ("model.checkpoint" if self.checkpoint else "model.repo")
             raise TokenizerError(f"no tokenizer for model={self.name} from {where}={source}: "
-                                 f"{str(err).splitlines()[0]}. Fix: {TOKENIZER_FIX}") from err
+                                 f"{str(err).splitlines()[0].split('. Fix:')[0]}. Fix: {TOKENIZER_FIX}") from err
         if len(tokenizer) > int(self.vocab_size):
             raise TokenizerError(f"the tokenizer from {source} has {len(tokenizer)} tokens, more than "
                                  f"model.vocab_size={self.vocab_size}; use the model's own tokenizer")
