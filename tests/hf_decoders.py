@@ -16,10 +16,10 @@ YAML = {"qwen3": "qwen3-tiny", "llama": "llama3.2-tiny"}
 
 def tiny_config(arch: str) -> dict[str, Any]:
     """The tiny yaml's model keys (composed from the package's configs)."""
-    from _compose import compose_train
+    from _compose import CONF
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(compose_train([f"model={YAML[arch]}"]).model, resolve=True)
+    return OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{YAML[arch]}.yaml"), resolve=True)
 
 
 def hf_config(cfg: dict[str, Any], **extra: Any) -> Any:
@@ -69,3 +69,14 @@ def write_tiny_decoder(folder: Path, arch: str, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer().save_pretrained(folder)
     return Path(folder)
+
+
+def write_decoder_hub_cache(home: Path, repo_id: str, arch: str) -> Path:
+    """A tiny ``arch`` checkpoint where a download of ``repo_id`` would have put it (the Hugging
+    Face cache under ``home``, huggingface_hub's layout: ``refs/main`` names the snapshot)."""
+    repo = Path(home) / ".cache" / "huggingface" / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    write_tiny_decoder(repo / "snapshots" / commit, arch)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo
