@@ -19,7 +19,9 @@ def tiny_config(arch: str) -> dict[str, Any]:
     from _compose import CONF
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{YAML[arch]}.yaml"), resolve=True)
+    return OmegaConf.to_container(
+        OmegaConf.load(CONF / "model" / f"{YAML[arch]}.yaml"), resolve=True
+    )
 
 
 def hf_config(cfg: dict[str, Any], **extra: Any) -> Any:
@@ -28,13 +30,25 @@ def hf_config(cfg: dict[str, Any], **extra: Any) -> Any:
 
     rope = {"rope_type": "default", "rope_theta": cfg["rope_base"]}
     if cfg["rope_scaling"]:
-        rope = {"rope_type": "llama3", "rope_theta": cfg["rope_base"],
-                **{k: cfg["rope_scaling"][k] for k in LLAMA3_SCALING}}
-    kwargs = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["emb_dim"], num_hidden_layers=cfg["n_layers"],
-                  num_attention_heads=cfg["n_heads"], num_key_value_heads=cfg["n_kv_groups"],
-                  head_dim=cfg["head_dim"], intermediate_size=cfg["hidden_dim"], rms_norm_eps=cfg["rms_eps"],
-                  tie_word_embeddings=cfg["tie_embeddings"], max_position_embeddings=16384,
-                  rope_parameters=rope, **extra)
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": cfg["rope_base"],
+            **{k: cfg["rope_scaling"][k] for k in LLAMA3_SCALING},
+        }
+    kwargs = dict(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["emb_dim"],
+        num_hidden_layers=cfg["n_layers"],
+        num_attention_heads=cfg["n_heads"],
+        num_key_value_heads=cfg["n_kv_groups"],
+        head_dim=cfg["head_dim"],
+        intermediate_size=cfg["hidden_dim"],
+        rms_norm_eps=cfg["rms_eps"],
+        tie_word_embeddings=cfg["tie_embeddings"],
+        max_position_embeddings=16384,
+        rope_parameters=rope,
+        **extra,
+    )
     config_class = transformers.Qwen3Config if cfg["arch"] == "qwen3" else transformers.LlamaConfig
     return config_class(**kwargs)
 
@@ -48,14 +62,20 @@ def tokenizer() -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(vocab_size=400, special_tokens=["<|end_of_text|>"], show_progress=False,
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|end_of_text|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(list(TEXTS), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>", model_max_length=4096)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|end_of_text|>", model_max_length=4096
+    )
 
 
 def write_tiny_decoder(folder: Path, arch: str, seed: int = 0) -> Path:
-    """A random ``arch`` checkpoint of the tiny yaml's sizes (bf16-free: float32) and its tokenizer."""
+    """A random ``arch`` checkpoint of the tiny yaml's sizes (float32) and its tokenizer."""
     import torch
     import transformers
 

@@ -57,8 +57,8 @@ COMPARE = (TINY.replace("model.n_", "++model.n_").replace("model.emb_", "++model
            + " ++model.n_kv_groups=1 ++model.head_dim=16 ++model.hidden_dim=64")
 # A decoder (qwen3-0.6b, llama3.2-1b): the sizes of its tiny config, whose random checkpoint sits
 # in ./Qwen3-0.6B-Base or in the Hugging Face cache (`write_hub_caches`); one short epoch
-DECODER = ("model.vocab_size=50257 model.emb_dim=64 model.n_layers=2 model.n_heads=4 model.n_kv_groups=2 "
-           "model.head_dim=16 model.hidden_dim=128 " + ENCODER)
+DECODER = ("model.vocab_size=50257 model.emb_dim=64 model.n_layers=2 model.n_heads=4 "
+           "model.n_kv_groups=2 model.head_dim=16 model.hidden_dim=128 " + ENCODER)
 HUB_DECODERS = {"Qwen/Qwen3-0.6B-Base": "qwen3", "meta-llama/Llama-3.2-1B": "llama"}
 # the Hub ids of the compare rows and their families
 HUB_ENCODERS = {

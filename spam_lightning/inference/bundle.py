@@ -272,7 +272,8 @@ def load_gpt2(folder: Path, config: dict[str, Any], map_location: str | torch.de
     return model, config
 
 
-def read_state(weights_path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_state(weights_path: Path,
+               map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The bundle's tensors (safetensors only: never unpickled), every one finite."""
     try:
         state = load_file(str(weights_path), device=str(map_location))

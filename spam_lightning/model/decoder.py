@@ -37,20 +37,52 @@ from spam_lightning.rules import choice_problems, is_int
 
 ARCHS = ("qwen3", "llama")
 # the keys of a DecoderModel config (bundle.json's "model"), besides ``causal_mask`` (always true)
-DECODER_KEYS = ("arch", "vocab_size", "context_length", "emb_dim", "n_layers", "n_heads", "n_kv_groups",
-                "head_dim", "hidden_dim", "qk_norm", "rope_base", "rope_scaling", "rms_eps", "tie_embeddings")
-SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads", "n_kv_groups", "head_dim",
-             "hidden_dim")
-LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-GPT2_TOKENIZER = "gpt2"  # model.tokenizer_source=gpt2: the bundled GPT-2 BPE (ids 0..50256, pads with 50256)
+DECODER_KEYS = (
+    "arch",
+    "vocab_size",
+    "context_length",
+    "emb_dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_groups",
+    "head_dim",
+    "hidden_dim",
+    "qk_norm",
+    "rope_base",
+    "rope_scaling",
+    "rms_eps",
+    "tie_embeddings",
+)
+SIZE_KEYS = (
+    "vocab_size",
+    "context_length",
+    "emb_dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_groups",
+    "head_dim",
+    "hidden_dim",
+)
+LLAMA3_SCALING = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
+GPT2_TOKENIZER = (
+    "gpt2"  # model.tokenizer_source=gpt2: the bundled GPT-2 BPE (ids 0..50256, pads with 50256)
+)
 GPT2_VOCAB = 50257
-TOKENIZER_FIX = ("set model.tokenizer_source to a folder or Hub id holding the model's tokenizer.json, "
-                 "or model.tokenizer_source=gpt2 for the bundled GPT-2 BPE (offline; random weights only make sense "
-                 "with it)")
+TOKENIZER_FIX = (
+    "set model.tokenizer_source to a folder or Hub id holding the model's tokenizer.json, "
+    "or model.tokenizer_source=gpt2 for the bundled GPT-2 BPE (offline; with random weights)"
+)
 
 
 # ------------------------------------------------------------------------------------ the model
-def rope_inv_freq(head_dim: int, base: float, scaling: Mapping[str, Any] | None = None) -> torch.Tensor:
+def rope_inv_freq(
+    head_dim: int, base: float, scaling: Mapping[str, Any] | None = None
+) -> torch.Tensor:
     """RoPE's inverse frequencies ``[head_dim // 2]`` (float32), with Llama 3's frequency scaling:
     long wavelengths slowed by ``factor``, short ones kept, the band between interpolated."""
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -71,11 +103,19 @@ class RotaryEmbedding(nn.Module):
     """cos and sin of ``position * inv_freq`` (each frequency twice), computed in float32 for the
     positions asked for: no table, no tensor in the state dict."""
 
-    def __init__(self, head_dim: int, base: float, scaling: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, head_dim: int, base: float, scaling: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
-        self.head_dim, self.base, self.scaling = head_dim, float(base), dict(scaling) if scaling else None
+        self.head_dim, self.base, self.scaling = (
+            head_dim,
+            float(base),
+            dict(scaling) if scaling else None,
+        )
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` [...] -> (cos, sin) [..., head_dim] in ``dtype``."""
         inv = rope_inv_freq(self.head_dim, self.base, self.scaling).to(positions.device)
         with torch.autocast(positions.device.type, enabled=False):
@@ -94,7 +134,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm (the book's Qwen3 name, ``scale``), normalised in float32 whatever the input dtype."""
+    """RMSNorm (the book's Qwen3 name, ``scale``), normalised in float32 whatever the dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -121,7 +161,9 @@ class GroupedQueryAttention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg["rms_eps"]) if cfg["qk_norm"] else None
         self.rope = RotaryEmbedding(hd, cfg["rope_base"], cfg["rope_scaling"])
 
-    def _heads(self, linear: nn.Module, x: torch.Tensor, n: int, norm: nn.Module | None) -> torch.Tensor:
+    def _heads(
+        self, linear: nn.Module, x: torch.Tensor, n: int, norm: nn.Module | None
+    ) -> torch.Tensor:
         """[b, T, d_in] -> [b, n, T, head_dim], RMS-normalised per head (Qwen3)."""
         x = linear(x).view(x.shape[0], x.shape[1], n, self.head_dim)
         return (norm(x) if norm is not None else x).transpose(1, 2)
@@ -136,16 +178,21 @@ class GroupedQueryAttention(nn.Module):
         q = self._heads(self.W_query, x, self.num_heads, self.q_norm)
         cos, sin = self.rope(torch.arange(num_tokens, device=x.device), q.dtype)
         k, v = self._keys_values(x)
-        context = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k, v, is_causal=True,
-                                                 enable_gqa=self.num_kv != self.num_heads)
+        context = F.scaled_dot_product_attention(
+            apply_rope(q, cos, sin), k, v, is_causal=True, enable_gqa=self.num_kv != self.num_heads
+        )
         return self.out_proj(context.transpose(1, 2).reshape(b, num_tokens, -1))
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``forward(x)[b, positions[b]]``: one query row per sequence (rotated by its own
         position), keys and values from every position, the causal mask as "keys <= position"."""
         b, num_tokens, _ = x.shape
-        q = self._heads(self.W_query, x[torch.arange(b, device=x.device), positions].unsqueeze(1),
-                        self.num_heads, self.q_norm)
+        q = self._heads(
+            self.W_query,
+            x[torch.arange(b, device=x.device), positions].unsqueeze(1),
+            self.num_heads,
+            self.q_norm,
+        )
         cos, sin = self.rope(positions, q.dtype)  # [B, head_dim]
         q = apply_rope(q, cos[:, None, None], sin[:, None, None])
         k, v = self._keys_values(x)
@@ -153,8 +200,9 @@ class GroupedQueryAttention(nn.Module):
         if not bool((positions == num_tokens - 1).all()):
             keep = torch.arange(num_tokens, device=x.device)[None, :] <= positions[:, None]
             mask = keep[:, None, None, :]  # [B, 1, 1, T]
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 enable_gqa=self.num_kv != self.num_heads)
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.num_kv != self.num_heads
+        )
         return self.out_proj(context.transpose(1, 2).reshape(b, -1))
 
     def extra_repr(self) -> str:
@@ -190,7 +238,9 @@ class DecoderBlock(nn.Module):
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``forward(x)[b, positions[b]]`` computed on B rows (the classifier's last block)."""
-        out = x[torch.arange(x.shape[0], device=x.device), positions] + self.att.forward_at(self.norm1(x), positions)
+        out = x[torch.arange(x.shape[0], device=x.device), positions] + self.att.forward_at(
+            self.norm1(x), positions
+        )
         return out + self.ff(self.norm2(out))
 
 
@@ -215,7 +265,9 @@ class DecoderModel(GPTModel):
         nn.Module.__init__(self)
         self.cfg = cfg = decoder_config(cfg)
         if cfg["n_heads"] % cfg["n_kv_groups"]:
-            raise ValueError(f"n_heads={cfg['n_heads']} is not divisible by n_kv_groups={cfg['n_kv_groups']}")
+            raise ValueError(
+                f"n_heads={cfg['n_heads']} is not divisible by n_kv_groups={cfg['n_kv_groups']}"
+            )
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb, self.drop_emb = nn.Identity(), nn.Identity()
         self.trf_blocks = nn.Sequential(*[DecoderBlock(cfg) for _ in range(cfg["n_layers"])])
@@ -232,19 +284,27 @@ class DecoderModel(GPTModel):
 
 
 class DecoderClassifier(GPTClassifier, DecoderModel):
-    """GPTClassifier's forward (pooling, shortcuts, start at block k) on a DecoderModel's modules."""
+    """GPTClassifier's forward (pooling, shortcuts, start at block k) on DecoderModel's modules."""
 
 
 # ------------------------------------------------------------------------------------ weights
 # A Hugging Face Qwen3/Llama tensor -> the DecoderModel parameter it fills ({i}: block index)
-HF_LAYOUT = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "final_norm.scale",
-             "lm_head.weight": "out_head.weight"}
+HF_LAYOUT = {
+    "model.embed_tokens.weight": "tok_emb.weight",
+    "model.norm.weight": "final_norm.scale",
+    "lm_head.weight": "out_head.weight",
+}
 HF_BLOCK_LAYOUT = {
-    "input_layernorm.weight": "norm1.scale", "post_attention_layernorm.weight": "norm2.scale",
-    "self_attn.q_proj.weight": "att.W_query.weight", "self_attn.k_proj.weight": "att.W_key.weight",
-    "self_attn.v_proj.weight": "att.W_value.weight", "self_attn.o_proj.weight": "att.out_proj.weight",
-    "self_attn.q_norm.weight": "att.q_norm.scale", "self_attn.k_norm.weight": "att.k_norm.scale",
-    "mlp.gate_proj.weight": "ff.fc1.weight", "mlp.up_proj.weight": "ff.fc2.weight",
+    "input_layernorm.weight": "norm1.scale",
+    "post_attention_layernorm.weight": "norm2.scale",
+    "self_attn.q_proj.weight": "att.W_query.weight",
+    "self_attn.k_proj.weight": "att.W_key.weight",
+    "self_attn.v_proj.weight": "att.W_value.weight",
+    "self_attn.o_proj.weight": "att.out_proj.weight",
+    "self_attn.q_norm.weight": "att.q_norm.scale",
+    "self_attn.k_norm.weight": "att.k_norm.scale",
+    "mlp.gate_proj.weight": "ff.fc1.weight",
+    "mlp.up_proj.weight": "ff.fc2.weight",
     "mlp.down_proj.weight": "ff.fc3.weight",
 }
 
@@ -257,7 +317,9 @@ def hf_layout(cfg: Mapping[str, Any]) -> dict[str, str]:
         ours.discard("out_head.weight")
     layout = dict(HF_LAYOUT)
     for i in range(cfg["n_layers"]):
-        layout |= {f"model.layers.{i}.{k}": f"trf_blocks.{i}.{v}" for k, v in HF_BLOCK_LAYOUT.items()}
+        layout |= {
+            f"model.layers.{i}.{k}": f"trf_blocks.{i}.{v}" for k, v in HF_BLOCK_LAYOUT.items()
+        }
     return {k: v for k, v in layout.items() if v in ours}
 
 
@@ -275,8 +337,10 @@ def weight_files(folder: Path) -> list[Path]:
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     if len(found) == 1:
         return [folder / found[0]]
-    raise CheckpointError(f"{folder} holds no model.safetensors (nor model.safetensors.index.json); "
-                          "weights are read only from safetensors")
+    raise CheckpointError(
+        f"{folder} holds no model.safetensors (nor model.safetensors.index.json); "
+        "weights are read only from safetensors"
+    )
 
 
 def _header(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
@@ -292,7 +356,9 @@ def _header(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
     return shapes
 
 
-def check_decoder_checkpoint(folder: Path, cfg: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], Path]]:
+def check_decoder_checkpoint(
+    folder: Path, cfg: Mapping[str, Any]
+) -> dict[str, tuple[tuple[int, ...], Path]]:
     """One CheckpointError naming every difference between the checkpoint in ``folder`` and the
     configured model (its ``config.json`` and its tensors' names and shapes); else its header."""
     lines = hf_config_problems(folder, cfg)
@@ -300,20 +366,33 @@ def check_decoder_checkpoint(folder: Path, cfg: Mapping[str, Any]) -> dict[str, 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in DecoderModel(cfg).state_dict().items()}
     want = {hf: shapes[ours] for hf, ours in hf_layout(cfg).items()}
-    have = {k: s for k, (s, _) in header.items() if not (k == "lm_head.weight" and cfg["tie_embeddings"])}
+    have = {
+        k: s
+        for k, (s, _) in header.items()
+        if not (k == "lm_head.weight" and cfg["tie_embeddings"])
+    }
     lines += mismatch_lines(want, have, most=5)
     if lines:
-        raise CheckpointError(f"checkpoint {folder} does not match model={cfg.get('name', cfg['arch'])} "
-                              "as configured:\n  " + "\n  ".join(lines) + "\n  Override the model.* sizes "
-                              "to the checkpoint's, or pick another checkpoint.")
+        raise CheckpointError(
+            f"checkpoint {folder} does not match model={cfg.get('name', cfg['arch'])} "
+            "as configured:\n  " + "\n  ".join(lines) + "\n  Override the model.* sizes "
+            "to the checkpoint's, or pick another checkpoint."
+        )
     return header
 
 
 # config.json's names of our keys (transformers' Qwen3Config / LlamaConfig)
-HF_CONFIG_KEYS = {"vocab_size": "vocab_size", "emb_dim": "hidden_size", "n_layers": "num_hidden_layers",
-                  "n_heads": "num_attention_heads", "n_kv_groups": "num_key_value_heads",
-                  "head_dim": "head_dim", "hidden_dim": "intermediate_size", "rms_eps": "rms_norm_eps",
-                  "tie_embeddings": "tie_word_embeddings"}
+HF_CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "emb_dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_groups": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "hidden_dim": "intermediate_size",
+    "rms_eps": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+}
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
@@ -337,8 +416,11 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
 
 def hf_config_problems(folder: Path, cfg: Mapping[str, Any]) -> list[str]:
     found = read_hf_config(folder)
-    return [f"model.{k}={cfg[k]!r} but its config.json has {v!r}" for k, v in found.items()
-            if k in cfg and not _same(cfg[k], v)]
+    return [
+        f"model.{k}={cfg[k]!r} but its config.json has {v!r}"
+        for k, v in found.items()
+        if k in cfg and not _same(cfg[k], v)
+    ]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -374,17 +456,31 @@ def load_decoder(folder: Path, cfg: Mapping[str, Any]) -> DecoderModel:
                         not_finite.append(hf)
                     params[ours].copy_(tensor)
     if not_finite:
-        raise CheckpointError(f"checkpoint {folder}: {len(not_finite)} tensor(s) hold NaN or infinite values: "
-                              f"{', '.join(not_finite[:5])}; use other weights")
+        raise CheckpointError(
+            f"checkpoint {folder}: {len(not_finite)} tensor(s) hold NaN or infinite values: "
+            f"{', '.join(not_finite[:5])}; use other weights"
+        )
     return model
 
 
 # ------------------------------------------------------------------------------------ the Hub
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+HUB_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+]
 
 
-TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"]
+TOKENIZER_PATTERNS = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "config.json",
+]
 
 
 def hub_folder(repo: str, local_only: bool = False, patterns: list[str] = HUB_PATTERNS) -> Path:
@@ -396,13 +492,19 @@ def hub_folder(repo: str, local_only: bool = False, patterns: list[str] = HUB_PA
 
     cache, endpoint, offline = hub_settings()
     try:
-        return Path(snapshot_download(repo, cache_dir=cache, allow_patterns=patterns, local_files_only=True))
+        return Path(
+            snapshot_download(repo, cache_dir=cache, allow_patterns=patterns, local_files_only=True)
+        )
     except Exception as err:  # not cached (LocalEntryNotFoundError), or not a valid repo id
         if local_only or offline:
             why = "HF_HUB_OFFLINE is set" if offline else "only the cache was looked at"
-            raise _unavailable(repo, f"it is not in the Hugging Face cache ({cache}); {why}") from err
+            raise _unavailable(
+                repo, f"it is not in the Hugging Face cache ({cache}); {why}"
+            ) from err
     try:
-        return Path(snapshot_download(repo, cache_dir=cache, endpoint=endpoint, allow_patterns=patterns))
+        return Path(
+            snapshot_download(repo, cache_dir=cache, endpoint=endpoint, allow_patterns=patterns)
+        )
     except Exception as err:  # offline, HTTP (gated repos: 401/403), connection errors
         first = str(err).strip().split("\n")[0]
         raise _unavailable(repo, f"downloading it failed ({type(err).__name__}: {first})") from err
@@ -424,9 +526,14 @@ def check_hub(repo: str, what: str = "config.json") -> None:
         if offline:
             raise err
     reason = _probe(f"{endpoint}/{repo}/resolve/main/{what}", HUB_CHECK_TIMEOUT)
-    if reason is not None and not (re.search(r"HTTP 40[13]", reason) and get_token()):  # gated: the token decides
-        raise _unavailable(repo, f"it is not in the Hugging Face cache ({cache}) and the Hub ({endpoint}) "
-                           f"cannot serve it: {reason}")
+    if reason is not None and not (
+        re.search(r"HTTP 40[13]", reason) and get_token()
+    ):  # gated: the token decides
+        raise _unavailable(
+            repo,
+            f"it is not in the Hugging Face cache ({cache}) and the Hub ({endpoint}) "
+            f"cannot serve it: {reason}",
+        )
 
 
 def _unavailable(repo: str, reason: str) -> WeightsUnavailableError:
@@ -434,8 +541,10 @@ def _unavailable(repo: str, reason: str) -> WeightsUnavailableError:
         f"model.repo={repo}: cannot load it: {reason}. Fix: pass a local folder with "
         "model.checkpoint=/path/to/folder (config.json, *.safetensors and tokenizer.json, as "
         "save_pretrained writes them), train from scratch with model.weights=random "
-        "model.tokenizer_source=gpt2, or go online once (gated repos such as meta-llama's also need "
-        "`hf auth login`).")
+        "model.tokenizer_source=gpt2, or go online once (gated repos such as meta-llama's also "
+        "need "
+        "`hf auth login`)."
+    )
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -450,7 +559,9 @@ class DecoderTokenizer:
         transformers = _require_transformers()
         self.name = str(source)
         self._tok = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-        pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else self._tok.eos_token_id
+        pad = (
+            self._tok.pad_token_id if self._tok.pad_token_id is not None else self._tok.eos_token_id
+        )
         if pad is None:
             raise ValueError(f"the tokenizer in {source} has neither a pad nor an EOS token")
         self.pad_token_id: int = int(pad)
@@ -471,7 +582,9 @@ class DecoderTokenizer:
 
 
 # ------------------------------------------------------------------------------------ the family
-def build_decoder(cfg: DictConfig, num_classes: int, weights: str | None = None) -> DecoderClassifier:
+def build_decoder(
+    cfg: DictConfig, num_classes: int, weights: str | None = None
+) -> DecoderClassifier:
     """The configured decoder (pretrained: its checkpoint or Hub snapshot; random: seeded) as a
     classifier per ``trainable`` and ``token``."""
     from spam_lightning.training.checks import classifier_options
@@ -481,7 +594,9 @@ def build_decoder(cfg: DictConfig, num_classes: int, weights: str | None = None)
     torch.manual_seed(cfg.seed)
     config = {**decoder_config(m), "name": m.name}
     model = DecoderModel(config) if weights == "random" else load_decoder(weights_folder(m), config)
-    model = make_classifier(model, num_classes=num_classes, seed=cfg.seed, **classifier_options(cfg))
+    model = make_classifier(
+        model, num_classes=num_classes, seed=cfg.seed, **classifier_options(cfg)
+    )
     if m.get("compile", False):
         for block in model.trf_blocks:
             block.compile(dynamic=True)
@@ -500,7 +615,8 @@ def weights_folder(m: Any) -> Path:
 @dataclass
 class DecoderFamily(TrunkCachedFamily):
     """Qwen3 and Llama 3.2 (``conf/model/qwen3-0.6b.yaml``): the chapter's options on a modern
-    decoder. ``tokenizer_source``: null (the checkpoint's or Hub repo's own), ``gpt2`` (the bundled BPE),
+    decoder. ``tokenizer_source``: null (the checkpoint's or Hub repo's own), ``gpt2`` (the
+    bundled BPE),
     or a folder / Hub id holding a tokenizer.json."""
 
     kind = "decoder"
@@ -530,41 +646,64 @@ class DecoderFamily(TrunkCachedFamily):
         problems = choice_problems("model.weights", self.weights, ("pretrained", "random"))
         problems += choice_problems("model.arch", self.arch, ARCHS)
         for group, allowed in (("trainable", TRAINABLE), ("token", pooling_names(cfg.token))):
-            problems += choice_problems(f"{group}.name", cfg[group].name, allowed,
-                                        f" (choose one with {group}=NAME)")
+            problems += choice_problems(
+                f"{group}.name", cfg[group].name, allowed, f" (choose one with {group}=NAME)"
+            )
         bad = [k for k in SIZE_KEYS if not is_int(getattr(self, k), 1)]
         problems += [f"model.{k}={getattr(self, k)!r}: must be an integer >= 1" for k in bad]
         if not bad:
             if self.n_heads % self.n_kv_groups:
-                problems.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_groups="
-                                f"{self.n_kv_groups} (each key/value head serves a group of query heads)")
+                problems.append(
+                    f"model.n_heads={self.n_heads} is not divisible by model.n_kv_groups="
+                    f"{self.n_kv_groups} (each key/value head serves a group of query heads)"
+                )
             if self.head_dim % 2:
-                problems.append(f"model.head_dim={self.head_dim}: must be even (RoPE rotates pairs)")
+                problems.append(
+                    f"model.head_dim={self.head_dim}: must be even (RoPE rotates pairs)"
+                )
             if self.tokenizer_source == GPT2_TOKENIZER and self.vocab_size < GPT2_VOCAB:
-                problems.append(f"model.vocab_size={self.vocab_size}: must be >= {GPT2_VOCAB} with "
-                                "model.tokenizer_source=gpt2 (its token ids go up to 50256)")
+                problems.append(
+                    f"model.vocab_size={self.vocab_size}: must be >= {GPT2_VOCAB} with "
+                    "model.tokenizer_source=gpt2 (its token ids go up to 50256)"
+                )
             rank = cfg.trainable.get("rank") if cfg.trainable.name == "lora" else None
             if is_int(rank, 1) and rank > self.emb_dim:
                 problems.append(f"trainable.rank={rank}: must be <= model.emb_dim={self.emb_dim}")
             if cfg.trainable.name == "last_two_blocks" and self.n_layers < 2:
-                problems.append(f"trainable=last_two_blocks needs at least 2 transformer blocks; model "
-                                f"{self.name} has n_layers={self.n_layers}. Use trainable=last_block.")
+                problems.append(
+                    f"trainable=last_two_blocks needs at least 2 transformer blocks; model "
+                    f"{self.name} has n_layers={self.n_layers}. Use trainable=last_block."
+                )
         for key in ("rope_base", "rms_eps"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf
+            ):
                 problems.append(f"model.{key}={value!r}: must be a number > 0")
         scaling = self.rope_scaling
-        if scaling is not None and not (isinstance(scaling, Mapping) and set(scaling) == set(LLAMA3_SCALING)):
-            problems.append(f"model.rope_scaling={scaling!r}: null or Llama 3's {{{', '.join(LLAMA3_SCALING)}}}")
+        if scaling is not None and not (
+            isinstance(scaling, Mapping) and set(scaling) == set(LLAMA3_SCALING)
+        ):
+            problems.append(
+                f"model.rope_scaling={scaling!r}: null or Llama 3's {{{', '.join(LLAMA3_SCALING)}}}"
+            )
         from spam_lightning.rules import bool_problems
 
-        problems += bool_problems(**{f"model.{k}": getattr(self, k) for k in ("qk_norm", "tie_embeddings")})
+        problems += bool_problems(
+            **{f"model.{k}": getattr(self, k) for k in ("qk_norm", "tie_embeddings")}
+        )
         if self.weights == "random" and self.checkpoint is not None:
-            problems.append(f"model.checkpoint={self.checkpoint} is ignored with model.weights=random; drop "
-                            "one of them")
+            problems.append(
+                f"model.checkpoint={self.checkpoint} is ignored with model.weights=random; drop "
+                "one of them"
+            )
         if self.weights == "pretrained" and self.checkpoint is None and not self.repo:
-            problems.append(f"model {self.name} names no Hub repo: pass model.checkpoint=/path/to/folder "
-                            "or use model.weights=random")
+            problems.append(
+                f"model {self.name} names no Hub repo: pass model.checkpoint=/path/to/folder "
+                "or use model.weights=random"
+            )
         if self.checkpoint is not None and not Path(str(self.checkpoint)).expanduser().exists():
             problems.append(f"model.checkpoint={self.checkpoint}: no such file or folder")
         return problems + super().problems(cfg)
@@ -574,7 +713,9 @@ class DecoderFamily(TrunkCachedFamily):
         """The checkpoint's config and header (or the Hub cache / a probe), then the tokenizer."""
         if self.weights == "pretrained":
             if self.checkpoint is not None:
-                check_decoder_checkpoint(weights_folder(cfg.model), {**decoder_config(cfg.model), "name": self.name})
+                check_decoder_checkpoint(
+                    weights_folder(cfg.model), {**decoder_config(cfg.model), "name": self.name}
+                )
             else:
                 check_hub(str(self.repo))
         self._tokenizer = self._load_tokenizer()
@@ -597,19 +738,31 @@ class DecoderFamily(TrunkCachedFamily):
         if source is None:
             return None
         try:
-            folder = source if isinstance(source, Path) else hub_folder(str(source), patterns=TOKENIZER_PATTERNS)
+            folder = (
+                source
+                if isinstance(source, Path)
+                else hub_folder(str(source), patterns=TOKENIZER_PATTERNS)
+            )
             tokenizer = DecoderTokenizer(folder)
         except (OSError, ValueError, WeightsUnavailableError) as err:
-            where = "model.tokenizer_source" if self.tokenizer_source else ("model.checkpoint" if self.checkpoint else "model.repo")
-            raise TokenizerError(f"no tokenizer for model={self.name} from {where}={source}: "
-                                 f"{str(err).splitlines()[0].split('. Fix:')[0]}. Fix: {TOKENIZER_FIX}") from err
+            where = (
+                "model.tokenizer_source"
+                if self.tokenizer_source
+                else ("model.checkpoint" if self.checkpoint else "model.repo")
+            )
+            raise TokenizerError(
+                f"no tokenizer for model={self.name} from {where}={source}: "
+                f"{str(err).splitlines()[0].split('. Fix:')[0]}. Fix: {TOKENIZER_FIX}"
+            ) from err
         if len(tokenizer) > int(self.vocab_size):
-            raise TokenizerError(f"the tokenizer from {source} has {len(tokenizer)} tokens, more than "
-                                 f"model.vocab_size={self.vocab_size}; use the model's own tokenizer")
+            raise TokenizerError(
+                f"the tokenizer from {source} has {len(tokenizer)} tokens, more than "
+                f"model.vocab_size={self.vocab_size}; use the model's own tokenizer"
+            )
         return tokenizer
 
     def tokenizer(self, cfg: DictConfig) -> DecoderTokenizer | None:
-        """The checkpoint's own tokenizer; None: the bundled GPT-2 BPE (``tokenizer_source=gpt2``)."""
+        """The checkpoint's own tokenizer; None: the bundled GPT-2 BPE (tokenizer_source=gpt2)."""
         if not hasattr(self, "_tokenizer"):
             self._tokenizer = self._load_tokenizer()
         return self._tokenizer
@@ -618,7 +771,11 @@ class DecoderFamily(TrunkCachedFamily):
         if self.weights == "random":
             return {"name": self.name, "source": "random", "seed": int(cfg.seed)}
         if self.checkpoint is not None:
-            return {"name": self.name, "source": "file", "path": str(weights_folder(cfg.model).resolve())}
+            return {
+                "name": self.name,
+                "source": "file",
+                "path": str(weights_folder(cfg.model).resolve()),
+            }
         folder = hub_folder(str(self.repo), local_only=True)  # .../snapshots/<revision>
         return {"name": self.name, "source": "hub", "repo": self.repo, "revision": folder.name}
 
@@ -626,7 +783,9 @@ class DecoderFamily(TrunkCachedFamily):
     def build(self, cfg: DictConfig, num_classes: int) -> DecoderClassifier:
         return build_decoder(cfg, num_classes)
 
-    def check_resume(self, cfg: DictConfig, path: Path, checkpoint: dict, num_classes: int | None) -> None:
+    def check_resume(
+        self, cfg: DictConfig, path: Path, checkpoint: dict, num_classes: int | None
+    ) -> None:
         from spam_lightning.training.checks import check_resume_checkpoint
 
         if num_classes is None:
@@ -634,12 +793,17 @@ class DecoderFamily(TrunkCachedFamily):
             head = state.get("model.out_head.weight", state.get("model.out_head.linear.weight"))
             num_classes = int(head.shape[0]) if head is not None else 2
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            model = build_decoder(OmegaConf.merge(cfg, {"model": {"compile": False}}), num_classes, weights="random")
-        check_resume_checkpoint(cfg, path, checkpoint, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+            model = build_decoder(
+                OmegaConf.merge(cfg, {"model": {"compile": False}}), num_classes, weights="random"
+            )
+        check_resume_checkpoint(
+            cfg, path, checkpoint, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        )
 
     # -- the bundle
-    def save(self, run_dir: Path, model: Any, datamodule: Any, cfg: DictConfig,
-             trained: dict[str, Any]) -> Path:
+    def save(
+        self, run_dir: Path, model: Any, datamodule: Any, cfg: DictConfig, trained: dict[str, Any]
+    ) -> Path:
         from spam_lightning.inference.bundle import fresh_bundle_dir, save_bundle
         from spam_lightning.training.checks import classifier_options
 
@@ -647,12 +811,21 @@ class DecoderFamily(TrunkCachedFamily):
         tokenizer = self.tokenizer(cfg)
         if tokenizer is not None:
             tokenizer.save(out)
-        return save_bundle(run_dir, model, class_names=list(datamodule.class_names), token=cfg.token.name,
-                           max_length=datamodule.max_length, padding=cfg.data.padding,
-                           pad_token_id=datamodule.pad_token_id, extra={"trained": trained},
-                           base={**self.base_identity(cfg), "classifier": classifier_options(cfg)},
-                           out=out, kind=self.kind, model_config=model.cfg,
-                           tokenizer=GPT2_TOKENIZER if tokenizer is None else "bundle")
+        return save_bundle(
+            run_dir,
+            model,
+            class_names=list(datamodule.class_names),
+            token=cfg.token.name,
+            max_length=datamodule.max_length,
+            padding=cfg.data.padding,
+            pad_token_id=datamodule.pad_token_id,
+            extra={"trained": trained},
+            base={**self.base_identity(cfg), "classifier": classifier_options(cfg)},
+            out=out,
+            kind=self.kind,
+            model_config=model.cfg,
+            tokenizer=GPT2_TOKENIZER if tokenizer is None else "bundle",
+        )
 
     @classmethod
     def load_model(cls, folder: Path, config: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
@@ -660,8 +833,9 @@ class DecoderFamily(TrunkCachedFamily):
         return load_decoder_bundle(folder, config)
 
     @classmethod
-    def load(cls, folder: Path, config: dict[str, Any], device: torch.device,
-             dtype: torch.dtype) -> Predictor:
+    def load(
+        cls, folder: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype
+    ) -> Predictor:
         model, config = load_decoder_bundle(folder, config)
         return DecoderPredictor(model, config, device, dtype, folder)
 
@@ -679,7 +853,9 @@ def base_classifier(config: dict[str, Any], weights: str | None = None) -> Decod
     else:
         folder = Path(base["path"]) if base["source"] == "file" else _hub_revision(base)
         model = load_decoder(folder, cfg)
-    return make_classifier(model, num_classes=config["num_classes"], seed=seed, **base["classifier"])
+    return make_classifier(
+        model, num_classes=config["num_classes"], seed=seed, **base["classifier"]
+    )
 
 
 def _hub_revision(base: Mapping[str, Any]) -> Path:
@@ -690,7 +866,9 @@ def _hub_revision(base: Mapping[str, Any]) -> Path:
     return folder
 
 
-def load_decoder_bundle(folder: Path, config: dict[str, Any]) -> tuple[DecoderClassifier | DecoderModel, dict]:
+def load_decoder_bundle(
+    folder: Path, config: dict[str, Any]
+) -> tuple[DecoderClassifier | DecoderModel, dict]:
     """``bundle.json`` checked, then the weights' header, before any model is built."""
     from spam_lightning.data.tokens import PADDING_MODES
     from spam_lightning.inference import bundle
@@ -705,10 +883,14 @@ def load_decoder_bundle(folder: Path, config: dict[str, Any]) -> tuple[DecoderCl
         with torch.device("meta"):
             DecoderModel(model_cfg)
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
-        raise bundle.BundleError(f"{config_path}: model does not describe a decoder ({err}); "
-                                 "re-create the bundle.") from err
-    for key, allowed in (("token", [*POOLINGS]), ("padding", [*PADDING_MODES]),
-                         ("tokenizer", [GPT2_TOKENIZER, "bundle"])):
+        raise bundle.BundleError(
+            f"{config_path}: model does not describe a decoder ({err}); re-create the bundle."
+        ) from err
+    for key, allowed in (
+        ("token", [*POOLINGS]),
+        ("padding", [*PADDING_MODES]),
+        ("tokenizer", [GPT2_TOKENIZER, "bundle"]),
+    ):
         if config.get(key) not in allowed:
             raise bundle.bad_field(config_path, key, config.get(key))
     for key, low in (("max_length", 1), ("pad_token_id", 0)):
@@ -716,9 +898,13 @@ def load_decoder_bundle(folder: Path, config: dict[str, Any]) -> tuple[DecoderCl
             raise bundle.bad_field(config_path, key, config.get(key))
     if "base" in config:
         base = config["base"]
-        if not (isinstance(base, dict) and base.get("source") in ("hub", "file", "random")
-                and isinstance(base.get("sha256"), str) and isinstance(base.get("classifier"), dict)
-                and base["classifier"].get("trainable") in [*TRAINABLE]):
+        if not (
+            isinstance(base, dict)
+            and base.get("source") in ("hub", "file", "random")
+            and isinstance(base.get("sha256"), str)
+            and isinstance(base.get("classifier"), dict)
+            and base["classifier"].get("trainable") in [*TRAINABLE]
+        ):
             raise bundle.bad_field(config_path, "base", base)
     header = bundle.read_header(weights_path)
     if "base" in config:
@@ -729,8 +915,10 @@ def load_decoder_bundle(folder: Path, config: dict[str, Any]) -> tuple[DecoderCl
             full.out_head = nn.Linear(model_cfg["emb_dim"], config["num_classes"])
         expected = {k: tuple(v.shape) for k, v in full.state_dict().items()}
         if problems := mismatch_lines(expected, {k: s for k, (_, s) in header.items()}, most=1):
-            raise bundle.BundleError(f"{weights_path} does not match {config_path.name}: tensors "
-                                     f"{'; '.join(problems)}. Re-create the bundle with a training run.")
+            raise bundle.BundleError(
+                f"{weights_path} does not match {config_path.name}: tensors "
+                f"{'; '.join(problems)}. Re-create the bundle with a training run."
+            )
     state = bundle.read_state(weights_path)
     if "base" in config:
         return bundle.on_base(config, state, config_path, base_classifier).eval(), config
@@ -745,8 +933,14 @@ class DecoderPredictor(GPT2Predictor):
 
     classifier = DecoderClassifier
 
-    def __init__(self, model: Any, config: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                 folder: Path) -> None:
+    def __init__(
+        self,
+        model: Any,
+        config: dict[str, Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        folder: Path,
+    ) -> None:
         super().__init__(model, config, device, dtype)
         self.own = DecoderTokenizer(folder) if config["tokenizer"] == "bundle" else None
 
@@ -756,5 +950,7 @@ class DecoderPredictor(GPT2Predictor):
         return self.own.encode(texts, self.max_length)
 
     def describe(self) -> dict[str, Any]:
-        return {k: self.model_cfg[k] for k in ("arch", "emb_dim", "n_layers", "n_heads", "n_kv_groups",
-                                               "context_length")}
+        return {
+            k: self.model_cfg[k]
+            for k in ("arch", "emb_dim", "n_layers", "n_heads", "n_kv_groups", "context_length")
+        }

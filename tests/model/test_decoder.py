@@ -9,8 +9,13 @@ import pytest
 import torch
 from hf_decoders import tiny_config, write_tiny_decoder
 
-from spam_lightning.model.decoder import DecoderClassifier, DecoderModel, load_decoder, rope_inv_freq
 from spam_lightning.model.classifier import make_classifier
+from spam_lightning.model.decoder import (
+    DecoderClassifier,
+    DecoderModel,
+    load_decoder,
+    rope_inv_freq,
+)
 from spam_lightning.model.weights import CheckpointError
 
 
@@ -22,7 +27,9 @@ def test_logits_equal_transformers_on_the_same_checkpoint(arch: str, tmp_path: P
     ours = load_decoder(folder, tiny_config(arch)).eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert type(theirs).__name__ == ("Qwen3ForCausalLM" if arch == "qwen3" else "LlamaForCausalLM")
-    ids = torch.randint(0, ours.cfg["vocab_size"], (3, 37), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, ours.cfg["vocab_size"], (3, 37), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         want = theirs(input_ids=ids).logits
         got = ours(ids)
@@ -33,7 +40,7 @@ def test_logits_equal_transformers_on_the_same_checkpoint(arch: str, tmp_path: P
 
 
 def test_llama3_rope_scaling_is_transformers(tmp_path: Path) -> None:
-    """Llama 3's frequency bands (kept, interpolated, slowed by ``factor``) at the real head size."""
+    """Llama 3's frequency bands (kept, interpolated, slowed by ``factor``), real head size."""
     from hf_decoders import hf_config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
