@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hf_decoders import write_decoder_hub_cache, write_tiny_decoder
 from hf_encoders import write_hub_cache, write_tiny_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,8 +51,15 @@ IMDB = TINY + " data.train_size=100 data.val_size=20 data.test_size=40"
 # An encoder: a tiny random one of its family, in ./my-encoder or in the Hugging Face cache where a
 # first run would have downloaded it (`write_hub_caches`); one short epoch
 ENCODER = "trainer.max_epochs=1 trainer.limit_train_batches=3 trainer.limit_val_batches=2 eval_iter=1"
-# A sweep over different models: TINY's sizes with ++ (only the GPT-2 rows have these keys)
-COMPARE = TINY.replace("model.n_", "++model.n_").replace("model.emb_", "++model.emb_")
+# A sweep over different models: TINY's sizes with ++ (only the GPT-2 and decoder rows have these
+# keys; the decoders' own sizes to match)
+COMPARE = (TINY.replace("model.n_", "++model.n_").replace("model.emb_", "++model.emb_")
+           + " ++model.n_kv_groups=1 ++model.head_dim=16 ++model.hidden_dim=64")
+# A decoder (qwen3-0.6b, llama3.2-1b): the sizes of its tiny config, whose random checkpoint sits
+# in ./Qwen3-0.6B-Base or in the Hugging Face cache (`write_hub_caches`); one short epoch
+DECODER = ("model.vocab_size=50257 model.emb_dim=64 model.n_layers=2 model.n_heads=4 "
+           "model.n_kv_groups=2 model.head_dim=16 model.hidden_dim=128 " + ENCODER)
+HUB_DECODERS = {"Qwen/Qwen3-0.6B-Base": "qwen3", "meta-llama/Llama-3.2-1B": "llama"}
 # the Hub ids of the compare rows and their families
 HUB_ENCODERS = {
     "distilbert-base-uncased": "distilbert", "bert-large-uncased": "bert",
@@ -187,6 +195,9 @@ ROWS = [
     Row(r"^python train\.py model=(logreg|majority)", check=_has_run_files),
     Row(r"^python train\.py model=encoder ", suffix=ENCODER, check=_has_run_files,
         why="a tiny random encoder: ./my-encoder, or the Hugging Face cache (no Hub here)"),
+    Row(r"^python train\.py model=(qwen3|llama3\.2)-tiny debug=limit", check=_has_run_files),
+    Row(r"^python train\.py model=(qwen3-0\.6b|llama3\.2-1b)", suffix=DECODER, check=_has_run_files,
+        why="a tiny random decoder: ./Qwen3-0.6B-Base, or the Hugging Face cache (no Hub here)"),
     Row(r"^python train\.py -m 'experiment=glob\(compare/imdb", check=_has_summary,
         suffix=COMPARE + IMDB.removeprefix(TINY).replace(" data.", " ++data.")
         + " ++data.urls=[{serve}/aclImdb_v1.tar.gz]"),  # ++: the sweep's first compose is SMS
@@ -364,12 +375,15 @@ def _write_inputs(work: Path, sms_file: Path) -> None:
         tar.add(work / "_imdb" / "aclImdb", arcname="aclImdb")
     shutil.rmtree(work / "_imdb")
     write_tiny_encoder(work / "my-encoder", "bert")
+    write_tiny_decoder(work / "Qwen3-0.6B-Base", "qwen3")
 
 
 def write_hub_caches(home: Path) -> None:
-    """Every encoder of the compare rows, tiny and random, in the Hugging Face cache."""
+    """Every encoder and decoder of the compare rows, tiny and random, in the Hugging Face cache."""
     for repo_id, family in HUB_ENCODERS.items():
         write_hub_cache(home, repo_id, family)
+    for repo_id, arch in HUB_DECODERS.items():
+        write_decoder_hub_cache(home, repo_id, arch)
 
 
 def _fresh_checkout(root: Path, sms_file: Path) -> Path:

@@ -37,7 +37,8 @@ class BundleError(RuntimeError):
 def save_bundle(
     run_dir: str | Path, model: GPTModel, *, class_names: list[str], token: str, max_length: int,
     padding: str, pad_token_id: int, extra: dict[str, Any] | None = None,
-    base: dict[str, Any] | None = None, out: Path | None = None,
+    base: dict[str, Any] | None = None, out: Path | None = None, kind: str = "gpt2",
+    model_config: dict[str, Any] | None = None, tokenizer: str = "gpt2",
 ) -> Path:
     """Write ``run_dir/bundle/{model.safetensors,bundle.json}`` atomically. With ``base`` (the
     frozen base's identity and ``make_classifier`` options) only the tensors that trained are
@@ -58,11 +59,12 @@ def save_bundle(
             full = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         state = full
     write_safetensors(out / WEIGHTS, state, {"format": "pt"})
-    gpt_cfg = {k: model.cfg[k] for k in CFG_KEYS}
-    gpt_cfg["causal_mask"] = bool(model.cfg.get("causal_mask", True))
+    if model_config is None:  # GPT-2's keys (another family passes its model's own)
+        model_config = {k: model.cfg[k] for k in CFG_KEYS}
+        model_config["causal_mask"] = bool(model.cfg.get("causal_mask", True))
     return write_bundle_config(
-        out, "gpt2", class_names, model=gpt_cfg, token=token, max_length=int(max_length),
-        padding=padding, pad_token_id=int(pad_token_id), tokenizer="gpt2",
+        out, kind, class_names, model=model_config, token=token, max_length=int(max_length),
+        padding=padding, pad_token_id=int(pad_token_id), tokenizer=tokenizer,
         # token=mean is the book's mean, padding included; bundles without this key are older,
         # from when token=mean averaged the real tokens only (read as masked_mean: model/gpt2.py)
         mean_includes_padding=True, **({"base": base} if base else {}), **(extra or {}),
@@ -253,20 +255,12 @@ def load_gpt2(folder: Path, config: dict[str, Any], map_location: str | torch.de
     validate_config(config, config_path)
     header = read_header(weights_path)
     if "base" in config:
-        _check_delta(config, header, config_path, weights_path)
+        check_delta(config, header, config_path, weights_path)
     else:
         check_weights(config, header, config_path, weights_path)
-    try:
-        # safetensors only: a bundle is never unpickled, so a crafted file cannot run code
-        state = load_file(str(weights_path), device=str(map_location))
-    except Exception as err:  # SafetensorError (truncated data), OSError
-        raise _unreadable(weights_path, err) from err
-    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
-    if bad:
-        raise BundleError(f"{weights_path}: {len(bad)} tensor(s) hold NaN or infinite values (first: {bad[0]}); "
-                          "the training run diverged. Retrain (e.g. with a lower optimizer.lr).")
+    state = read_state(weights_path, map_location)
     if "base" in config:
-        return _on_base(config, state, config_path).to(map_location).eval(), config
+        return on_base(config, state, config_path).to(map_location).eval(), config
     model = GPTModel(config["model"])
     model.out_head = nn.Linear(config["model"]["emb_dim"], config["num_classes"])
     try:
@@ -278,9 +272,26 @@ def load_gpt2(folder: Path, config: dict[str, Any], map_location: str | torch.de
     return model, config
 
 
-def _check_delta(config: dict[str, Any], header: dict, config_path: Path, weights_path: Path) -> None:
-    """The trained tensors against the classifier ``bundle.json`` describes (a meta model)."""
-    from spam_lightning.model.gpt2 import base_classifier
+def read_state(weights_path: Path,
+               map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The bundle's tensors (safetensors only: never unpickled), every one finite."""
+    try:
+        state = load_file(str(weights_path), device=str(map_location))
+    except Exception as err:  # SafetensorError (truncated data), OSError
+        raise _unreadable(weights_path, err) from err
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise BundleError(f"{weights_path}: {len(bad)} tensor(s) hold NaN or infinite values (first: {bad[0]}); "
+                          "the training run diverged. Retrain (e.g. with a lower optimizer.lr).")
+    return state
+
+
+def check_delta(config: dict[str, Any], header: dict, config_path: Path, weights_path: Path,
+                base_classifier: Any = None) -> None:
+    """The trained tensors against the classifier ``bundle.json`` describes (a meta model);
+    ``base_classifier(config, weights)``: the family's (default: GPT-2's)."""
+    if base_classifier is None:
+        from spam_lightning.model.gpt2 import base_classifier
 
     with torch.device("meta"):
         model = base_classifier(config, weights="random")
@@ -295,10 +306,12 @@ def _check_delta(config: dict[str, Any], header: dict, config_path: Path, weight
                           "Re-create the bundle with a training run.")
 
 
-def _on_base(config: dict[str, Any], state: dict[str, torch.Tensor], config_path: Path) -> GPTModel:
+def on_base(config: dict[str, Any], state: dict[str, torch.Tensor], config_path: Path,
+            base_classifier: Any = None) -> GPTModel:
     """The base rebuilt from its identity (Hub cache, local file or seeded random init), its
     digest checked, the trained tensors loaded on top, LoRA merged."""
-    from spam_lightning.model.gpt2 import base_classifier
+    if base_classifier is None:
+        from spam_lightning.model.gpt2 import base_classifier
     from spam_lightning.model.lora import merge_lora
     from spam_lightning.model.weights import WeightsUnavailableError
 
@@ -397,12 +410,15 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
             raise BundleError(f"{args.out} exists and is not an empty folder; pick a new OUT folder.")
-        _, folder, config = open_bundle(args.run)
+        family, folder, config = open_bundle(args.run)
         if "base" not in config:  # already self-contained (older GPT-2 bundles, other families)
             shutil.copytree(folder, args.out, dirs_exist_ok=True)
-        else:
-            model, config = load_gpt2(folder, config)
+        else:  # a family with delta bundles besides GPT-2 (the decoders) names its loader
+            model, config = getattr(family, "load_model", load_gpt2)(folder, config)
             args.out.mkdir(parents=True, exist_ok=True)
+            for extra in folder.iterdir():  # e.g. the decoders' tokenizer files
+                if extra.is_file() and extra.name not in (WEIGHTS, CONFIG):
+                    shutil.copy2(extra, args.out / extra.name)
             state = {k: v.contiguous() for k, v in model.state_dict().items()}
             write_safetensors(args.out / WEIGHTS, state, {"format": "pt"})
             write_json(args.out / CONFIG, {k: v for k, v in config.items() if k != "base"})  # last

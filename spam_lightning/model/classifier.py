@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from spam_lightning.model.gpt import GPTModel, TransformerBlock
+from spam_lightning.model.gpt import GPTModel
 from spam_lightning.model.lora import check_lora_options, replace_linear_with_lora
 from spam_lightning.model.pooling import Pooling, get_pooling
 from spam_lightning.model.weights import mismatch_lines
@@ -86,8 +86,9 @@ class GPTClassifier(GPTModel):
         n_blocks = len(self.trf_blocks)
         positions = self.pooling.positions(width, lengths)
         last_block = self.trf_blocks[n_blocks - 1] if start_block < n_blocks else None
-        # an FSDP-wrapped block must go through its own forward (which gathers its weights)
-        if positions is not None and isinstance(last_block, TransformerBlock):
+        # an FSDP-wrapped block must go through its own forward (which gathers its weights):
+        # the block's own class must define forward_at (GPT-2's TransformerBlock, DecoderBlock)
+        if positions is not None and hasattr(type(last_block), "forward_at"):
             x = self.call_block(last_block, self.run_blocks(x, start_block, n_blocks - 1), positions,
                                 method="forward_at")
             return self.out_head(self.final_norm(x))

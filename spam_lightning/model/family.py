@@ -20,6 +20,7 @@ BUILTIN = {
     "gpt2": "spam_lightning.model.gpt2:GPT2Family",
     "encoder": "spam_lightning.model.encoder:EncoderFamily",
     "baseline": "spam_lightning.model.baselines:BaselineFamily",
+    "decoder": "spam_lightning.model.decoder:DecoderFamily",
 }
 _REGISTRY: dict[str, type[ModelFamily]] = {}
 

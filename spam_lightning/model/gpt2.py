@@ -91,8 +91,36 @@ def _size_problems(sizes: dict[str, Any], pad_token_id: Any) -> list[str]:
     return problems
 
 
+class TrunkCachedFamily(ModelFamily):
+    """A GPTClassifier family (GPT-2, the decoders): trained with the frozen-trunk cache, pooled
+    per ``token``."""
+
+    def callbacks(self, cfg: DictConfig, model: GPTClassifier, datamodule: Any) -> list[Any]:
+        from spam_lightning.training.callbacks import TrunkCaching
+
+        start = first_trainable_block(cfg.trainable.name, len(model.trf_blocks))
+        self._caching = TrunkCaching(start, datamodule, **cfg.cache)
+        return [self._caching]
+
+    def fit(self, cfg: DictConfig, trainer: Any, datamodule: Any, ckpt_path: Path | None,
+            checkpoint: dict | None) -> Fitted:
+        fitted = super().fit(cfg, trainer, datamodule, ckpt_path, checkpoint)
+        cached = {k: v for k, v in self._caching.seconds.items() if k in ("train", "val")}
+        total, cache_seconds = fitted.training_seconds, sum(cached.values())
+        log.info("Training took %.1f s: frozen-trunk cache %.1f s (%s), epochs and evaluations %.1f s.",
+                 total, cache_seconds, ", ".join(f"{k} {v:.1f} s" for k, v in cached.items()) or "none",
+                 total - cache_seconds)
+        return fitted
+
+    def trunk_cached(self) -> bool:
+        return self._caching.active
+
+    def recorded(self, cfg: DictConfig) -> dict[str, Any]:
+        return {**super().recorded(cfg), "token": cfg.token.name}
+
+
 @dataclass
-class GPT2Family(ModelFamily):
+class GPT2Family(TrunkCachedFamily):
     """The chapter's model. Options: ``conf/model/gpt2-small.yaml``."""
 
     kind = "gpt2"
@@ -176,23 +204,6 @@ class GPT2Family(ModelFamily):
     def build(self, cfg: DictConfig, num_classes: int) -> GPTClassifier:
         return build_model(cfg, num_classes)
 
-    def callbacks(self, cfg: DictConfig, model: GPTClassifier, datamodule: Any) -> list[Any]:
-        from spam_lightning.training.callbacks import TrunkCaching
-
-        start = first_trainable_block(cfg.trainable.name, len(model.trf_blocks))
-        self._caching = TrunkCaching(start, datamodule, **cfg.cache)
-        return [self._caching]
-
-    def fit(self, cfg: DictConfig, trainer: Any, datamodule: Any, ckpt_path: Path | None,
-            checkpoint: dict | None) -> Fitted:
-        fitted = super().fit(cfg, trainer, datamodule, ckpt_path, checkpoint)
-        cached = {k: v for k, v in self._caching.seconds.items() if k in ("train", "val")}
-        total, cache_seconds = fitted.training_seconds, sum(cached.values())
-        log.info("Training took %.1f s: frozen-trunk cache %.1f s (%s), epochs and evaluations %.1f s.",
-                 total, cache_seconds, ", ".join(f"{k} {v:.1f} s" for k, v in cached.items()) or "none",
-                 total - cache_seconds)
-        return fitted
-
     def base_identity(self, cfg: DictConfig) -> dict[str, Any]:
         if self.weights == "random":
             return {"name": self.name, "source": "random", "seed": int(cfg.seed)}
@@ -201,12 +212,6 @@ class GPT2Family(ModelFamily):
         cached = cached_weights(self.name)  # .../snapshots/<revision>/model.safetensors
         revision = cached.parent.name if cached is not None and cached.parent.parent.name == "snapshots" else None
         return {"name": self.name, "source": "hub", "repo": HUB_REPOS[self.name], "revision": revision}
-
-    def trunk_cached(self) -> bool:
-        return self._caching.active
-
-    def recorded(self, cfg: DictConfig) -> dict[str, Any]:
-        return {**super().recorded(cfg), "token": cfg.token.name}
 
     def save(self, run_dir: Path, model: Any, datamodule: Any, cfg: DictConfig,
              trained: dict[str, Any]) -> Path:
@@ -231,6 +236,8 @@ class GPT2Predictor(Predictor):
     """The training run's preprocessing: GPT-2 tokens cut to ``max_length``, its padding and
     pooling; messages padded per batch where the pooled token never sees padding."""
 
+    classifier: type[GPTClassifier] = GPTClassifier  # the decoders' DecoderClassifier
+
     def __init__(self, gpt: Any, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.model_cfg = device, config["model"]
         self.max_length = min(int(config["max_length"]), int(config["model"]["context_length"]))
@@ -240,7 +247,7 @@ class GPT2Predictor(Predictor):
         self.padding, self.pad_token_id = config["padding"], int(config["pad_token_id"])
         pooled = get_pooling(self.token)  # padding=none pooled each message's own tokens (last -> flexible)
         pooled = pooled.unpadded() if self.padding == "none" else pooled
-        self.model = GPTClassifier(gpt, token=pooled).to(device=self.device, dtype=dtype).eval()
+        self.model = self.classifier(gpt, token=pooled).to(device=self.device, dtype=dtype).eval()
         self.dynamic = self.model.padding_free  # then per-batch padding is exact
         if self.padding == "none" and not self.dynamic:
             self.batch_size = 1  # no padding at all: one message per forward pass
