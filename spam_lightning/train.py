@@ -33,6 +33,7 @@ from spam_lightning.model.classifier import ClassifierStateError
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily
 from spam_lightning.model.trunk_cache import TrunkCacheError
 from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError
+from spam_lightning.quiet import quiet
 from spam_lightning.run_log import echo, to_log_files
 from spam_lightning.training import checks
 from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO
@@ -87,6 +88,7 @@ def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str) -> Train
     return TrainingInterrupted(EXIT_STATUS[signal_name])
 
 
+quiet()  # third-party notices that are not the user's concern (spam_lightning/quiet.py)
 # The data module's sampler resumes a mid-epoch checkpoint exactly (BookShuffleSampler), which
 # Lightning cannot see: its warning that such a resume is unreliable does not apply here.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")

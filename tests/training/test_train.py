@@ -48,6 +48,7 @@ def tiny_run(tmp_path_factory, sms_file) -> tuple[Path, str]:
         [*TINY, f"data.source={sms_file}", f"paths.data_dir={work / 'data'}", f"hydra.run.dir={run_dir}"],
         cwd=work,
     )
+    (work / "stderr.txt").write_text(proc.stderr, encoding="utf-8")  # for the quiet-run test
     return run_dir, proc.stdout
 
 
@@ -216,3 +217,20 @@ def test_train_log_holds_the_lines_the_terminal_shows(tiny_run):
     assert len(shown) == 3 + 1 + 1 + 6, stdout
     for line in shown:
         assert f"- {line}\n" in log, line
+
+
+def test_a_run_prints_no_third_party_notices(tiny_run):
+    """Lightning's cloud tips and its own deprecation warning are not a user's concern (issue 29,
+    item 9; spam_lightning/quiet.py); Lightning's notices about the run itself still show."""
+    run_dir, stdout = tiny_run
+    stderr = (run_dir.parent / "stderr.txt").read_text(encoding="utf-8")
+    for text in ("💡", "Tip:", "litlogger", "litmodels", "is deprecated", "weights_only"):
+        assert text not in stdout + stderr, text
+    assert "GPU available: " in stderr and "`Trainer.fit` stopped: `max_epochs=1` reached." in stderr
+
+
+def test_pip_install_build_folder_is_ignored():
+    """`pip install .` leaves build/ in the checkout: git ignores it."""
+    proc = subprocess.run(["git", "check-ignore", "build/lib/spam_lightning/train.py"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "build/lib/spam_lightning/train.py"
