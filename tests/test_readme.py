@@ -546,7 +546,7 @@ def _readme_command(text: str) -> str:
 # the README's sample outputs: the chapter run's printout, classify's line, curl's answer
 CHAPTER_SAMPLE = "what `python train.py model.weights=random`"
 CLASSIFY_SAMPLE = "With the random-init gpt2-small run above, the first command printed"
-CURL_SAMPLE = "The `curl` line, against that same run, answered:"
+CURL_SAMPLE = "The `curl` line, against that same run, answered"
 
 
 @pytest.mark.slow  # the chapter run: gpt2-small, random weights, 5 epochs (about 5 minutes idle)
