@@ -34,6 +34,8 @@ from spam_lightning.model.classifier import ClassifierStateError
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily
 from spam_lightning.model.trunk_cache import TrunkCacheError
 from spam_lightning.model.weights import CheckpointError, WeightsUnavailableError
+from spam_lightning.quiet import quiet
+from spam_lightning.run_log import echo, to_log_files
 from spam_lightning.training import checks
 from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO
 from spam_lightning.training.callbacks.calibration import Calibration
@@ -88,6 +90,7 @@ def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str) -> Train
     return TrainingInterrupted(EXIT_STATUS[signal_name])
 
 
+quiet()  # third-party notices that are not the user's concern (spam_lightning/quiet.py)
 # The data module's sampler resumes a mid-epoch checkpoint exactly (BookShuffleSampler), which
 # Lightning cannot see: its warning that such a resume is unreliable does not apply here.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
@@ -177,9 +180,11 @@ def _calibration(trainer: L.Trainer) -> Calibration:
 
 
 def _print_final(metrics: dict[str, Any]) -> None:
-    print(f"Training completed in {metrics['training_seconds'] / 60:.2f} minutes.")
-    print(*(f"{SPLIT_TITLES[s]} accuracy: {metrics[f'{s}_accuracy'] * 100:.2f}%" for s in FINAL_SPLITS), sep="\n")
-    print(*(f"{SPLIT_TITLES[s]} loss: {metrics[f'{s}_loss']:.3f}" for s in FINAL_SPLITS), sep="\n")
+    """The chapter's closing lines, on the terminal and in ``train.log``."""
+    echo(f"Training completed in {metrics['training_seconds'] / 60:.2f} minutes.", log.name)
+    for line in (*(f"{SPLIT_TITLES[s]} accuracy: {metrics[f'{s}_accuracy'] * 100:.2f}%" for s in FINAL_SPLITS),
+                 *(f"{SPLIT_TITLES[s]} loss: {metrics[f'{s}_loss']:.3f}" for s in FINAL_SPLITS)):
+        echo(line, log.name)
 
 
 def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, trainer) -> None:
@@ -270,11 +275,7 @@ class RunFailed(CompactHydraException):
 
 def _log_to_files(message: str) -> None:
     """An error into the run's log files (``train.log``), not the console: Hydra prints it there."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for logger in (log, logging.getLogger()):
-        for handler in logger.handlers:
-            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
-                handler.handle(record)
+    to_log_files(message, logging.ERROR, log.name)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

@@ -557,3 +557,72 @@ def test_the_readme_run_names_the_newest_finished_run(tmp_path: Path) -> None:
     env[name] = _run(f'{line}; printf %s "${name}"', work, env).stdout
     classify = _readme_line('spam-classify "$RUN" "first message"')
     _prints_labels(work, _run(classify, work, env))
+
+
+def _sample_after(marker: str) -> str:
+    """The README's first ```text block after ``marker``: a sample output."""
+    text = README.read_text(encoding="utf-8")
+    block = re.compile(r"^```text\n(.*?)^```", re.M | re.S).search(text, text.index(marker))
+    assert block, f"no ```text block after {marker!r} in README.md"
+    return block.group(1)
+
+
+def _readme_command(text: str) -> str:
+    assert text in {c.text for c in COMMANDS}, f"README.md has no command `{text}`"
+    return text
+
+
+# the README's sample outputs: the chapter run's printout, classify's line, curl's answer
+CHAPTER_SAMPLE = "what `python train.py model.weights=random`"
+CLASSIFY_SAMPLE = "With the random-init gpt2-small run above, the first command printed"
+CURL_SAMPLE = "The `curl` line, against that same run, answered"
+
+
+@pytest.mark.slow  # the chapter run: gpt2-small, random weights, 5 epochs (about 5 minutes idle)
+def test_readme_samples_come_from_the_chapter_run(tmp_path: Path) -> None:
+    """The README's samples are what its commands print (issue 29, item 3): its chapter run as
+    written, then its `RUN=` line, its first `spam-classify` line and its `spam-serve` + `curl`
+    against that run. Compared exactly, except the run's duration and the last digits of curl's
+    probabilities (full float precision, which another CPU's kernels may round otherwise)."""
+    work, env = tmp_path / "work", _readme_env(tmp_path / "home")
+    work.mkdir()
+    shutil.copy(REPO / "train.py", work / "train.py")
+    proc = _run(_readme_command("python train.py model.weights=random"), work, env, timeout=3600)
+    printed = [line for line in proc.stdout.splitlines()
+               if re.match(r"(Ep \d|Training|Validation|Test) ", line)
+               and not line.startswith("Training completed in ")]
+    sample = [line for line in _sample_after(CHAPTER_SAMPLE).splitlines()
+              if not line.startswith("Training completed in ")]
+    assert printed == sample, "\n".join(printed)
+
+    line = _readme_line("RUN=")
+    env["RUN"] = _run(f'{line}; printf %s "$RUN"', work, env).stdout
+    shown = _run(_readme_line('spam-classify "$RUN" "You are a winner'), work, env).stdout
+
+    serve = _readme_command('spam-serve "$RUN"')
+    servers = Servers()
+    try:
+        servers.procs.append(subprocess.Popen(["bash", "-c", f"exec {serve}"], cwd=work, env=env,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True))
+        _wait_for("http://127.0.0.1:8000/api/health", servers.procs[0])
+        answer = _run(_readme_line("curl -s localhost:8000/api/classify"), work, env).stdout
+    finally:
+        servers.stop()
+    # both compared, then both shown: what the README's samples should be
+    same_line = shown == _sample_after(CLASSIFY_SAMPLE)
+    same_answer = _close(json.loads(answer), json.loads(_sample_after(CURL_SAMPLE)))
+    assert same_line and same_answer, f"spam-classify printed:\n{shown}\ncurl answered:\n{answer}"
+
+
+def _close(got: object, want: object) -> bool:
+    """Equal JSON, floats within 1e-6."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(
+            _close(got[k], want[k]) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(
+            _close(g, w) for g, w in zip(got, want, strict=True))
+    if isinstance(want, float):
+        return isinstance(got, float) and abs(got - want) <= 1e-6
+    return got == want

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
+from spam_lightning.config_keys import unknown_key_problems
 from spam_lightning.data.source import DataError
 from spam_lightning.model.classifier import make_classifier
 from spam_lightning.model.gpt import MODEL_CONFIGS, GPTModel
@@ -71,11 +72,13 @@ def validate_config(cfg: DictConfig) -> tuple[Any, Any]:
     """``(family, datamodule)`` built from ``cfg.model`` and ``cfg.data``, before any download or
     tokenizing; every problem of both in one message with the allowed values."""
     family = _family(cfg.model)
-    problems = family.problems(cfg) + number_problems(  # IMDB: every split gets examples
+    unknown = unknown_key_problems(cfg)  # before anything reads a misspelt key
+    problems = unknown + family.problems(cfg) + number_problems(  # IMDB: every split gets examples
         cfg.data, "data.", {"val_size": ("an integer >= 1", lambda v: is_int(v, 1))})
     datamodule = None
     try:
-        datamodule = instantiate(cfg.data)  # checks its own options; reads nothing yet
+        if not any(p.startswith("data.") for p in unknown):  # a key it does not take
+            datamodule = instantiate(cfg.data)  # checks its own options; reads nothing yet
     except ConfigError as err:
         problems.append(str(err))
     except DataError:

@@ -49,6 +49,7 @@ def tiny_run(tmp_path_factory, sms_file) -> tuple[Path, str]:
         [*TINY, f"data.source={sms_file}", f"paths.data_dir={work / 'data'}", f"hydra.run.dir={run_dir}"],
         cwd=work,
     )
+    (work / "stderr.txt").write_text(proc.stderr, encoding="utf-8")  # for the quiet-run test
     return run_dir, proc.stdout
 
 
@@ -179,3 +180,60 @@ def test_classify_missing_run_folder(tmp_path, capsys):
     (tmp_path / "bundle" / "bundle.json").write_text("{}")
     assert classify_main([str(tmp_path), "hi"]) == 1
     assert "model.safetensors is missing" in capsys.readouterr().err
+
+
+def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    points = []
+    for event in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(event), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            points += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return points
+
+
+def test_tensorboard_chapter_curves_are_the_evaluations_at_their_steps(tiny_run):
+    """One point per evaluation, at the step the printout names (eval_freq=5 over 12 batches:
+    steps 0, 5, 10; the epoch's accuracies after its last batch, step 11), with its value; not
+    the last evaluation repeated every `log_every_n_steps`."""
+    run_dir, stdout = tiny_run
+    printed = re.findall(r"^Ep 1 \(Step (\d+)\): Train loss (\S+), Val loss (\S+)$", stdout, re.M)
+    assert [int(s) for s, _, _ in printed] == [0, 5, 10]
+    for tag, column in (("chapter/train_loss", 1), ("chapter/val_loss", 2)):
+        points = _scalars(run_dir, tag)
+        assert [step for step, _ in points] == [0, 5, 10], (tag, points)
+        assert [f"{v:.3f}" for _, v in points] == [row[column] for row in printed], tag
+    (accuracies,) = re.findall(r"^Training accuracy: (\S+)% \| Validation accuracy: (\S+)%$",
+                               stdout, re.M)
+    for tag, shown in (("chapter/train_acc", accuracies[0]), ("chapter/val_acc", accuracies[1])):
+        ((step, value),) = _scalars(run_dir, tag)
+        assert (step, f"{value * 100:.2f}") == (11, shown), tag
+
+
+def test_train_log_holds_the_lines_the_terminal_shows(tiny_run):
+    """The chapter's printout goes to train.log too (the terminal's lines stay as printed)."""
+    run_dir, stdout = tiny_run
+    log = (run_dir / "train.log").read_text(encoding="utf-8")
+    shown = [line for line in stdout.splitlines()
+             if line.startswith(("Ep 1 (Step", "Training accuracy: ", "Training completed in "))
+             or re.match(r"^(Training|Validation|Test) (accuracy|loss): ", line)]
+    assert len(shown) == 3 + 1 + 1 + 6, stdout
+    for line in shown:
+        assert f"- {line}\n" in log, line
+
+
+def test_a_run_prints_no_third_party_notices(tiny_run):
+    """Lightning's cloud tips and its own deprecation warning are not a user's concern (issue 29,
+    item 9; spam_lightning/quiet.py); Lightning's notices about the run itself still show."""
+    run_dir, stdout = tiny_run
+    stderr = (run_dir.parent / "stderr.txt").read_text(encoding="utf-8")
+    for text in ("💡", "Tip:", "litlogger", "litmodels", "is deprecated", "weights_only"):
+        assert text not in stdout + stderr, text
+    assert "GPU available: " in stderr and "`Trainer.fit` stopped: `max_epochs=1` reached." in stderr
+
+
+def test_pip_install_build_folder_is_ignored():
+    """`pip install .` leaves build/ in the checkout: git ignores it."""
+    proc = subprocess.run(["git", "check-ignore", "build/lib/spam_lightning/train.py"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "build/lib/spam_lightning/train.py"

@@ -12,6 +12,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from spam_lightning.run_log import echo
+
 
 @torch.no_grad()
 def _evaluate(pl_module, trainer, loader, num_batches: int) -> tuple[float, float]:
@@ -81,16 +83,22 @@ class ChapterMonitor(L.Callback):
             return
         (train_loss, _), (val_loss, _) = self._evaluate_both(trainer, pl_module)
         self._record(train_losses=train_loss, val_losses=val_loss, loss_examples_seen=self.examples_seen)
-        pl_module.log_dict({"chapter/train_loss": train_loss, "chapter/val_loss": val_loss},
-                           on_step=True, on_epoch=False)
+        self._log(trainer, {"chapter/train_loss": train_loss, "chapter/val_loss": val_loss})
         self._print(f"Ep {trainer.current_epoch + 1} (Step {self.batches_seen - 1:06d}): "
                     f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         (_, train_acc), (_, val_acc) = self._evaluate_both(trainer, pl_module)
         self._record(train_accs=train_acc, val_accs=val_acc, acc_examples_seen=self.examples_seen)
-        pl_module.log_dict({"chapter/train_acc": train_acc, "chapter/val_acc": val_acc})
+        self._log(trainer, {"chapter/train_acc": train_acc, "chapter/val_acc": val_acc})
         self._print(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%")
+
+    def _log(self, trainer, metrics: dict[str, float]) -> None:
+        """Into the loggers once, at the step evaluated (the printout's ``Step``; the last batch's
+        for the epoch's accuracies): ``pl_module.log`` would repeat the last value at every
+        ``log_every_n_steps`` (a staircase) and place it at that interval's step."""
+        for logger in trainer.loggers:  # each logs on rank 0 only
+            logger.log_metrics(metrics, step=self.batches_seen - 1)
 
     def _record(self, **values: float) -> None:
         for key, value in values.items():
@@ -98,4 +106,4 @@ class ChapterMonitor(L.Callback):
 
     @rank_zero_only
     def _print(self, line: str) -> None:
-        print(line, flush=True)
+        echo(line, __name__)  # the terminal's line, and train.log's

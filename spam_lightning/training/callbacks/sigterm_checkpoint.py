@@ -41,7 +41,8 @@ class SigtermCheckpoint(L.Callback):
         path = last_checkpoint_path(trainer)
         if path is None:  # callbacks without the last-checkpoint one: nothing to resume from
             return
-        trainer.save_checkpoint(path)  # atomic (SafeCheckpointIO); all ranks take part
+        # atomic (SafeCheckpointIO); all ranks take part; the full state, as a resume needs
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved = path
         log.info("%s: saved epoch %d, step %d in %s", self.signal_name, trainer.current_epoch + 1,
                  trainer.global_step, path)
