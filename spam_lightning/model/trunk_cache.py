@@ -117,8 +117,8 @@ class TrunkCache:
 
     def config_digest(self, model: nn.Module, device: torch.device, precision: str) -> str:
         """sha256 of everything but the data that ``build`` depends on."""
-        kind = torch.device(device).type
-        device_name = f"cuda:{torch.cuda.get_device_name(device)}" if kind == "cuda" else kind
+        device_type = torch.device(device).type
+        device_name = f"cuda:{torch.cuda.get_device_name(device)}" if device_type == "cuda" else device_type
         fields = {"format": FORMAT_VERSION, "torch": torch.__version__, "dtype": str(self.dtype),
                   "start_block": self.start_block, "causal": self.causal, "device": device_name,
                   "max_batch_tokens": self.max_batch_tokens, "precision": str(precision),
