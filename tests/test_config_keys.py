@@ -78,11 +78,12 @@ def test_plain_nodes_take_the_keys_the_shipped_configs_define(tmp_path: Path) ->
         "  - cache.trunc: not a key of cache (did you mean cache.trunk?); known keys of cache: "
         "dir, max_gb, memory_budget_gb, shared, trunk",
         "  - data.foo: not an option of spam_lightning.data.SpamDataModule; known keys of data: "
-        "batch_size, bucketing, context_length, data_dir, max_length, num_workers, on_bad_rows, "
+        "balance, batch_size, bucketing, context_length, data_dir, max_length, num_workers, on_bad_rows, "
         "pad_token_id, padding, seed, source, split, split_seed, train_frac, urls, val_frac",
         "  - sed: not a top-level key (did you mean seed?); known keys of the config: cache, "
-        "callbacks, ckpt_path, data, eval_freq, eval_iter, logger, loss, model, optimized_metric, "
-        "optimizer, paths, reference, seed, task_name, token, trainable, trainer",
+        "calibration, callbacks, ckpt_path, data, eval_freq, eval_iter, final_weights, logger, loss, "
+        "model, optimized_metric, optimizer, paths, reference, scheduler, seed, task_name, threshold, "
+        "token, trainable, trainer",
     ]
 
 
