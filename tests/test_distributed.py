@@ -128,7 +128,7 @@ def test_ddp_metrics_equal_a_single_process_evaluation(ddp_sweep: Path, job: str
 
     run = ddp_sweep / "sweep" / job
     m = json.loads((run / "metrics.json").read_text())
-    clf = Classifier(run)
+    clf = Classifier(run, raw=True)  # the softmax the metrics saw, not the calibrated probabilities
     for split, fname in (("val", "validation.csv"), ("test", "test.csv")):
         frame = pd.read_csv(ddp_sweep / "data" / "sms_spam" / fname)
         probs = clf.predict_proba(frame["Text"].tolist())
