@@ -137,6 +137,14 @@ def _uncertainty(groups: list[list[dict[str, Any]]], baseline: int) -> list[tupl
     return out
 
 
+def _labels(keys: list[str]) -> dict[str, str]:
+    """Each row's overrides without those every row shares (e.g. a checkpoint path given to the
+    whole sweep): the rows' differences; a row that would be left with nothing keeps them all."""
+    parts = {k: k.split(",") if k else [] for k in keys}
+    shared = set.intersection(*(set(p) for p in parts.values())) if len(keys) > 1 else set()
+    return {k: ",".join(o for o in p if o not in shared) or k for k, p in parts.items()}
+
+
 def summarize(sweep_dir: str | Path, write: bool = True, baseline: int = 0) -> pd.DataFrame:
     """Build (and write) the summary table of a Hydra multirun folder; ``baseline``: the row
     (0-based) every other row is tested against."""
@@ -146,14 +154,16 @@ def summarize(sweep_dir: str | Path, write: bool = True, baseline: int = 0) -> p
     jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: (len(p.name), p.name))
     records = [_job_record(j) for j in jobs]
     rows, groups = [], []
-    for key in dict.fromkeys(r["config"] for r in records):  # keeps sweep order
+    keys = list(dict.fromkeys(r["config"] for r in records))  # keeps sweep order
+    labels = _labels(keys)
+    for key in keys:
         group = [r for r in records if r["config"] == key]
         ok = [r for r in group if r["status"] == "ok"]
         groups.append(ok)
         first = (ok or group)[0]
         failed = len(group) - len(ok)
         rows.append({
-            "Config": key,
+            "Config": labels[key],
             # None: not a setting of this model (a baseline's weights, an encoder's token)
             **{c: "—" if first[c] is None else first[c] for c in BOOK_COLUMNS[:5]},
             **{c: _fmt([r[f"{s}_acc"] for r in ok], True) for c, s in zip(BOOK_COLUMNS[5:8], SPLITS, strict=True)},

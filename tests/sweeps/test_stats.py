@@ -106,7 +106,8 @@ def test_summary_rows_get_intervals_and_verdicts_against_the_first(tmp_path: Pat
     for job, (trainable, rate) in enumerate((t, r) for t, r in rates.items() for _ in range(3)):
         folder = tmp_path / str(job)
         (folder / ".hydra").mkdir(parents=True)
-        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"trainable={trainable}", f"seed={job}"]))
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+            [f"trainable={trainable}", "model.checkpoint=/base.safetensors", f"seed={job}"]))
         (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": job}))
         right = (rng.random(300) < rate).tolist()
         predictions(right, list(labels)).to_csv(folder / "predictions.csv", index=False)
@@ -121,4 +122,6 @@ def test_summary_rows_get_intervals_and_verdicts_against_the_first(tmp_path: Pat
         mean = float(row["Test acc"].split(" ")[0])
         assert low < mean < high and high - low < 12, name  # 900 predictions: a few points wide
     assert "Test acc 95% CI" in (tmp_path / "summary.md").read_text()
+    # an override every row shares (the sweep's base checkpoint) is not part of the row labels
+    assert list(table["Config"]) == ["trainable=last_layer", "trainable=last_block", "trainable=all"]
     assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"  # the intervals, drawn
