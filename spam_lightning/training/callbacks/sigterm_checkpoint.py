@@ -66,9 +66,15 @@ class SigtermCheckpoint(L.Callback):
             notify = getattr(connector, "_sigterm_notifier_fn", None)
             if trainer.state.status != TrainerStatus.RUNNING or notify is None:
                 raise KeyboardInterrupt
-            log.warning("Ctrl-C: stopping after this batch and saving it (Ctrl-C again: stop at "
-                        "once, unsaved)")
-            notify(signum, frame)  # Lightning's SIGTERM path: the ranks stop after this batch too
+            # this handler may interrupt a write to the very stream it logs to: then logging
+            # would print its own error with the whole call stack; drop that line instead
+            raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+            try:
+                log.warning("Ctrl-C: stopping after this batch and saving it (Ctrl-C again: stop "
+                            "at once, unsaved)")
+                notify(signum, frame)  # Lightning's SIGTERM path: the ranks stop after this batch
+            finally:
+                logging.raiseExceptions = raise_exceptions
 
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
