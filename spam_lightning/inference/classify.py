@@ -315,13 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
+    add_operating_point_options(p)
+    return p
+
+
+def add_operating_point_options(p: argparse.ArgumentParser) -> None:
+    """``--threshold`` and ``--raw``: spam-classify's and spam-serve's way past the bundle's
+    operating point."""
     p.add_argument("--threshold", type=float, metavar="P",
                    help="label class 1 (spam) when its probability is >= P, instead of the run's "
                    "operating point (0.5: the argmax, as the book); two classes only")
     p.add_argument("--raw", action="store_true",
                    help="the model's own probabilities, without the run's temperature scaling "
                    "(the run's threshold still decides, on them: the same labels)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spam_lightning.inference.classify import add_operating_point_options
+
 if TYPE_CHECKING:
     from fastapi.responses import JSONResponse
 
@@ -213,12 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
                    help=f"time a request's headers, and then its body, may take to arrive "
                    f"({DEFAULT_READ_TIMEOUT:g})")
-    p.add_argument("--threshold", type=float, metavar="P",
-                   help="label class 1 (spam) when its probability is >= P, instead of the run's "
-                   "operating point (0.5: the argmax, as the book); two classes only")
-    p.add_argument("--raw", action="store_true",
-                   help="the model's own probabilities, without the run's temperature scaling "
-                   "(the run's threshold still decides, on them: the same labels)")
+    add_operating_point_options(p)
     return p
 
 
