@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from spam_lightning import resolvers  # noqa: F401  (registers ${cwd:}, ${gpt2:} before Hydra composes)
 from spam_lightning.calibration import config_problems
 from spam_lightning.data.source import DataError
-from spam_lightning.inference.bundle import BUNDLE_DIR, BundleError, add_operating_point
+from spam_lightning.inference.bundle import BUNDLE_DIR, WEIGHTS, BundleError, add_operating_point
 from spam_lightning.io_utils import NoSpaceError, remove_stale_temporaries, write_bytes, write_json
 from spam_lightning.model.classifier import ClassifierStateError
 from spam_lightning.model.family import FINAL_SPLITS, Fitted, ModelFamily
@@ -39,6 +39,7 @@ from spam_lightning.run_log import echo, to_log_files
 from spam_lightning.training import checks
 from spam_lightning.training.callbacks import RNGState, SafeCheckpointIO
 from spam_lightning.training.callbacks.calibration import Calibration
+from spam_lightning.training.callbacks.checkpoint_io import share_with_bundle
 from spam_lightning.training.callbacks.finite_loss import FiniteLoss, NonFiniteLossError
 from spam_lightning.training.callbacks.predictions import Predictions
 from spam_lightning.training.callbacks.run_config import RunConfig, flat_config
@@ -203,6 +204,9 @@ def _write_artifacts(cfg, output_dir, family, fitted, datamodule, metrics, train
     bundle = family.save(output_dir, fitted.model, datamodule, cfg, trained) or output_dir / BUNDLE_DIR
     if (op := _calibration(trainer).operating_point) is not None:
         add_operating_point(Path(bundle), op)
+    # the checkpoints keep the trained tensors the bundle holds as a link to its file (one copy)
+    for folder in {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}:
+        share_with_bundle(folder, Path(bundle) / WEIGHTS)
     if cfg.paths.get("latest") and not _in_sweep():  # a sweep's jobs: its summary lists them
         _point_latest(Path(cfg.paths.latest), output_dir)
     _log_hparams(trainer.loggers, family.hparams(cfg, metrics), metrics, trainer.global_step)

@@ -11,7 +11,9 @@ from _weights import hf_weights
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from spam_lightning.training.callbacks import load_checkpoint_safely
+
+    return load_checkpoint_safely(path)
 
 
 def test_last_checkpoint_is_the_last_epoch_even_when_accuracy_stalls(tiny_run) -> None:
@@ -69,3 +71,45 @@ def test_resume_needs_the_base_it_trained_on(tiny_run, tmp_path: Path) -> None:
     weights.unlink()  # gone: refused by the config checks, before any data work
     with pytest.raises(ConfigError, match=f"model.checkpoint={weights}: no such file"):
         tiny_run(*resume)
+
+
+def test_a_finished_runs_checkpoints_keep_the_bundles_tensors_once(tiny_run, tmp_path: Path) -> None:
+    """The bundle and last.ckpt hold the same trained tensors: after the bundle is written the
+    checkpoint names them in weights-<sha>.safetensors, a hard link to the bundle's file, so the
+    run folder holds them once; loading puts them back, and a missing or changed file is refused."""
+    import io
+    import os
+
+    from safetensors.torch import load_file
+
+    from spam_lightning.model.weights import CheckpointError
+
+    _, _, run = tiny_run()
+    folder = run / "checkpoints"
+    (weights,) = folder.glob("weights-*.safetensors")
+    bundle = run / "bundle" / "model.safetensors"
+    assert os.stat(weights).st_ino == os.stat(bundle).st_ino  # one copy on disk
+    assert os.stat(folder / "epoch00.ckpt").st_ino == os.stat(folder / "last.ckpt").st_ino
+    raw = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    shared = raw["shared_tensors"]
+    assert shared["file"] == weights.name and not set(shared["keys"]) & set(raw["state_dict"])
+    assert "model.out_head.weight" in shared["keys"] and raw["optimizer_states"]
+    tensors, whole = load_file(bundle), _load(folder / "last.ckpt")
+    assert all(torch.equal(whole["state_dict"][k], tensors[n]) for k, n in shared["keys"].items())
+    trained = sum(t.numel() * t.element_size() for t in tensors.values())
+    buffer = io.BytesIO()
+    torch.save(whole, buffer)  # the same checkpoint whole is larger by the shared tensors' bytes
+    assert buffer.getbuffer().nbytes - (folder / "last.ckpt").stat().st_size >= trained
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "last.ckpt").write_bytes((folder / "last.ckpt").read_bytes())
+    with pytest.raises(CheckpointError, match=f"keeps its trained tensors in {copy / weights.name}, which is missing"):
+        _load(copy / "last.ckpt")
+    changed = load_file(weights)
+    changed["out_head.weight"] += 1
+    from safetensors.torch import save_file
+
+    save_file(changed, copy / weights.name)
+    with pytest.raises(CheckpointError, match="has changed since .its sha256 differs."):
+        _load(copy / "last.ckpt")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from _compose import compose_train
 
 from spam_lightning.model.gpt2 import build_model
+from spam_lightning.training.callbacks import load_checkpoint_safely
 from spam_lightning.training.module import TextClassifier, balanced_weights, training_options
 from spam_lightning.training.schedules import Cosine, LinearWarmup
 
@@ -113,7 +114,7 @@ def test_resume_with_a_schedule_is_exact(tiny_run, monkeypatch) -> None:
         assert resumed[key] == whole[key], key
     assert (json.loads((run / "history.json").read_text())
             == json.loads((whole_run / "history.json").read_text()))
-    a, b = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=True) for r in (run, whole_run))
+    a, b = (load_checkpoint_safely(r / "checkpoints" / "last.ckpt") for r in (run, whole_run))
     assert a["lr_schedulers"] == b["lr_schedulers"]
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
 
@@ -132,8 +133,8 @@ def test_early_stopping_stops_on_a_plateau_and_final_weights_best(tiny_run) -> N
     assert metrics["global_step"] == 6
     (best_file,) = (run / "checkpoints").glob("epoch*.ckpt")
     assert best_file.name == "epoch00.ckpt"  # the best validation accuracy: epoch 1's
-    best = torch.load(best_file, weights_only=True)["state_dict"]
-    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    best = load_checkpoint_safely(best_file)["state_dict"]
+    last = load_checkpoint_safely(run / "checkpoints" / "last.ckpt")["state_dict"]
     bundle = load_file(run / "bundle" / "model.safetensors")
     head = "out_head.weight"
     assert not torch.equal(best[f"model.{head}"], last[f"model.{head}"])

@@ -17,6 +17,7 @@ from spam_lightning.data.tokens import collate, encode_texts
 from spam_lightning.inference.bundle import load_bundle
 from spam_lightning.inference.classify import Classifier
 from spam_lightning.inference.classify import main as classify_main
+from spam_lightning.training.callbacks import load_checkpoint_safely
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,7 +139,7 @@ def test_classify_cli_agrees_with_module(tiny_run):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["text"] for r in rows] == MESSAGES
     # the module's own predictions: the last checkpoint's weights, the chapter's preprocessing
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint_safely(run_dir / "checkpoints" / "last.ckpt")  # tensors shared with the bundle put back
     model, cfg = load_bundle(run_dir)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)  # the checkpoint keeps what trained

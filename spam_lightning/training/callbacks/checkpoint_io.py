@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from spam_lightning.model.weights import CheckpointError, torch_load_safely
 from spam_lightning.training.callbacks.sigterm_checkpoint import last_checkpoint_path
 
 
-def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint_safely(path: str | Path, mmap: bool = False, shared: bool = True) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` of a Lightning checkpoint, or a CheckpointError that
-    says why (a crafted pickle fails before any of its code runs)."""
+    says why (a crafted pickle fails before any of its code runs); with ``shared``, the tensors a
+    finished run's checkpoint keeps in its weights file are put back (that file checked first)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -32,7 +34,83 @@ def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> dict[str, An
             f"checkpoint {path} is not a Lightning training checkpoint (no 'state_dict'); pass "
             "the checkpoints/last.ckpt of a run, or use model.checkpoint= for pretrained weights"
         )
+    if shared and (ref := checkpoint.pop(SHARED, None)) is not None:
+        checkpoint["state_dict"].update(_shared_tensors(path, ref))
     return checkpoint
+
+
+# A finished run's checkpoints keep their trained tensors once: in a safetensors file beside
+# them, a hard link to the bundle's (named by content: weights-<sha256[:16]>.safetensors).
+SHARED = "shared_tensors"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shared_tensors(path: Path, ref: dict[str, Any]) -> dict[str, Any]:
+    """The tensors a checkpoint left in its weights file, after checking that file's sha256."""
+    from safetensors.torch import load_file
+
+    file = path.parent / str(ref.get("file"))
+    if not file.is_file() or file_sha256(file) != ref.get("sha256"):
+        problem = "is missing" if not file.is_file() else "has changed since (its sha256 differs)"
+        raise CheckpointError(
+            f"checkpoint {path} keeps its trained tensors in {file}, which {problem}; copy a run's "
+            "checkpoints/ folder whole (its .ckpt files and weights-*.safetensors), or start a new run")
+    tensors = load_file(file)
+    return {key: tensors[name] for key, name in ref["keys"].items()}
+
+
+def share_with_bundle(folder: Path, weights: Path) -> list[Path]:
+    """After a run wrote its bundle: each checkpoint in ``folder`` whose trained tensors equal
+    the bundle's keeps them as a reference to ``weights-<sha>.safetensors``, a hard link to the
+    bundle's file (one copy on disk), and weights files no checkpoint names any more go.
+    Checkpoints that shared an inode (the best one linked to ``last.ckpt``) still do. Returns the
+    checkpoints rewritten; a file system without hard links leaves them whole."""
+    from safetensors.torch import load_file
+
+    folder, weights = Path(folder), Path(weights)
+    if not folder.is_dir() or not weights.is_file():
+        return []
+    sha = file_sha256(weights)
+    link = folder / f"weights-{sha[:16]}.safetensors"
+    bundle = load_file(weights)
+    groups: dict[int, list[Path]] = {}
+    for ckpt in sorted(folder.glob("*.ckpt")):
+        groups.setdefault(ckpt.stat().st_ino, []).append(ckpt)
+    rewritten, named = [], set()
+    for first, *others in groups.values():
+        checkpoint = load_checkpoint_safely(first, mmap=True, shared=False)
+        if SHARED in checkpoint:  # slimmed already (a finished run resumed): as it is
+            named.add(checkpoint[SHARED]["file"])
+            continue
+        state = checkpoint["state_dict"]
+        keys = {k: n for k in state for n in dict.fromkeys((k.removeprefix("model."), k))
+                if n in bundle and state[k].shape == bundle[n].shape and state[k].dtype == bundle[n].dtype
+                and torch.equal(state[k], bundle[n])}
+        if not keys:
+            continue
+        if not link.exists():
+            try:
+                atomic_write(link, lambda tmp: (tmp.unlink(), os.link(weights, tmp)))
+            except OSError:  # no hard links here: the checkpoints stay whole
+                break
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in keys}
+        checkpoint[SHARED] = {"file": link.name, "sha256": sha, "keys": keys}
+        atomic_write(first, lambda tmp, checkpoint=checkpoint: save_torch(checkpoint, tmp))
+        for other in others:
+            atomic_write(other, lambda tmp, first=first: (tmp.unlink(), os.link(first, tmp)))
+        rewritten += [first, *others]
+        named.add(link.name)
+    for stale in folder.glob("weights-*.safetensors"):
+        if stale.name not in named:
+            stale.unlink()
+    return rewritten
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
