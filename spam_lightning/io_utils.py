@@ -102,6 +102,12 @@ def write_json(path: str | Path, data: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def link_atomically(path: str | Path, source: str | Path) -> Path:
+    """``path`` becomes a hard link to ``source`` (the same file, no copy), replacing what was
+    there in one rename; ``OSError`` where the file system has no hard links between them."""
+    return atomic_write(path, lambda tmp: (tmp.unlink(), os.link(source, tmp)))
+
+
 def target_of(tmp: Path) -> Path:
     """The file an ``atomic_write`` temporary was meant to become (``.NAME.RANDOM.tmp`` -> NAME)."""
     return tmp.with_name(tmp.name[1:].rsplit(".", 2)[0])

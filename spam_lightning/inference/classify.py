@@ -84,6 +84,8 @@ class Classifier:
     def _iter_probs(self, texts: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(text, probs)`` in input order, holding at most ``CHUNK`` messages. A bad message
         or input (a malformed file) stops the stream with its error, after every message before it."""
+        from spam_lightning.calibration import apply  # the bundle's temperature (1: unchanged)
+
         offset, it = 0, iter(texts)
         while True:
             chunk: list[str] = []
@@ -110,7 +112,7 @@ class Classifier:
             probs: list[torch.Tensor | None] = [None] * len(ids)
             for start in range(0, len(order), self.batch_size):
                 sel = order[start : start + self.batch_size]
-                batch = apply_temperature(self.predictor.probs([ids[i] for i in sel]), self.temperature)
+                batch = apply(self.predictor.probs([ids[i] for i in sel]), self.temperature)
                 for i, p in zip(sel, batch, strict=True):
                     probs[i] = p
             yield from zip(chunk, probs, strict=True)
@@ -130,12 +132,6 @@ class Classifier:
     def predict(self, texts: str | Iterable[str]) -> list[Prediction]:
         """Predictions for one text or many."""
         return list(self.iter_predict([texts] if isinstance(texts, str) else texts))
-
-
-def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    from spam_lightning.calibration import apply
-
-    return apply(probs, temperature)
 
 
 def raw_threshold(threshold: float | None, temperature: float) -> float | None:

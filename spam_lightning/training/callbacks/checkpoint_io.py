@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -13,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from spam_lightning.io_utils import NoSpaceError, atomic_write
+from spam_lightning.io_utils import NoSpaceError, atomic_write, link_atomically
 from spam_lightning.model.weights import CheckpointError, torch_load_safely
 from spam_lightning.training.callbacks.sigterm_checkpoint import last_checkpoint_path
 
@@ -45,11 +44,8 @@ SHARED = "shared_tensors"
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _shared_tensors(path: Path, ref: dict[str, Any]) -> dict[str, Any]:
@@ -97,14 +93,14 @@ def share_with_bundle(folder: Path, weights: Path) -> list[Path]:
             continue
         if not link.exists():
             try:
-                atomic_write(link, lambda tmp: (tmp.unlink(), os.link(weights, tmp)))
+                link_atomically(link, weights)
             except OSError:  # no hard links here: the checkpoints stay whole
                 break
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in keys}
         checkpoint[SHARED] = {"file": link.name, "sha256": sha, "keys": keys}
         atomic_write(first, lambda tmp, checkpoint=checkpoint: save_torch(checkpoint, tmp))
         for other in others:
-            atomic_write(other, lambda tmp, first=first: (tmp.unlink(), os.link(first, tmp)))
+            link_atomically(other, first)
         rewritten += [first, *others]
         named.add(link.name)
     for stale in folder.glob("weights-*.safetensors"):
@@ -160,13 +156,8 @@ class BestCheckpoint(ModelCheckpoint):
                  and cb._last_global_step_saved == trainer.global_step]
         if trainer.world_size > 1 or last is None or not fresh or not last.is_file():
             return super()._save_checkpoint(trainer, filepath)
-
-        def link(tmp: Path) -> None:
-            tmp.unlink()
-            os.link(last, tmp)
-
         try:
-            atomic_write(filepath, link)
+            link_atomically(filepath, last)
         except OSError:  # a file system without hard links
             return super()._save_checkpoint(trainer, filepath)
         self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, filepath
